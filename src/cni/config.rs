@@ -1,0 +1,413 @@
+//! The network configuration on stdin: parsed, type-checked field by field, nothing resolved
+//! against the host yet (defaults that depend on the host live in `host.rs`).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+
+use super::error::{Error, Result};
+use super::version::Version;
+
+pub const DEFAULT_STORE: &str = "/var/lib/cni/wg-cni";
+/// Refuse absurd stdin early: a real config with a prevResult is a few KiB.
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+/// An inclusive host UDP port range, `"A-B"` in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn parse(text: &str) -> Option<PortRange> {
+        let (a, b) = text.split_once('-')?;
+        let first: u16 = a.trim().parse().ok()?;
+        let last: u16 = b.trim().parse().ok()?;
+        (first >= 1 && first <= last).then_some(PortRange { first, last })
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+/// One attachment named in GC's `cni.dev/valid-attachments`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NetConf {
+    pub cni_version: Version,
+    pub name: String,
+    pub ipam: Map<String, Value>,
+    pub ipam_type: String,
+    pub backend: BackendChoice,
+    pub store: PathBuf,
+    pub mtu: Option<u32>,
+    pub endpoint: Option<IpAddr>,
+    pub listen_ports: Option<PortRange>,
+    pub persistent_keepalive: Option<u16>,
+    /// Overrides the host name as this node's name in the store.
+    pub node_name: Option<String>,
+    pub prev_result: Option<Value>,
+    pub valid_attachments: Option<Vec<Attachment>>,
+    /// The config exactly as received, for delegation to IPAM.
+    pub raw: Map<String, Value>,
+}
+
+impl NetConf {
+    pub fn parse(bytes: &[u8]) -> Result<NetConf> {
+        if bytes.len() > MAX_CONFIG_BYTES {
+            return Err(Error::decode(
+                "network configuration on stdin",
+                format!("is larger than {MAX_CONFIG_BYTES} bytes"),
+            ));
+        }
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| Error::decode("network configuration on stdin is not valid JSON", e))?;
+        let Value::Object(raw) = value else {
+            return Err(Error::decode(
+                "network configuration on stdin",
+                "must be a JSON object",
+            ));
+        };
+
+        let version_text = raw
+            .get("cniVersion")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::config("cniVersion", "is required and must be a string"))?;
+        let cni_version = Version::parse_supported(version_text)?;
+
+        let fields = Fields(&raw);
+        let name = fields.required_str("name")?;
+        validate_name("name", &name)?;
+
+        let ipam = match raw.get("ipam") {
+            Some(Value::Object(map)) => map.clone(),
+            Some(_) => return Err(Error::config("ipam", "must be an object")),
+            None => {
+                return Err(Error::config(
+                    "ipam",
+                    "is required, e.g. {\"type\": \"host-local\", \"ranges\": [[{\"subnet\": \"10.66.0.0/24\"}]]}",
+                ));
+            }
+        };
+        let ipam_type = match ipam.get("type") {
+            Some(Value::String(t)) if !t.is_empty() && !t.contains('/') => t.clone(),
+            _ => {
+                return Err(Error::config(
+                    "ipam.type",
+                    "must name an IPAM plugin binary in CNI_PATH, e.g. \"host-local\"",
+                ));
+            }
+        };
+
+        let backend = match fields.optional_str("backend")?.as_deref() {
+            None | Some("auto") => BackendChoice::Auto,
+            Some("kernel") => BackendChoice::Kernel,
+            Some("userspace") => BackendChoice::Userspace,
+            Some(other) => {
+                return Err(Error::config(
+                    "backend",
+                    format!("\"{other}\" is not one of \"auto\", \"kernel\", \"userspace\""),
+                ));
+            }
+        };
+
+        let store = match fields.optional_str("store")? {
+            Some(path) if path.starts_with('/') => PathBuf::from(path),
+            Some(path) => {
+                return Err(Error::config(
+                    "store",
+                    format!("\"{path}\" must be an absolute path"),
+                ));
+            }
+            None => PathBuf::from(DEFAULT_STORE),
+        };
+
+        let mtu = fields
+            .optional_uint("mtu")?
+            .map(|mtu| {
+                if (576..=65535).contains(&mtu) {
+                    Ok(mtu as u32)
+                } else {
+                    Err(Error::config("mtu", format!("{mtu} is not between 576 and 65535")))
+                }
+            })
+            .transpose()?;
+
+        let endpoint = fields
+            .optional_str("endpoint")?
+            .map(|text| {
+                text.parse::<IpAddr>().map_err(|_| {
+                    Error::config(
+                        "endpoint",
+                        format!("\"{text}\" is not an IP address (peers reach this node's pods at it)"),
+                    )
+                })
+            })
+            .transpose()?;
+
+        let listen_ports = fields
+            .optional_str("listenPorts")?
+            .map(|text| {
+                PortRange::parse(&text).ok_or_else(|| {
+                    Error::config(
+                        "listenPorts",
+                        format!("\"{text}\" is not a range \"A-B\" with 1 <= A <= B <= 65535"),
+                    )
+                })
+            })
+            .transpose()?;
+
+        let persistent_keepalive = fields
+            .optional_uint("persistentKeepalive")?
+            .map(|secs| {
+                u16::try_from(secs).map_err(|_| {
+                    Error::config("persistentKeepalive", "must be between 0 and 65535 seconds")
+                })
+            })
+            .transpose()?
+            .filter(|secs| *secs > 0);
+
+        let node_name = fields.optional_str("nodeName")?;
+        if let Some(node) = &node_name {
+            validate_name("nodeName", node)?;
+        }
+
+        let prev_result = match raw.get("prevResult") {
+            None | Some(Value::Null) => None,
+            Some(v @ Value::Object(_)) => Some(v.clone()),
+            Some(_) => return Err(Error::config("prevResult", "must be an object")),
+        };
+
+        let valid_attachments = parse_attachments(raw.get("cni.dev/valid-attachments"))?;
+
+        Ok(NetConf {
+            cni_version,
+            name,
+            ipam,
+            ipam_type,
+            backend,
+            store,
+            mtu,
+            endpoint,
+            listen_ports,
+            persistent_keepalive,
+            node_name,
+            prev_result,
+            valid_attachments,
+            raw,
+        })
+    }
+}
+
+/// Names become directory names in the store: keep them to the spec's network-name alphabet.
+fn validate_name(field: &str, name: &str) -> Result<()> {
+    let ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        && name.len() <= 253;
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::config(
+            field,
+            format!("\"{name}\" may contain only letters, digits, '_', '.' and '-', starting with a letter or digit"),
+        ))
+    }
+}
+
+fn parse_attachments(value: Option<&Value>) -> Result<Option<Vec<Attachment>>> {
+    const FIELD: &str = "cni.dev/valid-attachments";
+    let Some(value) = value else { return Ok(None) };
+    let list = value
+        .as_array()
+        .ok_or_else(|| Error::config(FIELD, "must be an array"))?;
+    list.iter()
+        .map(|entry| {
+            let id = entry.get("containerID").and_then(Value::as_str);
+            let ifname = entry.get("ifname").and_then(Value::as_str);
+            match (id, ifname) {
+                (Some(id), Some(ifname)) => Ok(Attachment {
+                    container_id: id.to_string(),
+                    ifname: ifname.to_string(),
+                }),
+                _ => Err(Error::config(
+                    FIELD,
+                    "every entry needs string fields \"containerID\" and \"ifname\"",
+                )),
+            }
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// Typed access to top-level fields with errors that name the field.
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn required_str(&self, field: &str) -> Result<String> {
+        self.optional_str(field)?
+            .ok_or_else(|| Error::config(field, "is required"))
+    }
+
+    fn optional_str(&self, field: &str) -> Result<Option<String>> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(Error::config(
+                field,
+                format!("must be a string, not {}", type_name(other)),
+            )),
+        }
+    }
+
+    fn optional_uint(&self, field: &str) -> Result<Option<u64>> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+                Error::config(field, format!("{n} is not a non-negative whole number"))
+            }),
+            Some(other) => Err(Error::config(
+                field,
+                format!("must be a number, not {}", type_name(other)),
+            )),
+        }
+    }
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> Value {
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "wgnet",
+            "type": "wg-cni",
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.66.0.0/24"}]]},
+        })
+    }
+
+    fn parse(v: &Value) -> Result<NetConf> {
+        NetConf::parse(v.to_string().as_bytes())
+    }
+
+    fn field_error(field: &str, value: Value) -> Error {
+        let mut v = base();
+        v[field] = value;
+        parse(&v).unwrap_err()
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(&base()).unwrap();
+        assert_eq!(c.backend, BackendChoice::Auto);
+        assert_eq!(c.store, PathBuf::from(DEFAULT_STORE));
+        assert_eq!(c.ipam_type, "host-local");
+        assert!(c.mtu.is_none() && c.endpoint.is_none() && c.persistent_keepalive.is_none());
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let mut v = base();
+        v["mtu"] = json!(1400);
+        v["endpoint"] = json!("127.0.0.1");
+        v["listenPorts"] = json!("52000-52010");
+        v["backend"] = json!("userspace");
+        v["persistentKeepalive"] = json!(25);
+        v["unknownRuntimeField"] = json!({"x": 1});
+        let c = parse(&v).unwrap();
+        assert_eq!(c.mtu, Some(1400));
+        assert_eq!(c.listen_ports, Some(PortRange { first: 52000, last: 52010 }));
+        assert_eq!(c.persistent_keepalive, Some(25));
+        assert_eq!(c.backend, BackendChoice::Userspace);
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        for (field, value) in [
+            ("mtu", json!("1420")),
+            ("mtu", json!(100)),
+            ("mtu", json!(-1)),
+            ("endpoint", json!("not-an-ip")),
+            ("endpoint", json!(5)),
+            ("listenPorts", json!("9-1")),
+            ("listenPorts", json!("0-10")),
+            ("listenPorts", json!("1-70000")),
+            ("backend", json!("magic")),
+            ("store", json!("relative/path")),
+            ("persistentKeepalive", json!(70000)),
+            ("name", json!("../escape")),
+            ("ipam", json!("host-local")),
+            ("nodeName", json!("a/b")),
+            ("prevResult", json!([1])),
+        ] {
+            let e = field_error(field, value.clone());
+            assert_eq!(e.code(), 7, "{field}={value}: {e}");
+            assert!(e.to_string().contains(field), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn bad_json_is_code_6_and_bad_version_code_1() {
+        assert_eq!(NetConf::parse(b"{\"cniVersion\":").unwrap_err().code(), 6);
+        assert_eq!(NetConf::parse(b"[1,2]").unwrap_err().code(), 6);
+        let mut v = base();
+        v["cniVersion"] = json!("0.2.0");
+        assert_eq!(parse(&v).unwrap_err().code(), 1);
+        let huge = vec![b' '; MAX_CONFIG_BYTES + 1];
+        assert_eq!(NetConf::parse(&huge).unwrap_err().code(), 6);
+    }
+
+    #[test]
+    fn ipam_without_type_is_rejected() {
+        let e = field_error("ipam", json!({"ranges": []}));
+        assert!(e.to_string().contains("ipam.type"));
+    }
+
+    #[test]
+    fn valid_attachments_parse() {
+        let mut v = base();
+        v["cni.dev/valid-attachments"] = json!([{"containerID": "a", "ifname": "eth0"}]);
+        let c = parse(&v).unwrap();
+        assert_eq!(c.valid_attachments.unwrap()[0].container_id, "a");
+    }
+}

@@ -1,0 +1,200 @@
+//! CHECK: the live link must still be what ADD made: addresses, routes, MTU, key, port,
+//! peers (against the store, read under the lock), daemon alive; then IPAM CHECK.
+
+use std::collections::BTreeMap;
+
+use super::context::Context;
+use crate::cni::{CniResult, Error, Result, Version};
+use crate::link::Netlink;
+use crate::mesh;
+use crate::netns::Netns;
+use crate::store::Store;
+use crate::wireguard::{self, BackendKind, LinkRef};
+
+pub fn run(ctx: &Context) -> Result<()> {
+    let env = ctx.env;
+    let conf = ctx.conf;
+    if conf.cni_version < Version::V0_4_0 {
+        return Err(Error::IncompatibleVersion(format!(
+            "CHECK needs cniVersion 0.4.0 or later; the config says {}",
+            conf.cni_version
+        )));
+    }
+    let prev_value = conf
+        .prev_result
+        .as_ref()
+        .ok_or_else(|| Error::config("prevResult", "CHECK needs the result of ADD as prevResult"))?;
+    let prev = CniResult::parse(prev_value, "prevResult")?;
+    let pod = Netns::open_for_env(env.netns.as_deref().expect("CHECK requires CNI_NETNS"))?;
+
+    let store = Store::open_existing(&conf.store, &conf.name, &ctx.node)?
+        .ok_or_else(|| Error::Check(format!("network {} has no key store", conf.name)))?;
+    let _lock = store.lock()?;
+    let record = store
+        .get(&env.container_id, &env.ifname)?
+        .ok_or_else(|| {
+            Error::Check(format!(
+                "no store record for {}/{}: the attachment was never added or was deleted",
+                env.container_id, env.ifname
+            ))
+        })?;
+    if record.netns_inode != pod.inode() {
+        return Err(Error::Check(format!(
+            "{} is not the namespace this attachment was added to",
+            pod.path().display()
+        )));
+    }
+
+    check_link(&pod, &env.ifname, record.backend, record.mtu, &prev)?;
+
+    let link = LinkRef {
+        host_name: &record.host_name,
+        ifname: &record.ifname,
+        pod: Some(&pod),
+        daemon_pid: record.daemon_pid,
+    };
+    let device = wireguard::backend(record.backend)
+        .read(&link)
+        .map_err(|e| Error::Check(format!("cannot read the WireGuard device: {e}")))?;
+    if device.public_key.map(|k| k.to_base64()).as_deref() != Some(record.public_key.as_str()) {
+        return Err(Error::Check(format!(
+            "{}'s public key is not the one recorded at ADD",
+            env.ifname
+        )));
+    }
+    if device.listen_port != Some(record.listen_port) {
+        return Err(Error::Check(format!(
+            "{} listens on port {:?}, ADD gave it {}",
+            env.ifname, device.listen_port, record.listen_port
+        )));
+    }
+
+    let expected = mesh::peers_of(
+        &store.all_records()?,
+        &env.container_id,
+        &env.ifname,
+        conf.persistent_keepalive,
+    );
+    let want: BTreeMap<String, (Vec<String>, Option<String>)> = expected
+        .iter()
+        .map(|p| {
+            let mut ips: Vec<String> = p.allowed_ips.iter().map(|ip| ip.to_string()).collect();
+            ips.sort();
+            (p.public_key.to_base64(), (ips, p.endpoint.map(|e| e.to_string())))
+        })
+        .collect();
+    let have: BTreeMap<String, (Vec<String>, Option<String>)> = device
+        .peers
+        .iter()
+        .map(|p| {
+            let mut ips: Vec<String> = p
+                .config
+                .allowed_ips
+                .iter()
+                .map(|ip| format!("{}/{}", ip.address, ip.cidr))
+                .collect();
+            ips.sort();
+            (
+                p.config.public_key.to_base64(),
+                (ips, p.config.endpoint.map(|e| e.to_string())),
+            )
+        })
+        .collect();
+    if want != have {
+        return Err(Error::Check(peer_difference(&want, &have)));
+    }
+
+    ctx.ipam()?.check(&prev)
+}
+
+fn check_link(
+    pod: &Netns,
+    ifname: &str,
+    backend: BackendKind,
+    mtu: u32,
+    prev: &CniResult,
+) -> Result<()> {
+    pod.run(|| {
+        let netlink = Netlink::open()?;
+        let links = netlink.links()?;
+        let link = links
+            .iter()
+            .find(|l| l.name == ifname)
+            .ok_or_else(|| Error::Check(format!("interface {ifname} is missing from the pod")))?;
+        let kind = match backend {
+            BackendKind::Kernel => "wireguard",
+            BackendKind::Userspace => "tun",
+        };
+        if link.kind.as_deref() != Some(kind) {
+            return Err(Error::Check(format!(
+                "{ifname} is a {} link, expected {kind}",
+                link.kind.as_deref().unwrap_or("plain")
+            )));
+        }
+        let extra: Vec<_> = links
+            .iter()
+            .filter(|l| l.name != ifname && l.name != "lo")
+            .map(|l| l.name.as_str())
+            .collect();
+        if !extra.is_empty() {
+            return Err(Error::Check(format!(
+                "the pod has links besides lo and {ifname}: {}",
+                extra.join(", ")
+            )));
+        }
+        if !link.up {
+            return Err(Error::Check(format!("{ifname} is down")));
+        }
+        if link.mtu != mtu {
+            return Err(Error::Check(format!(
+                "{ifname} has MTU {}, ADD set {mtu}",
+                link.mtu
+            )));
+        }
+        let addresses = netlink.addresses(link.index)?;
+        for ip in &prev.ips {
+            if !addresses.contains(&ip.address) {
+                return Err(Error::Check(format!(
+                    "address {} from prevResult is missing on {ifname}",
+                    ip.address
+                )));
+            }
+        }
+        let routes = netlink.routes()?;
+        for route in &prev.routes {
+            let present = routes
+                .iter()
+                .any(|r| r.dst == route.dst && r.oif == Some(link.index));
+            if !present {
+                return Err(Error::Check(format!(
+                    "route to {} from prevResult is missing on {ifname}",
+                    route.dst
+                )));
+            }
+        }
+        Ok(())
+    })
+}
+
+type PeerMap = BTreeMap<String, (Vec<String>, Option<String>)>;
+
+fn peer_difference(want: &PeerMap, have: &PeerMap) -> String {
+    let missing: Vec<_> = want.keys().filter(|k| !have.contains_key(*k)).collect();
+    let unexpected: Vec<_> = have.keys().filter(|k| !want.contains_key(*k)).collect();
+    let changed: Vec<_> = want
+        .iter()
+        .filter(|(k, v)| have.get(*k).is_some_and(|h| h != *v))
+        .map(|(k, _)| k)
+        .collect();
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("missing peers {missing:?}"));
+    }
+    if !unexpected.is_empty() {
+        parts.push(format!("unexpected peers {unexpected:?}"));
+    }
+    if !changed.is_empty() {
+        parts.push(format!("peers with changed allowed IPs or endpoint {changed:?}"));
+    }
+    format!("WireGuard peers differ from the key store: {}", parts.join("; "))
+}

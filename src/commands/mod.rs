@@ -1,0 +1,57 @@
+//! The CNI commands, each a short top-to-bottom flow over the mechanisms.
+
+mod add;
+mod check;
+mod context;
+mod del;
+mod gc;
+mod rollback;
+mod status;
+
+pub use context::recorded_netns;
+
+use serde_json::{Value, json};
+
+use crate::cni::version::SUPPORTED;
+use crate::cni::{CniEnv, Command, NetConf, Result, Version};
+use context::Context;
+
+/// Run one CNI command; `Some` is what goes to stdout.
+pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>> {
+    if env.command == Command::Version {
+        return Ok(Some(version(stdin)));
+    }
+    let conf = NetConf::parse(stdin)?;
+    let ctx = Context::new(env, &conf)?;
+    match env.command {
+        Command::Add => add::run(&ctx).map(Some),
+        Command::Del => del::run(&ctx).map(|_| None),
+        Command::Check => check::run(&ctx).map(|_| None),
+        Command::Gc => gc::run(&ctx).map(|_| None),
+        Command::Status => status::run(&ctx).map(|_| None),
+        Command::Version => unreachable!("answered above"),
+    }
+}
+
+/// VERSION answers in the version asked for when we speak it, else in the latest.
+fn version(stdin: &[u8]) -> Value {
+    let asked = serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str()?.parse::<Version>().ok())
+        .filter(|v| v.is_supported())
+        .unwrap_or(Version::LATEST);
+    json!({
+        "cniVersion": asked.to_string(),
+        "supportedVersions": SUPPORTED.iter().map(Version::to_string).collect::<Vec<_>>(),
+    })
+}
+
+/// The version errors are reported in: the config's when it can be read, else the latest.
+pub fn error_version(stdin: &[u8]) -> String {
+    serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str()?.parse::<Version>().ok())
+        .filter(|v| v.is_supported())
+        .unwrap_or(Version::LATEST)
+        .to_string()
+}

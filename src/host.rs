@@ -1,0 +1,92 @@
+//! Facts about this node that defaults are derived from: the default route's MTU and source
+//! address, the boot id, the node name.
+
+use std::net::IpAddr;
+
+use crate::cni::{Error, IoContext, Result};
+use crate::link::Netlink;
+
+/// WireGuard's overhead over IPv6 (40 + 8 + 32): the MTU that fits either underlay family.
+pub const WIREGUARD_OVERHEAD: u32 = 80;
+/// What `wg-quick` assumes when it cannot tell: 1500 - 80.
+pub const FALLBACK_MTU: u32 = 1420;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefaultRoute {
+    pub mtu: u32,
+    pub source: Option<IpAddr>,
+}
+
+/// The host's default route (IPv4 preferred), read in the calling thread's namespace.
+pub fn default_route() -> Result<Option<DefaultRoute>> {
+    let netlink = Netlink::open()?;
+    let routes = netlink.routes()?;
+    let Some(route) = routes
+        .iter()
+        .filter(|r| r.dst.prefix() == 0 && r.oif.is_some())
+        .min_by_key(|r| r.dst.is_ipv6())
+    else {
+        return Ok(None);
+    };
+    let oif = route.oif.expect("filtered on oif");
+    let mtu = netlink
+        .links()?
+        .into_iter()
+        .find(|l| l.index == oif)
+        .map(|l| l.mtu)
+        .unwrap_or(1500);
+    let source = match route.pref_src {
+        Some(src) => Some(src),
+        None => netlink
+            .addresses(oif)?
+            .into_iter()
+            .map(|a| a.ip())
+            .find(|ip| ip.is_ipv4() == route.dst.is_ipv4() && !is_link_local(ip)),
+    };
+    Ok(Some(DefaultRoute { mtu, source }))
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+pub fn boot_id() -> Result<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .io(|| "reading /proc/sys/kernel/random/boot_id".to_string())
+}
+
+/// The name this node's records are filed under: `nodeName` from the config, else the host name.
+pub fn node_name(configured: Option<&str>) -> Result<String> {
+    if let Some(name) = configured {
+        return Ok(name.to_string());
+    }
+    let name = nix::unistd::gethostname()
+        .map_err(|e| Error::netlink("reading the host name", e))?
+        .to_string_lossy()
+        .into_owned();
+    // Host names are safe path components, but make sure: the name becomes a directory.
+    let safe = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        && !name.starts_with('.');
+    if safe {
+        Ok(name)
+    } else {
+        Err(Error::config(
+            "nodeName",
+            format!("the host name \"{name}\" cannot name a store directory; set nodeName"),
+        ))
+    }
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,197 @@
+//! Delegation to the IPAM plugin named by `ipam.type`: found in CNI_PATH, run with our
+//! environment, given our config with `cniVersion` lowered to the highest version it speaks
+//! (Debian's host-local stops at 1.0.0 and refuses 1.1.0 with code 1).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+
+use crate::cni::version::Version;
+use crate::cni::{CniEnv, CniResult, Error, NetConf, Result};
+
+pub struct Ipam<'a> {
+    binary: PathBuf,
+    env: &'a CniEnv,
+    conf: &'a NetConf,
+}
+
+/// Which attachment a call is about (differs from the env's for GC and reaping).
+pub struct Target<'a> {
+    pub container_id: &'a str,
+    pub ifname: &'a str,
+    pub netns: Option<&'a Path>,
+}
+
+impl<'a> Ipam<'a> {
+    /// Find the IPAM binary; a missing one is a config error naming `ipam.type`.
+    pub fn find(env: &'a CniEnv, conf: &'a NetConf) -> Result<Ipam<'a>> {
+        let binary = locate(&env.path, &conf.ipam_type).ok_or_else(|| {
+            Error::config(
+                "ipam.type",
+                format!(
+                    "IPAM plugin \"{}\" not found (or not executable) in CNI_PATH {}",
+                    conf.ipam_type,
+                    join_paths(&env.path)
+                ),
+            )
+        })?;
+        Ok(Ipam { binary, env, conf })
+    }
+
+    pub fn target_of_env(&self) -> Target<'a> {
+        Target {
+            container_id: &self.env.container_id,
+            ifname: &self.env.ifname,
+            netns: self.env.netns.as_deref(),
+        }
+    }
+
+    /// The versions the plugin reports through VERSION.
+    pub fn supported_versions(&self) -> Result<Vec<Version>> {
+        let output = self.exec("VERSION", None, &json!({"cniVersion": "0.4.0"}))?;
+        let versions = output
+            .get("supportedVersions")
+            .and_then(Value::as_array)
+            .ok_or_else(|| {
+                Error::decode(
+                    format!("VERSION answer of {}", self.conf.ipam_type),
+                    "has no \"supportedVersions\"",
+                )
+            })?;
+        Ok(versions
+            .iter()
+            .filter_map(|v| v.as_str()?.parse().ok())
+            .collect())
+    }
+
+    /// The highest version both the config and the plugin speak.
+    pub fn negotiate(&self) -> Result<Version> {
+        let wanted = self.conf.cni_version;
+        self.supported_versions()?
+            .into_iter()
+            .filter(|v| *v <= wanted && v.is_supported())
+            .max()
+            .ok_or_else(|| {
+                Error::IncompatibleVersion(format!(
+                    "IPAM plugin {} speaks no CNI version up to {wanted}",
+                    self.conf.ipam_type
+                ))
+            })
+    }
+
+    pub fn add(&self) -> Result<CniResult> {
+        let version = self.negotiate()?;
+        let output = self.exec("ADD", Some(&self.target_of_env()), &self.config(version, None))?;
+        CniResult::parse(&output, &format!("{} result", self.conf.ipam_type))
+    }
+
+    /// Release `target`'s addresses; the plugin treats an unknown one as success.
+    pub fn del(&self, target: &Target, prev: Option<&CniResult>) -> Result<()> {
+        let version = self.negotiate()?;
+        self.exec("DEL", Some(target), &self.config(version, prev))
+            .map(drop)
+    }
+
+    pub fn check(&self, prev: &CniResult) -> Result<()> {
+        let version = self.negotiate()?;
+        if version < Version::V0_4_0 {
+            return Ok(()); // CHECK did not exist before 0.4.0
+        }
+        self.exec("CHECK", Some(&self.target_of_env()), &self.config(version, Some(prev)))
+            .map(drop)
+    }
+
+    /// Forward a 1.1 command (GC, STATUS) when the plugin speaks 1.1; `false` when it does not.
+    pub fn forward_v1_1(&self, command: &str) -> Result<bool> {
+        if self.negotiate()? < Version::V1_1_0 {
+            return Ok(false);
+        }
+        self.exec(command, None, &self.config(Version::V1_1_0, None))?;
+        Ok(true)
+    }
+
+    fn config(&self, version: Version, prev: Option<&CniResult>) -> Value {
+        let mut config = Value::Object(self.conf.raw.clone());
+        config["cniVersion"] = version.to_string().into();
+        match prev {
+            Some(result) => config["prevResult"] = result.to_json(version),
+            None => {
+                if let Some(map) = config.as_object_mut() {
+                    map.remove("prevResult");
+                }
+            }
+        }
+        config
+    }
+
+    fn exec(&self, command: &str, target: Option<&Target>, config: &Value) -> Result<Value> {
+        let mut cmd = Command::new(&self.binary);
+        cmd.env("CNI_COMMAND", command)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(t) = target {
+            cmd.env("CNI_CONTAINERID", t.container_id)
+                .env("CNI_IFNAME", t.ifname)
+                .env(
+                    "CNI_NETNS",
+                    t.netns.map(|p| p.as_os_str().to_owned()).unwrap_or_default(),
+                );
+        }
+        let what = format!("{} {command}", self.conf.ipam_type);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::Io {
+                context: format!("running {what}"),
+                source: e,
+            })?;
+        let body = serde_json::to_vec(config).expect("config serializes");
+        if let Some(mut stdin) = child.stdin.take() {
+            // A plugin that exits without reading is reported by its status below.
+            let _ = stdin.write_all(&body);
+        }
+        let output = child.wait_with_output().map_err(|e| Error::Io {
+            context: format!("running {what}"),
+            source: e,
+        })?;
+        let parsed: Option<Value> = serde_json::from_slice(&output.stdout).ok();
+        if !output.status.success() {
+            let error = parsed.unwrap_or(Value::Null);
+            return Err(Error::Delegated {
+                plugin: self.conf.ipam_type.clone(),
+                code: error.get("code").and_then(Value::as_u64).unwrap_or(999) as u32,
+                msg: error
+                    .get("msg")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("{what} failed ({})", output.status)),
+                details: error
+                    .get("details")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+            });
+        }
+        if output.stdout.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Value::Null); // DEL, CHECK and GC print nothing on success
+        }
+        parsed.ok_or_else(|| Error::decode(format!("output of {what}"), "is not JSON"))
+    }
+}
+
+/// The first executable `name` in `dirs`.
+pub fn locate(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    dirs.iter().map(|d| d.join(name)).find(|p| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+fn join_paths(dirs: &[PathBuf]) -> String {
+    dirs.iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":")
+}

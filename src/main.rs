@@ -1,0 +1,138 @@
+//! wg-cni: a CNI plugin whose pods get exactly one link, a WireGuard interface.
+//! With CNI_COMMAND set it speaks CNI on stdin/stdout; without it, it is a CLI for people.
+
+mod cni;
+mod commands;
+mod host;
+mod ipam;
+mod keys;
+mod link;
+mod mesh;
+mod netns;
+mod ports;
+mod show;
+mod store;
+mod wireguard;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "wg-cni",
+    version,
+    about = "CNI plugin: every pod gets exactly one network link, a WireGuard interface",
+    long_about = "CNI plugin: every pod gets exactly one network link, a WireGuard interface.\n\n\
+        Container runtimes run this binary with CNI_COMMAND set (ADD, DEL, CHECK, GC, STATUS, VERSION) \
+        and the network configuration on stdin. Without CNI_COMMAND it offers the commands below."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: CliCommand,
+}
+
+#[derive(Subcommand)]
+enum CliCommand {
+    /// List this node's attachments per network, with peers, handshakes and transfer.
+    Show {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The key store root (the conflist's "store").
+        #[arg(long, default_value = cni::config::DEFAULT_STORE)]
+        store: PathBuf,
+        /// Only this network.
+        #[arg(long)]
+        network: Option<String>,
+        /// The node name records are filed under (the conflist's "nodeName"; default: host name).
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    if std::env::var_os("CNI_COMMAND").is_some() {
+        return cni_main();
+    }
+    let cli = Cli::parse();
+    let result = match cli.command {
+        CliCommand::Show {
+            json,
+            store,
+            network,
+            node,
+        } => show::run(&store, node.as_deref(), network.as_deref(), json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wg-cni: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr (runtimes keep it), filtered by WG_CNI_LOG (default: warnings).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WG_CNI_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn cni_main() -> ExitCode {
+    let mut out = reserve_stdout();
+    let mut stdin = Vec::new();
+    let read = std::io::stdin()
+        .take(cni::config::MAX_CONFIG_BYTES as u64 + 1)
+        .read_to_end(&mut stdin);
+    let outcome = match read {
+        Ok(_) => cni::CniEnv::from_process().and_then(|env| commands::run(&env, &stdin)),
+        Err(e) => Err(cni::Error::Io {
+            context: "reading the network configuration from stdin".into(),
+            source: e,
+        }),
+    };
+    match outcome {
+        Ok(output) => {
+            if let Some(value) = output {
+                let _ = writeln!(out, "{value}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::debug!(code = error.code(), "command failed");
+            let body = cni::error::to_json(&error, &commands::error_version(&stdin));
+            let _ = writeln!(out, "{body}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runtimes parse our stdout as the result, so nothing else may ever write there. Keep a
+/// private close-on-exec copy of stdout for the result and point fd 1 at stderr: a stray
+/// print from any library lands in the log, and children never inherit the result pipe.
+fn reserve_stdout() -> File {
+    use nix::fcntl::{FcntlArg, fcntl};
+    let stdout = std::io::stdout();
+    let copy = fcntl(stdout.as_fd(), FcntlArg::F_DUPFD_CLOEXEC(3));
+    match copy {
+        Ok(fd) => {
+            // SAFETY: fd is a fresh descriptor we own.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            let _ = nix::unistd::dup2_stdout(std::io::stderr().as_fd());
+            File::from(owned)
+        }
+        // No usable stdout at all: write the result to stderr rather than nowhere.
+        Err(_) => File::from(std::io::stderr().as_fd().try_clone_to_owned().expect("stderr")),
+    }
+}

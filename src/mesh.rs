@@ -1,0 +1,105 @@
+//! Who peers with whom, as data: every ready attachment of a network is a peer of every other
+//! one, with its own addresses as host prefixes and its node address and port as endpoint.
+
+use wireguard_control::Key;
+
+use crate::cni::{Error, Result};
+use crate::store::{Record, State};
+use crate::wireguard::{Peer, host_prefixes};
+
+pub fn public_key(record: &Record) -> Result<Key> {
+    Key::from_base64(&record.public_key).map_err(|_| {
+        Error::decode(
+            format!(
+                "store record of {}/{}",
+                record.container_id, record.ifname
+            ),
+            "\"publicKey\" is not a base64 WireGuard key",
+        )
+    })
+}
+
+pub fn peer_of(record: &Record, keepalive: Option<u16>) -> Result<Peer> {
+    Ok(Peer {
+        public_key: public_key(record)?,
+        endpoint: Some(record.endpoint_addr()),
+        allowed_ips: host_prefixes(&record.addresses),
+        keepalive,
+    })
+}
+
+/// The peers a link of attachment (`container_id`, `ifname`) should have: every other ready
+/// attachment of the network. Records with a bad key are skipped with a warning.
+pub fn peers_of(
+    records: &[Record],
+    container_id: &str,
+    ifname: &str,
+    keepalive: Option<u16>,
+) -> Vec<Peer> {
+    records
+        .iter()
+        .filter(|r| r.state == State::Ready && !r.is_attachment(container_id, ifname))
+        .filter_map(|r| match peer_of(r, keepalive) {
+            Ok(peer) => Some(peer),
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping peer");
+                None
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::KeyPair;
+    use crate::store::SCHEMA_VERSION;
+    use crate::wireguard::BackendKind;
+
+    fn record(id: &str, ip: &str, state: State) -> Record {
+        Record {
+            schema: SCHEMA_VERSION,
+            state,
+            network: "n".into(),
+            node: "a".into(),
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            public_key: KeyPair::generate().public().to_base64(),
+            addresses: vec![ip.parse().unwrap()],
+            endpoint: "127.0.0.1".parse().unwrap(),
+            listen_port: 52000,
+            netns: "/x".into(),
+            netns_inode: 1,
+            boot_id: "b".into(),
+            host_name: "h".into(),
+            backend: BackendKind::Userspace,
+            daemon_pid: None,
+            mtu: 1420,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn peers_are_the_other_ready_attachments_with_host_prefixes() {
+        let records = vec![
+            record("a", "10.0.0.2/24", State::Ready),
+            record("b", "10.0.0.3/24", State::Ready),
+            record("c", "fd00::4/64", State::Ready),
+            record("d", "10.0.0.5/24", State::Creating),
+        ];
+        let peers = peers_of(&records, "a", "eth0", Some(25));
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].allowed_ips[0].to_string(), "10.0.0.3/32");
+        assert_eq!(peers[1].allowed_ips[0].to_string(), "fd00::4/128");
+        assert_eq!(peers[0].endpoint.unwrap().to_string(), "127.0.0.1:52000");
+        assert_eq!(peers[0].keepalive, Some(25));
+    }
+
+    #[test]
+    fn a_record_with_a_bad_key_is_skipped() {
+        let mut bad = record("b", "10.0.0.3/24", State::Ready);
+        bad.public_key = "garbage".into();
+        let records = vec![record("a", "10.0.0.2/24", State::Ready), bad];
+        assert!(peers_of(&records, "a", "eth0", None).is_empty());
+    }
+}

@@ -1,0 +1,447 @@
+//! The shared key store: one JSON record per attachment under
+//! `<store>/<network>/<node>/<containerID>-<ifname>.json`, a network-wide lock, atomic writes.
+//! Only public material is stored. The directory is an interface to the outside (a node agent
+//! may sync other nodes' records into it), so nothing here assumes it is the only writer.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ipnetwork::IpNetwork;
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::cni::{Error, IoContext, Result};
+use crate::wireguard::BackendKind;
+
+pub const SCHEMA_VERSION: u32 = 1;
+const LOCK_FILE: &str = ".lock";
+const TEMP_PREFIX: &str = ".tmp-";
+
+/// `creating` while an ADD is in flight (the public key is already known, so a DEL after a
+/// crash can prove which link is ours); `ready` once the attachment is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Creating,
+    Ready,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    pub schema: u32,
+    pub state: State,
+    pub network: String,
+    pub node: String,
+    pub container_id: String,
+    pub ifname: String,
+    /// base64, as `wg show` prints it.
+    pub public_key: String,
+    pub addresses: Vec<IpNetwork>,
+    /// The node address peers send this pod's UDP to.
+    pub endpoint: IpAddr,
+    pub listen_port: u16,
+    pub netns: PathBuf,
+    pub netns_inode: u64,
+    pub boot_id: String,
+    /// The name the link had when created in the host namespace (the userspace daemon's
+    /// UAPI socket keeps this name); equal to `ifname` for the kernel backend.
+    pub host_name: String,
+    pub backend: BackendKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon_pid: Option<u32>,
+    pub mtu: u32,
+    pub created_at: u64,
+}
+
+impl Record {
+    pub fn endpoint_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.endpoint, self.listen_port)
+    }
+
+    pub fn file_name(container_id: &str, ifname: &str) -> String {
+        format!("{container_id}-{ifname}.json")
+    }
+
+    pub fn is_attachment(&self, container_id: &str, ifname: &str) -> bool {
+        self.container_id == container_id && self.ifname == ifname
+    }
+}
+
+/// One network's directory in the store, seen from one node.
+pub struct Store {
+    network_dir: PathBuf,
+    node: String,
+}
+
+/// Held while ADD, DEL or GC changes a network. Dropping it unlocks.
+pub struct NetworkLock {
+    _lock: Flock<File>,
+}
+
+impl Store {
+    /// Open (creating with mode 0700 where missing) `<root>/<network>/<node>`.
+    pub fn open(root: &Path, network: &str, node: &str) -> Result<Store> {
+        let network_dir = root.join(network);
+        for dir in [root.to_path_buf(), network_dir.clone(), network_dir.join(node)] {
+            ensure_private_dir(&dir)?;
+        }
+        Ok(Store {
+            network_dir,
+            node: node.to_string(),
+        })
+    }
+
+    /// Open for reading only: `None` when the network has no directory yet.
+    pub fn open_existing(root: &Path, network: &str, node: &str) -> Result<Option<Store>> {
+        let network_dir = root.join(network);
+        match fs::symlink_metadata(&network_dir) {
+            Ok(meta) if meta.is_dir() => Ok(Some(Store {
+                network_dir,
+                node: node.to_string(),
+            })),
+            Ok(_) => Err(not_a_directory(&network_dir)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Io {
+                context: format!("reading the key store at {}", network_dir.display()),
+                source: e,
+            }),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn network_dir(&self) -> &Path {
+        &self.network_dir
+    }
+
+    fn node_dir(&self) -> PathBuf {
+        self.network_dir.join(&self.node)
+    }
+
+    /// Take the network-wide lock. The fd is O_CLOEXEC (std's default), so a daemon we start
+    /// never inherits it.
+    pub fn lock(&self) -> Result<NetworkLock> {
+        let path = self.network_dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc_o_nofollow())
+            .open(&path)
+            .io(|| format!("opening the store lock {}", path.display()))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| Error::Io {
+            context: format!("locking {}", path.display()),
+            source: errno.into(),
+        })?;
+        Ok(NetworkLock { _lock: lock })
+    }
+
+    /// Every record of the network, all nodes. Unreadable or foreign files are skipped with a
+    /// warning: one bad file from a sync agent must not take the network down.
+    pub fn all_records(&self) -> Result<Vec<Record>> {
+        let mut records = Vec::new();
+        for node_dir in list_dir(&self.network_dir)? {
+            if fs::symlink_metadata(&node_dir).is_ok_and(|m| m.is_dir()) {
+                records.extend(read_records(&node_dir)?);
+            }
+        }
+        Ok(records)
+    }
+
+    /// This node's records only.
+    pub fn node_records(&self) -> Result<Vec<Record>> {
+        read_records(&self.node_dir())
+    }
+
+    pub fn get(&self, container_id: &str, ifname: &str) -> Result<Option<Record>> {
+        let path = self
+            .node_dir()
+            .join(Record::file_name(container_id, ifname));
+        match read_record(&path) {
+            Ok(record) => Ok(Some(record)),
+            Err(ReadError::Missing) => Ok(None),
+            Err(ReadError::Invalid(reason)) => Err(Error::decode(
+                format!("store record {}", path.display()),
+                reason,
+            )),
+        }
+    }
+
+    /// Write atomically: temp file, fsync, rename, fsync the directory.
+    pub fn put(&self, record: &Record) -> Result<()> {
+        let dir = self.node_dir();
+        let name = Record::file_name(&record.container_id, &record.ifname);
+        let temp = dir.join(format!("{TEMP_PREFIX}{}-{name}", std::process::id()));
+        let target = dir.join(&name);
+        let body = serde_json::to_vec_pretty(record).expect("records always serialize");
+        let write = || -> std::io::Result<()> {
+            let mut file = OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .mode(0o600)
+                .custom_flags(libc_o_nofollow())
+                .open(&temp)?;
+            file.write_all(&body)?;
+            file.sync_all()?;
+            fs::rename(&temp, &target)?;
+            File::open(&dir)?.sync_all()
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&temp);
+            Error::Io {
+                context: format!("writing store record {}", target.display()),
+                source: e,
+            }
+        })
+    }
+
+    /// Remove a record; a missing one is fine.
+    pub fn remove(&self, container_id: &str, ifname: &str) -> Result<()> {
+        let path = self
+            .node_dir()
+            .join(Record::file_name(container_id, ifname));
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
+                context: format!("removing store record {}", path.display()),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Remove temp files a crashed writer left in this node's directory.
+    pub fn remove_orphan_temp_files(&self) -> Result<usize> {
+        let mut removed = 0;
+        for path in list_dir(&self.node_dir())? {
+            let is_temp = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(TEMP_PREFIX));
+            if is_temp && fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Whether the store directory accepts writes (STATUS).
+    pub fn probe_writable(&self) -> Result<()> {
+        let probe = self
+            .node_dir()
+            .join(format!("{TEMP_PREFIX}{}-probe", std::process::id()));
+        File::create(&probe)
+            .and_then(|_| fs::remove_file(&probe))
+            .io(|| format!("the key store {} is not writable", self.node_dir().display()))
+    }
+}
+
+/// Create `dir` with mode 0700 if missing; refuse a symlink or a non-directory in its place.
+fn ensure_private_dir(dir: &Path) -> Result<()> {
+    match fs::symlink_metadata(dir) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(Error::Io {
+            context: format!(
+                "key store directory {} is a symbolic link; remove it (wg-cni never follows links in its store)",
+                dir.display()
+            ),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        }),
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(not_a_directory(dir)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let created = fs::DirBuilder::new().mode(0o700).create(dir);
+            match created {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(Error::Io {
+                    context: format!("creating key store directory {}", dir.display()),
+                    source: e,
+                }),
+                _ => {
+                    // The umask may have narrowed the mode; make sure it is exactly 0700.
+                    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                        .io(|| format!("setting mode 0700 on {}", dir.display()))
+                }
+            }
+        }
+        Err(e) => Err(Error::Io {
+            context: format!("reading key store directory {}", dir.display()),
+            source: e,
+        }),
+    }
+}
+
+fn not_a_directory(path: &Path) -> Error {
+    Error::Io {
+        context: format!("{} should be a key store directory", path.display()),
+        source: std::io::Error::from(std::io::ErrorKind::NotADirectory),
+    }
+}
+
+fn libc_o_nofollow() -> i32 {
+    nix::fcntl::OFlag::O_NOFOLLOW.bits()
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
+    match fs::read_dir(dir) {
+        Ok(entries) => Ok(entries.filter_map(|e| e.ok()).map(|e| e.path()).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(Error::Io {
+            context: format!("listing {}", dir.display()),
+            source: e,
+        }),
+    }
+}
+
+fn read_records(dir: &Path) -> Result<Vec<Record>> {
+    let mut records = Vec::new();
+    for path in list_dir(dir)? {
+        let is_record = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".json") && !n.starts_with('.'));
+        if !is_record {
+            continue;
+        }
+        match read_record(&path) {
+            Ok(record) => records.push(record),
+            Err(ReadError::Missing) => {}
+            Err(ReadError::Invalid(reason)) => {
+                tracing::warn!(path = %path.display(), %reason, "skipping unreadable store record");
+            }
+        }
+    }
+    records.sort_by(|a, b| {
+        (a.created_at, &a.container_id, &a.ifname).cmp(&(b.created_at, &b.container_id, &b.ifname))
+    });
+    Ok(records)
+}
+
+enum ReadError {
+    Missing,
+    Invalid(String),
+}
+
+/// Read one record without following symlinks; the schema version must be one we know.
+fn read_record(path: &Path) -> std::result::Result<Record, ReadError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_o_nofollow())
+        .open(path);
+    let file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ReadError::Missing),
+        Err(e) => return Err(ReadError::Invalid(e.to_string())),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| ReadError::Invalid(e.to_string()))?;
+    if !meta.is_file() || meta.len() > 64 * 1024 {
+        return Err(ReadError::Invalid("not a regular file of at most 64 KiB".into()));
+    }
+    let record: Record =
+        serde_json::from_reader(file).map_err(|e| ReadError::Invalid(e.to_string()))?;
+    if record.schema != SCHEMA_VERSION {
+        return Err(ReadError::Invalid(format!(
+            "schema version {} (this wg-cni reads {SCHEMA_VERSION})",
+            record.schema
+        )));
+    }
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, node: &str) -> Record {
+        Record {
+            schema: SCHEMA_VERSION,
+            state: State::Ready,
+            network: "net".into(),
+            node: node.into(),
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            public_key: "x".into(),
+            addresses: vec!["10.0.0.2/24".parse().unwrap()],
+            endpoint: "127.0.0.1".parse().unwrap(),
+            listen_port: 52000,
+            netns: "/var/run/netns/x".into(),
+            netns_inode: 1,
+            boot_id: "b".into(),
+            host_name: "wgc0".into(),
+            backend: BackendKind::Userspace,
+            daemon_pid: None,
+            mtu: 1420,
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn put_get_remove_roundtrip_with_private_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "net", "n1").unwrap();
+        let _lock = store.lock().unwrap();
+        store.put(&record("a", "n1")).unwrap();
+        assert_eq!(store.get("a", "eth0").unwrap().unwrap(), record("a", "n1"));
+        let file = dir.path().join("net/n1/a-eth0.json");
+        assert_eq!(fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        let node_dir = dir.path().join("net/n1");
+        assert_eq!(fs::metadata(&node_dir).unwrap().permissions().mode() & 0o777, 0o700);
+        store.remove("a", "eth0").unwrap();
+        store.remove("a", "eth0").unwrap();
+        assert!(store.get("a", "eth0").unwrap().is_none());
+    }
+
+    #[test]
+    fn all_records_spans_nodes_and_node_records_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let n1 = Store::open(dir.path(), "net", "n1").unwrap();
+        let n2 = Store::open(dir.path(), "net", "n2").unwrap();
+        n1.put(&record("a", "n1")).unwrap();
+        n2.put(&record("b", "n2")).unwrap();
+        assert_eq!(n1.all_records().unwrap().len(), 2);
+        assert_eq!(n1.node_records().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn symlinks_are_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "net", "n1").unwrap();
+        let outside = dir.path().join("outside.json");
+        fs::write(&outside, serde_json::to_vec(&record("z", "n1")).unwrap()).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.path().join("net/n1/z-eth0.json")).unwrap();
+        assert!(store.node_records().unwrap().is_empty());
+        assert!(store.get("z", "eth0").is_err());
+
+        let target = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(target.path(), dir.path().join("linked")).unwrap();
+        assert!(Store::open(dir.path(), "linked", "n1").is_err());
+    }
+
+    #[test]
+    fn unknown_schema_and_garbage_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "net", "n1").unwrap();
+        let mut future = record("f", "n1");
+        future.schema = 99;
+        fs::write(
+            dir.path().join("net/n1/f-eth0.json"),
+            serde_json::to_vec(&future).unwrap(),
+        )
+        .unwrap();
+        fs::write(dir.path().join("net/n1/g-eth0.json"), b"{not json").unwrap();
+        store.put(&record("a", "n1")).unwrap();
+        let ids: Vec<_> = store
+            .node_records()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.container_id)
+            .collect();
+        assert_eq!(ids, vec!["a"]);
+    }
+}

@@ -1,0 +1,139 @@
+//! Kernel WireGuard. The link is created straight into the pod under its final name by a
+//! netlink socket of the host namespace, so the kernel opens its UDP socket in the host
+//! namespace: no temporary name, no move. Keys and peers are set with wireguard-control from a
+//! thread inside the pod namespace, and only once the link exists there (its `apply` would
+//! otherwise create a fresh, empty link in whatever namespace the calling thread is in).
+
+use std::str::FromStr;
+
+use wireguard_control::{Backend as WgBackend, Device, InterfaceName, Key};
+
+use super::{Backend, BackendKind, Created, LinkRef, LinkSpec, Update, device_update};
+use crate::cni::{Error, Result};
+use crate::link::Netlink;
+use crate::netns::Netns;
+
+pub struct Kernel;
+
+fn interface_name(name: &str) -> Result<InterfaceName> {
+    InterfaceName::from_str(name)
+        .map_err(|e| Error::netlink(format!("interface name {name}"), format!("{e:?}")))
+}
+
+/// Runs `f` inside the pod namespace after checking the link there is a WireGuard link.
+fn in_pod<T: Send>(
+    link: &LinkRef,
+    f: impl FnOnce(&InterfaceName) -> Result<T> + Send,
+) -> Result<T> {
+    let pod = link.pod.ok_or_else(|| {
+        Error::netlink(
+            format!("link {}", link.ifname),
+            "its pod network namespace is gone",
+        )
+    })?;
+    let name = interface_name(link.ifname)?;
+    pod.run(|| {
+        let found = Netlink::open()?.link_by_name(link.ifname)?;
+        match found {
+            Some(l) if l.kind.as_deref() == Some("wireguard") => f(&name),
+            Some(_) => Err(Error::netlink(
+                format!("link {}", link.ifname),
+                "is not a WireGuard link",
+            )),
+            None => Err(Error::netlink(
+                format!("link {}", link.ifname),
+                "does not exist in the pod namespace",
+            )),
+        }
+    })
+}
+
+impl Backend for Kernel {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Kernel
+    }
+
+    fn create(&self, spec: &LinkSpec, host: &Netns, pod: &Netns) -> Result<Created> {
+        let _ = host; // created from this thread, which is in the host namespace
+        Netlink::open()?.create_wireguard_in(spec.ifname, pod.raw_fd(), spec.mtu)?;
+        let link = LinkRef {
+            host_name: spec.ifname,
+            ifname: spec.ifname,
+            pod: Some(pod),
+            daemon_pid: None,
+        };
+        let update = Update {
+            keypair: Some(spec.keypair),
+            listen_port: Some(spec.listen_port),
+            replace_peers: true,
+            peers: spec.peers.clone(),
+            remove_peers: Vec::new(),
+        };
+        if let Err(e) = self.apply(&link, &update) {
+            let _ = pod.run(|| {
+                let netlink = Netlink::open()?;
+                if let Some(l) = netlink.link_by_name(spec.ifname)? {
+                    netlink.delete(l.index)?;
+                }
+                Ok(())
+            });
+            return Err(e);
+        }
+        Ok(Created {
+            host_name: spec.ifname.to_string(),
+            daemon_pid: None,
+        })
+    }
+
+    fn apply(&self, link: &LinkRef, update: &Update) -> Result<()> {
+        let builder = device_update(update);
+        in_pod(link, move |name| {
+            builder.apply(name, WgBackend::Kernel).map_err(|e| {
+                Error::wireguard(format!("configuring WireGuard link {}", link.ifname), e)
+            })
+        })
+    }
+
+    fn read(&self, link: &LinkRef) -> Result<Device> {
+        in_pod(link, |name| {
+            Device::get(name, WgBackend::Kernel).map_err(|e| {
+                Error::wireguard(format!("reading WireGuard link {}", link.ifname), e)
+            })
+        })
+    }
+
+    fn destroy(&self, link: &LinkRef, public_key: &Key, _host: &Netns) -> Result<()> {
+        let Some(pod) = link.pod else {
+            // The namespace is gone, and a kernel link dies with it.
+            return Ok(());
+        };
+        pod.run(|| {
+            let netlink = Netlink::open()?;
+            let Some(found) = netlink.link_by_name(link.ifname)? else {
+                return Ok(());
+            };
+            if found.kind.as_deref() != Some("wireguard") {
+                tracing::warn!(ifname = link.ifname, "not a WireGuard link: left alone");
+                return Ok(());
+            }
+            let device = Device::get(&interface_name(link.ifname)?, WgBackend::Kernel);
+            match device {
+                Ok(d) if d.public_key.as_ref() == Some(public_key) => netlink.delete(found.index),
+                _ => {
+                    tracing::warn!(ifname = link.ifname, "link has another key: left alone");
+                    Ok(())
+                }
+            }
+        })
+    }
+}
+
+/// Whether the running kernel can create WireGuard links (for `backend: auto` and STATUS).
+pub fn available() -> bool {
+    if std::path::Path::new("/sys/module/wireguard").exists() {
+        return true;
+    }
+    // Creating a link makes the kernel load the module if it can.
+    let probe = format!("wgcprobe{}", std::process::id() % 100_000);
+    Netlink::open().is_ok_and(|n| n.can_create_wireguard(&probe))
+}

@@ -1,0 +1,144 @@
+//! WireGuard backends behind one trait: the kernel module (rtnetlink + wireguard-control) and
+//! Debian's wireguard-go (a daemon per link, configured over its UAPI socket). Either way the
+//! link ends up in the pod as `CNI_IFNAME` while its UDP socket stays in the host namespace.
+
+pub mod kernel;
+mod uapi;
+pub mod userspace;
+
+use std::net::SocketAddr;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+use wireguard_control::{Device, Key};
+
+use crate::cni::Result;
+use crate::keys::KeyPair;
+use crate::netns::Netns;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Kernel,
+    Userspace,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Kernel => "kernel",
+            BackendKind::Userspace => "userspace",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub public_key: Key,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNetwork>,
+    pub keepalive: Option<u16>,
+}
+
+/// A change to an existing device, stated as data.
+#[derive(Debug, Default)]
+pub struct Update<'a> {
+    pub keypair: Option<&'a KeyPair>,
+    pub listen_port: Option<u16>,
+    pub replace_peers: bool,
+    pub peers: Vec<Peer>,
+    pub remove_peers: Vec<Key>,
+}
+
+/// What ADD asks a backend to build.
+pub struct LinkSpec<'a> {
+    /// Name in the host namespace while the link is set up (userspace), and the UAPI name.
+    pub temp_name: &'a str,
+    pub ifname: &'a str,
+    pub mtu: u32,
+    pub listen_port: u16,
+    pub keypair: &'a KeyPair,
+    pub peers: Vec<Peer>,
+}
+
+pub struct Created {
+    /// The name the link was created under in the host namespace (recorded in the store).
+    pub host_name: String,
+    pub daemon_pid: Option<u32>,
+}
+
+/// An existing link, as the store knows it.
+pub struct LinkRef<'a> {
+    pub host_name: &'a str,
+    pub ifname: &'a str,
+    /// The pod namespace, when it still exists (and is the one recorded).
+    pub pod: Option<&'a Netns>,
+    pub daemon_pid: Option<u32>,
+}
+
+pub trait Backend {
+    fn kind(&self) -> BackendKind;
+
+    /// Create the link inside `pod` as `spec.ifname` with its UDP socket in `host`,
+    /// configured (key, port, peers, MTU) but not yet addressed or up.
+    /// On failure nothing it made is left behind.
+    fn create(&self, spec: &LinkSpec, host: &Netns, pod: &Netns) -> Result<Created>;
+
+    fn apply(&self, link: &LinkRef, update: &Update) -> Result<()>;
+
+    fn read(&self, link: &LinkRef) -> Result<Device>;
+
+    /// Destroy the link (and its daemon) if, and only if, it carries `public_key`:
+    /// a link we cannot prove is ours is left alone. Gone already is success.
+    fn destroy(&self, link: &LinkRef, public_key: &Key, host: &Netns) -> Result<()>;
+}
+
+pub fn backend(kind: BackendKind) -> Box<dyn Backend> {
+    match kind {
+        BackendKind::Kernel => Box::new(kernel::Kernel),
+        BackendKind::Userspace => Box::new(userspace::Userspace),
+    }
+}
+
+/// Allowed IPs for a pod: its own addresses as host prefixes, so it can claim nothing else.
+pub fn host_prefixes(addresses: &[IpNetwork]) -> Vec<IpNetwork> {
+    addresses
+        .iter()
+        .map(|a| {
+            let bits = if a.is_ipv4() { 32 } else { 128 };
+            IpNetwork::new(a.ip(), bits).expect("a full-length prefix is valid")
+        })
+        .collect()
+}
+
+/// wireguard-control's builder form of an update (the kernel backend applies it).
+fn device_update(update: &Update) -> wireguard_control::DeviceUpdate {
+    let mut builder = wireguard_control::DeviceUpdate::new();
+    if let Some(keypair) = update.keypair {
+        builder = builder.set_private_key(Key(*keypair.secret_bytes()));
+    }
+    if let Some(port) = update.listen_port {
+        builder = builder.set_listen_port(port);
+    }
+    if update.replace_peers {
+        builder = builder.replace_peers();
+    }
+    for peer in &update.peers {
+        let mut config = wireguard_control::PeerConfigBuilder::new(&peer.public_key)
+            .replace_allowed_ips();
+        if let Some(endpoint) = peer.endpoint {
+            config = config.set_endpoint(endpoint);
+        }
+        if let Some(seconds) = peer.keepalive {
+            config = config.set_persistent_keepalive_interval(seconds);
+        }
+        for ip in &peer.allowed_ips {
+            config = config.add_allowed_ip(ip.ip(), ip.prefix());
+        }
+        builder = builder.add_peer(config);
+    }
+    for key in &update.remove_peers {
+        builder = builder.remove_peer_by_key(key);
+    }
+    builder
+}

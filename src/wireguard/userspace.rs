@@ -1,0 +1,237 @@
+//! Userspace WireGuard with Debian's wireguard-go. The plugin starts one daemon per link from
+//! the host namespace (children inherit the namespace of the thread that forks them, and only
+//! the main thread stays in the host), detached and with no inherited stdio (a runtime reads
+//! our stdout until EOF). The daemon's TUN is configured, given its MTU, then moved into the
+//! pod and renamed; the daemon and its UDP socket stay in the host. Killing the daemon
+//! destroys its TUN wherever it is.
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use wireguard_control::{Backend as WgBackend, Device, InterfaceName, Key};
+
+use super::{Backend, BackendKind, Created, LinkRef, LinkSpec, Update, uapi};
+use crate::cni::{Error, Result};
+use crate::link::Netlink;
+use crate::netns::Netns;
+
+pub struct Userspace;
+
+const DAEMON: &str = "wireguard-go";
+const SOCKET_WAIT: Duration = Duration::from_secs(5);
+const EXIT_WAIT: Duration = Duration::from_secs(3);
+
+/// The wireguard-go binary: `$PATH` first, then where Debian and admins put it.
+pub fn daemon_path() -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .chain(["/usr/bin", "/usr/local/bin", "/usr/sbin"])
+        .map(|dir| Path::new(dir).join(DAEMON))
+        .find(|p| p.is_file())
+}
+
+pub fn available() -> bool {
+    daemon_path().is_some() && Path::new("/dev/net/tun").exists()
+}
+
+/// Start `wireguard-go -f NAME` detached and wait for its UAPI socket.
+fn start_daemon(name: &str) -> Result<u32> {
+    let binary = daemon_path().ok_or_else(|| {
+        Error::NotAvailable(format!(
+            "{DAEMON} is not installed (apt-get install wireguard-go) and the kernel has no WireGuard"
+        ))
+    })?;
+    let mut command = Command::new(&binary);
+    command
+        .arg("-f")
+        .arg(name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // With LOG_LEVEL set the daemon logs to the (null) stdio; keep it quiet and simple.
+        .env_remove("LOG_LEVEL")
+        .env_remove("WG_TUN_FD")
+        .env_remove("WG_UAPI_FD");
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from the runtime's session.
+    unsafe {
+        command.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| Error::wireguard(format!("starting {}", binary.display()), e))?;
+    let pid = child.id();
+    let socket = uapi::socket_path(name);
+    let started = Instant::now();
+    while started.elapsed() < SOCKET_WAIT {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            return Ok(pid);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(Error::wireguard(
+                format!("{DAEMON} {name} exited at start ({status}); is /dev/net/tun available?"),
+                std::io::Error::other("daemon exited"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(Error::wireguard(
+        format!("{DAEMON} {name} did not open {} in time", socket.display()),
+        std::io::Error::from(std::io::ErrorKind::TimedOut),
+    ))
+}
+
+/// Whether `pid` is the wireguard-go daemon serving `name` (guards against a reused pid).
+fn is_our_daemon(pid: u32, name: &str) -> bool {
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty());
+    let is_daemon = args
+        .next()
+        .is_some_and(|a| a.ends_with(DAEMON.as_bytes()));
+    is_daemon && args.any(|a| a == name.as_bytes())
+}
+
+/// Find the daemon for `name` when the record has no pid (an ADD that crashed early).
+fn find_daemon(name: &str) -> Option<u32> {
+    fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| is_our_daemon(*pid, name))
+}
+
+fn stop_daemon(pid: u32, name: &str) {
+    if !is_our_daemon(pid, name) {
+        return;
+    }
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    let started = Instant::now();
+    while is_our_daemon(pid, name) && started.elapsed() < EXIT_WAIT {
+        // A daemon we started in this very process stays a zombie until reaped.
+        let _ = nix::sys::wait::waitpid(
+            Pid::from_raw(pid as i32),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if is_our_daemon(pid, name) {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+}
+
+fn interface_name(name: &str) -> Result<InterfaceName> {
+    InterfaceName::from_str(name)
+        .map_err(|e| Error::netlink(format!("interface name {name}"), format!("{e:?}")))
+}
+
+/// Everything after the daemon is up: configure, set the MTU, move, rename.
+fn configure_and_move(spec: &LinkSpec, pod: &Netns) -> Result<()> {
+    let update = Update {
+        keypair: Some(spec.keypair),
+        listen_port: Some(spec.listen_port),
+        replace_peers: true,
+        peers: spec.peers.clone(),
+        remove_peers: Vec::new(),
+    };
+    uapi::set(spec.temp_name, &update)
+        .map_err(|e| Error::wireguard(format!("configuring {}", spec.temp_name), e))?;
+
+    let host = Netlink::open()?;
+    let tun = host.link_by_name(spec.temp_name)?.ok_or_else(|| {
+        Error::netlink(
+            format!("TUN {}", spec.temp_name),
+            "wireguard-go did not create it",
+        )
+    })?;
+    // wireguard-go tracks the MTU by name in its own namespace: set it before the move.
+    host.set_mtu(tun.index, spec.mtu)?;
+    host.move_to_netns(tun.index, pod.raw_fd())?;
+    pod.run(|| {
+        let netlink = Netlink::open()?;
+        let moved = netlink.link_by_name(spec.temp_name)?.ok_or_else(|| {
+            Error::netlink(
+                format!("TUN {}", spec.temp_name),
+                "vanished while moving into the pod",
+            )
+        })?;
+        netlink.set_down(moved.index)?;
+        netlink.rename(moved.index, spec.ifname)
+    })
+}
+
+impl Backend for Userspace {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Userspace
+    }
+
+    fn create(&self, spec: &LinkSpec, _host: &Netns, pod: &Netns) -> Result<Created> {
+        let pid = start_daemon(spec.temp_name)?;
+        if let Err(e) = configure_and_move(spec, pod) {
+            stop_daemon(pid, spec.temp_name);
+            let _ = fs::remove_file(uapi::socket_path(spec.temp_name));
+            return Err(e);
+        }
+        Ok(Created {
+            host_name: spec.temp_name.to_string(),
+            daemon_pid: Some(pid),
+        })
+    }
+
+    fn apply(&self, link: &LinkRef, update: &Update) -> Result<()> {
+        uapi::set(link.host_name, update)
+            .map_err(|e| Error::wireguard(format!("configuring {}", link.ifname), e))
+    }
+
+    fn read(&self, link: &LinkRef) -> Result<Device> {
+        // Reading never starts a daemon (only wireguard-control's `apply` would).
+        if !uapi::socket_path(link.host_name).exists() {
+            return Err(Error::wireguard(
+                format!("reading {}", link.ifname),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("its {DAEMON} daemon ({}) is not running", link.host_name),
+                ),
+            ));
+        }
+        Device::get(&interface_name(link.host_name)?, WgBackend::Userspace)
+            .map_err(|e| Error::wireguard(format!("reading {}", link.ifname), e))
+    }
+
+    fn destroy(&self, link: &LinkRef, public_key: &Key, _host: &Netns) -> Result<()> {
+        let pid = link
+            .daemon_pid
+            .filter(|pid| is_our_daemon(*pid, link.host_name))
+            .or_else(|| find_daemon(link.host_name));
+        let Some(pid) = pid else {
+            // No daemon: its TUN is gone with it. Clear a socket file it may have left.
+            let _ = fs::remove_file(uapi::socket_path(link.host_name));
+            return Ok(());
+        };
+        let ours = self
+            .read(link)
+            .map(|d| d.public_key.as_ref() == Some(public_key))
+            .unwrap_or(true); // a daemon for our deterministic name that cannot answer is ours
+        if !ours {
+            tracing::warn!(
+                name = link.host_name,
+                "daemon holds another key: left alone"
+            );
+            return Ok(());
+        }
+        stop_daemon(pid, link.host_name);
+        let _ = fs::remove_file(uapi::socket_path(link.host_name));
+        Ok(())
+    }
+}
