@@ -471,14 +471,15 @@ QEMU=(qemu-system-x86_64 -M pc "${ACCEL[@]}" -m "$MEMORY" -smp "$SMP"
 
 log "starting QEMU ($([[ $USE_KVM == 1 ]] && echo KVM || echo TCG), ${MEMORY} MiB, ${SMP} CPU, timeout ${TIMEOUT} s): $*"
 QEMU_START_US=${EPOCHREALTIME/./}
-"${QEMU[@]}" </dev/null >&2 &
+QEMU_ERR=$TMP/qemu.err
+"${QEMU[@]}" </dev/null >"$QEMU_ERR" 2>&1 &
 QEMU_PID=$!
 # Stream the console to our stdout; tail exits by itself once QEMU is gone.
 tail -n +1 -s 0.1 -f --pid="$QEMU_PID" "$CONSOLE" &
 TAIL_PID=$!
 
 DEADLINE_US=$((QEMU_START_US + TIMEOUT * 1000000))
-BOOT_US="" RESULT="" TIMED_OUT=0
+BOOT_US="" RESULT="" TIMED_OUT=0 KVM_FAILED=0
 while :; do
     now=${EPOCHREALTIME/./}
     if [[ -z $BOOT_US ]] && grep -aq "WGCNI-VM-START run=$RUN_TOKEN" "$CONSOLE"; then
@@ -491,10 +492,12 @@ while :; do
     fi
     kill -0 "$QEMU_PID" 2>/dev/null || break
     if ((now >= DEADLINE_US)); then TIMED_OUT=1; break; fi
+    # On a KVM emulation failure QEMU pauses the guest instead of exiting.
+    if grep -q 'KVM internal error' "$QEMU_ERR"; then KVM_FAILED=1; break; fi
     sleep 0.1
 done
 
-if ((TIMED_OUT)); then
+if ((TIMED_OUT || KVM_FAILED)); then
     kill -TERM "$QEMU_PID" 2>/dev/null || true
     sleep 1
     kill -KILL "$QEMU_PID" 2>/dev/null || true
@@ -512,6 +515,11 @@ QEMU_PID=""
 wait "$TAIL_PID" 2>/dev/null || true      # flush the rest of the console
 TAIL_PID=""
 END_US=${EPOCHREALTIME/./}
+# QEMU's own messages (errors, register dumps), after the console output.
+if [[ -s $QEMU_ERR ]]; then
+    log "QEMU said:"
+    sed 's/^/    /' "$QEMU_ERR" >&2
+fi
 
 TIMES="boot $( [[ -n $BOOT_US ]] && echo "$(fmt_us "$BOOT_US") s" || echo "n/a") (QEMU start -> guest starts CMD)"
 if [[ -n $BOOT_US && -n $RESULT ]]; then
@@ -523,6 +531,10 @@ echo >&2
 if ((TIMED_OUT)); then
     log "$TIMES"
     die 124 "TIMEOUT: the guest reported no result within ${TIMEOUT} s; QEMU killed. Command: $*"
+fi
+if ((KVM_FAILED)); then
+    log "$TIMES"
+    die 125 "KVM could not run the guest (see above); run without --kvm to use TCG"
 fi
 if [[ -z $RESULT ]]; then
     log "$TIMES"

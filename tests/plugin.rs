@@ -1,0 +1,329 @@
+//! The plugin's contract, exercised the way runtimes call it: real namespaces, the real
+//! binary, the real host-local. Runs serially (`--test-threads=1`): host snapshots compare
+//! global state.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn sandbox_links_are_lo_and_eth0(pod: &Pod) {
+    let links: Vec<String> = pod.links().into_iter().collect();
+    assert_eq!(links, vec!["eth0".to_string(), "lo".to_string()], "pod links");
+}
+
+#[test]
+fn two_pods_talk_over_the_tunnel_and_del_removes_everything() {
+    let net = Net::new("10.70.0.0/24");
+    let (a, b) = (Pod::new(), Pod::new());
+    let before = HostSnapshot::take();
+
+    let ra = net.add(&a).ok().json();
+    let rb = net.add(&b).ok().json();
+    for pod in [&a, &b] {
+        sandbox_links_are_lo_and_eth0(pod);
+        let details = pod.link_details("eth0");
+        assert!(details.contains(expected_kind()), "{details}");
+        assert!(details.contains("mtu 1420"), "{details}");
+    }
+    assert_eq!(ra["interfaces"][0]["sandbox"], a.netns());
+    let (ip_a, ip_b) = (address_of(&ra, false), address_of(&rb, false));
+    assert!(a.ping(&ip_b), "a cannot ping b over the tunnel");
+    assert!(b.ping(&ip_a), "b cannot ping a over the tunnel");
+
+    // The UDP socket lives in the host namespace, never in the pod.
+    let port = net.record_of(&a).unwrap()["listenPort"].as_u64().unwrap() as u16;
+    assert!(host_udp_ports().contains(&port), "port {port} not bound in the host");
+    assert!(a.udp_ports().is_empty(), "pod has UDP sockets: {:?}", a.udp_ports());
+
+    // show: both attachments, each with the other as a peer and a recent handshake.
+    let show = net.show_json();
+    let attachments = show["networks"][0]["attachments"].as_array().unwrap().clone();
+    assert_eq!(attachments.len(), 2);
+    for attachment in &attachments {
+        let peers = attachment["peers"].as_array().unwrap();
+        assert_eq!(peers.len(), 1, "{attachment}");
+        let ago = peers[0]["latestHandshakeSecondsAgo"].as_u64().expect("a handshake");
+        assert!(ago < 60, "handshake {ago} s ago");
+        assert!(peers[0]["rxBytes"].as_u64().unwrap() > 0);
+    }
+    let text = run_ok(
+        binary().to_str().unwrap(),
+        &["show", "--store", net.store().to_str().unwrap()],
+    );
+    assert!(text.contains(&net.name) && text.contains("latest handshake"), "{text}");
+
+    // CHECK passes, then names the missing address once it is removed.
+    net.check(&a, &ra).ok();
+    let cidr = ra["ips"][0]["address"].as_str().unwrap();
+    a.ip(&["addr", "del", cidr, "dev", "eth0"]);
+    let failed = net.check(&a, &ra);
+    assert_ne!(failed.code, 0);
+    assert!(failed.error_msg().contains(cidr), "{}", failed.error_msg());
+
+    // DEL: link, daemon, record and reservation go; b loses a as a peer.
+    let host_name = net.record_of(&a).unwrap()["hostName"].as_str().unwrap().to_string();
+    net.del(&a, Some(&ra)).ok();
+    assert_eq!(a.links().into_iter().collect::<Vec<_>>(), vec!["lo".to_string()]);
+    assert_eq!(daemons_named(&host_name), 0);
+    assert!(net.record_of(&a).is_none());
+    assert!(!net.reservations().contains(&ip_a));
+    assert!(!host_udp_ports().contains(&port));
+    let show = net.show_json();
+    let b_peers = &show["networks"][0]["attachments"][0]["peers"];
+    assert_eq!(b_peers.as_array().unwrap().len(), 0, "b still has a as a peer");
+
+    // containerd's second DEL: empty netns, no prevResult.
+    net.call("DEL", &a.id, "", &net.conf()).ok();
+    net.call("DEL", &a.id, "", &net.conf()).ok();
+
+    net.del(&b, Some(&rb)).ok();
+    assert!(net.reservations().is_empty());
+    assert_eq!(HostSnapshot::take(), before);
+}
+
+#[test]
+fn add_into_a_pod_that_has_the_interface_fails_and_del_leaves_it() {
+    let net = Net::new("10.71.0.0/24");
+    let pod = Pod::new();
+    pod.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "other0"]);
+    let before = HostSnapshot::take();
+
+    let out = net.add(&pod);
+    assert_eq!(out.error_code(), 100);
+    assert!(out.error_msg().contains("eth0"), "{}", out.error_msg());
+    assert!(net.reservations().is_empty(), "IPAM reservation leaked");
+    assert!(net.records().is_empty(), "store record leaked");
+    assert_eq!(HostSnapshot::take(), before);
+
+    net.del(&pod, None).ok();
+    assert!(pod.link_details("eth0").contains("veth"), "DEL removed someone else's link");
+}
+
+#[test]
+fn every_spec_version_gets_its_result_shape() {
+    for version in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"] {
+        let mut net = Net::new("10.72.0.0/24");
+        net.version = version.into();
+        let pod = Pod::new();
+        let result = net.add(&pod).ok().json();
+        assert_eq!(result["cniVersion"], version);
+        let ip = &result["ips"][0];
+        assert_eq!(ip.get("version").is_some(), version.starts_with("0."), "{version}: {result}");
+        if version.starts_with("0.") {
+            assert_eq!(ip["version"], "4");
+        }
+        let iface = &result["interfaces"][0];
+        assert_eq!(iface["name"], "eth0");
+        assert_eq!(iface.get("mtu").is_some(), version == "1.1.0", "{version}: {result}");
+        assert_eq!(ip["interface"], 0);
+        if version != "0.3.0" && version != "0.3.1" {
+            net.check(&pod, &result).ok();
+        }
+        net.del(&pod, Some(&result)).ok();
+        assert!(net.reservations().is_empty());
+    }
+}
+
+#[test]
+fn dual_stack_pods_get_both_families_and_ping6() {
+    let net = Net::with_ranges(json!([
+        [{"subnet": "10.73.0.0/24"}],
+        [{"subnet": "fd73::/64"}]
+    ]));
+    let (a, b) = (Pod::new(), Pod::new());
+    let ra = net.add(&a).ok().json();
+    let rb = net.add(&b).ok().json();
+    assert_eq!(ra["ips"].as_array().unwrap().len(), 2);
+    assert!(a.ping(&address_of(&rb, true)), "no IPv6 over the tunnel a -> b");
+    assert!(b.ping(&address_of(&ra, true)), "no IPv6 over the tunnel b -> a");
+    assert!(a.ping(&address_of(&rb, false)));
+    net.check(&a, &ra).ok();
+    net.del(&a, Some(&ra)).ok();
+    net.del(&b, Some(&rb)).ok();
+}
+
+#[test]
+fn mesh_follows_adds_and_dels() {
+    let net = Net::new("10.74.0.0/24");
+    let pods = [Pod::new(), Pod::new(), Pod::new()];
+    let r0 = net.add(&pods[0]).ok().json();
+    let r1 = net.add(&pods[1]).ok().json();
+    let peers_of = |net: &Net| -> Vec<usize> {
+        net.show_json()["networks"][0]["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["peers"].as_array().unwrap().len())
+            .collect()
+    };
+    assert_eq!(peers_of(&net), vec![1, 1]);
+    let r2 = net.add(&pods[2]).ok().json();
+    assert_eq!(peers_of(&net), vec![2, 2, 2]);
+    assert!(pods[0].ping(&address_of(&r2, false)), "first pod cannot reach the third");
+    net.check(&pods[0], &r0).ok();
+    net.del(&pods[2], Some(&r2)).ok();
+    assert_eq!(peers_of(&net), vec![1, 1]);
+    // CHECK compares peers with the store: still consistent after the DEL.
+    net.check(&pods[1], &r1).ok();
+}
+
+#[test]
+fn a_failure_after_the_link_exists_rolls_everything_back() {
+    // IPv6 disabled in the pod: adding the IPv6 address fails after link and daemon exist.
+    let net = Net::with_ranges(json!([
+        [{"subnet": "10.75.0.0/24"}],
+        [{"subnet": "fd75::/64"}]
+    ]));
+    let pod = Pod::new();
+    pod.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+    pod.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+    let before = HostSnapshot::take();
+    let out = net.add(&pod);
+    assert_ne!(out.code, 0, "ADD should fail: {}", out.stdout);
+    assert!(out.error_msg().contains("fd75"), "{}", out.error_msg());
+    assert_eq!(pod.links().into_iter().collect::<Vec<_>>(), vec!["lo".to_string()]);
+    assert!(net.reservations().is_empty(), "IPAM reservation leaked");
+    assert!(net.records().is_empty(), "record leaked");
+    assert_eq!(HostSnapshot::take(), before);
+}
+
+#[test]
+fn a_full_port_range_is_code_11_and_rolls_back_ipam() {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let mut net = Net::new("10.76.0.0/24");
+    net.extra = json!({"listenPorts": format!("{port}-{port}")});
+    let pod = Pod::new();
+    let before = HostSnapshot::take();
+    let out = net.add(&pod);
+    assert_eq!(out.error_code(), 11);
+    assert!(out.error_msg().contains("listenPorts"), "{}", out.error_msg());
+    assert!(net.reservations().is_empty());
+    assert!(net.records().is_empty());
+    assert_eq!(HostSnapshot::take(), before);
+}
+
+#[test]
+fn a_1_1_0_config_works_with_debians_host_local() {
+    let mut net = Net::new("10.77.0.0/24");
+    net.version = "1.1.0".into();
+    let (a, b) = (Pod::new(), Pod::new());
+    let ra = net.add(&a).ok().json();
+    let rb = net.add(&b).ok().json();
+    assert_eq!(ra["cniVersion"], "1.1.0");
+    assert_eq!(ra["interfaces"][0]["mtu"], 1420);
+    assert!(a.ping(&address_of(&rb, false)));
+    net.call("STATUS", "", "", &net.conf()).ok();
+    net.del(&a, Some(&ra)).ok();
+    net.del(&b, Some(&rb)).ok();
+}
+
+#[test]
+fn status_is_50_when_the_ipam_plugin_is_missing() {
+    let mut net = Net::new("10.78.0.0/24");
+    net.version = "1.1.0".into();
+    let empty = tempfile::tempdir().unwrap();
+    let out = cni_raw(
+        &[
+            ("CNI_COMMAND", "STATUS"),
+            ("CNI_PATH", empty.path().to_str().unwrap()),
+        ],
+        net.conf().to_string().as_bytes(),
+    );
+    assert_eq!(out.error_code(), 50);
+    assert!(out.error_msg().contains("host-local"), "{}", out.error_msg());
+}
+
+#[test]
+fn gc_removes_unlisted_attachments_and_leaves_other_nodes_alone() {
+    let mut net = Net::new("10.79.0.0/24");
+    net.version = "1.1.0".into();
+    let (keep, stale) = (Pod::new(), Pod::new());
+    let rk = net.add(&keep).ok().json();
+    let rs = net.add(&stale).ok().json();
+
+    // A record another node's agent synced into the store.
+    let mine = net.record_of(&keep).unwrap();
+    let mut foreign = mine.clone();
+    foreign["node"] = "other-node".into();
+    foreign["containerId"] = "remote-pod".into();
+    foreign["addresses"] = json!(["10.79.0.200/24"]);
+    let foreign_dir = net.store().join(&net.name).join("other-node");
+    std::fs::create_dir_all(&foreign_dir).unwrap();
+    let foreign_file = foreign_dir.join("remote-pod-eth0.json");
+    std::fs::write(&foreign_file, foreign.to_string()).unwrap();
+
+    let mut conf = net.conf();
+    conf["cni.dev/valid-attachments"] = json!([{"containerID": keep.id, "ifname": "eth0"}]);
+    let path = plugin_dir();
+    cni_raw(
+        &[("CNI_COMMAND", "GC"), ("CNI_PATH", path.to_str().unwrap())],
+        conf.to_string().as_bytes(),
+    )
+    .ok();
+
+    assert!(net.record_of(&stale).is_none(), "stale record kept");
+    assert_eq!(stale.links().into_iter().collect::<Vec<_>>(), vec!["lo".to_string()]);
+    assert!(!net.reservations().contains(&address_of(&rs, false)));
+    assert!(net.record_of(&keep).is_some());
+    assert!(foreign_file.exists(), "GC touched another node's record");
+    assert_eq!(keep.links().len(), 2);
+    std::fs::remove_file(&foreign_file).unwrap();
+    net.del(&keep, Some(&rk)).ok();
+}
+
+#[test]
+fn bad_input_gets_the_right_code_and_changes_nothing() {
+    let net = Net::new("10.80.0.0/24");
+    let pod = Pod::new();
+    let path = plugin_dir();
+    let path = path.to_str().unwrap();
+    let good = net.conf();
+    let with = |field: &str, value: Value| {
+        let mut c = good.clone();
+        c[field] = value;
+        c.to_string()
+    };
+    let env = |netns: &str, ifname: &str| {
+        vec![
+            ("CNI_COMMAND", "ADD".to_string()),
+            ("CNI_CONTAINERID", pod.id.clone()),
+            ("CNI_NETNS", netns.to_string()),
+            ("CNI_IFNAME", ifname.to_string()),
+            ("CNI_PATH", path.to_string()),
+        ]
+    };
+    let cases: Vec<(&str, Vec<(&str, String)>, String, u64, &str)> = vec![
+        ("truncated JSON", env(pod.netns(), "eth0"), good.to_string()[..20].to_string(), 6, "JSON"),
+        ("unknown cniVersion", env(pod.netns(), "eth0"), with("cniVersion", json!("9.9.9")), 1, "9.9.9"),
+        ("mtu as string", env(pod.netns(), "eth0"), with("mtu", json!("big")), 7, "mtu"),
+        ("bad endpoint", env(pod.netns(), "eth0"), with("endpoint", json!("nowhere")), 7, "endpoint"),
+        ("bad port range", env(pod.netns(), "eth0"), with("listenPorts", json!("9-1")), 7, "listenPorts"),
+        ("missing netns", env("/var/run/netns/does-not-exist", "eth0"), good.to_string(), 4, "CNI_NETNS"),
+        ("netns is a file", env("/etc/hostname", "eth0"), good.to_string(), 4, "CNI_NETNS"),
+        ("ifname too long", env(pod.netns(), "abcdefghijklmnop"), good.to_string(), 4, "CNI_IFNAME"),
+        ("unknown ipam", env(pod.netns(), "eth0"), with("ipam", json!({"type": "nope"})), 7, "ipam.type"),
+    ];
+    let before = HostSnapshot::take();
+    for (what, env, stdin, code, names) in cases {
+        let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let out = cni_raw(&env_refs, stdin.as_bytes());
+        assert_eq!(out.error_code(), code, "{what}: {}", out.stdout);
+        assert!(out.error_msg().contains(names), "{what}: {}", out.error_msg());
+    }
+    assert_eq!(HostSnapshot::take(), before);
+    assert!(net.records().is_empty() && net.reservations().is_empty());
+    assert_eq!(pod.links().len(), 1);
+}
+
+#[test]
+fn version_lists_every_supported_version() {
+    let out = cni_raw(&[("CNI_COMMAND", "VERSION")], br#"{"cniVersion":"0.4.0"}"#);
+    let v = out.ok().json();
+    assert_eq!(v["cniVersion"], "0.4.0");
+    assert_eq!(
+        v["supportedVersions"],
+        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+    );
+}
