@@ -83,7 +83,11 @@ impl<'a> Ipam<'a> {
 
     pub fn add(&self) -> Result<CniResult> {
         let version = self.negotiate()?;
-        let output = self.exec("ADD", Some(&self.target_of_env()), &self.config(version, None))?;
+        let output = self.exec(
+            "ADD",
+            Some(&self.target_of_env()),
+            &self.config(version, None),
+        )?;
         CniResult::parse(&output, &format!("{} result", self.conf.ipam_type))
     }
 
@@ -99,8 +103,12 @@ impl<'a> Ipam<'a> {
         if version < Version::V0_4_0 {
             return Ok(()); // CHECK did not exist before 0.4.0
         }
-        self.exec("CHECK", Some(&self.target_of_env()), &self.config(version, Some(prev)))
-            .map(drop)
+        self.exec(
+            "CHECK",
+            Some(&self.target_of_env()),
+            &self.config(version, Some(prev)),
+        )
+        .map(drop)
     }
 
     /// Forward a 1.1 command (GC, STATUS) when the plugin speaks 1.1; `false` when it does not.
@@ -137,16 +145,16 @@ impl<'a> Ipam<'a> {
                 .env("CNI_IFNAME", t.ifname)
                 .env(
                     "CNI_NETNS",
-                    t.netns.map(|p| p.as_os_str().to_owned()).unwrap_or_default(),
+                    t.netns
+                        .map(|p| p.as_os_str().to_owned())
+                        .unwrap_or_default(),
                 );
         }
         let what = format!("{} {command}", self.conf.ipam_type);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| Error::Io {
-                context: format!("running {what}"),
-                source: e,
-            })?;
+        let mut child = cmd.spawn().map_err(|e| Error::Io {
+            context: format!("running {what}"),
+            source: e,
+        })?;
         let body = serde_json::to_vec(config).expect("config serializes");
         if let Some(mut stdin) = child.stdin.take() {
             // A plugin that exits without reading is reported by its status below.

@@ -133,6 +133,11 @@ fn reserve_stdout() -> File {
             File::from(owned)
         }
         // No usable stdout at all: write the result to stderr rather than nowhere.
-        Err(_) => File::from(std::io::stderr().as_fd().try_clone_to_owned().expect("stderr")),
+        Err(_) => File::from(
+            std::io::stderr()
+                .as_fd()
+                .try_clone_to_owned()
+                .expect("stderr"),
+        ),
     }
 }

@@ -10,10 +10,7 @@ use crate::wireguard::{Peer, host_prefixes};
 pub fn public_key(record: &Record) -> Result<Key> {
     Key::from_base64(&record.public_key).map_err(|_| {
         Error::decode(
-            format!(
-                "store record of {}/{}",
-                record.container_id, record.ifname
-            ),
+            format!("store record of {}/{}", record.container_id, record.ifname),
             "\"publicKey\" is not a base64 WireGuard key",
         )
     })
@@ -64,6 +61,7 @@ mod tests {
             node: "a".into(),
             container_id: id.into(),
             ifname: "eth0".into(),
+            pod: None,
             public_key: KeyPair::generate().public().to_base64(),
             addresses: vec![ip.parse().unwrap()],
             endpoint: "127.0.0.1".parse().unwrap(),

@@ -59,9 +59,8 @@ impl Netns {
     /// The namespace this process started in. Only the main thread is ever there: every
     /// namespace switch happens on a thread of its own.
     pub fn host() -> Result<Netns> {
-        Netns::open(Path::new("/proc/self/ns/net")).map_err(|e| {
-            Error::netlink("opening the host network namespace", format!("{e:?}"))
-        })
+        Netns::open(Path::new("/proc/self/ns/net"))
+            .map_err(|e| Error::netlink("opening the host network namespace", format!("{e:?}")))
     }
 
     pub fn path(&self) -> PathBuf {

@@ -12,7 +12,12 @@ use crate::host;
 use crate::store::{Record, Store};
 use crate::wireguard::{self, LinkRef};
 
-pub fn run(store_root: &Path, node: Option<&str>, network: Option<&str>, as_json: bool) -> Result<()> {
+pub fn run(
+    store_root: &Path,
+    node: Option<&str>,
+    network: Option<&str>,
+    as_json: bool,
+) -> Result<()> {
     let node = host::node_name(node)?;
     let networks = list_networks(store_root, network);
     let mut out = Vec::new();
@@ -24,7 +29,10 @@ pub fn run(store_root: &Path, node: Option<&str>, network: Option<&str>, as_json
         out.push(json!({"name": name, "node": node, "attachments": attachments}));
     }
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&json!({"networks": out})).expect("json"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"networks": out})).expect("json")
+        );
     } else {
         print_table(&out);
     }
@@ -50,6 +58,7 @@ fn attachment(record: &Record) -> Value {
     let mut value = json!({
         "containerId": record.container_id,
         "ifname": record.ifname,
+        "pod": record.pod,
         "state": record.state,
         "addresses": record.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "publicKey": record.public_key,
@@ -109,11 +118,24 @@ fn print_table(networks: &[Value]) {
         return;
     }
     for network in networks {
-        println!("network {} (node {})", network["name"].as_str().unwrap_or(""), network["node"].as_str().unwrap_or(""));
+        println!(
+            "network {} (node {})",
+            network["name"].as_str().unwrap_or(""),
+            network["node"].as_str().unwrap_or("")
+        );
         for a in network["attachments"].as_array().into_iter().flatten() {
-            let addresses: Vec<&str> = a["addresses"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            let addresses: Vec<&str> = a["addresses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
             println!(
-                "  pod {} {}  addresses {}  port {}  backend {}  {}",
+                "  {}{} {}  addresses {}  port {}  backend {}  {}",
+                a["pod"]
+                    .as_str()
+                    .map(|p| format!("pod {p}, container "))
+                    .unwrap_or_else(|| "container ".into()),
                 a["containerId"].as_str().unwrap_or(""),
                 a["ifname"].as_str().unwrap_or(""),
                 addresses.join(","),
@@ -130,7 +152,12 @@ fn print_table(networks: &[Value]) {
                     Some(s) => format!("{s} seconds ago"),
                     None => "never".to_string(),
                 };
-                let ips: Vec<&str> = p["allowedIps"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                let ips: Vec<&str> = p["allowedIps"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
                 println!(
                     "    peer {}  endpoint {}  allowed ips {}  latest handshake: {}  transfer: {} B received, {} B sent",
                     p["publicKey"].as_str().unwrap_or(""),

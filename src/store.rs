@@ -38,6 +38,9 @@ pub struct Record {
     pub node: String,
     pub container_id: String,
     pub ifname: String,
+    /// `namespace/name` from CNI_ARGS when a runtime sends it (for people reading `show`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     /// base64, as `wg show` prints it.
     pub public_key: String,
     pub addresses: Vec<IpNetwork>,
@@ -86,7 +89,11 @@ impl Store {
     /// Open (creating with mode 0700 where missing) `<root>/<network>/<node>`.
     pub fn open(root: &Path, network: &str, node: &str) -> Result<Store> {
         let network_dir = root.join(network);
-        for dir in [root.to_path_buf(), network_dir.clone(), network_dir.join(node)] {
+        for dir in [
+            root.to_path_buf(),
+            network_dir.clone(),
+            network_dir.join(node),
+        ] {
             ensure_private_dir(&dir)?;
         }
         Ok(Store {
@@ -110,14 +117,6 @@ impl Store {
                 source: e,
             }),
         }
-    }
-
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
-    pub fn network_dir(&self) -> &Path {
-        &self.network_dir
     }
 
     fn node_dir(&self) -> PathBuf {
@@ -238,7 +237,12 @@ impl Store {
             .join(format!("{TEMP_PREFIX}{}-probe", std::process::id()));
         File::create(&probe)
             .and_then(|_| fs::remove_file(&probe))
-            .io(|| format!("the key store {} is not writable", self.node_dir().display()))
+            .io(|| {
+                format!(
+                    "the key store {} is not writable",
+                    self.node_dir().display()
+                )
+            })
     }
 }
 
@@ -341,7 +345,9 @@ fn read_record(path: &Path) -> std::result::Result<Record, ReadError> {
         .metadata()
         .map_err(|e| ReadError::Invalid(e.to_string()))?;
     if !meta.is_file() || meta.len() > 64 * 1024 {
-        return Err(ReadError::Invalid("not a regular file of at most 64 KiB".into()));
+        return Err(ReadError::Invalid(
+            "not a regular file of at most 64 KiB".into(),
+        ));
     }
     let record: Record =
         serde_json::from_reader(file).map_err(|e| ReadError::Invalid(e.to_string()))?;
@@ -366,6 +372,7 @@ mod tests {
             node: node.into(),
             container_id: id.into(),
             ifname: "eth0".into(),
+            pod: None,
             public_key: "x".into(),
             addresses: vec!["10.0.0.2/24".parse().unwrap()],
             endpoint: "127.0.0.1".parse().unwrap(),
@@ -389,9 +396,15 @@ mod tests {
         store.put(&record("a", "n1")).unwrap();
         assert_eq!(store.get("a", "eth0").unwrap().unwrap(), record("a", "n1"));
         let file = dir.path().join("net/n1/a-eth0.json");
-        assert_eq!(fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let node_dir = dir.path().join("net/n1");
-        assert_eq!(fs::metadata(&node_dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&node_dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         store.remove("a", "eth0").unwrap();
         store.remove("a", "eth0").unwrap();
         assert!(store.get("a", "eth0").unwrap().is_none());

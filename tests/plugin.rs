@@ -9,7 +9,11 @@ use serde_json::{Value, json};
 
 fn sandbox_links_are_lo_and_eth0(pod: &Pod) {
     let links: Vec<String> = pod.links().into_iter().collect();
-    assert_eq!(links, vec!["eth0".to_string(), "lo".to_string()], "pod links");
+    assert_eq!(
+        links,
+        vec!["eth0".to_string(), "lo".to_string()],
+        "pod links"
+    );
 }
 
 #[test]
@@ -20,6 +24,8 @@ fn two_pods_talk_over_the_tunnel_and_del_removes_everything() {
 
     let ra = net.add(&a).ok().json();
     let rb = net.add(&b).ok().json();
+    // Nothing of the pods' links stays behind in the host (no stray empty WireGuard link).
+    assert_eq!(host_links(), before.links, "host links changed by ADD");
     for pod in [&a, &b] {
         sandbox_links_are_lo_and_eth0(pod);
         let details = pod.link_details("eth0");
@@ -33,17 +39,29 @@ fn two_pods_talk_over_the_tunnel_and_del_removes_everything() {
 
     // The UDP socket lives in the host namespace, never in the pod.
     let port = net.record_of(&a).unwrap()["listenPort"].as_u64().unwrap() as u16;
-    assert!(host_udp_ports().contains(&port), "port {port} not bound in the host");
-    assert!(a.udp_ports().is_empty(), "pod has UDP sockets: {:?}", a.udp_ports());
+    assert!(
+        host_udp_ports().contains(&port),
+        "port {port} not bound in the host"
+    );
+    assert!(
+        a.udp_ports().is_empty(),
+        "pod has UDP sockets: {:?}",
+        a.udp_ports()
+    );
 
     // show: both attachments, each with the other as a peer and a recent handshake.
     let show = net.show_json();
-    let attachments = show["networks"][0]["attachments"].as_array().unwrap().clone();
+    let attachments = show["networks"][0]["attachments"]
+        .as_array()
+        .unwrap()
+        .clone();
     assert_eq!(attachments.len(), 2);
     for attachment in &attachments {
         let peers = attachment["peers"].as_array().unwrap();
         assert_eq!(peers.len(), 1, "{attachment}");
-        let ago = peers[0]["latestHandshakeSecondsAgo"].as_u64().expect("a handshake");
+        let ago = peers[0]["latestHandshakeSecondsAgo"]
+            .as_u64()
+            .expect("a handshake");
         assert!(ago < 60, "handshake {ago} s ago");
         assert!(peers[0]["rxBytes"].as_u64().unwrap() > 0);
     }
@@ -51,7 +69,10 @@ fn two_pods_talk_over_the_tunnel_and_del_removes_everything() {
         binary().to_str().unwrap(),
         &["show", "--store", net.store().to_str().unwrap()],
     );
-    assert!(text.contains(&net.name) && text.contains("latest handshake"), "{text}");
+    assert!(
+        text.contains(&net.name) && text.contains("latest handshake"),
+        "{text}"
+    );
 
     // CHECK passes, then names the missing address once it is removed.
     net.check(&a, &ra).ok();
@@ -62,16 +83,26 @@ fn two_pods_talk_over_the_tunnel_and_del_removes_everything() {
     assert!(failed.error_msg().contains(cidr), "{}", failed.error_msg());
 
     // DEL: link, daemon, record and reservation go; b loses a as a peer.
-    let host_name = net.record_of(&a).unwrap()["hostName"].as_str().unwrap().to_string();
+    let host_name = net.record_of(&a).unwrap()["hostName"]
+        .as_str()
+        .unwrap()
+        .to_string();
     net.del(&a, Some(&ra)).ok();
-    assert_eq!(a.links().into_iter().collect::<Vec<_>>(), vec!["lo".to_string()]);
+    assert_eq!(
+        a.links().into_iter().collect::<Vec<_>>(),
+        vec!["lo".to_string()]
+    );
     assert_eq!(daemons_named(&host_name), 0);
     assert!(net.record_of(&a).is_none());
     assert!(!net.reservations().contains(&ip_a));
     assert!(!host_udp_ports().contains(&port));
     let show = net.show_json();
     let b_peers = &show["networks"][0]["attachments"][0]["peers"];
-    assert_eq!(b_peers.as_array().unwrap().len(), 0, "b still has a as a peer");
+    assert_eq!(
+        b_peers.as_array().unwrap().len(),
+        0,
+        "b still has a as a peer"
+    );
 
     // containerd's second DEL: empty netns, no prevResult.
     net.call("DEL", &a.id, "", &net.conf()).ok();
@@ -86,7 +117,9 @@ fn two_pods_talk_over_the_tunnel_and_del_removes_everything() {
 fn add_into_a_pod_that_has_the_interface_fails_and_del_leaves_it() {
     let net = Net::new("10.71.0.0/24");
     let pod = Pod::new();
-    pod.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "other0"]);
+    pod.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "other0",
+    ]);
     let before = HostSnapshot::take();
 
     let out = net.add(&pod);
@@ -97,7 +130,10 @@ fn add_into_a_pod_that_has_the_interface_fails_and_del_leaves_it() {
     assert_eq!(HostSnapshot::take(), before);
 
     net.del(&pod, None).ok();
-    assert!(pod.link_details("eth0").contains("veth"), "DEL removed someone else's link");
+    assert!(
+        pod.link_details("eth0").contains("veth"),
+        "DEL removed someone else's link"
+    );
 }
 
 #[test]
@@ -109,13 +145,21 @@ fn every_spec_version_gets_its_result_shape() {
         let result = net.add(&pod).ok().json();
         assert_eq!(result["cniVersion"], version);
         let ip = &result["ips"][0];
-        assert_eq!(ip.get("version").is_some(), version.starts_with("0."), "{version}: {result}");
+        assert_eq!(
+            ip.get("version").is_some(),
+            version.starts_with("0."),
+            "{version}: {result}"
+        );
         if version.starts_with("0.") {
             assert_eq!(ip["version"], "4");
         }
         let iface = &result["interfaces"][0];
         assert_eq!(iface["name"], "eth0");
-        assert_eq!(iface.get("mtu").is_some(), version == "1.1.0", "{version}: {result}");
+        assert_eq!(
+            iface.get("mtu").is_some(),
+            version == "1.1.0",
+            "{version}: {result}"
+        );
         assert_eq!(ip["interface"], 0);
         if version != "0.3.0" && version != "0.3.1" {
             net.check(&pod, &result).ok();
@@ -135,8 +179,14 @@ fn dual_stack_pods_get_both_families_and_ping6() {
     let ra = net.add(&a).ok().json();
     let rb = net.add(&b).ok().json();
     assert_eq!(ra["ips"].as_array().unwrap().len(), 2);
-    assert!(a.ping(&address_of(&rb, true)), "no IPv6 over the tunnel a -> b");
-    assert!(b.ping(&address_of(&ra, true)), "no IPv6 over the tunnel b -> a");
+    assert!(
+        a.ping(&address_of(&rb, true)),
+        "no IPv6 over the tunnel a -> b"
+    );
+    assert!(
+        b.ping(&address_of(&ra, true)),
+        "no IPv6 over the tunnel b -> a"
+    );
     assert!(a.ping(&address_of(&rb, false)));
     net.check(&a, &ra).ok();
     net.del(&a, Some(&ra)).ok();
@@ -160,7 +210,10 @@ fn mesh_follows_adds_and_dels() {
     assert_eq!(peers_of(&net), vec![1, 1]);
     let r2 = net.add(&pods[2]).ok().json();
     assert_eq!(peers_of(&net), vec![2, 2, 2]);
-    assert!(pods[0].ping(&address_of(&r2, false)), "first pod cannot reach the third");
+    assert!(
+        pods[0].ping(&address_of(&r2, false)),
+        "first pod cannot reach the third"
+    );
     net.check(&pods[0], &r0).ok();
     net.del(&pods[2], Some(&r2)).ok();
     assert_eq!(peers_of(&net), vec![1, 1]);
@@ -182,7 +235,10 @@ fn a_failure_after_the_link_exists_rolls_everything_back() {
     let out = net.add(&pod);
     assert_ne!(out.code, 0, "ADD should fail: {}", out.stdout);
     assert!(out.error_msg().contains("fd75"), "{}", out.error_msg());
-    assert_eq!(pod.links().into_iter().collect::<Vec<_>>(), vec!["lo".to_string()]);
+    assert_eq!(
+        pod.links().into_iter().collect::<Vec<_>>(),
+        vec!["lo".to_string()]
+    );
     assert!(net.reservations().is_empty(), "IPAM reservation leaked");
     assert!(net.records().is_empty(), "record leaked");
     assert_eq!(HostSnapshot::take(), before);
@@ -198,7 +254,11 @@ fn a_full_port_range_is_code_11_and_rolls_back_ipam() {
     let before = HostSnapshot::take();
     let out = net.add(&pod);
     assert_eq!(out.error_code(), 11);
-    assert!(out.error_msg().contains("listenPorts"), "{}", out.error_msg());
+    assert!(
+        out.error_msg().contains("listenPorts"),
+        "{}",
+        out.error_msg()
+    );
     assert!(net.reservations().is_empty());
     assert!(net.records().is_empty());
     assert_eq!(HostSnapshot::take(), before);
@@ -232,7 +292,11 @@ fn status_is_50_when_the_ipam_plugin_is_missing() {
         net.conf().to_string().as_bytes(),
     );
     assert_eq!(out.error_code(), 50);
-    assert!(out.error_msg().contains("host-local"), "{}", out.error_msg());
+    assert!(
+        out.error_msg().contains("host-local"),
+        "{}",
+        out.error_msg()
+    );
 }
 
 #[test]
@@ -264,7 +328,10 @@ fn gc_removes_unlisted_attachments_and_leaves_other_nodes_alone() {
     .ok();
 
     assert!(net.record_of(&stale).is_none(), "stale record kept");
-    assert_eq!(stale.links().into_iter().collect::<Vec<_>>(), vec!["lo".to_string()]);
+    assert_eq!(
+        stale.links().into_iter().collect::<Vec<_>>(),
+        vec!["lo".to_string()]
+    );
     assert!(!net.reservations().contains(&address_of(&rs, false)));
     assert!(net.record_of(&keep).is_some());
     assert!(foreign_file.exists(), "GC touched another node's record");
@@ -294,23 +361,83 @@ fn bad_input_gets_the_right_code_and_changes_nothing() {
             ("CNI_PATH", path.to_string()),
         ]
     };
-    let cases: Vec<(&str, Vec<(&str, String)>, String, u64, &str)> = vec![
-        ("truncated JSON", env(pod.netns(), "eth0"), good.to_string()[..20].to_string(), 6, "JSON"),
-        ("unknown cniVersion", env(pod.netns(), "eth0"), with("cniVersion", json!("9.9.9")), 1, "9.9.9"),
-        ("mtu as string", env(pod.netns(), "eth0"), with("mtu", json!("big")), 7, "mtu"),
-        ("bad endpoint", env(pod.netns(), "eth0"), with("endpoint", json!("nowhere")), 7, "endpoint"),
-        ("bad port range", env(pod.netns(), "eth0"), with("listenPorts", json!("9-1")), 7, "listenPorts"),
-        ("missing netns", env("/var/run/netns/does-not-exist", "eth0"), good.to_string(), 4, "CNI_NETNS"),
-        ("netns is a file", env("/etc/hostname", "eth0"), good.to_string(), 4, "CNI_NETNS"),
-        ("ifname too long", env(pod.netns(), "abcdefghijklmnop"), good.to_string(), 4, "CNI_IFNAME"),
-        ("unknown ipam", env(pod.netns(), "eth0"), with("ipam", json!({"type": "nope"})), 7, "ipam.type"),
+    // (what, env, stdin, expected code, text the message must name)
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, String, u64, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "truncated JSON",
+            env(pod.netns(), "eth0"),
+            good.to_string()[..20].to_string(),
+            6,
+            "JSON",
+        ),
+        (
+            "unknown cniVersion",
+            env(pod.netns(), "eth0"),
+            with("cniVersion", json!("9.9.9")),
+            1,
+            "9.9.9",
+        ),
+        (
+            "mtu as string",
+            env(pod.netns(), "eth0"),
+            with("mtu", json!("big")),
+            7,
+            "mtu",
+        ),
+        (
+            "bad endpoint",
+            env(pod.netns(), "eth0"),
+            with("endpoint", json!("nowhere")),
+            7,
+            "endpoint",
+        ),
+        (
+            "bad port range",
+            env(pod.netns(), "eth0"),
+            with("listenPorts", json!("9-1")),
+            7,
+            "listenPorts",
+        ),
+        (
+            "missing netns",
+            env("/var/run/netns/does-not-exist", "eth0"),
+            good.to_string(),
+            4,
+            "CNI_NETNS",
+        ),
+        (
+            "netns is a file",
+            env("/etc/hostname", "eth0"),
+            good.to_string(),
+            4,
+            "CNI_NETNS",
+        ),
+        (
+            "ifname too long",
+            env(pod.netns(), "abcdefghijklmnop"),
+            good.to_string(),
+            4,
+            "CNI_IFNAME",
+        ),
+        (
+            "unknown ipam",
+            env(pod.netns(), "eth0"),
+            with("ipam", json!({"type": "nope"})),
+            7,
+            "ipam.type",
+        ),
     ];
     let before = HostSnapshot::take();
     for (what, env, stdin, code, names) in cases {
         let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let out = cni_raw(&env_refs, stdin.as_bytes());
         assert_eq!(out.error_code(), code, "{what}: {}", out.stdout);
-        assert!(out.error_msg().contains(names), "{what}: {}", out.error_msg());
+        assert!(
+            out.error_msg().contains(names),
+            "{what}: {}",
+            out.error_msg()
+        );
     }
     assert_eq!(HostSnapshot::take(), before);
     assert!(net.records().is_empty() && net.reservations().is_empty());

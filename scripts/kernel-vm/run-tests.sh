@@ -32,16 +32,21 @@
 #   VM_KERNEL_VERSION  kernel to use, e.g. 6.1.0-56-amd64 (default: the one
 #                  linux-image-amd64 depends on, else the newest *-amd64).
 #   VM_KERNEL_ARGS extra kernel command line (e.g. "loglevel=7" to see boot).
+#   VM_INITRD_COMPRESS=gzip  gzip the initramfs (default none: the guest
+#                  unpacks a plain cpio faster than it inflates one under TCG).
 #   VM_KEEP_TMP=1  keep the temporary build directory (initramfs, console log).
 #
 # Exit status: CMD's exit status; 124 on timeout; 125 when the guest stopped
-# without a result line or the harness could not set it up; 2 on usage errors.
+# without a result line or the harness could not set it up (the guest prints
+# "WGCNI-VM-SETUP-FAILED ..." if e.g. a module fails to load); 2 on usage errors.
+# The last lines on stderr give the boot time (QEMU start -> guest starts CMD),
+# CMD's run time, and the QEMU and script totals.
 #
 # Guest contents: busybox-static applets (without busybox's `ip` applets, so
 # `ip` on PATH is the real /usr/sbin/ip), /bin/sh = dash (busybox ash would
 # still run its own `ip` applet; `ash` remains), /usr/sbin/ip, /usr/bin/wg,
 # /usr/lib/cni/{host-local,ptp}, wireguard/tun/veth modules with their
-# dependencies, /proc /sys /dev(tmpfs) /run(tmpfs, /var/run -> /run)
+# dependencies, /proc /sys /dev(devtmpfs) /run(tmpfs, /var/run -> /run)
 # /tmp(tmpfs), writable /var/lib/cni, minimal /etc/passwd, lo up. No NIC.
 set -euo pipefail
 
@@ -194,35 +199,70 @@ copy_module() {
 }
 
 # Resolve the requested modules (and their dependencies) from modules.dep in
-# load order, deps first.  Sets MODULE_ORDER (paths relative to
-# /lib/modules/KVER, compression suffix removed).
-declare -A MOD_DEPS=() MOD_PATH=() MOD_SEEN=()
+# load order, deps first; "pre:"/"post:" soft dependencies from
+# modules.softdep are loaded before/after their module (the guest has no
+# modprobe set-up, so the kernel cannot pull them in on demand).  Sets
+# MODULE_ORDER (paths relative to /lib/modules/KVER, as in modules.dep).
+declare -A MOD_DEPS=() MOD_PATH=() MOD_SEEN=() SOFT_PRE=() SOFT_POST=()
 MODULE_ORDER=()
+MODS_KDIR=""
+
+# Module name or alias (e.g. "crc32c") -> modules.dep path; empty when it is
+# built in or unknown.  Among several alias providers prefer a *_generic one,
+# which loads on any CPU.
+module_path_for() {
+    local name=${1//-/_} cands c
+    if [[ -n ${MOD_PATH[$name]:-} ]]; then echo "${MOD_PATH[$name]}"; return; fi
+    mapfile -t cands < <(awk -v a="$1" '$1 == "alias" && $2 == a { print $3 }' "$MODS_KDIR/modules.alias" 2>/dev/null)
+    for c in "${cands[@]}"; do
+        [[ $c == *_generic && -n ${MOD_PATH[${c//-/_}]:-} ]] && { echo "${MOD_PATH[${c//-/_}]}"; return; }
+    done
+    for c in "${cands[@]}"; do
+        [[ -n ${MOD_PATH[${c//-/_}]:-} ]] && { echo "${MOD_PATH[${c//-/_}]}"; return; }
+    done
+    return 0
+}
 visit_module() {
-    local m=$1 d
+    local m=$1 d p name deps soft
     [[ -n ${MOD_SEEN[$m]:-} ]] && return 0
     MOD_SEEN[$m]=1
-    local deps
+    name=${m##*/}; name=${name%%.ko*}; name=${name//-/_}
+    read -r -a soft <<<"${SOFT_PRE[$name]:-}"
+    for d in "${soft[@]}"; do p=$(module_path_for "$d"); [[ -z $p ]] || visit_module "$p"; done
     read -r -a deps <<<"${MOD_DEPS[$m]}"
     for d in "${deps[@]}"; do visit_module "$d"; done
     MODULE_ORDER+=("$m")
+    read -r -a soft <<<"${SOFT_POST[$name]:-}"
+    for d in "${soft[@]}"; do p=$(module_path_for "$d"); [[ -z $p ]] || visit_module "$p"; done
 }
 resolve_modules() {
-    local kdir=$1; shift
-    local line mod deps b name
+    MODS_KDIR=$1; shift
+    local line mod deps b name rest words w mode
     while IFS= read -r line; do
         mod=${line%%:*}; deps=${line#*:}
         MOD_DEPS[$mod]=$deps
         b=${mod##*/}; b=${b%%.ko*}; MOD_PATH[${b//-/_}]=$mod
-    done <"$kdir/modules.dep"
+    done <"$MODS_KDIR/modules.dep"
+    # "softdep MOD pre: A B post: C"
+    while read -r -a words; do
+        [[ ${words[0]:-} == softdep && ${#words[@]} -ge 3 ]] || continue
+        name=${words[1]//-/_}; mode=""; rest=("${words[@]:2}")
+        for w in "${rest[@]}"; do
+            case $w in
+                pre:) mode=pre ;; post:) mode=post ;;
+                *) if [[ $mode == pre ]]; then SOFT_PRE[$name]+=" $w"
+                   elif [[ $mode == post ]]; then SOFT_POST[$name]+=" $w"; fi ;;
+            esac
+        done
+    done < <(cat "$MODS_KDIR/modules.softdep" 2>/dev/null || true)
     for name in "$@"; do
         name=${name//-/_}
         if [[ -n ${MOD_PATH[$name]:-} ]]; then
             visit_module "${MOD_PATH[$name]}"
-        elif grep -qE "/${name//_/[-_]}\.ko\$" "$kdir/modules.builtin" 2>/dev/null; then
+        elif grep -qE "/${name//_/[-_]}\.ko\$" "$MODS_KDIR/modules.builtin" 2>/dev/null; then
             log "module $name is built into the kernel"
         else
-            die 125 "kernel module '$name' not found in $kdir/modules.dep"
+            die 125 "kernel module '$name' not found in $MODS_KDIR/modules.dep"
         fi
     done
 }
@@ -373,7 +413,7 @@ echo wgcni-vm >"$ROOT/etc/hostname"
 # Environment for CMD: defaults first, then VM_ENV (which may override them).
 {
     echo "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    echo "export HOME=/root TERM=dumb WG_COLOR_MODE=never"
+    echo "export HOME=/root TERM=dumb WG_COLOR_MODE=never RUST_BACKTRACE=1"
     read -r -a ENV_PAIRS <<<"${VM_ENV:-}"
     for pair in "${ENV_PAIRS[@]}"; do
         name=${pair%%=*}

@@ -36,10 +36,6 @@ impl PortRange {
         (first >= 1 && first <= last).then_some(PortRange { first, last })
     }
 
-    pub fn contains(&self, port: u16) -> bool {
-        (self.first..=self.last).contains(&port)
-    }
-
     pub fn overlaps(&self, other: &PortRange) -> bool {
         self.first <= other.last && other.first <= self.last
     }
@@ -62,7 +58,6 @@ pub struct Attachment {
 pub struct NetConf {
     pub cni_version: Version,
     pub name: String,
-    pub ipam: Map<String, Value>,
     pub ipam_type: String,
     pub backend: BackendChoice,
     pub store: PathBuf,
@@ -154,7 +149,10 @@ impl NetConf {
                 if (576..=65535).contains(&mtu) {
                     Ok(mtu as u32)
                 } else {
-                    Err(Error::config("mtu", format!("{mtu} is not between 576 and 65535")))
+                    Err(Error::config(
+                        "mtu",
+                        format!("{mtu} is not between 576 and 65535"),
+                    ))
                 }
             })
             .transpose()?;
@@ -165,7 +163,9 @@ impl NetConf {
                 text.parse::<IpAddr>().map_err(|_| {
                     Error::config(
                         "endpoint",
-                        format!("\"{text}\" is not an IP address (peers reach this node's pods at it)"),
+                        format!(
+                            "\"{text}\" is not an IP address (peers reach this node's pods at it)"
+                        ),
                     )
                 })
             })
@@ -209,7 +209,6 @@ impl NetConf {
         Ok(NetConf {
             cni_version,
             name,
-            ipam,
             ipam_type,
             backend,
             store,
@@ -227,7 +226,10 @@ impl NetConf {
 
 /// Names become directory names in the store: keep them to the spec's network-name alphabet.
 fn validate_name(field: &str, name: &str) -> Result<()> {
-    let ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+    let ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
@@ -237,7 +239,9 @@ fn validate_name(field: &str, name: &str) -> Result<()> {
     } else {
         Err(Error::config(
             field,
-            format!("\"{name}\" may contain only letters, digits, '_', '.' and '-', starting with a letter or digit"),
+            format!(
+                "\"{name}\" may contain only letters, digits, '_', '.' and '-', starting with a letter or digit"
+            ),
         ))
     }
 }
@@ -356,7 +360,13 @@ mod tests {
         v["unknownRuntimeField"] = json!({"x": 1});
         let c = parse(&v).unwrap();
         assert_eq!(c.mtu, Some(1400));
-        assert_eq!(c.listen_ports, Some(PortRange { first: 52000, last: 52010 }));
+        assert_eq!(
+            c.listen_ports,
+            Some(PortRange {
+                first: 52000,
+                last: 52010
+            })
+        );
         assert_eq!(c.persistent_keepalive, Some(25));
         assert_eq!(c.backend, BackendChoice::Userspace);
     }

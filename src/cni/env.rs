@@ -26,7 +26,9 @@ impl Command {
             other => {
                 return Err(Error::env(
                     "CNI_COMMAND",
-                    format!("unknown command \"{other}\"; expected ADD, DEL, CHECK, GC, STATUS or VERSION"),
+                    format!(
+                        "unknown command \"{other}\"; expected ADD, DEL, CHECK, GC, STATUS or VERSION"
+                    ),
                 ));
             }
         })
@@ -55,8 +57,8 @@ impl CniEnv {
     }
 
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<CniEnv> {
-        let command_text = lookup("CNI_COMMAND")
-            .ok_or_else(|| Error::env("CNI_COMMAND", "is not set"))?;
+        let command_text =
+            lookup("CNI_COMMAND").ok_or_else(|| Error::env("CNI_COMMAND", "is not set"))?;
         let command = Command::parse(&command_text)?;
         let needs_container = matches!(command, Command::Add | Command::Del | Command::Check);
         let needs_netns = matches!(command, Command::Add | Command::Check);

@@ -6,15 +6,12 @@ use std::io;
 /// CNI spec codes (1-11, 50, 51) and ours (100+).
 pub mod code {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
-    pub const UNSUPPORTED_FIELD: u32 = 2;
-    pub const UNKNOWN_CONTAINER: u32 = 3;
     pub const INVALID_ENV: u32 = 4;
     pub const IO: u32 = 5;
     pub const DECODE: u32 = 6;
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
     pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
-    pub const LIMITED_CONNECTIVITY: u32 = 51;
     pub const INTERFACE_EXISTS: u32 = 100;
     pub const NETLINK: u32 = 101;
     pub const WIREGUARD: u32 = 102;
@@ -25,8 +22,6 @@ pub mod code {
 pub enum Error {
     #[error("{0}")]
     IncompatibleVersion(String),
-    #[error("unsupported field \"{field}\": {reason}")]
-    UnsupportedField { field: String, reason: String },
     #[error("environment variable {var}: {reason}")]
     InvalidEnv { var: &'static str, reason: String },
     #[error("{context}: {reason}")]
@@ -43,8 +38,6 @@ pub enum Error {
     TryAgainLater(String),
     #[error("{0}")]
     NotAvailable(String),
-    #[error("{0}")]
-    Degraded(String),
     #[error("interface {ifname} already exists in {netns}: pick another CNI_IFNAME or remove it")]
     InterfaceExists { ifname: String, netns: String },
     #[error("{context}: {reason}")]
@@ -73,14 +66,12 @@ impl Error {
     pub fn code(&self) -> u32 {
         match self {
             Error::IncompatibleVersion(_) => code::INCOMPATIBLE_VERSION,
-            Error::UnsupportedField { .. } => code::UNSUPPORTED_FIELD,
             Error::InvalidEnv { .. } => code::INVALID_ENV,
             Error::Decode { .. } => code::DECODE,
             Error::InvalidConfig { .. } => code::INVALID_CONFIG,
             Error::Io { .. } => code::IO,
             Error::TryAgainLater(_) => code::TRY_AGAIN_LATER,
             Error::NotAvailable(_) => code::PLUGIN_NOT_AVAILABLE,
-            Error::Degraded(_) => code::LIMITED_CONNECTIVITY,
             Error::InterfaceExists { .. } => code::INTERFACE_EXISTS,
             Error::Netlink { .. } => code::NETLINK,
             Error::WireGuard { .. } => code::WIREGUARD,

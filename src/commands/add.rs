@@ -42,9 +42,7 @@ pub fn run(ctx: &Context) -> Result<Value> {
     let backend = wireguard::backend(settings.backend);
     let mut rollback = Rollback::new();
     let mut ipam_result = ipam.add()?;
-    rollback.push("IPAM reservation", || {
-        ipam.del(&ipam.target_of_env(), None)
-    });
+    rollback.push("IPAM reservation", || ipam.del(&ipam.target_of_env(), None));
     if ipam_result.ips.is_empty() {
         return Err(Error::config(
             "ipam",
@@ -55,7 +53,12 @@ pub fn run(ctx: &Context) -> Result<Value> {
 
     let keypair = KeyPair::generate();
     let records = store.all_records()?;
-    let peers = mesh::peers_of(&records, &env.container_id, &env.ifname, conf.persistent_keepalive);
+    let peers = mesh::peers_of(
+        &records,
+        &env.container_id,
+        &env.ifname,
+        conf.persistent_keepalive,
+    );
     let temp_name = temp_link_name(&env.container_id, &env.ifname);
     let host_name = match settings.backend {
         wireguard::BackendKind::Kernel => env.ifname.clone(),
@@ -69,6 +72,7 @@ pub fn run(ctx: &Context) -> Result<Value> {
         node: ctx.node.clone(),
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
+        pod: pod_name(env),
         public_key: keypair.public().to_base64(),
         addresses: addresses.clone(),
         endpoint: settings.endpoint,
@@ -176,6 +180,15 @@ pub fn temp_link_name(container_id: &str, ifname: &str) -> String {
     format!("wgc{:012x}", hash & 0xffff_ffff_ffff)
 }
 
+/// `K8S_POD_NAMESPACE/K8S_POD_NAME`, or just the name (podman sends only that).
+fn pod_name(env: &crate::cni::CniEnv) -> Option<String> {
+    let name = env.arg("K8S_POD_NAME")?;
+    Some(match env.arg("K8S_POD_NAMESPACE") {
+        Some(namespace) => format!("{namespace}/{name}"),
+        None => name.to_string(),
+    })
+}
+
 fn refuse_existing_interface(pod: &Netns, ifname: &str) -> Result<()> {
     let exists = pod.run(|| Ok(Netlink::open()?.link_by_name(ifname)?.is_some()))?;
     if exists {
@@ -192,7 +205,10 @@ fn configure_pod_side(pod: &Netns, ifname: &str, result: &CniResult) -> Result<(
     pod.run(|| {
         let netlink = Netlink::open()?;
         let link = netlink.link_by_name(ifname)?.ok_or_else(|| {
-            Error::netlink(format!("link {ifname}"), "is missing from the pod namespace")
+            Error::netlink(
+                format!("link {ifname}"),
+                "is missing from the pod namespace",
+            )
         })?;
         for ip in &result.ips {
             netlink.add_address(link.index, ip.address)?;

@@ -20,24 +20,21 @@ pub fn run(ctx: &Context) -> Result<()> {
             conf.cni_version
         )));
     }
-    let prev_value = conf
-        .prev_result
-        .as_ref()
-        .ok_or_else(|| Error::config("prevResult", "CHECK needs the result of ADD as prevResult"))?;
+    let prev_value = conf.prev_result.as_ref().ok_or_else(|| {
+        Error::config("prevResult", "CHECK needs the result of ADD as prevResult")
+    })?;
     let prev = CniResult::parse(prev_value, "prevResult")?;
     let pod = Netns::open_for_env(env.netns.as_deref().expect("CHECK requires CNI_NETNS"))?;
 
     let store = Store::open_existing(&conf.store, &conf.name, &ctx.node)?
         .ok_or_else(|| Error::Check(format!("network {} has no key store", conf.name)))?;
     let _lock = store.lock()?;
-    let record = store
-        .get(&env.container_id, &env.ifname)?
-        .ok_or_else(|| {
-            Error::Check(format!(
-                "no store record for {}/{}: the attachment was never added or was deleted",
-                env.container_id, env.ifname
-            ))
-        })?;
+    let record = store.get(&env.container_id, &env.ifname)?.ok_or_else(|| {
+        Error::Check(format!(
+            "no store record for {}/{}: the attachment was never added or was deleted",
+            env.container_id, env.ifname
+        ))
+    })?;
     if record.netns_inode != pod.inode() {
         return Err(Error::Check(format!(
             "{} is not the namespace this attachment was added to",
@@ -80,7 +77,10 @@ pub fn run(ctx: &Context) -> Result<()> {
         .map(|p| {
             let mut ips: Vec<String> = p.allowed_ips.iter().map(|ip| ip.to_string()).collect();
             ips.sort();
-            (p.public_key.to_base64(), (ips, p.endpoint.map(|e| e.to_string())))
+            (
+                p.public_key.to_base64(),
+                (ips, p.endpoint.map(|e| e.to_string())),
+            )
         })
         .collect();
     let have: BTreeMap<String, (Vec<String>, Option<String>)> = device
@@ -194,7 +194,12 @@ fn peer_difference(want: &PeerMap, have: &PeerMap) -> String {
         parts.push(format!("unexpected peers {unexpected:?}"));
     }
     if !changed.is_empty() {
-        parts.push(format!("peers with changed allowed IPs or endpoint {changed:?}"));
+        parts.push(format!(
+            "peers with changed allowed IPs or endpoint {changed:?}"
+        ));
     }
-    format!("WireGuard peers differ from the key store: {}", parts.join("; "))
+    format!(
+        "WireGuard peers differ from the key store: {}",
+        parts.join("; ")
+    )
 }

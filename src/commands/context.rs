@@ -104,7 +104,9 @@ pub fn choose_backend(choice: BackendChoice) -> Result<BackendKind> {
 /// The pod namespace of a record, only if it is still the very namespace recorded (a path
 /// like /proc/<pid>/ns/net can be reused by another pod).
 pub fn recorded_netns(record: &Record, hint: Option<&Path>) -> Option<Netns> {
-    let candidates = hint.into_iter().chain(std::iter::once(record.netns.as_path()));
+    let candidates = hint
+        .into_iter()
+        .chain(std::iter::once(record.netns.as_path()));
     for path in candidates {
         if let Ok(ns) = Netns::open(path)
             && ns.inode() == record.netns_inode
@@ -117,9 +119,14 @@ pub fn recorded_netns(record: &Record, hint: Option<&Path>) -> Option<Netns> {
 
 /// Apply `update` to the live link of every other ready attachment on this node.
 /// Best effort: a pod that died without DEL has no link to update.
-pub fn update_local_peers(records: &[Record], except: &Record, update: impl Fn() -> Update<'static>) {
+pub fn update_local_peers(
+    records: &[Record],
+    except: &Record,
+    update: impl Fn() -> Update<'static>,
+) {
     for record in records {
-        if record.is_attachment(&except.container_id, &except.ifname) || record.state != State::Ready
+        if record.is_attachment(&except.container_id, &except.ifname)
+            || record.state != State::Ready
         {
             continue;
         }

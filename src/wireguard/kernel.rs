@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use wireguard_control::{Backend as WgBackend, Device, InterfaceName, Key};
 
-use super::{Backend, BackendKind, Created, LinkRef, LinkSpec, Update, device_update};
+use super::{Backend, Created, LinkRef, LinkSpec, Update, device_update};
 use crate::cni::{Error, Result};
 use crate::link::Netlink;
 use crate::netns::Netns;
@@ -49,10 +49,6 @@ fn in_pod<T: Send>(
 }
 
 impl Backend for Kernel {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Kernel
-    }
-
     fn create(&self, spec: &LinkSpec, host: &Netns, pod: &Netns) -> Result<Created> {
         let _ = host; // created from this thread, which is in the host namespace
         Netlink::open()?.create_wireguard_in(spec.ifname, pod.raw_fd(), spec.mtu)?;
@@ -79,10 +75,7 @@ impl Backend for Kernel {
             });
             return Err(e);
         }
-        Ok(Created {
-            host_name: spec.ifname.to_string(),
-            daemon_pid: None,
-        })
+        Ok(Created { daemon_pid: None })
     }
 
     fn apply(&self, link: &LinkRef, update: &Update) -> Result<()> {
@@ -96,9 +89,8 @@ impl Backend for Kernel {
 
     fn read(&self, link: &LinkRef) -> Result<Device> {
         in_pod(link, |name| {
-            Device::get(name, WgBackend::Kernel).map_err(|e| {
-                Error::wireguard(format!("reading WireGuard link {}", link.ifname), e)
-            })
+            Device::get(name, WgBackend::Kernel)
+                .map_err(|e| Error::wireguard(format!("reading WireGuard link {}", link.ifname), e))
         })
     }
 

@@ -62,8 +62,6 @@ pub struct LinkSpec<'a> {
 }
 
 pub struct Created {
-    /// The name the link was created under in the host namespace (recorded in the store).
-    pub host_name: String,
     pub daemon_pid: Option<u32>,
 }
 
@@ -77,8 +75,6 @@ pub struct LinkRef<'a> {
 }
 
 pub trait Backend {
-    fn kind(&self) -> BackendKind;
-
     /// Create the link inside `pod` as `spec.ifname` with its UDP socket in `host`,
     /// configured (key, port, peers, MTU) but not yet addressed or up.
     /// On failure nothing it made is left behind.
@@ -124,8 +120,8 @@ fn device_update(update: &Update) -> wireguard_control::DeviceUpdate {
         builder = builder.replace_peers();
     }
     for peer in &update.peers {
-        let mut config = wireguard_control::PeerConfigBuilder::new(&peer.public_key)
-            .replace_allowed_ips();
+        let mut config =
+            wireguard_control::PeerConfigBuilder::new(&peer.public_key).replace_allowed_ips();
         if let Some(endpoint) = peer.endpoint {
             config = config.set_endpoint(endpoint);
         }

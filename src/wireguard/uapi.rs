@@ -111,7 +111,10 @@ mod tests {
         assert!(lines[1].starts_with("private_key="));
         assert_eq!(lines[2], "listen_port=52001");
         assert_eq!(lines[3], "replace_peers=true");
-        assert_eq!(lines[4], format!("public_key={}", hex(&peer_key.public().0)));
+        assert_eq!(
+            lines[4],
+            format!("public_key={}", hex(&peer_key.public().0))
+        );
         assert!(text.contains("endpoint=127.0.0.1:52002\n"));
         assert!(text.contains("allowed_ip=10.66.0.3/32\n"));
         assert!(text.ends_with("\n\n"));

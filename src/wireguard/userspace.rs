@@ -16,7 +16,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use wireguard_control::{Backend as WgBackend, Device, InterfaceName, Key};
 
-use super::{Backend, BackendKind, Created, LinkRef, LinkSpec, Update, uapi};
+use super::{Backend, Created, LinkRef, LinkSpec, Update, uapi};
 use crate::cni::{Error, Result};
 use crate::link::Netlink;
 use crate::netns::Netns;
@@ -98,9 +98,7 @@ fn is_our_daemon(pid: u32, name: &str) -> bool {
         return false;
     };
     let mut args = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty());
-    let is_daemon = args
-        .next()
-        .is_some_and(|a| a.ends_with(DAEMON.as_bytes()));
+    let is_daemon = args.next().is_some_and(|a| a.ends_with(DAEMON.as_bytes()));
     is_daemon && args.any(|a| a == name.as_bytes())
 }
 
@@ -172,10 +170,6 @@ fn configure_and_move(spec: &LinkSpec, pod: &Netns) -> Result<()> {
 }
 
 impl Backend for Userspace {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Userspace
-    }
-
     fn create(&self, spec: &LinkSpec, _host: &Netns, pod: &Netns) -> Result<Created> {
         let pid = start_daemon(spec.temp_name)?;
         if let Err(e) = configure_and_move(spec, pod) {
@@ -184,7 +178,6 @@ impl Backend for Userspace {
             return Err(e);
         }
         Ok(Created {
-            host_name: spec.temp_name.to_string(),
             daemon_pid: Some(pid),
         })
     }

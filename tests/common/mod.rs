@@ -186,7 +186,7 @@ pub fn daemons_named(name: &str) -> usize {
         .filter(|c| {
             let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
             args.first().is_some_and(|a| a.ends_with(b"wireguard-go"))
-                && args.iter().any(|a| *a == name.as_bytes())
+                && args.contains(&name.as_bytes())
         })
         .count()
 }
@@ -197,7 +197,11 @@ pub fn all_daemons() -> usize {
         .unwrap()
         .filter_map(|e| e.ok())
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|c| c.split(|b| *b == 0).next().is_some_and(|a| a.ends_with(b"wireguard-go")))
+        .filter(|c| {
+            c.split(|b| *b == 0)
+                .next()
+                .is_some_and(|a| a.ends_with(b"wireguard-go"))
+        })
         .count()
 }
 
@@ -211,12 +215,20 @@ pub struct CniOutput {
 
 impl CniOutput {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?} / {}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {:?} / {}",
+                self.stdout, self.stderr
+            )
+        })
     }
 
     pub fn ok(&self) -> &Self {
-        assert_eq!(self.code, 0, "plugin failed: {} / {}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "plugin failed: {} / {}",
+            self.stdout, self.stderr
+        );
         self
     }
 
@@ -336,7 +348,9 @@ impl Net {
     }
 
     pub fn del(&self, pod: &Pod, prev: Option<&Value>) -> CniOutput {
-        let conf = prev.map(|p| self.with_prev(p)).unwrap_or_else(|| self.conf());
+        let conf = prev
+            .map(|p| self.with_prev(p))
+            .unwrap_or_else(|| self.conf());
         self.call("DEL", &pod.id, pod.netns(), &conf)
     }
 
@@ -351,7 +365,10 @@ impl Net {
             return out;
         };
         for node in nodes.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()) {
-            for file in std::fs::read_dir(node.path()).unwrap().filter_map(|e| e.ok()) {
+            for file in std::fs::read_dir(node.path())
+                .unwrap()
+                .filter_map(|e| e.ok())
+            {
                 let name = file.file_name().to_string_lossy().into_owned();
                 if name.ends_with(".json") && !name.starts_with('.') {
                     let text = std::fs::read_to_string(file.path()).unwrap();
@@ -383,7 +400,14 @@ impl Net {
     pub fn show_json(&self) -> Value {
         let out = run_ok(
             binary().to_str().unwrap(),
-            &["show", "--json", "--store", self.store().to_str().unwrap(), "--network", &self.name],
+            &[
+                "show",
+                "--json",
+                "--store",
+                self.store().to_str().unwrap(),
+                "--network",
+                &self.name,
+            ],
         );
         serde_json::from_str(&out).unwrap()
     }
@@ -392,7 +416,10 @@ impl Net {
 impl Drop for Net {
     fn drop(&mut self) {
         for record in self.records() {
-            let id = record["containerId"].as_str().unwrap_or_default().to_string();
+            let id = record["containerId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             let netns = record["netns"].as_str().unwrap_or_default().to_string();
             let _ = self.call("DEL", &id, &netns, &self.conf());
         }

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building, the demo and the tests need on a fresh Debian 12 machine (as root).
+# Idempotent: packages already present are not fetched again.
+set -euo pipefail
+
+packages=(containernetworking-plugins wireguard-go wireguard-tools iproute2 iputils-ping procps jq)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# Debian's rustc (1.63) is too old for rtnetlink and clap: rustup's stable >= 1.85 is required.
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v cargo >/dev/null; then
+  echo "cargo not found: install Rust stable >= 1.85 with rustup (https://rustup.rs)" >&2
+  exit 1
+fi
+version=$(rustc --version | awk '{print $2}')
+if [ "$(printf '%s\n1.85.0\n' "$version" | sort -V | head -1)" != "1.85.0" ]; then
+  echo "rustc $version is too old: wg-cni needs >= 1.85 (rustup update stable)" >&2
+  exit 1
+fi
