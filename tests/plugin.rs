@@ -454,3 +454,75 @@ fn version_lists_every_supported_version() {
         json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
     );
 }
+
+#[test]
+fn records_from_an_earlier_boot_are_reaped_with_their_reservation() {
+    let net = Net::new("10.81.0.0/24");
+    let (first, second) = (Pod::new(), Pod::new());
+    let r1 = net.add(&first).ok().json();
+
+    // A pod of an earlier boot: host-local still holds its address, its record is on disk.
+    let mut ipam_conf = net.conf();
+    ipam_conf["type"] = "host-local".into();
+    let ghost = cni_raw_plugin(
+        "host-local",
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "ghost"),
+            ("CNI_NETNS", "/var/run/netns/gone"),
+            ("CNI_IFNAME", "eth0"),
+        ],
+        &ipam_conf,
+    );
+    let ghost_ip = address_of(&ghost, false);
+    assert!(net.reservations().contains(&ghost_ip));
+    let mut record = net.record_of(&first).unwrap();
+    record["containerId"] = "ghost".into();
+    record["bootId"] = "an-earlier-boot".into();
+    record["netns"] = "/var/run/netns/gone".into();
+    record["hostName"] = "wgc000000000000".into();
+    record["daemonPid"] = serde_json::Value::Null;
+    record["publicKey"] = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=".into();
+    record["addresses"] = json!([format!("{ghost_ip}/24")]);
+    let node = record["node"].as_str().unwrap().to_string();
+    let file = net
+        .store()
+        .join(&net.name)
+        .join(node)
+        .join("ghost-eth0.json");
+    std::fs::write(&file, record.to_string()).unwrap();
+
+    let r2 = net.add(&second).ok().json();
+    assert!(!file.exists(), "the earlier boot's record was not reaped");
+    assert!(
+        !net.reservations().contains(&ghost_ip),
+        "its reservation was not released"
+    );
+    assert!(first.ping(&address_of(&r2, false)));
+    net.del(&first, Some(&r1)).ok();
+    net.del(&second, Some(&r2)).ok();
+}
+
+/// Run another CNI plugin from the plugin directory directly.
+fn cni_raw_plugin(name: &str, env: &[(&str, &str)], conf: &Value) -> Value {
+    let mut cmd = std::process::Command::new(plugin_dir().join(name));
+    cmd.envs(env.iter().copied())
+        .env("CNI_PATH", plugin_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
