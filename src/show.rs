@@ -10,7 +10,7 @@ use crate::cni::Result;
 use crate::commands::recorded_netns;
 use crate::host;
 use crate::store::{Record, Store};
-use crate::wireguard::{self, LinkRef};
+use crate::wireguard;
 
 pub fn run(
     store_root: &Path,
@@ -68,13 +68,7 @@ fn attachment(record: &Record) -> Value {
         "netns": record.netns,
     });
     let pod = recorded_netns(record, None);
-    let link = LinkRef {
-        host_name: &record.host_name,
-        ifname: &record.ifname,
-        pod: pod.as_ref(),
-        daemon_pid: record.daemon_pid,
-    };
-    match wireguard::backend(record.backend).read(&link) {
+    match wireguard::backend(record.backend).read(&record.link(pod.as_ref())) {
         Ok(device) => {
             let now = SystemTime::now();
             let peers: Vec<Value> = device

@@ -14,7 +14,8 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::cni::{Error, IoContext, Result};
-use crate::wireguard::BackendKind;
+use crate::netns::Netns;
+use crate::wireguard::{BackendKind, LinkRef};
 
 pub const SCHEMA_VERSION: u32 = 1;
 const LOCK_FILE: &str = ".lock";
@@ -67,6 +68,16 @@ impl Record {
 
     pub fn file_name(container_id: &str, ifname: &str) -> String {
         format!("{container_id}-{ifname}.json")
+    }
+
+    /// Where this attachment's link is, for a backend; `pod` must be the recorded namespace.
+    pub fn link<'a>(&'a self, pod: Option<&'a Netns>) -> LinkRef<'a> {
+        LinkRef {
+            host_name: &self.host_name,
+            ifname: &self.ifname,
+            pod,
+            daemon_pid: self.daemon_pid,
+        }
     }
 
     pub fn is_attachment(&self, container_id: &str, ifname: &str) -> bool {

@@ -226,22 +226,12 @@ impl NetConf {
 
 /// Names become directory names in the store: keep them to the spec's network-name alphabet.
 fn validate_name(field: &str, name: &str) -> Result<()> {
-    let ok = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        && name.len() <= 253;
-    if ok {
+    if super::is_identifier(name, 253) {
         Ok(())
     } else {
         Err(Error::config(
             field,
-            format!(
-                "\"{name}\" may contain only letters, digits, '_', '.' and '-', starting with a letter or digit"
-            ),
+            format!("\"{name}\" {}", super::IDENTIFIER_RULE),
         ))
     }
 }

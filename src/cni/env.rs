@@ -130,20 +130,11 @@ impl CniEnv {
     }
 }
 
-/// The spec allows letters, digits, `_`, `.` and `-`, starting with a letter or digit.
 fn validate_container_id(id: &str) -> Result<()> {
-    let ok = id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        && id.len() <= 1024;
-    if ok {
+    if super::is_identifier(id, 1024) {
         Ok(())
     } else {
-        Err(Error::env(
-            "CNI_CONTAINERID",
-            "may contain only letters, digits, '_', '.' and '-', starting with a letter or digit",
-        ))
+        Err(Error::env("CNI_CONTAINERID", super::IDENTIFIER_RULE))
     }
 }
 

@@ -9,17 +9,12 @@ use crate::link::Netlink;
 use crate::mesh;
 use crate::netns::Netns;
 use crate::store::Store;
-use crate::wireguard::{self, BackendKind, LinkRef};
+use crate::wireguard::{self, BackendKind};
 
 pub fn run(ctx: &Context) -> Result<()> {
     let env = ctx.env;
     let conf = ctx.conf;
-    if conf.cni_version < Version::V0_4_0 {
-        return Err(Error::IncompatibleVersion(format!(
-            "CHECK needs cniVersion 0.4.0 or later; the config says {}",
-            conf.cni_version
-        )));
-    }
+    super::require_version(conf, Version::V0_4_0, "CHECK")?;
     let prev_value = conf.prev_result.as_ref().ok_or_else(|| {
         Error::config("prevResult", "CHECK needs the result of ADD as prevResult")
     })?;
@@ -44,14 +39,8 @@ pub fn run(ctx: &Context) -> Result<()> {
 
     check_link(&pod, &env.ifname, record.backend, record.mtu, &prev)?;
 
-    let link = LinkRef {
-        host_name: &record.host_name,
-        ifname: &record.ifname,
-        pod: Some(&pod),
-        daemon_pid: record.daemon_pid,
-    };
     let device = wireguard::backend(record.backend)
-        .read(&link)
+        .read(&record.link(Some(&pod)))
         .map_err(|e| Error::Check(format!("cannot read the WireGuard device: {e}")))?;
     if device.public_key.map(|k| k.to_base64()).as_deref() != Some(record.public_key.as_str()) {
         return Err(Error::Check(format!(

@@ -13,7 +13,7 @@ use crate::mesh;
 use crate::netns::Netns;
 use crate::ports;
 use crate::store::{Record, State, Store};
-use crate::wireguard::{self, BackendKind, LinkRef, Update};
+use crate::wireguard::{self, BackendKind, Update};
 
 pub struct Context<'a> {
     pub env: &'a CniEnv,
@@ -131,12 +131,7 @@ pub fn update_local_peers(
             continue;
         }
         let pod = recorded_netns(record, None);
-        let link = LinkRef {
-            host_name: &record.host_name,
-            ifname: &record.ifname,
-            pod: pod.as_ref(),
-            daemon_pid: record.daemon_pid,
-        };
+        let link = record.link(pod.as_ref());
         if let Err(e) = wireguard::backend(record.backend).apply(&link, &update()) {
             tracing::warn!(peer = %record.container_id, error = %e, "could not update peer link");
         }
@@ -153,12 +148,7 @@ pub fn teardown(
     netns_hint: Option<&Path>,
 ) -> Result<()> {
     let pod = recorded_netns(record, netns_hint);
-    let link = LinkRef {
-        host_name: &record.host_name,
-        ifname: &record.ifname,
-        pod: pod.as_ref(),
-        daemon_pid: record.daemon_pid,
-    };
+    let link = record.link(pod.as_ref());
     let key = mesh::public_key(record)?;
     wireguard::backend(record.backend).destroy(&link, &key, &ctx.host)?;
 

@@ -8,12 +8,7 @@ use crate::store::Store;
 
 pub fn run(ctx: &Context) -> Result<()> {
     let conf = ctx.conf;
-    if conf.cni_version < Version::V1_1_0 {
-        return Err(Error::IncompatibleVersion(format!(
-            "GC needs cniVersion 1.1.0; the config says {}",
-            conf.cni_version
-        )));
-    }
+    super::require_version(conf, Version::V1_1_0, "GC")?;
     let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
         Error::config(
             "cni.dev/valid-attachments",

@@ -33,6 +33,17 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>> {
     }
 }
 
+/// Refuse a command the config's spec version does not have (CHECK < 0.4.0, GC/STATUS < 1.1.0).
+fn require_version(conf: &NetConf, minimum: Version, command: &str) -> Result<()> {
+    if conf.cni_version < minimum {
+        return Err(crate::cni::Error::IncompatibleVersion(format!(
+            "{command} needs cniVersion {minimum} or later; the config says {}",
+            conf.cni_version
+        )));
+    }
+    Ok(())
+}
+
 /// VERSION answers in the version asked for when we speak it, else in the latest.
 fn version(stdin: &[u8]) -> Value {
     let asked = serde_json::from_slice::<Value>(stdin)

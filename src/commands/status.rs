@@ -7,12 +7,7 @@ use crate::ipam::Ipam;
 
 pub fn run(ctx: &Context) -> Result<()> {
     let conf = ctx.conf;
-    if conf.cni_version < Version::V1_1_0 {
-        return Err(Error::IncompatibleVersion(format!(
-            "STATUS needs cniVersion 1.1.0; the config says {}",
-            conf.cni_version
-        )));
-    }
+    super::require_version(conf, Version::V1_1_0, "STATUS")?;
     let ipam = Ipam::find(ctx.env, conf).map_err(|e| Error::NotAvailable(e.to_string()))?;
     ctx.store()
         .and_then(|store| store.probe_writable())

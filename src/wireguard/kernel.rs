@@ -4,21 +4,14 @@
 //! thread inside the pod namespace, and only once the link exists there (its `apply` would
 //! otherwise create a fresh, empty link in whatever namespace the calling thread is in).
 
-use std::str::FromStr;
-
 use wireguard_control::{Backend as WgBackend, Device, InterfaceName, Key};
 
-use super::{Backend, Created, LinkRef, LinkSpec, Update, device_update};
+use super::{Backend, Created, LinkRef, LinkSpec, Update, device_update, interface_name};
 use crate::cni::{Error, Result};
 use crate::link::Netlink;
 use crate::netns::Netns;
 
 pub struct Kernel;
-
-fn interface_name(name: &str) -> Result<InterfaceName> {
-    InterfaceName::from_str(name)
-        .map_err(|e| Error::netlink(format!("interface name {name}"), format!("{e:?}")))
-}
 
 /// Runs `f` inside the pod namespace after checking the link there is a WireGuard link.
 fn in_pod<T: Send>(

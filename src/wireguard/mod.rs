@@ -107,6 +107,12 @@ pub fn host_prefixes(addresses: &[IpNetwork]) -> Vec<IpNetwork> {
         .collect()
 }
 
+/// wireguard-control's name type (it checks the IFNAMSIZ limit).
+fn interface_name(name: &str) -> Result<wireguard_control::InterfaceName> {
+    name.parse()
+        .map_err(|e| crate::cni::Error::netlink(format!("interface name {name}"), format!("{e:?}")))
+}
+
 /// wireguard-control's builder form of an update (the kernel backend applies it).
 fn device_update(update: &Update) -> wireguard_control::DeviceUpdate {
     let mut builder = wireguard_control::DeviceUpdate::new();

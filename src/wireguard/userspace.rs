@@ -9,14 +9,13 @@ use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use wireguard_control::{Backend as WgBackend, Device, InterfaceName, Key};
+use wireguard_control::{Backend as WgBackend, Device, Key};
 
-use super::{Backend, Created, LinkRef, LinkSpec, Update, uapi};
+use super::{Backend, Created, LinkRef, LinkSpec, Update, interface_name, uapi};
 use crate::cni::{Error, Result};
 use crate::link::Netlink;
 use crate::netns::Netns;
@@ -127,11 +126,6 @@ fn stop_daemon(pid: u32, name: &str) {
     if is_our_daemon(pid, name) {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
-}
-
-fn interface_name(name: &str) -> Result<InterfaceName> {
-    InterfaceName::from_str(name)
-        .map_err(|e| Error::netlink(format!("interface name {name}"), format!("{e:?}")))
 }
 
 /// Everything after the daemon is up: configure, set the MTU, move, rename.
