@@ -53,6 +53,14 @@ fn is_link_local(ip: &IpAddr) -> bool {
     }
 }
 
+/// Settings a link needs that may come from the host rather than the config.
+pub struct LinkSettings {
+    pub mtu: u32,
+    pub endpoint: IpAddr,
+    pub ports: crate::cni::config::PortRange,
+    pub backend: crate::wireguard::BackendKind,
+}
+
 pub fn boot_id() -> Result<String> {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())

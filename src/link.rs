@@ -209,6 +209,33 @@ impl Netlink {
         })
     }
 
+    /// A device route in the host namespace: never replaces a route someone else owns.
+    pub fn add_host_route(&self, index: u32, dst: IpNetwork) -> Result<()> {
+        let message = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst.network(), dst.prefix())
+            .map_err(|e| Error::netlink(format!("route to {dst}"), e))?
+            .output_interface(index)
+            .build();
+        let added = self
+            .runtime
+            .block_on(async { self.handle.route().add(message).execute().await });
+        if added.is_ok() {
+            return Ok(());
+        }
+        let ours = self
+            .routes()?
+            .iter()
+            .any(|r| r.dst == dst && r.oif == Some(index));
+        if ours {
+            Ok(())
+        } else {
+            Err(Error::netlink(
+                format!("adding host route to {dst}"),
+                "another route to that range exists; remove it or pick another subnet",
+            ))
+        }
+    }
+
     /// All routes of the main table, both families.
     pub fn routes(&self) -> Result<Vec<Route>> {
         let v4 = RouteMessageBuilder::<std::net::Ipv4Addr>::new().build();

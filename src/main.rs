@@ -3,11 +3,13 @@
 
 mod cni;
 mod commands;
+mod gateway;
 mod host;
 mod ipam;
 mod keys;
 mod link;
 mod mesh;
+mod nat;
 mod netns;
 mod ports;
 mod show;

@@ -3,9 +3,11 @@
 
 use wireguard_control::Key;
 
-use crate::cni::{Error, Result};
+use ipnetwork::IpNetwork;
+
+use crate::cni::{Error, NetConf, Result};
 use crate::store::{Record, State};
-use crate::wireguard::{Peer, host_prefixes};
+use crate::wireguard::{Peer, PresharedKey, host_prefixes};
 
 pub fn public_key(record: &Record) -> Result<Key> {
     Key::from_base64(&record.public_key).map_err(|_| {
@@ -22,6 +24,7 @@ pub fn peer_of(record: &Record, keepalive: Option<u16>) -> Result<Peer> {
         endpoint: Some(record.endpoint_addr()),
         allowed_ips: host_prefixes(&record.addresses),
         keepalive,
+        preshared_key: None,
     })
 }
 
@@ -44,6 +47,68 @@ pub fn peers_of(
             }
         })
         .collect()
+}
+
+/// The config's static peers as WireGuard peers, after checking that none claims pod
+/// addresses or the gateway's default route (WireGuard would silently give an address to the
+/// last peer that claims it). Preshared keys are read from their files here.
+pub fn static_peers(conf: &NetConf, pod_addresses: &[IpNetwork]) -> Result<Vec<Peer>> {
+    let pod_ranges: Vec<IpNetwork> = pod_addresses
+        .iter()
+        .map(|a| IpNetwork::new(a.network(), a.prefix()).expect("valid"))
+        .collect();
+    conf.static_peers
+        .iter()
+        .enumerate()
+        .map(|(i, peer)| {
+            for ip in &peer.allowed_ips {
+                if conf.host_gateway && ip.prefix() == 0 {
+                    return Err(Error::config(
+                        format!("peers[{i}].allowedIPs"),
+                        format!("{ip} overlaps the node gateway's default route; set \"hostGateway\": false to route everything to this peer"),
+                    ));
+                }
+                if let Some(range) = pod_ranges.iter().find(|r| overlaps(r, ip)) {
+                    return Err(Error::config(
+                        format!("peers[{i}].allowedIPs"),
+                        format!("{ip} overlaps the pod range {range}"),
+                    ));
+                }
+            }
+            let preshared_key = peer
+                .preshared_key_file
+                .as_ref()
+                .map(|path| read_preshared_key(i, path))
+                .transpose()?;
+            Ok(Peer {
+                public_key: Key::from_base64(&peer.public_key).map_err(|_| {
+                    Error::config(format!("peers[{i}].publicKey"), "is not a WireGuard key")
+                })?,
+                endpoint: peer.endpoint,
+                allowed_ips: peer.allowed_ips.clone(),
+                keepalive: conf.persistent_keepalive,
+                preshared_key,
+            })
+        })
+        .collect()
+}
+
+fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
+    a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
+}
+
+/// The key file's content never appears in an error: only its path does.
+fn read_preshared_key(index: usize, path: &std::path::Path) -> Result<PresharedKey> {
+    let field = format!("peers[{index}].presharedKeyFile");
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::config(&field, format!("cannot read {}: {e}", path.display())))?;
+    let key = Key::from_base64(text.trim()).map_err(|_| {
+        Error::config(
+            &field,
+            format!("{} does not hold a base64 WireGuard key", path.display()),
+        )
+    })?;
+    Ok(PresharedKey(key))
 }
 
 #[cfg(test)]

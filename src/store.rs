@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use ipnetwork::IpNetwork;
 use nix::fcntl::{Flock, FlockArg};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::cni::{Error, IoContext, Result};
@@ -20,6 +21,8 @@ use crate::wireguard::{BackendKind, LinkRef};
 pub const SCHEMA_VERSION: u32 = 1;
 const LOCK_FILE: &str = ".lock";
 const TEMP_PREFIX: &str = ".tmp-";
+/// Never a pod record's name: those always hold a '-' between container ID and ifname.
+const GATEWAY_FILE: &str = "gateway.json";
 
 /// `creating` while an ADD is in flight (the public key is already known, so a DEL after a
 /// crash can prove which link is ours); `ready` once the attachment is complete.
@@ -85,6 +88,41 @@ impl Record {
     }
 }
 
+/// The public record of this node's gateway link for a network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayRecord {
+    pub schema: u32,
+    pub network: String,
+    pub node: String,
+    pub public_key: String,
+    /// The gateway's own addresses (full-length prefixes) on its host link.
+    pub addresses: Vec<IpNetwork>,
+    /// The pod ranges the host routes through the gateway.
+    pub subnets: Vec<IpNetwork>,
+    pub endpoint: IpAddr,
+    pub listen_port: u16,
+    pub host_name: String,
+    pub backend: BackendKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon_pid: Option<u32>,
+    pub boot_id: String,
+    pub mtu: u32,
+    pub masquerade: bool,
+    pub created_at: u64,
+}
+
+impl GatewayRecord {
+    pub fn link<'a>(&'a self, host: &'a Netns) -> LinkRef<'a> {
+        LinkRef {
+            host_name: &self.host_name,
+            ifname: &self.host_name,
+            pod: Some(host),
+            daemon_pid: self.daemon_pid,
+        }
+    }
+}
+
 /// One network's directory in the store, seen from one node.
 pub struct Store {
     network_dir: PathBuf,
@@ -128,6 +166,10 @@ impl Store {
                 source: e,
             }),
         }
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.node
     }
 
     fn node_dir(&self) -> PathBuf {
@@ -174,7 +216,7 @@ impl Store {
         let path = self
             .node_dir()
             .join(Record::file_name(container_id, ifname));
-        match read_record(&path) {
+        match read_json::<Record>(&path) {
             Ok(record) => Ok(Some(record)),
             Err(ReadError::Missing) => Ok(None),
             Err(ReadError::Invalid(reason)) => Err(Error::decode(
@@ -186,11 +228,37 @@ impl Store {
 
     /// Write atomically: temp file, fsync, rename, fsync the directory.
     pub fn put(&self, record: &Record) -> Result<()> {
+        self.write_json(
+            &Record::file_name(&record.container_id, &record.ifname),
+            record,
+        )
+    }
+
+    pub fn gateway(&self) -> Result<Option<GatewayRecord>> {
+        let path = self.node_dir().join(GATEWAY_FILE);
+        match read_json::<GatewayRecord>(&path) {
+            Ok(record) => Ok(Some(record)),
+            Err(ReadError::Missing) => Ok(None),
+            Err(ReadError::Invalid(reason)) => Err(Error::decode(
+                format!("gateway record {}", path.display()),
+                reason,
+            )),
+        }
+    }
+
+    pub fn put_gateway(&self, record: &GatewayRecord) -> Result<()> {
+        self.write_json(GATEWAY_FILE, record)
+    }
+
+    pub fn remove_gateway(&self) -> Result<()> {
+        remove_file_if_present(&self.node_dir().join(GATEWAY_FILE))
+    }
+
+    fn write_json(&self, name: &str, value: &impl Serialize) -> Result<()> {
         let dir = self.node_dir();
-        let name = Record::file_name(&record.container_id, &record.ifname);
         let temp = dir.join(format!("{TEMP_PREFIX}{}-{name}", std::process::id()));
-        let target = dir.join(&name);
-        let body = serde_json::to_vec_pretty(record).expect("records always serialize");
+        let target = dir.join(name);
+        let body = serde_json::to_vec_pretty(value).expect("records always serialize");
         let write = || -> std::io::Result<()> {
             let mut file = OpenOptions::new()
                 .create_new(true)
@@ -214,16 +282,11 @@ impl Store {
 
     /// Remove a record; a missing one is fine.
     pub fn remove(&self, container_id: &str, ifname: &str) -> Result<()> {
-        let path = self
-            .node_dir()
-            .join(Record::file_name(container_id, ifname));
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
-                context: format!("removing store record {}", path.display()),
-                source: e,
-            }),
-            _ => Ok(()),
-        }
+        remove_file_if_present(
+            &self
+                .node_dir()
+                .join(Record::file_name(container_id, ifname)),
+        )
     }
 
     /// Remove temp files a crashed writer left in this node's directory.
@@ -290,6 +353,16 @@ fn ensure_private_dir(dir: &Path) -> Result<()> {
     }
 }
 
+fn remove_file_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
+            context: format!("removing store record {}", path.display()),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn not_a_directory(path: &Path) -> Error {
     Error::Io {
         context: format!("{} should be a key store directory", path.display()),
@@ -318,11 +391,11 @@ fn read_records(dir: &Path) -> Result<Vec<Record>> {
         let is_record = path
             .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.ends_with(".json") && !n.starts_with('.'));
+            .is_some_and(|n| n.ends_with(".json") && !n.starts_with('.') && n != GATEWAY_FILE);
         if !is_record {
             continue;
         }
-        match read_record(&path) {
+        match read_json::<Record>(&path) {
             Ok(record) => records.push(record),
             Err(ReadError::Missing) => {}
             Err(ReadError::Invalid(reason)) => {
@@ -341,8 +414,25 @@ enum ReadError {
     Invalid(String),
 }
 
+/// Both record kinds carry a schema version.
+trait Versioned {
+    fn schema(&self) -> u32;
+}
+
+impl Versioned for Record {
+    fn schema(&self) -> u32 {
+        self.schema
+    }
+}
+
+impl Versioned for GatewayRecord {
+    fn schema(&self) -> u32 {
+        self.schema
+    }
+}
+
 /// Read one record without following symlinks; the schema version must be one we know.
-fn read_record(path: &Path) -> std::result::Result<Record, ReadError> {
+fn read_json<T: DeserializeOwned + Versioned>(path: &Path) -> std::result::Result<T, ReadError> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc_o_nofollow())
@@ -360,12 +450,11 @@ fn read_record(path: &Path) -> std::result::Result<Record, ReadError> {
             "not a regular file of at most 64 KiB".into(),
         ));
     }
-    let record: Record =
-        serde_json::from_reader(file).map_err(|e| ReadError::Invalid(e.to_string()))?;
-    if record.schema != SCHEMA_VERSION {
+    let record: T = serde_json::from_reader(file).map_err(|e| ReadError::Invalid(e.to_string()))?;
+    if record.schema() != SCHEMA_VERSION {
         return Err(ReadError::Invalid(format!(
             "schema version {} (this wg-cni reads {SCHEMA_VERSION})",
-            record.schema
+            record.schema()
         )));
     }
     Ok(record)

@@ -24,8 +24,12 @@ fn two_pods_talk_over_the_tunnel_and_del_removes_everything() {
 
     let ra = net.add(&a).ok().json();
     let rb = net.add(&b).ok().json();
-    // Nothing of the pods' links stays behind in the host (no stray empty WireGuard link).
-    assert_eq!(host_links(), before.links, "host links changed by ADD");
+    // The host gains the network's gateway link and nothing else (no stray empty WireGuard
+    // link: the pods' links live in the pods).
+    let gateway = net.gateway_record().expect("a gateway record");
+    let mut with_gateway = before.links.clone();
+    with_gateway.insert(gateway["hostName"].as_str().unwrap().to_string());
+    assert_eq!(host_links(), with_gateway, "host links after ADD");
     for pod in [&a, &b] {
         sandbox_links_are_lo_and_eth0(pod);
         let details = pod.link_details("eth0");
@@ -49,7 +53,7 @@ fn two_pods_talk_over_the_tunnel_and_del_removes_everything() {
         a.udp_ports()
     );
 
-    // show: both attachments, each with the other as a peer and a recent handshake.
+    // show: both attachments, each with the other pod (recent handshake) and the gateway.
     let show = net.show_json();
     let attachments = show["networks"][0]["attachments"]
         .as_array()
@@ -58,12 +62,16 @@ fn two_pods_talk_over_the_tunnel_and_del_removes_everything() {
     assert_eq!(attachments.len(), 2);
     for attachment in &attachments {
         let peers = attachment["peers"].as_array().unwrap();
-        assert_eq!(peers.len(), 1, "{attachment}");
-        let ago = peers[0]["latestHandshakeSecondsAgo"]
+        assert_eq!(peers.len(), 2, "{attachment}");
+        let pod_peer = peers
+            .iter()
+            .find(|p| p["publicKey"] != gateway["publicKey"])
+            .expect("the other pod");
+        let ago = pod_peer["latestHandshakeSecondsAgo"]
             .as_u64()
             .expect("a handshake");
         assert!(ago < 60, "handshake {ago} s ago");
-        assert!(peers[0]["rxBytes"].as_u64().unwrap() > 0);
+        assert!(pod_peer["rxBytes"].as_u64().unwrap() > 0);
     }
     let text = run_ok(
         binary().to_str().unwrap(),
@@ -97,12 +105,12 @@ fn two_pods_talk_over_the_tunnel_and_del_removes_everything() {
     assert!(!net.reservations().contains(&ip_a));
     assert!(!host_udp_ports().contains(&port));
     let show = net.show_json();
-    let b_peers = &show["networks"][0]["attachments"][0]["peers"];
-    assert_eq!(
-        b_peers.as_array().unwrap().len(),
-        0,
-        "b still has a as a peer"
-    );
+    let b_peers = show["networks"][0]["attachments"][0]["peers"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(b_peers.len(), 1, "b still has a as a peer: {b_peers:?}");
+    assert_eq!(b_peers[0]["publicKey"], gateway["publicKey"]);
 
     // containerd's second DEL: empty netns, no prevResult.
     net.call("DEL", &a.id, "", &net.conf()).ok();
@@ -207,16 +215,17 @@ fn mesh_follows_adds_and_dels() {
             .map(|a| a["peers"].as_array().unwrap().len())
             .collect()
     };
-    assert_eq!(peers_of(&net), vec![1, 1]);
+    // Each pod: the other pods and the gateway.
+    assert_eq!(peers_of(&net), vec![2, 2]);
     let r2 = net.add(&pods[2]).ok().json();
-    assert_eq!(peers_of(&net), vec![2, 2, 2]);
+    assert_eq!(peers_of(&net), vec![3, 3, 3]);
     assert!(
         pods[0].ping(&address_of(&r2, false)),
         "first pod cannot reach the third"
     );
     net.check(&pods[0], &r0).ok();
     net.del(&pods[2], Some(&r2)).ok();
-    assert_eq!(peers_of(&net), vec![1, 1]);
+    assert_eq!(peers_of(&net), vec![2, 2]);
     // CHECK compares peers with the store: still consistent after the DEL.
     net.check(&pods[1], &r1).ok();
 }

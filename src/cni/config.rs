@@ -1,9 +1,10 @@
 //! The network configuration on stdin: parsed, type-checked field by field, nothing resolved
 //! against the host yet (defaults that depend on the host live in `host.rs`).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+use ipnetwork::IpNetwork;
 use serde_json::{Map, Value};
 
 use super::error::{Error, Result};
@@ -47,6 +48,17 @@ impl std::fmt::Display for PortRange {
     }
 }
 
+/// A peer from the config (an egress gateway, a VPN concentrator): every pod link gets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticPeer {
+    /// base64, as `wg` prints it.
+    pub public_key: String,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNetwork>,
+    /// A file holding a base64 preshared key (read at ADD, never logged).
+    pub preshared_key_file: Option<PathBuf>,
+}
+
 /// One attachment named in GC's `cni.dev/valid-attachments`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attachment {
@@ -65,6 +77,11 @@ pub struct NetConf {
     pub endpoint: Option<IpAddr>,
     pub listen_ports: Option<PortRange>,
     pub persistent_keepalive: Option<u16>,
+    /// A WireGuard link in the host namespace that routes host ↔ pods (probes, Services, egress).
+    pub host_gateway: bool,
+    /// Masquerade pod traffic leaving the host (needs the host gateway).
+    pub ip_masq: bool,
+    pub static_peers: Vec<StaticPeer>,
     /// Overrides the host name as this node's name in the store.
     pub node_name: Option<String>,
     pub prev_result: Option<Value>,
@@ -193,6 +210,16 @@ impl NetConf {
             .transpose()?
             .filter(|secs| *secs > 0);
 
+        let host_gateway = fields.optional_bool("hostGateway")?.unwrap_or(true);
+        let ip_masq = fields.optional_bool("ipMasq")?.unwrap_or(false);
+        if ip_masq && !host_gateway {
+            return Err(Error::config(
+                "ipMasq",
+                "needs \"hostGateway\": true (pod traffic leaves the host through the gateway)",
+            ));
+        }
+        let static_peers = parse_static_peers(raw.get("peers"))?;
+
         let node_name = fields.optional_str("nodeName")?;
         if let Some(node) = &node_name {
             validate_name("nodeName", node)?;
@@ -216,6 +243,9 @@ impl NetConf {
             endpoint,
             listen_ports,
             persistent_keepalive,
+            host_gateway,
+            ip_masq,
+            static_peers,
             node_name,
             prev_result,
             valid_attachments,
@@ -234,6 +264,90 @@ fn validate_name(field: &str, name: &str) -> Result<()> {
             format!("\"{name}\" {}", super::IDENTIFIER_RULE),
         ))
     }
+}
+
+fn parse_static_peers(value: Option<&Value>) -> Result<Vec<StaticPeer>> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let list = value
+        .as_array()
+        .ok_or_else(|| Error::config("peers", "must be an array of peer objects"))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, peer)| parse_static_peer(i, peer))
+        .collect()
+}
+
+fn parse_static_peer(index: usize, value: &Value) -> Result<StaticPeer> {
+    let bad =
+        |field: &str, reason: String| Error::config(format!("peers[{index}].{field}"), reason);
+    let obj = value
+        .as_object()
+        .ok_or_else(|| Error::config(format!("peers[{index}]"), "must be an object"))?;
+    let public_key = match obj.get("publicKey") {
+        Some(Value::String(k)) if is_wireguard_key(k) => k.clone(),
+        Some(Value::String(k)) => {
+            return Err(bad(
+                "publicKey",
+                format!(
+                    "\"{k}\" is not a base64 WireGuard key (44 characters, as `wg pubkey` prints)"
+                ),
+            ));
+        }
+        _ => return Err(bad("publicKey", "is required and must be a string".into())),
+    };
+    let endpoint = match obj.get("endpoint") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(e)) => Some(e.parse::<SocketAddr>().map_err(|_| {
+            bad(
+                "endpoint",
+                format!("\"{e}\" is not IP:port (IPv6 as [addr]:port)"),
+            )
+        })?),
+        Some(_) => return Err(bad("endpoint", "must be a string \"IP:port\"".into())),
+    };
+    let allowed_ips = match obj.get("allowedIPs") {
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(|item| {
+                let text = item.as_str().unwrap_or_default();
+                text.parse::<IpNetwork>()
+                    .map_err(|_| bad("allowedIPs", format!("{item} is not a CIDR")))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        _ => {
+            return Err(bad(
+                "allowedIPs",
+                "is required: a non-empty array of CIDRs".into(),
+            ));
+        }
+    };
+    let preshared_key_file = match obj.get("presharedKeyFile") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) if p.starts_with('/') => Some(PathBuf::from(p)),
+        Some(_) => {
+            return Err(bad(
+                "presharedKeyFile",
+                "must be an absolute path to a file holding a base64 key".into(),
+            ));
+        }
+    };
+    Ok(StaticPeer {
+        public_key,
+        endpoint,
+        allowed_ips,
+        preshared_key_file,
+    })
+}
+
+/// 32 bytes in standard base64: 43 characters and one `=`.
+pub fn is_wireguard_key(text: &str) -> bool {
+    text.len() == 44
+        && text.ends_with('=')
+        && text[..43]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/')
 }
 
 fn parse_attachments(value: Option<&Value>) -> Result<Option<Vec<Attachment>>> {
@@ -277,6 +391,17 @@ impl Fields<'_> {
             Some(other) => Err(Error::config(
                 field,
                 format!("must be a string, not {}", type_name(other)),
+            )),
+        }
+    }
+
+    fn optional_bool(&self, field: &str) -> Result<Option<bool>> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(Error::config(
+                field,
+                format!("must be true or false, not {}", type_name(other)),
             )),
         }
     }
@@ -379,6 +504,8 @@ mod tests {
             ("ipam", json!("host-local")),
             ("nodeName", json!("a/b")),
             ("prevResult", json!([1])),
+            ("hostGateway", json!("yes")),
+            ("peers", json!({"publicKey": "x"})),
         ] {
             let e = field_error(field, value.clone());
             assert_eq!(e.code(), 7, "{field}={value}: {e}");
@@ -395,6 +522,51 @@ mod tests {
         assert_eq!(parse(&v).unwrap_err().code(), 1);
         let huge = vec![b' '; MAX_CONFIG_BYTES + 1];
         assert_eq!(NetConf::parse(&huge).unwrap_err().code(), 6);
+    }
+
+    #[test]
+    fn static_peers_are_validated_and_errors_name_the_peer() {
+        let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+        let mut v = base();
+        v["peers"] = json!([{"publicKey": key, "endpoint": "127.0.0.1:51000", "allowedIPs": ["192.168.50.0/24"]}]);
+        let c = parse(&v).unwrap();
+        assert_eq!(
+            c.static_peers[0].allowed_ips[0].to_string(),
+            "192.168.50.0/24"
+        );
+        assert!(c.host_gateway && !c.ip_masq);
+        for (peer, field) in [
+            (
+                json!({"publicKey": "short", "allowedIPs": ["10.0.0.0/8"]}),
+                "peers[0].publicKey",
+            ),
+            (
+                json!({"publicKey": key, "allowedIPs": ["nope"]}),
+                "peers[0].allowedIPs",
+            ),
+            (
+                json!({"publicKey": key, "allowedIPs": []}),
+                "peers[0].allowedIPs",
+            ),
+            (
+                json!({"publicKey": key, "allowedIPs": ["10.0.0.0/8"], "endpoint": "host"}),
+                "peers[0].endpoint",
+            ),
+            (
+                json!({"publicKey": key, "allowedIPs": ["10.0.0.0/8"], "presharedKeyFile": "rel"}),
+                "peers[0].presharedKeyFile",
+            ),
+        ] {
+            let mut v = base();
+            v["peers"] = json!([peer]);
+            let e = parse(&v).unwrap_err();
+            assert_eq!(e.code(), 7);
+            assert!(e.to_string().contains(field), "{e}");
+        }
+        let mut v = base();
+        v["ipMasq"] = json!(true);
+        v["hostGateway"] = json!(false);
+        assert!(parse(&v).unwrap_err().to_string().contains("ipMasq"));
     }
 
     #[test]

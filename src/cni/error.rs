@@ -12,6 +12,7 @@ pub mod code {
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
     pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
+    pub const LIMITED_CONNECTIVITY: u32 = 51;
     pub const INTERFACE_EXISTS: u32 = 100;
     pub const NETLINK: u32 = 101;
     pub const WIREGUARD: u32 = 102;
@@ -38,6 +39,8 @@ pub enum Error {
     TryAgainLater(String),
     #[error("{0}")]
     NotAvailable(String),
+    #[error("{0}")]
+    Degraded(String),
     #[error("interface {ifname} already exists in {netns}: pick another CNI_IFNAME or remove it")]
     InterfaceExists { ifname: String, netns: String },
     #[error("{context}: {reason}")]
@@ -72,6 +75,7 @@ impl Error {
             Error::Io { .. } => code::IO,
             Error::TryAgainLater(_) => code::TRY_AGAIN_LATER,
             Error::NotAvailable(_) => code::PLUGIN_NOT_AVAILABLE,
+            Error::Degraded(_) => code::LIMITED_CONNECTIVITY,
             Error::InterfaceExists { .. } => code::INTERFACE_EXISTS,
             Error::Netlink { .. } => code::NETLINK,
             Error::WireGuard { .. } => code::WIREGUARD,

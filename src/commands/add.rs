@@ -4,11 +4,12 @@
 
 use serde_json::Value;
 
-use super::context::{self, Context, LinkSettings};
+use super::context::{self, Context};
 use super::rollback::Rollback;
 use crate::cni::result::{Interface, parse_dns};
 use crate::cni::{CniResult, Error, Result};
-use crate::host;
+use crate::gateway;
+use crate::host::{self, LinkSettings};
 use crate::keys::KeyPair;
 use crate::link::Netlink;
 use crate::mesh;
@@ -50,15 +51,21 @@ pub fn run(ctx: &Context) -> Result<Value> {
         ));
     }
     let addresses: Vec<_> = ipam_result.ips.iter().map(|ip| ip.address).collect();
+    let static_peers = mesh::static_peers(conf, &addresses)?;
+    let gateway_plan = match conf.host_gateway {
+        true => Some(gateway::plan(&ipam_result)?),
+        false => None,
+    };
 
     let keypair = KeyPair::generate();
     let records = store.all_records()?;
-    let peers = mesh::peers_of(
+    let mut peers = mesh::peers_of(
         &records,
         &env.container_id,
         &env.ifname,
         conf.persistent_keepalive,
     );
+    peers.extend(static_peers);
     let temp_name = temp_link_name(&env.container_id, &env.ifname);
     let host_name = match settings.backend {
         wireguard::BackendKind::Kernel => env.ifname.clone(),
@@ -87,8 +94,17 @@ pub fn run(ctx: &Context) -> Result<Value> {
         created_at: host::now_unix(),
     };
 
+    let gateway_record;
     {
         let _ports = ports::lock()?;
+        gateway_record = match &gateway_plan {
+            Some(plan) => Some(ensure_gateway(ctx, &store, &settings, plan, &mut rollback)?),
+            None => None,
+        };
+        if let Some(gw) = &gateway_record {
+            peers.push(gateway::peer_for_pods(gw, conf.persistent_keepalive)?);
+            add_default_routes(&mut ipam_result);
+        }
         let mut taken = Vec::new();
         let created = loop {
             let port = ports::free_ports(settings.ports, &taken)
@@ -142,10 +158,17 @@ pub fn run(ctx: &Context) -> Result<Value> {
     store.put(&record)?;
     let others = store.node_records()?;
     let newcomer = mesh::peer_of(&record, conf.persistent_keepalive)?;
-    context::update_local_peers(&others, &record, || Update {
+    context::update_local_peers(&others, Some(&record), || Update {
         peers: vec![newcomer.clone()],
         ..Update::default()
     });
+    if gateway_record.is_some() {
+        let update = Update {
+            peers: vec![newcomer.clone()],
+            ..Update::default()
+        };
+        gateway::update(&ctx.host, &store, &update);
+    }
     rollback.disarm();
 
     ipam_result.interfaces = vec![Interface {
@@ -178,6 +201,52 @@ pub fn temp_link_name(container_id: &str, ifname: &str) -> String {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("wgc{:012x}", hash & 0xffff_ffff_ffff)
+}
+
+/// Make sure the node gateway serves this pod's range; if it had to be replaced, the local pods
+/// swap its old key for the new one.
+fn ensure_gateway<'a>(
+    ctx: &'a Context,
+    store: &'a crate::store::Store,
+    settings: &LinkSettings,
+    plan: &gateway::Plan,
+    rollback: &mut Rollback<'a>,
+) -> Result<crate::store::GatewayRecord> {
+    let wanted = gateway::Wanted {
+        network: &ctx.conf.name,
+        boot_id: &ctx.boot_id,
+        settings,
+        plan,
+        keepalive: ctx.conf.persistent_keepalive,
+        masquerade: ctx.conf.ip_masq,
+    };
+    let ensured = gateway::ensure(&ctx.host, store, &wanted)?;
+    if ensured.created {
+        rollback.push("node gateway", || {
+            gateway::remove_if_unused(&ctx.host, store)
+        });
+        let new_peer = gateway::peer_for_pods(&ensured.record, ctx.conf.persistent_keepalive)?;
+        let remove_peers: Vec<_> = ensured.replaced_key.into_iter().collect();
+        context::update_local_peers(&store.node_records()?, None, || Update {
+            peers: vec![new_peer.clone()],
+            remove_peers: remove_peers.clone(),
+            ..Update::default()
+        });
+    }
+    Ok(ensured.record)
+}
+
+/// With the gateway, a pod's default routes go into the tunnel (and from there to its peer).
+fn add_default_routes(result: &mut CniResult) {
+    let families: Vec<bool> = result.ips.iter().map(|ip| ip.address.is_ipv4()).collect();
+    for (v4, default) in [(true, "0.0.0.0/0"), (false, "::/0")] {
+        let dst = default.parse().expect("valid");
+        if families.contains(&v4) && !result.routes.iter().any(|r| r.dst == dst) {
+            result
+                .routes
+                .push(crate::cni::result::Route { dst, gw: None });
+        }
+    }
 }
 
 /// `K8S_POD_NAMESPACE/K8S_POD_NAME`, or just the name (podman sends only that).

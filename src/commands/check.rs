@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use super::context::Context;
 use crate::cni::{CniResult, Error, Result, Version};
+use crate::gateway;
 use crate::link::Netlink;
 use crate::mesh;
 use crate::netns::Netns;
@@ -55,12 +56,19 @@ pub fn run(ctx: &Context) -> Result<()> {
         )));
     }
 
-    let expected = mesh::peers_of(
+    let mut expected = mesh::peers_of(
         &store.all_records()?,
         &env.container_id,
         &env.ifname,
         conf.persistent_keepalive,
     );
+    expected.extend(mesh::static_peers(conf, &record.addresses)?);
+    if conf.host_gateway {
+        let gateway = store
+            .gateway()?
+            .ok_or_else(|| Error::Check("the node gateway has no record".into()))?;
+        expected.push(gateway::peer_for_pods(&gateway, conf.persistent_keepalive)?);
+    }
     let want: BTreeMap<String, (Vec<String>, Option<String>)> = expected
         .iter()
         .map(|p| {

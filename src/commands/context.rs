@@ -2,12 +2,12 @@
 //! host, the store, and the teardown of one attachment (used by DEL, GC and the reaping of
 //! records a reboot left behind).
 
-use std::net::IpAddr;
 use std::path::Path;
 
-use crate::cni::config::{BackendChoice, PortRange};
+use crate::cni::config::BackendChoice;
 use crate::cni::{CniEnv, Error, NetConf, Result};
-use crate::host;
+use crate::gateway;
+use crate::host::{self, LinkSettings};
 use crate::ipam::{Ipam, Target};
 use crate::mesh;
 use crate::netns::Netns;
@@ -41,14 +41,6 @@ impl<'a> Context<'a> {
     pub fn ipam(&self) -> Result<Ipam<'a>> {
         Ipam::find(self.env, self.conf)
     }
-}
-
-/// Settings ADD needs that may come from the host rather than the config.
-pub struct LinkSettings {
-    pub mtu: u32,
-    pub endpoint: IpAddr,
-    pub ports: PortRange,
-    pub backend: BackendKind,
 }
 
 pub fn resolve_link_settings(conf: &NetConf) -> Result<LinkSettings> {
@@ -121,13 +113,12 @@ pub fn recorded_netns(record: &Record, hint: Option<&Path>) -> Option<Netns> {
 /// Best effort: a pod that died without DEL has no link to update.
 pub fn update_local_peers(
     records: &[Record],
-    except: &Record,
+    except: Option<&Record>,
     update: impl Fn() -> Update<'static>,
 ) {
     for record in records {
-        if record.is_attachment(&except.container_id, &except.ifname)
-            || record.state != State::Ready
-        {
+        let is_except = except.is_some_and(|e| record.is_attachment(&e.container_id, &e.ifname));
+        if is_except || record.state != State::Ready {
             continue;
         }
         let pod = recorded_netns(record, None);
@@ -153,10 +144,18 @@ pub fn teardown(
     wireguard::backend(record.backend).destroy(&link, &key, &ctx.host)?;
 
     let others = store.node_records()?;
-    update_local_peers(&others, record, || Update {
+    update_local_peers(&others, Some(record), || Update {
         remove_peers: vec![key.clone()],
         ..Update::default()
     });
+    gateway::update(
+        &ctx.host,
+        store,
+        &Update {
+            remove_peers: vec![key.clone()],
+            ..Update::default()
+        },
+    );
 
     ipam.del(
         &Target {

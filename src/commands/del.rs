@@ -3,6 +3,7 @@
 
 use super::context::{self, Context};
 use crate::cni::{CniResult, Result};
+use crate::gateway;
 use crate::store::Store;
 
 pub fn run(ctx: &Context) -> Result<()> {
@@ -20,7 +21,8 @@ pub fn run(ctx: &Context) -> Result<()> {
     };
     let _lock = store.lock()?;
     match store.get(&env.container_id, &env.ifname)? {
-        Some(record) => context::teardown(ctx, &store, &ipam, &record, env.netns.as_deref()),
-        None => ipam.del(&ipam.target_of_env(), prev.as_ref()),
+        Some(record) => context::teardown(ctx, &store, &ipam, &record, env.netns.as_deref())?,
+        None => ipam.del(&ipam.target_of_env(), prev.as_ref())?,
     }
+    gateway::remove_if_unused(&ctx.host, &store)
 }

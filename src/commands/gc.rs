@@ -4,6 +4,7 @@
 
 use super::context::{self, Context};
 use crate::cni::{Error, Result, Version};
+use crate::gateway;
 use crate::store::Store;
 
 pub fn run(ctx: &Context) -> Result<()> {
@@ -29,6 +30,7 @@ pub fn run(ctx: &Context) -> Result<()> {
                 context::teardown(ctx, &store, &ipam, &record, None)?;
             }
         }
+        gateway::remove_if_unused(&ctx.host, &store)?;
     }
     // An IPAM that speaks 1.1 cleans its own leftovers; for older ones the IPAM DEL of each
     // stale attachment above did the work.

@@ -38,6 +38,17 @@ pub struct Peer {
     pub endpoint: Option<SocketAddr>,
     pub allowed_ips: Vec<IpNetwork>,
     pub keepalive: Option<u16>,
+    pub preshared_key: Option<PresharedKey>,
+}
+
+/// A preshared key: secret, so it never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PresharedKey(pub Key);
+
+impl std::fmt::Debug for PresharedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PresharedKey(<redacted>)")
+    }
 }
 
 /// A change to an existing device, stated as data.
@@ -98,13 +109,13 @@ pub fn backend(kind: BackendKind) -> Box<dyn Backend> {
 
 /// Allowed IPs for a pod: its own addresses as host prefixes, so it can claim nothing else.
 pub fn host_prefixes(addresses: &[IpNetwork]) -> Vec<IpNetwork> {
-    addresses
-        .iter()
-        .map(|a| {
-            let bits = if a.is_ipv4() { 32 } else { 128 };
-            IpNetwork::new(a.ip(), bits).expect("a full-length prefix is valid")
-        })
-        .collect()
+    addresses.iter().map(|a| host_prefix(a.ip())).collect()
+}
+
+/// `ip/32` or `ip/128`.
+pub fn host_prefix(ip: std::net::IpAddr) -> IpNetwork {
+    let bits = if ip.is_ipv4() { 32 } else { 128 };
+    IpNetwork::new(ip, bits).expect("a full-length prefix is valid")
 }
 
 /// wireguard-control's name type (it checks the IFNAMSIZ limit).
@@ -133,6 +144,9 @@ fn device_update(update: &Update) -> wireguard_control::DeviceUpdate {
         }
         if let Some(seconds) = peer.keepalive {
             config = config.set_persistent_keepalive_interval(seconds);
+        }
+        if let Some(psk) = &peer.preshared_key {
+            config = config.set_preshared_key(psk.0.clone());
         }
         for ip in &peer.allowed_ips {
             config = config.add_allowed_ip(ip.ip(), ip.prefix());

@@ -47,6 +47,9 @@ fn request(update: &Update) -> Zeroizing<String> {
         if let Some(seconds) = peer.keepalive {
             let _ = writeln!(text, "persistent_keepalive_interval={seconds}");
         }
+        if let Some(psk) = &peer.preshared_key {
+            let _ = writeln!(text, "preshared_key={}", hex(&psk.0.0));
+        }
         for ip in &peer.allowed_ips {
             let _ = writeln!(text, "allowed_ip={}/{}", ip.ip(), ip.prefix());
         }
@@ -102,6 +105,7 @@ mod tests {
                 endpoint: Some("127.0.0.1:52002".parse().unwrap()),
                 allowed_ips: vec!["10.66.0.3/32".parse().unwrap()],
                 keepalive: Some(25),
+                preshared_key: None,
             }],
             remove_peers: vec![],
         };

@@ -379,6 +379,16 @@ impl Net {
         out
     }
 
+    /// This node's gateway record for the network, if any.
+    pub fn gateway_record(&self) -> Option<Value> {
+        let nodes = std::fs::read_dir(self.store().join(&self.name)).ok()?;
+        nodes
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("gateway.json"))
+            .find(|p| p.exists())
+            .map(|p| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap())
+    }
+
     pub fn record_of(&self, pod: &Pod) -> Option<Value> {
         self.records()
             .into_iter()

@@ -1,0 +1,350 @@
+//! The node gateway: one WireGuard link per network in the host namespace, with its own key
+//! and the range's gateway address. Every local pod has it as the peer for its default route
+//! (0.0.0.0/0, ::/0; pod-to-pod stays direct because /32 peers win), it has every local pod as
+//! a peer, and the host routes the pod range through it. That is the path of kubelet probes,
+//! Services and egress. Created by the first ADD, recreated by an ADD that finds it gone,
+//! removed with the network's last local attachment.
+
+use ipnetwork::IpNetwork;
+use wireguard_control::Key;
+
+use crate::cni::{CniResult, Error, Result};
+use crate::host::{self, LinkSettings};
+use crate::keys::KeyPair;
+use crate::link::Netlink;
+use crate::mesh;
+use crate::nat;
+use crate::netns::Netns;
+use crate::ports;
+use crate::store::{GatewayRecord, SCHEMA_VERSION, State, Store};
+use crate::wireguard::{self, LinkSpec, Peer, Update};
+
+/// `wgg` + 12 hex digits of the network name: stable per network, at most 15 bytes.
+pub fn link_name(network: &str) -> String {
+    format!("wgg{:012x}", fnv1a(network.as_bytes()) & 0xffff_ffff_ffff)
+}
+
+/// FNV-1a, 64 bit: stable across builds and platforms, unlike std's hasher.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// What the gateway serves, read off an IPAM result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The gateway's addresses, as full-length prefixes.
+    pub addresses: Vec<IpNetwork>,
+    /// The pod ranges routed through it.
+    pub subnets: Vec<IpNetwork>,
+}
+
+pub fn plan(result: &CniResult) -> Result<Plan> {
+    let mut plan = Plan {
+        addresses: Vec::new(),
+        subnets: Vec::new(),
+    };
+    for ip in &result.ips {
+        let gateway = ip.gateway.ok_or_else(|| {
+            Error::config(
+                "ipam",
+                format!(
+                    "returned {} without a gateway address; \"hostGateway\" needs one per range (or set \"hostGateway\": false)",
+                    ip.address
+                ),
+            )
+        })?;
+        let subnet = IpNetwork::new(ip.address.network(), ip.address.prefix())
+            .expect("a network of a valid prefix is valid");
+        let address = wireguard::host_prefix(gateway);
+        if !plan.subnets.contains(&subnet) {
+            plan.subnets.push(subnet);
+        }
+        if !plan.addresses.contains(&address) {
+            plan.addresses.push(address);
+        }
+    }
+    Ok(plan)
+}
+
+/// The peer every pod gets for the gateway: whatever no more specific peer claims.
+pub fn peer_for_pods(gateway: &GatewayRecord, keepalive: Option<u16>) -> Result<Peer> {
+    let mut allowed_ips = Vec::new();
+    if gateway.subnets.iter().any(IpNetwork::is_ipv4) {
+        allowed_ips.push("0.0.0.0/0".parse().expect("valid"));
+    }
+    if gateway.subnets.iter().any(IpNetwork::is_ipv6) {
+        allowed_ips.push("::/0".parse().expect("valid"));
+    }
+    Ok(Peer {
+        public_key: key_of(&gateway.public_key)?,
+        endpoint: Some(std::net::SocketAddr::new(
+            gateway.endpoint,
+            gateway.listen_port,
+        )),
+        allowed_ips,
+        keepalive,
+        preshared_key: None,
+    })
+}
+
+fn key_of(base64: &str) -> Result<Key> {
+    Key::from_base64(base64)
+        .map_err(|_| Error::decode("gateway record", "\"publicKey\" is not a WireGuard key"))
+}
+
+/// Whether the gateway's link is up with the recorded key (its daemon alive, for userspace).
+pub fn is_live(host: &Netns, gateway: &GatewayRecord) -> bool {
+    wireguard::backend(gateway.backend)
+        .read(&gateway.link(host))
+        .is_ok_and(|d| d.public_key.map(|k| k.to_base64()).as_deref() == Some(&gateway.public_key))
+}
+
+/// What ADD wants the gateway to be.
+pub struct Wanted<'a> {
+    pub network: &'a str,
+    pub boot_id: &'a str,
+    pub settings: &'a LinkSettings,
+    pub plan: &'a Plan,
+    pub keepalive: Option<u16>,
+    pub masquerade: bool,
+}
+
+pub struct Ensured {
+    pub record: GatewayRecord,
+    /// The key of a gateway that had vanished and was replaced: pods still list it.
+    pub replaced_key: Option<Key>,
+    /// Made by this call (an ADD that fails afterwards removes it again when unused).
+    pub created: bool,
+}
+
+/// Make sure the gateway exists, serves `plan` and has every ready local pod as a peer.
+/// The caller holds the network lock and the node's port lock.
+pub fn ensure(host: &Netns, store: &Store, wanted: &Wanted) -> Result<Ensured> {
+    let Wanted {
+        network,
+        boot_id,
+        settings,
+        plan,
+        keepalive,
+        masquerade,
+    } = *wanted;
+    let mut replaced_key = None;
+    if let Some(existing) = store.gateway()? {
+        if existing.boot_id == boot_id && is_live(host, &existing) {
+            let serves_plan = plan.subnets.iter().all(|s| existing.subnets.contains(s))
+                && existing.masquerade == masquerade;
+            if serves_plan {
+                return Ok(Ensured {
+                    record: existing,
+                    replaced_key: None,
+                    created: false,
+                });
+            }
+            // A range was added or ipMasq changed: rebuild around the same key.
+            let mut grown = existing.clone();
+            merge_plan(&mut grown, plan);
+            grown.masquerade = masquerade;
+            configure_host_side(host, &grown)?;
+            store.put_gateway(&grown)?;
+            return Ok(Ensured {
+                record: grown,
+                replaced_key: None,
+                created: false,
+            });
+        }
+        tracing::warn!(network, "the node gateway is gone: recreating it");
+        destroy(host, &existing)?;
+        replaced_key = key_of(&existing.public_key).ok();
+    }
+
+    let name = link_name(network);
+    let keypair = KeyPair::generate();
+    let port = ports::free_ports(settings.ports, &[])
+        .next()
+        .ok_or_else(|| {
+            Error::TryAgainLater(format!(
+                "no free UDP port left in listenPorts {} for the node gateway",
+                settings.ports
+            ))
+        })?;
+    let local_pods: Vec<Peer> = store
+        .node_records()?
+        .iter()
+        .filter(|r| r.state == State::Ready)
+        .filter_map(|r| mesh::peer_of(r, keepalive).ok())
+        .collect();
+    let mut record = GatewayRecord {
+        schema: SCHEMA_VERSION,
+        network: network.to_string(),
+        node: String::new(),
+        public_key: keypair.public().to_base64(),
+        addresses: Vec::new(),
+        subnets: Vec::new(),
+        endpoint: settings.endpoint,
+        listen_port: port,
+        host_name: name.clone(),
+        backend: settings.backend,
+        daemon_pid: None,
+        boot_id: boot_id.to_string(),
+        mtu: settings.mtu,
+        masquerade,
+        created_at: host::now_unix(),
+    };
+    merge_plan(&mut record, plan);
+    record.node = store.node_name().to_string();
+
+    let backend = wireguard::backend(settings.backend);
+    let spec = LinkSpec {
+        temp_name: &name,
+        ifname: &name,
+        mtu: settings.mtu,
+        listen_port: port,
+        keypair: &keypair,
+        peers: local_pods,
+    };
+    // Created "into" the host namespace itself: the same path as a pod link, minus the move.
+    let created = backend.create(&spec, host, host)?;
+    record.daemon_pid = created.daemon_pid;
+    let finish = configure_host_side(host, &record).and_then(|()| store.put_gateway(&record));
+    if let Err(e) = finish {
+        let _ = destroy(host, &record);
+        return Err(e);
+    }
+    Ok(Ensured {
+        record,
+        replaced_key,
+        created: true,
+    })
+}
+
+fn merge_plan(record: &mut GatewayRecord, plan: &Plan) {
+    for address in &plan.addresses {
+        if !record.addresses.contains(address) {
+            record.addresses.push(*address);
+        }
+    }
+    for subnet in &plan.subnets {
+        if !record.subnets.contains(subnet) {
+            record.subnets.push(*subnet);
+        }
+    }
+}
+
+/// Addresses, up, routes to the pod ranges, forwarding and the NAT rules. Idempotent.
+fn configure_host_side(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
+    host.run(|| {
+        let netlink = Netlink::open()?;
+        let link = netlink.link_by_name(&gateway.host_name)?.ok_or_else(|| {
+            Error::netlink(
+                format!("gateway link {}", gateway.host_name),
+                "is missing from the host namespace",
+            )
+        })?;
+        let present = netlink.addresses(link.index)?;
+        for address in &gateway.addresses {
+            if !present.contains(address) {
+                netlink.add_address(link.index, *address)?;
+            }
+        }
+        netlink.set_up(link.index)?;
+        for subnet in &gateway.subnets {
+            netlink.add_host_route(link.index, *subnet)?;
+        }
+        Ok(())
+    })?;
+    nat::enable_forwarding(&gateway.subnets)?;
+    for subnet in &gateway.subnets {
+        nat::hairpin(&gateway.network, &gateway.host_name, subnet).ensure()?;
+        let masquerade = nat::masquerade(&gateway.network, &gateway.host_name, subnet);
+        if gateway.masquerade {
+            masquerade.ensure()?;
+        } else {
+            masquerade.remove()?;
+        }
+    }
+    Ok(())
+}
+
+/// Remove the gateway's link (or daemon) and NAT rules; the record stays for the caller.
+pub fn destroy(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
+    for subnet in &gateway.subnets {
+        nat::hairpin(&gateway.network, &gateway.host_name, subnet).remove()?;
+        nat::masquerade(&gateway.network, &gateway.host_name, subnet).remove()?;
+    }
+    let key = key_of(&gateway.public_key)?;
+    wireguard::backend(gateway.backend).destroy(&gateway.link(host), &key, host)
+}
+
+/// Tell the gateway about a pod, or forget one.
+pub fn update(host: &Netns, store: &Store, update: &Update) {
+    let Ok(Some(gateway)) = store.gateway() else {
+        return;
+    };
+    if let Err(e) = wireguard::backend(gateway.backend).apply(&gateway.link(host), update) {
+        tracing::warn!(error = %e, "could not update the node gateway");
+    }
+}
+
+/// The network's last local attachment is gone: so is the gateway.
+pub fn remove_if_unused(host: &Netns, store: &Store) -> Result<()> {
+    if !store.node_records()?.is_empty() {
+        return Ok(());
+    }
+    if let Some(gateway) = store.gateway()? {
+        destroy(host, &gateway)?;
+        store.remove_gateway()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cni::result::IpConfig;
+
+    #[test]
+    fn plan_takes_gateways_and_ranges_per_family() {
+        let result = CniResult {
+            ips: vec![
+                IpConfig {
+                    address: "10.66.0.7/24".parse().unwrap(),
+                    gateway: Some("10.66.0.1".parse().unwrap()),
+                    interface: None,
+                },
+                IpConfig {
+                    address: "fd66::7/64".parse().unwrap(),
+                    gateway: Some("fd66::1".parse().unwrap()),
+                    interface: None,
+                },
+            ],
+            ..CniResult::default()
+        };
+        let plan = plan(&result).unwrap();
+        assert_eq!(plan.addresses[0].to_string(), "10.66.0.1/32");
+        assert_eq!(plan.addresses[1].to_string(), "fd66::1/128");
+        assert_eq!(plan.subnets[0].to_string(), "10.66.0.0/24");
+        assert_eq!(plan.subnets[1].to_string(), "fd66::/64");
+    }
+
+    #[test]
+    fn a_range_without_gateway_is_a_config_error() {
+        let result = CniResult {
+            ips: vec![IpConfig {
+                address: "10.66.0.7/24".parse().unwrap(),
+                gateway: None,
+                interface: None,
+            }],
+            ..CniResult::default()
+        };
+        assert_eq!(plan(&result).unwrap_err().code(), 7);
+    }
+
+    #[test]
+    fn link_names_fit_ifnamsiz() {
+        let name = link_name("a-very-long-network-name-indeed");
+        assert_eq!(name.len(), 15);
+        assert_ne!(name, link_name("another"));
+    }
+}
