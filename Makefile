@@ -28,7 +28,7 @@ test-unit:
 
 # Serial: the tests compare host-wide snapshots (links, daemons, UDP ports).
 test-integration: deps
-	WG_CNI_TEST_BACKEND=userspace cargo test --test plugin -- --test-threads=1
+	WG_CNI_TEST_BACKEND=userspace cargo test --test plugin --test gateway -- --test-threads=1
 
 test-kernel: deps
 	scripts/test-kernel.sh
