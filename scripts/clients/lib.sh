@@ -1,0 +1,230 @@
+# Shared helpers for the client harness (sourced by libcni.sh, podman.sh, containerd.sh).
+#
+# A step sets `work` (its temp dir), `net` names, `store`, `ipam_dir`, then uses:
+#   check DESC CMD...   run CMD; print "ok"/"FAIL"; a failure is counted, the step goes on
+#   must DESC CMD...    the same, but a failure ends the step (the EXIT trap cleans up)
+#   make_bin_dir [WA..] $work/cni-bin: wg-cni (tracing wrapper), host-local, loopback
+#   conflist FILE NAME SUBNET PORTS [EXTRA_JSON]
+#   remember_records    note each pod record's host link, daemon and netns (for the final checks)
+#   assert_clean NET... nothing of ours left: records, IPAM reservations, links, daemons, netns
+#   force_cleanup NET... DEL every record still in the store with the real binary, then kill
+#                       remembered daemons by PID and delete remembered links/netns (EXIT path)
+#   show_trace          one line per plugin call the client made (what it sent)
+# The step sets work, store and ipam_dir before calling these.
+# shellcheck shell=bash disable=SC2154
+
+clients_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+failures=0
+
+: "${WG_CNI_BIN:?WG_CNI_BIN must name the wg-cni binary under test}"
+: "${WGC_TOOLS:?WGC_TOOLS must name the harness tool dir (scripts/clients/install.sh)}"
+backend=${WGC_BACKEND:-userspace}
+# Workarounds for the plugin bugs this harness found (see README.md here): on unless WGC_STRICT=1.
+strict=${WGC_STRICT:-0}
+
+# Step output goes to fd 3 (the step's stdout), so `check DESC CMD >FILE` captures only CMD.
+exec 3>&1
+log() { printf '  %s\n' "$*" >&3; }
+
+# check DESC CMD...: never fails the caller (the failure is counted); must: the failure is fatal.
+check() {
+  local desc=$1
+  shift
+  if "$@"; then
+    log "ok:   $desc"
+  else
+    log "FAIL: $desc"
+    failures=$((failures + 1))
+    return 0
+  fi
+}
+
+must() {
+  local desc=$1
+  shift
+  if "$@"; then
+    log "ok:   $desc"
+  else
+    log "FAIL: $desc"
+    failures=$((failures + 1))
+    exit 1
+  fi
+}
+
+# empty TEXT: true when TEXT is empty, else logs it as what is left.
+empty() {
+  [ -z "$1" ] && return 0
+  log "      left: $(printf '%s' "$1" | xargs)"
+  return 1
+}
+
+# Milliseconds since the epoch, for timings.
+now_ms() { date +%s%3N; }
+
+# make_bin_dir [WORKAROUND...]: see wg-cni-trace.sh for the names (none with WGC_STRICT=1).
+# shellcheck disable=SC2120
+make_bin_dir() {
+  local bin=$work/cni-bin workarounds=$*
+  [ "$strict" = 1 ] && workarounds=""
+  mkdir -p "$bin"
+  ln -s /usr/lib/cni/host-local /usr/lib/cni/loopback "$bin/"
+  sed -e "s|@REAL@|$WG_CNI_BIN|" -e "s|@TRACE@|$work/trace.jsonl|" \
+    -e "s|@WORKAROUNDS@|$workarounds|" "$clients_dir/wg-cni-trace.sh" >"$bin/wg-cni"
+  chmod 0755 "$bin/wg-cni"
+  : >"$work/trace.jsonl"
+}
+
+# conflist FILE NAME SUBNET PORTS [EXTRA]: a cniVersion 1.0.0 conflist with one wg-cni plugin.
+# EXTRA is a JSON object merged into the plugin (e.g. '{"mtu": 100}').
+conflist() {
+  local file=$1 name=$2 subnet=$3 ports=$4 extra=${5:-'{}'}
+  jq -n --arg name "$name" --arg subnet "$subnet" --arg ports "$ports" --arg backend "$backend" \
+    --arg store "$store" --arg ipam "$ipam_dir" --argjson extra "$extra" '{
+      cniVersion: "1.0.0",
+      name: $name,
+      plugins: [({
+        type: "wg-cni",
+        ipam: {type: "host-local", ranges: [[{subnet: $subnet}]], dataDir: $ipam},
+        endpoint: "127.0.0.1",
+        listenPorts: $ports,
+        backend: $backend,
+        store: $store
+      } + $extra)]
+    }' >"$file"
+}
+
+# Pod records of NET in our store (the node directory is the host name by default).
+records() {
+  find "$store/$1" -type f -name '*-*.json' ! -name '.*' 2>/dev/null
+}
+
+# Appends "hostName daemonPid netns" of every current record to $work/seen.
+remember_records() {
+  local f
+  while read -r f; do
+    jq -r '"\(.hostName) \(.daemonPid // 0) \(.netns)"' "$f" >>"$work/seen" || true
+  done < <(find "$store" -type f -name '*-*.json' ! -name '.*' 2>/dev/null)
+  [ -f "$work/seen" ] && sort -u -o "$work/seen" "$work/seen"
+  true
+}
+
+# A host-local reservation is a file named after the address; lock and last_reserved_ip.* are not.
+reservations() {
+  find "$ipam_dir/$1" -type f ! -name lock ! -name 'last_reserved_ip.*' 2>/dev/null
+}
+
+is_our_daemon() { # PID: alive (not a zombie) and still wireguard-go (not a reused PID)
+  [ "$1" != 0 ] && [ "$(cat "/proc/$1/comm" 2>/dev/null)" = wireguard-go ] &&
+    [ "$(ps -o stat= -p "$1" | cut -c1)" != Z ]
+}
+daemon_gone() { ! is_our_daemon "$1"; }
+link_gone() { ! ip link show dev "$1" >/dev/null 2>&1; }
+
+assert_clean() {
+  local n left name pid ns
+  for n in "$@"; do
+    check "no store records left for $n" empty "$(records "$n")"
+    check "no host-local reservations left for $n" empty "$(reservations "$n")"
+  done
+  [ -f "$work/seen" ] || return 0
+  while read -r name pid ns; do
+    check "link $name gone from the host" link_gone "$name"
+    check "UAPI socket of $name gone" test ! -e "/var/run/wireguard/$name.sock"
+    check "wireguard-go daemon $pid ($name) gone" daemon_gone "$pid"
+    check "pod netns $ns gone" test ! -e "$ns"
+  done <"$work/seen"
+  left=$(ip -o link show | awk -F': ' '$2 ~ /^wgc/ {print $2}' | sort)
+  left=$(comm -13 "$work/host-wgc-links.before" <(printf '%s\n' "$left" | sed '/^$/d'))
+  check "no new wgc* links in the host" empty "$left"
+}
+
+# Record the host's wgc* links at step start (assert_clean reports only new ones).
+snapshot_host() {
+  ip -o link show | awk -F': ' '$2 ~ /^wgc/ {print $2}' | sort >"$work/host-wgc-links.before"
+}
+
+# DEL every record still in the store, straight with the real binary (the client is gone or
+# failed), then kill remembered daemons and delete remembered links and netns. Never fails.
+force_cleanup() {
+  local n f cid ifname ns plugin name pid conf
+  remember_records
+  for n in "$@"; do
+    conf=$(find "$work/net.d" "$work/cni-conf" -name '*.conflist' 2>/dev/null |
+      while read -r c; do [ "$(jq -r .name "$c")" = "$n" ] && echo "$c"; done | head -1)
+    [ -n "$conf" ] || continue
+    plugin=$(jq -c '.plugins[0] + {name: .name, cniVersion: .cniVersion}' "$conf")
+    for f in $(records "$n"); do
+      cid=$(jq -r .containerId "$f")
+      ifname=$(jq -r .ifname "$f")
+      ns=$(jq -r .netns "$f")
+      [ -e "$ns" ] || ns=""
+      log "cleanup: DEL $n $cid $ifname"
+      printf '%s' "$plugin" | CNI_COMMAND=DEL CNI_CONTAINERID=$cid CNI_IFNAME=$ifname \
+        CNI_NETNS=$ns CNI_PATH=$work/cni-bin "$WG_CNI_BIN" >/dev/null 2>&1 || true
+    done
+  done
+  [ -f "$work/seen" ] || return 0
+  while read -r name pid ns; do
+    if is_our_daemon "$pid"; then
+      log "cleanup: kill wireguard-go $pid"
+      kill "$pid" 2>/dev/null || true
+    fi
+    ip link del dev "$name" 2>/dev/null || true
+    case $ns in
+      /var/run/netns/* | /run/netns/*) [ -e "$ns" ] && ip netns del "$(basename "$ns")" 2>/dev/null ;;
+    esac
+  done <"$work/seen"
+  true
+}
+
+# Remove libcni result cache entries of NET from the default cache dir (podman and containerd
+# use /var/lib/cni), and the cache dirs themselves if this step created them and they are empty.
+cache_dir_existed() {
+  [ -d /var/lib/cni ] && echo 1 >"$work/varlibcni.existed"
+  [ -d /var/lib/cni/results ] && echo 1 >"$work/results.existed"
+  true
+}
+cleanup_default_cache() {
+  local n
+  for n in "$@"; do rm -f /var/lib/cni/results/"$n"-*; done
+  [ -f "$work/results.existed" ] || rmdir /var/lib/cni/results 2>/dev/null
+  [ -f "$work/varlibcni.existed" ] || rmdir /var/lib/cni 2>/dev/null
+  true
+}
+
+# Unmount whatever is still mounted below DIR (deepest first), then remove DIR.
+remove_tree() {
+  local dir=$1 m
+  [ -n "$dir" ] && [ -d "$dir" ] || return 0
+  findmnt -rn -o TARGET | grep -F "$dir/" | sort -r | while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+  done
+  rm -rf "$dir"
+}
+
+# One line per call the client made: what it sent and what it got.
+show_trace() {
+  log "what $1 sent to wg-cni:"
+  jq -r '"    \(.cmd) cniVersion=\(.cniVersion) cid=\(.containerId[0:20]) ifname=\(.ifname) " +
+    "netns=\(if .netns == "" then "\"\"" else .netns end) prevResult=\(.prevResult) " +
+    "args=\(.args) rc=\(.rc)" + (if .rc != 0 then " code=\(.code) msg=\(.msg)" else "" end) +
+    (if .workaround then " WORKAROUND=\(.workaround)" else "" end)' \
+    "$work/trace.jsonl"
+}
+
+# Trace queries: trace_count FILTER  -> number of calls matching the jq FILTER.
+trace_count() {
+  jq -s "[.[] | select($1)] | length" "$work/trace.jsonl"
+}
+
+# Report calls the wrapper had to repair (plugin bugs); they are failures in strict mode.
+report_workarounds() {
+  local n
+  n=$(trace_count '.workaround == "version-env"')
+  [ "$n" = 0 ] || log "WARN: $n VERSION call(s) failed with libcni's probe environment" \
+    "(CNI_NETNS=dummy) and were retried without it: wg-cni bug, see scripts/clients/README.md"
+  n=$(trace_count '.workaround == "mac"')
+  [ "$n" = 0 ] || log "WARN: $n ADD result(s) had no interfaces[].mac; the wrapper added" \
+    "00:00:00:00:00:00 for podman 4.3: see scripts/clients/README.md"
+  true
+}
