@@ -1,25 +1,40 @@
 #!/usr/bin/env bash
-# Runs the integration suite inside a QEMU guest booted from Debian's kernel, which has the
+# Runs the integration suites inside a QEMU guest booted from Debian's kernel, which has the
 # wireguard module this host lacks: once with backend "kernel" and once with "auto" (which
-# must pick the kernel there). The same test executable as on the host; only
+# must pick the kernel there). The same test executables as on the host; only
 # WG_CNI_TEST_BACKEND differs. Fails unless the guest reports success.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-# Build the plugin and the integration test executable; ask cargo where the latter is.
+# Build the plugin and the integration test executables; ask cargo where they are.
 cargo build --quiet
-test_exe=$(cargo test --test plugin --no-run --message-format=json 2>/dev/null |
-  jq -r 'select(.reason == "compiler-artifact" and .target.name == "plugin" and .executable != null) | .executable' |
-  tail -n 1)
-[ -x "$test_exe" ] || { echo "could not build the integration tests" >&2; exit 1; }
-name=$(basename "$test_exe")
+mapfile -t suites < <(cargo test --test plugin --test gateway --no-run --message-format=json 2>/dev/null |
+  jq -r 'select(.reason == "compiler-artifact" and .executable != null and (.target.kind | index("test"))) | .executable')
+((${#suites[@]} == 2)) || { echo "could not build the integration tests" >&2; exit 1; }
 
-export VM_BINARIES="$PWD/target/debug/wg-cni $test_exe"
+# The node gateway needs iptables (nft flavour) in the guest: the binary, its extensions
+# (dlopen'ed from the xtables directory) and the netfilter modules behind them.
+# The harness copies executables only: stage the extensions with the execute bit.
+xtables_dir=/usr/lib/x86_64-linux-gnu/xtables
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+cp "$xtables_dir"/*.so "$stage"/
+chmod +x "$stage"/*.so
+export VM_BINARIES="$PWD/target/debug/wg-cni ${suites[*]} /usr/sbin/xtables-nft-multi $(echo "$stage"/*.so)"
+export VM_EXTRA_MODULES="nf_tables nft_compat nft_chain_nat nf_nat nf_conntrack xt_comment xt_MASQUERADE xt_nat xt_tcpudp"
 export VM_ENV="WG_CNI_BIN=/opt/wgcni/bin/wg-cni CNI_PLUGIN_DIR=/usr/lib/cni RUST_BACKTRACE=1"
-exec scripts/kernel-vm/run-tests.sh --timeout "${VM_TIMEOUT:-900}" -- /bin/sh -c "
+
+runs=""
+for exe in "${suites[@]}"; do
+  runs+="WG_CNI_TEST_BACKEND=\$backend /opt/wgcni/bin/$(basename "$exe") --test-threads=1; "
+done
+scripts/kernel-vm/run-tests.sh --timeout "${VM_TIMEOUT:-900}" -- /bin/sh -c "
   set -e
+  mkdir -p $xtables_dir
+  cp /opt/wgcni/bin/lib*.so $xtables_dir/ 2>/dev/null || true
+  for tool in iptables ip6tables; do ln -sf /opt/wgcni/bin/xtables-nft-multi /usr/sbin/\$tool; done
   for backend in kernel auto; do
     echo \"== integration tests in the guest, backend \$backend\"
-    WG_CNI_TEST_BACKEND=\$backend /opt/wgcni/bin/$name --test-threads=1
+    $runs
   done"

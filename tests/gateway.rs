@@ -103,6 +103,15 @@ impl Drop for TestRule {
     }
 }
 
+/// A link the test made in the host namespace, deleted on drop.
+struct HostLink(String);
+
+impl Drop for HostLink {
+    fn drop(&mut self) {
+        let _ = run(ip(), &["link", "del", &self.0]);
+    }
+}
+
 fn nat_rules() -> String {
     run_ok("iptables", &["-t", "nat", "-S"])
 }
@@ -169,6 +178,8 @@ fn pods_reach_the_outside_only_through_ip_masq() {
     // An "outside" host: a namespace behind a veth pair from the host.
     let outside = Pod::new();
     let host_end = unique("wgo");
+    // Deleted explicitly (a namespace's links die asynchronously with it).
+    let _veth = HostLink(host_end.clone());
     run_ok(
         ip(),
         &[
