@@ -113,9 +113,10 @@ reservations() {
   find "$ipam_dir/$1" -type f ! -name lock ! -name 'last_reserved_ip.*' 2>/dev/null
 }
 
-is_our_daemon() { # PID: alive (not a zombie) and still wireguard-go (not a reused PID)
-  [ "$1" != 0 ] && [ "$(cat "/proc/$1/comm" 2>/dev/null)" = wireguard-go ] &&
-    [ "$(ps -o stat= -p "$1" | cut -c1)" != Z ]
+# running PID: alive and not a zombie (PID 1 here reaps orphans only every few seconds).
+running() { ps -o stat= -p "$1" 2>/dev/null | grep -q '^[^Z]'; }
+is_our_daemon() { # PID: running and still wireguard-go (not a reused PID)
+  [ "$1" != 0 ] && [ "$(cat "/proc/$1/comm" 2>/dev/null)" = wireguard-go ] && running "$1"
 }
 daemon_gone() { ! is_our_daemon "$1"; }
 link_gone() { ! ip link show dev "$1" >/dev/null 2>&1; }
@@ -192,6 +193,29 @@ cleanup_default_cache() {
   true
 }
 
+# Dirs a runtime creates outside our temp dir and leaves behind empty (podman: the cgroup
+# libpod_parent; containerd: the cgroup k8s.io, /run/containerd): note_new_dirs DIR... remembers
+# those that do not exist yet, remove_new_dirs removes them again, rmdir only and deepest first
+# (never a file, never a cgroup that still has tasks).
+note_new_dirs() {
+  local d
+  for d in "$@"; do
+    [ -d "$d" ] || echo "$d" >>"$work/new-dirs"
+  done
+}
+remove_new_dirs() {
+  local d
+  [ -f "$work/new-dirs" ] || return 0
+  while read -r d; do
+    [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} + 2>/dev/null
+  done <"$work/new-dirs"
+  true
+}
+cgroup_dirs() { # NAME: the cgroup NAME under the root of every hierarchy
+  local h
+  for h in /sys/fs/cgroup/*/; do echo "$h$1"; done
+}
+
 # Unmount whatever is still mounted below DIR (deepest first), then remove DIR.
 remove_tree() {
   local dir=$1 m
@@ -227,4 +251,19 @@ report_workarounds() {
   [ "$n" = 0 ] || log "WARN: $n ADD result(s) had no interfaces[].mac; the wrapper added" \
     "00:00:00:00:00:00 for podman 4.3: see scripts/clients/README.md"
   true
+}
+
+# render TEMPLATE OUT: conf/TEMPLATE with @WORK@ (and @IMAGE@) filled in.
+render() {
+  sed -e "s|@WORK@|$work|g" -e "s|@IMAGE@|${image-}|g" "$clients_dir/conf/$1" >"$2"
+}
+
+# make_rootfs DIR: a busybox root file system (Debian's static busybox, applets as symlinks).
+make_rootfs() {
+  local dir=$1 d
+  for d in bin sbin usr/bin usr/sbin etc root tmp proc sys dev; do mkdir -p "$dir/$d"; done
+  cp /bin/busybox "$dir/bin/busybox"
+  chroot "$dir" /bin/busybox --install -s
+  echo 'root:x:0:0:root:/root:/bin/sh' >"$dir/etc/passwd"
+  echo 'root:x:0:' >"$dir/etc/group"
 }
