@@ -160,6 +160,7 @@ pub fn ensure(host: &Netns, store: &Store, wanted: &Wanted) -> Result<Ensured> {
     }
 
     let name = link_name(network);
+    clear_leftovers(host, &name)?;
     let keypair = KeyPair::generate();
     let port = ports::free_ports(settings.ports, &[])
         .next()
@@ -288,7 +289,7 @@ pub fn update(host: &Netns, store: &Store, update: &Update) {
 }
 
 /// The network's last local attachment is gone: so is the gateway.
-pub fn remove_if_unused(host: &Netns, store: &Store) -> Result<()> {
+pub fn remove_if_unused(host: &Netns, store: &Store, network: &str) -> Result<()> {
     if !store.node_records()?.is_empty() {
         return Ok(());
     }
@@ -296,7 +297,22 @@ pub fn remove_if_unused(host: &Netns, store: &Store) -> Result<()> {
         destroy(host, &gateway)?;
         store.remove_gateway()?;
     }
-    Ok(())
+    clear_leftovers(host, &link_name(network))
+}
+
+/// A gateway whose creation was killed before its record was written still holds the
+/// network's gateway name (a name only wg-cni derives): remove it so it can be made again.
+fn clear_leftovers(host: &Netns, name: &str) -> Result<()> {
+    wireguard::userspace::stop_daemon_named(name);
+    host.run(|| {
+        let netlink = Netlink::open()?;
+        if let Some(link) = netlink.link_by_name(name)?
+            && link.kind.as_deref() == Some("wireguard")
+        {
+            netlink.delete(link.index)?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]

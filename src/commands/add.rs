@@ -223,7 +223,7 @@ fn ensure_gateway<'a>(
     let ensured = gateway::ensure(&ctx.host, store, &wanted)?;
     if ensured.created {
         rollback.push("node gateway", || {
-            gateway::remove_if_unused(&ctx.host, store)
+            gateway::remove_if_unused(&ctx.host, store, &ctx.conf.name)
         });
         let new_peer = gateway::peer_for_pods(&ensured.record, ctx.conf.persistent_keepalive)?;
         let remove_peers: Vec<_> = ensured.replaced_key.into_iter().collect();

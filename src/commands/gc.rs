@@ -30,7 +30,7 @@ pub fn run(ctx: &Context) -> Result<()> {
                 context::teardown(ctx, &store, &ipam, &record, None)?;
             }
         }
-        gateway::remove_if_unused(&ctx.host, &store)?;
+        gateway::remove_if_unused(&ctx.host, &store, &ctx.conf.name)?;
     }
     // An IPAM that speaks 1.1 cleans its own leftovers; for older ones the IPAM DEL of each
     // stale attachment above did the work.

@@ -101,6 +101,15 @@ fn is_our_daemon(pid: u32, name: &str) -> bool {
     is_daemon && args.any(|a| a == name.as_bytes())
 }
 
+/// Stop whatever daemon serves `name` (a deterministic name only wg-cni uses), without
+/// asking for a key: for leftovers of a crash that left no record.
+pub fn stop_daemon_named(name: &str) {
+    if let Some(pid) = find_daemon(name) {
+        stop_daemon(pid, name);
+    }
+    let _ = fs::remove_file(uapi::socket_path(name));
+}
+
 /// Find the daemon for `name` when the record has no pid (an ADD that crashed early).
 fn find_daemon(name: &str) -> Option<u32> {
     fs::read_dir("/proc")
@@ -206,10 +215,12 @@ impl Backend for Userspace {
             let _ = fs::remove_file(uapi::socket_path(link.host_name));
             return Ok(());
         };
+        // The daemon's name is derived from this attachment. Only a *different* key proves it
+        // is not ours: one that has no key yet, or cannot answer, is an ADD that died early.
         let ours = self
             .read(link)
-            .map(|d| d.public_key.as_ref() == Some(public_key))
-            .unwrap_or(true); // a daemon for our deterministic name that cannot answer is ours
+            .map(|d| d.public_key.as_ref().is_none_or(|k| k == public_key))
+            .unwrap_or(true);
         if !ours {
             tracing::warn!(
                 name = link.host_name,

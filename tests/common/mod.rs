@@ -370,7 +370,8 @@ impl Net {
                 .filter_map(|e| e.ok())
             {
                 let name = file.file_name().to_string_lossy().into_owned();
-                if name.ends_with(".json") && !name.starts_with('.') {
+                // Pod records only: the gateway's record is read by `gateway_record`.
+                if name.ends_with(".json") && !name.starts_with('.') && name != "gateway.json" {
                     let text = std::fs::read_to_string(file.path()).unwrap();
                     out.push(serde_json::from_str(&text).unwrap());
                 }
