@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build deps demo test lint test-unit test-integration test-kernel clean
+.PHONY: all build deps demo test lint test-unit test-integration test-clients test-kernel clean
 
 all: build
 
@@ -16,8 +16,9 @@ demo:
 	scripts/demo.sh
 
 # Everything CI runs: lint, unit tests, integration tests on this host (userspace backend),
-# and the same integration tests inside a QEMU guest with kernel WireGuard.
-test: deps lint test-unit test-integration test-kernel
+# real CNI clients (libcni, podman, containerd CRI) on this host, and the same integration tests
+# inside a QEMU guest with kernel WireGuard.
+test: deps lint test-unit test-integration test-clients test-kernel
 
 lint:
 	cargo fmt --check
@@ -29,6 +30,11 @@ test-unit:
 # Serial: the tests compare host-wide snapshots (links, daemons, UDP ports).
 test-integration: deps
 	WG_CNI_TEST_BACKEND=userspace cargo test --test plugin --test gateway -- --test-threads=1
+
+# libcni (cnitool), podman 4.3 (CNI backend) and containerd 1.6 (CRI) drive the built plugin;
+# installs what they need. See scripts/clients/README.md.
+test-clients: deps
+	scripts/clients/run.sh
 
 test-kernel: deps
 	scripts/test-kernel.sh

@@ -11,6 +11,7 @@ source "$(dirname "$0")/lib.sh"
 net=wgc-cri
 subnet_prefix=10.123.3.
 image=localhost/wgc-busybox:test
+port_range=55200-55299 # host UDP ports of this step
 work=$(mktemp -d /tmp/wgc-clients-containerd.XXXXXX)
 store=$work/store
 ipam_dir=$work/ipam
@@ -74,9 +75,8 @@ cache_dir_existed
 # containerd leaves its cgroup parent (the namespace) and the shim socket dir behind, empty.
 mapfile -t cgroups < <(cgroup_dirs k8s.io)
 note_new_dirs "${cgroups[@]}" /run/containerd
-snapshot_host
 make_bin_dir version-env
-conflist "$work/cni-conf/10-$net.conflist" "$net" "${subnet_prefix}0/24" 55200-55299
+conflist "$work/cni-conf/10-$net.conflist" "$net" "${subnet_prefix}0/24" "$port_range"
 render containerd.toml.in "$work/containerd/config.toml"
 
 setsid containerd --config "$work/containerd/config.toml" >"$work/containerd/log" 2>&1 </dev/null &
@@ -105,9 +105,12 @@ for p in "${pods[@]}"; do
   check "$p: PodSandboxStatus IP ${addr[$p]} is from the wg-cni subnet" \
     test "${addr[$p]#"$subnet_prefix"}" != "${addr[$p]}"
   check "$p: store record names the pod from CNI_ARGS" \
-    test "$(jq -r .pod "$store/$net/$(hostname)/${sandbox[$p]}-eth0.json" 2>/dev/null)" = "wgc/$p"
+    test "$(find "$store/$net" -name "${sandbox[$p]}-eth0.json" -exec jq -r .pod {} \;)" = "wgc/$p"
 done
 remember_records
+# The positive control for the final "nothing listens in port_range" check.
+check "wg show finds both pods' WireGuard devices by their ports" \
+  test "$(ours_listening | grep -c '^wgc')" -ge 2
 
 a=${pods[0]} b=${pods[1]}
 must "a container starts in $a" timed cri create-container "${sandbox[$a]}" pinger "$image" \

@@ -14,7 +14,7 @@ tools=$(cd "$tools" && pwd)
 
 packages=(golang-go golang-github-appc-cni-dev podman runc conmon containerd busybox-static
   python3-venv containernetworking-plugins wireguard-go iproute2 iputils-ping jq procps
-  util-linux coreutils)
+  util-linux coreutils wireguard-tools)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,7 +4,7 @@
 #   check DESC CMD...   run CMD; print "ok"/"FAIL"; a failure is counted, the step goes on
 #   must DESC CMD...    the same, but a failure ends the step (the EXIT trap cleans up)
 #   make_bin_dir [WA..] $work/cni-bin: wg-cni (tracing wrapper), host-local, loopback
-#   conflist FILE NAME SUBNET PORTS [EXTRA_JSON]
+#   conflist FILE NAME SUBNET PORTS [EXTRA_JSON]   (PORTS within the step's port_range)
 #   remember_records    note each pod record's host link, daemon and netns (for the final checks)
 #   assert_clean NET... nothing of ours left: records, IPAM reservations, links, daemons, netns
 #   force_cleanup NET... DEL every record still in the store with the real binary, then kill
@@ -93,17 +93,23 @@ conflist() {
     }' >"$file"
 }
 
-# Pod records of NET in our store (the node directory is the host name by default).
+# Pod records of NET in our store (the node directory is the host name by default); with
+# `all`, the node gateway's record (gateway.json) too.
 records() {
-  find "$store/$1" -type f -name '*-*.json' ! -name '.*' 2>/dev/null
+  if [ "${2-}" = all ]; then
+    find "$store/$1" -type f -name '*.json' ! -name '.*' 2>/dev/null
+  else
+    find "$store/$1" -type f -name '*-*.json' ! -name '.*' 2>/dev/null
+  fi
 }
 
-# Appends "hostName daemonPid netns" of every current record to $work/seen.
+# Appends "hostName daemonPid netns" of every current record (pods, and the node gateway with
+# netns "-": its link stays in the host) to $work/seen.
 remember_records() {
   local f
   while read -r f; do
-    jq -r '"\(.hostName) \(.daemonPid // 0) \(.netns)"' "$f" >>"$work/seen" || true
-  done < <(find "$store" -type f -name '*-*.json' ! -name '.*' 2>/dev/null)
+    jq -r '"\(.hostName) \(.daemonPid // 0) \(.netns // "-")"' "$f" >>"$work/seen" || true
+  done < <(find "$store" -type f -name '*.json' ! -name '.*' 2>/dev/null)
   [ -f "$work/seen" ] && sort -u -o "$work/seen" "$work/seen"
   true
 }
@@ -121,27 +127,49 @@ is_our_daemon() { # PID: running and still wireguard-go (not a reused PID)
 daemon_gone() { ! is_our_daemon "$1"; }
 link_gone() { ! ip link show dev "$1" >/dev/null 2>&1; }
 
+# conflist_of NET: the conflist file this step wrote for NET.
+conflist_of() {
+  local c
+  find "$work/net.d" "$work/cni-conf" -name '*.conflist' 2>/dev/null | while read -r c; do
+    [ "$(jq -r .name "$c")" = "$1" ] && echo "$c"
+  done | head -1
+}
+
 assert_clean() {
-  local n left name pid ns
+  local n name pid ns subnet
   for n in "$@"; do
-    check "no store records left for $n" empty "$(records "$n")"
+    check "no store records (pods, node gateway) left for $n" empty "$(records "$n" all)"
     check "no host-local reservations left for $n" empty "$(reservations "$n")"
+    subnet=$(jq -r '.plugins[0].ipam.ranges[0][0].subnet' "$(conflist_of "$n")")
+    check "no host route for $subnet left" empty "$(ip route show table all exact "$subnet")"
   done
   [ -f "$work/seen" ] || return 0
   while read -r name pid ns; do
     check "link $name gone from the host" link_gone "$name"
     check "UAPI socket of $name gone" test ! -e "/var/run/wireguard/$name.sock"
     check "wireguard-go daemon $pid ($name) gone" daemon_gone "$pid"
-    check "pod netns $ns gone" test ! -e "$ns"
+    [ "$ns" = - ] || check "pod netns $ns gone" test ! -e "$ns"
   done <"$work/seen"
-  left=$(ip -o link show | awk -F': ' '$2 ~ /^wgc/ {print $2}' | sort)
-  left=$(comm -13 "$work/host-wgc-links.before" <(printf '%s\n' "$left" | sed '/^$/d'))
-  check "no new wgc* links in the host" empty "$left"
+  check "no WireGuard link or wireguard-go daemon listens in $port_range" empty "$(ours_listening)"
 }
 
-# Record the host's wgc* links at step start (assert_clean reports only new ones).
-snapshot_host() {
-  ip -o link show | awk -F': ' '$2 ~ /^wgc/ {print $2}' | sort >"$work/host-wgc-links.before"
+# Every WireGuard device of this host (wg*/wgc*/wgg* links in the host namespace, and the
+# wireguard-go daemons, whose UAPI socket is in the host even when the TUN is in a pod) whose
+# UDP port is in the step's port_range: those are ours, whoever else runs tests meanwhile.
+ours_listening() {
+  local name pid port lo=${port_range%-*} hi=${port_range#*-}
+  {
+    ip -o link show type wireguard 2>/dev/null | awk -F': ' '{sub(/@.*/, "", $2); print $2, "-"}'
+    ip -o link show | awk -F': ' '$2 ~ /^wg[cg]/ {sub(/@.*/, "", $2); print $2, "-"}'
+    for pid in $(pgrep -x wireguard-go); do
+      running "$pid" && echo "$(tr '\0' '\n' <"/proc/$pid/cmdline" | tail -1) $pid"
+    done
+  } | sort -u | while read -r name pid; do
+    port=$(timeout 5 wg show "$name" listen-port 2>/dev/null) || continue
+    if [ -n "$port" ] && [ "$port" -ge "$lo" ] && [ "$port" -le "$hi" ]; then
+      echo "$name(port $port, daemon $pid)"
+    fi
+  done
 }
 
 # DEL every record still in the store, straight with the real binary (the client is gone or
@@ -150,11 +178,10 @@ force_cleanup() {
   local n f cid ifname ns plugin name pid conf
   remember_records
   for n in "$@"; do
-    conf=$(find "$work/net.d" "$work/cni-conf" -name '*.conflist' 2>/dev/null |
-      while read -r c; do [ "$(jq -r .name "$c")" = "$n" ] && echo "$c"; done | head -1)
+    conf=$(conflist_of "$n")
     [ -n "$conf" ] || continue
     plugin=$(jq -c '.plugins[0] + {name: .name, cniVersion: .cniVersion}' "$conf")
-    for f in $(records "$n"); do
+    for f in $(records "$n"); do # the last DEL also removes the node gateway
       cid=$(jq -r .containerId "$f")
       ifname=$(jq -r .ifname "$f")
       ns=$(jq -r .netns "$f")

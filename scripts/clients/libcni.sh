@@ -10,6 +10,7 @@ source "$(dirname "$0")/lib.sh"
 
 net=wgc-libcni
 subnet_prefix=10.123.1.
+port_range=55000-55099 # host UDP ports of this step
 work=$(mktemp -d /tmp/wgc-clients-libcni.XXXXXX)
 store=$work/store
 ipam_dir=$work/ipam
@@ -32,9 +33,8 @@ trap cleanup EXIT
 trap 'exit 143' TERM INT
 
 mkdir -p "$work/net.d" "$work/cache"
-snapshot_host
 make_bin_dir # no workarounds: libcni sends no VERSION
-conflist "$work/net.d/10-$net.conflist" "$net" "${subnet_prefix}0/24" 55000-55099
+conflist "$work/net.d/10-$net.conflist" "$net" "${subnet_prefix}0/24" "$port_range"
 export NETCONFPATH=$work/net.d CNI_PATH=$work/cni-bin CNI_CACHE_DIR=$work/cache CNI_IFNAME=eth0
 unset CNI_ARGS CAP_ARGS
 
@@ -45,7 +45,7 @@ cid_of() { # the container ID cnitool derives from the netns path
   printf 'cnitool-%s' "$(printf '%s' "/var/run/netns/$1" | sha512sum | cut -c1-20)"
 }
 cache_file() { echo "$work/cache/results/$net-$(cid_of "$1")-eth0"; }
-record_of() { echo "$store/$net/$(hostname)/$(cid_of "$1")-eth0.json"; }
+record_of() { find "$store/$net" -name "$(cid_of "$1")-eth0.json" | head -1; }
 links_in() { ip -n "$1" -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | sort | xargs; }
 timed() { # timed LABEL CMD...: run CMD, log its duration
   local t0 rc=0
@@ -74,6 +74,9 @@ for p in "${pods[@]}"; do
     test "$(jq -r .pod "$(record_of "$p")" 2>/dev/null)" = "wgc/$p"
 done
 remember_records
+# The positive control for the final "nothing listens in port_range" check.
+check "wg show finds both pods' WireGuard devices by their ports" \
+  test "$(ours_listening | grep -c '^wgc')" -ge 2
 
 a=${pods[0]} b=${pods[1]}
 check "$a pings $b (${addr[$b]})" ip netns exec "$a" ping -c 2 -W 2 "${addr[$b]}" >/dev/null

@@ -11,6 +11,7 @@ net=wgc-podman
 bad=wgc-podman-bad
 subnet_prefix=10.123.2.
 image=localhost/wgc-busybox:latest
+port_range=55100-55199 # host UDP ports of this step
 work=$(mktemp -d /tmp/wgc-clients-podman.XXXXXX)
 store=$work/store
 ipam_dir=$work/ipam
@@ -45,7 +46,6 @@ mkdir -p "$work/net.d" "$work/podman"
 cache_dir_existed
 mapfile -t cgroups < <(cgroup_dirs libpod_parent)
 note_new_dirs "${cgroups[@]}" # podman (cgroupfs) leaves this cgroup behind, empty
-snapshot_host
 make_bin_dir version-env mac
 render containers.conf.in "$CONTAINERS_CONF"
 render storage.conf.in "$CONTAINERS_STORAGE_CONF"
@@ -69,6 +69,9 @@ for n in "${names[@]}"; do
   check "$n: only lo and eth0 in the container" test "$(links_in "$n")" = "eth0 lo"
 done
 remember_records
+# The positive control for the final "nothing listens in port_range" check.
+check "wg show finds both pods' WireGuard devices by their ports" \
+  test "$(ours_listening | grep -c '^wgc')" -ge 2
 
 a=${names[0]} b=${names[1]}
 check "$a pings $b (${addr[$b]})" podman exec "$a" ping -c 2 -W 2 "${addr[$b]}" >/dev/null
