@@ -3,7 +3,7 @@
 # Idempotent: packages already present are not fetched again.
 set -euo pipefail
 
-packages=(containernetworking-plugins wireguard-go wireguard-tools iproute2 iptables iputils-ping procps jq)
+packages=(containernetworking-plugins wireguard-go wireguard-tools iproute2 iptables iputils-ping procps jq tcpdump)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
