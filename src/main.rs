@@ -16,6 +16,9 @@ mod show;
 mod store;
 mod wireguard;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
