@@ -60,6 +60,17 @@ impl CniEnv {
         let command_text =
             lookup("CNI_COMMAND").ok_or_else(|| Error::env("CNI_COMMAND", "is not set"))?;
         let command = Command::parse(&command_text)?;
+        if command == Command::Version {
+            // VERSION reads nothing else; libcni probes it with CNI_NETNS=dummy and friends.
+            return Ok(CniEnv {
+                command,
+                container_id: String::new(),
+                netns: None,
+                ifname: String::new(),
+                args: Vec::new(),
+                path: Vec::new(),
+            });
+        }
         let needs_container = matches!(command, Command::Add | Command::Del | Command::Check);
         let needs_netns = matches!(command, Command::Add | Command::Check);
         let needs_path = command != Command::Version;
@@ -255,7 +266,15 @@ mod tests {
     }
 
     #[test]
-    fn version_needs_nothing_else() {
+    fn version_needs_nothing_else_and_ignores_the_rest() {
         assert!(env(&[("CNI_COMMAND", "VERSION")]).is_ok());
+        // libcni's probe environment.
+        let probe = env(&[
+            ("CNI_COMMAND", "VERSION"),
+            ("CNI_NETNS", "dummy"),
+            ("CNI_IFNAME", "dummy"),
+            ("CNI_PATH", "dummy"),
+        ]);
+        assert!(probe.is_ok());
     }
 }

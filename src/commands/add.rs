@@ -173,7 +173,9 @@ pub fn run(ctx: &Context) -> Result<Value> {
 
     ipam_result.interfaces = vec![Interface {
         name: env.ifname.clone(),
-        mac: None,
+        // A WireGuard link has no hardware address; podman 4 insists on parsing one, and the
+        // loopback plugin reports zeros for `lo` in the same situation.
+        mac: Some("00:00:00:00:00:00".to_string()),
         mtu: Some(settings.mtu),
         sandbox: Some(netns_path.display().to_string()),
     }];
