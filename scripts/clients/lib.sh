@@ -3,7 +3,7 @@
 # A step sets `work` (its temp dir), `net` names, `store`, `ipam_dir`, then uses:
 #   check DESC CMD...   run CMD; print "ok"/"FAIL"; a failure is counted, the step goes on
 #   must DESC CMD...    the same, but a failure ends the step (the EXIT trap cleans up)
-#   make_bin_dir [WA..] $work/cni-bin: wg-cni (tracing wrapper), host-local, loopback
+#   make_bin_dir        $work/cni-bin: wg-cni (tracing wrapper), host-local, loopback
 #   conflist FILE NAME SUBNET PORTS [EXTRA_JSON]   (PORTS within the step's port_range)
 #   remember_records    note each pod record's host link, daemon and netns (for the final checks)
 #   assert_clean NET... nothing of ours left: records, IPAM reservations, links, daemons, netns
@@ -19,8 +19,6 @@ failures=0
 : "${WG_CNI_BIN:?WG_CNI_BIN must name the wg-cni binary under test}"
 : "${WGC_TOOLS:?WGC_TOOLS must name the harness tool dir (scripts/clients/install.sh)}"
 backend=${WGC_BACKEND:-userspace}
-# Workarounds for the plugin bugs this harness found (see README.md here): on unless WGC_STRICT=1.
-strict=${WGC_STRICT:-0}
 
 # Step output goes to fd 3 (the step's stdout), so `check DESC CMD >FILE` captures only CMD.
 exec 3>&1
@@ -61,15 +59,12 @@ empty() {
 # Milliseconds since the epoch, for timings.
 now_ms() { date +%s%3N; }
 
-# make_bin_dir [WORKAROUND...]: see wg-cni-trace.sh for the names (none with WGC_STRICT=1).
-# shellcheck disable=SC2120
 make_bin_dir() {
-  local bin=$work/cni-bin workarounds=$*
-  [ "$strict" = 1 ] && workarounds=""
+  local bin=$work/cni-bin
   mkdir -p "$bin"
   ln -s /usr/lib/cni/host-local /usr/lib/cni/loopback "$bin/"
   sed -e "s|@REAL@|$WG_CNI_BIN|" -e "s|@TRACE@|$work/trace.jsonl|" \
-    -e "s|@WORKAROUNDS@|$workarounds|" "$clients_dir/wg-cni-trace.sh" >"$bin/wg-cni"
+    "$clients_dir/wg-cni-trace.sh" >"$bin/wg-cni"
   chmod 0755 "$bin/wg-cni"
   : >"$work/trace.jsonl"
 }
@@ -258,26 +253,13 @@ show_trace() {
   log "what $1 sent to wg-cni:"
   jq -r '"    \(.cmd) cniVersion=\(.cniVersion) cid=\(.containerId[0:20]) ifname=\(.ifname) " +
     "netns=\(if .netns == "" then "\"\"" else .netns end) prevResult=\(.prevResult) " +
-    "args=\(.args) rc=\(.rc)" + (if .rc != 0 then " code=\(.code) msg=\(.msg)" else "" end) +
-    (if .workaround then " WORKAROUND=\(.workaround)" else "" end)' \
+    "args=\(.args) rc=\(.rc)" + (if .rc != 0 then " code=\(.code) msg=\(.msg)" else "" end)' \
     "$work/trace.jsonl"
 }
 
 # Trace queries: trace_count FILTER  -> number of calls matching the jq FILTER.
 trace_count() {
   jq -s "[.[] | select($1)] | length" "$work/trace.jsonl"
-}
-
-# Report calls the wrapper had to repair (plugin bugs); they are failures in strict mode.
-report_workarounds() {
-  local n
-  n=$(trace_count '.workaround == "version-env"')
-  [ "$n" = 0 ] || log "WARN: $n VERSION call(s) failed with libcni's probe environment" \
-    "(CNI_NETNS=dummy) and were retried without it: wg-cni bug, see scripts/clients/README.md"
-  n=$(trace_count '.workaround == "mac"')
-  [ "$n" = 0 ] || log "WARN: $n ADD result(s) had no interfaces[].mac; the wrapper added" \
-    "00:00:00:00:00:00 for podman 4.3: see scripts/clients/README.md"
-  true
 }
 
 # render TEMPLATE OUT: conf/TEMPLATE with @WORK@ (and @IMAGE@) filled in.

@@ -33,7 +33,7 @@ trap cleanup EXIT
 trap 'exit 143' TERM INT
 
 mkdir -p "$work/net.d" "$work/cache"
-make_bin_dir # no workarounds: libcni sends no VERSION
+make_bin_dir
 conflist "$work/net.d/10-$net.conflist" "$net" "${subnet_prefix}0/24" "$port_range"
 export NETCONFPATH=$work/net.d CNI_PATH=$work/cni-bin CNI_CACHE_DIR=$work/cache CNI_IFNAME=eth0
 unset CNI_ARGS CAP_ARGS
@@ -115,5 +115,4 @@ check "a DEL after the netns is gone succeeds" tool del "$b"
 assert_clean "$net"
 check "libcni result cache is empty" test -z "$(ls -A "$work/cache/results" 2>/dev/null)"
 show_trace libcni
-report_workarounds
 exit $((failures > 0))

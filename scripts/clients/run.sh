@@ -7,7 +7,6 @@
 #
 #   scripts/clients/run.sh [libcni|podman|containerd ...]
 # Environment: WG_CNI_BIN (test this binary instead of building target/release/wg-cni),
-# WGC_STRICT=1 (no workarounds for the plugin bugs listed in README.md here),
 # WGC_BACKEND (default userspace), WGC_TOOLS (default target/clients).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
