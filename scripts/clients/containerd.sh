@@ -64,6 +64,7 @@ cleanup() {
     [ -e "$ns" ] && ip netns del "$(basename "$ns")" 2>/dev/null
   done <"$work/netns.list"
   cleanup_default_cache "$net"
+  remove_new_netns
   remove_new_dirs
   remove_tree "$work"
 }
@@ -72,6 +73,7 @@ trap 'exit 143' TERM INT
 
 mkdir -p "$work/cni-conf" "$work/containerd" "$work/logs"
 cache_dir_existed
+snapshot_netns cni-
 # containerd leaves its cgroup parent (the namespace) and the shim socket dir behind, empty.
 mapfile -t cgroups < <(cgroup_dirs k8s.io)
 note_new_dirs "${cgroups[@]}" /run/containerd

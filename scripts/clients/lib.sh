@@ -126,8 +126,9 @@ link_gone() { ! ip link show dev "$1" >/dev/null 2>&1; }
 conflist_of() {
   local c
   find "$work/net.d" "$work/cni-conf" -name '*.conflist' 2>/dev/null | while read -r c; do
-    [ "$(jq -r .name "$c")" = "$1" ] && echo "$c"
+    if [ "$(jq -r .name "$c")" = "$1" ]; then echo "$c"; fi
   done | head -1
+  true
 }
 
 assert_clean() {
@@ -197,6 +198,26 @@ force_cleanup() {
       /var/run/netns/* | /run/netns/*) [ -e "$ns" ] && ip netns del "$(basename "$ns")" 2>/dev/null ;;
     esac
   done <"$work/seen"
+  true
+}
+
+# Network namespaces a runtime creates under /var/run/netns (containerd: cni-<uuid>, podman:
+# netns-<uuid>) normally go with the pod; a failed ADD whose DEL fails too leaves one behind.
+# snapshot_netns PREFIX lists those present at step start; remove_new_netns deletes those that
+# appeared since and that no process is in (no other runtime runs on this machine).
+netns_named() { ip netns list | awk -v p="$1" 'index($1, p) == 1 {print $1}' | sort; }
+snapshot_netns() {
+  echo "$1" >"$work/netns.prefix"
+  netns_named "$1" >"$work/netns.before"
+}
+remove_new_netns() {
+  local ns
+  [ -f "$work/netns.before" ] || return 0
+  for ns in $(comm -13 "$work/netns.before" <(netns_named "$(cat "$work/netns.prefix")")); do
+    [ -z "$(ip netns pids "$ns" 2>/dev/null)" ] || continue
+    log "cleanup: netns $ns"
+    ip netns del "$ns" 2>/dev/null
+  done
   true
 }
 

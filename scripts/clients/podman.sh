@@ -26,6 +26,7 @@ cleanup() {
   fi
   force_cleanup "$net" "$bad"
   cleanup_default_cache "$net" "$bad"
+  remove_new_netns
   remove_new_dirs
   remove_tree "$work"
 }
@@ -44,6 +45,7 @@ links_in() { podman exec "$1" ip -o link show | awk -F': ' '{print $2}' | cut -d
 
 mkdir -p "$work/net.d" "$work/podman"
 cache_dir_existed
+snapshot_netns netns-
 mapfile -t cgroups < <(cgroup_dirs libpod_parent)
 note_new_dirs "${cgroups[@]}" # podman (cgroupfs) leaves this cgroup behind, empty
 make_bin_dir
