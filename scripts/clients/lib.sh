@@ -1,16 +1,17 @@
 # Shared helpers for the client harness (sourced by libcni.sh, podman.sh, containerd.sh).
 #
-# A step sets `work` (its temp dir), `net` names, `store`, `ipam_dir`, then uses:
+# A step sets `work` (its temp dir), `store`, `ipam_dir` and `port_range` (its host UDP ports),
+# then uses:
 #   check DESC CMD...   run CMD; print "ok"/"FAIL"; a failure is counted, the step goes on
 #   must DESC CMD...    the same, but a failure ends the step (the EXIT trap cleans up)
-#   make_bin_dir        $work/cni-bin: wg-cni (tracing wrapper), host-local, loopback
-#   conflist FILE NAME SUBNET PORTS [EXTRA_JSON]   (PORTS within the step's port_range)
-#   remember_records    note each pod record's host link, daemon and netns (for the final checks)
-#   assert_clean NET... nothing of ours left: records, IPAM reservations, links, daemons, netns
+#   make_bin_dir        $work/cni-bin: wg-cni (the tracing wrapper), host-local, loopback
+#   conflist FILE NAME SUBNET PORTS [EXTRA_JSON]   (PORTS within port_range)
+#   remember_records    note the link, daemon and netns of every record in the store (pods and
+#                       the node gateway), for the final checks and the cleanup
+#   assert_clean NET... nothing of ours left: records, reservations, routes, links, daemons, netns
 #   force_cleanup NET... DEL every record still in the store with the real binary, then kill
 #                       remembered daemons by PID and delete remembered links/netns (EXIT path)
-#   show_trace          one line per plugin call the client made (what it sent)
-# The step sets work, store and ipam_dir before calling these.
+#   show_trace, trace_count   what the client sent (wg-cni-trace.sh's log)
 # shellcheck shell=bash disable=SC2154
 
 clients_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -27,6 +27,7 @@ cleanup() {
   force_cleanup "$net" "$bad"
   cleanup_default_cache "$net" "$bad"
   remove_new_netns
+  [ -f "$work/blob-cache.existed" ] || rm -f "$blob_cache"
   remove_new_dirs
   remove_tree "$work"
 }
@@ -48,6 +49,10 @@ cache_dir_existed
 snapshot_netns netns-
 mapfile -t cgroups < <(cgroup_dirs libpod_parent)
 note_new_dirs "${cgroups[@]}" # podman (cgroupfs) leaves this cgroup behind, empty
+# Copying an image (podman import) writes root's system blob-info cache (digests, no data).
+blob_cache=/var/lib/containers/cache/blob-info-cache-v1.boltdb
+[ -f "$blob_cache" ] && echo 1 >"$work/blob-cache.existed"
+note_new_dirs /var/lib/containers
 make_bin_dir
 render containers.conf.in "$CONTAINERS_CONF"
 render storage.conf.in "$CONTAINERS_STORAGE_CONF"
