@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build deps demo test lint test-unit test-integration test-clients test-kernel clean
+.PHONY: all build deps demo test lint test-unit test-integration test-clients test-kernel bench clean
 
 all: build
 
@@ -39,6 +39,11 @@ test-clients: deps
 
 test-kernel: deps
 	scripts/test-kernel.sh
+
+# Benchmarks (not part of `test`): wg-cni vs the reference ptp plugin, natively (userspace
+# backend) and in a QEMU guest (kernel backend). Writes bench/results.md and results.json.
+bench:
+	scripts/bench.sh
 
 clean:
 	cargo clean

@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# make bench: wg-cni against the reference ptp plugin (+ host-local), natively (userspace
+# backend, wireguard-go) and inside a QEMU guest (kernel backend, ptp measured in the same
+# guest). Writes bench/results.md and bench/results.json and prints the tables.
+#
+# Phases (bench/driver, a small Rust program; in the guest the same binary):
+#   latency     ADD/CHECK/DEL exec time and peak RSS, wg-cni vs ptp interleaved, fresh netns each
+#   scale       ADD with 1..1000 attachments (live pods + simulated remote records) vs empty net
+#   parallel    100 concurrent ADDs on one network, then 100 DELs (native only)
+#   throughput  iperf3 TCP 10 s x3: wg-cni vs hand-configured WireGuard vs ptp
+#   profile     strace of whole ADDs: time per phase
+#
+# Traffic stays between namespaces made here (tunnel endpoints 127.0.0.1). Everything made is
+# removed on exit, also on failure or interrupt: namespaces wgbench-*, the plugin's networks
+# (GC through the plugin, then gateway links and NAT rules by name), daemons and servers by
+# pid, the work directory (stores, IPAM data), and ip_forward is put back as it was.
+#
+# Environment: BENCH_QUICK=1 for a short smoke run (results are then not meant to be kept);
+# BENCH_OUT=DIR to write results elsewhere than bench/; BENCH_NATIVE_PHASES="latency scale"
+# and BENCH_GUEST_PHASES="latency,profile" to run only some phases (empty: none there);
+# BENCH_ARGS="--opt value ..." appended to the driver's options on both sides.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+START=$(date +%s)
+export PATH="$HOME/.cargo/bin:$PATH"
+log() { printf '== bench: %s\n' "$*" >&2; }
+
+(($(id -u) == 0)) || { echo "make bench needs root (namespaces, links)" >&2; exit 1; }
+
+QUICK=${BENCH_QUICK:-0}
+OUT=${BENCH_OUT:-$ROOT/bench}
+if ((QUICK)); then
+  NATIVE_ARGS=(--latency-iterations 12 --warmup 1 --scale-reps 3 --scale-points 1,20,100
+               --parallel-n 20 --parallel-rounds 1 --tput-runs 1 --tput-seconds 2
+               --profile-adds 2 --profile-live 3 --profile-remote 20)
+  GUEST_ARGS=(--latency-iterations 6 --warmup 1 --scale-reps 2 --scale-points 1,20,100
+              --tput-runs 1 --tput-seconds 2 --profile-adds 1 --profile-live 2 --profile-remote 0
+              --latency-first-pod 0)
+else
+  # Sized for the 20-minute budget on 2 cores (TCG makes the guest ~10x slower).
+  NATIVE_ARGS=(--latency-iterations 200 --warmup 3 --scale-reps 20 --scale-points 1,5,20,100,500,1000
+               --parallel-n 100 --parallel-rounds 2 --tput-runs 3 --tput-seconds 10
+               --profile-adds 7 --profile-live 20 --profile-remote 50)
+  GUEST_ARGS=(--latency-iterations 60 --warmup 2 --scale-reps 5 --scale-points 1,100,1000
+              --tput-runs 3 --tput-seconds 10 --profile-adds 3 --profile-live 5 --profile-remote 0
+              --latency-first-pod 0)
+fi
+
+# ------------------------------------------------------------------ packages
+log "installing what the benchmark needs"
+scripts/install-deps.sh
+need=(iperf3 strace qemu-system-x86 linux-image-amd64 busybox-static cpio xz-utils zstd iptables)
+missing=()
+for p in "${need[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# ------------------------------------------------------------------ build
+log "building wg-cni and the driver (release)"
+cargo build --release --locked --quiet
+cargo build --release --locked --quiet --manifest-path bench/driver/Cargo.toml
+WG=$ROOT/target/release/wg-cni
+DRIVER=$ROOT/bench/driver/target/release/wg-cni-bench
+
+# ------------------------------------------------------------------ cleanup
+WORK=$(mktemp -d /tmp/wg-cni-bench.XXXXXX)
+PARTS=$WORK/parts
+mkdir -p "$PARTS"
+IPFWD=$(cat /proc/sys/net/ipv4/ip_forward)
+# shellcheck disable=SC2317  # runs from the trap
+cleanup() {
+  local rc=$? pid ns
+  trap - EXIT INT TERM HUP
+  # The plugin's own cleanup first (GC of every network used), then leftovers by name.
+  "$DRIVER" cleanup --work "$WORK/native" --wg "$WG" >/dev/null 2>&1 || true
+  if [[ -f $WORK/pids ]]; then
+    while read -r pid; do
+      # Only if that pid is still one of ours (an iperf3 server or a hand-started daemon).
+      if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qE '^[^ ]*(iperf3|wireguard-go) '; then
+        kill -KILL "$pid" 2>/dev/null || true
+      fi
+    done <"$WORK/pids"
+  fi
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^wgbench-' || true); do
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  for link in wgbh1 wgbh2; do ip link del "$link" 2>/dev/null || true; done
+  "$DRIVER" cleanup --work "$WORK/native" --wg "$WG" >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+  if [[ $(cat /proc/sys/net/ipv4/ip_forward) != "$IPFWD" ]]; then
+    echo "$IPFWD" >/proc/sys/net/ipv4/ip_forward || true
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM HUP
+
+NATIVE_PHASES=${BENCH_NATIVE_PHASES-latency scale parallel throughput profile}
+GUEST_PHASES=${BENCH_GUEST_PHASES-latency,scale,throughput,profile}
+read -r -a EXTRA_ARGS <<<"${BENCH_ARGS:-}"
+NATIVE_ARGS+=("${EXTRA_ARGS[@]}")
+GUEST_ARGS+=("${EXTRA_ARGS[@]}")
+
+FAILED=()
+# ------------------------------------------------------------------ native
+for phase in $NATIVE_PHASES; do
+  limit=420
+  log "native: $phase"
+  if ! timeout --kill-after=10 "$limit" "$DRIVER" "$phase" --label native --backend userspace \
+      --wg "$WG" --work "$WORK/native" --out-dir "$PARTS" --pids-file "$WORK/pids" \
+      --strace "$(command -v strace)" "${NATIVE_ARGS[@]}" >/dev/null; then
+    FAILED+=("native $phase")
+  fi
+done
+
+# ------------------------------------------------------------------ guest
+if [[ -n $GUEST_PHASES ]]; then
+  log "guest: kernel backend and ptp inside QEMU (TCG)"
+  # iptables (nft flavour) for the node gateway's NAT rules, as scripts/test-kernel.sh does.
+  xtables_dir=/usr/lib/x86_64-linux-gnu/xtables
+  mkdir -p "$WORK/xt"
+  cp "$xtables_dir"/*.so "$WORK/xt/"
+  chmod +x "$WORK/xt"/*.so
+  export VM_BINARIES="$WG $DRIVER $(command -v iperf3) $(command -v strace) /usr/sbin/xtables-nft-multi $(echo "$WORK"/xt/*.so)"
+  export VM_EXTRA_MODULES="nf_tables nft_compat nft_chain_nat nf_nat nf_conntrack xt_comment xt_MASQUERADE xt_nat xt_tcpudp"
+  export VM_ENV="RUST_BACKTRACE=1"
+  guest_cmd="set -e
+mkdir -p $xtables_dir
+cp /opt/wgcni/bin/lib*.so $xtables_dir/ 2>/dev/null || true
+for tool in iptables ip6tables; do ln -sf /opt/wgcni/bin/xtables-nft-multi /usr/sbin/\$tool; done
+/opt/wgcni/bin/wg-cni-bench $GUEST_PHASES --label guest --backend kernel \
+  --wg /opt/wgcni/bin/wg-cni --iperf3 /opt/wgcni/bin/iperf3 --strace /opt/wgcni/bin/strace \
+  --work /tmp/wgbench ${GUEST_ARGS[*]}"
+  set +e
+  scripts/kernel-vm/run-tests.sh --timeout 840 -- /bin/sh -c "$guest_cmd" 2>"$WORK/guest.err" \
+    | tee "$WORK/guest-console.log" | grep --line-buffered -aE 'wg-cni-bench: |WGCNI-VM-RESULT'
+  guest_rc=${PIPESTATUS[0]}
+  set -e
+  tail -n 3 "$WORK/guest.err" >&2 || true
+  ((guest_rc == 0)) || FAILED+=("guest (exit $guest_rc)")
+  # The parts, one line each on the console.
+  while IFS= read -r line; do
+    line=${line%$'\r'}
+    rest=${line#WGCNI-BENCH-PART }
+    name=${rest%% *}
+    json=${rest#* }
+    if printf '%s' "$json" | jq -e . >/dev/null 2>&1; then
+      printf '%s' "$json" >"$PARTS/$name.json"
+    else
+      FAILED+=("guest part $name (garbled on the console)")
+    fi
+  done < <(grep -a '^WGCNI-BENCH-PART guest\.' "$WORK/guest-console.log" || true)
+  GUEST_KERNEL=$(grep -aoE 'kernel [0-9][^ ,]*-amd64' "$WORK/guest.err" | head -n 1 | cut -d' ' -f2 || true)
+fi
+
+# ------------------------------------------------------------------ report
+END=$(date +%s)
+elapsed=$((END - START))
+dirty=$(git status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock | head -c1)
+jq -n \
+  --arg nproc "$(nproc)" \
+  --arg cpu "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')" \
+  --arg kernel "$(uname -r)" \
+  --arg mem "$(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo)" \
+  --arg date "$(date -u +%Y-%m-%dT%H:%MZ)" \
+  --arg commit "$(git rev-parse --short HEAD)${dirty:+ (with uncommitted changes)}" \
+  --arg qemu "$(qemu-system-x86_64 --version | head -n 1 | awk '{print $4}')" \
+  --arg guest_kernel "${GUEST_KERNEL:-?}" \
+  --arg total "$((elapsed / 60)) min $((elapsed % 60)) s" \
+  --arg total_s "$elapsed" \
+  --arg quick "$QUICK" \
+  '{nproc: $nproc, cpu: $cpu, kernel: $kernel, mem_gib: $mem, date: $date, commit: $commit,
+    qemu: $qemu, guest_kernel: $guest_kernel, guest_cpus: "2", total: $total,
+    total_seconds: ($total_s | tonumber), quick: ($quick == "1")}' >"$WORK/machine.json"
+mkdir -p "$OUT"
+"$DRIVER" report --parts "$PARTS" --machine "$WORK/machine.json" \
+  --out-md "$OUT/results.md" --out-json "$OUT/results.json"
+log "wrote $OUT/results.md and $OUT/results.json in $((elapsed / 60)) min $((elapsed % 60)) s"
+if ((${#FAILED[@]})); then
+  log "FAILED: ${FAILED[*]}"
+  exit 1
+fi
