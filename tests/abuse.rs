@@ -75,9 +75,9 @@ fn add_killed_after(net: &Net, pod: &Pod, delay: Duration) -> bool {
 fn adds_killed_at_random_moments_leave_nothing_after_del() {
     let net = Net::new("10.110.0.0/24");
     let mut rng = Rng::from_time();
-    let before = HostSnapshot::take();
     // Kill within the time a whole ADD takes here, so nearly every round interrupts one.
     let probe = Pod::new();
+    let before = HostSnapshot::take();
     let started = Instant::now();
     let r = net.add(&probe).ok().json();
     let add_ms = started.elapsed().as_millis() as u64 + 1;
@@ -103,6 +103,10 @@ fn adds_killed_at_random_moments_leave_nothing_after_del() {
             (BTreeSet::from(["lo".to_string()]), 0, 0, false),
             "round {round} (killed after {delay:?}) leaked"
         );
+        // The same container can be added again, and deleted.
+        let again = net.add(&pod).ok().json();
+        net.del(&pod, Some(&again)).ok();
+        drop(pod);
         assert_eq!(
             HostSnapshot::take(),
             before,
@@ -114,11 +118,7 @@ fn adds_killed_at_random_moments_leave_nothing_after_del() {
         killed_mid_add * 2 >= rounds,
         "most rounds should interrupt ADD"
     );
-    // The same container can be added afterwards.
-    let pod = Pod::new();
-    let r = net.add(&pod).ok().json();
-    net.del(&pod, Some(&r)).ok();
-    assert_eq!(HostSnapshot::take(), before);
+    drop(probe);
 }
 
 #[test]
@@ -208,6 +208,7 @@ fn rss_kib(pid: u64) -> u64 {
 fn a_thousand_add_del_cycles_leave_the_host_flat() {
     let net = Net::new("10.112.0.0/24");
     let resident = Pod::new();
+    let pod = Pod::new();
     let before = HostSnapshot::take();
     let r = net.add(&resident).ok().json();
     // The long-lived processes: the resident pod's daemon and the gateway's (userspace only).
@@ -219,7 +220,6 @@ fn a_thousand_add_del_cycles_leave_the_host_flat() {
     .flatten()
     .collect();
     let cycles = scaled(1000);
-    let pod = Pod::new();
     let measure = || -> Vec<(usize, u64)> {
         long_lived
             .iter()

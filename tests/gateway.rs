@@ -391,7 +391,6 @@ fn the_gateway_goes_with_the_last_attachment_and_gc() {
     assert_eq!(HostSnapshot::take(), before);
 
     // GC of the last attachment takes the gateway too.
-    let pod = Pod::new();
     net.add(&pod).ok();
     let mut conf = net.conf();
     conf["cni.dev/valid-attachments"] = json!([]);

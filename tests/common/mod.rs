@@ -453,16 +453,29 @@ pub fn address_of(result: &Value, v6: bool) -> String {
 #[derive(Debug, PartialEq, Eq)]
 pub struct HostSnapshot {
     pub links: BTreeSet<String>,
+    pub namespaces: BTreeSet<String>,
     pub daemons: usize,
     pub udp_ports: BTreeSet<u16>,
 }
 
 impl HostSnapshot {
+    /// Store records and IPAM reservations are per network: see `Net::records` and
+    /// `Net::reservations`.
     pub fn take() -> HostSnapshot {
         HostSnapshot {
             links: host_links(),
+            namespaces: namespaces(),
             daemons: all_daemons(),
             udp_ports: host_udp_ports(),
         }
     }
+}
+
+/// Named network namespaces (`ip netns list`).
+pub fn namespaces() -> BTreeSet<String> {
+    run_ok(ip(), &["netns", "list"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
 }
