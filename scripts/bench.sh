@@ -98,9 +98,28 @@ cleanup() {
   fi
   exit "$rc"
 }
+# Long steps run in the background and are waited for, so that a signal reaches the trap at
+# once (bash defers traps while a foreground child runs); the trap passes it on.
+CHILD=""
+# shellcheck disable=SC2317  # runs from the traps
+on_signal() {
+  if [[ -n $CHILD ]]; then
+    kill -TERM "$CHILD" 2>/dev/null || true
+    wait "$CHILD" 2>/dev/null || true
+  fi
+  exit "$1"
+}
+run_child() { # run_child CMD...: run in the background, wait, return its status
+  "$@" &
+  CHILD=$!
+  local rc=0
+  wait "$CHILD" || rc=$?
+  CHILD=""
+  return "$rc"
+}
 trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM HUP
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM HUP
 
 NATIVE_PHASES=${BENCH_NATIVE_PHASES-latency scale parallel throughput profile}
 GUEST_PHASES=${BENCH_GUEST_PHASES-latency,scale,throughput,profile}
@@ -113,7 +132,8 @@ FAILED=()
 for phase in $NATIVE_PHASES; do
   limit=420
   log "native: $phase"
-  if ! timeout --kill-after=10 "$limit" "$DRIVER" "$phase" --label native --backend userspace \
+  # timeout passes a TERM it receives on to the driver.
+  if ! run_child timeout --kill-after=10 "$limit" "$DRIVER" "$phase" --label native --backend userspace \
       --wg "$WG" --work "$WORK/native" --out-dir "$PARTS" --pids-file "$WORK/pids" \
       --strace "$(command -v strace)" "${NATIVE_ARGS[@]}" >/dev/null; then
     FAILED+=("native $phase")
@@ -138,11 +158,20 @@ for tool in iptables ip6tables; do ln -sf /opt/wgcni/bin/xtables-nft-multi /usr/
 /opt/wgcni/bin/wg-cni-bench $GUEST_PHASES --label guest --backend kernel \
   --wg /opt/wgcni/bin/wg-cni --iperf3 /opt/wgcni/bin/iperf3 --strace /opt/wgcni/bin/strace \
   --work /tmp/wgbench ${GUEST_ARGS[*]}"
-  set +e
-  scripts/kernel-vm/run-tests.sh --timeout 840 -- /bin/sh -c "$guest_cmd" 2>"$WORK/guest.err" \
-    | tee "$WORK/guest-console.log" | grep --line-buffered -aE 'wg-cni-bench: |WGCNI-VM-RESULT'
-  guest_rc=${PIPESTATUS[0]}
-  set -e
+  : >"$WORK/guest-console.log"
+  # Progress lines from the console while the guest runs (the follower ends with the harness).
+  guest_rc=0
+  run_child_bg() {
+    scripts/kernel-vm/run-tests.sh --timeout 840 -- /bin/sh -c "$guest_cmd" \
+      >"$WORK/guest-console.log" 2>"$WORK/guest.err" &
+    CHILD=$!
+    tail -n +1 -s 0.5 -f --pid="$CHILD" "$WORK/guest-console.log" \
+      | grep --line-buffered -aE 'wg-cni-bench: |WGCNI-VM-RESULT' &
+    wait "$CHILD" || guest_rc=$?
+    CHILD=""
+    wait || true   # the follower
+  }
+  run_child_bg
   tail -n 3 "$WORK/guest.err" >&2 || true
   ((guest_rc == 0)) || FAILED+=("guest (exit $guest_rc)")
   # The parts, one line each on the console.
