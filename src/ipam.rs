@@ -1,7 +1,11 @@
 //! Delegation to the IPAM plugin named by `ipam.type`: found in CNI_PATH, run with our
 //! environment, given our config with `cniVersion` lowered to the highest version it speaks
 //! (Debian's host-local stops at 1.0.0 and refuses 1.1.0 with code 1).
+//! Asking VERSION costs a whole exec, so it is asked only when it matters: for a 1.1.0 config,
+//! or after the plugin refused an older version with code 1. Every plugin of recent years
+//! speaks 0.3.0 to 1.0.0.
 
+use std::cell::Cell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,6 +19,8 @@ pub struct Ipam<'a> {
     binary: PathBuf,
     env: &'a CniEnv,
     conf: &'a NetConf,
+    /// The version negotiated through VERSION, once asked.
+    negotiated: Cell<Option<Version>>,
 }
 
 /// Which attachment a call is about (differs from the env's for GC and reaping).
@@ -37,7 +43,12 @@ impl<'a> Ipam<'a> {
                 ),
             )
         })?;
-        Ok(Ipam { binary, env, conf })
+        Ok(Ipam {
+            binary,
+            env,
+            conf,
+            negotiated: Cell::new(None),
+        })
     }
 
     pub fn target_of_env(&self) -> Target<'a> {
@@ -66,10 +77,14 @@ impl<'a> Ipam<'a> {
             .collect())
     }
 
-    /// The highest version both the config and the plugin speak.
+    /// The highest version both the config and the plugin speak (asked once per process).
     pub fn negotiate(&self) -> Result<Version> {
+        if let Some(version) = self.negotiated.get() {
+            return Ok(version);
+        }
         let wanted = self.conf.cni_version;
-        self.supported_versions()?
+        let version = self
+            .supported_versions()?
             .into_iter()
             .filter(|v| *v <= wanted && v.is_supported())
             .max()
@@ -78,37 +93,54 @@ impl<'a> Ipam<'a> {
                     "IPAM plugin {} speaks no CNI version up to {wanted}",
                     self.conf.ipam_type
                 ))
-            })
+            })?;
+        self.negotiated.set(Some(version));
+        Ok(version)
+    }
+
+    /// The version to try first: the config's own up to 1.0.0, else the negotiated one.
+    fn version(&self) -> Result<Version> {
+        match self.negotiated.get() {
+            Some(version) => Ok(version),
+            None if self.conf.cni_version <= Version::V1_0_0 => Ok(self.conf.cni_version),
+            None => self.negotiate(),
+        }
+    }
+
+    /// Run `command` in the version to try first; if the plugin refuses that version
+    /// (code 1) and we had not asked, negotiate and run it once more.
+    fn call(
+        &self,
+        command: &str,
+        target: Option<&Target>,
+        prev: Option<&CniResult>,
+    ) -> Result<Value> {
+        let version = self.version()?;
+        match self.exec(command, target, &self.config(version, prev)) {
+            Err(Error::Delegated { code: 1, .. }) if self.negotiated.get().is_none() => {
+                let version = self.negotiate()?;
+                self.exec(command, target, &self.config(version, prev))
+            }
+            other => other,
+        }
     }
 
     pub fn add(&self) -> Result<CniResult> {
-        let version = self.negotiate()?;
-        let output = self.exec(
-            "ADD",
-            Some(&self.target_of_env()),
-            &self.config(version, None),
-        )?;
+        let output = self.call("ADD", Some(&self.target_of_env()), None)?;
         CniResult::parse(&output, &format!("{} result", self.conf.ipam_type))
     }
 
     /// Release `target`'s addresses; the plugin treats an unknown one as success.
     pub fn del(&self, target: &Target, prev: Option<&CniResult>) -> Result<()> {
-        let version = self.negotiate()?;
-        self.exec("DEL", Some(target), &self.config(version, prev))
-            .map(drop)
+        self.call("DEL", Some(target), prev).map(drop)
     }
 
     pub fn check(&self, prev: &CniResult) -> Result<()> {
-        let version = self.negotiate()?;
-        if version < Version::V0_4_0 {
+        if self.version()? < Version::V0_4_0 {
             return Ok(()); // CHECK did not exist before 0.4.0
         }
-        self.exec(
-            "CHECK",
-            Some(&self.target_of_env()),
-            &self.config(version, Some(prev)),
-        )
-        .map(drop)
+        self.call("CHECK", Some(&self.target_of_env()), Some(prev))
+            .map(drop)
     }
 
     /// Forward a 1.1 command (GC, STATUS) when the plugin speaks 1.1; `false` when it does not.

@@ -4,7 +4,7 @@
 //! may sync other nodes' records into it), so nothing here assumes it is the only writer.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -450,7 +450,13 @@ fn read_json<T: DeserializeOwned + Versioned>(path: &Path) -> std::result::Resul
             "not a regular file of at most 64 KiB".into(),
         ));
     }
-    let record: T = serde_json::from_reader(file).map_err(|e| ReadError::Invalid(e.to_string()))?;
+    // Read whole, then parse: serde_json's reader on a bare File reads a byte per syscall.
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    let mut file = file;
+    file.read_to_end(&mut bytes)
+        .map_err(|e| ReadError::Invalid(e.to_string()))?;
+    let record: T =
+        serde_json::from_slice(&bytes).map_err(|e| ReadError::Invalid(e.to_string()))?;
     if record.schema() != SCHEMA_VERSION {
         return Err(ReadError::Invalid(format!(
             "schema version {} (this wg-cni reads {SCHEMA_VERSION})",
