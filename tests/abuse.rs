@@ -275,7 +275,16 @@ fn an_add_killed_between_move_and_rename_is_cleaned_by_del() {
         conf["type"] = "host-local".into();
         conf
     };
-    let reserved = run_plugin("host-local", "ADD", &pod, &ipam);
+    let reserved = other_plugin(
+        "host-local",
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", &pod.id),
+            ("CNI_NETNS", pod.netns()),
+            ("CNI_IFNAME", "eth0"),
+        ],
+        &ipam,
+    );
     let daemon = Command::new("wireguard-go")
         .args(["-f", &temp])
         .stdout(Stdio::null())
@@ -307,27 +316,4 @@ fn an_add_killed_between_move_and_rename_is_cleaned_by_del() {
     assert_eq!(daemons_named(&temp), 0);
     assert!(net.records().is_empty() && net.reservations().is_empty());
     assert_eq!(HostSnapshot::take(), before);
-}
-
-/// Run another plugin from the plugin directory for `pod`.
-fn run_plugin(name: &str, command: &str, pod: &Pod, conf: &Value) -> Value {
-    let mut child = Command::new(plugin_dir().join(name))
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", &pod.id)
-        .env("CNI_NETNS", pod.netns())
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", plugin_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }

@@ -473,7 +473,7 @@ fn records_from_an_earlier_boot_are_reaped_with_their_reservation() {
     // A pod of an earlier boot: host-local still holds its address, its record is on disk.
     let mut ipam_conf = net.conf();
     ipam_conf["type"] = "host-local".into();
-    let ghost = cni_raw_plugin(
+    let ghost = other_plugin(
         "host-local",
         &[
             ("CNI_COMMAND", "ADD"),
@@ -510,28 +510,4 @@ fn records_from_an_earlier_boot_are_reaped_with_their_reservation() {
     assert!(first.ping(&address_of(&r2, false)));
     net.del(&first, Some(&r1)).ok();
     net.del(&second, Some(&r2)).ok();
-}
-
-/// Run another CNI plugin from the plugin directory directly.
-fn cni_raw_plugin(name: &str, env: &[(&str, &str)], conf: &Value) -> Value {
-    let mut cmd = std::process::Command::new(plugin_dir().join(name));
-    cmd.envs(env.iter().copied())
-        .env("CNI_PATH", plugin_dir())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }

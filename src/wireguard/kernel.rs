@@ -51,14 +51,7 @@ impl Backend for Kernel {
             pod: Some(pod),
             daemon_pid: None,
         };
-        let update = Update {
-            keypair: Some(spec.keypair),
-            listen_port: Some(spec.listen_port),
-            replace_peers: true,
-            peers: spec.peers.clone(),
-            remove_peers: Vec::new(),
-        };
-        if let Err(e) = self.apply(&link, &update) {
+        if let Err(e) = self.apply(&link, &spec.initial_update()) {
             let _ = pod.run(|| {
                 let netlink = Netlink::open()?;
                 if let Some(l) = netlink.link_by_name(spec.ifname)? {

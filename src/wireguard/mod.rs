@@ -72,6 +72,19 @@ pub struct LinkSpec<'a> {
     pub peers: Vec<Peer>,
 }
 
+impl LinkSpec<'_> {
+    /// The first configuration of a new link: its key, port and whole peer set.
+    pub fn initial_update(&self) -> Update<'_> {
+        Update {
+            keypair: Some(self.keypair),
+            listen_port: Some(self.listen_port),
+            replace_peers: true,
+            peers: self.peers.clone(),
+            remove_peers: Vec::new(),
+        }
+    }
+}
+
 pub struct Created {
     pub daemon_pid: Option<u32>,
 }

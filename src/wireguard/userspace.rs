@@ -139,14 +139,7 @@ fn stop_daemon(pid: u32, name: &str) {
 
 /// Everything after the daemon is up: configure, set the MTU, move, rename.
 fn configure_and_move(spec: &LinkSpec, pod: &Netns) -> Result<()> {
-    let update = Update {
-        keypair: Some(spec.keypair),
-        listen_port: Some(spec.listen_port),
-        replace_peers: true,
-        peers: spec.peers.clone(),
-        remove_peers: Vec::new(),
-    };
-    uapi::set(spec.temp_name, &update)
+    uapi::set(spec.temp_name, &spec.initial_update())
         .map_err(|e| Error::wireguard(format!("configuring {}", spec.temp_name), e))?;
 
     let host = Netlink::open()?;

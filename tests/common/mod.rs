@@ -437,6 +437,29 @@ impl Drop for Net {
     }
 }
 
+/// Run another CNI plugin (host-local, ptp) from the plugin directory and parse its result.
+pub fn other_plugin(name: &str, env: &[(&str, &str)], conf: &Value) -> Value {
+    let mut child = Command::new(plugin_dir().join(name))
+        .envs(env.iter().copied())
+        .env("CNI_PATH", plugin_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {name}: {e}"));
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
 /// The first address of a result in the given family.
 pub fn address_of(result: &Value, v6: bool) -> String {
     result["ips"]
