@@ -50,16 +50,8 @@ fi
 # ------------------------------------------------------------------ packages
 log "installing what the benchmark needs"
 scripts/install-deps.sh
-need=(iperf3 strace qemu-system-x86 linux-image-amd64 busybox-static cpio xz-utils zstd iptables)
-missing=()
-for p in "${need[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "apt-get install ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+scripts/apt-install.sh iperf3 strace qemu-system-x86 linux-image-amd64 busybox-static cpio \
+  xz-utils zstd iptables
 
 # ------------------------------------------------------------------ build
 log "building wg-cni and the driver (release)"

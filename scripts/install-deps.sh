@@ -3,16 +3,8 @@
 # Idempotent: packages already present are not fetched again.
 set -euo pipefail
 
-packages=(containernetworking-plugins wireguard-go wireguard-tools iproute2 iptables iputils-ping procps jq tcpdump)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "installing: ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+"$(dirname "$0")/apt-install.sh" containernetworking-plugins wireguard-go wireguard-tools iproute2 \
+  iptables iputils-ping procps jq tcpdump
 
 # Debian's rustc (1.63) is too old for rtnetlink and clap: rustup's stable >= 1.85 is required.
 export PATH="$HOME/.cargo/bin:$PATH"

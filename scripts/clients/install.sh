@@ -12,21 +12,9 @@ tools=${1:-$clients_dir/../../target/clients}
 mkdir -p "$tools"
 tools=$(cd "$tools" && pwd)
 
-packages=(golang-go golang-github-appc-cni-dev podman runc conmon containerd busybox-static
-  python3-venv containernetworking-plugins wireguard-go iproute2 iputils-ping jq procps
-  util-linux coreutils wireguard-tools)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "installing: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  if ! apt-get install -y -qq "${missing[@]}" >/dev/null; then
-    apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" >/dev/null
-  fi
-fi
+"$clients_dir/../apt-install.sh" golang-go golang-github-appc-cni-dev podman runc conmon \
+  containerd busybox-static python3-venv containernetworking-plugins wireguard-go iproute2 \
+  iputils-ping jq procps util-linux coreutils wireguard-tools
 
 # libcni client: GOPATH mode against Debian's libcni sources, no module download.
 if [ ! -x "$tools/wgc-cnitool" ] || [ "$clients_dir/cnitool/main.go" -nt "$tools/wgc-cnitool" ]; then
