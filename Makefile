@@ -29,7 +29,7 @@ test-unit:
 
 # Serial: the tests compare host-wide snapshots (links, daemons, UDP ports).
 test-integration: deps
-	WG_CNI_TEST_BACKEND=userspace cargo test --test plugin --test gateway --test bad_input \
+	WG_CNI_TEST_BACKEND=userspace cargo test --test plugin --test gateway --test hardening --test bad_input \
 		--test security --test abuse -- --test-threads=1
 
 # libcni (cnitool), podman 4.3 (CNI backend) and containerd 1.6 (CRI) drive the built plugin;

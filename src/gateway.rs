@@ -15,13 +15,17 @@ use crate::link::Netlink;
 use crate::mesh;
 use crate::nat;
 use crate::netns::Netns;
-use crate::ports;
+use crate::ports::{self, PortLock};
 use crate::store::{GatewayRecord, SCHEMA_VERSION, State, Store};
-use crate::wireguard::{self, LinkSpec, Peer, Update};
+use crate::wireguard::{self, LinkSpec, Peer};
 
-/// `wgg` + 12 hex digits of the network name: stable per network, at most 15 bytes.
-pub fn link_name(network: &str) -> String {
-    format!("wgg{:012x}", fnv1a(network.as_bytes()) & 0xffff_ffff_ffff)
+/// `wgg` + 12 hex digits of (store, network, node): stable, at most 15 bytes, and distinct
+/// for two stores or two simulated nodes on one host that use the same network name.
+pub fn link_name(store: &Store) -> String {
+    format!(
+        "wgg{:012x}",
+        fnv1a(store.scope().as_bytes()) & 0xffff_ffff_ffff
+    )
 }
 
 /// FNV-1a, 64 bit: stable across builds and platforms, unlike std's hasher.
@@ -101,9 +105,17 @@ pub fn is_live(host: &Netns, gateway: &GatewayRecord) -> bool {
         .is_ok_and(|d| d.public_key.map(|k| k.to_base64()).as_deref() == Some(&gateway.public_key))
 }
 
+/// Whether this node's gateway of the store's network is live and of this boot.
+pub fn is_live_for_boot(host: &Netns, store: &Store, boot_id: &str) -> bool {
+    store
+        .gateway()
+        .ok()
+        .flatten()
+        .is_some_and(|gw| gw.boot_id == boot_id && is_live(host, &gw))
+}
+
 /// What ADD wants the gateway to be.
 pub struct Wanted<'a> {
-    pub network: &'a str,
     pub boot_id: &'a str,
     pub settings: &'a LinkSettings,
     pub plan: &'a Plan,
@@ -121,9 +133,14 @@ pub struct Ensured {
 
 /// Make sure the gateway exists, serves `plan` and has every ready local pod as a peer.
 /// The caller holds the network lock and the node's port lock.
-pub fn ensure(host: &Netns, store: &Store, wanted: &Wanted) -> Result<Ensured> {
+pub fn ensure(
+    host: &Netns,
+    store: &Store,
+    ports: &mut PortLock,
+    wanted: &Wanted,
+) -> Result<Ensured> {
+    let network = store.network();
     let Wanted {
-        network,
         boot_id,
         settings,
         plan,
@@ -156,20 +173,19 @@ pub fn ensure(host: &Netns, store: &Store, wanted: &Wanted) -> Result<Ensured> {
         }
         tracing::warn!(network, "the node gateway is gone: recreating it");
         destroy(host, &existing)?;
+        ports.release(&existing.host_name)?;
         replaced_key = key_of(&existing.public_key).ok();
     }
 
-    let name = link_name(network);
+    let name = link_name(store);
     clear_leftovers(host, &name)?;
     let keypair = KeyPair::generate();
-    let port = ports::free_ports(settings.ports, &[])
-        .next()
-        .ok_or_else(|| {
-            Error::TryAgainLater(format!(
-                "no free UDP port left in listenPorts {} for the node gateway",
-                settings.ports
-            ))
-        })?;
+    let port = ports.allocate(settings.ports, &name, &[])?.ok_or_else(|| {
+        Error::TryAgainLater(format!(
+            "no free UDP port left in listenPorts {} for the node gateway",
+            settings.ports
+        ))
+    })?;
     let local_pods: Vec<Peer> = store
         .node_records()?
         .iter()
@@ -206,11 +222,14 @@ pub fn ensure(host: &Netns, store: &Store, wanted: &Wanted) -> Result<Ensured> {
         peers: local_pods,
     };
     // Created "into" the host namespace itself: the same path as a pod link, minus the move.
-    let created = backend.create(&spec, host, host)?;
-    record.daemon_pid = created.daemon_pid;
-    let finish = configure_host_side(host, &record).and_then(|()| store.put_gateway(&record));
+    let created = backend.create(&spec, host, host);
+    let finish = created.and_then(|created| {
+        record.daemon_pid = created.daemon_pid;
+        configure_host_side(host, &record).and_then(|()| store.put_gateway(&record))
+    });
     if let Err(e) = finish {
         let _ = destroy(host, &record);
+        let _ = ports.release(&name);
         return Err(e);
     }
     Ok(Ensured {
@@ -268,7 +287,8 @@ fn configure_host_side(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
     Ok(())
 }
 
-/// Remove the gateway's link (or daemon) and NAT rules; the record stays for the caller.
+/// Remove the gateway's link (or daemon) and NAT rules; the record and the port's ledger
+/// entry stay for the caller (which may hold the port lock already).
 pub fn destroy(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
     for subnet in &gateway.subnets {
         nat::hairpin(&gateway.network, &gateway.host_name, subnet).remove()?;
@@ -278,26 +298,17 @@ pub fn destroy(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
     wireguard::backend(gateway.backend).destroy(&gateway.link(host), &key, host)
 }
 
-/// Tell the gateway about a pod, or forget one.
-pub fn update(host: &Netns, store: &Store, update: &Update) {
-    let Ok(Some(gateway)) = store.gateway() else {
-        return;
-    };
-    if let Err(e) = wireguard::backend(gateway.backend).apply(&gateway.link(host), update) {
-        tracing::warn!(error = %e, "could not update the node gateway");
-    }
-}
-
 /// The network's last local attachment is gone: so is the gateway.
-pub fn remove_if_unused(host: &Netns, store: &Store, network: &str) -> Result<()> {
+pub fn remove_if_unused(host: &Netns, store: &Store) -> Result<()> {
     if !store.node_records()?.is_empty() {
         return Ok(());
     }
     if let Some(gateway) = store.gateway()? {
         destroy(host, &gateway)?;
         store.remove_gateway()?;
+        ports::release(&gateway.host_name);
     }
-    clear_leftovers(host, &link_name(network))
+    clear_leftovers(host, &link_name(store))
 }
 
 /// A gateway whose creation was killed before its record was written still holds the
@@ -358,9 +369,26 @@ mod tests {
     }
 
     #[test]
-    fn link_names_fit_ifnamsiz() {
-        let name = link_name("a-very-long-network-name-indeed");
-        assert_eq!(name.len(), 15);
-        assert_ne!(name, link_name("another"));
+    fn link_names_fit_ifnamsiz_and_differ_per_store_network_and_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let name = |root: &std::path::Path, net: &str, node: &str| {
+            link_name(&Store::open(root, net, node).unwrap())
+        };
+        let base = name(dir.path(), "a-very-long-network-name-indeed", "n1");
+        assert_eq!(base.len(), 15);
+        assert_eq!(
+            base,
+            name(dir.path(), "a-very-long-network-name-indeed", "n1")
+        );
+        assert_ne!(base, name(dir.path(), "another", "n1"));
+        assert_ne!(
+            base,
+            name(dir.path(), "a-very-long-network-name-indeed", "n2")
+        );
+        assert_ne!(
+            base,
+            name(other.path(), "a-very-long-network-name-indeed", "n1")
+        );
     }
 }

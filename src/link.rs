@@ -192,25 +192,10 @@ impl Netlink {
     }
 
     /// A device route (`ip route add DST dev LINK`): no gateway, WireGuard links have no ARP.
-    pub fn add_device_route(&self, index: u32, dst: IpNetwork) -> Result<()> {
-        let message = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(dst.network(), dst.prefix())
-            .map_err(|e| Error::netlink(format!("route to {dst}"), e))?
-            .output_interface(index)
-            .build();
-        self.runtime.block_on(async {
-            self.handle
-                .route()
-                .add(message)
-                .replace()
-                .execute()
-                .await
-                .map_err(|e| Error::netlink(format!("adding route to {dst}"), e))
-        })
-    }
-
-    /// A device route in the host namespace: never replaces a route someone else owns.
-    pub fn add_host_route(&self, index: u32, dst: IpNetwork) -> Result<()> {
+    /// A device route (no next hop). It never replaces a route another link holds (a
+    /// secondary network must not take the primary's default route): then it answers `false`.
+    /// A route that is already ours is fine.
+    pub fn add_device_route(&self, index: u32, dst: IpNetwork) -> Result<bool> {
         let message = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst.network(), dst.prefix())
             .map_err(|e| Error::netlink(format!("route to {dst}"), e))?
@@ -220,20 +205,21 @@ impl Netlink {
             .runtime
             .block_on(async { self.handle.route().add(message).execute().await });
         if added.is_ok() {
+            return Ok(true);
+        }
+        let routes = self.routes()?;
+        Ok(routes.iter().any(|r| r.dst == dst && r.oif == Some(index)))
+    }
+
+    /// A device route in the host namespace: never replaces a route someone else owns.
+    pub fn add_host_route(&self, index: u32, dst: IpNetwork) -> Result<()> {
+        if self.add_device_route(index, dst)? {
             return Ok(());
         }
-        let ours = self
-            .routes()?
-            .iter()
-            .any(|r| r.dst == dst && r.oif == Some(index));
-        if ours {
-            Ok(())
-        } else {
-            Err(Error::netlink(
-                format!("adding host route to {dst}"),
-                "another route to that range exists; remove it or pick another subnet",
-            ))
-        }
+        Err(Error::netlink(
+            format!("adding host route to {dst}"),
+            "another route to that range exists; remove it or pick another subnet",
+        ))
     }
 
     /// All routes of the main table, both families.

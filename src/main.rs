@@ -3,6 +3,7 @@
 
 mod cni;
 mod commands;
+mod failpoint;
 mod gateway;
 mod host;
 mod ipam;
@@ -12,6 +13,7 @@ mod mesh;
 mod nat;
 mod netns;
 mod ports;
+mod reconcile;
 mod show;
 mod store;
 mod wireguard;

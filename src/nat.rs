@@ -62,11 +62,13 @@ impl Rule {
     }
 }
 
-fn comment(kind: &str, network: &str) -> Vec<String> {
+/// The comment names the network and the gateway link (whose name is scoped to store and
+/// node), so two stores using one network name never remove each other's rules.
+fn comment(kind: &str, network: &str, gateway: &str) -> Vec<String> {
     ["-m", "comment", "--comment"]
         .iter()
         .map(|s| s.to_string())
-        .chain([format!("wg-cni {kind} {network}")])
+        .chain([format!("wg-cni {kind} {network} {gateway}")])
         .collect()
 }
 
@@ -77,7 +79,7 @@ pub fn hairpin(network: &str, gateway: &str, subnet: &IpNetwork) -> Rule {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    args.extend(comment("hairpin", network));
+    args.extend(comment("hairpin", network, gateway));
     args.extend(["-j".to_string(), "MASQUERADE".to_string()]);
     Rule::new(subnet, args)
 }
@@ -89,7 +91,7 @@ pub fn masquerade(network: &str, gateway: &str, subnet: &IpNetwork) -> Rule {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    args.extend(comment("ipMasq", network));
+    args.extend(comment("ipMasq", network, gateway));
     args.extend(["-j".to_string(), "MASQUERADE".to_string()]);
     Rule::new(subnet, args)
 }
@@ -127,7 +129,7 @@ mod tests {
         let text = rule.args.join(" ");
         assert_eq!(
             text,
-            "-s 10.66.0.0/24 -d 10.66.0.0/24 -o wgg0123 -m comment --comment wg-cni hairpin wgnet -j MASQUERADE"
+            "-s 10.66.0.0/24 -d 10.66.0.0/24 -o wgg0123 -m comment --comment wg-cni hairpin wgnet wgg0123 -j MASQUERADE"
         );
         let v6: IpNetwork = "fd66::/64".parse().unwrap();
         let masq = masquerade("wgnet", "wgg0123", &v6);

@@ -1,8 +1,13 @@
 //! Host UDP ports for pod links: a node-wide resource shared by every network, so they are
 //! allocated under a node-wide lock, from a range outside the host's ephemeral range and
-//! Kubernetes' NodePort range, and a port counts as free only if it is free in IPv4 and IPv6.
+//! Kubernetes' NodePort range. The lock guards a ledger of handed-out ports: a link binds its
+//! port only when it comes up (wireguard-go up to a second after ADD returns), so a bind probe
+//! alone could hand one port to two links. A port is free when the ledger does not hold it and
+//! it binds in IPv4 and IPv6.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 
@@ -13,6 +18,10 @@ use crate::cni::{Error, IoContext, Result};
 
 const LOCK_DIR: &str = "/run/wg-cni";
 const LOCK_PATH: &str = "/run/wg-cni/ports.lock";
+const LEDGER_PATH: &str = "/run/wg-cni/ports.json";
+/// How long a ledger entry holds its port on its own word. Past it, the entry stands only
+/// while the port is really bound (its link may have died without a DEL).
+const LEDGER_GRACE_SECS: u64 = 60;
 const NODE_PORTS: PortRange = PortRange {
     first: 30000,
     last: 32767,
@@ -29,9 +38,26 @@ const DEFAULT_CANDIDATES: [PortRange; 2] = [
     },
 ];
 
-/// Held from choosing a port until the link listens on it.
+/// Held while choosing ports and updating the ledger.
 pub struct PortLock {
     _lock: Flock<File>,
+    ledger: Ledger,
+}
+
+/// Which link holds which port, since when, on which boot (`/run` is emptied at boot, but a
+/// bind-mounted or persistent `/run` must not carry entries over).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Ledger {
+    boot_id: String,
+    ports: BTreeMap<u16, LedgerEntry>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct LedgerEntry {
+    /// The link's host-side name (`wgc…`/`wgg…`): unique per attachment and store.
+    owner: String,
+    since: u64,
 }
 
 pub fn lock() -> Result<PortLock> {
@@ -51,7 +77,98 @@ pub fn lock() -> Result<PortLock> {
         context: format!("locking {LOCK_PATH}"),
         source: errno.into(),
     })?;
-    Ok(PortLock { _lock: lock })
+    Ok(PortLock {
+        _lock: lock,
+        ledger: read_ledger(),
+    })
+}
+
+impl PortLock {
+    /// Hand the lowest free port of `range` (not in `skip`) to `owner` and note it in the
+    /// ledger; an earlier entry of the same owner is replaced.
+    pub fn allocate(&mut self, range: PortRange, owner: &str, skip: &[u16]) -> Result<Option<u16>> {
+        self.forget_stale();
+        self.ledger.ports.retain(|_, e| e.owner != owner);
+        let held = |p: &u16| self.ledger.ports.contains_key(p);
+        let port =
+            (range.first..=range.last).find(|p| !skip.contains(p) && !held(p) && is_free(*p));
+        if let Some(port) = port {
+            let since = crate::host::now_unix();
+            self.ledger.ports.insert(
+                port,
+                LedgerEntry {
+                    owner: owner.to_string(),
+                    since,
+                },
+            );
+        }
+        self.write()?;
+        Ok(port)
+    }
+
+    /// The link `owner` is gone: its port may be handed out again.
+    pub fn release(&mut self, owner: &str) -> Result<()> {
+        let before = self.ledger.ports.len();
+        self.ledger.ports.retain(|_, e| e.owner != owner);
+        if self.ledger.ports.len() == before {
+            return Ok(());
+        }
+        self.write()
+    }
+
+    /// Drop entries of another boot, and old entries whose port nobody binds (their link
+    /// died without a DEL).
+    fn forget_stale(&mut self) {
+        let boot = crate::host::boot_id().unwrap_or_default();
+        if self.ledger.boot_id != boot {
+            self.ledger = Ledger {
+                boot_id: boot,
+                ports: BTreeMap::new(),
+            };
+        }
+        let now = crate::host::now_unix();
+        self.ledger
+            .ports
+            .retain(|port, e| now.saturating_sub(e.since) < LEDGER_GRACE_SECS || !is_free(*port));
+    }
+
+    fn write(&self) -> Result<()> {
+        let temp = format!("{LEDGER_PATH}.tmp");
+        let body = serde_json::to_vec(&self.ledger).expect("the ledger serializes");
+        let write = || -> std::io::Result<()> {
+            let mut file = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&temp)?;
+            file.write_all(&body)?;
+            std::fs::rename(&temp, LEDGER_PATH)
+        };
+        write().io(|| format!("writing the port ledger {LEDGER_PATH}"))
+    }
+}
+
+/// Release `owner`'s port under the node's port lock (DEL, GC, rollback). Best effort: an
+/// entry left behind expires once its port is no longer bound.
+pub fn release(owner: &str) {
+    if let Err(e) = lock().and_then(|mut l| l.release(owner)) {
+        tracing::warn!(owner, error = %e, "could not release a port in the ledger");
+    }
+}
+
+/// The ledger as last written; a missing or unreadable one is empty (ports are then only
+/// probed, as before the ledger existed).
+fn read_ledger() -> Ledger {
+    let mut text = Vec::new();
+    let read = File::open(LEDGER_PATH).and_then(|mut f| f.read_to_end(&mut text));
+    match read {
+        Ok(_) => serde_json::from_slice(&text).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the port ledger is unreadable: starting a new one");
+            Ledger::default()
+        }),
+        Err(_) => Ledger::default(),
+    }
 }
 
 /// The kernel's ephemeral range (`net.ipv4.ip_local_port_range`).
@@ -112,11 +229,6 @@ fn bind_v6_only(port: u16) -> bool {
     bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).is_ok()
 }
 
-/// Free ports of `range`, lowest first, skipping `taken`.
-pub fn free_ports(range: PortRange, taken: &[u16]) -> impl Iterator<Item = u16> + '_ {
-    (range.first..=range.last).filter(move |p| !taken.contains(p) && is_free(*p))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,10 +258,5 @@ mod tests {
         let port = socket.local_addr().unwrap().port();
         assert!(!is_free(port));
         drop(socket);
-        let range = PortRange {
-            first: port,
-            last: port,
-        };
-        assert_eq!(free_ports(range, &[port]).next(), None);
     }
 }

@@ -1,5 +1,7 @@
 //! The shared key store: one JSON record per attachment under
-//! `<store>/<network>/<node>/<containerID>-<ifname>.json`, a network-wide lock, atomic writes.
+//! `<store>/<network>/<node>/<containerID>:<ifname>.json`, a network-wide lock, atomic writes.
+//! ':' is in neither alphabet (container IDs and interface names are validated), so two
+//! attachments can never share a file; every read also checks the record's own identity.
 //! Only public material is stored. The directory is an interface to the outside (a node agent
 //! may sync other nodes' records into it), so nothing here assumes it is the only writer.
 
@@ -21,8 +23,10 @@ use crate::wireguard::{BackendKind, LinkRef};
 pub const SCHEMA_VERSION: u32 = 1;
 const LOCK_FILE: &str = ".lock";
 const TEMP_PREFIX: &str = ".tmp-";
-/// Never a pod record's name: those always hold a '-' between container ID and ifname.
+/// Never a pod record's name: those always hold a ':' between container ID and ifname.
 const GATEWAY_FILE: &str = "gateway.json";
+/// Between container ID and ifname in a record's name: a character neither may contain.
+const SEPARATOR: char = ':';
 
 /// `creating` while an ADD is in flight (the public key is already known, so a DEL after a
 /// crash can prove which link is ours); `ready` once the attachment is complete.
@@ -70,6 +74,12 @@ impl Record {
     }
 
     pub fn file_name(container_id: &str, ifname: &str) -> String {
+        format!("{container_id}{SEPARATOR}{ifname}.json")
+    }
+
+    /// The name versions before 0.2 used: ambiguous (`a-b` + `eth0` = `a` + `b-eth0`), so it
+    /// is only read when the record inside names this very attachment, and then migrated.
+    fn legacy_file_name(container_id: &str, ifname: &str) -> String {
         format!("{container_id}-{ifname}.json")
     }
 
@@ -172,6 +182,30 @@ impl Store {
         &self.node
     }
 
+    pub fn network(&self) -> &str {
+        self.network_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+    }
+
+    /// `wgc` + 12 hex digits of (store, network, node, attachment): the userspace link's name
+    /// in the host namespace (and its UAPI socket's), deterministic so a DEL after a crash
+    /// finds link and daemon, distinct across stores and nodes, at most 15 bytes.
+    pub fn pod_link_name(&self, container_id: &str, ifname: &str) -> String {
+        let key = format!("{}\0{container_id}\0{ifname}", self.scope());
+        format!(
+            "wgc{:012x}",
+            crate::gateway::fnv1a(key.as_bytes()) & 0xffff_ffff_ffff
+        )
+    }
+
+    /// What names derived for this store's links hash: store path, network and node, so two
+    /// stores (or two simulated nodes) on one host never derive the same name.
+    pub fn scope(&self) -> String {
+        format!("{}\0{}", self.network_dir.display(), self.node)
+    }
+
     fn node_dir(&self) -> PathBuf {
         self.network_dir.join(&self.node)
     }
@@ -201,28 +235,48 @@ impl Store {
         let mut records = Vec::new();
         for node_dir in list_dir(&self.network_dir)? {
             if fs::symlink_metadata(&node_dir).is_ok_and(|m| m.is_dir()) {
-                records.extend(read_records(&node_dir)?);
+                records.extend(read_records(&node_dir)?.into_iter().map(|(_, r)| r));
             }
         }
         Ok(records)
     }
 
-    /// This node's records only.
+    /// This node's records only. Legacy-named files are migrated on the way (callers that
+    /// change the store hold the lock; a reader racing a migration sees one name or the other).
     pub fn node_records(&self) -> Result<Vec<Record>> {
-        read_records(&self.node_dir())
+        let records = read_records(&self.node_dir())?;
+        for (path, record) in &records {
+            if !is_current_name(path, record) {
+                self.migrate(path, record);
+            }
+        }
+        Ok(records.into_iter().map(|(_, r)| r).collect())
     }
 
+    /// This node's record of one attachment. A file that is unreadable, or that names another
+    /// attachment, is no record of this one (logged, never fatal: one bad file must not block
+    /// the node). A record under the legacy name is moved to the current one.
     pub fn get(&self, container_id: &str, ifname: &str) -> Result<Option<Record>> {
-        let path = self
+        let dir = self.node_dir();
+        let current = dir.join(Record::file_name(container_id, ifname));
+        if let Some(record) = read_record_of(&current, container_id, ifname) {
+            return Ok(Some(record));
+        }
+        let legacy = dir.join(Record::legacy_file_name(container_id, ifname));
+        let Some(record) = read_record_of(&legacy, container_id, ifname) else {
+            return Ok(None);
+        };
+        self.migrate(&legacy, &record);
+        Ok(Some(record))
+    }
+
+    /// Move a legacy-named record to its current name (best effort: reading works either way).
+    fn migrate(&self, legacy: &Path, record: &Record) {
+        let target = self
             .node_dir()
-            .join(Record::file_name(container_id, ifname));
-        match read_json::<Record>(&path) {
-            Ok(record) => Ok(Some(record)),
-            Err(ReadError::Missing) => Ok(None),
-            Err(ReadError::Invalid(reason)) => Err(Error::decode(
-                format!("store record {}", path.display()),
-                reason,
-            )),
+            .join(Record::file_name(&record.container_id, &record.ifname));
+        if let Err(e) = fs::rename(legacy, &target) {
+            tracing::warn!(path = %legacy.display(), error = %e, "could not migrate a legacy store record");
         }
     }
 
@@ -280,13 +334,16 @@ impl Store {
         })
     }
 
-    /// Remove a record; a missing one is fine.
+    /// Remove a record; a missing one is fine. A legacy-named file goes too, but only when
+    /// it holds this very attachment.
     pub fn remove(&self, container_id: &str, ifname: &str) -> Result<()> {
-        remove_file_if_present(
-            &self
-                .node_dir()
-                .join(Record::file_name(container_id, ifname)),
-        )
+        let dir = self.node_dir();
+        remove_file_if_present(&dir.join(Record::file_name(container_id, ifname)))?;
+        let legacy = dir.join(Record::legacy_file_name(container_id, ifname));
+        if read_record_of(&legacy, container_id, ifname).is_some() {
+            remove_file_if_present(&legacy)?;
+        }
+        Ok(())
     }
 
     /// Remove temp files a crashed writer left in this node's directory.
@@ -385,7 +442,10 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
     }
 }
 
-fn read_records(dir: &Path) -> Result<Vec<Record>> {
+/// The records in one node directory, with the file each came from. A file whose name does
+/// not match the attachment inside (current or legacy form) is skipped: it could shadow
+/// another attachment.
+fn read_records(dir: &Path) -> Result<Vec<(PathBuf, Record)>> {
     let mut records = Vec::new();
     for path in list_dir(dir)? {
         let is_record = path
@@ -396,17 +456,63 @@ fn read_records(dir: &Path) -> Result<Vec<Record>> {
             continue;
         }
         match read_json::<Record>(&path) {
-            Ok(record) => records.push(record),
+            Ok(record) if is_current_name(&path, &record) || is_legacy_name(&path, &record) => {
+                records.push((path, record))
+            }
+            Ok(record) => {
+                tracing::warn!(path = %path.display(), container = %record.container_id, ifname = %record.ifname, "skipping a store record filed under another attachment's name");
+            }
             Err(ReadError::Missing) => {}
             Err(ReadError::Invalid(reason)) => {
                 tracing::warn!(path = %path.display(), %reason, "skipping unreadable store record");
             }
         }
     }
-    records.sort_by(|a, b| {
+    // A legacy file and its migrated twin (a crash between the two names): keep one.
+    records.sort_by_key(|(path, r)| {
+        (
+            r.container_id.clone(),
+            r.ifname.clone(),
+            !is_current_name(path, r),
+        )
+    });
+    records.dedup_by(|b, a| a.1.is_attachment(&b.1.container_id, &b.1.ifname));
+    records.sort_by(|(_, a), (_, b)| {
         (a.created_at, &a.container_id, &a.ifname).cmp(&(b.created_at, &b.container_id, &b.ifname))
     });
     Ok(records)
+}
+
+fn file_name_of(path: &Path) -> Option<&str> {
+    path.file_name().and_then(|n| n.to_str())
+}
+
+fn is_current_name(path: &Path, record: &Record) -> bool {
+    file_name_of(path) == Some(&Record::file_name(&record.container_id, &record.ifname))
+}
+
+fn is_legacy_name(path: &Path, record: &Record) -> bool {
+    file_name_of(path)
+        == Some(&Record::legacy_file_name(
+            &record.container_id,
+            &record.ifname,
+        ))
+}
+
+/// The record at `path` if it is readable and names exactly this attachment.
+fn read_record_of(path: &Path, container_id: &str, ifname: &str) -> Option<Record> {
+    match read_json::<Record>(path) {
+        Ok(record) if record.is_attachment(container_id, ifname) => Some(record),
+        Ok(record) => {
+            tracing::warn!(path = %path.display(), container = %record.container_id, ifname = %record.ifname, "store record names another attachment: ignored");
+            None
+        }
+        Err(ReadError::Missing) => None,
+        Err(ReadError::Invalid(reason)) => {
+            tracing::warn!(path = %path.display(), %reason, "skipping unreadable store record");
+            None
+        }
+    }
 }
 
 enum ReadError {
@@ -501,7 +607,7 @@ mod tests {
         let _lock = store.lock().unwrap();
         store.put(&record("a", "n1")).unwrap();
         assert_eq!(store.get("a", "eth0").unwrap().unwrap(), record("a", "n1"));
-        let file = dir.path().join("net/n1/a-eth0.json");
+        let file = dir.path().join("net/n1/a:eth0.json");
         assert_eq!(
             fs::metadata(&file).unwrap().permissions().mode() & 0o777,
             0o600
@@ -533,9 +639,9 @@ mod tests {
         let store = Store::open(dir.path(), "net", "n1").unwrap();
         let outside = dir.path().join("outside.json");
         fs::write(&outside, serde_json::to_vec(&record("z", "n1")).unwrap()).unwrap();
-        std::os::unix::fs::symlink(&outside, dir.path().join("net/n1/z-eth0.json")).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.path().join("net/n1/z:eth0.json")).unwrap();
         assert!(store.node_records().unwrap().is_empty());
-        assert!(store.get("z", "eth0").is_err());
+        assert!(store.get("z", "eth0").unwrap().is_none());
 
         let target = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(target.path(), dir.path().join("linked")).unwrap();
@@ -549,11 +655,11 @@ mod tests {
         let mut future = record("f", "n1");
         future.schema = 99;
         fs::write(
-            dir.path().join("net/n1/f-eth0.json"),
+            dir.path().join("net/n1/f:eth0.json"),
             serde_json::to_vec(&future).unwrap(),
         )
         .unwrap();
-        fs::write(dir.path().join("net/n1/g-eth0.json"), b"{not json").unwrap();
+        fs::write(dir.path().join("net/n1/g:eth0.json"), b"{not json").unwrap();
         store.put(&record("a", "n1")).unwrap();
         let ids: Vec<_> = store
             .node_records()
@@ -562,5 +668,67 @@ mod tests {
             .map(|r| r.container_id)
             .collect();
         assert_eq!(ids, vec!["a"]);
+    }
+
+    #[test]
+    fn attachments_whose_legacy_names_collide_keep_separate_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "net", "n1").unwrap();
+        let first = record("a-b", "n1");
+        let mut second = record("a", "n1");
+        second.ifname = "b-eth0".into();
+        store.put(&first).unwrap();
+        store.put(&second).unwrap();
+        assert_eq!(store.get("a-b", "eth0").unwrap().unwrap(), first);
+        assert_eq!(store.get("a", "b-eth0").unwrap().unwrap(), second);
+        assert_eq!(store.node_records().unwrap().len(), 2);
+        store.remove("a", "b-eth0").unwrap();
+        assert_eq!(store.get("a-b", "eth0").unwrap().unwrap(), first);
+    }
+
+    #[test]
+    fn a_file_naming_another_attachment_is_no_record_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "net", "n1").unwrap();
+        fs::write(
+            dir.path().join("net/n1/a:eth0.json"),
+            serde_json::to_vec(&record("b", "n1")).unwrap(),
+        )
+        .unwrap();
+        assert!(store.get("a", "eth0").unwrap().is_none());
+        assert!(store.node_records().unwrap().is_empty());
+    }
+
+    #[test]
+    fn legacy_records_are_read_and_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "net", "n1").unwrap();
+        let old = record("pod1", "n1");
+        let legacy = dir.path().join("net/n1/pod1-eth0.json");
+        fs::write(&legacy, serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(store.node_records().unwrap(), vec![old.clone()]);
+        assert!(!legacy.exists());
+        assert!(dir.path().join("net/n1/pod1:eth0.json").exists());
+
+        fs::write(&legacy, serde_json::to_vec(&old).unwrap()).unwrap();
+        fs::remove_file(dir.path().join("net/n1/pod1:eth0.json")).unwrap();
+        assert_eq!(store.get("pod1", "eth0").unwrap().unwrap(), old);
+        assert!(!legacy.exists());
+        store.remove("pod1", "eth0").unwrap();
+        assert!(store.node_records().unwrap().is_empty());
+    }
+
+    #[test]
+    fn pod_link_names_are_short_stable_and_distinct() {
+        let dir = tempfile::tempdir().unwrap();
+        let n1 = Store::open(dir.path(), "net", "n1").unwrap();
+        let n2 = Store::open(dir.path(), "net", "n2").unwrap();
+        let a = n1.pod_link_name("abc", "eth0");
+        assert_eq!(a, n1.pod_link_name("abc", "eth0"));
+        assert_ne!(a, n1.pod_link_name("abc", "eth1"));
+        assert_ne!(a, n1.pod_link_name("ab", "ceth0"));
+        assert_ne!(a, n2.pod_link_name("abc", "eth0"));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("wgc"));
     }
 }

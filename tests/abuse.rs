@@ -305,7 +305,7 @@ fn an_add_killed_between_move_and_rename_is_cleaned_by_del() {
         .store()
         .join(&net.name)
         .join(record["node"].as_str().unwrap())
-        .join(format!("{}-eth0.json", pod.id));
+        .join(format!("{}:eth0.json", pod.id));
     std::fs::write(&file, crashed.to_string()).unwrap();
     assert!(pod.links().contains(&temp));
 

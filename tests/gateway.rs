@@ -1,5 +1,5 @@
 //! The node gateway: the host reaches pods (kubelet probes), a Service's DNAT works between
-//! pods (hairpin), pods reach the outside through `ipMasq`, static peers, STATUS 51 and the
+//! pods (hairpin), pods reach the outside through `ipMasq`, static peers, a gone gateway (CHECK fails, STATUS does not) and the
 //! gateway's life cycle. Runs serially like tests/plugin.rs.
 
 mod common;
@@ -70,12 +70,6 @@ fn fetch(netns: Option<&Path>, to: SocketAddr) -> Result<String, String> {
     .unwrap()
 }
 
-fn host_ping(address: &str) -> bool {
-    run("ping", &["-c", "3", "-i", "0.2", "-W", "2", address])
-        .status
-        .success()
-}
-
 fn ip_of(result: &Value) -> IpAddr {
     address_of(result, false).parse().unwrap()
 }
@@ -110,10 +104,6 @@ impl Drop for HostLink {
     fn drop(&mut self) {
         let _ = run(ip(), &["link", "del", &self.0]);
     }
-}
-
-fn nat_rules() -> String {
-    run_ok("iptables", &["-t", "nat", "-S"])
 }
 
 #[test]
@@ -326,7 +316,7 @@ fn static_peers_that_claim_pod_addresses_or_the_default_route_are_rejected() {
 }
 
 #[test]
-fn status_is_51_while_the_gateway_is_gone_and_the_next_add_restores_it() {
+fn a_gone_gateway_fails_check_not_status_and_the_next_add_restores_it() {
     let mut net = Net::new("10.95.0.0/24");
     net.version = "1.1.0".into();
     let (a, b) = (Pod::new(), Pod::new());
@@ -352,9 +342,19 @@ fn status_is_51_while_the_gateway_is_gone_and_the_next_add_restores_it() {
         !host_ping(&ip_of(&ra).to_string()),
         "host still reaches the pod"
     );
-    let out = status(&net);
-    assert_eq!(out.error_code(), 51);
-    assert!(out.error_msg().contains("gateway"), "{}", out.error_msg());
+    // STATUS stays green (an ADD would work and repairs it); CHECK of the pod names the cause.
+    status(&net).ok();
+    let check = net.check(&a, &ra);
+    assert_eq!(
+        check.error_code(),
+        103,
+        "CHECK passed with the gateway gone"
+    );
+    assert!(
+        check.error_msg().contains("gateway"),
+        "{}",
+        check.error_msg()
+    );
 
     let rb = net.add(&b).ok().json();
     status(&net).ok();

@@ -324,7 +324,7 @@ fn gc_removes_unlisted_attachments_and_leaves_other_nodes_alone() {
     foreign["addresses"] = json!(["10.79.0.200/24"]);
     let foreign_dir = net.store().join(&net.name).join("other-node");
     std::fs::create_dir_all(&foreign_dir).unwrap();
-    let foreign_file = foreign_dir.join("remote-pod-eth0.json");
+    let foreign_file = foreign_dir.join("remote-pod:eth0.json");
     std::fs::write(&foreign_file, foreign.to_string()).unwrap();
 
     let mut conf = net.conf();
@@ -498,6 +498,7 @@ fn records_from_an_earlier_boot_are_reaped_with_their_reservation() {
         .store()
         .join(&net.name)
         .join(node)
+        // Filed under the name versions before 0.2 used: an upgrade must still reap it.
         .join("ghost-eth0.json");
     std::fs::write(&file, record.to_string()).unwrap();
 

@@ -188,7 +188,7 @@ fn the_wire_carries_only_wireguard_messages() {
     let rb = net.add(&b).ok().json();
     let capture = tempfile::NamedTempFile::new().unwrap();
     let mut tcpdump = Command::new("tcpdump")
-        .args(["-i", "lo", "-U", "-n", "-s", "0", "-w"])
+        .args(["-i", "lo", "-Z", "root", "-U", "-n", "-s", "0", "-w"])
         .arg(capture.path())
         .args(["udp", "and", "portrange", "53000-53999"])
         .stdout(Stdio::null())

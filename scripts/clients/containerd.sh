@@ -107,7 +107,7 @@ for p in "${pods[@]}"; do
   check "$p: PodSandboxStatus IP ${addr[$p]} is from the wg-cni subnet" \
     test "${addr[$p]#"$subnet_prefix"}" != "${addr[$p]}"
   check "$p: store record names the pod from CNI_ARGS" \
-    test "$(find "$store/$net" -name "${sandbox[$p]}-eth0.json" -exec jq -r .pod {} \;)" = "wgc/$p"
+    test "$(find "$store/$net" -name "${sandbox[$p]}:eth0.json" -exec jq -r .pod {} \;)" = "wgc/$p"
 done
 remember_records
 # The positive control for the final "nothing listens in port_range" check.

@@ -45,7 +45,7 @@ cid_of() { # the container ID cnitool derives from the netns path
   printf 'cnitool-%s' "$(printf '%s' "/var/run/netns/$1" | sha512sum | cut -c1-20)"
 }
 cache_file() { echo "$work/cache/results/$net-$(cid_of "$1")-eth0"; }
-record_of() { find "$store/$net" -name "$(cid_of "$1")-eth0.json" | head -1; }
+record_of() { find "$store/$net" -name "$(cid_of "$1"):eth0.json" | head -1; }
 links_in() { ip -n "$1" -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | sort | xargs; }
 timed() { # timed LABEL CMD...: run CMD, log its duration
   local t0 rc=0

@@ -219,6 +219,7 @@ impl NetConf {
             ));
         }
         let static_peers = parse_static_peers(raw.get("peers"))?;
+        check_dns(raw.get("dns"))?;
 
         let node_name = fields.optional_str("nodeName")?;
         if let Some(node) = &node_name {
@@ -231,7 +232,11 @@ impl NetConf {
             Some(_) => return Err(Error::config("prevResult", "must be an object")),
         };
 
-        let valid_attachments = parse_attachments(raw.get("cni.dev/valid-attachments"))?;
+        // libcni before 1.3 (#1101) also sent the list as `cni.dev/attachments`.
+        let valid_attachments = match raw.get(VALID_ATTACHMENTS) {
+            Some(list) => parse_attachments(VALID_ATTACHMENTS, Some(list))?,
+            None => parse_attachments(ATTACHMENTS_ALIAS, raw.get(ATTACHMENTS_ALIAS))?,
+        };
 
         Ok(NetConf {
             cni_version,
@@ -350,12 +355,46 @@ pub fn is_wireguard_key(text: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/')
 }
 
-fn parse_attachments(value: Option<&Value>) -> Result<Option<Vec<Attachment>>> {
-    const FIELD: &str = "cni.dev/valid-attachments";
-    let Some(value) = value else { return Ok(None) };
+/// `dns` is copied into the result: its shape must be the spec's (code 7 naming the field).
+fn check_dns(value: Option<&Value>) -> Result<()> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let dns = value
+        .as_object()
+        .ok_or_else(|| Error::config("dns", "must be an object"))?;
+    for list in ["nameservers", "search", "options"] {
+        let ok = match dns.get(list) {
+            None | Some(Value::Null) => true,
+            Some(Value::Array(items)) => items.iter().all(Value::is_string),
+            Some(_) => false,
+        };
+        if !ok {
+            return Err(Error::config(
+                format!("dns.{list}"),
+                "must be an array of strings",
+            ));
+        }
+    }
+    if dns
+        .get("domain")
+        .is_some_and(|d| !d.is_null() && !d.is_string())
+    {
+        return Err(Error::config("dns.domain", "must be a string"));
+    }
+    Ok(())
+}
+
+const VALID_ATTACHMENTS: &str = "cni.dev/valid-attachments";
+const ATTACHMENTS_ALIAS: &str = "cni.dev/attachments";
+
+fn parse_attachments(field: &str, value: Option<&Value>) -> Result<Option<Vec<Attachment>>> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
     let list = value
         .as_array()
-        .ok_or_else(|| Error::config(FIELD, "must be an array"))?;
+        .ok_or_else(|| Error::config(field, "must be an array"))?;
     list.iter()
         .map(|entry| {
             let id = entry.get("containerID").and_then(Value::as_str);
@@ -366,7 +405,7 @@ fn parse_attachments(value: Option<&Value>) -> Result<Option<Vec<Attachment>>> {
                     ifname: ifname.to_string(),
                 }),
                 _ => Err(Error::config(
-                    FIELD,
+                    field,
                     "every entry needs string fields \"containerID\" and \"ifname\"",
                 )),
             }

@@ -3,7 +3,8 @@
 
 use std::io;
 
-/// CNI spec codes (1-11, 50, 51) and ours (100+).
+/// CNI spec codes (1-11, 50) and ours (100+). 51 (limited connectivity) is never used: STATUS
+/// fails only when ADD could not work (see commands/status.rs).
 pub mod code {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
     pub const INVALID_ENV: u32 = 4;
@@ -12,7 +13,6 @@ pub mod code {
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
     pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
-    pub const LIMITED_CONNECTIVITY: u32 = 51;
     pub const INTERFACE_EXISTS: u32 = 100;
     pub const NETLINK: u32 = 101;
     pub const WIREGUARD: u32 = 102;
@@ -39,8 +39,6 @@ pub enum Error {
     TryAgainLater(String),
     #[error("{0}")]
     NotAvailable(String),
-    #[error("{0}")]
-    Degraded(String),
     #[error("interface {ifname} already exists in {netns}: pick another CNI_IFNAME or remove it")]
     InterfaceExists { ifname: String, netns: String },
     #[error("{context}: {reason}")]
@@ -75,7 +73,6 @@ impl Error {
             Error::Io { .. } => code::IO,
             Error::TryAgainLater(_) => code::TRY_AGAIN_LATER,
             Error::NotAvailable(_) => code::PLUGIN_NOT_AVAILABLE,
-            Error::Degraded(_) => code::LIMITED_CONNECTIVITY,
             Error::InterfaceExists { .. } => code::INTERFACE_EXISTS,
             Error::Netlink { .. } => code::NETLINK,
             Error::WireGuard { .. } => code::WIREGUARD,

@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::context::{self, Context};
 use super::rollback::Rollback;
 use crate::cni::result::{Interface, parse_dns};
-use crate::cni::{CniResult, Error, Result};
+use crate::cni::{CniResult, Error, NetConf, Result};
 use crate::gateway;
 use crate::host::{self, LinkSettings};
 use crate::keys::KeyPair;
@@ -15,16 +15,16 @@ use crate::link::Netlink;
 use crate::mesh;
 use crate::netns::Netns;
 use crate::ports;
-use crate::store::{Record, SCHEMA_VERSION, State};
-use crate::wireguard::{self, LinkSpec, Update};
+use crate::reconcile::{NetworkView, Prune};
+use crate::store::{GatewayRecord, Record, SCHEMA_VERSION, State, Store};
+use crate::wireguard::{self, LinkSpec};
 
 /// How many taken ports ADD skips before giving up (another process may grab one between our
 /// check and the daemon's bind).
 const PORT_ATTEMPTS: usize = 5;
 
 pub fn run(ctx: &Context) -> Result<Value> {
-    let env = ctx.env;
-    let conf = ctx.conf;
+    let (env, conf) = (ctx.env, ctx.conf);
     let netns_path = env.netns.as_deref().expect("ADD requires CNI_NETNS");
     let pod = Netns::open_for_env(netns_path)?;
     let settings = context::resolve_link_settings(conf)?;
@@ -44,99 +44,37 @@ pub fn run(ctx: &Context) -> Result<Value> {
     let mut rollback = Rollback::new();
     let mut ipam_result = ipam.add()?;
     rollback.push("IPAM reservation", || ipam.del(&ipam.target_of_env(), None));
-    if ipam_result.ips.is_empty() {
-        return Err(Error::config(
-            "ipam",
-            format!("{} returned no addresses", conf.ipam_type),
-        ));
-    }
+    check_addresses(conf, &settings, &ipam_result)?;
     let addresses: Vec<_> = ipam_result.ips.iter().map(|ip| ip.address).collect();
-    let static_peers = mesh::static_peers(conf, &addresses)?;
-    let gateway_plan = match conf.host_gateway {
-        true => Some(gateway::plan(&ipam_result)?),
-        false => None,
-    };
-
     let keypair = KeyPair::generate();
-    let records = store.all_records()?;
-    let mut peers = mesh::peers_of(
-        &records,
-        &env.container_id,
-        &env.ifname,
-        conf.persistent_keepalive,
-    );
-    peers.extend(static_peers);
-    let temp_name = temp_link_name(&env.container_id, &env.ifname);
-    let host_name = match settings.backend {
-        wireguard::BackendKind::Kernel => env.ifname.clone(),
-        wireguard::BackendKind::Userspace => temp_name.clone(),
+    let mut record = new_record(ctx, &store, &pod, &settings, &keypair, addresses);
+    let mut view = NetworkView {
+        records: store.all_records()?,
+        gateway: None,
+        static_peers: mesh::static_peers(conf, &record.addresses)?,
+        keepalive: conf.persistent_keepalive,
     };
 
-    let mut record = Record {
-        schema: SCHEMA_VERSION,
-        state: State::Creating,
-        network: conf.name.clone(),
-        node: ctx.node.clone(),
-        container_id: env.container_id.clone(),
-        ifname: env.ifname.clone(),
-        pod: pod_name(env),
-        public_key: keypair.public().to_base64(),
-        addresses: addresses.clone(),
-        endpoint: settings.endpoint,
-        listen_port: 0,
-        netns: netns_path.to_path_buf(),
-        netns_inode: pod.inode(),
-        boot_id: ctx.boot_id.clone(),
-        host_name,
-        backend: settings.backend,
-        daemon_pid: None,
-        mtu: settings.mtu,
-        created_at: host::now_unix(),
-    };
-
-    let gateway_record;
     {
-        let _ports = ports::lock()?;
-        gateway_record = match &gateway_plan {
-            Some(plan) => Some(ensure_gateway(ctx, &store, &settings, plan, &mut rollback)?),
-            None => None,
-        };
-        if let Some(gw) = &gateway_record {
-            peers.push(gateway::peer_for_pods(gw, conf.persistent_keepalive)?);
+        let mut ports = ports::lock()?;
+        if conf.host_gateway {
+            let plan = gateway::plan(&ipam_result)?;
+            let gw = ensure_gateway(ctx, &store, &settings, &plan, &mut ports, &mut rollback)?;
+            view.gateway = Some(gw);
             add_default_routes(&mut ipam_result);
         }
-        let mut taken = Vec::new();
-        let created = loop {
-            let port = ports::free_ports(settings.ports, &taken)
-                .next()
-                .ok_or_else(|| no_free_port(&settings))?;
-            record.listen_port = port;
-            // Written before the link exists, so a DEL after a crash can prove the link ours.
-            store.put(&record)?;
-            let spec = LinkSpec {
-                temp_name: &temp_name,
-                ifname: &env.ifname,
-                mtu: settings.mtu,
-                listen_port: port,
-                keypair: &keypair,
-                peers: peers.clone(),
-            };
-            match backend.create(&spec, &ctx.host, &pod) {
-                Ok(created) => break created,
-                Err(e) if is_port_taken(&e) && taken.len() + 1 < PORT_ATTEMPTS => {
-                    tracing::warn!(port, "port taken meanwhile, trying the next one");
-                    taken.push(port);
-                }
-                Err(e) => {
-                    let _ = store.remove(&env.container_id, &env.ifname);
-                    return Err(e);
-                }
-            }
+        let peers = view.desired_for_pod(&record)?;
+        let link = NewLink {
+            store: &store,
+            backend: &*backend,
+            keypair: &keypair,
+            peers,
         };
-        record.daemon_pid = created.daemon_pid;
+        record.daemon_pid = link.create(ctx, &pod, &settings, &mut ports, &mut record)?;
     }
-    // Reverse order on failure: the link goes first, then its record.
+    // Reverse order on failure: the link goes first, then its record and its port.
     rollback.push("store record", || {
+        ports::release(&store.pod_link_name(&env.container_id, &env.ifname));
         store.remove(&env.container_id, &env.ifname)
     });
     let key = keypair.public().clone();
@@ -152,88 +90,182 @@ pub fn run(ctx: &Context) -> Result<Value> {
         backend_ref.destroy(&link, &key, host_ref)
     });
 
-    configure_pod_side(&pod, &env.ifname, &ipam_result)?;
-
+    configure_pod_side(&pod, &env.ifname, &mut ipam_result)?;
     record.state = State::Ready;
     store.put(&record)?;
-    let others = store.node_records()?;
-    let newcomer = mesh::peer_of(&record, conf.persistent_keepalive)?;
-    context::update_local_peers(&others, Some(&record), || Update {
-        peers: vec![newcomer.clone()],
-        ..Update::default()
-    });
-    if gateway_record.is_some() {
-        let update = Update {
-            peers: vec![newcomer.clone()],
-            ..Update::default()
-        };
-        gateway::update(&ctx.host, &store, &update);
-    }
+
+    // The newcomer joins the gateway (or the ADD fails: kubelet probes go that way), and
+    // the other local pods (a pod that refuses is logged and reported by its CHECK).
+    view.records.push(record.clone());
+    context::reconcile_gateway(ctx, &view, Prune::Nothing)?;
+    context::reconcile_local_pods(ctx, &view, Some(&record), Prune::Nothing);
     rollback.disarm();
 
-    ipam_result.interfaces = vec![Interface {
+    Ok(result_for(ctx, &settings, ipam_result))
+}
+
+/// The result as the runtime expects it: one interface in the sandbox, device routes.
+fn result_for(ctx: &Context, settings: &LinkSettings, mut result: CniResult) -> Value {
+    let env = ctx.env;
+    result.interfaces = vec![Interface {
         name: env.ifname.clone(),
         // A WireGuard link has no hardware address; podman 4 insists on parsing one, and the
         // loopback plugin reports zeros for `lo` in the same situation.
         mac: Some("00:00:00:00:00:00".to_string()),
         mtu: Some(settings.mtu),
-        sandbox: Some(netns_path.display().to_string()),
+        sandbox: env.netns.as_deref().map(|p| p.display().to_string()),
     }];
-    for ip in &mut ipam_result.ips {
+    for ip in &mut result.ips {
         ip.interface = Some(0);
         // The link has no ARP and no next hop: routes are device routes, so no gateway.
         ip.gateway = None;
     }
-    for route in &mut ipam_result.routes {
+    for route in &mut result.routes {
         route.gw = None;
     }
-    if let Some(dns) = conf.raw.get("dns") {
-        ipam_result.dns = parse_dns(dns);
+    if let Some(dns) = ctx.conf.raw.get("dns") {
+        result.dns = parse_dns(dns);
     }
-    Ok(ipam_result.to_json(conf.cni_version))
+    result.to_json(ctx.conf.cni_version)
 }
 
-/// `wgc` + 12 hex digits of a hash of the attachment: deterministic, so a DEL after a crash
-/// finds the link and daemon by name, and at most 15 bytes.
-pub fn temp_link_name(container_id: &str, ifname: &str) -> String {
-    // FNV-1a, 64 bit: stable across builds and platforms, unlike std's hasher.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in container_id.bytes().chain([0]).chain(ifname.bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
+/// IPAM must have given addresses, and an IPv6 address needs an MTU of at least 1280.
+fn check_addresses(conf: &NetConf, settings: &LinkSettings, result: &CniResult) -> Result<()> {
+    if result.ips.is_empty() {
+        return Err(Error::config(
+            "ipam",
+            format!("{} returned no addresses", conf.ipam_type),
+        ));
     }
-    format!("wgc{:012x}", hash & 0xffff_ffff_ffff)
+    if settings.mtu < 1280 && result.ips.iter().any(|ip| ip.address.is_ipv6()) {
+        return Err(Error::config(
+            "mtu",
+            format!(
+                "{} is below 1280, the IPv6 minimum, and the range gives IPv6 addresses",
+                settings.mtu
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn new_record(
+    ctx: &Context,
+    store: &Store,
+    pod: &Netns,
+    settings: &LinkSettings,
+    keypair: &KeyPair,
+    addresses: Vec<ipnetwork::IpNetwork>,
+) -> Record {
+    let env = ctx.env;
+    Record {
+        schema: SCHEMA_VERSION,
+        state: State::Creating,
+        network: ctx.conf.name.clone(),
+        node: ctx.node.clone(),
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+        pod: pod_name(env),
+        public_key: keypair.public().to_base64(),
+        addresses,
+        endpoint: settings.endpoint,
+        listen_port: 0,
+        netns: env.netns.clone().unwrap_or_default(),
+        netns_inode: pod.inode(),
+        boot_id: ctx.boot_id.clone(),
+        host_name: match settings.backend {
+            wireguard::BackendKind::Kernel => env.ifname.clone(),
+            wireguard::BackendKind::Userspace => {
+                store.pod_link_name(&env.container_id, &env.ifname)
+            }
+        },
+        backend: settings.backend,
+        daemon_pid: None,
+        mtu: settings.mtu,
+        created_at: host::now_unix(),
+    }
+}
+
+/// A pod link about to be created, with everything its creation needs.
+struct NewLink<'a> {
+    store: &'a Store,
+    backend: &'a dyn wireguard::Backend,
+    keypair: &'a KeyPair,
+    peers: Vec<wireguard::Peer>,
+}
+
+impl NewLink<'_> {
+    /// Take a port from the node's ledger, write the `creating` record (so a DEL after a
+    /// crash can prove the link ours), create the link; a port taken meanwhile is skipped.
+    /// Returns the daemon's pid (userspace). The ledger knows the port by the link's scoped
+    /// temporary name, whichever the backend.
+    fn create(
+        &self,
+        ctx: &Context,
+        pod: &Netns,
+        settings: &LinkSettings,
+        ports: &mut ports::PortLock,
+        record: &mut Record,
+    ) -> Result<Option<u32>> {
+        let env = ctx.env;
+        let temp_name = self.store.pod_link_name(&env.container_id, &env.ifname);
+        let mut taken = Vec::new();
+        loop {
+            let port = ports
+                .allocate(settings.ports, &temp_name, &taken)?
+                .ok_or_else(|| no_free_port(settings))?;
+            record.listen_port = port;
+            self.store.put(record)?;
+            let spec = LinkSpec {
+                temp_name: &temp_name,
+                ifname: &env.ifname,
+                mtu: settings.mtu,
+                listen_port: port,
+                keypair: self.keypair,
+                peers: self.peers.clone(),
+            };
+            match self.backend.create(&spec, &ctx.host, pod) {
+                Ok(created) => return Ok(created.daemon_pid),
+                Err(e) if is_port_taken(&e) && taken.len() + 1 < PORT_ATTEMPTS => {
+                    tracing::warn!(port, "port taken meanwhile, trying the next one");
+                    taken.push(port);
+                }
+                Err(e) => {
+                    let _ = ports.release(&temp_name);
+                    let _ = self.store.remove(&env.container_id, &env.ifname);
+                    return Err(e);
+                }
+            }
+        }
+    }
 }
 
 /// Make sure the node gateway serves this pod's range; if it had to be replaced, the local pods
 /// swap its old key for the new one.
 fn ensure_gateway<'a>(
     ctx: &'a Context,
-    store: &'a crate::store::Store,
+    store: &'a Store,
     settings: &LinkSettings,
     plan: &gateway::Plan,
+    ports: &mut ports::PortLock,
     rollback: &mut Rollback<'a>,
-) -> Result<crate::store::GatewayRecord> {
+) -> Result<GatewayRecord> {
     let wanted = gateway::Wanted {
-        network: &ctx.conf.name,
         boot_id: &ctx.boot_id,
         settings,
         plan,
         keepalive: ctx.conf.persistent_keepalive,
         masquerade: ctx.conf.ip_masq,
     };
-    let ensured = gateway::ensure(&ctx.host, store, &wanted)?;
+    let ensured = gateway::ensure(&ctx.host, store, ports, &wanted)?;
     if ensured.created {
         rollback.push("node gateway", || {
-            gateway::remove_if_unused(&ctx.host, store, &ctx.conf.name)
+            gateway::remove_if_unused(&ctx.host, store)
         });
-        let new_peer = gateway::peer_for_pods(&ensured.record, ctx.conf.persistent_keepalive)?;
-        let remove_peers: Vec<_> = ensured.replaced_key.into_iter().collect();
-        context::update_local_peers(&store.node_records()?, None, || Update {
-            peers: vec![new_peer.clone()],
-            remove_peers: remove_peers.clone(),
-            ..Update::default()
-        });
+        let replaced: Vec<_> = ensured.replaced_key.into_iter().collect();
+        let mut view = context::network_view(ctx, store)?;
+        view.gateway = Some(ensured.record.clone());
+        context::reconcile_local_pods(ctx, &view, None, Prune::Only(&replaced));
     }
     Ok(ensured.record)
 }
@@ -271,9 +303,11 @@ fn refuse_existing_interface(pod: &Netns, ifname: &str) -> Result<()> {
     Ok(())
 }
 
-/// Inside the pod: addresses, up, then the IPAM routes as device routes.
-fn configure_pod_side(pod: &Netns, ifname: &str, result: &CniResult) -> Result<()> {
-    pod.run(|| {
+/// Inside the pod: addresses, up, then the routes as device routes. A route another link
+/// already holds (this network is a secondary one and the primary has the default route) is
+/// left to it and dropped from the result.
+fn configure_pod_side(pod: &Netns, ifname: &str, result: &mut CniResult) -> Result<()> {
+    let taken = pod.run(|| {
         let netlink = Netlink::open()?;
         let link = netlink.link_by_name(ifname)?.ok_or_else(|| {
             Error::netlink(
@@ -285,11 +319,19 @@ fn configure_pod_side(pod: &Netns, ifname: &str, result: &CniResult) -> Result<(
             netlink.add_address(link.index, ip.address)?;
         }
         netlink.set_up(link.index)?;
+        let mut taken = Vec::new();
         for route in &result.routes {
-            netlink.add_device_route(link.index, route.dst)?;
+            if !netlink.add_device_route(link.index, route.dst)? {
+                taken.push(route.dst);
+            }
         }
-        Ok(())
-    })
+        Ok(taken)
+    })?;
+    for dst in &taken {
+        tracing::warn!(%dst, "another interface of the pod has a route there: left to it");
+    }
+    result.routes.retain(|r| !taken.contains(&r.dst));
+    Ok(())
 }
 
 fn is_port_taken(error: &Error) -> bool {
@@ -301,19 +343,4 @@ fn no_free_port(settings: &LinkSettings) -> Error {
         "no free UDP port left in listenPorts {}: widen the range or delete pods",
         settings.ports
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn temp_names_are_short_stable_and_distinct() {
-        let a = temp_link_name("abc", "eth0");
-        assert_eq!(a, temp_link_name("abc", "eth0"));
-        assert_ne!(a, temp_link_name("abc", "eth1"));
-        assert_ne!(a, temp_link_name("ab", "ceth0"));
-        assert_eq!(a.len(), 15);
-        assert!(a.starts_with("wgc"));
-    }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::context::Context;
+use super::context::{self, Context};
 use crate::cni::{CniResult, Error, Result, Version};
 use crate::gateway;
 use crate::link::Netlink;
@@ -56,19 +56,27 @@ pub fn run(ctx: &Context) -> Result<()> {
         )));
     }
 
-    let mut expected = mesh::peers_of(
-        &store.all_records()?,
-        &env.container_id,
-        &env.ifname,
-        conf.persistent_keepalive,
-    );
-    expected.extend(mesh::static_peers(conf, &record.addresses)?);
-    if conf.host_gateway {
-        let gateway = store
-            .gateway()?
-            .ok_or_else(|| Error::Check("the node gateway has no record".into()))?;
-        expected.push(gateway::peer_for_pods(&gateway, conf.persistent_keepalive)?);
+    if let Some(mark) = device.fwmark {
+        // Only a pod with CAP_NET_ADMIN can set it: its UDP would then carry a host mark.
+        return Err(Error::Check(format!(
+            "{} has fwmark {mark:#x}; ADD sets none (the pod changed its link)",
+            env.ifname
+        )));
     }
+    let mut view = context::network_view(ctx, &store)?;
+    view.static_peers = mesh::static_peers(conf, &record.addresses)?;
+    if let Some(gateway) = &view.gateway
+        && (gateway.boot_id != ctx.boot_id || !gateway::is_live(&ctx.host, gateway))
+    {
+        return Err(Error::Check(format!(
+            "the node gateway {} of network {} is gone: the pod cannot reach the host until the next ADD on this node recreates it",
+            gateway.host_name, conf.name
+        )));
+    }
+    if conf.host_gateway && view.gateway.is_none() {
+        return Err(Error::Check("the node gateway has no record".into()));
+    }
+    let expected = view.desired_for_pod(&record)?;
     let want: BTreeMap<String, (Vec<String>, Option<String>)> = expected
         .iter()
         .map(|p| {

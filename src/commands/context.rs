@@ -4,16 +4,18 @@
 
 use std::path::Path;
 
+use wireguard_control::Key;
+
 use crate::cni::config::BackendChoice;
 use crate::cni::{CniEnv, Error, NetConf, Result};
-use crate::gateway;
 use crate::host::{self, LinkSettings};
 use crate::ipam::{Ipam, Target};
 use crate::mesh;
 use crate::netns::Netns;
 use crate::ports;
+use crate::reconcile::{self, NetworkView, Prune};
 use crate::store::{Record, State, Store};
-use crate::wireguard::{self, BackendKind, Update};
+use crate::wireguard::{self, BackendKind};
 
 pub struct Context<'a> {
     pub env: &'a CniEnv,
@@ -109,28 +111,69 @@ pub fn recorded_netns(record: &Record, hint: Option<&Path>) -> Option<Netns> {
     None
 }
 
-/// Apply `update` to the live link of every other ready attachment on this node.
-/// Best effort: a pod that died without DEL has no link to update.
-pub fn update_local_peers(
-    records: &[Record],
-    except: Option<&Record>,
-    update: impl Fn() -> Update<'static>,
-) {
-    for record in records {
-        let is_except = except.is_some_and(|e| record.is_attachment(&e.container_id, &e.ifname));
-        if is_except || record.state != State::Ready {
-            continue;
-        }
-        let pod = recorded_netns(record, None);
-        let link = record.link(pod.as_ref());
-        if let Err(e) = wireguard::backend(record.backend).apply(&link, &update()) {
-            tracing::warn!(peer = %record.container_id, error = %e, "could not update peer link");
-        }
-    }
+/// The view of the network the peer sets are computed from: every record, this node's
+/// gateway, the static peers. A static peer that no longer validates is left out (logged):
+/// it must not stop a DEL.
+pub fn network_view(ctx: &Context, store: &Store) -> Result<NetworkView> {
+    let static_peers = mesh::static_peers(ctx.conf, &[]).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "static peers left out");
+        Vec::new()
+    });
+    Ok(NetworkView {
+        records: store.all_records()?,
+        gateway: match ctx.conf.host_gateway {
+            true => store.gateway().ok().flatten(),
+            false => None,
+        },
+        static_peers,
+        keepalive: ctx.conf.persistent_keepalive,
+    })
 }
 
-/// Undo one attachment completely: link and daemon, peers elsewhere, IPAM, record.
-/// Everything already gone counts as done.
+/// Bring the link of every other ready attachment on this node to its desired peer set.
+/// A pod that died without DEL has no link to update; a link that refuses is logged and
+/// stays as it was (CHECK of that pod reports the difference, the next reconcile retries).
+/// Returns how many live links could not be updated.
+pub fn reconcile_local_pods(
+    ctx: &Context,
+    view: &NetworkView,
+    except: Option<&Record>,
+    prune: Prune,
+) -> usize {
+    let mut failed = 0;
+    let local = view.records.iter().filter(|r| r.node == ctx.node);
+    for record in local {
+        let is_except = except.is_some_and(|e| record.is_attachment(&e.container_id, &e.ifname));
+        if is_except || record.state != State::Ready || record.boot_id != ctx.boot_id {
+            continue;
+        }
+        let Some(pod) = recorded_netns(record, None) else {
+            continue;
+        };
+        let outcome = view.desired_for_pod(record).and_then(|desired| {
+            reconcile::apply(record.backend, &record.link(Some(&pod)), &desired, prune)
+        });
+        if let Err(e) = outcome {
+            tracing::warn!(container = %record.container_id, ifname = %record.ifname, error = %e, "could not update the peers of a local pod");
+            failed += 1;
+        }
+    }
+    failed
+}
+
+/// Bring this node's gateway to its desired peer set (every ready local pod).
+pub fn reconcile_gateway(ctx: &Context, view: &NetworkView, prune: Prune) -> Result<()> {
+    let Some(gateway) = &view.gateway else {
+        return Ok(());
+    };
+    crate::failpoint::fail("gateway-update")?;
+    let desired = view.desired_for_gateway(&ctx.node);
+    reconcile::apply(gateway.backend, &gateway.link(&ctx.host), &desired, prune).map(|_| ())
+}
+
+/// Undo one attachment completely: link and daemon, IPAM, record, port, then peers elsewhere.
+/// Everything already gone counts as done. A record whose key is unreadable cannot prove a
+/// link ours: the link is left alone (logged), the rest is still undone.
 pub fn teardown(
     ctx: &Context,
     store: &Store,
@@ -140,23 +183,16 @@ pub fn teardown(
 ) -> Result<()> {
     let pod = recorded_netns(record, netns_hint);
     let link = record.link(pod.as_ref());
-    let key = mesh::public_key(record)?;
-    wireguard::backend(record.backend).destroy(&link, &key, &ctx.host)?;
-
-    let others = store.node_records()?;
-    update_local_peers(&others, Some(record), || Update {
-        remove_peers: vec![key.clone()],
-        ..Update::default()
-    });
-    gateway::update(
-        &ctx.host,
-        store,
-        &Update {
-            remove_peers: vec![key.clone()],
-            ..Update::default()
-        },
-    );
-
+    let key = match mesh::public_key(record) {
+        Ok(key) => {
+            wireguard::backend(record.backend).destroy(&link, &key, &ctx.host)?;
+            Some(key)
+        }
+        Err(e) => {
+            tracing::warn!(container = %record.container_id, error = %e, "cannot prove the link ours: left alone");
+            None
+        }
+    };
     ipam.del(
         &Target {
             container_id: &record.container_id,
@@ -165,18 +201,46 @@ pub fn teardown(
         },
         None,
     )?;
-    store.remove(&record.container_id, &record.ifname)
+    store.remove(&record.container_id, &record.ifname)?;
+    ports::release(&store.pod_link_name(&record.container_id, &record.ifname));
+
+    let gone: Vec<Key> = key.into_iter().collect();
+    let view = network_view(ctx, store)?;
+    reconcile_local_pods(ctx, &view, None, Prune::Only(&gone));
+    if let Err(e) = reconcile_gateway(ctx, &view, Prune::Only(&gone)) {
+        tracing::warn!(error = %e, "could not remove the peer from the node gateway");
+    }
+    Ok(())
+}
+
+/// Tear down every record `is_dead` selects. One record that cannot be torn down (a failing
+/// IPAM DEL, a hung daemon) is logged and skipped: it must not block the node.
+pub fn reap(
+    ctx: &Context,
+    store: &Store,
+    ipam: &Ipam,
+    why: &str,
+    is_dead: impl Fn(&Record) -> bool,
+) -> Result<usize> {
+    let mut reaped = 0;
+    for record in store.node_records()? {
+        if !is_dead(&record) {
+            continue;
+        }
+        tracing::info!(container = %record.container_id, ifname = %record.ifname, why, "removing an attachment");
+        match teardown(ctx, store, ipam, &record, None) {
+            Ok(()) => reaped += 1,
+            Err(e) => {
+                tracing::warn!(container = %record.container_id, ifname = %record.ifname, error = %e, "could not remove an attachment: skipped")
+            }
+        }
+    }
+    Ok(reaped)
 }
 
 /// Tear down this node's records left by an earlier boot (their pods died with it).
 pub fn reap_earlier_boots(ctx: &Context, store: &Store, ipam: &Ipam) -> Result<usize> {
-    let mut reaped = 0;
-    for record in store.node_records()? {
-        if record.boot_id != ctx.boot_id {
-            tracing::info!(container = %record.container_id, "reaping a record from an earlier boot");
-            teardown(ctx, store, ipam, &record, None)?;
-            reaped += 1;
-        }
-    }
-    Ok(reaped)
+    reap(ctx, store, ipam, "left by an earlier boot", |r| {
+        r.boot_id != ctx.boot_id
+    })
 }

@@ -24,5 +24,5 @@ pub fn run(ctx: &Context) -> Result<()> {
         Some(record) => context::teardown(ctx, &store, &ipam, &record, env.netns.as_deref())?,
         None => ipam.del(&ipam.target_of_env(), prev.as_ref())?,
     }
-    gateway::remove_if_unused(&ctx.host, &store, &ctx.conf.name)
+    gateway::remove_if_unused(&ctx.host, &store)
 }

@@ -1,32 +1,14 @@
-//! STATUS (CNI 1.1): 50 when this node could not ADD (IPAM plugin missing, store not
-//! writable, no WireGuard backend); forwarded to an IPAM that speaks 1.1.
+//! STATUS (CNI 1.1): success whenever an ADD would succeed; 50 when it could not (IPAM
+//! plugin missing, store not writable, no WireGuard backend); forwarded to an IPAM that
+//! speaks 1.1. Degraded pods (their node gateway gone) do not fail STATUS: CNI 1.1 runtimes
+//! stop sending ADDs while it fails, and the next ADD is what repairs the gateway. They are
+//! logged here and reported by CHECK of each affected pod and by `wg-cni show`.
 
 use super::context::{self, Context};
 use crate::cni::{Error, Result, Version};
 use crate::gateway;
 use crate::ipam::Ipam;
 use crate::store::Store;
-
-/// 51 when pods exist on this node but their gateway link is gone (no probes, no egress).
-fn check_gateway(ctx: &Context) -> Result<()> {
-    let Some(store) = Store::open_existing(&ctx.conf.store, &ctx.conf.name, &ctx.node)? else {
-        return Ok(());
-    };
-    if store.node_records()?.is_empty() {
-        return Ok(());
-    }
-    let live = store
-        .gateway()?
-        .is_some_and(|gw| gw.boot_id == ctx.boot_id && gateway::is_live(&ctx.host, &gw));
-    if live {
-        Ok(())
-    } else {
-        Err(Error::Degraded(format!(
-            "the node gateway of network {} is gone: pods here cannot reach the host or leave it until the next ADD recreates it",
-            ctx.conf.name
-        )))
-    }
-}
 
 pub fn run(ctx: &Context) -> Result<()> {
     let conf = ctx.conf;
@@ -37,8 +19,24 @@ pub fn run(ctx: &Context) -> Result<()> {
         .map_err(|e| Error::NotAvailable(format!("cannot add pods: {e}")))?;
     context::choose_backend(conf.backend).map_err(|e| Error::NotAvailable(e.to_string()))?;
     if conf.host_gateway {
-        check_gateway(ctx)?;
+        warn_if_gateway_gone(ctx);
     }
     ipam.forward_v1_1("STATUS")?;
     Ok(())
+}
+
+/// Pods of the current boot exist but their gateway does not: say so in the log.
+fn warn_if_gateway_gone(ctx: &Context) {
+    let Ok(Some(store)) = Store::open_existing(&ctx.conf.store, &ctx.conf.name, &ctx.node) else {
+        return;
+    };
+    let has_live_pods = store
+        .node_records()
+        .is_ok_and(|records| records.iter().any(|r| r.boot_id == ctx.boot_id));
+    if has_live_pods && !gateway::is_live_for_boot(&ctx.host, &store, &ctx.boot_id) {
+        tracing::warn!(
+            network = %ctx.conf.name,
+            "the node gateway is gone: pods here cannot reach the host until the next ADD recreates it"
+        );
+    }
 }

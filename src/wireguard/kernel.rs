@@ -6,7 +6,9 @@
 
 use wireguard_control::{Backend as WgBackend, Device, InterfaceName, Key};
 
-use super::{Backend, Created, LinkRef, LinkSpec, Update, device_update, interface_name};
+use super::{
+    Backend, Created, DeviceState, LinkRef, LinkSpec, Update, device_update, interface_name,
+};
 use crate::cni::{Error, Result};
 use crate::link::Netlink;
 use crate::netns::Netns;
@@ -45,6 +47,7 @@ impl Backend for Kernel {
     fn create(&self, spec: &LinkSpec, host: &Netns, pod: &Netns) -> Result<Created> {
         let _ = host; // created from this thread, which is in the host namespace
         Netlink::open()?.create_wireguard_in(spec.ifname, pod.raw_fd(), spec.mtu)?;
+        crate::failpoint::crash("after-link-created");
         let link = LinkRef {
             host_name: spec.ifname,
             ifname: spec.ifname,
@@ -73,9 +76,10 @@ impl Backend for Kernel {
         })
     }
 
-    fn read(&self, link: &LinkRef) -> Result<Device> {
+    fn read(&self, link: &LinkRef) -> Result<DeviceState> {
         in_pod(link, |name| {
             Device::get(name, WgBackend::Kernel)
+                .map(DeviceState::from)
                 .map_err(|e| Error::wireguard(format!("reading WireGuard link {}", link.ifname), e))
         })
     }
@@ -94,9 +98,13 @@ impl Backend for Kernel {
                 tracing::warn!(ifname = link.ifname, "not a WireGuard link: left alone");
                 return Ok(());
             }
+            // The record (written before the link) names it ours; only a *different* key
+            // proves otherwise. No key yet is an ADD killed between creating and keying it.
             let device = Device::get(&interface_name(link.ifname)?, WgBackend::Kernel);
             match device {
-                Ok(d) if d.public_key.as_ref() == Some(public_key) => netlink.delete(found.index),
+                Ok(d) if d.public_key.as_ref().is_none_or(|k| k == public_key) => {
+                    netlink.delete(found.index)
+                }
                 _ => {
                     tracing::warn!(ifname = link.ifname, "link has another key: left alone");
                     Ok(())

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
-use wireguard_control::{Device, Key};
+use wireguard_control::{Device, Key, PeerInfo};
 
 use crate::cni::Result;
 use crate::keys::KeyPair;
@@ -85,6 +85,27 @@ impl LinkSpec<'_> {
     }
 }
 
+/// What a link's device says about itself. Never the private key: backends derive the
+/// public key and drop the secret.
+#[derive(Debug, Default)]
+pub struct DeviceState {
+    pub public_key: Option<Key>,
+    pub listen_port: Option<u16>,
+    pub fwmark: Option<u32>,
+    pub peers: Vec<PeerInfo>,
+}
+
+impl From<Device> for DeviceState {
+    fn from(device: Device) -> Self {
+        DeviceState {
+            public_key: device.public_key,
+            listen_port: device.listen_port,
+            fwmark: device.fwmark.filter(|mark| *mark != 0),
+            peers: device.peers,
+        }
+    }
+}
+
 pub struct Created {
     pub daemon_pid: Option<u32>,
 }
@@ -106,7 +127,7 @@ pub trait Backend {
 
     fn apply(&self, link: &LinkRef, update: &Update) -> Result<()>;
 
-    fn read(&self, link: &LinkRef) -> Result<Device>;
+    fn read(&self, link: &LinkRef) -> Result<DeviceState>;
 
     /// Destroy the link (and its daemon) if, and only if, it carries `public_key`:
     /// a link we cannot prove is ours is left alone. Gone already is success.

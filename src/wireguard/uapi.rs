@@ -1,7 +1,9 @@
-//! The `set` half of WireGuard's cross-platform UAPI, spoken to wireguard-go's socket.
-//! wireguard-control's userspace `apply` is not used: it starts a daemon of its own when the
-//! socket is missing, prints errors to stdout (which runtimes parse) and drops the errno we
-//! need to tell a taken port from other failures.
+//! WireGuard's cross-platform UAPI (`get` and `set`), spoken to wireguard-go's socket.
+//! wireguard-control's userspace client is not used: its `apply` starts a daemon of its own
+//! when the socket is missing, prints errors to stdout (which runtimes parse) and drops the
+//! errno we need to tell a taken port from other failures; its `get` waits forever on a daemon
+//! that accepts and never answers, and keeps the private key it reads. Here every exchange is
+//! bounded, and `get` derives the public key and wipes the private one.
 
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Write};
@@ -9,9 +11,15 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use wireguard_control::{AllowedIp, Key, PeerInfo};
+use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
-use super::Update;
+use super::{DeviceState, Update};
+
+/// How long one exchange with a daemon may take: a hung daemon must not hang DEL, CHECK or
+/// STATUS, nor hold the network lock for long.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
 
@@ -20,17 +28,26 @@ pub fn socket_path(name: &str) -> PathBuf {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    let mut text = String::new();
+    push_hex(&mut text, bytes);
+    text
+}
+
+/// Appends in place: the private key's hex goes straight into the zeroized request text,
+/// with no temporary copy.
+fn push_hex(text: &mut String, bytes: &[u8]) {
+    for b in bytes {
+        let _ = write!(text, "{b:02x}");
+    }
 }
 
 /// The request text. It holds the private key when one is set, hence `Zeroizing`.
 fn request(update: &Update) -> Zeroizing<String> {
     let mut text = Zeroizing::new(String::from("set=1\n"));
     if let Some(keypair) = update.keypair {
-        let _ = writeln!(text, "private_key={}", hex(keypair.secret_bytes()));
+        text.push_str("private_key=");
+        push_hex(&mut text, keypair.secret_bytes());
+        text.push('\n');
     }
     if let Some(port) = update.listen_port {
         let _ = writeln!(text, "listen_port={port}");
@@ -48,7 +65,9 @@ fn request(update: &Update) -> Zeroizing<String> {
             let _ = writeln!(text, "persistent_keepalive_interval={seconds}");
         }
         if let Some(psk) = &peer.preshared_key {
-            let _ = writeln!(text, "preshared_key={}", hex(&psk.0.0));
+            text.push_str("preshared_key=");
+            push_hex(&mut text, &psk.0.0);
+            text.push('\n');
         }
         for ip in &peer.allowed_ips {
             let _ = writeln!(text, "allowed_ip={}/{}", ip.ip(), ip.prefix());
@@ -61,10 +80,16 @@ fn request(update: &Update) -> Zeroizing<String> {
     text
 }
 
+fn connect(name: &str) -> io::Result<UnixStream> {
+    let stream = UnixStream::connect(socket_path(name))?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    Ok(stream)
+}
+
 /// Apply `update` over the daemon's socket; a daemon-side failure comes back as its errno.
 pub fn set(name: &str, update: &Update) -> io::Result<()> {
-    let mut stream = UnixStream::connect(socket_path(name))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut stream = connect(name)?;
     stream.write_all(request(update).as_bytes())?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
@@ -77,13 +102,123 @@ pub fn set(name: &str, update: &Update) -> io::Result<()> {
             ));
         }
         if let Some(value) = line.trim_end().strip_prefix("errno=") {
-            let errno: i32 = value.parse().unwrap_or(-1);
-            return match errno.abs() {
-                0 => Ok(()),
-                code => Err(io::Error::from_raw_os_error(code)),
-            };
+            return errno_result(value);
         }
     }
+}
+
+fn errno_result(value: &str) -> io::Result<()> {
+    match value.parse::<i32>().unwrap_or(-1).abs() {
+        0 => Ok(()),
+        code => Err(io::Error::from_raw_os_error(code)),
+    }
+}
+
+/// Read the device over the daemon's socket. The private key is never kept: its public half
+/// is derived and the secret wiped.
+pub fn get(name: &str) -> io::Result<DeviceState> {
+    let mut stream = connect(name)?;
+    stream.write_all(b"get=1\n\n")?;
+    let mut reader = BufReader::new(stream);
+    let mut device = DeviceState::default();
+    let mut line = Zeroizing::new(String::new());
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "wireguard-go closed the socket without an answer",
+            ));
+        }
+        let text = line.trim_end();
+        let Some((key, value)) = text.split_once('=') else {
+            continue;
+        };
+        if key == "errno" {
+            errno_result(value)?;
+            return Ok(device);
+        }
+        read_field(&mut device, key, value)?;
+    }
+}
+
+fn bad(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("wireguard-go sent a malformed {what}"),
+    )
+}
+
+/// Hex into `out`, without an intermediate buffer (the private key passes through here).
+fn decode_hex(text: &str, out: &mut [u8; 32]) -> Option<()> {
+    let digits = text.as_bytes();
+    if digits.len() != 64 {
+        return None;
+    }
+    for (i, pair) in digits.chunks(2).enumerate() {
+        let high = (pair[0] as char).to_digit(16)?;
+        let low = (pair[1] as char).to_digit(16)?;
+        out[i] = (high * 16 + low) as u8;
+    }
+    Some(())
+}
+
+fn key_from_hex(value: &str) -> io::Result<Key> {
+    Key::from_hex(value).map_err(|_| bad("key"))
+}
+
+fn read_field(device: &mut DeviceState, key: &str, value: &str) -> io::Result<()> {
+    match key {
+        "private_key" => {
+            let mut bytes = Zeroizing::new([0u8; 32]);
+            decode_hex(value, &mut bytes).ok_or_else(|| bad("key"))?;
+            // StaticSecret wipes itself on drop.
+            let secret = StaticSecret::from(*bytes);
+            device.public_key = Some(Key(PublicKey::from(&secret).to_bytes()));
+        }
+        "listen_port" => device.listen_port = Some(value.parse().map_err(|_| bad("port"))?),
+        "fwmark" => device.fwmark = value.parse().ok().filter(|mark| *mark != 0),
+        "public_key" => device
+            .peers
+            .push(PeerInfo::from_public_key(key_from_hex(value)?)),
+        _ => {
+            if let Some(peer) = device.peers.last_mut() {
+                read_peer_field(peer, key, value)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_peer_field(peer: &mut PeerInfo, key: &str, value: &str) -> io::Result<()> {
+    let config = &mut peer.config;
+    match key {
+        "preshared_key" => {
+            let psk = key_from_hex(value)?;
+            config.preshared_key = (psk.0 != [0; 32]).then_some(psk);
+        }
+        "endpoint" => config.endpoint = Some(value.parse().map_err(|_| bad("endpoint"))?),
+        "persistent_keepalive_interval" => {
+            let seconds: u16 = value.parse().map_err(|_| bad("keepalive"))?;
+            config.persistent_keepalive_interval = (seconds > 0).then_some(seconds);
+        }
+        "allowed_ip" => {
+            let (address, cidr) = value.split_once('/').ok_or_else(|| bad("allowed_ip"))?;
+            config.allowed_ips.push(AllowedIp {
+                address: address.parse().map_err(|_| bad("allowed_ip"))?,
+                cidr: cidr.parse().map_err(|_| bad("allowed_ip"))?,
+            });
+        }
+        "last_handshake_time_sec" => {
+            let seconds: u64 = value.parse().map_err(|_| bad("handshake time"))?;
+            peer.stats.last_handshake_time =
+                (seconds > 0).then(|| std::time::UNIX_EPOCH + Duration::from_secs(seconds));
+        }
+        "rx_bytes" => peer.stats.rx_bytes = value.parse().map_err(|_| bad("rx_bytes"))?,
+        "tx_bytes" => peer.stats.tx_bytes = value.parse().map_err(|_| bad("tx_bytes"))?,
+        _ => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]

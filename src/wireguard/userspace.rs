@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use wireguard_control::{Backend as WgBackend, Device, Key};
+use wireguard_control::Key;
 
-use super::{Backend, Created, LinkRef, LinkSpec, Update, interface_name, uapi};
+use super::{Backend, Created, DeviceState, LinkRef, LinkSpec, Update, uapi};
 use crate::cni::{Error, Result};
 use crate::link::Netlink;
 use crate::netns::Netns;
@@ -168,6 +168,7 @@ fn configure_and_move(spec: &LinkSpec, pod: &Netns) -> Result<()> {
 impl Backend for Userspace {
     fn create(&self, spec: &LinkSpec, _host: &Netns, pod: &Netns) -> Result<Created> {
         let pid = start_daemon(spec.temp_name)?;
+        crate::failpoint::crash("after-link-created");
         if let Err(e) = configure_and_move(spec, pod) {
             stop_daemon(pid, spec.temp_name);
             let _ = fs::remove_file(uapi::socket_path(spec.temp_name));
@@ -183,7 +184,7 @@ impl Backend for Userspace {
             .map_err(|e| Error::wireguard(format!("configuring {}", link.ifname), e))
     }
 
-    fn read(&self, link: &LinkRef) -> Result<Device> {
+    fn read(&self, link: &LinkRef) -> Result<DeviceState> {
         // Reading never starts a daemon (only wireguard-control's `apply` would).
         if !uapi::socket_path(link.host_name).exists() {
             return Err(Error::wireguard(
@@ -194,7 +195,7 @@ impl Backend for Userspace {
                 ),
             ));
         }
-        Device::get(&interface_name(link.host_name)?, WgBackend::Userspace)
+        uapi::get(link.host_name)
             .map_err(|e| Error::wireguard(format!("reading {}", link.ifname), e))
     }
 

@@ -323,13 +323,46 @@ impl Net {
     }
 
     pub fn call(&self, command: &str, id: &str, netns: &str, conf: &Value) -> CniOutput {
+        self.call_as(command, id, "eth0", netns, conf)
+    }
+
+    /// `call` with extra environment variables (e.g. WG_CNI_FAILPOINT).
+    pub fn call_env(
+        &self,
+        command: &str,
+        pod: &Pod,
+        extra: &[(&str, &str)],
+        conf: &Value,
+    ) -> CniOutput {
+        let path = plugin_dir();
+        let mut env = vec![
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", pod.id.as_str()),
+            ("CNI_NETNS", pod.netns()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", path.to_str().unwrap()),
+            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=test"),
+        ];
+        env.extend_from_slice(extra);
+        cni_raw(&env, conf.to_string().as_bytes())
+    }
+
+    /// `call` with an interface name other than eth0.
+    pub fn call_as(
+        &self,
+        command: &str,
+        id: &str,
+        ifname: &str,
+        netns: &str,
+        conf: &Value,
+    ) -> CniOutput {
         let path = plugin_dir();
         cni_raw(
             &[
                 ("CNI_COMMAND", command),
                 ("CNI_CONTAINERID", id),
                 ("CNI_NETNS", netns),
-                ("CNI_IFNAME", "eth0"),
+                ("CNI_IFNAME", ifname),
                 ("CNI_PATH", path.to_str().unwrap()),
                 ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=test"),
             ],
@@ -501,4 +534,16 @@ pub fn namespaces() -> BTreeSet<String> {
         .filter_map(|l| l.split_whitespace().next())
         .map(str::to_string)
         .collect()
+}
+
+/// Ping from the host namespace.
+pub fn host_ping(address: &str) -> bool {
+    run("ping", &["-c", "3", "-i", "0.2", "-W", "2", address])
+        .status
+        .success()
+}
+
+/// The host's nat table, as `iptables -S` prints it.
+pub fn nat_rules() -> String {
+    run_ok("iptables", &["-t", "nat", "-S"])
 }

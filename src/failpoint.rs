@@ -1,0 +1,29 @@
+//! Fault injection for the test suites: `WG_CNI_FAILPOINT=name[,name…]` makes the named
+//! point fail (an error, as the real failure would) or kill the process (as `kill -9` would,
+//! at an instant a test cannot hit reliably from outside). Unset, every point is a no-op.
+
+use crate::cni::{Error, Result};
+
+const VARIABLE: &str = "WG_CNI_FAILPOINT";
+
+fn armed(name: &str) -> bool {
+    std::env::var(VARIABLE).is_ok_and(|v| v.split(',').any(|p| p.trim() == name))
+}
+
+/// Return an error at `name` when armed.
+pub fn fail(name: &str) -> Result<()> {
+    if armed(name) {
+        return Err(Error::wireguard(
+            format!("failpoint {name}"),
+            std::io::Error::other("injected failure"),
+        ));
+    }
+    Ok(())
+}
+
+/// Die at `name` as if killed with SIGKILL, when armed: nothing after it runs, no destructor.
+pub fn crash(name: &str) {
+    if armed(name) {
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}

@@ -1,0 +1,203 @@
+//! The one peer logic: the desired peer set of a link, computed from the store and the
+//! network's settings, diffed against the live device and applied. ADD's fan-out, DEL, GC and
+//! CHECK all go through here, so every link of a network agrees on who its peers are.
+
+use std::collections::HashMap;
+
+use wireguard_control::Key;
+
+use crate::cni::Result;
+use crate::gateway;
+use crate::mesh;
+use crate::store::{GatewayRecord, Record, State};
+use crate::wireguard::{self, DeviceState, LinkRef, Peer, Update};
+
+/// What the peer sets of a network's links are computed from: read once per command.
+pub struct NetworkView {
+    /// Every record of the network, all nodes.
+    pub records: Vec<Record>,
+    /// This node's gateway, when the network has one.
+    pub gateway: Option<GatewayRecord>,
+    /// The config's static peers (already validated against the pod range).
+    pub static_peers: Vec<Peer>,
+    pub keepalive: Option<u16>,
+}
+
+impl NetworkView {
+    /// The peers the pod link of `me` should have: every other ready attachment, the static
+    /// peers, and the node gateway for whatever no more specific peer claims.
+    pub fn desired_for_pod(&self, me: &Record) -> Result<Vec<Peer>> {
+        let mut peers = mesh::peers_of(&self.records, &me.container_id, &me.ifname, self.keepalive);
+        peers.extend(self.static_peers.iter().cloned());
+        if let Some(gw) = &self.gateway {
+            peers.push(gateway::peer_for_pods(gw, self.keepalive)?);
+        }
+        Ok(peers)
+    }
+
+    /// The peers this node's gateway should have: every ready pod on this node.
+    pub fn desired_for_gateway(&self, node: &str) -> Vec<Peer> {
+        self.records
+            .iter()
+            .filter(|r| r.node == node && r.state == State::Ready)
+            .filter_map(|r| mesh::peer_of(r, self.keepalive).ok())
+            .collect()
+    }
+}
+
+/// Which peers a reconcile may remove. Removing is the dangerous half: a peer the store does
+/// not (yet) know may still be wanted, so only peers proven gone are removed.
+#[derive(Clone, Copy)]
+pub enum Prune<'a> {
+    /// Add and update only.
+    Nothing,
+    /// Also remove these keys (a deleted attachment, a replaced gateway).
+    Only(&'a [Key]),
+}
+
+/// The update that turns `device`'s peers into `desired`: new peers and peers whose allowed
+/// IPs, endpoint, keepalive or preshared key differ are (re)written; removals per `prune`.
+/// An empty update (nothing to do) has no peers and no removals.
+pub fn diff(device: &DeviceState, desired: &[Peer], prune: Prune) -> Update<'static> {
+    let have: HashMap<&Key, &wireguard_control::PeerConfig> = device
+        .peers
+        .iter()
+        .map(|p| (&p.config.public_key, &p.config))
+        .collect();
+    let peers: Vec<Peer> = desired
+        .iter()
+        .filter(|want| have.get(&want.public_key).is_none_or(|h| !same(want, h)))
+        .cloned()
+        .collect();
+    let wanted = |key: &Key| desired.iter().any(|p| &p.public_key == key);
+    let remove_peers = have
+        .keys()
+        .filter(|key| !wanted(key))
+        .filter(|key| match prune {
+            Prune::Nothing => false,
+            Prune::Only(keys) => keys.contains(key),
+        })
+        .map(|key| (*key).clone())
+        .collect();
+    Update {
+        peers,
+        remove_peers,
+        ..Update::default()
+    }
+}
+
+fn same(want: &Peer, have: &wireguard_control::PeerConfig) -> bool {
+    let mut want_ips: Vec<String> = want.allowed_ips.iter().map(|ip| ip.to_string()).collect();
+    let mut have_ips: Vec<String> = have
+        .allowed_ips
+        .iter()
+        .map(|ip| format!("{}/{}", ip.address, ip.cidr))
+        .collect();
+    want_ips.sort();
+    have_ips.sort();
+    want_ips == have_ips
+        && want.endpoint == have.endpoint
+        && want.keepalive.filter(|s| *s > 0)
+            == have.persistent_keepalive_interval.filter(|s| *s > 0)
+        && want.preshared_key.as_ref().map(|k| &k.0) == have.preshared_key.as_ref()
+}
+
+/// Read the device behind `link`, diff it against `desired` and apply what differs.
+/// Returns whether anything was written.
+pub fn apply(
+    backend: wireguard::BackendKind,
+    link: &LinkRef,
+    desired: &[Peer],
+    prune: Prune,
+) -> Result<bool> {
+    let backend = wireguard::backend(backend);
+    let device = backend.read(link)?;
+    let update = diff(&device, desired, prune);
+    if update.peers.is_empty() && update.remove_peers.is_empty() {
+        return Ok(false);
+    }
+    backend.apply(link, &update)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::KeyPair;
+    use wireguard_control::{AllowedIp, PeerInfo};
+
+    fn peer(ip: &str) -> Peer {
+        Peer {
+            public_key: KeyPair::generate().public().clone(),
+            endpoint: Some("127.0.0.1:53000".parse().unwrap()),
+            allowed_ips: vec![ip.parse().unwrap()],
+            keepalive: None,
+            preshared_key: None,
+        }
+    }
+
+    fn device_with(peers: &[&Peer]) -> DeviceState {
+        let peers = peers
+            .iter()
+            .map(|p| {
+                let mut info = PeerInfo::from_public_key(p.public_key.clone());
+                info.config.endpoint = p.endpoint;
+                info.config.allowed_ips = p
+                    .allowed_ips
+                    .iter()
+                    .map(|ip| AllowedIp {
+                        address: ip.ip(),
+                        cidr: ip.prefix(),
+                    })
+                    .collect();
+                info
+            })
+            .collect();
+        DeviceState {
+            peers,
+            ..DeviceState::default()
+        }
+    }
+
+    #[test]
+    fn an_equal_device_needs_nothing() {
+        let (a, b) = (peer("10.0.0.2/32"), peer("10.0.0.3/32"));
+        let gone = [a.public_key.clone(), b.public_key.clone()];
+        let update = diff(
+            &device_with(&[&a, &b]),
+            &[a.clone(), b.clone()],
+            Prune::Only(&gone),
+        );
+        assert!(update.peers.is_empty() && update.remove_peers.is_empty());
+    }
+
+    #[test]
+    fn new_and_changed_peers_are_written_and_removal_follows_prune() {
+        let (a, b, c) = (
+            peer("10.0.0.2/32"),
+            peer("10.0.0.3/32"),
+            peer("10.0.0.4/32"),
+        );
+        let mut moved = a.clone();
+        moved.endpoint = Some("127.0.0.1:53001".parse().unwrap());
+        let device = device_with(&[&a, &c]);
+        let desired = [moved.clone(), b.clone()];
+
+        let update = diff(&device, &desired, Prune::Nothing);
+        assert_eq!(update.peers, vec![moved.clone(), b.clone()]);
+        assert!(
+            update.remove_peers.is_empty(),
+            "c is unknown, not proven gone"
+        );
+
+        let gone = [c.public_key.clone()];
+        assert_eq!(
+            diff(&device, &desired, Prune::Only(&gone)).remove_peers,
+            gone
+        );
+        assert_eq!(
+            diff(&device, &desired, Prune::Only(&[])).remove_peers,
+            vec![]
+        );
+    }
+}
