@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 /// first pod's link down. Both must live side by side, and a DEL of one must spare the other.
 #[test]
 fn attachments_whose_names_once_collided_live_side_by_side() {
-    let net = Net::new("10.81.0.0/24");
+    let net = Net::new("10.140.0.0/24");
     let (first, second) = (Pod::new(), Pod::new());
     let r1 = net
         .call_as("ADD", "a-b", "eth0", first.netns(), &net.conf())
@@ -49,7 +49,7 @@ fn attachments_whose_names_once_collided_live_side_by_side() {
 /// must still succeed (an ADD would work), or CNI 1.1 runtimes never send that ADD.
 #[test]
 fn status_succeeds_after_a_reboot_left_records_and_no_gateway() {
-    let mut net = Net::new("10.82.0.0/24");
+    let mut net = Net::new("10.141.0.0/24");
     net.version = "1.1.0".into();
     let pod = Pod::new();
     net.add(&pod).ok();
@@ -67,7 +67,7 @@ fn status_succeeds_after_a_reboot_left_records_and_no_gateway() {
         "the earlier boot's record was not reaped"
     );
     let gateway_ip = result["ips"][0]["gateway"].as_str().map(str::to_string);
-    let gateway_ip = gateway_ip.unwrap_or_else(|| "10.82.0.1".into());
+    let gateway_ip = gateway_ip.unwrap_or_else(|| "10.141.0.1".into());
     assert!(fresh.ping(&gateway_ip), "the gateway was not recreated");
     net.call("STATUS", "", "", &net.conf()).ok();
     net.del(&fresh, None).ok();
@@ -129,7 +129,7 @@ fn kill_daemon(pid: u64) {
 fn concurrent_adds_in_two_networks_never_share_a_port() {
     const PODS: usize = 20;
     for round in 0..2 {
-        let nets = [Net::new("10.84.0.0/24"), Net::new("10.85.0.0/24")];
+        let nets = [Net::new("10.143.0.0/24"), Net::new("10.144.0.0/24")];
         let pods: Vec<Vec<Pod>> = (0..2)
             .map(|_| (0..PODS).map(|_| Pod::new()).collect())
             .collect();
@@ -199,7 +199,7 @@ fn concurrent_adds_in_two_networks_never_share_a_port() {
 /// daemon (userspace) and a `creating` record: DEL must remove all of it.
 #[test]
 fn an_add_killed_before_the_key_is_set_is_cleaned_by_del() {
-    let net = Net::new("10.86.0.0/24");
+    let net = Net::new("10.145.0.0/24");
     let (resident, pod) = (Pod::new(), Pod::new());
     // The gateway exists already: the failpoint must hit the pod's link, not the gateway's.
     net.add(&resident).ok();
@@ -238,7 +238,7 @@ fn an_add_killed_before_the_key_is_set_is_cleaned_by_del() {
 /// not report success while kubelet probes cannot reach the pod.
 #[test]
 fn an_add_whose_gateway_update_fails_rolls_back() {
-    let net = Net::new("10.87.0.0/24");
+    let net = Net::new("10.146.0.0/24");
     let (resident, pod) = (Pod::new(), Pod::new());
     net.add(&resident).ok();
     let records = net.records().len();
@@ -269,7 +269,7 @@ fn an_add_whose_gateway_update_fails_rolls_back() {
 /// DEL, GC or `show` on the node.
 #[test]
 fn bad_records_are_skipped_not_fatal() {
-    let mut net = Net::new("10.88.0.0/24");
+    let mut net = Net::new("10.147.0.0/24");
     net.version = "1.1.0".into();
     let (a, b) = (Pod::new(), Pod::new());
     let ra = net.add(&a).ok().json();
@@ -320,7 +320,7 @@ fn bad_records_are_skipped_not_fatal() {
 /// must not hang DEL, CHECK or STATUS; DEL of it still cleans up.
 #[test]
 fn a_hung_daemon_hangs_nothing() {
-    let mut net = Net::new("10.89.0.0/24");
+    let mut net = Net::new("10.148.0.0/24");
     net.version = "1.1.0".into();
     if backend() == "kernel" {
         return; // the kernel backend has no daemon
@@ -361,9 +361,9 @@ fn a_hung_daemon_hangs_nothing() {
 /// must not share gateway names, NAT rules or attachments.
 #[test]
 fn two_stores_with_one_network_name_stay_apart() {
-    let mut first = Net::new("10.90.0.0/24");
+    let mut first = Net::new("10.149.0.0/24");
     first.version = "1.1.0".into();
-    let mut second = Net::new("10.91.0.0/24");
+    let mut second = Net::new("10.150.0.0/24");
     second.version = "1.1.0".into();
     second.name = first.name.clone();
     let (a, b) = (Pod::new(), Pod::new());
@@ -398,7 +398,7 @@ fn two_stores_with_one_network_name_stay_apart() {
 /// go. (libcni 1.3 is not packaged for Debian 12: the test sends the same JSON it sends.)
 #[test]
 fn gc_without_a_list_removes_only_the_dead_and_accepts_the_alias() {
-    let mut net = Net::new("10.92.0.0/24");
+    let mut net = Net::new("10.151.0.0/24");
     net.version = "1.1.0".into();
     let (a, b, c) = (Pod::new(), Pod::new(), Pod::new());
     let ra = net.add(&a).ok().json();
@@ -431,7 +431,7 @@ fn gc_without_a_list_removes_only_the_dead_and_accepts_the_alias() {
 #[test]
 fn small_config_and_route_defects() {
     // The pod already has a default route through another link (its primary network).
-    let net = Net::new("10.93.0.0/24");
+    let net = Net::new("10.152.0.0/24");
     let pod = Pod::new();
     // (a veth pair inside the pod: this host's kernel has no dummy links)
     pod.ip(&[
@@ -457,7 +457,7 @@ fn small_config_and_route_defects() {
             .contains("primary0")
     );
 
-    let v6 = Net::new("fd93::/64");
+    let v6 = Net::new("fd52::/64");
     let mut conf = v6.conf();
     conf["mtu"] = json!(1200);
     let pod6 = Pod::new();

@@ -149,9 +149,25 @@ fn every_spec_version_gets_its_result_shape() {
     for version in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"] {
         let mut net = Net::new("10.72.0.0/24");
         net.version = version.into();
+        net.extra = json!({"dns": {"nameservers": ["10.72.0.53"], "search": ["svc.local"]}});
         let pod = Pod::new();
         let result = net.add(&pod).ok().json();
         assert_eq!(result["cniVersion"], version);
+        // The default route into the tunnel, as a device route (no gateway), and the dns.
+        assert_eq!(
+            result["routes"],
+            json!([{"dst": "0.0.0.0/0"}]),
+            "{version}: {result}"
+        );
+        assert_eq!(
+            result["dns"],
+            json!({"nameservers": ["10.72.0.53"], "search": ["svc.local"]}),
+            "{version}: {result}"
+        );
+        assert!(
+            pod.ip(&["-4", "route", "show", "default"])
+                .contains("dev eth0")
+        );
         let ip = &result["ips"][0];
         assert_eq!(
             ip.get("version").is_some(),
@@ -219,6 +235,43 @@ fn mesh_follows_adds_and_dels() {
     assert_eq!(peers_of(&net), vec![2, 2]);
     let r2 = net.add(&pods[2]).ok().json();
     assert_eq!(peers_of(&net), vec![3, 3, 3]);
+    // And exactly the right ones: every other pod by its key, allowed only its own /32;
+    // the gateway by its key with the default route.
+    let shown = net.show_json();
+    let attachments = shown["networks"][0]["attachments"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let gateway_key = net.gateway_record().unwrap()["publicKey"].clone();
+    for me in &attachments {
+        for other in attachments
+            .iter()
+            .filter(|o| o["publicKey"] != me["publicKey"])
+        {
+            let peer = me["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["publicKey"] == other["publicKey"])
+                .unwrap_or_else(|| {
+                    panic!("{} lacks peer {}", me["containerId"], other["containerId"])
+                });
+            let own = other["addresses"][0]
+                .as_str()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap();
+            assert_eq!(peer["allowedIps"], json!([format!("{own}/32")]));
+        }
+        let gateway = me["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["publicKey"] == gateway_key)
+            .expect("the gateway peer");
+        assert_eq!(gateway["allowedIps"], json!(["0.0.0.0/0"]));
+    }
     assert!(
         pods[0].ping(&address_of(&r2, false)),
         "first pod cannot reach the third"
@@ -315,6 +368,7 @@ fn gc_removes_unlisted_attachments_and_leaves_other_nodes_alone() {
     let (keep, stale) = (Pod::new(), Pod::new());
     let rk = net.add(&keep).ok().json();
     let rs = net.add(&stale).ok().json();
+    let rs_key = net.record_of(&stale).unwrap()["publicKey"].clone();
 
     // A record another node's agent synced into the store.
     let mine = net.record_of(&keep).unwrap();
@@ -345,6 +399,29 @@ fn gc_removes_unlisted_attachments_and_leaves_other_nodes_alone() {
     assert!(net.record_of(&keep).is_some());
     assert!(foreign_file.exists(), "GC touched another node's record");
     assert_eq!(keep.links().len(), 2);
+    // The kept pod still works, and neither it nor the gateway still lists the stale peer.
+    net.check(&keep, &rk).ok();
+    let stale_key = net.show_json()["networks"][0]["attachments"][0]["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["publicKey"].as_str().unwrap().to_string())
+        .collect::<Vec<_>>();
+    let gone = rs_key.as_str().unwrap();
+    assert!(
+        !stale_key.iter().any(|k| k == gone),
+        "the kept pod still peers with the stale one"
+    );
+    let gateway = net.gateway_record().unwrap();
+    let gateway_peers = run_ok(
+        "wg",
+        &["show", gateway["hostName"].as_str().unwrap(), "peers"],
+    );
+    assert!(
+        !gateway_peers.contains(gone),
+        "the gateway still peers with the stale pod"
+    );
+    assert!(gateway_peers.contains(net.record_of(&keep).unwrap()["publicKey"].as_str().unwrap()));
     std::fs::remove_file(&foreign_file).unwrap();
     net.del(&keep, Some(&rk)).ok();
 }
