@@ -73,7 +73,10 @@ pub fn node_name(configured: Option<&str>) -> Result<String> {
         return Ok(name.to_string());
     }
     let name = nix::unistd::gethostname()
-        .map_err(|e| Error::netlink("reading the host name", e))?
+        .map_err(|e| Error::Io {
+            context: "reading the host name (or set nodeName)".into(),
+            source: e.into(),
+        })?
         .to_string_lossy()
         .into_owned();
     // Host names are safe path components, but make sure: the name becomes a directory.

@@ -59,8 +59,10 @@ impl Netns {
     /// The namespace this process started in. Only the main thread is ever there: every
     /// namespace switch happens on a thread of its own.
     pub fn host() -> Result<Netns> {
-        Netns::open(Path::new("/proc/self/ns/net"))
-            .map_err(|e| Error::netlink("opening the host network namespace", format!("{e:?}")))
+        Netns::open(Path::new("/proc/self/ns/net")).map_err(|e| Error::Io {
+            context: "opening the host network namespace (/proc/self/ns/net)".into(),
+            source: std::io::Error::other(format!("{e:?}")),
+        })
     }
 
     pub fn path(&self) -> PathBuf {

@@ -333,6 +333,15 @@ fn check_reports_a_changed_port_key_peer_set_or_extra_link() {
         |pod, name| wg_on(pod, name, &["listen-port", "53998"]),
         "port",
     );
+    // A pod with CAP_NET_ADMIN can move its host UDP port anywhere, even below 1024.
+    tampered(
+        |pod, name| wg_on(pod, name, &["listen-port", "1023"]),
+        "outside listenPorts",
+    );
+    tampered(
+        |pod, name| wg_on(pod, name, &["fwmark", "0x4000"]),
+        "fwmark",
+    );
     tampered(
         |pod, name| {
             let key = tempfile::NamedTempFile::new().unwrap();

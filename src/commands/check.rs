@@ -50,8 +50,15 @@ pub fn run(ctx: &Context) -> Result<()> {
         )));
     }
     if device.listen_port != Some(record.listen_port) {
+        let range = context::resolve_link_settings(conf).map(|s| s.ports).ok();
+        let outside = match (device.listen_port, range) {
+            (Some(port), Some(r)) if port < r.first || port > r.last => {
+                format!(" (outside listenPorts {r}: the pod moved its host UDP port)")
+            }
+            _ => String::new(),
+        };
         return Err(Error::Check(format!(
-            "{} listens on port {:?}, ADD gave it {}",
+            "{} listens on port {:?}, ADD gave it {}{outside}",
             env.ifname, device.listen_port, record.listen_port
         )));
     }

@@ -115,11 +115,28 @@ impl Backend for Kernel {
 }
 
 /// Whether the running kernel can create WireGuard links (for `backend: auto` and STATUS).
+/// Loaded or built in (`/sys/module/wireguard`, `modules.builtin`) answers without touching
+/// anything; only a module that exists but is not loaded yet is probed with a link, which
+/// loads it, so the next call finds it in /sys/module. No module at all: no probe.
 pub fn available() -> bool {
     if std::path::Path::new("/sys/module/wireguard").exists() {
         return true;
     }
-    // Creating a link makes the kernel load the module if it can.
-    let probe = format!("wgcprobe{}", std::process::id() % 100_000);
-    Netlink::open().is_ok_and(|n| n.can_create_wireguard(&probe))
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let modules = std::path::Path::new("/lib/modules").join(release);
+    let lists = |name: &str| {
+        std::fs::read_to_string(modules.join(name))
+            .map(|text| text.lines().any(|l| l.contains("/wireguard.ko")))
+    };
+    match (lists("modules.builtin"), lists("modules.dep")) {
+        (Ok(true), _) => true,
+        (Ok(false), Ok(false)) => false,
+        // A loadable module, or no module lists to go by: creating a link tells.
+        _ => {
+            let probe = format!("wgcprobe{}", std::process::id() % 100_000);
+            Netlink::open().is_ok_and(|n| n.can_create_wireguard(&probe))
+        }
+    }
 }
