@@ -6,10 +6,11 @@ use std::collections::HashMap;
 
 use wireguard_control::Key;
 
-use crate::cni::Result;
+use crate::cni::{NetConf, Result};
 use crate::gateway;
 use crate::mesh;
-use crate::store::{GatewayRecord, Record, State};
+use crate::netns::Netns;
+use crate::store::{GatewayRecord, Record, State, Store};
 use crate::wireguard::{self, DeviceState, LinkRef, Peer, Update};
 
 /// What the peer sets of a network's links are computed from: read once per command.
@@ -23,7 +24,32 @@ pub struct NetworkView {
     pub keepalive: Option<u16>,
 }
 
+/// The node whose links a reconcile touches: its name, boot and host namespace.
+pub struct Node<'a> {
+    pub name: &'a str,
+    pub boot_id: &'a str,
+    pub host: &'a Netns,
+}
+
 impl NetworkView {
+    /// Every record of the network, this node's gateway, the static peers. A static peer that
+    /// no longer validates is left out (logged): it must not stop a DEL or a reconcile.
+    pub fn read(store: &Store, conf: &NetConf) -> Result<NetworkView> {
+        let static_peers = mesh::static_peers(conf, &[]).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "static peers left out");
+            Vec::new()
+        });
+        Ok(NetworkView {
+            records: store.all_records()?,
+            gateway: match conf.host_gateway {
+                true => store.gateway().ok().flatten(),
+                false => None,
+            },
+            static_peers,
+            keepalive: conf.persistent_keepalive,
+        })
+    }
+
     /// The peers the pod link of `me` should have: every other ready attachment, the static
     /// peers, and the node gateway for whatever no more specific peer claims.
     pub fn desired_for_pod(&self, me: &Record) -> Result<Vec<Peer>> {
@@ -118,6 +144,42 @@ pub fn apply(
     }
     backend.apply(link, &update)?;
     Ok(true)
+}
+
+/// Bring the link of every other ready attachment on this node to its desired peer set.
+/// A pod that died without DEL has no link to update; a link that refuses is logged and
+/// stays as it was (CHECK of that pod reports the difference, the next reconcile retries).
+/// Returns how many live links could not be updated.
+pub fn local_pods(node: &Node, view: &NetworkView, except: Option<&Record>, prune: Prune) -> usize {
+    let mut failed = 0;
+    let local = view.records.iter().filter(|r| r.node == node.name);
+    for record in local {
+        let is_except = except.is_some_and(|e| record.is_attachment(&e.container_id, &e.ifname));
+        if is_except || record.state != State::Ready || record.boot_id != node.boot_id {
+            continue;
+        }
+        let Some(pod) = record.live_netns(None) else {
+            continue;
+        };
+        let outcome = view
+            .desired_for_pod(record)
+            .and_then(|desired| apply(record.backend, &record.link(Some(&pod)), &desired, prune));
+        if let Err(e) = outcome {
+            tracing::warn!(container = %record.container_id, ifname = %record.ifname, error = %e, "could not update the peers of a local pod");
+            failed += 1;
+        }
+    }
+    failed
+}
+
+/// Bring this node's gateway to its desired peer set.
+pub fn gateway(node: &Node, view: &NetworkView, prune: Prune) -> Result<()> {
+    let Some(gateway) = &view.gateway else {
+        return Ok(());
+    };
+    crate::failpoint::fail("gateway-update")?;
+    let desired = view.desired_for_gateway(node.name);
+    apply(gateway.backend, &gateway.link(node.host), &desired, prune).map(|_| ())
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@ use std::time::SystemTime;
 use serde_json::{Value, json};
 
 use crate::cni::Result;
-use crate::commands::recorded_netns;
 use crate::host;
 use crate::store::{Record, Store};
 use crate::wireguard;
@@ -67,7 +66,7 @@ fn attachment(record: &Record) -> Value {
         "backend": record.backend,
         "netns": record.netns,
     });
-    let pod = recorded_netns(record, None);
+    let pod = record.live_netns(None);
     match wireguard::backend(record.backend).read(&record.link(pod.as_ref())) {
         Ok(device) => {
             let now = SystemTime::now();

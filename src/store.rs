@@ -93,6 +93,22 @@ impl Record {
         }
     }
 
+    /// The pod namespace of this record, only if it is still the very namespace recorded (a
+    /// path like /proc/<pid>/ns/net can be reused by another pod). `hint` is tried first.
+    pub fn live_netns(&self, hint: Option<&Path>) -> Option<Netns> {
+        let candidates = hint
+            .into_iter()
+            .chain(std::iter::once(self.netns.as_path()));
+        for path in candidates {
+            if let Ok(ns) = Netns::open(path)
+                && ns.inode() == self.netns_inode
+            {
+                return Some(ns);
+            }
+        }
+        None
+    }
+
     pub fn is_attachment(&self, container_id: &str, ifname: &str) -> bool {
         self.container_id == container_id && self.ifname == ifname
     }

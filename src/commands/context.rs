@@ -14,7 +14,7 @@ use crate::mesh;
 use crate::netns::Netns;
 use crate::ports;
 use crate::reconcile::{self, NetworkView, Prune};
-use crate::store::{Record, State, Store};
+use crate::store::{Record, Store};
 use crate::wireguard::{self, BackendKind};
 
 pub struct Context<'a> {
@@ -95,80 +95,32 @@ pub fn choose_backend(choice: BackendChoice) -> Result<BackendKind> {
     }
 }
 
-/// The pod namespace of a record, only if it is still the very namespace recorded (a path
-/// like /proc/<pid>/ns/net can be reused by another pod).
-pub fn recorded_netns(record: &Record, hint: Option<&Path>) -> Option<Netns> {
-    let candidates = hint
-        .into_iter()
-        .chain(std::iter::once(record.netns.as_path()));
-    for path in candidates {
-        if let Ok(ns) = Netns::open(path)
-            && ns.inode() == record.netns_inode
-        {
-            return Some(ns);
+impl Context<'_> {
+    /// This node as the reconcile mechanism sees it.
+    pub fn local(&self) -> reconcile::Node<'_> {
+        reconcile::Node {
+            name: &self.node,
+            boot_id: &self.boot_id,
+            host: &self.host,
         }
     }
-    None
 }
 
-/// The view of the network the peer sets are computed from: every record, this node's
-/// gateway, the static peers. A static peer that no longer validates is left out (logged):
-/// it must not stop a DEL.
 pub fn network_view(ctx: &Context, store: &Store) -> Result<NetworkView> {
-    let static_peers = mesh::static_peers(ctx.conf, &[]).unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "static peers left out");
-        Vec::new()
-    });
-    Ok(NetworkView {
-        records: store.all_records()?,
-        gateway: match ctx.conf.host_gateway {
-            true => store.gateway().ok().flatten(),
-            false => None,
-        },
-        static_peers,
-        keepalive: ctx.conf.persistent_keepalive,
-    })
+    NetworkView::read(store, ctx.conf)
 }
 
-/// Bring the link of every other ready attachment on this node to its desired peer set.
-/// A pod that died without DEL has no link to update; a link that refuses is logged and
-/// stays as it was (CHECK of that pod reports the difference, the next reconcile retries).
-/// Returns how many live links could not be updated.
 pub fn reconcile_local_pods(
     ctx: &Context,
     view: &NetworkView,
     except: Option<&Record>,
     prune: Prune,
 ) -> usize {
-    let mut failed = 0;
-    let local = view.records.iter().filter(|r| r.node == ctx.node);
-    for record in local {
-        let is_except = except.is_some_and(|e| record.is_attachment(&e.container_id, &e.ifname));
-        if is_except || record.state != State::Ready || record.boot_id != ctx.boot_id {
-            continue;
-        }
-        let Some(pod) = recorded_netns(record, None) else {
-            continue;
-        };
-        let outcome = view.desired_for_pod(record).and_then(|desired| {
-            reconcile::apply(record.backend, &record.link(Some(&pod)), &desired, prune)
-        });
-        if let Err(e) = outcome {
-            tracing::warn!(container = %record.container_id, ifname = %record.ifname, error = %e, "could not update the peers of a local pod");
-            failed += 1;
-        }
-    }
-    failed
+    reconcile::local_pods(&ctx.local(), view, except, prune)
 }
 
-/// Bring this node's gateway to its desired peer set (every ready local pod).
 pub fn reconcile_gateway(ctx: &Context, view: &NetworkView, prune: Prune) -> Result<()> {
-    let Some(gateway) = &view.gateway else {
-        return Ok(());
-    };
-    crate::failpoint::fail("gateway-update")?;
-    let desired = view.desired_for_gateway(&ctx.node);
-    reconcile::apply(gateway.backend, &gateway.link(&ctx.host), &desired, prune).map(|_| ())
+    reconcile::gateway(&ctx.local(), view, prune)
 }
 
 /// Undo one attachment completely: link and daemon, IPAM, record, port, then peers elsewhere.
@@ -181,7 +133,7 @@ pub fn teardown(
     record: &Record,
     netns_hint: Option<&Path>,
 ) -> Result<()> {
-    let pod = recorded_netns(record, netns_hint);
+    let pod = record.live_netns(netns_hint);
     let link = record.link(pod.as_ref());
     let key = match mesh::public_key(record) {
         Ok(key) => {

@@ -25,7 +25,7 @@ pub fn run(ctx: &Context) -> Result<()> {
                     .any(|a| r.is_attachment(&a.container_id, &a.ifname))
             })?,
             None => context::reap(ctx, &store, &ipam, "its pod namespace is gone", |r| {
-                context::recorded_netns(r, None).is_none()
+                r.live_netns(None).is_none()
             })?,
         };
         gateway::remove_if_unused(&ctx.host, &store)?;

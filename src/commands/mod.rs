@@ -8,8 +8,6 @@ mod gc;
 mod rollback;
 mod status;
 
-pub use context::recorded_netns;
-
 use serde_json::{Value, json};
 
 use crate::cni::version::SUPPORTED;
