@@ -1,0 +1,553 @@
+//! `wg-cni agent`: the per-node loop that carries records between nodes through etcd.
+//! Per served network: claim the node's subnet, hold a liveness lease with the node key,
+//! publish this node's records, mirror every other node's trusted records into the store,
+//! and call the reconcile hook after the mirror changes. The CNI commands never reach this
+//! module (no tokio multi-thread runtime, no etcd client on their path).
+
+pub mod config;
+mod etcd;
+pub mod health;
+pub mod keys;
+mod mirror;
+mod publish;
+pub mod subnet;
+mod trust;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use etcd_client::{
+    Client, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchResponse, WatchStream,
+};
+use ipnetwork::IpNetwork;
+
+pub use config::Settings;
+pub use health::AgentStatus;
+pub use mirror::NodeInfo;
+
+use config::Network;
+use keys::Keys;
+use mirror::Mirror;
+
+/// Applies a network's peer sets to this node's live WireGuard links, from the store (this
+/// node's records and the mirrored ones). The agent calls it only after the network's first
+/// complete sync (`AgentStatus::first_sync_done`), after every change of the mirror and every
+/// resync interval. It runs on a blocking thread; calls for one network never overlap.
+pub trait LinkReconciler: Send + Sync {
+    fn reconcile(&self, network: &str);
+}
+
+/// Until the real reconciler is wired in: log that a reconcile is due.
+pub struct LogReconciler;
+
+impl LinkReconciler for LogReconciler {
+    fn reconcile(&self, network: &str) {
+        tracing::info!(network, "mirror changed: reconcile");
+    }
+}
+
+/// Run the agent until SIGTERM or SIGINT (on a multi-thread tokio runtime of its own).
+pub fn run(
+    settings: Settings,
+    reconciler: Arc<dyn LinkReconciler>,
+    status: Arc<AgentStatus>,
+) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_async(Arc::new(settings), reconciler, status))
+}
+
+async fn run_async(
+    settings: Arc<Settings>,
+    reconciler: Arc<dyn LinkReconciler>,
+    status: Arc<AgentStatus>,
+) -> Result<()> {
+    let listener = health::bind(settings.health_listen).await?;
+    tokio::spawn(health::serve(listener, status.clone()));
+    let boot_id = crate::host::boot_id().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+
+    let mut delay = Duration::from_millis(500);
+    let client = loop {
+        match etcd::connect(&settings).await {
+            Ok(client) => break client,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot connect to etcd; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = terminate.recv() => return Ok(()),
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    tracing::info!(node = %settings.node, endpoints = ?settings.etcd_endpoints, "agent started");
+
+    let mut served: Vec<String> = Vec::new();
+    loop {
+        match config::read_networks(&settings.cni_conf_dir, &settings.store) {
+            Ok(networks) => {
+                for net in networks {
+                    if served.contains(&net.name) {
+                        continue;
+                    }
+                    tracing::info!(network = %net.name, source = %net.source.display(), mode = ?net.mode, "serving network");
+                    served.push(net.name.clone());
+                    status.update(&net.name, |_| {});
+                    let worker = NetworkLoop::new(
+                        settings.clone(),
+                        net,
+                        client.clone(),
+                        boot_id.clone(),
+                        status.clone(),
+                        reconciler.clone(),
+                    );
+                    tokio::spawn(worker.run());
+                }
+                if served.is_empty() {
+                    tracing::warn!(dir = %settings.cni_conf_dir.display(), store = %settings.store.display(), "no wg-cni network for this store in the CNI conf dir");
+                }
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "reading the CNI conf dir"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.resync_interval) => {}
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tracing::info!("agent stopping (the liveness lease lapses on its own)");
+    Ok(())
+}
+
+/// The liveness lease this node holds for one network.
+struct Lease {
+    id: i64,
+    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    last_ok: Instant,
+}
+
+/// Everything one network needs; one task, one loop: no locks between its parts.
+struct NetworkLoop {
+    settings: Arc<Settings>,
+    net: Network,
+    keys: Keys,
+    client: Client,
+    boot_id: String,
+    node_dir: PathBuf,
+    status: Arc<AgentStatus>,
+    reconciler: Arc<dyn LinkReconciler>,
+    mirror: Mirror,
+    subnets: Option<Vec<IpNetwork>>,
+    lease: Option<Lease>,
+    watch: Option<WatchStream>,
+    synced: bool,
+    next_subnet_try: Instant,
+    next_lease_try: Instant,
+    next_keepalive: Instant,
+    next_sync_try: Instant,
+    next_scan: Instant,
+    next_reconcile: Instant,
+    sync_delay: Duration,
+}
+
+impl NetworkLoop {
+    fn new(
+        settings: Arc<Settings>,
+        net: Network,
+        client: Client,
+        boot_id: String,
+        status: Arc<AgentStatus>,
+        reconciler: Arc<dyn LinkReconciler>,
+    ) -> NetworkLoop {
+        let keys = Keys::new(&net.name);
+        let network_dir = settings.store.join(&net.name);
+        let node_dir = network_dir.join(&settings.node);
+        let now = Instant::now();
+        NetworkLoop {
+            mirror: Mirror::new(keys.clone(), &settings.node, network_dir),
+            settings,
+            net,
+            keys,
+            client,
+            boot_id,
+            node_dir,
+            status,
+            reconciler,
+            subnets: None,
+            lease: None,
+            watch: None,
+            synced: false,
+            next_subnet_try: now,
+            next_lease_try: now,
+            next_keepalive: now,
+            next_sync_try: now,
+            next_scan: now,
+            next_reconcile: now,
+            sync_delay: Duration::from_millis(500),
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.net.name
+    }
+
+    async fn run(mut self) {
+        if let Err(e) = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.node_dir)
+        {
+            tracing::error!(dir = %self.node_dir.display(), error = %e, "cannot create this node's store directory");
+        }
+        tracing::debug!(network = %self.net.name, prefixes = ?self.keys.node_write_prefixes(&self.settings.node), "this node's etcd role needs readwrite on these prefixes");
+        let (tx, mut changes) = tokio::sync::mpsc::channel::<()>(1);
+        let _watcher = watch_dir(&self.node_dir, tx);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = next_message(&mut self.watch) => self.on_watch(message).await,
+                Some(()) = changes.recv() => {
+                    // Let a burst of writes settle, then publish once.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    while changes.try_recv().is_ok() {}
+                    self.publish().await;
+                }
+                _ = tick.tick() => self.on_tick().await,
+            }
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        let now = Instant::now();
+        if self.subnets.is_none() && now >= self.next_subnet_try {
+            self.claim_subnet().await;
+        }
+        if self.subnets.is_some() {
+            if self.lease.is_none() && now >= self.next_lease_try {
+                self.grant_lease().await;
+            } else if self.lease.is_some() && now >= self.next_keepalive {
+                self.keep_alive().await;
+            }
+        }
+        if self.watch.is_none() && now >= self.next_sync_try {
+            self.full_sync().await;
+        }
+        if now >= self.next_scan {
+            self.publish().await;
+        }
+        if self.mirror.grace_expired(now, self.settings.grace_period) {
+            // Stale nodes cross the grace period on the clock, not on an event.
+            self.mirror_changed(false).await;
+        }
+        if self.synced && now >= self.next_reconcile {
+            self.reconcile().await;
+        }
+    }
+
+    async fn claim_subnet(&mut self) {
+        let result = subnet::ensure_claim(
+            &mut self.client,
+            &self.keys,
+            &self.settings.node,
+            &self.net.mode,
+        )
+        .await;
+        match result {
+            Ok(subnets) => {
+                tracing::info!(network = %self.name(), subnets = ?subnets, "subnet known");
+                if let Err(e) = subnet::write_subnet_file(&self.node_dir, &subnets) {
+                    tracing::error!(error = %format!("{e:#}"), "writing subnet.json");
+                }
+                self.status.update(&self.net.name, |s| {
+                    s.subnets = Some(subnets.clone());
+                    s.subnet_error = None;
+                });
+                self.subnets = Some(subnets);
+                // The node key carries the subnets: re-announce.
+                self.lease = None;
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::error!(network = %self.name(), error = %reason, "no usable subnet");
+                self.status
+                    .update(&self.net.name, |s| s.subnet_error = Some(reason));
+                self.next_subnet_try = Instant::now() + Duration::from_secs(5);
+            }
+        }
+    }
+
+    fn local(&self) -> publish::Local {
+        publish::scan_local(
+            &self.node_dir,
+            &self.net.name,
+            &self.settings.node,
+            &self.boot_id,
+        )
+    }
+
+    fn node_info(&self, local: &publish::Local) -> Vec<u8> {
+        let mut endpoints: Vec<std::net::IpAddr> = self.net.conf.endpoint.into_iter().collect();
+        let mut mtu = self.net.conf.mtu;
+        for body in local.values() {
+            let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            if let Some(ip) = value["endpoint"].as_str().and_then(|s| s.parse().ok()) {
+                if !endpoints.contains(&ip) {
+                    endpoints.push(ip);
+                }
+            }
+            if let Some(m) = value["mtu"].as_u64() {
+                mtu = Some(mtu.map_or(m as u32, |old| old.min(m as u32)));
+            }
+        }
+        serde_json::to_vec(&NodeInfo {
+            endpoints,
+            boot_id: self.boot_id.clone(),
+            subnets: self.subnets.clone().unwrap_or_default(),
+            mtu: mtu.unwrap_or(crate::host::FALLBACK_MTU),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+        .expect("node info serializes")
+    }
+
+    /// Grant a lease and put the node key on it with all this node's link keys, in one
+    /// transaction.
+    async fn grant_lease(&mut self) {
+        let ttl = self.settings.lease_ttl.as_secs().max(2) as i64;
+        let result = async {
+            let id = etcd::bounded(self.client.lease_grant(ttl, None))
+                .await?
+                .id();
+            let local = self.local();
+            let info = self.node_info(&local);
+            let changed = publish::announce(
+                &mut self.client,
+                &self.keys,
+                &self.settings.node,
+                info,
+                id,
+                &local,
+            )
+            .await?;
+            anyhow::Ok((id, changed))
+        }
+        .await;
+        match result {
+            Ok((id, changed)) => {
+                tracing::info!(network = %self.name(), lease = id, links_changed = changed, "node key announced on a new lease");
+                let now = Instant::now();
+                self.lease = Some(Lease {
+                    id,
+                    keeper: None,
+                    last_ok: now,
+                });
+                self.next_keepalive = now + self.keepalive_interval();
+                self.status.update(&self.net.name, |s| s.lease_held = true);
+            }
+            Err(e) => {
+                tracing::warn!(network = %self.name(), error = %format!("{e:#}"), "cannot grant the liveness lease; retrying");
+                self.next_lease_try = Instant::now() + Duration::from_secs(1);
+            }
+        }
+    }
+
+    fn keepalive_interval(&self) -> Duration {
+        (self.settings.lease_ttl / 3).max(Duration::from_millis(500))
+    }
+
+    async fn keep_alive(&mut self) {
+        let now = Instant::now();
+        self.next_keepalive = now + self.keepalive_interval();
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        let id = lease.id;
+        let client = &mut self.client;
+        let outcome = async {
+            if lease.keeper.is_none() {
+                lease.keeper = Some(etcd::bounded(client.lease_keep_alive(id)).await?);
+            }
+            let (keeper, stream) = lease.keeper.as_mut().expect("just set");
+            etcd::bounded(keeper.keep_alive()).await?;
+            match etcd::bounded(stream.message()).await? {
+                Some(resp) => anyhow::Ok(resp.ttl()),
+                None => anyhow::bail!("keep-alive stream closed"),
+            }
+        }
+        .await;
+        match outcome {
+            Ok(ttl) if ttl > 0 => {
+                lease.last_ok = now;
+                self.status.update(&self.net.name, |s| s.lease_held = true);
+            }
+            Ok(_) => {
+                tracing::warn!(network = %self.net.name, lease = id, "liveness lease lost: granting a new one and republishing");
+                self.lease = None;
+                self.status.update(&self.net.name, |s| s.lease_held = false);
+            }
+            Err(e) => {
+                lease.keeper = None;
+                let held = now.duration_since(lease.last_ok) < self.settings.lease_ttl;
+                tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "keep-alive failed");
+                self.status.update(&self.net.name, |s| s.lease_held = held);
+            }
+        }
+    }
+
+    async fn publish(&mut self) {
+        self.next_scan = Instant::now() + self.settings.resync_interval;
+        let local = self.local();
+        match publish::publish(&mut self.client, &self.keys, &self.settings.node, &local).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(network = %self.net.name, changed = n, "published this node's records")
+            }
+            Err(e) => {
+                tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "publishing failed; retrying");
+                self.next_scan = Instant::now() + Duration::from_secs(1);
+            }
+        }
+    }
+
+    /// List everything at one revision, replace the mirror (mark and sweep), then watch from
+    /// the next revision.
+    async fn full_sync(&mut self) {
+        let prefix = self.keys.prefix().to_string();
+        let result = async {
+            let (kvs, revision) = etcd::list_prefix(&mut self.client, &prefix).await?;
+            let options = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision + 1)
+                .with_progress_notify();
+            let watch = etcd::bounded(self.client.watch(prefix.clone(), Some(options))).await?;
+            anyhow::Ok((kvs, revision, watch))
+        }
+        .await;
+        match result {
+            Ok((kvs, revision, watch)) => {
+                tracing::info!(network = %self.net.name, keys = kvs.len(), revision, "full sync");
+                self.mirror.replace_all(kvs);
+                self.watch = Some(watch);
+                self.sync_delay = Duration::from_millis(500);
+                self.synced = true;
+                self.status
+                    .update(&self.net.name, |s| s.first_sync_done = true);
+                self.mirror_changed(true).await;
+            }
+            Err(e) => {
+                tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "listing etcd failed; the mirror stays as it is");
+                self.next_sync_try = Instant::now() + self.sync_delay;
+                self.sync_delay = (self.sync_delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+
+    async fn on_watch(&mut self, message: Result<Option<WatchResponse>>) {
+        match message {
+            Ok(Some(resp)) if resp.canceled() || resp.compact_revision() > 0 => {
+                tracing::warn!(network = %self.net.name, compact_revision = resp.compact_revision(), reason = resp.cancel_reason(), "watch cancelled: re-listing");
+                self.watch = None;
+                self.next_sync_try = Instant::now();
+            }
+            Ok(Some(resp)) => {
+                if self.mirror.apply(&resp) {
+                    self.mirror_changed(false).await;
+                }
+            }
+            Ok(None) | Err(_) => {
+                if let Err(e) = &message {
+                    tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "watch lost: re-listing when etcd answers (nothing is removed meanwhile)");
+                }
+                self.watch = None;
+                self.next_sync_try = Instant::now() + self.sync_delay;
+            }
+        }
+    }
+
+    /// Re-evaluate trust, rewrite the mirror, and reconcile when a file changed.
+    async fn mirror_changed(&mut self, force_reconcile: bool) {
+        let evaluation = self
+            .mirror
+            .evaluate(Instant::now(), self.settings.grace_period);
+        let changed = self.mirror.write(&evaluation.trusted);
+        let stale = evaluation.stale.clone();
+        self.status
+            .update(&self.net.name, |s| s.stale_nodes = stale);
+        match evaluation.own_claim_wins {
+            Some(false) => {
+                self.status.update(&self.net.name, |s| {
+                    s.subnet_error =
+                        Some("this node's subnet claim loses to an older overlapping claim".into())
+                });
+                if self.subnets.is_some() {
+                    tracing::error!(network = %self.net.name, "this node's subnet claim loses to an older overlapping claim: every record of this node is ignored");
+                    self.subnets = None;
+                    self.status.update(&self.net.name, |s| s.subnets = None);
+                }
+            }
+            None if self.synced && self.subnets.is_some() => {
+                tracing::warn!(network = %self.net.name, "this node's subnet claim disappeared from etcd: claiming again");
+                self.subnets = None;
+                self.status.update(&self.net.name, |s| s.subnets = None);
+            }
+            _ => {}
+        }
+        if changed || force_reconcile {
+            self.reconcile().await;
+        }
+    }
+
+    async fn reconcile(&mut self) {
+        self.next_reconcile = Instant::now() + self.settings.resync_interval;
+        if !self.synced {
+            return;
+        }
+        // Only after a complete sync may the reconciler act on (and remove) peers.
+        if !self.status.first_sync_done(&self.net.name) {
+            return;
+        }
+        let reconciler = self.reconciler.clone();
+        let network = self.net.name.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || reconciler.reconcile(&network)).await {
+            tracing::error!(network = %self.net.name, error = %e, "reconcile panicked");
+        }
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+async fn next_message(watch: &mut Option<WatchStream>) -> Result<Option<WatchResponse>> {
+    match watch {
+        Some(stream) => stream.message().await.map_err(anyhow::Error::from),
+        None => std::future::pending().await,
+    }
+}
+
+/// inotify on this node's own record directory (never the mirror): any change triggers a
+/// publish pass. Without inotify the periodic scan still publishes.
+fn watch_dir(
+    dir: &std::path::Path,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|e| tracing::warn!(error = %e, "inotify unavailable: relying on the periodic scan"))
+    .ok()?;
+    match watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+        Ok(()) => Some(watcher),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the record directory: relying on the periodic scan");
+            None
+        }
+    }
+}
