@@ -686,6 +686,54 @@ fn killed_agent_stays_mirrored_within_grace_then_goes_then_returns() {
     });
 }
 
+/// The lease id (decimal) the key is attached to, 0 if none or absent.
+fn lease_of(etcd: &Etcd, key: &str) -> i64 {
+    let out: Value = serde_json::from_str(&etcd.ok(&["get", key, "-w", "json"])).unwrap();
+    out["kvs"][0]["lease"].as_i64().unwrap_or(0)
+}
+
+#[test]
+fn stale_own_keys_go_at_start_and_a_revoked_lease_is_regranted() {
+    in_netns(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(dir.path(), None);
+        let mut a = Node::new(dir.path(), "a", 0, Subnet::Operator("10.10.1.0/24"), &[]);
+        // Left over from a previous boot: in etcd, not on disk.
+        let mut ghost = pod_record("a", "ghost", "10.10.1.9/24", "ready", "127.0.0.10");
+        ghost["bootId"] = json!("previous-boot");
+        etcd.ok(&["put", &link_key("a", "ghost"), &ghost.to_string()]);
+        a.write_record("p1", "10.10.1.5/24", "ready");
+        a.start(&etcd.url());
+        wait_for("a ready", WAIT, || a.http("/readyz") == 200);
+        wait_for("the ghost key to be deleted and p1 published", WAIT, || {
+            etcd.keys(&format!("/wg-cni/v1/{NET}/links/a/")) == vec![link_key("a", "p1")]
+        });
+
+        let info = format!("/wg-cni/v1/{NET}/nodes/a/info");
+        let lease = lease_of(&etcd, &info);
+        assert_ne!(lease, 0, "the node key is on a lease");
+        assert_eq!(
+            lease_of(&etcd, &link_key("a", "p1")),
+            0,
+            "link keys are not"
+        );
+        etcd.ok(&["lease", "revoke", &format!("{lease:x}")]);
+        wait_for(
+            "a new lease with the node key",
+            Duration::from_secs(15),
+            || {
+                let now = lease_of(&etcd, &info);
+                now != 0 && now != lease
+            },
+        );
+        assert_eq!(etcd.keys(&link_key("a", "p1")), vec![link_key("a", "p1")]);
+        assert!(a.log().contains("liveness lease lost"), "{}", a.log());
+        wait_for("a ready again", WAIT, || a.http("/readyz") == 200);
+        a.kill();
+        drop(etcd);
+    });
+}
+
 #[test]
 fn etcd_restart_resyncs_and_picks_up_a_record_added_meanwhile() {
     in_netns(|| {

@@ -54,11 +54,43 @@ pub fn run(
     reconciler: Arc<dyn LinkReconciler>,
     status: Arc<AgentStatus>,
 ) -> Result<()> {
+    run_until(settings, reconciler, status, async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    })
+}
+
+/// Run the agent until `stop` completes. Threads of the runtime are created from the calling
+/// thread, so they share its network namespace (tests run etcd in one of their own).
+pub fn run_until(
+    settings: Settings,
+    reconciler: Arc<dyn LinkReconciler>,
+    status: Arc<AgentStatus>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(run_async(Arc::new(settings), reconciler, status))
+    let result = runtime.block_on(async {
+        tokio::select! {
+            result = run_async(Arc::new(settings), reconciler, status) => result,
+            _ = stop => {
+                tracing::info!("agent stopping (the liveness lease lapses on its own)");
+                Ok(())
+            }
+        }
+    });
+    // Network loops may be inside a blocking reconcile: do not wait for them forever.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result
 }
 
 async fn run_async(
@@ -69,7 +101,6 @@ async fn run_async(
     let listener = health::bind(settings.health_listen).await?;
     tokio::spawn(health::serve(listener, status.clone()));
     let boot_id = crate::host::boot_id().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
 
     let mut delay = Duration::from_millis(500);
     let client = loop {
@@ -77,11 +108,7 @@ async fn run_async(
             Ok(client) => break client,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot connect to etcd; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = terminate.recv() => return Ok(()),
-                    _ = tokio::signal::ctrl_c() => return Ok(()),
-                }
+                tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
@@ -89,6 +116,7 @@ async fn run_async(
     tracing::info!(node = %settings.node, endpoints = ?settings.etcd_endpoints, "agent started");
 
     let mut served: Vec<String> = Vec::new();
+    #[allow(clippy::infinite_loop)] // ends when run_until's stop future completes
     loop {
         match config::read_networks(&settings.cni_conf_dir, &settings.store) {
             Ok(networks) => {
@@ -115,14 +143,8 @@ async fn run_async(
             }
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "reading the CNI conf dir"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(settings.resync_interval) => {}
-            _ = terminate.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-        }
+        tokio::time::sleep(settings.resync_interval).await;
     }
-    tracing::info!("agent stopping (the liveness lease lapses on its own)");
-    Ok(())
 }
 
 /// The liveness lease this node holds for one network.
@@ -392,10 +414,20 @@ impl NetworkLoop {
                 self.status.update(&self.net.name, |s| s.lease_held = false);
             }
             Err(e) => {
-                lease.keeper = None;
-                let held = now.duration_since(lease.last_ok) < self.settings.lease_ttl;
-                tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "keep-alive failed");
-                self.status.update(&self.net.name, |s| s.lease_held = held);
+                // etcd-client reports a keep-alive answered with TTL 0 as this error.
+                let not_found = matches!(
+                    e.downcast_ref::<etcd_client::Error>(),
+                    Some(etcd_client::Error::LeaseKeepAliveError(m)) if m == "lease not found"
+                );
+                let expired = now.duration_since(lease.last_ok) >= self.settings.lease_ttl;
+                if not_found || expired {
+                    tracing::warn!(network = %self.net.name, lease = id, error = %format!("{e:#}"), "liveness lease lost: granting a new one and republishing");
+                    self.lease = None;
+                    self.status.update(&self.net.name, |s| s.lease_held = false);
+                } else {
+                    lease.keeper = None;
+                    tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "keep-alive failed; retrying");
+                }
             }
         }
     }
@@ -551,3 +583,6 @@ fn watch_dir(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
