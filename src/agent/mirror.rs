@@ -54,6 +54,8 @@ pub struct Mirror {
     own_node: String,
     network_dir: PathBuf,
     kvs: BTreeMap<String, Kv>,
+    /// The etcd revision the mirror reflects.
+    revision: i64,
     /// When this agent first saw each node without a node key.
     missing_since: BTreeMap<String, Instant>,
     /// (key, mod_revision, reason) already logged, so each bad record warns once.
@@ -69,6 +71,7 @@ impl Mirror {
             own_node: own_node.to_string(),
             network_dir,
             kvs: BTreeMap::new(),
+            revision: 0,
             missing_since: BTreeMap::new(),
             logged: HashSet::new(),
             reported_stale: BTreeSet::new(),
@@ -77,7 +80,8 @@ impl Mirror {
     }
 
     /// Replace everything with a full listing (mark and sweep happens at the next write).
-    pub fn replace_all(&mut self, kvs: Vec<KeyValue>) {
+    pub fn replace_all(&mut self, kvs: Vec<KeyValue>, revision: i64) {
+        self.revision = revision;
         self.kvs.clear();
         for kv in kvs {
             self.put(&kv);
@@ -99,6 +103,9 @@ impl Mirror {
 
     /// Apply a watch response's events; returns whether anything changed.
     pub fn apply(&mut self, resp: &WatchResponse) -> bool {
+        if let Some(header) = resp.header() {
+            self.revision = self.revision.max(header.revision());
+        }
         let mut changed = false;
         for event in resp.events() {
             let Some(kv) = event.kv() else { continue };
@@ -113,6 +120,10 @@ impl Mirror {
             changed = true;
         }
         changed
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.revision
     }
 
     /// Work out the trusted set at `now`.

@@ -166,6 +166,10 @@ struct NetworkLoop {
     reconciler: Arc<dyn LinkReconciler>,
     mirror: Mirror,
     subnets: Option<Vec<IpNetwork>>,
+    /// Our claim's create_revision: the mirror has not seen it before that revision.
+    claim_revision: i64,
+    /// The subnets the node key on the current lease announces.
+    announced: Vec<IpNetwork>,
     lease: Option<Lease>,
     watch: Option<WatchStream>,
     synced: bool,
@@ -202,6 +206,8 @@ impl NetworkLoop {
             status,
             reconciler,
             subnets: None,
+            claim_revision: 0,
+            announced: Vec::new(),
             lease: None,
             watch: None,
             synced: false,
@@ -282,8 +288,9 @@ impl NetworkLoop {
         )
         .await;
         match result {
-            Ok(subnets) => {
+            Ok((subnets, claim_revision)) => {
                 tracing::info!(network = %self.name(), subnets = ?subnets, "subnet known");
+                self.claim_revision = claim_revision;
                 if let Err(e) = subnet::write_subnet_file(&self.node_dir, &subnets) {
                     tracing::error!(error = %format!("{e:#}"), "writing subnet.json");
                 }
@@ -291,9 +298,11 @@ impl NetworkLoop {
                     s.subnets = Some(subnets.clone());
                     s.subnet_error = None;
                 });
+                // The node key carries the subnets: re-announce when they changed.
+                if self.announced != subnets {
+                    self.lease = None;
+                }
                 self.subnets = Some(subnets);
-                // The node key carries the subnets: re-announce.
-                self.lease = None;
             }
             Err(e) => {
                 let reason = format!("{e:#}");
@@ -362,6 +371,7 @@ impl NetworkLoop {
         .await;
         match result {
             Ok((id, changed)) => {
+                self.announced = self.subnets.clone().unwrap_or_default();
                 tracing::info!(network = %self.name(), lease = id, links_changed = changed, "node key announced on a new lease");
                 let now = Instant::now();
                 self.lease = Some(Lease {
@@ -464,7 +474,7 @@ impl NetworkLoop {
         match result {
             Ok((kvs, revision, watch)) => {
                 tracing::info!(network = %self.net.name, keys = kvs.len(), revision, "full sync");
-                self.mirror.replace_all(kvs);
+                self.mirror.replace_all(kvs, revision);
                 self.watch = Some(watch);
                 self.sync_delay = Duration::from_millis(500);
                 self.synced = true;
@@ -523,7 +533,7 @@ impl NetworkLoop {
                     self.status.update(&self.net.name, |s| s.subnets = None);
                 }
             }
-            None if self.synced && self.subnets.is_some() => {
+            None if self.subnets.is_some() && self.mirror.revision() >= self.claim_revision => {
                 tracing::warn!(network = %self.net.name, "this node's subnet claim disappeared from etcd: claiming again");
                 self.subnets = None;
                 self.status.update(&self.net.name, |s| s.subnets = None);

@@ -142,12 +142,13 @@ pub async fn list_claims(client: &mut Client, keys: &Keys) -> Result<Vec<Claim>>
 /// says exactly the conflist's subnets (a changed claim is deleted and created anew, so it
 /// ages from now). Lease mode: keep an existing winning claim, else claim the lowest free
 /// subnet and re-check; a younger overlapping claim of ours is deleted and retried.
+/// Returns the subnets and the claim's create_revision.
 pub async fn ensure_claim(
     client: &mut Client,
     keys: &Keys,
     node: &str,
     mode: &Mode,
-) -> Result<Vec<IpNetwork>> {
+) -> Result<(Vec<IpNetwork>, i64)> {
     let key = keys.claim(node);
     for _ in 0..LEASE_ATTEMPTS {
         let claims = list_claims(client, keys).await?;
@@ -178,7 +179,7 @@ pub async fn ensure_claim(
         }
         let ours = ours.expect("a claim exists when nothing is wanted");
         match trust::older_overlapping(ours, &claims) {
-            None => return Ok(ours.subnets.clone()),
+            None => return Ok((ours.subnets.clone(), ours.create_revision)),
             Some(older) => {
                 if matches!(mode, Mode::Lease(_)) {
                     tracing::warn!(
