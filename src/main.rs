@@ -81,7 +81,7 @@ struct AgentArgs {
     #[arg(long)]
     etcd_ca: Option<PathBuf>,
     /// Client certificate (PEM) for etcd's client-cert auth (with --etcd-ca and --etcd-key).
-    #[arg(long, requires = "etcd_key")]
+    #[arg(long, requires_all = ["etcd_key", "etcd_ca"])]
     etcd_cert: Option<PathBuf>,
     /// Client key (PEM) for --etcd-cert.
     #[arg(long, requires = "etcd_cert")]

@@ -590,6 +590,46 @@ fn publish_mirror_delete_skip_creating_and_ignore_poison() {
 }
 
 #[test]
+fn newest_record_wins_a_shared_address_without_flip_flop() {
+    in_netns(|| {
+        let c = Cluster::start(&[("b", Subnet::Operator("10.10.2.0/24"))], &[], false);
+        c.wait_ready();
+        let b = &c.nodes[0];
+        // Node c, put straight into etcd: its claim, node key and records.
+        let prefix = format!("/wg-cni/v1/{NET}/");
+        c.etcd.ok(&[
+            "put",
+            &format!("{prefix}subnets/c/claim"),
+            r#"{"subnets":["10.10.3.0/24"]}"#,
+        ]);
+        let info = json!({"endpoints": ["127.0.0.30"], "bootId": boot_id(),
+            "subnets": ["10.10.3.0/24"], "mtu": 1400, "agentVersion": "t"});
+        c.etcd
+            .ok(&["put", &format!("{prefix}nodes/c/info"), &info.to_string()]);
+        let put = |id: &str| {
+            let record = pod_record("c", id, "10.10.3.5/24", "ready", "127.0.0.30");
+            c.etcd.ok(&["put", &link_key("c", id), &record.to_string()]);
+        };
+        let only = |id: &str| b.mirrored("c") == vec![format!("{id}:eth0.json")];
+        put("old");
+        wait_for("b to mirror c's old", WAIT, || only("old"));
+        put("new");
+        wait_for("the newer holder of 10.10.3.5 to win", WAIT, || only("new"));
+        put("old");
+        wait_for("the rewritten (now newer) record to win", WAIT, || {
+            only("old")
+        });
+        c.etcd.ok(&["del", &link_key("c", "old")]);
+        wait_for("the remaining holder to return", WAIT, || only("new"));
+        let node: Value =
+            serde_json::from_slice(&fs::read(b.dir_of("c").join("node.json")).unwrap()).unwrap();
+        assert_eq!(node["stale"], false);
+        assert_eq!(node["mtu"], 1400);
+        assert_eq!(node["subnets"], json!(["10.10.3.0/24"]));
+    });
+}
+
+#[test]
 fn readyz_is_503_until_the_first_sync_then_200() {
     in_netns(|| {
         let dir = tempfile::tempdir().unwrap();
@@ -670,6 +710,13 @@ fn killed_agent_stays_mirrored_within_grace_then_goes_then_returns() {
         wait_for("b to log a as stale", WAIT, || {
             c.nodes[1].log().contains("node is stale")
         });
+        let node_file = c.nodes[1].dir_of("a").join("node.json");
+        wait_for("b to mark a stale in node.json", WAIT, || {
+            fs::read(&node_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .is_some_and(|v| v["stale"] == true && v["staleSince"].is_u64())
+        });
         assert!(
             !c.etcd.keys(&link_key("a", "p1")).is_empty(),
             "link keys are not on the lease"
@@ -682,6 +729,12 @@ fn killed_agent_stays_mirrored_within_grace_then_goes_then_returns() {
         c.nodes[0].start(&url);
         wait_for("a's records to return on b", WAIT, || {
             c.nodes[1].mirrors("a", "p1")
+        });
+        wait_for("a live again in b's node.json", WAIT, || {
+            fs::read(&node_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .is_some_and(|v| v["stale"] == false)
         });
     });
 }

@@ -26,7 +26,28 @@ pub async fn bounded<T>(
     }
 }
 
-pub async fn connect(settings: &Settings) -> Result<Client> {
+/// Client options from the flags; every mistake here is fatal (retrying cannot fix it).
+pub fn options(settings: &Settings) -> Result<ConnectOptions> {
+    let https = settings
+        .etcd_endpoints
+        .iter()
+        .filter(|e| e.starts_with("https://"))
+        .count();
+    anyhow::ensure!(
+        https == 0 || https == settings.etcd_endpoints.len(),
+        "--etcd-endpoints mixes http:// and https:// URLs"
+    );
+    anyhow::ensure!(
+        settings
+            .etcd_endpoints
+            .iter()
+            .all(|e| e.starts_with("http://") || e.starts_with("https://")),
+        "--etcd-endpoints must be http:// or https:// URLs"
+    );
+    anyhow::ensure!(
+        (https > 0) == settings.etcd_ca.is_some(),
+        "https:// etcd endpoints need --etcd-ca, and --etcd-ca needs https:// endpoints"
+    );
     let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
@@ -54,6 +75,11 @@ pub async fn connect(settings: &Settings) -> Result<Client> {
         };
         options = options.with_user(user.clone(), password);
     }
+    Ok(options)
+}
+
+/// Connect (bounded); the caller retries with backoff.
+pub async fn connect(settings: &Settings, options: ConnectOptions) -> Result<Client> {
     let connect = Client::connect(settings.etcd_endpoints.clone(), Some(options));
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(client) => client.context("connecting to etcd"),
@@ -89,5 +115,46 @@ pub async fn list_prefix(client: &mut Client, prefix: &str) -> Result<(Vec<KeyVa
         if !more {
             return Ok((all, revision));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(endpoints: &[&str], ca: Option<&str>) -> Settings {
+        Settings {
+            etcd_endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            store: "/s".into(),
+            node: "n".into(),
+            cni_conf_dir: "/c".into(),
+            etcd_ca: ca.map(Into::into),
+            etcd_cert: None,
+            etcd_key: None,
+            etcd_user: None,
+            etcd_password_file: None,
+            lease_ttl: Duration::from_secs(15),
+            grace_period: Duration::from_secs(3600),
+            resync_interval: Duration::from_secs(30),
+            health_listen: "127.0.0.1:9765".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn tls_flags_must_match_the_url_schemes() {
+        assert!(options(&settings(&["http://127.0.0.1:2379"], None)).is_ok());
+        for (endpoints, ca) in [
+            (&["https://127.0.0.1:2379"][..], None),
+            (&["http://127.0.0.1:2379"][..], Some("/nonexistent-ca.pem")),
+            (&["http://a:2379", "https://b:2379"][..], None),
+            (&["127.0.0.1:2379"][..], None),
+        ] {
+            assert!(
+                options(&settings(endpoints, ca)).is_err(),
+                "{endpoints:?} {ca:?}"
+            );
+        }
+        let e = options(&settings(&["https://a:2379"], Some("/nonexistent-ca.pem"))).unwrap_err();
+        assert!(format!("{e:#}").contains("--etcd-ca"), "{e:#}");
     }
 }

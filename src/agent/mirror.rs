@@ -19,6 +19,25 @@ use crate::store::{GatewayRecord, Record, State};
 
 /// A directory holding this file is a mirror this agent may sweep.
 pub const MARKER_FILE: &str = ".wg-cni-mirror";
+/// What the mirror knows about a remote node (not a record: readers skip it).
+pub const NODE_FILE: &str = "node.json";
+
+/// `<store>/<net>/<remote node>/node.json`: the node key as last seen, its owned subnets and
+/// whether it is stale (node key missing, inside the grace period).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeFile {
+    pub schema: u32,
+    pub node: String,
+    pub endpoints: Vec<std::net::IpAddr>,
+    pub boot_id: Option<String>,
+    pub subnets: Vec<IpNetwork>,
+    pub mtu: Option<u32>,
+    pub stale: bool,
+    /// Unix seconds when this agent first saw the node key missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_since: Option<u64>,
+}
 
 /// The node key's value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,7 +60,7 @@ struct Kv {
 /// The outcome of one evaluation.
 #[derive(Debug, Default)]
 pub struct Evaluation {
-    /// Remote node → file name → body.
+    /// Remote node → file name → body (records, and `node.json` for nodes with records).
     pub trusted: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
     /// Nodes without a node key, inside the grace period.
     pub stale: BTreeSet<String>,
@@ -56,8 +75,10 @@ pub struct Mirror {
     kvs: BTreeMap<String, Kv>,
     /// The etcd revision the mirror reflects.
     revision: i64,
-    /// When this agent first saw each node without a node key.
-    missing_since: BTreeMap<String, Instant>,
+    /// When this agent first saw each node without a node key (clock, unix seconds).
+    missing_since: BTreeMap<String, (Instant, u64)>,
+    /// The last node key seen per node (kept while it is stale).
+    last_info: BTreeMap<String, NodeInfo>,
     /// (key, mod_revision, reason) already logged, so each bad record warns once.
     logged: HashSet<(String, i64)>,
     reported_stale: BTreeSet<String>,
@@ -73,6 +94,7 @@ impl Mirror {
             kvs: BTreeMap::new(),
             revision: 0,
             missing_since: BTreeMap::new(),
+            last_info: BTreeMap::new(),
             logged: HashSet::new(),
             reported_stale: BTreeSet::new(),
             reported_gone: BTreeSet::new(),
@@ -181,7 +203,10 @@ impl Mirror {
                     }
                 }
                 None => {
-                    let since = *self.missing_since.entry(node.clone()).or_insert(now);
+                    let (since, _) = *self
+                        .missing_since
+                        .entry(node.clone())
+                        .or_insert((now, unix_now()));
                     if now.duration_since(since) < grace {
                         if self.reported_stale.insert(node.clone()) {
                             tracing::warn!(%node, grace = ?grace, "node key missing: node is stale; its records stay until the grace period ends");
@@ -199,6 +224,10 @@ impl Mirror {
             liveness.insert(node.clone(), state);
         }
         self.missing_since.retain(|n, _| nodes.contains(n));
+        for (node, info) in &infos {
+            self.last_info.insert(node.clone(), info.clone());
+        }
+        self.last_info.retain(|n, _| nodes.contains(n));
 
         // Decode the remote records; undecodable ones are ignored (and logged once).
         let mut candidates = Vec::new();
@@ -235,6 +264,20 @@ impl Mirror {
                 Verdict::Ignored(reason) => self.log_ignored(&key, rev, &reason),
             }
         }
+        for (node, files) in evaluation.trusted.iter_mut() {
+            let info = self.last_info.get(node);
+            let file = NodeFile {
+                schema: 1,
+                node: node.clone(),
+                endpoints: info.map(|i| i.endpoints.clone()).unwrap_or_default(),
+                boot_id: info.map(|i| i.boot_id.clone()),
+                subnets: owners.get(node).cloned().unwrap_or_default(),
+                mtu: info.map(|i| i.mtu),
+                stale: !infos.contains_key(node),
+                stale_since: self.missing_since.get(node).map(|(_, unix)| *unix),
+            };
+            files.insert(NODE_FILE.to_string(), to_json(&file));
+        }
         evaluation
     }
 
@@ -246,7 +289,7 @@ impl Mirror {
 
     /// Whether a stale node has crossed the grace period since the last evaluation.
     pub fn grace_expired(&self, now: Instant, grace: Duration) -> bool {
-        self.missing_since.iter().any(|(node, since)| {
+        self.missing_since.iter().any(|(node, (since, _))| {
             now.duration_since(*since) >= grace && !self.reported_gone.contains(node)
         })
     }
@@ -292,6 +335,13 @@ impl Mirror {
     }
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 fn has_records(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|entries| {
         entries.filter_map(|e| e.ok()).any(|e| {
@@ -319,7 +369,7 @@ fn sync_dir(dir: &Path, wanted: &BTreeMap<String, Vec<u8>>) -> bool {
             let Some(name) = entry.file_name().to_str().map(str::to_string) else {
                 continue;
             };
-            let is_record = LinkName::from_file_name(&name).is_some();
+            let is_record = LinkName::from_file_name(&name).is_some() || name == NODE_FILE;
             if is_record
                 && !wanted.contains_key(&name)
                 && std::fs::remove_file(entry.path()).is_ok()

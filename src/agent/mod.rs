@@ -102,9 +102,10 @@ async fn run_async(
     tokio::spawn(health::serve(listener, status.clone()));
     let boot_id = crate::host::boot_id().map_err(|e| anyhow::anyhow!("{e}"))?;
 
+    let options = etcd::options(&settings)?;
     let mut delay = Duration::from_millis(500);
     let client = loop {
-        match etcd::connect(&settings).await {
+        match etcd::connect(&settings, options.clone()).await {
             Ok(client) => break client,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot connect to etcd; retrying");
