@@ -630,6 +630,42 @@ fn newest_record_wins_a_shared_address_without_flip_flop() {
 }
 
 #[test]
+fn a_younger_overlapping_claim_loses_everywhere_and_its_agent_is_not_ready() {
+    in_netns(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(dir.path(), None);
+        let mut a = Node::new(dir.path(), "a", 0, Subnet::Operator("10.10.1.0/24"), &[]);
+        let mut b = Node::new(dir.path(), "b", 1, Subnet::Operator("10.10.2.0/24"), &[]);
+        let mut late = Node::new(dir.path(), "late", 2, Subnet::Operator("10.10.1.0/25"), &[]);
+        a.start(&etcd.url());
+        b.start(&etcd.url());
+        wait_for("a ready", WAIT, || a.http("/readyz") == 200);
+        late.write_record("l1", "10.10.1.9/24", "ready");
+        late.start(&etcd.url());
+        wait_for("late to publish", WAIT, || {
+            !etcd.keys(&link_key("late", "l1")).is_empty()
+        });
+        wait_for("late to log that its claim loses", WAIT, || {
+            late.log().contains("loses to node a's older claim")
+        });
+        assert_eq!(late.http("/readyz"), 503);
+        a.write_record("p1", "10.10.1.5/24", "ready");
+        wait_for("b to mirror a's p1", WAIT, || b.mirrors("a", "p1"));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            b.mirrored("late").is_empty(),
+            "the loser's records were mirrored"
+        );
+        assert!(a.mirrored("late").is_empty());
+        assert_eq!(late.http("/readyz"), 503);
+        late.kill();
+        b.kill();
+        a.kill();
+        drop(etcd);
+    });
+}
+
+#[test]
 fn readyz_is_503_until_the_first_sync_then_200() {
     in_netns(|| {
         let dir = tempfile::tempdir().unwrap();

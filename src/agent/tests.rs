@@ -212,6 +212,32 @@ fn reconcile_hook_runs_after_the_first_sync_and_after_mirror_changes() {
 
         let _ = stop.send(());
         agent.join().unwrap().unwrap();
+
+        // Listing pages through more keys than one page holds, all at one revision.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let client = etcd_client::Client::connect([URL], None).await.unwrap();
+            let count = 2 * super::etcd::PAGE_SIZE as usize + 37;
+            for chunk in (0..count).collect::<Vec<_>>().chunks(64) {
+                let puts = chunk.iter().map(|i| {
+                    let mut client = client.clone();
+                    async move { client.put(format!("/page-test/{i:05}"), "v", None).await }
+                });
+                for put in futures::future::join_all(puts).await {
+                    put.unwrap();
+                }
+            }
+            let mut client = client;
+            let (kvs, revision) = super::etcd::list_prefix(&mut client, "/page-test/")
+                .await
+                .unwrap();
+            assert_eq!(kvs.len(), count);
+            assert!(kvs.windows(2).all(|w| w[0].key() < w[1].key()));
+            assert!(kvs.iter().all(|kv| kv.mod_revision() <= revision));
+        });
     });
     if let Err(panic) = handle.join() {
         std::panic::resume_unwind(panic);
