@@ -66,43 +66,48 @@ enum CliCommand {
 #[derive(clap::Args)]
 struct AgentArgs {
     /// etcd client URLs, comma-separated (http:// or https://).
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        value_name = "URL[,URL…]",
+        value_delimiter = ',',
+        required = true
+    )]
     etcd_endpoints: Vec<String>,
     /// The key store root (the conflist's "store"); only networks with this store are served.
-    #[arg(long, default_value = cni::config::DEFAULT_STORE)]
+    #[arg(long, value_name = "DIR", default_value = cni::config::DEFAULT_STORE)]
     store: PathBuf,
     /// This node's name (the conflist's "nodeName"; default: host name).
-    #[arg(long)]
+    #[arg(long, value_name = "NAME")]
     node: Option<String>,
     /// Where the runtime's conflists are.
-    #[arg(long, default_value = "/etc/cni/net.d")]
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
     /// CA certificate (PEM) to verify etcd's server certificate; enables TLS.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     etcd_ca: Option<PathBuf>,
     /// Client certificate (PEM) for etcd's client-cert auth (with --etcd-ca and --etcd-key).
-    #[arg(long, requires_all = ["etcd_key", "etcd_ca"])]
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_key", "etcd_ca"])]
     etcd_cert: Option<PathBuf>,
     /// Client key (PEM) for --etcd-cert.
-    #[arg(long, requires = "etcd_cert")]
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
     /// etcd user name (role-based access: this node's own keys only).
-    #[arg(long)]
+    #[arg(long, value_name = "NAME")]
     etcd_user: Option<String>,
     /// File holding the etcd user's password.
-    #[arg(long, requires = "etcd_user")]
+    #[arg(long, value_name = "FILE", requires = "etcd_user")]
     etcd_password_file: Option<PathBuf>,
     /// Liveness lease TTL in seconds (kept alive every TTL/3).
-    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    #[arg(long, value_name = "SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
     lease_ttl: u64,
     /// How long a node whose lease lapsed keeps its records mirrored, in seconds.
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
     grace_period: u64,
     /// Full rescan of this node's records and reconcile, every this many seconds.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     resync_interval: u64,
     /// Where /healthz and /readyz answer.
-    #[arg(long, default_value = "127.0.0.1:9765")]
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9765")]
     health_listen: std::net::SocketAddr,
 }
 
