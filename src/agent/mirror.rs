@@ -55,6 +55,17 @@ struct Kv {
     value: Vec<u8>,
     create_revision: i64,
     mod_revision: i64,
+    /// A remote link key's record, decoded once when it arrives.
+    record: Option<Result<Decoded, String>>,
+}
+
+/// What trust and the mirror need from a remote record.
+#[derive(Debug, Clone)]
+struct Decoded {
+    addresses: Vec<IpNetwork>,
+    boot_id: String,
+    /// The canonical body written to the mirror file.
+    body: Vec<u8>,
 }
 
 /// The outcome of one evaluation.
@@ -83,6 +94,10 @@ pub struct Mirror {
     logged: HashSet<(String, i64)>,
     reported_stale: BTreeSet<String>,
     reported_gone: BTreeSet<String>,
+    /// What this agent last wrote per remote node (file → body).
+    on_disk: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    /// A write failed: read the directories back next time.
+    needs_verify: bool,
 }
 
 impl Mirror {
@@ -98,6 +113,8 @@ impl Mirror {
             logged: HashSet::new(),
             reported_stale: BTreeSet::new(),
             reported_gone: BTreeSet::new(),
+            on_disk: BTreeMap::new(),
+            needs_verify: true,
         }
     }
 
@@ -111,16 +128,22 @@ impl Mirror {
     }
 
     fn put(&mut self, kv: &KeyValue) {
-        if let Ok(key) = kv.key_str() {
-            self.kvs.insert(
-                key.to_string(),
-                Kv {
-                    value: kv.value().to_vec(),
-                    create_revision: kv.create_revision(),
-                    mod_revision: kv.mod_revision(),
-                },
-            );
-        }
+        let Ok(key) = kv.key_str() else { return };
+        let record = match self.keys.parse(key) {
+            Some(KeyKind::Link { node, name }) if node != self.own_node => {
+                Some(decode(self.keys.prefix(), &node, &name, kv.value()))
+            }
+            _ => None,
+        };
+        self.kvs.insert(
+            key.to_string(),
+            Kv {
+                value: kv.value().to_vec(),
+                create_revision: kv.create_revision(),
+                mod_revision: kv.mod_revision(),
+                record,
+            },
+        );
     }
 
     /// Apply a watch response's events; returns whether anything changed.
@@ -235,17 +258,24 @@ impl Mirror {
         let mut ignored: Vec<(String, i64, String)> = Vec::new();
         for (node, name, kv) in links.iter().filter(|(n, _, _)| *n != self.own_node) {
             let key = self.keys.link(node, name);
-            match decode(self.keys.prefix(), node, name, &kv.value) {
-                Ok((candidate_addresses, boot_id, body)) => {
+            match &kv.record {
+                Some(Ok(decoded)) => {
                     candidates.push(Candidate {
                         node: node.clone(),
-                        addresses: candidate_addresses,
-                        boot_id,
+                        addresses: decoded.addresses.clone(),
+                        boot_id: decoded.boot_id.clone(),
                         mod_revision: kv.mod_revision,
                     });
-                    bodies.push((key, node.clone(), name.file_name(), body, kv.mod_revision));
+                    bodies.push((
+                        key,
+                        node.clone(),
+                        name.file_name(),
+                        decoded.body.clone(),
+                        kv.mod_revision,
+                    ));
                 }
-                Err(reason) => ignored.push((key, kv.mod_revision, reason)),
+                Some(Err(reason)) => ignored.push((key, kv.mod_revision, reason.clone())),
+                None => {}
             }
         }
         for (key, rev, reason) in ignored {
@@ -295,28 +325,51 @@ impl Mirror {
     }
 
     /// Make the mirror directories say exactly `trusted`; returns whether a file changed.
-    pub fn write(&self, trusted: &BTreeMap<String, BTreeMap<String, Vec<u8>>>) -> bool {
+    /// With `verify`, every mirror directory is read back (mark and sweep, after a full
+    /// sync and every resync interval); otherwise only the difference from what this agent
+    /// last wrote is applied.
+    pub fn write(
+        &mut self,
+        trusted: &BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+        verify: bool,
+    ) -> bool {
+        let verify = verify || std::mem::take(&mut self.needs_verify);
         let mut changed = false;
         let mut dirs: BTreeSet<String> = trusted.keys().cloned().collect();
-        dirs.extend(self.marked_dirs());
+        if verify {
+            dirs.extend(self.marked_dirs());
+            self.on_disk.clear();
+        } else {
+            dirs.extend(self.on_disk.keys().cloned());
+        }
+        let empty = BTreeMap::new();
         for node in dirs {
             if node == self.own_node {
                 continue;
             }
             let dir = self.network_dir.join(&node);
-            let empty = BTreeMap::new();
             let wanted = trusted.get(&node).unwrap_or(&empty);
-            if !wanted.is_empty() && !dir.join(MARKER_FILE).exists() {
+            let known = self.on_disk.remove(&node);
+            if known.is_none() && !wanted.is_empty() && !dir.join(MARKER_FILE).exists() {
                 if dir.is_dir() && has_records(&dir) {
                     tracing::error!(dir = %dir.display(), "a node directory without the mirror marker holds records: not mirroring into it");
                     continue;
                 }
                 if let Err(e) = write_atomic(&dir, MARKER_FILE, b"") {
                     tracing::warn!(error = %format!("{e:#}"), "cannot create a mirror directory");
+                    self.needs_verify = true;
                     continue;
                 }
             }
-            changed |= sync_dir(&dir, wanted);
+            let outcome = match &known {
+                Some(known) if !verify => sync_known(&dir, wanted, known),
+                _ => sync_dir(&dir, wanted),
+            };
+            changed |= outcome.changed;
+            self.needs_verify |= outcome.failed;
+            if !wanted.is_empty() {
+                self.on_disk.insert(node, wanted.clone());
+            }
         }
         changed
     }
@@ -352,16 +405,18 @@ fn has_records(dir: &Path) -> bool {
     })
 }
 
-/// Write changed files (atomically) and remove record files that are not wanted.
-fn sync_dir(dir: &Path, wanted: &BTreeMap<String, Vec<u8>>) -> bool {
-    let mut changed = false;
+#[derive(Default)]
+struct Outcome {
+    changed: bool,
+    failed: bool,
+}
+
+/// Read the directory back: write files that differ, remove record files not wanted.
+fn sync_dir(dir: &Path, wanted: &BTreeMap<String, Vec<u8>>) -> Outcome {
+    let mut outcome = Outcome::default();
     for (file, body) in wanted {
-        if read_small(&dir.join(file)).as_deref() == Some(body.as_slice()) {
-            continue;
-        }
-        match write_atomic(dir, file, body) {
-            Ok(()) => changed = true,
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "writing a mirror record"),
+        if read_small(&dir.join(file)).as_deref() != Some(body.as_slice()) {
+            write_one(dir, file, body, &mut outcome);
         }
     }
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -369,25 +424,56 @@ fn sync_dir(dir: &Path, wanted: &BTreeMap<String, Vec<u8>>) -> bool {
             let Some(name) = entry.file_name().to_str().map(str::to_string) else {
                 continue;
             };
-            let is_record = LinkName::from_file_name(&name).is_some() || name == NODE_FILE;
-            if is_record
-                && !wanted.contains_key(&name)
-                && std::fs::remove_file(entry.path()).is_ok()
-            {
-                changed = true;
+            let ours = LinkName::from_file_name(&name).is_some() || name == NODE_FILE;
+            if ours && !wanted.contains_key(&name) {
+                remove_one(&entry.path(), &mut outcome);
             }
         }
     }
-    changed
+    outcome
+}
+
+/// Apply the difference from what was last written, without reading the directory.
+fn sync_known(
+    dir: &Path,
+    wanted: &BTreeMap<String, Vec<u8>>,
+    known: &BTreeMap<String, Vec<u8>>,
+) -> Outcome {
+    let mut outcome = Outcome::default();
+    for (file, body) in wanted {
+        if known.get(file) != Some(body) {
+            write_one(dir, file, body, &mut outcome);
+        }
+    }
+    for file in known.keys().filter(|f| !wanted.contains_key(*f)) {
+        remove_one(&dir.join(file), &mut outcome);
+    }
+    outcome
+}
+
+fn write_one(dir: &Path, file: &str, body: &[u8], outcome: &mut Outcome) {
+    match write_atomic(dir, file, body) {
+        Ok(()) => outcome.changed = true,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "writing a mirror record");
+            outcome.failed = true;
+        }
+    }
+}
+
+fn remove_one(path: &Path, outcome: &mut Outcome) {
+    match std::fs::remove_file(path) {
+        Ok(()) => outcome.changed = true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "removing a mirror record");
+            outcome.failed = true;
+        }
+    }
 }
 
 /// A remote record's addresses, boot id and canonical body; `Err` says why it is unusable.
-fn decode(
-    prefix: &str,
-    node: &str,
-    name: &LinkName,
-    value: &[u8],
-) -> Result<(Vec<IpNetwork>, String, Vec<u8>), String> {
+fn decode(prefix: &str, node: &str, name: &LinkName, value: &[u8]) -> Result<Decoded, String> {
     let network = prefix
         .trim_end_matches('/')
         .rsplit('/')
@@ -409,7 +495,11 @@ fn decode(
             if r.state != State::Ready {
                 return Err("state is not ready".into());
             }
-            Ok((r.addresses.clone(), r.boot_id.clone(), to_json(&r)))
+            Ok(Decoded {
+                addresses: r.addresses.clone(),
+                boot_id: r.boot_id.clone(),
+                body: to_json(&r),
+            })
         }
         LinkName::Gateway => {
             let g: GatewayRecord =
@@ -421,7 +511,69 @@ fn decode(
                 return Err("network or node differ from its key".into());
             }
             // Only the gateway's own addresses: what other nodes' pods route to it.
-            Ok((g.addresses.clone(), g.boot_id.clone(), to_json(&g)))
+            Ok(Decoded {
+                addresses: g.addresses.clone(),
+                boot_id: g.boot_id.clone(),
+                body: to_json(&g),
+            })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
+        pairs
+            .iter()
+            .map(|(f, b)| (f.to_string(), b.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn write_mirrors_sweeps_and_never_touches_own_or_foreign_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = dir.path().join("net");
+        // This node's own directory, and a foreign directory with records but no marker.
+        std::fs::create_dir_all(net.join("me")).unwrap();
+        std::fs::write(net.join("me/a:eth0.json"), "mine").unwrap();
+        std::fs::create_dir_all(net.join("foreign")).unwrap();
+        std::fs::write(net.join("foreign/f:eth0.json"), "theirs").unwrap();
+        let mut mirror = Mirror::new(Keys::new("net"), "me", net.clone());
+
+        let mut trusted = BTreeMap::new();
+        trusted.insert(
+            "r".to_string(),
+            files(&[("x:eth0.json", "X"), ("y:eth0.json", "Y")]),
+        );
+        trusted.insert("me".to_string(), files(&[("a:eth0.json", "overwritten?")]));
+        trusted.insert("foreign".to_string(), files(&[("g:eth0.json", "G")]));
+        assert!(mirror.write(&trusted, true));
+        assert_eq!(std::fs::read(net.join("r/x:eth0.json")).unwrap(), b"X");
+        assert!(net.join("r").join(MARKER_FILE).exists());
+        assert_eq!(std::fs::read(net.join("me/a:eth0.json")).unwrap(), b"mine");
+        assert!(!net.join("foreign/g:eth0.json").exists());
+        assert!(net.join("foreign/f:eth0.json").exists());
+
+        // Nothing changed: nothing written.
+        assert!(!mirror.write(&trusted, false));
+        // A file removed behind the agent's back comes back at the next read-back.
+        std::fs::remove_file(net.join("r/y:eth0.json")).unwrap();
+        assert!(!mirror.write(&trusted, false));
+        assert!(mirror.write(&trusted, true));
+        assert!(net.join("r/y:eth0.json").exists());
+
+        // Gone from the trusted set: swept, marker and other files stay.
+        std::fs::write(net.join("r/subnet.json"), "{}").unwrap();
+        trusted.insert("r".to_string(), files(&[("x:eth0.json", "X2")]));
+        assert!(mirror.write(&trusted, false));
+        assert_eq!(std::fs::read(net.join("r/x:eth0.json")).unwrap(), b"X2");
+        assert!(!net.join("r/y:eth0.json").exists());
+        trusted.remove("r");
+        assert!(mirror.write(&trusted, false));
+        assert!(!net.join("r/x:eth0.json").exists());
+        assert!(net.join("r/subnet.json").exists());
+        assert!(net.join("r").join(MARKER_FILE).exists());
     }
 }

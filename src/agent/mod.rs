@@ -276,7 +276,8 @@ impl NetworkLoop {
             self.mirror_changed(false).await;
         }
         if self.synced && now >= self.next_reconcile {
-            self.reconcile().await;
+            // Periodically: read the mirror back (someone may have touched it) and reconcile.
+            self.mirror_changed(true).await;
         }
     }
 
@@ -513,12 +514,13 @@ impl NetworkLoop {
         }
     }
 
-    /// Re-evaluate trust, rewrite the mirror, and reconcile when a file changed.
-    async fn mirror_changed(&mut self, force_reconcile: bool) {
+    /// Re-evaluate trust, rewrite the mirror, and reconcile when a file changed. `full`: after
+    /// a full sync or on the resync interval: read the mirror back and reconcile regardless.
+    async fn mirror_changed(&mut self, full: bool) {
         let evaluation = self
             .mirror
             .evaluate(Instant::now(), self.settings.grace_period);
-        let changed = self.mirror.write(&evaluation.trusted);
+        let changed = self.mirror.write(&evaluation.trusted, full);
         let stale = evaluation.stale.clone();
         self.status
             .update(&self.net.name, |s| s.stale_nodes = stale);
@@ -541,7 +543,7 @@ impl NetworkLoop {
             }
             _ => {}
         }
-        if changed || force_reconcile {
+        if changed || full {
             self.reconcile().await;
         }
     }
