@@ -1047,3 +1047,88 @@ fn tls_with_client_certificates() {
         });
     });
 }
+
+/// Not part of the suite (`--ignored`): how long mirroring takes with many remote records.
+#[test]
+#[ignore]
+fn scale_remote_records() {
+    in_netns(|| {
+        let count: usize = std::env::var("WG_CNI_SCALE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5000);
+        let mut c = Cluster::start(&[("b", Subnet::Operator("10.10.2.0/24"))], &[], false);
+        c.wait_ready();
+        let prefix = format!("/wg-cni/v1/{NET}/");
+        c.etcd.ok(&[
+            "put",
+            &format!("{prefix}subnets/c/claim"),
+            r#"{"subnets":["10.128.0.0/10"]}"#,
+        ]);
+        let info = json!({"endpoints": ["127.0.0.30"], "bootId": boot_id(),
+            "subnets": ["10.128.0.0/10"], "mtu": 1400, "agentVersion": "t"});
+        c.etcd
+            .ok(&["put", &format!("{prefix}nodes/c/info"), &info.to_string()]);
+        let address =
+            |i: usize| format!("10.{}.{}.{}/10", 128 + i / 65536, (i / 256) % 256, i % 256);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = c.etcd.url();
+        let put_all = |count: usize| {
+            runtime.block_on(async {
+                let client = etcd_client::Client::connect([url.as_str()], None)
+                    .await
+                    .unwrap();
+                for chunk in (0..count).collect::<Vec<_>>().chunks(100) {
+                    let ops: Vec<etcd_client::TxnOp> = chunk
+                        .iter()
+                        .map(|i| {
+                            let id = format!("s{i}");
+                            let rec = pod_record("c", &id, &address(*i + 1), "ready", "127.0.0.30");
+                            etcd_client::TxnOp::put(link_key("c", &id), rec.to_string(), None)
+                        })
+                        .collect();
+                    client
+                        .clone()
+                        .txn(etcd_client::Txn::new().and_then(ops))
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        let start = Instant::now();
+        put_all(count);
+        let b = &c.nodes[0];
+        wait_for("b to mirror everything", Duration::from_secs(120), || {
+            b.mirrored("c").len() == count
+        });
+        eprintln!("SCALE {count}: put+mirror {:?}", start.elapsed());
+        let start = Instant::now();
+        c.etcd.ok(&["del", &link_key("c", "s0")]);
+        wait_for("one deletion", WAIT, || !b.mirrors("c", "s0"));
+        eprintln!(
+            "SCALE {count}: one change mirrored in {:?}",
+            start.elapsed()
+        );
+        c.nodes[0].kill();
+        let start = Instant::now();
+        c.nodes[0].start(&url);
+        wait_for("b ready again", Duration::from_secs(120), || {
+            c.nodes[0].http("/readyz") == 200
+        });
+        eprintln!(
+            "SCALE {count}: restart to ready (full resync) {:?}",
+            start.elapsed()
+        );
+        let pid = c.nodes[0].pid();
+        std::thread::sleep(Duration::from_secs(3));
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let rss = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS"))
+            .unwrap_or_default();
+        eprintln!("SCALE {count}: idle {rss}");
+    });
+}
