@@ -492,25 +492,43 @@ impl NetworkLoop {
         }
     }
 
-    async fn on_watch(&mut self, message: Result<Option<WatchResponse>>) {
-        match message {
-            Ok(Some(resp)) if resp.canceled() || resp.compact_revision() > 0 => {
-                tracing::warn!(network = %self.net.name, compact_revision = resp.compact_revision(), reason = resp.cancel_reason(), "watch cancelled: re-listing");
-                self.watch = None;
-                self.next_sync_try = Instant::now();
-            }
-            Ok(Some(resp)) => {
-                if self.mirror.apply(&resp) {
-                    self.mirror_changed(false).await;
+    /// Apply a watch message and every further one already waiting (a burst of events
+    /// costs one evaluation), then re-evaluate once.
+    async fn on_watch(&mut self, first: Result<Option<WatchResponse>>) {
+        use futures::FutureExt;
+        let mut changed = false;
+        let mut message = Some(first);
+        let mut drained = 0;
+        while let Some(next) = message.take() {
+            match next {
+                Ok(Some(resp)) if resp.canceled() || resp.compact_revision() > 0 => {
+                    tracing::warn!(network = %self.net.name, compact_revision = resp.compact_revision(), reason = resp.cancel_reason(), "watch cancelled: re-listing");
+                    self.watch = None;
+                    self.next_sync_try = Instant::now();
+                }
+                Ok(Some(resp)) => changed |= self.mirror.apply(&resp),
+                Ok(None) | Err(_) => {
+                    if let Err(e) = &next {
+                        tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "watch lost: re-listing when etcd answers (nothing is removed meanwhile)");
+                    }
+                    self.watch = None;
+                    self.next_sync_try = Instant::now() + self.sync_delay;
                 }
             }
-            Ok(None) | Err(_) => {
-                if let Err(e) = &message {
-                    tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "watch lost: re-listing when etcd answers (nothing is removed meanwhile)");
+            drained += 1;
+            if drained < 1000 {
+                if let Some(stream) = self.watch.as_mut() {
+                    // Cancel-safe: the select loop drops pending `message()` futures too.
+                    message = stream
+                        .message()
+                        .now_or_never()
+                        .map(|m| m.map_err(anyhow::Error::from));
                 }
-                self.watch = None;
-                self.next_sync_try = Instant::now() + self.sync_delay;
             }
+        }
+        // Applied events count even when the watch ended after them; a re-list follows.
+        if changed {
+            self.mirror_changed(false).await;
         }
     }
 
