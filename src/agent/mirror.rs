@@ -348,6 +348,10 @@ impl Mirror {
                 continue;
             }
             let dir = self.network_dir.join(&node);
+            if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+                tracing::error!(dir = %dir.display(), "a mirror directory is a symbolic link: not following it");
+                continue;
+            }
             let wanted = trusted.get(&node).unwrap_or(&empty);
             let known = self.on_disk.remove(&node);
             if known.is_none() && !wanted.is_empty() && !dir.join(MARKER_FILE).exists() {
@@ -575,5 +579,12 @@ mod tests {
         assert!(!net.join("r/x:eth0.json").exists());
         assert!(net.join("r/subnet.json").exists());
         assert!(net.join("r").join(MARKER_FILE).exists());
+
+        // A symlinked node directory is never followed.
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), net.join("s")).unwrap();
+        trusted.insert("s".to_string(), files(&[("z:eth0.json", "Z")]));
+        mirror.write(&trusted, true);
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
     }
 }
