@@ -642,12 +642,17 @@ fn a_younger_overlapping_claim_loses_everywhere_and_its_agent_is_not_ready() {
         wait_for("a ready", WAIT, || a.http("/readyz") == 200);
         late.write_record("l1", "10.10.1.9/24", "ready");
         late.start(&etcd.url());
-        wait_for("late to publish", WAIT, || {
-            !etcd.keys(&link_key("late", "l1")).is_empty()
-        });
         wait_for("late to log that its claim loses", WAIT, || {
             late.log().contains("loses to node a's older claim")
         });
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            etcd.keys(&link_key("late", "l1")).is_empty(),
+            "a node without a winning claim does not publish"
+        );
+        // Even when its records are in etcd, nobody mirrors them.
+        let record = pod_record("late", "l2", "10.10.1.10/24", "ready", "127.0.0.12");
+        etcd.ok(&["put", &link_key("late", "l2"), &record.to_string()]);
         assert_eq!(late.http("/readyz"), 503);
         a.write_record("p1", "10.10.1.5/24", "ready");
         wait_for("b to mirror a's p1", WAIT, || b.mirrors("a", "p1"));
@@ -661,6 +666,53 @@ fn a_younger_overlapping_claim_loses_everywhere_and_its_agent_is_not_ready() {
         late.kill();
         b.kill();
         a.kill();
+        drop(etcd);
+    });
+}
+
+#[test]
+fn a_second_agent_under_the_same_node_name_loses_until_the_first_is_gone() {
+    in_netns(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(dir.path(), None);
+        let ttl = ["--lease-ttl".to_string(), "2".to_string()];
+        let subnet = Subnet::Operator("10.10.1.0/24");
+        let mut first = Node::new(&dir.path().join("first"), "a", 0, subnet.clone(), &ttl);
+        let mut second = Node::new(&dir.path().join("second"), "a", 1, subnet, &ttl);
+        first.write_record("p1", "10.10.1.5/24", "ready");
+        first.start(&etcd.url());
+        wait_for("first ready", WAIT, || first.http("/readyz") == 200);
+        let links = format!("/wg-cni/v1/{NET}/links/a/");
+        wait_for("p1 published", WAIT, || {
+            etcd.keys(&links) == vec![link_key("a", "p1")]
+        });
+
+        second.write_record("q1", "10.10.1.6/24", "ready");
+        second.start(&etcd.url());
+        wait_for("second to see the claim is another agent's", WAIT, || {
+            second
+                .log()
+                .contains("which is alive: two agents run under one node name")
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(second.http("/readyz"), 503);
+        assert_eq!(
+            etcd.keys(&links),
+            vec![link_key("a", "p1")],
+            "second must not publish"
+        );
+
+        first.kill();
+        wait_for(
+            "second to take over once first's node key is gone",
+            Duration::from_secs(20),
+            || second.http("/readyz") == 200,
+        );
+        wait_for("second's records replace first's", WAIT, || {
+            etcd.keys(&links) == vec![link_key("a", "q1")]
+        });
+        assert!(second.log().contains("taking over"), "{}", second.log());
+        second.kill();
         drop(etcd);
     });
 }

@@ -77,6 +77,8 @@ pub struct Evaluation {
     pub stale: BTreeSet<String>,
     /// Whether this node's own claim wins (None: no claim seen).
     pub own_claim_wins: Option<bool>,
+    /// The agent instance this node's claim names.
+    pub own_claim_agent: Option<String>,
 }
 
 pub struct Mirror {
@@ -174,6 +176,7 @@ impl Mirror {
     /// Work out the trusted set at `now`.
     pub fn evaluate(&mut self, now: Instant, grace: Duration) -> Evaluation {
         let mut claims = Vec::new();
+        let mut own_claim_agent = None;
         let mut infos: BTreeMap<String, NodeInfo> = BTreeMap::new();
         let mut links: Vec<(String, LinkName, &Kv)> = Vec::new();
         let mut nodes: BTreeSet<String> = BTreeSet::new();
@@ -184,6 +187,9 @@ impl Mirror {
             match kind {
                 KeyKind::Claim { node } => {
                     if let Ok(v) = serde_json::from_slice::<ClaimValue>(&kv.value) {
+                        if node == self.own_node {
+                            own_claim_agent = v.agent.clone();
+                        }
                         claims.push(Claim {
                             node: node.clone(),
                             subnets: v.subnets,
@@ -210,6 +216,7 @@ impl Mirror {
                 .iter()
                 .any(|c| c.node == self.own_node)
                 .then(|| owners.contains_key(&self.own_node)),
+            own_claim_agent,
             ..Evaluation::default()
         };
 

@@ -167,8 +167,13 @@ struct NetworkLoop {
     reconciler: Arc<dyn LinkReconciler>,
     mirror: Mirror,
     subnets: Option<Vec<IpNetwork>>,
-    /// Our claim's create_revision: the mirror has not seen it before that revision.
+    /// The revision at which our claim was seen winning: the mirror is not up to date on our
+    /// claim before it has seen that revision.
     claim_revision: i64,
+    /// This agent instance's id (kept in the node's store directory).
+    agent_id: String,
+    /// Since when another agent's claim for this node name is seen without its node key.
+    foreign_since: Option<Instant>,
     /// The subnets the node key on the current lease announces.
     announced: Vec<IpNetwork>,
     lease: Option<Lease>,
@@ -208,6 +213,8 @@ impl NetworkLoop {
             reconciler,
             subnets: None,
             claim_revision: 0,
+            agent_id: String::new(),
+            foreign_since: None,
             announced: Vec::new(),
             lease: None,
             watch: None,
@@ -282,13 +289,39 @@ impl NetworkLoop {
     }
 
     async fn claim_subnet(&mut self) {
+        if self.agent_id.is_empty() {
+            match subnet::agent_id(&self.node_dir) {
+                Ok(id) => self.agent_id = id,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "cannot keep an agent id in the store");
+                    self.next_subnet_try = Instant::now() + Duration::from_secs(5);
+                    return;
+                }
+            }
+        }
+        // Another agent's claim for this node name is taken over only after its node key has
+        // stayed away for a whole lease TTL (a starting competitor announces within that).
+        let takeover = self.foreign_since.is_some_and(|since| {
+            since.elapsed() > self.settings.lease_ttl + Duration::from_secs(1)
+        });
         let result = subnet::ensure_claim(
             &mut self.client,
             &self.keys,
             &self.settings.node,
             &self.net.mode,
+            &self.agent_id,
+            takeover,
         )
         .await;
+        match &result {
+            Err(e) => match e.downcast_ref::<subnet::ForeignAgent>() {
+                Some(foreign) if !foreign.alive => {
+                    self.foreign_since.get_or_insert_with(Instant::now);
+                }
+                _ => self.foreign_since = None,
+            },
+            Ok(_) => self.foreign_since = None,
+        }
         match result {
             Ok((subnets, claim_revision)) => {
                 tracing::info!(network = %self.name(), subnets = ?subnets, "subnet known");
@@ -311,7 +344,8 @@ impl NetworkLoop {
                 tracing::error!(network = %self.name(), error = %reason, "no usable subnet");
                 self.status
                     .update(&self.net.name, |s| s.subnet_error = Some(reason));
-                self.next_subnet_try = Instant::now() + Duration::from_secs(5);
+                let retry = if self.foreign_since.is_some() { 1 } else { 5 };
+                self.next_subnet_try = Instant::now() + Duration::from_secs(retry);
             }
         }
     }
@@ -446,6 +480,11 @@ impl NetworkLoop {
 
     async fn publish(&mut self) {
         self.next_scan = Instant::now() + self.settings.resync_interval;
+        // Only the holder of this node name's claim speaks for the node (a second agent under
+        // the same name must not replace the first one's records).
+        if self.subnets.is_none() {
+            return;
+        }
         let local = self.local();
         match publish::publish(&mut self.client, &self.keys, &self.settings.node, &local).await {
             Ok(0) => {}
@@ -542,6 +581,15 @@ impl NetworkLoop {
         let stale = evaluation.stale.clone();
         self.status
             .update(&self.net.name, |s| s.stale_nodes = stale);
+        if let Some(other) = evaluation.own_claim_agent.as_ref().filter(|a| {
+            self.subnets.is_some()
+                && **a != self.agent_id
+                && self.mirror.revision() >= self.claim_revision
+        }) {
+            tracing::error!(network = %self.net.name, agent = %other, "another agent took over this node name's subnet claim: this agent stops speaking for the node");
+            self.subnets = None;
+            self.status.update(&self.net.name, |s| s.subnets = None);
+        }
         match evaluation.own_claim_wins {
             Some(false) => {
                 self.status.update(&self.net.name, |s| {

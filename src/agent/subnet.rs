@@ -23,6 +23,8 @@ pub const LEASE_PREFIX_V6: u8 = 112;
 /// Attempts at leasing before giving up for this round (the caller retries later).
 const LEASE_ATTEMPTS: usize = 8;
 pub const SUBNET_FILE: &str = "subnet.json";
+/// The agent instance id, in this node's store directory (not a record).
+pub const AGENT_ID_FILE: &str = ".agent-id";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
@@ -32,11 +34,48 @@ pub enum Mode {
     Lease(Vec<IpNetwork>),
 }
 
-/// The claim value in etcd: `{"subnets": [...]}`.
+/// The claim value in etcd: `{"subnets": [...], "agent": "<agent id>"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClaimValue {
     pub subnets: Vec<IpNetwork>,
+    /// The agent instance holding the claim (persisted in the node's store directory, so a
+    /// restarted agent is the same one and a second agent for the same node name is not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
 }
+
+/// A claim as listed, with what takeover needs.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub claim: Claim,
+    pub agent: Option<String>,
+    pub mod_revision: i64,
+}
+
+/// This node's claim is held by another agent instance (two agents for one node name).
+#[derive(Debug)]
+pub struct ForeignAgent {
+    pub agent: String,
+    /// Whether the node key exists (that agent looks alive).
+    pub alive: bool,
+}
+
+impl std::fmt::Display for ForeignAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "this node name's subnet claim belongs to another agent ({}){}",
+            self.agent,
+            if self.alive {
+                ", which is alive: two agents run under one node name"
+            } else {
+                "; taking it over once that agent's node key has stayed away for a lease TTL"
+            }
+        )
+    }
+}
+
+impl std::error::Error for ForeignAgent {}
 
 /// `subnet.json` in this node's store directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,44 +153,84 @@ fn from_u128(value: u128, v4: bool) -> IpAddr {
     }
 }
 
-/// Every claim of the network, with its create_revision.
-pub async fn list_claims(client: &mut Client, keys: &Keys) -> Result<Vec<Claim>> {
+/// Every claim of the network, and the revision of the listing.
+pub async fn list_claims(client: &mut Client, keys: &Keys) -> Result<(Vec<Listed>, i64)> {
     let prefix = format!("{}subnets/", keys.prefix());
     let resp = bounded(client.get(
         prefix.clone(),
         Some(GetOptions::new().with_range(prefix_end(&prefix))),
     ))
     .await?;
+    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let mut claims = Vec::new();
     for kv in resp.kvs() {
         let Ok(key) = kv.key_str() else { continue };
         if let Some(super::keys::KeyKind::Claim { node }) = keys.parse(key) {
             if let Ok(value) = serde_json::from_slice::<ClaimValue>(kv.value()) {
-                claims.push(Claim {
-                    node,
-                    subnets: value.subnets,
-                    create_revision: kv.create_revision(),
+                claims.push(Listed {
+                    claim: Claim {
+                        node,
+                        subnets: value.subnets,
+                        create_revision: kv.create_revision(),
+                    },
+                    agent: value.agent,
+                    mod_revision: kv.mod_revision(),
                 });
             }
         }
     }
-    Ok(claims)
+    Ok((claims, revision))
 }
 
 /// Make sure this node holds a winning claim; return its subnets. Operator mode: the claim
 /// says exactly the conflist's subnets (a changed claim is deleted and created anew, so it
 /// ages from now). Lease mode: keep an existing winning claim, else claim the lowest free
 /// subnet and re-check; a younger overlapping claim of ours is deleted and retried.
-/// Returns the subnets and the claim's create_revision.
+/// Returns the subnets and the revision at which the claim was seen winning. A claim held by another agent
+/// instance is an error (`ForeignAgent`) unless `takeover` (the caller has seen that agent's
+/// node key stay away for a lease TTL): then it is re-owned, keeping its age.
 pub async fn ensure_claim(
     client: &mut Client,
     keys: &Keys,
     node: &str,
     mode: &Mode,
+    agent: &str,
+    takeover: bool,
 ) -> Result<(Vec<IpNetwork>, i64)> {
     let key = keys.claim(node);
     for _ in 0..LEASE_ATTEMPTS {
-        let claims = list_claims(client, keys).await?;
+        let (listed, revision) = list_claims(client, keys).await?;
+        if let Some(l) = listed.iter().find(|l| l.claim.node == node) {
+            if let Some(other) = l.agent.as_deref().filter(|a| *a != agent) {
+                let info = keys.node_info(node);
+                let alive = bounded(client.get(info, Some(GetOptions::new().with_count_only())))
+                    .await?
+                    .count()
+                    > 0;
+                if alive || !takeover {
+                    return Err(ForeignAgent {
+                        agent: other.to_string(),
+                        alive,
+                    }
+                    .into());
+                }
+                tracing::warn!(%node, previous = other, "taking over this node name's subnet claim: its agent's node key is gone");
+                let value = serde_json::to_vec(&ClaimValue {
+                    subnets: l.claim.subnets.clone(),
+                    agent: Some(agent.to_string()),
+                })?;
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        l.mod_revision,
+                    )])
+                    .and_then([TxnOp::put(key.clone(), value, None)]);
+                bounded(client.txn(txn)).await?;
+                continue;
+            }
+        }
+        let claims: Vec<Claim> = listed.into_iter().map(|l| l.claim).collect();
         let ours = claims.iter().find(|c| c.node == node);
         let wanted = match (mode, ours) {
             (Mode::Operator(subnets), Some(c)) if c.subnets == *subnets => None,
@@ -169,7 +248,10 @@ pub async fn ensure_claim(
             if let Some(old) = ours {
                 delete_claim(client, &key, old).await?;
             }
-            let value = serde_json::to_vec(&ClaimValue { subnets })?;
+            let value = serde_json::to_vec(&ClaimValue {
+                subnets,
+                agent: Some(agent.to_string()),
+            })?;
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key.clone(), value, None)]);
@@ -179,7 +261,7 @@ pub async fn ensure_claim(
         }
         let ours = ours.expect("a claim exists when nothing is wanted");
         match trust::older_overlapping(ours, &claims) {
-            None => return Ok((ours.subnets.clone(), ours.create_revision)),
+            None => return Ok((ours.subnets.clone(), revision)),
             Some(older) => {
                 if matches!(mode, Mode::Lease(_)) {
                     tracing::warn!(
@@ -212,6 +294,24 @@ async fn delete_claim(client: &mut Client, key: &str, seen: &Claim) -> Result<()
         .and_then([TxnOp::delete(key.to_string(), None)]);
     bounded(client.txn(txn)).await?;
     Ok(())
+}
+
+/// This agent's instance id for a node directory: `.agent-id` there, created once.
+pub fn agent_id(node_dir: &Path) -> Result<String> {
+    let path = node_dir.join(AGENT_ID_FILE);
+    if let Ok(text) = fs::read_to_string(&path) {
+        let id = text.trim();
+        if id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Ok(id.to_string());
+        }
+    }
+    let mut bytes = [0u8; 16];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("reading /dev/urandom")?;
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_atomic(node_dir, AGENT_ID_FILE, format!("{id}\n").as_bytes())?;
+    Ok(id)
 }
 
 /// Write `subnet.json` atomically (temp file + rename, mode 0600) if its content changes.
@@ -315,5 +415,8 @@ mod tests {
             0o600
         );
         assert_eq!(fs::read_dir(&node).unwrap().count(), 1, "no temp file left");
+        let id = agent_id(&node).unwrap();
+        assert_eq!(id.len(), 32);
+        assert_eq!(agent_id(&node).unwrap(), id, "kept across restarts");
     }
 }
