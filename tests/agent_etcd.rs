@@ -582,6 +582,16 @@ fn publish_mirror_delete_skip_creating_and_ignore_poison() {
         // b's own records reach a as well.
         b.write_record("q1", "10.10.2.5/24", "ready");
         wait_for("a to mirror b's q1", WAIT, || a.mirrors("b", "q1"));
+        // The node key follows the records' endpoints.
+        let info_key = format!("/wg-cni/v1/{NET}/nodes/a/info");
+        assert!(c.etcd.ok(&["get", &info_key]).contains("127.0.0.10"));
+        let moved = pod_record("a", "p4", "10.10.1.11/24", "ready", "127.0.0.77");
+        fs::write(a.dir_of("a").join("p4:eth0.json"), moved.to_string()).unwrap();
+        wait_for("the node key to list the new endpoint", WAIT, || {
+            c.etcd.ok(&["get", &info_key]).contains("127.0.0.77")
+        });
+        fs::remove_file(a.dir_of("a").join("p4:eth0.json")).unwrap();
+        wait_for("p4 mirrored and gone again", WAIT, || !b.mirrors("a", "p4"));
         // The agent never writes into its own node directory.
         assert_eq!(a.mirrored("a"), vec!["p2:eth0.json", "p3:eth0.json"]);
         assert!(!a.dir_of("a").join(".wg-cni-mirror").exists());

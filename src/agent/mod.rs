@@ -176,6 +176,8 @@ struct NetworkLoop {
     foreign_since: Option<Instant>,
     /// The subnets the node key on the current lease announces.
     announced: Vec<IpNetwork>,
+    /// The node key's value as last put.
+    announced_info: Vec<u8>,
     lease: Option<Lease>,
     watch: Option<WatchStream>,
     synced: bool,
@@ -216,6 +218,7 @@ impl NetworkLoop {
             agent_id: String::new(),
             foreign_since: None,
             announced: Vec::new(),
+            announced_info: Vec::new(),
             lease: None,
             watch: None,
             synced: false,
@@ -387,17 +390,17 @@ impl NetworkLoop {
     /// transaction.
     async fn grant_lease(&mut self) {
         let ttl = self.settings.lease_ttl.as_secs().max(2) as i64;
+        let local = self.local();
+        let info = self.node_info(&local);
         let result = async {
             let id = etcd::bounded(self.client.lease_grant(ttl, None))
                 .await?
                 .id();
-            let local = self.local();
-            let info = self.node_info(&local);
             let changed = publish::announce(
                 &mut self.client,
                 &self.keys,
                 &self.settings.node,
-                info,
+                info.clone(),
                 id,
                 &local,
             )
@@ -408,6 +411,7 @@ impl NetworkLoop {
         match result {
             Ok((id, changed)) => {
                 self.announced = self.subnets.clone().unwrap_or_default();
+                self.announced_info = info;
                 tracing::info!(network = %self.name(), lease = id, links_changed = changed, "node key announced on a new lease");
                 let now = Instant::now();
                 self.lease = Some(Lease {
@@ -494,6 +498,26 @@ impl NetworkLoop {
             Err(e) => {
                 tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "publishing failed; retrying");
                 self.next_scan = Instant::now() + Duration::from_secs(1);
+                return;
+            }
+        }
+        // Endpoints and MTU follow the records: refresh the node key when they change.
+        let info = self.node_info(&local);
+        if let Some(lease) = self.lease.as_ref().filter(|_| info != self.announced_info) {
+            let put = self.client.put(
+                self.keys.node_info(&self.settings.node),
+                info.clone(),
+                Some(etcd_client::PutOptions::new().with_lease(lease.id)),
+            );
+            match etcd::bounded(put).await {
+                Ok(_) => {
+                    tracing::info!(network = %self.net.name, "node key updated");
+                    self.announced_info = info;
+                }
+                Err(e) => {
+                    tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "updating the node key failed; retrying");
+                    self.next_scan = Instant::now() + Duration::from_secs(1);
+                }
             }
         }
     }
