@@ -582,6 +582,20 @@ fn publish_mirror_delete_skip_creating_and_ignore_poison() {
         // b's own records reach a as well.
         b.write_record("q1", "10.10.2.5/24", "ready");
         wait_for("a to mirror b's q1", WAIT, || a.mirrors("b", "q1"));
+        // The node gateway's record travels as `gateway`.
+        let gateway = json!({"schema": 1, "network": NET, "node": "a",
+            "publicKey": "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
+            "addresses": ["10.10.1.1/32"], "subnets": ["10.10.1.0/24"], "endpoint": "127.0.0.10",
+            "listenPort": 52001, "hostName": "wgg0", "backend": "userspace", "bootId": boot_id(),
+            "mtu": 1420, "masquerade": false, "createdAt": 1});
+        fs::write(a.dir_of("a").join("gateway.json"), gateway.to_string()).unwrap();
+        wait_for("b to mirror a's gateway", WAIT, || {
+            b.dir_of("a").join("gateway.json").exists()
+        });
+        assert_eq!(
+            c.etcd.keys(&format!("/wg-cni/v1/{NET}/links/a/gateway")),
+            vec![format!("/wg-cni/v1/{NET}/links/a/gateway")]
+        );
         // The node key follows the records' endpoints.
         let info_key = format!("/wg-cni/v1/{NET}/nodes/a/info");
         assert!(c.etcd.ok(&["get", &info_key]).contains("127.0.0.10"));
