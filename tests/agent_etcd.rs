@@ -148,12 +148,15 @@ struct Etcd {
     data: PathBuf,
     log: PathBuf,
     tls: Option<(PathBuf, PathBuf, PathBuf, PathBuf, PathBuf)>,
+    /// `user:password` for etcdctl once auth is enabled.
+    auth: Option<String>,
 }
 
 impl Etcd {
     fn start(dir: &Path, tls: Option<&Tls>) -> Etcd {
         let mut etcd = Etcd {
             child: None,
+            auth: None,
             data: dir.join("etcd-data"),
             log: dir.join("etcd.log"),
             tls: tls.map(|t| {
@@ -236,7 +239,7 @@ impl Etcd {
                 .arg("--key")
                 .arg(key);
         }
-        if let Some(user) = user {
+        if let Some(user) = user.or(self.auth.as_deref()) {
             cmd.args(["--user", user]);
         }
         cmd.args(args).output().expect("etcdctl")
@@ -1025,7 +1028,7 @@ fn filler(url: &str, count: usize, size: usize) {
 fn per_node_credentials_write_only_their_own_keys() {
     in_netns(|| {
         let dir = tempfile::tempdir().unwrap();
-        let etcd = Etcd::start(dir.path(), None);
+        let mut etcd = Etcd::start(dir.path(), None);
         let prefix = format!("/wg-cni/v1/{NET}/");
         for (user, role, node) in [("a", "node-a", "a"), ("b", "node-b", "b")] {
             etcd.ok(&["role", "add", role]);
@@ -1053,6 +1056,7 @@ fn per_node_credentials_write_only_their_own_keys() {
         etcd.ok(&["user", "add", "root:rootpw"]);
         etcd.ok(&["user", "grant-role", "root", "root"]);
         etcd.ok(&["auth", "enable"]);
+        etcd.auth = Some("root:rootpw".into());
 
         let denied = etcd.ctl_as(Some("b:pw-b"), &["put", &link_key("a", "x"), "{}"]);
         assert!(!denied.status.success());
@@ -1099,6 +1103,14 @@ fn per_node_credentials_write_only_their_own_keys() {
         wait_for("b to mirror a's p1 under auth", WAIT, || {
             nodes[1].mirrors("a", "p1")
         });
+        // A restart invalidates every auth token: the agents authenticate again.
+        etcd.restart();
+        nodes[0].write_record("p2", "10.10.1.6/24", "ready");
+        wait_for(
+            "b to mirror p2 after an etcd restart under auth",
+            Duration::from_secs(20),
+            || nodes[1].mirrors("a", "p2"),
+        );
         drop(nodes);
         drop(etcd);
     });

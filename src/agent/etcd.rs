@@ -73,7 +73,10 @@ pub fn options(settings: &Settings) -> Result<ConnectOptions> {
                 .to_string(),
             None => String::new(),
         };
-        options = options.with_user(user.clone(), password);
+        // Tokens expire (and all of them die with an etcd restart): authenticate again.
+        options = options
+            .with_user(user.clone(), password)
+            .with_auto_token_refresh(true);
     }
     Ok(options)
 }
