@@ -760,7 +760,20 @@ fn readyz_is_503_until_the_first_sync_then_200() {
             || a.http("/readyz") == 200,
         );
         assert_eq!(a.http("/nope"), 404);
-        a.kill();
+        // SIGTERM: a clean, prompt exit (the lease is left to lapse, nothing is deleted).
+        kill(a.pid(), Signal::SIGTERM).unwrap();
+        let mut child = a.child.take().unwrap();
+        let mut status = None;
+        wait_for("the agent to exit on SIGTERM", WAIT, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        assert!(status.unwrap().success());
+        assert!(
+            !etcd
+                .keys(&format!("/wg-cni/v1/{NET}/nodes/a/info"))
+                .is_empty()
+        );
         drop(etcd);
     });
 }
