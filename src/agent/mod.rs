@@ -27,7 +27,8 @@ use network::NetworkLoop;
 /// Applies a network's peer sets to this node's live WireGuard links, from the store (this
 /// node's records and the mirrored ones). The agent calls it only after the network's first
 /// complete sync (`AgentStatus::first_sync_done`), after every change of the mirror and every
-/// resync interval. It runs on a blocking thread; calls for one network never overlap.
+/// resync interval. It runs on a blocking thread; calls for one network never overlap, calls
+/// for different networks may. It takes the network's flock itself (per link).
 pub trait LinkReconciler: Send + Sync {
     fn reconcile(&self, network: &str);
 }
