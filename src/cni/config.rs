@@ -84,6 +84,12 @@ pub struct NetConf {
     pub static_peers: Vec<StaticPeer>,
     /// Overrides the host name as this node's name in the store.
     pub node_name: Option<String>,
+    /// `clusterRange`: the whole pod range of the network (every node's subnet lies inside),
+    /// one CIDR per family; empty when not configured.
+    pub cluster_range: Vec<IpNetwork>,
+    /// `subnetLease`: the node agent leases this node's subnet from `clusterRange` through etcd
+    /// (instead of the IPAM ranges naming it).
+    pub subnet_lease: bool,
     pub prev_result: Option<Value>,
     pub valid_attachments: Option<Vec<Attachment>>,
     /// The config exactly as received, for delegation to IPAM.
@@ -226,6 +232,15 @@ impl NetConf {
             validate_name("nodeName", node)?;
         }
 
+        let cluster_range = parse_cluster_range(raw.get("clusterRange"))?;
+        let subnet_lease = fields.optional_bool("subnetLease")?.unwrap_or(false);
+        if subnet_lease && cluster_range.is_empty() {
+            return Err(Error::config(
+                "subnetLease",
+                "needs \"clusterRange\": the range node subnets are leased from",
+            ));
+        }
+
         let prev_result = match raw.get("prevResult") {
             None | Some(Value::Null) => None,
             Some(v @ Value::Object(_)) => Some(v.clone()),
@@ -252,6 +267,8 @@ impl NetConf {
             ip_masq,
             static_peers,
             node_name,
+            cluster_range,
+            subnet_lease,
             prev_result,
             valid_attachments,
             raw,
@@ -269,6 +286,48 @@ fn validate_name(field: &str, name: &str) -> Result<()> {
             format!("\"{name}\" {}", super::IDENTIFIER_RULE),
         ))
     }
+}
+
+/// `clusterRange`: one CIDR string, or an array of them (at most one per family).
+fn parse_cluster_range(value: Option<&Value>) -> Result<Vec<IpNetwork>> {
+    const FIELD: &str = "clusterRange";
+    let items: Vec<&Value> = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) if !items.is_empty() => items.iter().collect(),
+        Some(v @ Value::String(_)) => vec![v],
+        Some(_) => {
+            return Err(Error::config(
+                FIELD,
+                "must be a CIDR string or a non-empty array of CIDR strings",
+            ));
+        }
+    };
+    let mut ranges: Vec<IpNetwork> = Vec::new();
+    for item in items {
+        let net = item
+            .as_str()
+            .filter(|text| text.contains('/'))
+            .and_then(|text| text.parse::<IpNetwork>().ok())
+            .ok_or_else(|| Error::config(FIELD, format!("{item} is not a CIDR")))?;
+        if net.ip() != net.network() {
+            return Err(Error::config(
+                FIELD,
+                format!(
+                    "{net} has host bits set; write {}/{}",
+                    net.network(),
+                    net.prefix()
+                ),
+            ));
+        }
+        if ranges.iter().any(|r| r.is_ipv4() == net.is_ipv4()) {
+            return Err(Error::config(
+                FIELD,
+                "holds at most one CIDR per address family",
+            ));
+        }
+        ranges.push(net);
+    }
+    Ok(ranges)
 }
 
 fn parse_static_peers(value: Option<&Value>) -> Result<Vec<StaticPeer>> {
@@ -606,6 +665,40 @@ mod tests {
         v["ipMasq"] = json!(true);
         v["hostGateway"] = json!(false);
         assert!(parse(&v).unwrap_err().to_string().contains("ipMasq"));
+    }
+
+    #[test]
+    fn cluster_range_takes_a_string_or_one_cidr_per_family() {
+        let c = parse(&base()).unwrap();
+        assert!(c.cluster_range.is_empty() && !c.subnet_lease);
+        let mut v = base();
+        v["clusterRange"] = json!("10.244.0.0/16");
+        v["subnetLease"] = json!(true);
+        let c = parse(&v).unwrap();
+        assert_eq!(c.cluster_range, vec!["10.244.0.0/16".parse().unwrap()]);
+        assert!(c.subnet_lease);
+        v["clusterRange"] = json!(["10.244.0.0/16", "fd00:244::/48"]);
+        assert_eq!(parse(&v).unwrap().cluster_range.len(), 2);
+        for bad in [
+            json!("10.244.0.0"),
+            json!("10.244.0.1/16"),
+            json!(["10.0.0.0/8", "10.1.0.0/16"]),
+            json!([]),
+            json!(16),
+            json!(["10.0.0.0/8", 5]),
+        ] {
+            let e = field_error("clusterRange", bad.clone());
+            assert_eq!(e.code(), 7, "{bad}: {e}");
+            assert!(e.to_string().contains("clusterRange"), "{bad}: {e}");
+        }
+        let e = field_error("subnetLease", json!(true));
+        assert_eq!(e.code(), 7);
+        assert!(e.to_string().contains("clusterRange"), "{e}");
+        assert!(
+            field_error("subnetLease", json!("yes"))
+                .to_string()
+                .contains("subnetLease")
+        );
     }
 
     #[test]

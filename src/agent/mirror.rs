@@ -1,0 +1,597 @@
+//! The mirror: what etcd holds for a network (kept from list + watch events) → the trusted
+//! set of remote records → one file per record in `<store>/<net>/<remote node>/`.
+//! This node's own directory is never touched; a mirror directory is only swept if it holds
+//! the marker file this agent wrote there.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use etcd_client::{EventType, KeyValue, WatchResponse};
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use super::keys::{KeyKind, Keys, LinkName};
+use super::publish::{read_small, to_json};
+use super::subnet::{ClaimValue, write_atomic};
+use super::trust::{self, Candidate, Claim, Liveness, Verdict};
+use crate::store::{GatewayRecord, Record, State};
+
+/// A directory holding this file is a mirror this agent may sweep.
+pub const MARKER_FILE: &str = ".wg-cni-mirror";
+/// What the mirror knows about a remote node (not a record: readers skip it).
+pub const NODE_FILE: &str = "node.json";
+
+/// `<store>/<net>/<remote node>/node.json`: the node key as last seen, its owned subnets and
+/// whether it is stale (node key missing, inside the grace period).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeFile {
+    pub schema: u32,
+    pub node: String,
+    pub endpoints: Vec<std::net::IpAddr>,
+    pub boot_id: Option<String>,
+    pub subnets: Vec<IpNetwork>,
+    pub mtu: Option<u32>,
+    pub stale: bool,
+    /// Unix seconds when this agent first saw the node key missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_since: Option<u64>,
+}
+
+/// The node key's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    pub endpoints: Vec<std::net::IpAddr>,
+    pub boot_id: String,
+    pub subnets: Vec<IpNetwork>,
+    pub mtu: u32,
+    pub agent_version: String,
+}
+
+#[derive(Debug, Clone)]
+struct Kv {
+    value: Vec<u8>,
+    create_revision: i64,
+    mod_revision: i64,
+    /// A remote link key's record, decoded once when it arrives.
+    record: Option<Result<Decoded, String>>,
+}
+
+/// What trust and the mirror need from a remote record.
+#[derive(Debug, Clone)]
+struct Decoded {
+    addresses: Vec<IpNetwork>,
+    boot_id: String,
+    /// The canonical body written to the mirror file.
+    body: Vec<u8>,
+}
+
+/// The outcome of one evaluation.
+#[derive(Debug, Default)]
+pub struct Evaluation {
+    /// Remote node → file name → body (records, and `node.json` for nodes with records).
+    pub trusted: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    /// Nodes without a node key, inside the grace period.
+    pub stale: BTreeSet<String>,
+    /// Whether this node's own claim wins (None: no claim seen).
+    pub own_claim_wins: Option<bool>,
+    /// The agent instance this node's claim names.
+    pub own_claim_agent: Option<String>,
+}
+
+pub struct Mirror {
+    keys: Keys,
+    own_node: String,
+    network_dir: PathBuf,
+    kvs: BTreeMap<String, Kv>,
+    /// The etcd revision the mirror reflects.
+    revision: i64,
+    /// When this agent first saw each node without a node key (clock, unix seconds).
+    missing_since: BTreeMap<String, (Instant, u64)>,
+    /// The last node key seen per node (kept while it is stale).
+    last_info: BTreeMap<String, NodeInfo>,
+    /// (key, mod_revision, reason) already logged, so each bad record warns once.
+    logged: HashSet<(String, i64)>,
+    reported_stale: BTreeSet<String>,
+    reported_gone: BTreeSet<String>,
+    /// What this agent last wrote per remote node (file → body).
+    on_disk: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    /// A write failed: read the directories back next time.
+    needs_verify: bool,
+}
+
+impl Mirror {
+    pub fn new(keys: Keys, own_node: &str, network_dir: PathBuf) -> Mirror {
+        Mirror {
+            keys,
+            own_node: own_node.to_string(),
+            network_dir,
+            kvs: BTreeMap::new(),
+            revision: 0,
+            missing_since: BTreeMap::new(),
+            last_info: BTreeMap::new(),
+            logged: HashSet::new(),
+            reported_stale: BTreeSet::new(),
+            reported_gone: BTreeSet::new(),
+            on_disk: BTreeMap::new(),
+            needs_verify: true,
+        }
+    }
+
+    /// Replace everything with a full listing (mark and sweep happens at the next write).
+    pub fn replace_all(&mut self, kvs: Vec<KeyValue>, revision: i64) {
+        self.revision = revision;
+        self.kvs.clear();
+        for kv in kvs {
+            self.put(&kv);
+        }
+    }
+
+    fn put(&mut self, kv: &KeyValue) {
+        let Ok(key) = kv.key_str() else { return };
+        let record = match self.keys.parse(key) {
+            Some(KeyKind::Link { node, name }) if node != self.own_node => {
+                Some(decode(self.keys.prefix(), &node, &name, kv.value()))
+            }
+            _ => None,
+        };
+        self.kvs.insert(
+            key.to_string(),
+            Kv {
+                value: kv.value().to_vec(),
+                create_revision: kv.create_revision(),
+                mod_revision: kv.mod_revision(),
+                record,
+            },
+        );
+    }
+
+    /// Apply a watch response's events; returns whether anything changed.
+    pub fn apply(&mut self, resp: &WatchResponse) -> bool {
+        if let Some(header) = resp.header() {
+            self.revision = self.revision.max(header.revision());
+        }
+        let mut changed = false;
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            match event.event_type() {
+                EventType::Put => self.put(kv),
+                EventType::Delete => {
+                    if let Ok(key) = kv.key_str() {
+                        self.kvs.remove(key);
+                    }
+                }
+            }
+            changed = true;
+        }
+        changed
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// Work out the trusted set at `now`.
+    pub fn evaluate(&mut self, now: Instant, grace: Duration) -> Evaluation {
+        let mut claims = Vec::new();
+        let mut own_claim_agent = None;
+        let mut infos: BTreeMap<String, NodeInfo> = BTreeMap::new();
+        let mut links: Vec<(String, LinkName, &Kv)> = Vec::new();
+        let mut nodes: BTreeSet<String> = BTreeSet::new();
+        for (key, kv) in &self.kvs {
+            let Some(kind) = self.keys.parse(key) else {
+                continue;
+            };
+            match kind {
+                KeyKind::Claim { node } => {
+                    if let Ok(v) = serde_json::from_slice::<ClaimValue>(&kv.value) {
+                        if node == self.own_node {
+                            own_claim_agent = v.agent.clone();
+                        }
+                        claims.push(Claim {
+                            node: node.clone(),
+                            subnets: v.subnets,
+                            create_revision: kv.create_revision,
+                        });
+                    }
+                    nodes.insert(node);
+                }
+                KeyKind::NodeInfo { node } => {
+                    if let Ok(info) = serde_json::from_slice::<NodeInfo>(&kv.value) {
+                        infos.insert(node.clone(), info);
+                    }
+                    nodes.insert(node);
+                }
+                KeyKind::Link { node, name } => {
+                    nodes.insert(node.clone());
+                    links.push((node, name, kv));
+                }
+            }
+        }
+        let owners = trust::owners(&claims);
+        let mut evaluation = Evaluation {
+            own_claim_wins: claims
+                .iter()
+                .any(|c| c.node == self.own_node)
+                .then(|| owners.contains_key(&self.own_node)),
+            own_claim_agent,
+            ..Evaluation::default()
+        };
+
+        let mut liveness = BTreeMap::new();
+        for node in nodes.iter().filter(|n| **n != self.own_node) {
+            let state = match infos.get(node) {
+                Some(info) => {
+                    self.missing_since.remove(node);
+                    if self.reported_stale.remove(node) | self.reported_gone.remove(node) {
+                        tracing::info!(%node, "node key is back: node is live again");
+                    }
+                    Liveness::Alive {
+                        boot_id: info.boot_id.clone(),
+                    }
+                }
+                None => {
+                    let (since, _) = *self
+                        .missing_since
+                        .entry(node.clone())
+                        .or_insert((now, unix_now()));
+                    if now.duration_since(since) < grace {
+                        if self.reported_stale.insert(node.clone()) {
+                            tracing::warn!(%node, grace = ?grace, "node key missing: node is stale; its records stay until the grace period ends");
+                        }
+                        evaluation.stale.insert(node.clone());
+                        Liveness::Stale
+                    } else {
+                        if self.reported_gone.insert(node.clone()) {
+                            tracing::warn!(%node, "node stale for longer than the grace period: its records are removed from the mirror");
+                        }
+                        Liveness::Gone
+                    }
+                }
+            };
+            liveness.insert(node.clone(), state);
+        }
+        self.missing_since.retain(|n, _| nodes.contains(n));
+        for (node, info) in &infos {
+            self.last_info.insert(node.clone(), info.clone());
+        }
+        self.last_info.retain(|n, _| nodes.contains(n));
+
+        // Decode the remote records; undecodable ones are ignored (and logged once).
+        let mut candidates = Vec::new();
+        let mut bodies = Vec::new();
+        let mut ignored: Vec<(String, i64, String)> = Vec::new();
+        for (node, name, kv) in links.iter().filter(|(n, _, _)| *n != self.own_node) {
+            let key = self.keys.link(node, name);
+            match &kv.record {
+                Some(Ok(decoded)) => {
+                    candidates.push(Candidate {
+                        node: node.clone(),
+                        addresses: decoded.addresses.clone(),
+                        boot_id: decoded.boot_id.clone(),
+                        mod_revision: kv.mod_revision,
+                    });
+                    bodies.push((
+                        key,
+                        node.clone(),
+                        name.file_name(),
+                        decoded.body.clone(),
+                        kv.mod_revision,
+                    ));
+                }
+                Some(Err(reason)) => ignored.push((key, kv.mod_revision, reason.clone())),
+                None => {}
+            }
+        }
+        for (key, rev, reason) in ignored {
+            self.log_ignored(&key, rev, &reason);
+        }
+        let verdicts = trust::judge(&candidates, &owners, &liveness);
+        for ((key, node, file, body, rev), verdict) in bodies.into_iter().zip(verdicts) {
+            match verdict {
+                Verdict::Trusted => {
+                    evaluation
+                        .trusted
+                        .entry(node)
+                        .or_default()
+                        .insert(file, body);
+                }
+                Verdict::Ignored(reason) => self.log_ignored(&key, rev, &reason),
+            }
+        }
+        for (node, files) in evaluation.trusted.iter_mut() {
+            let info = self.last_info.get(node);
+            let file = NodeFile {
+                schema: 1,
+                node: node.clone(),
+                endpoints: info.map(|i| i.endpoints.clone()).unwrap_or_default(),
+                boot_id: info.map(|i| i.boot_id.clone()),
+                subnets: owners.get(node).cloned().unwrap_or_default(),
+                mtu: info.map(|i| i.mtu),
+                stale: !infos.contains_key(node),
+                stale_since: self.missing_since.get(node).map(|(_, unix)| *unix),
+            };
+            files.insert(NODE_FILE.to_string(), to_json(&file));
+        }
+        evaluation
+    }
+
+    fn log_ignored(&mut self, key: &str, mod_revision: i64, reason: &str) {
+        if self.logged.insert((key.to_string(), mod_revision)) {
+            tracing::warn!(%key, %reason, "ignoring a remote record");
+        }
+    }
+
+    /// Whether a stale node has crossed the grace period since the last evaluation.
+    pub fn grace_expired(&self, now: Instant, grace: Duration) -> bool {
+        self.missing_since.iter().any(|(node, (since, _))| {
+            now.duration_since(*since) >= grace && !self.reported_gone.contains(node)
+        })
+    }
+
+    /// Make the mirror directories say exactly `trusted`; returns whether a file changed.
+    /// With `verify`, every mirror directory is read back (mark and sweep, after a full
+    /// sync and every resync interval); otherwise only the difference from what this agent
+    /// last wrote is applied.
+    pub fn write(
+        &mut self,
+        trusted: &BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+        verify: bool,
+    ) -> bool {
+        let verify = verify || std::mem::take(&mut self.needs_verify);
+        let mut changed = false;
+        let mut dirs: BTreeSet<String> = trusted.keys().cloned().collect();
+        if verify {
+            dirs.extend(self.marked_dirs());
+            self.on_disk.clear();
+        } else {
+            dirs.extend(self.on_disk.keys().cloned());
+        }
+        let empty = BTreeMap::new();
+        for node in dirs {
+            if node == self.own_node {
+                continue;
+            }
+            let dir = self.network_dir.join(&node);
+            if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+                tracing::error!(dir = %dir.display(), "a mirror directory is a symbolic link: not following it");
+                continue;
+            }
+            let wanted = trusted.get(&node).unwrap_or(&empty);
+            let known = self.on_disk.remove(&node);
+            if known.is_none() && !wanted.is_empty() && !dir.join(MARKER_FILE).exists() {
+                if dir.is_dir() && has_records(&dir) {
+                    tracing::error!(dir = %dir.display(), "a node directory without the mirror marker holds records: not mirroring into it");
+                    continue;
+                }
+                if let Err(e) = write_atomic(&dir, MARKER_FILE, b"") {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot create a mirror directory");
+                    self.needs_verify = true;
+                    continue;
+                }
+            }
+            let outcome = match &known {
+                Some(known) if !verify => sync_known(&dir, wanted, known),
+                _ => sync_dir(&dir, wanted),
+            };
+            changed |= outcome.changed;
+            self.needs_verify |= outcome.failed;
+            if !wanted.is_empty() {
+                self.on_disk.insert(node, wanted.clone());
+            }
+        }
+        changed
+    }
+
+    /// Mirror directories (holding the marker) of other nodes.
+    fn marked_dirs(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.network_dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join(MARKER_FILE).exists())
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| *n != self.own_node)
+            .collect()
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn has_records(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.filter_map(|e| e.ok()).any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| LinkName::from_file_name(n).is_some())
+        })
+    })
+}
+
+#[derive(Default)]
+struct Outcome {
+    changed: bool,
+    failed: bool,
+}
+
+/// Read the directory back: write files that differ, remove record files not wanted.
+fn sync_dir(dir: &Path, wanted: &BTreeMap<String, Vec<u8>>) -> Outcome {
+    let mut outcome = Outcome::default();
+    for (file, body) in wanted {
+        if read_small(&dir.join(file)).as_deref() != Some(body.as_slice()) {
+            write_one(dir, file, body, &mut outcome);
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.filter_map(|e| e.ok()) {
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let ours = LinkName::from_file_name(&name).is_some() || name == NODE_FILE;
+            if ours && !wanted.contains_key(&name) {
+                remove_one(&entry.path(), &mut outcome);
+            }
+        }
+    }
+    outcome
+}
+
+/// Apply the difference from what was last written, without reading the directory.
+fn sync_known(
+    dir: &Path,
+    wanted: &BTreeMap<String, Vec<u8>>,
+    known: &BTreeMap<String, Vec<u8>>,
+) -> Outcome {
+    let mut outcome = Outcome::default();
+    for (file, body) in wanted {
+        if known.get(file) != Some(body) {
+            write_one(dir, file, body, &mut outcome);
+        }
+    }
+    for file in known.keys().filter(|f| !wanted.contains_key(*f)) {
+        remove_one(&dir.join(file), &mut outcome);
+    }
+    outcome
+}
+
+fn write_one(dir: &Path, file: &str, body: &[u8], outcome: &mut Outcome) {
+    match write_atomic(dir, file, body) {
+        Ok(()) => outcome.changed = true,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "writing a mirror record");
+            outcome.failed = true;
+        }
+    }
+}
+
+fn remove_one(path: &Path, outcome: &mut Outcome) {
+    match std::fs::remove_file(path) {
+        Ok(()) => outcome.changed = true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "removing a mirror record");
+            outcome.failed = true;
+        }
+    }
+}
+
+/// A remote record's addresses, boot id and canonical body; `Err` says why it is unusable.
+fn decode(prefix: &str, node: &str, name: &LinkName, value: &[u8]) -> Result<Decoded, String> {
+    let network = prefix
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    match name {
+        LinkName::Pod {
+            container_id,
+            ifname,
+        } => {
+            let r: Record =
+                serde_json::from_slice(value).map_err(|e| format!("not a record: {e}"))?;
+            if r.schema != crate::store::SCHEMA_VERSION {
+                return Err(format!("schema {}", r.schema));
+            }
+            if !r.is_attachment(container_id, ifname) || r.node != node || r.network != network {
+                return Err("network, node, containerId or ifname differ from its key".into());
+            }
+            if r.state != State::Ready {
+                return Err("state is not ready".into());
+            }
+            Ok(Decoded {
+                addresses: r.addresses.clone(),
+                boot_id: r.boot_id.clone(),
+                body: to_json(&r),
+            })
+        }
+        LinkName::Gateway => {
+            let g: GatewayRecord =
+                serde_json::from_slice(value).map_err(|e| format!("not a gateway record: {e}"))?;
+            if g.schema != crate::store::SCHEMA_VERSION {
+                return Err(format!("schema {}", g.schema));
+            }
+            if g.node != node || g.network != network {
+                return Err("network or node differ from its key".into());
+            }
+            // Only the gateway's own addresses: what other nodes' pods route to it.
+            Ok(Decoded {
+                addresses: g.addresses.clone(),
+                boot_id: g.boot_id.clone(),
+                body: to_json(&g),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
+        pairs
+            .iter()
+            .map(|(f, b)| (f.to_string(), b.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn write_mirrors_sweeps_and_never_touches_own_or_foreign_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = dir.path().join("net");
+        // This node's own directory, and a foreign directory with records but no marker.
+        std::fs::create_dir_all(net.join("me")).unwrap();
+        std::fs::write(net.join("me/a:eth0.json"), "mine").unwrap();
+        std::fs::create_dir_all(net.join("foreign")).unwrap();
+        std::fs::write(net.join("foreign/f:eth0.json"), "theirs").unwrap();
+        let mut mirror = Mirror::new(Keys::new("net"), "me", net.clone());
+
+        let mut trusted = BTreeMap::new();
+        trusted.insert(
+            "r".to_string(),
+            files(&[("x:eth0.json", "X"), ("y:eth0.json", "Y")]),
+        );
+        trusted.insert("me".to_string(), files(&[("a:eth0.json", "overwritten?")]));
+        trusted.insert("foreign".to_string(), files(&[("g:eth0.json", "G")]));
+        assert!(mirror.write(&trusted, true));
+        assert_eq!(std::fs::read(net.join("r/x:eth0.json")).unwrap(), b"X");
+        assert!(net.join("r").join(MARKER_FILE).exists());
+        assert_eq!(std::fs::read(net.join("me/a:eth0.json")).unwrap(), b"mine");
+        assert!(!net.join("foreign/g:eth0.json").exists());
+        assert!(net.join("foreign/f:eth0.json").exists());
+
+        // Nothing changed: nothing written.
+        assert!(!mirror.write(&trusted, false));
+        // A file removed behind the agent's back comes back at the next read-back.
+        std::fs::remove_file(net.join("r/y:eth0.json")).unwrap();
+        assert!(!mirror.write(&trusted, false));
+        assert!(mirror.write(&trusted, true));
+        assert!(net.join("r/y:eth0.json").exists());
+
+        // Gone from the trusted set: swept, marker and other files stay.
+        std::fs::write(net.join("r/subnet.json"), "{}").unwrap();
+        trusted.insert("r".to_string(), files(&[("x:eth0.json", "X2")]));
+        assert!(mirror.write(&trusted, false));
+        assert_eq!(std::fs::read(net.join("r/x:eth0.json")).unwrap(), b"X2");
+        assert!(!net.join("r/y:eth0.json").exists());
+        trusted.remove("r");
+        assert!(mirror.write(&trusted, false));
+        assert!(!net.join("r/x:eth0.json").exists());
+        assert!(net.join("r/subnet.json").exists());
+        assert!(net.join("r").join(MARKER_FILE).exists());
+
+        // A symlinked node directory is never followed.
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), net.join("s")).unwrap();
+        trusted.insert("s".to_string(), files(&[("z:eth0.json", "Z")]));
+        mirror.write(&trusted, true);
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+    }
+}

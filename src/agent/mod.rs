@@ -1,0 +1,146 @@
+//! `wg-cni agent`: the per-node loop that carries records between nodes through etcd.
+//! Per served network: claim the node's subnet, hold a liveness lease with the node key,
+//! publish this node's records, mirror every other node's trusted records into the store,
+//! and call the reconcile hook after the mirror changes. The CNI commands never reach this
+//! module (no tokio multi-thread runtime, no etcd client on their path).
+
+pub mod config;
+mod etcd;
+pub mod health;
+pub mod keys;
+pub mod mirror;
+mod network;
+mod publish;
+pub mod subnet;
+mod trust;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+
+pub use config::Settings;
+pub use health::AgentStatus;
+
+use network::NetworkLoop;
+
+/// Applies a network's peer sets to this node's live WireGuard links, from the store (this
+/// node's records and the mirrored ones). The agent calls it only after the network's first
+/// complete sync (`AgentStatus::first_sync_done`), after every change of the mirror and every
+/// resync interval. It runs on a blocking thread; calls for one network never overlap, calls
+/// for different networks may. It takes the network's flock itself (per link).
+pub trait LinkReconciler: Send + Sync {
+    fn reconcile(&self, network: &str);
+}
+
+/// Until the real reconciler is wired in: log that a reconcile is due.
+pub struct LogReconciler;
+
+impl LinkReconciler for LogReconciler {
+    fn reconcile(&self, network: &str) {
+        tracing::info!(network, "mirror changed: reconcile");
+    }
+}
+
+/// Run the agent until SIGTERM or SIGINT (on a multi-thread tokio runtime of its own).
+pub fn run(
+    settings: Settings,
+    reconciler: Arc<dyn LinkReconciler>,
+    status: Arc<AgentStatus>,
+) -> Result<()> {
+    run_until(settings, reconciler, status, async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    })
+}
+
+/// Run the agent until `stop` completes. Threads of the runtime are created from the calling
+/// thread, so they share its network namespace (tests run etcd in one of their own).
+pub fn run_until(
+    settings: Settings,
+    reconciler: Arc<dyn LinkReconciler>,
+    status: Arc<AgentStatus>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async {
+        tokio::select! {
+            result = run_async(Arc::new(settings), reconciler, status) => result,
+            _ = stop => {
+                tracing::info!("agent stopping (the liveness lease lapses on its own)");
+                Ok(())
+            }
+        }
+    });
+    // Network loops may be inside a blocking reconcile: do not wait for them forever.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
+async fn run_async(
+    settings: Arc<Settings>,
+    reconciler: Arc<dyn LinkReconciler>,
+    status: Arc<AgentStatus>,
+) -> Result<()> {
+    let listener = health::bind(settings.health_listen).await?;
+    tokio::spawn(health::serve(listener, status.clone()));
+    let boot_id = crate::host::boot_id().map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let options = etcd::options(&settings)?;
+    let mut delay = Duration::from_millis(500);
+    let client = loop {
+        match etcd::connect(&settings, options.clone()).await {
+            Ok(client) => break client,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot connect to etcd; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    tracing::info!(node = %settings.node, endpoints = ?settings.etcd_endpoints, "agent started");
+
+    let mut served: Vec<String> = Vec::new();
+    #[allow(clippy::infinite_loop)] // ends when run_until's stop future completes
+    loop {
+        match config::read_networks(&settings.cni_conf_dir, &settings.store) {
+            Ok(networks) => {
+                for net in networks {
+                    if served.contains(&net.name) {
+                        continue;
+                    }
+                    tracing::info!(network = %net.name, source = %net.source.display(), mode = ?net.mode, "serving network");
+                    served.push(net.name.clone());
+                    status.update(&net.name, |_| {});
+                    let worker = NetworkLoop::new(
+                        settings.clone(),
+                        net,
+                        client.clone(),
+                        boot_id.clone(),
+                        status.clone(),
+                        reconciler.clone(),
+                    );
+                    tokio::spawn(worker.run());
+                }
+                if served.is_empty() {
+                    tracing::warn!(dir = %settings.cni_conf_dir.display(), store = %settings.store.display(), "no wg-cni network for this store in the CNI conf dir");
+                }
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "reading the CNI conf dir"),
+        }
+        tokio::time::sleep(settings.resync_interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,557 @@
+//! One network's loop: claim the subnet, hold the liveness lease, publish this node's
+//! records, keep the mirror in step with etcd (list, then watch), call the reconcile hook.
+//! One task, one loop: no locks between its parts.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use etcd_client::{
+    Client, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchResponse, WatchStream,
+};
+use ipnetwork::IpNetwork;
+
+use super::config::{Network, Settings};
+use super::health::AgentStatus;
+use super::keys::Keys;
+use super::mirror::{Mirror, NodeInfo};
+use super::{LinkReconciler, etcd, publish, subnet};
+
+/// The liveness lease this node holds for one network.
+struct Lease {
+    id: i64,
+    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    last_ok: Instant,
+}
+
+/// Everything one network needs; one task, one loop: no locks between its parts.
+pub(super) struct NetworkLoop {
+    settings: Arc<Settings>,
+    net: Network,
+    keys: Keys,
+    client: Client,
+    boot_id: String,
+    node_dir: PathBuf,
+    status: Arc<AgentStatus>,
+    reconciler: Arc<dyn LinkReconciler>,
+    mirror: Mirror,
+    subnets: Option<Vec<IpNetwork>>,
+    /// The revision at which our claim was seen winning: the mirror is not up to date on our
+    /// claim before it has seen that revision.
+    claim_revision: i64,
+    /// This agent instance's id (kept in the node's store directory).
+    agent_id: String,
+    /// Since when another agent's claim for this node name is seen without its node key.
+    foreign_since: Option<Instant>,
+    /// The subnets the node key on the current lease announces.
+    announced: Vec<IpNetwork>,
+    /// The node key's value as last put.
+    announced_info: Vec<u8>,
+    lease: Option<Lease>,
+    watch: Option<WatchStream>,
+    synced: bool,
+    next_subnet_try: Instant,
+    next_lease_try: Instant,
+    next_keepalive: Instant,
+    next_sync_try: Instant,
+    next_scan: Instant,
+    next_reconcile: Instant,
+    sync_delay: Duration,
+}
+
+impl NetworkLoop {
+    pub(super) fn new(
+        settings: Arc<Settings>,
+        net: Network,
+        client: Client,
+        boot_id: String,
+        status: Arc<AgentStatus>,
+        reconciler: Arc<dyn LinkReconciler>,
+    ) -> NetworkLoop {
+        let keys = Keys::new(&net.name);
+        let network_dir = settings.store.join(&net.name);
+        let node_dir = network_dir.join(&settings.node);
+        let now = Instant::now();
+        NetworkLoop {
+            mirror: Mirror::new(keys.clone(), &settings.node, network_dir),
+            settings,
+            net,
+            keys,
+            client,
+            boot_id,
+            node_dir,
+            status,
+            reconciler,
+            subnets: None,
+            claim_revision: 0,
+            agent_id: String::new(),
+            foreign_since: None,
+            announced: Vec::new(),
+            announced_info: Vec::new(),
+            lease: None,
+            watch: None,
+            synced: false,
+            next_subnet_try: now,
+            next_lease_try: now,
+            next_keepalive: now,
+            next_sync_try: now,
+            next_scan: now,
+            next_reconcile: now,
+            sync_delay: Duration::from_millis(500),
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.net.name
+    }
+
+    pub(super) async fn run(mut self) {
+        if let Err(e) = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.node_dir)
+        {
+            tracing::error!(dir = %self.node_dir.display(), error = %e, "cannot create this node's store directory");
+        }
+        tracing::debug!(network = %self.net.name, prefixes = ?self.keys.node_write_prefixes(&self.settings.node), "this node's etcd role needs readwrite on these prefixes");
+        let (tx, mut changes) = tokio::sync::mpsc::channel::<()>(1);
+        let _watcher = watch_dir(&self.node_dir, tx);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = next_message(&mut self.watch) => self.on_watch(message).await,
+                Some(()) = changes.recv() => {
+                    // Let a burst of writes settle, then publish once.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    while changes.try_recv().is_ok() {}
+                    self.publish().await;
+                }
+                _ = tick.tick() => self.on_tick().await,
+            }
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        let now = Instant::now();
+        if self.subnets.is_none() && now >= self.next_subnet_try {
+            self.claim_subnet().await;
+        }
+        if self.subnets.is_some() {
+            if self.lease.is_none() && now >= self.next_lease_try {
+                self.grant_lease().await;
+            } else if self.lease.is_some() && now >= self.next_keepalive {
+                self.keep_alive().await;
+            }
+        }
+        if self.watch.is_none() && now >= self.next_sync_try {
+            self.full_sync().await;
+        }
+        if now >= self.next_scan {
+            self.publish().await;
+        }
+        if self.mirror.grace_expired(now, self.settings.grace_period) {
+            // Stale nodes cross the grace period on the clock, not on an event.
+            self.mirror_changed(false).await;
+        }
+        if self.synced && now >= self.next_reconcile {
+            // Periodically: read the mirror back (someone may have touched it) and reconcile.
+            self.mirror_changed(true).await;
+        }
+    }
+
+    async fn claim_subnet(&mut self) {
+        if self.agent_id.is_empty() {
+            match subnet::agent_id(&self.node_dir) {
+                Ok(id) => self.agent_id = id,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "cannot keep an agent id in the store");
+                    self.next_subnet_try = Instant::now() + Duration::from_secs(5);
+                    return;
+                }
+            }
+        }
+        // Another agent's claim for this node name is taken over only after its node key has
+        // stayed away for a whole lease TTL (a starting competitor announces within that).
+        let takeover = self.foreign_since.is_some_and(|since| {
+            since.elapsed() > self.settings.lease_ttl + Duration::from_secs(1)
+        });
+        let result = subnet::ensure_claim(
+            &mut self.client,
+            &self.keys,
+            &self.settings.node,
+            &self.net.mode,
+            &self.agent_id,
+            takeover,
+        )
+        .await;
+        match &result {
+            Err(e) => match e.downcast_ref::<subnet::ForeignAgent>() {
+                Some(foreign) if !foreign.alive => {
+                    self.foreign_since.get_or_insert_with(Instant::now);
+                }
+                _ => self.foreign_since = None,
+            },
+            Ok(_) => self.foreign_since = None,
+        }
+        match result {
+            Ok((subnets, claim_revision)) => {
+                tracing::info!(network = %self.name(), subnets = ?subnets, "subnet known");
+                self.claim_revision = claim_revision;
+                if let Err(e) = subnet::write_subnet_file(&self.node_dir, &subnets) {
+                    tracing::error!(error = %format!("{e:#}"), "writing subnet.json");
+                }
+                self.status.update(&self.net.name, |s| {
+                    s.subnets = Some(subnets.clone());
+                    s.subnet_error = None;
+                });
+                // The node key carries the subnets: re-announce when they changed.
+                if self.announced != subnets {
+                    self.lease = None;
+                }
+                self.subnets = Some(subnets);
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::error!(network = %self.name(), error = %reason, "no usable subnet");
+                self.status
+                    .update(&self.net.name, |s| s.subnet_error = Some(reason));
+                let retry = if self.foreign_since.is_some() { 1 } else { 5 };
+                self.next_subnet_try = Instant::now() + Duration::from_secs(retry);
+            }
+        }
+    }
+
+    fn local(&self) -> publish::Local {
+        publish::scan_local(
+            &self.node_dir,
+            &self.net.name,
+            &self.settings.node,
+            &self.boot_id,
+        )
+    }
+
+    fn node_info(&self, local: &publish::Local) -> Vec<u8> {
+        let mut endpoints: Vec<std::net::IpAddr> = self.net.conf.endpoint.into_iter().collect();
+        let mut mtu = self.net.conf.mtu;
+        for body in local.values() {
+            let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            if let Some(ip) = value["endpoint"].as_str().and_then(|s| s.parse().ok()) {
+                if !endpoints.contains(&ip) {
+                    endpoints.push(ip);
+                }
+            }
+            if let Some(m) = value["mtu"].as_u64() {
+                mtu = Some(mtu.map_or(m as u32, |old| old.min(m as u32)));
+            }
+        }
+        serde_json::to_vec(&NodeInfo {
+            endpoints,
+            boot_id: self.boot_id.clone(),
+            subnets: self.subnets.clone().unwrap_or_default(),
+            mtu: mtu.unwrap_or(crate::host::FALLBACK_MTU),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+        .expect("node info serializes")
+    }
+
+    /// Grant a lease and put the node key on it with all this node's link keys, in one
+    /// transaction.
+    async fn grant_lease(&mut self) {
+        let ttl = self.settings.lease_ttl.as_secs().max(2) as i64;
+        let local = self.local();
+        let info = self.node_info(&local);
+        let result = async {
+            let id = etcd::bounded(self.client.lease_grant(ttl, None))
+                .await?
+                .id();
+            let changed = publish::announce(
+                &mut self.client,
+                &self.keys,
+                &self.settings.node,
+                info.clone(),
+                id,
+                &local,
+            )
+            .await?;
+            anyhow::Ok((id, changed))
+        }
+        .await;
+        match result {
+            Ok((id, changed)) => {
+                self.announced = self.subnets.clone().unwrap_or_default();
+                self.announced_info = info;
+                tracing::info!(network = %self.name(), lease = id, links_changed = changed, "node key announced on a new lease");
+                let now = Instant::now();
+                self.lease = Some(Lease {
+                    id,
+                    keeper: None,
+                    last_ok: now,
+                });
+                self.next_keepalive = now + self.keepalive_interval();
+                self.status.update(&self.net.name, |s| s.lease_held = true);
+            }
+            Err(e) => {
+                tracing::warn!(network = %self.name(), error = %format!("{e:#}"), "cannot grant the liveness lease; retrying");
+                self.next_lease_try = Instant::now() + Duration::from_secs(1);
+            }
+        }
+    }
+
+    fn keepalive_interval(&self) -> Duration {
+        (self.settings.lease_ttl / 3).max(Duration::from_millis(500))
+    }
+
+    async fn keep_alive(&mut self) {
+        let now = Instant::now();
+        self.next_keepalive = now + self.keepalive_interval();
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        let id = lease.id;
+        let client = &mut self.client;
+        let outcome = async {
+            if lease.keeper.is_none() {
+                lease.keeper = Some(etcd::bounded(client.lease_keep_alive(id)).await?);
+            }
+            let (keeper, stream) = lease.keeper.as_mut().expect("just set");
+            etcd::bounded(keeper.keep_alive()).await?;
+            match etcd::bounded(stream.message()).await? {
+                Some(resp) => anyhow::Ok(resp.ttl()),
+                None => anyhow::bail!("keep-alive stream closed"),
+            }
+        }
+        .await;
+        match outcome {
+            Ok(ttl) if ttl > 0 => {
+                lease.last_ok = now;
+                self.status.update(&self.net.name, |s| s.lease_held = true);
+            }
+            Ok(_) => {
+                tracing::warn!(network = %self.net.name, lease = id, "liveness lease lost: granting a new one and republishing");
+                self.lease = None;
+                self.status.update(&self.net.name, |s| s.lease_held = false);
+            }
+            Err(e) => {
+                // etcd-client reports a keep-alive answered with TTL 0 as this error.
+                let not_found = matches!(
+                    e.downcast_ref::<etcd_client::Error>(),
+                    Some(etcd_client::Error::LeaseKeepAliveError(m)) if m == "lease not found"
+                );
+                let expired = now.duration_since(lease.last_ok) >= self.settings.lease_ttl;
+                if not_found || expired {
+                    tracing::warn!(network = %self.net.name, lease = id, error = %format!("{e:#}"), "liveness lease lost: granting a new one and republishing");
+                    self.lease = None;
+                    self.status.update(&self.net.name, |s| s.lease_held = false);
+                } else {
+                    lease.keeper = None;
+                    tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "keep-alive failed; retrying");
+                }
+            }
+        }
+    }
+
+    async fn publish(&mut self) {
+        self.next_scan = Instant::now() + self.settings.resync_interval;
+        // Only the holder of this node name's claim speaks for the node (a second agent under
+        // the same name must not replace the first one's records).
+        if self.subnets.is_none() {
+            return;
+        }
+        let local = self.local();
+        match publish::publish(&mut self.client, &self.keys, &self.settings.node, &local).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(network = %self.net.name, changed = n, "published this node's records")
+            }
+            Err(e) => {
+                tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "publishing failed; retrying");
+                self.next_scan = Instant::now() + Duration::from_secs(1);
+                return;
+            }
+        }
+        // Endpoints and MTU follow the records: refresh the node key when they change.
+        let info = self.node_info(&local);
+        if let Some(lease) = self.lease.as_ref().filter(|_| info != self.announced_info) {
+            let put = self.client.put(
+                self.keys.node_info(&self.settings.node),
+                info.clone(),
+                Some(etcd_client::PutOptions::new().with_lease(lease.id)),
+            );
+            match etcd::bounded(put).await {
+                Ok(_) => {
+                    tracing::info!(network = %self.net.name, "node key updated");
+                    self.announced_info = info;
+                }
+                Err(e) => {
+                    tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "updating the node key failed; retrying");
+                    self.next_scan = Instant::now() + Duration::from_secs(1);
+                }
+            }
+        }
+    }
+
+    /// List everything at one revision, replace the mirror (mark and sweep), then watch from
+    /// the next revision.
+    async fn full_sync(&mut self) {
+        let prefix = self.keys.prefix().to_string();
+        let result = async {
+            let (kvs, revision) = etcd::list_prefix(&mut self.client, &prefix).await?;
+            let options = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision + 1)
+                .with_progress_notify();
+            let watch = etcd::bounded(self.client.watch(prefix.clone(), Some(options))).await?;
+            anyhow::Ok((kvs, revision, watch))
+        }
+        .await;
+        match result {
+            Ok((kvs, revision, watch)) => {
+                tracing::info!(network = %self.net.name, keys = kvs.len(), revision, "full sync");
+                self.mirror.replace_all(kvs, revision);
+                self.watch = Some(watch);
+                self.sync_delay = Duration::from_millis(500);
+                self.synced = true;
+                self.status
+                    .update(&self.net.name, |s| s.first_sync_done = true);
+                self.mirror_changed(true).await;
+            }
+            Err(e) => {
+                tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "listing etcd failed; the mirror stays as it is");
+                self.next_sync_try = Instant::now() + self.sync_delay;
+                self.sync_delay = (self.sync_delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+
+    /// Apply a watch message and every further one already waiting (a burst of events
+    /// costs one evaluation), then re-evaluate once.
+    async fn on_watch(&mut self, first: Result<Option<WatchResponse>>) {
+        use futures::FutureExt;
+        let mut changed = false;
+        let mut message = Some(first);
+        let mut drained = 0;
+        while let Some(next) = message.take() {
+            match next {
+                Ok(Some(resp)) if resp.canceled() || resp.compact_revision() > 0 => {
+                    tracing::warn!(network = %self.net.name, compact_revision = resp.compact_revision(), reason = resp.cancel_reason(), "watch cancelled: re-listing");
+                    self.watch = None;
+                    self.next_sync_try = Instant::now();
+                }
+                Ok(Some(resp)) => changed |= self.mirror.apply(&resp),
+                Ok(None) | Err(_) => {
+                    if let Err(e) = &next {
+                        tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "watch lost: re-listing when etcd answers (nothing is removed meanwhile)");
+                    }
+                    self.watch = None;
+                    self.next_sync_try = Instant::now() + self.sync_delay;
+                }
+            }
+            drained += 1;
+            if drained < 1000 {
+                if let Some(stream) = self.watch.as_mut() {
+                    // Cancel-safe: the select loop drops pending `message()` futures too.
+                    message = stream
+                        .message()
+                        .now_or_never()
+                        .map(|m| m.map_err(anyhow::Error::from));
+                }
+            }
+        }
+        // Applied events count even when the watch ended after them; a re-list follows.
+        if changed {
+            self.mirror_changed(false).await;
+        }
+    }
+
+    /// Re-evaluate trust, rewrite the mirror, and reconcile when a file changed. `full`: after
+    /// a full sync or on the resync interval: read the mirror back and reconcile regardless.
+    async fn mirror_changed(&mut self, full: bool) {
+        let evaluation = self
+            .mirror
+            .evaluate(Instant::now(), self.settings.grace_period);
+        let changed = self.mirror.write(&evaluation.trusted, full);
+        let stale = evaluation.stale.clone();
+        self.status
+            .update(&self.net.name, |s| s.stale_nodes = stale);
+        if let Some(other) = evaluation.own_claim_agent.as_ref().filter(|a| {
+            self.subnets.is_some()
+                && **a != self.agent_id
+                && self.mirror.revision() >= self.claim_revision
+        }) {
+            tracing::error!(network = %self.net.name, agent = %other, "another agent took over this node name's subnet claim: this agent stops speaking for the node");
+            self.subnets = None;
+            self.status.update(&self.net.name, |s| s.subnets = None);
+        }
+        match evaluation.own_claim_wins {
+            Some(false) => {
+                self.status.update(&self.net.name, |s| {
+                    s.subnet_error =
+                        Some("this node's subnet claim loses to an older overlapping claim".into())
+                });
+                if self.subnets.is_some() {
+                    tracing::error!(network = %self.net.name, "this node's subnet claim loses to an older overlapping claim: every record of this node is ignored");
+                    self.subnets = None;
+                    self.status.update(&self.net.name, |s| s.subnets = None);
+                }
+            }
+            None if self.subnets.is_some() && self.mirror.revision() >= self.claim_revision => {
+                tracing::warn!(network = %self.net.name, "this node's subnet claim disappeared from etcd: claiming again");
+                self.subnets = None;
+                self.status.update(&self.net.name, |s| s.subnets = None);
+            }
+            _ => {}
+        }
+        if changed || full {
+            self.reconcile().await;
+        }
+    }
+
+    async fn reconcile(&mut self) {
+        self.next_reconcile = Instant::now() + self.settings.resync_interval;
+        if !self.synced {
+            return;
+        }
+        // Only after a complete sync may the reconciler act on (and remove) peers.
+        if !self.status.first_sync_done(&self.net.name) {
+            return;
+        }
+        let reconciler = self.reconciler.clone();
+        let network = self.net.name.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || reconciler.reconcile(&network)).await {
+            tracing::error!(network = %self.net.name, error = %e, "reconcile panicked");
+        }
+    }
+}
+
+async fn next_message(watch: &mut Option<WatchStream>) -> Result<Option<WatchResponse>> {
+    match watch {
+        Some(stream) => stream.message().await.map_err(anyhow::Error::from),
+        None => std::future::pending().await,
+    }
+}
+
+/// inotify on this node's own record directory (never the mirror): any change triggers a
+/// publish pass. Without inotify the periodic scan still publishes.
+fn watch_dir(
+    dir: &std::path::Path,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|e| tracing::warn!(error = %e, "inotify unavailable: relying on the periodic scan"))
+    .ok()?;
+    match watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+        Ok(()) => Some(watcher),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the record directory: relying on the periodic scan");
+            None
+        }
+    }
+}
