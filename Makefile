@@ -27,10 +27,11 @@ lint:
 test-unit:
 	cargo test --bins
 
-# Serial: the tests compare host-wide snapshots (links, daemons, UDP ports).
+# Serial: the tests compare host-wide snapshots (links, daemons, UDP ports). agent_etcd runs
+# agents against etcd in anonymous namespaces; multinode runs simulated nodes with agents.
 test-integration: deps
 	WG_CNI_TEST_BACKEND=userspace cargo test --test plugin --test gateway --test hardening --test bad_input \
-		--test security --test abuse -- --test-threads=1
+		--test security --test abuse --test agent_etcd --test multinode -- --test-threads=1
 
 # libcni (cnitool), podman 4.3 (CNI backend) and containerd 1.6 (CRI) drive the built plugin;
 # installs what they need. See scripts/clients/README.md.

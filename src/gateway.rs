@@ -40,14 +40,17 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 pub struct Plan {
     /// The gateway's addresses, as full-length prefixes.
     pub addresses: Vec<IpNetwork>,
-    /// The pod ranges routed through it.
+    /// This node's pod ranges.
     pub subnets: Vec<IpNetwork>,
+    /// The network's ranges over all nodes (`clusterRange`), routed through it when set.
+    pub cluster_ranges: Vec<IpNetwork>,
 }
 
-pub fn plan(result: &CniResult) -> Result<Plan> {
+pub fn plan(result: &CniResult, cluster_ranges: &[IpNetwork]) -> Result<Plan> {
     let mut plan = Plan {
         addresses: Vec::new(),
         subnets: Vec::new(),
+        cluster_ranges: cluster_ranges.to_vec(),
     };
     for ip in &result.ips {
         let gateway = ip.gateway.ok_or_else(|| {
@@ -70,6 +73,27 @@ pub fn plan(result: &CniResult) -> Result<Plan> {
         }
     }
     Ok(plan)
+}
+
+/// The peer a pod gets for another node's gateway: that gateway's own addresses and its
+/// node's address, so a pod reaches any node (apiserver, NodePorts) encrypted end to end and
+/// the reply is accepted.
+pub fn peer_for_remote_pods(gateway: &GatewayRecord, keepalive: Option<u16>) -> Result<Peer> {
+    let mut allowed_ips = gateway.addresses.clone();
+    let node = wireguard::host_prefix(gateway.endpoint);
+    if !allowed_ips.contains(&node) {
+        allowed_ips.push(node);
+    }
+    Ok(Peer {
+        public_key: key_of(&gateway.public_key)?,
+        endpoint: Some(std::net::SocketAddr::new(
+            gateway.endpoint,
+            gateway.listen_port,
+        )),
+        allowed_ips,
+        keepalive,
+        preshared_key: None,
+    })
 }
 
 /// The peer every pod gets for the gateway: whatever no more specific peer claims.
@@ -151,6 +175,7 @@ pub fn ensure(
     if let Some(existing) = store.gateway()? {
         if existing.boot_id == boot_id && is_live(host, &existing) {
             let serves_plan = plan.subnets.iter().all(|s| existing.subnets.contains(s))
+                && existing.cluster_ranges == plan.cluster_ranges
                 && existing.masquerade == masquerade;
             if serves_plan {
                 return Ok(Ensured {
@@ -199,6 +224,7 @@ pub fn ensure(
         public_key: keypair.public().to_base64(),
         addresses: Vec::new(),
         subnets: Vec::new(),
+        cluster_ranges: Vec::new(),
         endpoint: settings.endpoint,
         listen_port: port,
         host_name: name.clone(),
@@ -240,6 +266,7 @@ pub fn ensure(
 }
 
 fn merge_plan(record: &mut GatewayRecord, plan: &Plan) {
+    record.cluster_ranges = plan.cluster_ranges.clone();
     for address in &plan.addresses {
         if !record.addresses.contains(address) {
             record.addresses.push(*address);
@@ -269,13 +296,13 @@ fn configure_host_side(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
             }
         }
         netlink.set_up(link.index)?;
-        for subnet in &gateway.subnets {
-            netlink.add_host_route(link.index, *subnet)?;
+        for range in gateway.routed() {
+            netlink.add_host_route(link.index, *range)?;
         }
         Ok(())
     })?;
-    nat::enable_forwarding(&gateway.subnets)?;
-    for subnet in &gateway.subnets {
+    nat::enable_forwarding(gateway.routed())?;
+    for subnet in gateway.routed() {
         nat::hairpin(&gateway.network, &gateway.host_name, subnet).ensure()?;
         let masquerade = nat::masquerade(&gateway.network, &gateway.host_name, subnet);
         if gateway.masquerade {
@@ -290,7 +317,7 @@ fn configure_host_side(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
 /// Remove the gateway's link (or daemon) and NAT rules; the record and the port's ledger
 /// entry stay for the caller (which may hold the port lock already).
 pub fn destroy(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
-    for subnet in &gateway.subnets {
+    for subnet in gateway.routed() {
         nat::hairpin(&gateway.network, &gateway.host_name, subnet).remove()?;
         nat::masquerade(&gateway.network, &gateway.host_name, subnet).remove()?;
     }
@@ -348,7 +375,7 @@ mod tests {
             ],
             ..CniResult::default()
         };
-        let plan = plan(&result).unwrap();
+        let plan = plan(&result, &[]).unwrap();
         assert_eq!(plan.addresses[0].to_string(), "10.66.0.1/32");
         assert_eq!(plan.addresses[1].to_string(), "fd66::1/128");
         assert_eq!(plan.subnets[0].to_string(), "10.66.0.0/24");
@@ -365,7 +392,7 @@ mod tests {
             }],
             ..CniResult::default()
         };
-        assert_eq!(plan(&result).unwrap_err().code(), 7);
+        assert_eq!(plan(&result, &[]).unwrap_err().code(), 7);
     }
 
     #[test]

@@ -138,11 +138,10 @@ fn run_agent(args: AgentArgs) -> cni::Result<()> {
         health_listen: args.health_listen,
     };
     let status = std::sync::Arc::new(agent::AgentStatus::default());
-    agent::run(settings, std::sync::Arc::new(agent::LogReconciler), status).map_err(|e| {
-        cni::Error::Io {
-            context: format!("{e:#}"),
-            source: std::io::Error::other("agent stopped"),
-        }
+    let links = std::sync::Arc::new(agent::links::LinkSync::new(&settings)?);
+    agent::run(settings, links, status).map_err(|e| cni::Error::Io {
+        context: format!("{e:#}"),
+        source: std::io::Error::other("agent stopped"),
     })
 }
 

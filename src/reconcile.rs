@@ -19,6 +19,8 @@ pub struct NetworkView {
     pub records: Vec<Record>,
     /// This node's gateway, when the network has one.
     pub gateway: Option<GatewayRecord>,
+    /// The other nodes' gateways (mirrored by the agent).
+    pub remote_gateways: Vec<GatewayRecord>,
     /// The config's static peers (already validated against the pod range).
     pub static_peers: Vec<Peer>,
     pub keepalive: Option<u16>,
@@ -45,27 +47,36 @@ impl NetworkView {
                 true => store.gateway().ok().flatten(),
                 false => None,
             },
+            remote_gateways: store.remote_gateways()?,
             static_peers,
             keepalive: conf.persistent_keepalive,
         })
     }
 
     /// The peers the pod link of `me` should have: every other ready attachment, the static
-    /// peers, and the node gateway for whatever no more specific peer claims.
+    /// peers, this node's gateway for whatever no more specific peer claims, and every other
+    /// node's gateway for that gateway's and that node's addresses.
     pub fn desired_for_pod(&self, me: &Record) -> Result<Vec<Peer>> {
         let mut peers = mesh::peers_of(&self.records, &me.container_id, &me.ifname, self.keepalive);
         peers.extend(self.static_peers.iter().cloned());
         if let Some(gw) = &self.gateway {
             peers.push(gateway::peer_for_pods(gw, self.keepalive)?);
+            for remote in &self.remote_gateways {
+                match gateway::peer_for_remote_pods(remote, self.keepalive) {
+                    Ok(peer) => peers.push(peer),
+                    Err(e) => tracing::warn!(node = %remote.node, error = %e, "skipping a gateway"),
+                }
+            }
         }
         Ok(peers)
     }
 
-    /// The peers this node's gateway should have: every ready pod on this node.
-    pub fn desired_for_gateway(&self, node: &str) -> Vec<Peer> {
+    /// The peers this node's gateway should have: every ready pod of the network, on any
+    /// node (traffic from the host to a remote pod goes straight to it, encrypted).
+    pub fn desired_for_gateway(&self) -> Vec<Peer> {
         self.records
             .iter()
-            .filter(|r| r.node == node && r.state == State::Ready)
+            .filter(|r| r.state == State::Ready)
             .filter_map(|r| mesh::peer_of(r, self.keepalive).ok())
             .collect()
     }
@@ -79,6 +90,9 @@ pub enum Prune<'a> {
     Nothing,
     /// Also remove these keys (a deleted attachment, a replaced gateway).
     Only(&'a [Key]),
+    /// Make the device's peer set exactly the desired one: the node agent, once its view of
+    /// the network is complete (every peer is then accounted for by a record or the config).
+    Everything,
 }
 
 /// The update that turns `device`'s peers into `desired`: new peers and peers whose allowed
@@ -102,6 +116,7 @@ pub fn diff(device: &DeviceState, desired: &[Peer], prune: Prune) -> Update<'sta
         .filter(|key| match prune {
             Prune::Nothing => false,
             Prune::Only(keys) => keys.contains(key),
+            Prune::Everything => true,
         })
         .map(|key| (*key).clone())
         .collect();
@@ -178,7 +193,7 @@ pub fn gateway(node: &Node, view: &NetworkView, prune: Prune) -> Result<()> {
         return Ok(());
     };
     crate::failpoint::fail("gateway-update")?;
-    let desired = view.desired_for_gateway(node.name);
+    let desired = view.desired_for_gateway();
     apply(gateway.backend, &gateway.link(node.host), &desired, prune).map(|_| ())
 }
 

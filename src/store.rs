@@ -124,8 +124,12 @@ pub struct GatewayRecord {
     pub public_key: String,
     /// The gateway's own addresses (full-length prefixes) on its host link.
     pub addresses: Vec<IpNetwork>,
-    /// The pod ranges the host routes through the gateway.
+    /// This node's pod ranges.
     pub subnets: Vec<IpNetwork>,
+    /// The network's whole pod range over all nodes (`clusterRange`), when set: the host routes
+    /// it into the gateway and hairpin SNAT matches it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_ranges: Vec<IpNetwork>,
     pub endpoint: IpAddr,
     pub listen_port: u16,
     pub host_name: String,
@@ -139,6 +143,14 @@ pub struct GatewayRecord {
 }
 
 impl GatewayRecord {
+    /// What the host routes into the gateway: the cluster range, or this node's ranges.
+    pub fn routed(&self) -> &[IpNetwork] {
+        match self.cluster_ranges.is_empty() {
+            true => &self.subnets,
+            false => &self.cluster_ranges,
+        }
+    }
+
     pub fn link<'a>(&'a self, host: &'a Netns) -> LinkRef<'a> {
         LinkRef {
             host_name: &self.host_name,
@@ -255,6 +267,26 @@ impl Store {
             }
         }
         Ok(records)
+    }
+
+    /// The gateway records of the other nodes (mirrored by the node agent).
+    pub fn remote_gateways(&self) -> Result<Vec<GatewayRecord>> {
+        let mut gateways = Vec::new();
+        for node_dir in list_dir(&self.network_dir)? {
+            let is_other_node = fs::symlink_metadata(&node_dir).is_ok_and(|m| m.is_dir())
+                && node_dir.file_name().and_then(|n| n.to_str()) != Some(self.node.as_str());
+            if !is_other_node {
+                continue;
+            }
+            match read_json::<GatewayRecord>(&node_dir.join(GATEWAY_FILE)) {
+                Ok(gateway) => gateways.push(gateway),
+                Err(ReadError::Missing) => {}
+                Err(ReadError::Invalid(reason)) => {
+                    tracing::warn!(dir = %node_dir.display(), %reason, "skipping an unreadable gateway record");
+                }
+            }
+        }
+        Ok(gateways)
     }
 
     /// This node's records only. Legacy-named files are migrated on the way (callers that

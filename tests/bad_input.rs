@@ -488,6 +488,7 @@ fn every_bad_input_gets_its_code_names_the_problem_and_changes_nothing() {
         }
         let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let out = cni_raw(&refs, &case.stdin);
+        assert_ne!(out.code, 0, "{}: succeeded: {}", case.what, out.stdout);
         assert_eq!(out.error_code(), case.code, "{}: {}", case.what, out.stdout);
         let msg = out.error_msg();
         assert!(

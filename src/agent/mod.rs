@@ -8,6 +8,7 @@ pub mod config;
 mod etcd;
 pub mod health;
 pub mod keys;
+pub mod links;
 pub mod mirror;
 mod network;
 mod publish;
@@ -31,15 +32,6 @@ use network::NetworkLoop;
 /// for different networks may. It takes the network's flock itself (per link).
 pub trait LinkReconciler: Send + Sync {
     fn reconcile(&self, network: &str);
-}
-
-/// Until the real reconciler is wired in: log that a reconcile is due.
-pub struct LogReconciler;
-
-impl LinkReconciler for LogReconciler {
-    fn reconcile(&self, network: &str) {
-        tracing::info!(network, "mirror changed: reconcile");
-    }
 }
 
 /// Run the agent until SIGTERM or SIGINT (on a multi-thread tokio runtime of its own).

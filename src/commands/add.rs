@@ -48,17 +48,13 @@ pub fn run(ctx: &Context) -> Result<Value> {
     let addresses: Vec<_> = ipam_result.ips.iter().map(|ip| ip.address).collect();
     let keypair = KeyPair::generate();
     let mut record = new_record(ctx, &store, &pod, &settings, &keypair, addresses);
-    let mut view = NetworkView {
-        records: store.all_records()?,
-        gateway: None,
-        static_peers: mesh::static_peers(conf, &record.addresses)?,
-        keepalive: conf.persistent_keepalive,
-    };
+    let mut view = NetworkView::read(&store, conf)?;
+    view.static_peers = mesh::static_peers(conf, &record.addresses)?;
 
     {
         let mut ports = ports::lock()?;
         if conf.host_gateway {
-            let plan = gateway::plan(&ipam_result)?;
+            let plan = gateway::plan(&ipam_result, &conf.cluster_range)?;
             let gw = ensure_gateway(ctx, &store, &settings, &plan, &mut ports, &mut rollback)?;
             view.gateway = Some(gw);
             add_default_routes(&mut ipam_result);

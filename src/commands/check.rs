@@ -119,6 +119,7 @@ pub fn run(ctx: &Context) -> Result<()> {
         .iter()
         .filter(|r| r.node != ctx.node)
         .map(|r| r.public_key.clone())
+        .chain(view.remote_gateways.iter().map(|g| g.public_key.clone()))
         .collect();
     let mut want = want;
     want.retain(|key, _| !remote.contains(key) || have.contains_key(key));

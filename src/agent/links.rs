@@ -1,0 +1,118 @@
+//! The agent's reconcile hook: brings every live WireGuard link of this node (its pods and its
+//! node gateway) to the peer set the store describes, with the same view and diff the CNI
+//! commands use (`crate::reconcile`). Per link it takes the network's flock around
+//! read store → read device → apply, re-checks under the lock that the attachment is still
+//! ready and its namespace the recorded one, and never holds the lock across links.
+
+use std::path::PathBuf;
+
+use crate::cni::{NetConf, Result};
+use crate::host;
+use crate::netns::Netns;
+use crate::reconcile::{self, NetworkView, Prune};
+use crate::store::{State, Store};
+
+use super::LinkReconciler;
+
+pub struct LinkSync {
+    node: String,
+    boot_id: String,
+    host: Netns,
+    /// Where the network's settings are read from at every reconcile (the runtime's conflists).
+    cni_conf_dir: PathBuf,
+    store: PathBuf,
+}
+
+impl LinkSync {
+    pub fn new(settings: &super::Settings) -> Result<LinkSync> {
+        Ok(LinkSync {
+            node: settings.node.clone(),
+            boot_id: host::boot_id()?,
+            host: Netns::host()?,
+            cni_conf_dir: settings.cni_conf_dir.clone(),
+            store: settings.store.clone(),
+        })
+    }
+
+    fn local(&self) -> reconcile::Node<'_> {
+        reconcile::Node {
+            name: &self.node,
+            boot_id: &self.boot_id,
+            host: &self.host,
+        }
+    }
+
+    fn sync(&self, conf: &NetConf) -> Result<()> {
+        let Some(store) = Store::open_existing(&conf.store, &conf.name, &self.node)? else {
+            return Ok(());
+        };
+        let (mut updated, mut failed) = (0, 0);
+        for record in store.node_records()? {
+            if record.state != State::Ready || record.boot_id != self.boot_id {
+                continue;
+            }
+            let _lock = store.lock()?;
+            // Under the lock: still there, still ready, still in the namespace recorded.
+            let Some(current) = store.get(&record.container_id, &record.ifname)? else {
+                continue;
+            };
+            let Some(pod) = current.live_netns(None) else {
+                continue;
+            };
+            if current.state != State::Ready || current.public_key != record.public_key {
+                continue;
+            }
+            let view = NetworkView::read(&store, conf)?;
+            let outcome = view.desired_for_pod(&current).and_then(|desired| {
+                reconcile::apply(
+                    current.backend,
+                    &current.link(Some(&pod)),
+                    &desired,
+                    Prune::Everything,
+                )
+            });
+            match outcome {
+                Ok(true) => updated += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(network = %conf.name, container = %current.container_id, error = %e, "could not reconcile a pod link");
+                }
+            }
+        }
+        if conf.host_gateway {
+            let _lock = store.lock()?;
+            let view = NetworkView::read(&store, conf)?;
+            let live = view
+                .gateway
+                .as_ref()
+                .is_some_and(|gw| gw.boot_id == self.boot_id);
+            if live && let Err(e) = reconcile::gateway(&self.local(), &view, Prune::Everything) {
+                failed += 1;
+                tracing::warn!(network = %conf.name, error = %e, "could not reconcile the node gateway");
+            }
+        }
+        tracing::debug!(network = %conf.name, updated, failed, "links reconciled");
+        Ok(())
+    }
+}
+
+impl LinkReconciler for LinkSync {
+    fn reconcile(&self, network: &str) {
+        let networks = super::config::read_networks(&self.cni_conf_dir, &self.store);
+        let conf = networks
+            .ok()
+            .and_then(|nets| nets.into_iter().find(|n| n.name == network))
+            .map(|n| n.conf);
+        let Some(conf) = conf else {
+            tracing::warn!(
+                network,
+                "no conflist for this network any more: links left as they are"
+            );
+            return;
+        };
+        if let Err(e) = self.sync(&conf) {
+            tracing::warn!(network, error = %e, "reconcile failed");
+        }
+    }
+}
