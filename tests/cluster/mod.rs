@@ -243,7 +243,7 @@ impl Cluster {
             .arg(binary())
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", &pod.id)
-            .env("CNI_NETNS", netns)
+            .env("CNI_NETNS", pod.netns())
             .env("CNI_IFNAME", "eth0")
             .env("CNI_PATH", path)
             .stdin(Stdio::piped())
