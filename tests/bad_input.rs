@@ -81,8 +81,10 @@ fn every_bad_input_gets_its_code_names_the_problem_and_changes_nothing() {
     v1_0["cniVersion"] = "1.0.0".into();
     let mut v0_3 = good.clone();
     v0_3["cniVersion"] = "0.3.1".into();
-    let mut gc_no_list = good.clone();
-    gc_no_list["cniVersion"] = "1.1.0".into();
+    // GC without a list is valid (libcni 1.3 sends none); a list that is not one is not.
+    let mut gc_bad_list = good.clone();
+    gc_bad_list["cniVersion"] = "1.1.0".into();
+    gc_bad_list["cni.dev/valid-attachments"] = json!({"containerID": "x"});
 
     let mut cases = vec![
         case("empty stdin", Vec::new(), 6, "JSON"),
@@ -444,10 +446,10 @@ fn every_bad_input_gets_its_code_names_the_problem_and_changes_nothing() {
         ),
         env_case("GC on 1.0.0", "CNI_COMMAND", Some("GC"), &v1_0, 1, "1.1.0"),
         env_case(
-            "GC without valid-attachments",
+            "GC with valid-attachments not a list",
             "CNI_COMMAND",
             Some("GC"),
-            &gc_no_list,
+            &gc_bad_list,
             7,
             "valid-attachments",
         ),

@@ -232,11 +232,6 @@ impl Cluster {
     /// Run a CNI command of the plugin inside node `i`'s namespace.
     pub fn cni(&self, i: usize, command: &str, pod: &Pod) -> CniOutput {
         let node = &self.nodes[i];
-        let netns = if command == "DEL" {
-            pod.netns().to_string()
-        } else {
-            pod.netns().to_string()
-        };
         let path = plugin_dir();
         let mut child = Command::new(ip())
             .args(["netns", "exec", &node.netns])
