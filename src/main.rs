@@ -9,6 +9,7 @@ mod gateway;
 mod host;
 mod ipam;
 mod keys;
+mod lease;
 mod link;
 mod mesh;
 mod nat;

@@ -496,10 +496,13 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
 fn read_records(dir: &Path) -> Result<Vec<(PathBuf, Record)>> {
     let mut records = Vec::new();
     for path in list_dir(dir)? {
-        let is_record = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.ends_with(".json") && !n.starts_with('.') && n != GATEWAY_FILE);
+        // Pod records hold a ':' (legacy ones a '-'); gateway.json, and the agent's
+        // subnet.json and node.json, are other files.
+        let is_record = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            n.ends_with(".json")
+                && !n.starts_with('.')
+                && (n.contains(SEPARATOR) || n.contains('-'))
+        });
         if !is_record {
             continue;
         }

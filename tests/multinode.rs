@@ -192,3 +192,49 @@ fn keys_only(attachments: Vec<Value>) -> Vec<Vec<(String, String)>> {
         })
         .collect()
 }
+
+/// Subnet-lease mode: until the agent has leased the node's subnet, ADD is "try again later"
+/// (11) and STATUS 50; then pods on two nodes get addresses from two different leased subnets
+/// of the cluster range and talk.
+#[test]
+fn leased_subnets_come_from_the_agent() {
+    let mut cluster = Cluster::new(2);
+    cluster.lease = true;
+    cluster.write_conflists();
+    let early = Pod::new();
+    let out = cluster.cni(0, "ADD", &early);
+    assert_eq!(out.error_code(), 11, "{}", out.stdout);
+    let mut status_conf = cluster.conf(0);
+    status_conf["cniVersion"] = "1.1.0".into();
+    let status = cluster.cni_with(0, "STATUS", &early, &status_conf);
+    assert_eq!(status.error_code(), 50, "{}", status.stdout);
+
+    cluster.start_agents();
+    let leased = wait_for(CONVERGE, || {
+        (0..2).all(|n| {
+            cluster.nodes[n]
+                .store
+                .join(&cluster.network)
+                .join(&cluster.nodes[n].name)
+                .join("subnet.json")
+                .exists()
+        })
+    });
+    assert!(leased, "the agents leased no subnets");
+    cluster.cni_with(0, "STATUS", &early, &status_conf).ok();
+    let pods = vec![add(&cluster, 0), add(&cluster, 1)];
+    let prefix = |ip: &str| ip.rsplit_once('.').unwrap().0.to_string();
+    assert_ne!(
+        prefix(&pods[0].ip),
+        prefix(&pods[1].ip),
+        "two nodes share a subnet"
+    );
+    assert!(
+        pods.iter().all(|p| p.ip.starts_with("10.251.")),
+        "outside the cluster range"
+    );
+    converge_all_pairs(&pods);
+    for p in &pods {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}

@@ -19,7 +19,19 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>> {
     if env.command == Command::Version {
         return Ok(Some(version(stdin)));
     }
-    let conf = NetConf::parse(stdin)?;
+    let mut conf = NetConf::parse(stdin)?;
+    if conf.subnet_lease {
+        let node = crate::host::node_name(conf.node_name.as_deref())?;
+        match (env.command, crate::lease::substitute(&mut conf, &node)) {
+            (_, Ok(())) => {}
+            (Command::Add, Err(e)) => return Err(e),
+            (Command::Status, Err(e)) => {
+                return Err(crate::cni::Error::NotAvailable(e.to_string()));
+            }
+            // DEL, CHECK and GC release or check what IPAM holds by container: no range needed.
+            (_, Err(_)) => {}
+        }
+    }
     let ctx = Context::new(env, &conf)?;
     match env.command {
         Command::Add => add::run(&ctx).map(Some),

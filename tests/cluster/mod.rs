@@ -27,6 +27,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// Agent flags every node gets (TTL, grace period, resync).
     pub agent_flags: Vec<String>,
+    /// Subnets leased by the agents from the cluster range instead of given per node.
+    pub lease: bool,
 }
 
 pub struct Node {
@@ -53,6 +55,7 @@ impl Cluster {
             etcd_ns: format!("wge{id}"),
             etcd: None,
             nodes: Vec::new(),
+            lease: false,
             agent_flags: [
                 "--lease-ttl",
                 "3",
@@ -199,7 +202,7 @@ impl Cluster {
     }
 
     fn plugin(&self, node: &Node) -> Value {
-        json!({
+        let mut plugin = json!({
             "type": "wg-cni",
             "ipam": {
                 "type": "host-local",
@@ -213,7 +216,12 @@ impl Cluster {
             "mtu": 1420,
             "listenPorts": "53000-53999",
             "clusterRange": CLUSTER_RANGE,
-        })
+        });
+        if self.lease {
+            plugin["subnetLease"] = true.into();
+            plugin["ipam"]["ranges"] = json!([]);
+        }
+        plugin
     }
 
     /// Write node `i`'s conflist into its conf dir (as an installer would).
@@ -231,6 +239,11 @@ impl Cluster {
 
     /// Run a CNI command of the plugin inside node `i`'s namespace.
     pub fn cni(&self, i: usize, command: &str, pod: &Pod) -> CniOutput {
+        self.cni_with(i, command, pod, &self.conf(i))
+    }
+
+    /// `cni` with a config of the caller's.
+    pub fn cni_with(&self, i: usize, command: &str, pod: &Pod, conf: &Value) -> CniOutput {
         let node = &self.nodes[i];
         let path = plugin_dir();
         let mut child = Command::new(ip())
@@ -249,7 +262,7 @@ impl Cluster {
         {
             use std::io::Write;
             let mut stdin = child.stdin.take().unwrap();
-            let _ = stdin.write_all(self.conf(i).to_string().as_bytes());
+            let _ = stdin.write_all(conf.to_string().as_bytes());
         }
         let out = child.wait_with_output().unwrap();
         CniOutput {
