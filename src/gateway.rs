@@ -325,9 +325,12 @@ pub fn destroy(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
     wireguard::backend(gateway.backend).destroy(&gateway.link(host), &key, host)
 }
 
-/// The network's last local attachment is gone: so is the gateway.
+/// The network's last local attachment is gone: so is the gateway, unless the node agent
+/// serves the network here (it leased or claimed a subnet): a node with a subnet keeps its
+/// gateway.
 pub fn remove_if_unused(host: &Netns, store: &Store) -> Result<()> {
-    if !store.node_records()?.is_empty() {
+    let agent_serves = store.has_subnet_file();
+    if agent_serves || !store.node_records()?.is_empty() {
         return Ok(());
     }
     if let Some(gateway) = store.gateway()? {

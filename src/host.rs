@@ -3,8 +3,11 @@
 
 use std::net::IpAddr;
 
-use crate::cni::{Error, IoContext, Result};
+use crate::cni::config::BackendChoice;
+use crate::cni::{Error, IoContext, NetConf, Result};
 use crate::link::Netlink;
+use crate::ports;
+use crate::wireguard::{self, BackendKind};
 
 /// WireGuard's overhead over IPv6 (40 + 8 + 32): the MTU that fits either underlay family.
 pub const WIREGUARD_OVERHEAD: u32 = 80;
@@ -100,4 +103,55 @@ pub fn now_unix() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// The link settings of a network on this node: the config's, else the host's defaults.
+pub fn resolve_link_settings(conf: &NetConf) -> Result<LinkSettings> {
+    let route = if conf.mtu.is_none() || conf.endpoint.is_none() {
+        default_route()?
+    } else {
+        None
+    };
+    let mtu = conf.mtu.unwrap_or_else(|| match &route {
+        Some(r) => r.mtu.saturating_sub(WIREGUARD_OVERHEAD).max(1280),
+        None => FALLBACK_MTU,
+    });
+    let endpoint = match conf.endpoint {
+        Some(ip) => ip,
+        None => route.and_then(|r| r.source).ok_or_else(|| {
+            Error::config(
+                "endpoint",
+                "is required on a host without a default route: set the address peers reach this node at",
+            )
+        })?,
+    };
+    let ports = match conf.listen_ports {
+        Some(range) => range,
+        None => ports::default_range(ports::ephemeral_range())?,
+    };
+    Ok(LinkSettings {
+        mtu,
+        endpoint,
+        ports,
+        backend: choose_backend(conf.backend)?,
+    })
+}
+
+pub fn choose_backend(choice: BackendChoice) -> Result<BackendKind> {
+    let kernel = || wireguard::kernel::available();
+    let userspace = wireguard::userspace::available;
+    match choice {
+        BackendChoice::Kernel if kernel() => Ok(BackendKind::Kernel),
+        BackendChoice::Kernel => Err(Error::config(
+            "backend",
+            "\"kernel\": this kernel cannot create WireGuard links (no wireguard module); use \"userspace\" or \"auto\"",
+        )),
+        BackendChoice::Userspace if userspace() => Ok(BackendKind::Userspace),
+        BackendChoice::Auto if kernel() => Ok(BackendKind::Kernel),
+        BackendChoice::Auto if userspace() => Ok(BackendKind::Userspace),
+        BackendChoice::Userspace | BackendChoice::Auto => Err(Error::config(
+            "backend",
+            "no WireGuard available: the kernel has no wireguard module and wireguard-go or /dev/net/tun is missing",
+        )),
+    }
 }

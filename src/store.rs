@@ -269,6 +269,11 @@ impl Store {
         Ok(records)
     }
 
+    /// Whether the node agent wrote this node's subnet (it serves the network here).
+    pub fn has_subnet_file(&self) -> bool {
+        self.node_dir().join(crate::lease::SUBNET_FILE).exists()
+    }
+
     /// The gateway records of the other nodes (mirrored by the node agent).
     pub fn remote_gateways(&self) -> Result<Vec<GatewayRecord>> {
         let mut gateways = Vec::new();

@@ -5,6 +5,7 @@
 mod cluster;
 mod common;
 
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use cluster::{CLUSTER_RANGE, Cluster, ping_once, wait_for};
@@ -20,6 +21,11 @@ struct PodOn {
     ip: String,
 }
 
+struct PodRef<'a> {
+    pod: &'a Pod,
+    ip: &'a str,
+}
+
 fn add(cluster: &Cluster, node: usize) -> PodOn {
     let pod = Pod::new();
     let result = cluster.cni(node, "ADD", &pod).ok().json();
@@ -27,19 +33,42 @@ fn add(cluster: &Cluster, node: usize) -> PodOn {
     PodOn { pod, node, ip }
 }
 
-fn all_pairs_ping(pods: &[PodOn]) -> Vec<(String, String)> {
+fn all_pairs_ping<P: AsPod>(pods: &[P]) -> Vec<(String, String)> {
     let mut failing = Vec::new();
     for a in pods {
         for b in pods {
-            if a.ip != b.ip && !ping_once(&a.pod, &b.ip) {
-                failing.push((a.ip.clone(), b.ip.clone()));
+            if a.ip() != b.ip() && !ping_once(a.pod(), b.ip()) {
+                failing.push((a.ip().to_string(), b.ip().to_string()));
             }
         }
     }
     failing
 }
 
-fn converge_all_pairs(pods: &[PodOn]) {
+trait AsPod {
+    fn pod(&self) -> &Pod;
+    fn ip(&self) -> &str;
+}
+
+impl AsPod for PodOn {
+    fn pod(&self) -> &Pod {
+        &self.pod
+    }
+    fn ip(&self) -> &str {
+        &self.ip
+    }
+}
+
+impl AsPod for PodRef<'_> {
+    fn pod(&self) -> &Pod {
+        self.pod
+    }
+    fn ip(&self) -> &str {
+        self.ip
+    }
+}
+
+fn converge_all_pairs<P: AsPod>(pods: &[P]) {
     let mut failing = Vec::new();
     let ok = wait_for(CONVERGE, || {
         failing = all_pairs_ping(pods);
@@ -237,4 +266,235 @@ fn leased_subnets_come_from_the_agent() {
     for p in &pods {
         cluster.cni(p.node, "DEL", &p.pod).ok();
     }
+}
+
+/// A one-shot TCP server in a namespace: answers the first connection with `reply` (no name
+/// resolution anywhere). Killed by pid on drop.
+struct TcpServer(Child);
+
+impl TcpServer {
+    fn start(netns: &str, port: u16, reply: &str) -> TcpServer {
+        let code = format!(
+            "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',{port}))\ns.listen(8)\nwhile True:\n c,_=s.accept(); c.sendall(b'{reply}'); c.close()\n"
+        );
+        let child = Command::new(ip())
+            .args(["netns", "exec", netns, "/usr/bin/python3", "-c", &code])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        TcpServer(child)
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Connect from a namespace to `address:port` and read what the server says.
+fn tcp_read(netns: &str, address: &str, port: u16) -> String {
+    let code = format!(
+        "import socket\ns=socket.create_connection(('{address}',{port}),timeout=3)\nprint(s.recv(100).decode())"
+    );
+    let out = run(
+        ip(),
+        &["netns", "exec", netns, "/usr/bin/python3", "-c", &code],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Node A's host reaches a pod on B over TCP; a DNAT rule on A standing in for a ClusterIP
+/// whose endpoint is a pod on B works from a pod on A; a pod on A reaches a TCP server on node
+/// C's own address. Meanwhile node A's underlay link carries nothing but WireGuard
+/// (and the agents' etcd traffic).
+#[test]
+fn hosts_services_and_node_addresses_across_nodes() {
+    let mut cluster = Cluster::new(3);
+    cluster.write_conflists();
+    cluster.start_agents();
+    let (a, b) = (add(&cluster, 0), add(&cluster, 1));
+    converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
+    let capture = tempfile::NamedTempFile::new().unwrap();
+    let mut tcpdump = Command::new(ip())
+        .args([
+            "netns",
+            "exec",
+            &cluster.nodes[0].netns,
+            "tcpdump",
+            "-i",
+            "eth0",
+            "-Z",
+            "root",
+            "--immediate-mode",
+            "-U",
+            "-n",
+            "-s",
+            "0",
+            "-w",
+        ])
+        .arg(capture.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+
+    let _server = TcpServer::start(&b.pod.name, 8080, "from-pod-b");
+    let node_a = cluster.nodes[0].netns.clone();
+    let host_to_pod = wait_for(CONVERGE, || tcp_read(&node_a, &b.ip, 8080) == "from-pod-b");
+    assert!(host_to_pod, "node A's host cannot open TCP to a pod on B");
+
+    // A ClusterIP on A whose endpoint is the pod on B.
+    let dnat = [
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        "10.96.0.10",
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+    ];
+    let to = format!("{}:8080", b.ip);
+    let mut args: Vec<&str> = vec!["netns", "exec", &node_a, "iptables"];
+    args.extend_from_slice(&dnat);
+    args.push(&to);
+    run_ok(ip(), &args);
+    assert_eq!(
+        tcp_read(&a.pod.name, "10.96.0.10", 80),
+        "from-pod-b",
+        "Service DNAT on A to a pod on B"
+    );
+
+    // A server on node C's own (underlay) address, reached from a pod on A directly.
+    let node_c = cluster.nodes[2].netns.clone();
+    let _node_server = TcpServer::start(&node_c, 8081, "from-node-c");
+    let c_addr = cluster.nodes[2].addr.clone();
+    let reached = wait_for(CONVERGE, || {
+        tcp_read(&a.pod.name, &c_addr, 8081) == "from-node-c"
+    });
+    assert!(reached, "a pod on A cannot reach node C's address");
+    assert!(ping_once(&a.pod, &b.ip));
+
+    std::thread::sleep(Duration::from_millis(500));
+    // SIGTERM, not SIGKILL: tcpdump writes what it still holds before it exits.
+    let _ = run("kill", &["-TERM", &tcpdump.id().to_string()]);
+    let _ = tcpdump.wait();
+    let pcap = std::fs::read(capture.path()).unwrap();
+    let (wireguard, other) = classify_bridge_frames(&pcap);
+    assert!(
+        wireguard >= 6,
+        "too few WireGuard messages captured: {wireguard} in {} bytes",
+        pcap.len()
+    );
+    assert!(
+        other.is_empty(),
+        "plaintext between nodes on the bridge: {other:?}"
+    );
+    for p in [&a, &b] {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
+
+/// Pod IP reuse on B before A heard of the DEL: A ends up peering only the new key.
+#[test]
+fn a_reused_pod_address_ends_with_the_new_key_everywhere() {
+    let mut cluster = Cluster::new(2);
+    cluster.write_conflists();
+    cluster.start_agents();
+    let a = add(&cluster, 0);
+    let old = add(&cluster, 1);
+    converge_all_pairs(&[add_marker(&a), add_marker(&old)]);
+    let old_key = public_key_of(&cluster, &old);
+    cluster.nodes[0].kill_agent();
+    cluster.cni(1, "DEL", &old.pod).ok();
+    let fresh = Pod::new();
+    let args = format!("IgnoreUnknown=1;IP={}", old.ip);
+    let result = cluster
+        .cni_args(1, "ADD", &fresh, &cluster.conf(1), &args)
+        .ok()
+        .json();
+    assert_eq!(
+        address_of(&result, false),
+        old.ip,
+        "host-local did not reuse the address"
+    );
+    let fresh = PodOn {
+        pod: fresh,
+        node: 1,
+        ip: old.ip.clone(),
+    };
+    let new_key = public_key_of(&cluster, &fresh);
+    cluster.start_agent(0);
+    let settled = wait_for(CONVERGE, || {
+        let peers: Vec<String> = peer_keys(&cluster, 0)
+            .iter()
+            .flat_map(|a| a["peers"].as_array().cloned().unwrap_or_default())
+            .map(|p| p["publicKey"].as_str().unwrap_or_default().to_string())
+            .collect();
+        peers.contains(&new_key) && !peers.contains(&old_key)
+    });
+    assert!(
+        settled,
+        "node A still peers the old key, or not the new one"
+    );
+    converge_all_pairs(&[add_marker(&a), add_marker(&fresh)]);
+    for p in [&a, &fresh] {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
+
+/// A borrowed view for the pair checks.
+fn add_marker(p: &PodOn) -> PodRef<'_> {
+    PodRef {
+        pod: &p.pod,
+        ip: &p.ip,
+    }
+}
+
+/// Count WireGuard UDP frames and list everything else between node addresses that is
+/// neither ARP, IPv6 neighbour discovery, nor TCP to etcd.
+fn classify_bridge_frames(pcap: &[u8]) -> (usize, Vec<String>) {
+    let (mut wireguard, mut other) = (0, Vec::new());
+    let mut at = 24;
+    while at + 16 <= pcap.len() {
+        let len = u32::from_le_bytes(pcap[at + 8..at + 12].try_into().unwrap()) as usize;
+        let frame = &pcap[at + 16..(at + 16 + len).min(pcap.len())];
+        at += 16 + len;
+        if frame.len() < 14 || frame[12..14] != [0x08, 0x00] {
+            continue; // ARP, IPv6 neighbour discovery
+        }
+        let ip = &frame[14..];
+        let header = usize::from(ip[0] & 0x0f) * 4;
+        let ports = |i: usize| u16::from_be_bytes([ip[header + i], ip[header + i + 1]]);
+        match ip[9] {
+            17 => {
+                let payload = &ip[header + 8..];
+                let is_wireguard = payload.len() >= 4
+                    && (1..=4).contains(&payload[0])
+                    && payload[1..4] == [0, 0, 0];
+                if is_wireguard {
+                    wireguard += 1;
+                } else {
+                    other.push(format!("UDP {} -> {}", ports(0), ports(2)));
+                }
+            }
+            6 if ports(0) == 23790 || ports(2) == 23790 => {} // agent <-> etcd
+            proto => other.push(format!(
+                "IP protocol {proto} {:?} -> {:?}",
+                &ip[12..16],
+                &ip[16..20]
+            )),
+        }
+    }
+    (wireguard, other)
 }

@@ -2,15 +2,23 @@
 //! node gateway) to the peer set the store describes, with the same view and diff the CNI
 //! commands use (`crate::reconcile`). Per link it takes the network's flock around
 //! read store → read device → apply, re-checks under the lock that the attachment is still
-//! ready and its namespace the recorded one, and never holds the lock across links.
+//! ready and its namespace the recorded one, and never holds the lock across links. A node
+//! with a subnet keeps its node gateway whether or not it has pods (control-plane nodes must
+//! reach webhooks in pods): the reconcile creates it when it is missing.
 
 use std::path::PathBuf;
 
+use ipnetwork::IpNetwork;
+
 use crate::cni::{NetConf, Result};
+use crate::gateway;
 use crate::host;
+use crate::lease;
 use crate::netns::Netns;
+use crate::ports;
 use crate::reconcile::{self, NetworkView, Prune};
 use crate::store::{State, Store};
+use crate::wireguard;
 
 use super::LinkReconciler;
 
@@ -42,10 +50,48 @@ impl LinkSync {
         }
     }
 
+    /// The node's gateway exists and serves its subnets (as leased or claimed by the agent,
+    /// in `subnet.json`); the gateway address is the subnet's first, as host-local's default.
+    fn ensure_gateway(&self, conf: &NetConf, store: &Store) -> Result<()> {
+        let Some(subnets) = lease::leased_subnets(&conf.store, &conf.name, &self.node) else {
+            return Ok(());
+        };
+        let addresses = subnets
+            .iter()
+            .filter_map(first_host)
+            .map(wireguard::host_prefix)
+            .collect();
+        let plan = gateway::Plan {
+            addresses,
+            subnets,
+            cluster_ranges: conf.cluster_range.clone(),
+        };
+        let settings = host::resolve_link_settings(conf)?;
+        let _lock = store.lock()?;
+        let mut ports = ports::lock()?;
+        let wanted = gateway::Wanted {
+            boot_id: &self.boot_id,
+            settings: &settings,
+            plan: &plan,
+            keepalive: conf.persistent_keepalive,
+            masquerade: conf.ip_masq,
+        };
+        let ensured = gateway::ensure(&self.host, store, &mut ports, &wanted)?;
+        if ensured.created {
+            tracing::info!(network = %conf.name, link = %ensured.record.host_name, "node gateway created");
+        }
+        Ok(())
+    }
+
     fn sync(&self, conf: &NetConf) -> Result<()> {
         let Some(store) = Store::open_existing(&conf.store, &conf.name, &self.node)? else {
             return Ok(());
         };
+        if conf.host_gateway
+            && let Err(e) = self.ensure_gateway(conf, &store)
+        {
+            tracing::warn!(network = %conf.name, error = %e, "could not make the node gateway");
+        }
         let (mut updated, mut failed) = (0, 0);
         for record in store.node_records()? {
             if record.state != State::Ready || record.boot_id != self.boot_id {
@@ -115,4 +161,9 @@ impl LinkReconciler for LinkSync {
             tracing::warn!(network, error = %e, "reconcile failed");
         }
     }
+}
+
+/// The subnet's first host address (`.1`), where host-local puts the gateway by default.
+fn first_host(subnet: &IpNetwork) -> Option<std::net::IpAddr> {
+    subnet.iter().nth(1)
 }

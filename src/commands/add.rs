@@ -27,7 +27,7 @@ pub fn run(ctx: &Context) -> Result<Value> {
     let (env, conf) = (ctx.env, ctx.conf);
     let netns_path = env.netns.as_deref().expect("ADD requires CNI_NETNS");
     let pod = Netns::open_for_env(netns_path)?;
-    let settings = context::resolve_link_settings(conf)?;
+    let settings = host::resolve_link_settings(conf)?;
     refuse_existing_interface(&pod, &env.ifname)?;
     let ipam = ctx.ipam()?;
 

@@ -50,7 +50,9 @@ pub fn run(ctx: &Context) -> Result<()> {
         )));
     }
     if device.listen_port != Some(record.listen_port) {
-        let range = context::resolve_link_settings(conf).map(|s| s.ports).ok();
+        let range = crate::host::resolve_link_settings(conf)
+            .map(|s| s.ports)
+            .ok();
         let outside = match (device.listen_port, range) {
             (Some(port), Some(r)) if port < r.first || port > r.last => {
                 format!(" (outside listenPorts {r}: the pod moved its host UDP port)")

@@ -6,16 +6,15 @@ use std::path::Path;
 
 use wireguard_control::Key;
 
-use crate::cni::config::BackendChoice;
-use crate::cni::{CniEnv, Error, NetConf, Result};
-use crate::host::{self, LinkSettings};
+use crate::cni::{CniEnv, NetConf, Result};
+use crate::host;
 use crate::ipam::{Ipam, Target};
 use crate::mesh;
 use crate::netns::Netns;
 use crate::ports;
 use crate::reconcile::{self, NetworkView, Prune};
 use crate::store::{Record, Store};
-use crate::wireguard::{self, BackendKind};
+use crate::wireguard;
 
 pub struct Context<'a> {
     pub env: &'a CniEnv,
@@ -42,56 +41,6 @@ impl<'a> Context<'a> {
 
     pub fn ipam(&self) -> Result<Ipam<'a>> {
         Ipam::find(self.env, self.conf)
-    }
-}
-
-pub fn resolve_link_settings(conf: &NetConf) -> Result<LinkSettings> {
-    let route = if conf.mtu.is_none() || conf.endpoint.is_none() {
-        host::default_route()?
-    } else {
-        None
-    };
-    let mtu = conf.mtu.unwrap_or_else(|| match &route {
-        Some(r) => r.mtu.saturating_sub(host::WIREGUARD_OVERHEAD).max(1280),
-        None => host::FALLBACK_MTU,
-    });
-    let endpoint = match conf.endpoint {
-        Some(ip) => ip,
-        None => route.and_then(|r| r.source).ok_or_else(|| {
-            Error::config(
-                "endpoint",
-                "is required on a host without a default route: set the address peers reach this node at",
-            )
-        })?,
-    };
-    let ports = match conf.listen_ports {
-        Some(range) => range,
-        None => ports::default_range(ports::ephemeral_range())?,
-    };
-    Ok(LinkSettings {
-        mtu,
-        endpoint,
-        ports,
-        backend: choose_backend(conf.backend)?,
-    })
-}
-
-pub fn choose_backend(choice: BackendChoice) -> Result<BackendKind> {
-    let kernel = || wireguard::kernel::available();
-    let userspace = wireguard::userspace::available;
-    match choice {
-        BackendChoice::Kernel if kernel() => Ok(BackendKind::Kernel),
-        BackendChoice::Kernel => Err(Error::config(
-            "backend",
-            "\"kernel\": this kernel cannot create WireGuard links (no wireguard module); use \"userspace\" or \"auto\"",
-        )),
-        BackendChoice::Userspace if userspace() => Ok(BackendKind::Userspace),
-        BackendChoice::Auto if kernel() => Ok(BackendKind::Kernel),
-        BackendChoice::Auto if userspace() => Ok(BackendKind::Userspace),
-        BackendChoice::Userspace | BackendChoice::Auto => Err(Error::config(
-            "backend",
-            "no WireGuard available: the kernel has no wireguard module and wireguard-go or /dev/net/tun is missing",
-        )),
     }
 }
 

@@ -4,7 +4,7 @@
 //! stop sending ADDs while it fails, and the next ADD is what repairs the gateway. They are
 //! logged here and reported by CHECK of each affected pod and by `wg-cni show`.
 
-use super::context::{self, Context};
+use super::context::Context;
 use crate::cni::{Error, Result, Version};
 use crate::gateway;
 use crate::ipam::Ipam;
@@ -17,7 +17,7 @@ pub fn run(ctx: &Context) -> Result<()> {
     ctx.store()
         .and_then(|store| store.probe_writable())
         .map_err(|e| Error::NotAvailable(format!("cannot add pods: {e}")))?;
-    context::choose_backend(conf.backend).map_err(|e| Error::NotAvailable(e.to_string()))?;
+    crate::host::choose_backend(conf.backend).map_err(|e| Error::NotAvailable(e.to_string()))?;
     if conf.host_gateway {
         warn_if_gateway_gone(ctx);
     }

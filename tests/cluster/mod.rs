@@ -244,6 +244,18 @@ impl Cluster {
 
     /// `cni` with a config of the caller's.
     pub fn cni_with(&self, i: usize, command: &str, pod: &Pod, conf: &Value) -> CniOutput {
+        self.cni_args(i, command, pod, conf, "IgnoreUnknown=1")
+    }
+
+    /// `cni_with` and CNI_ARGS (e.g. `IP=` for host-local).
+    pub fn cni_args(
+        &self,
+        i: usize,
+        command: &str,
+        pod: &Pod,
+        conf: &Value,
+        args: &str,
+    ) -> CniOutput {
         let node = &self.nodes[i];
         let path = plugin_dir();
         let mut child = Command::new(ip())
@@ -254,6 +266,7 @@ impl Cluster {
             .env("CNI_NETNS", pod.netns())
             .env("CNI_IFNAME", "eth0")
             .env("CNI_PATH", path)
+            .env("CNI_ARGS", args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
