@@ -51,6 +51,7 @@ scripts/kernel-vm/run-tests.sh --timeout "${VM_TIMEOUT:-900}" -- /bin/sh -c "
   mkdir -p $xtables_dir
   cp /opt/wgcni/bin/lib*.so $xtables_dir/ 2>/dev/null || true
   for tool in iptables ip6tables; do ln -sf /opt/wgcni/bin/xtables-nft-multi /usr/sbin/\$tool; done
+  ln -sf /opt/wgcni/bin/tcpdump /usr/sbin/tcpdump
   echo \"== integration tests in the guest, backend kernel\"
   $kernel_runs
   echo \"== integration tests in the guest, backend auto\"

@@ -1,6 +1,7 @@
 //! `wg-cni show`: the attachments of each network on this node, with their live peers, as a
 //! table for people or JSON for scripts. Public keys print exactly as `wg show` prints them.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -18,14 +19,37 @@ pub fn run(
     as_json: bool,
 ) -> Result<()> {
     let node = host::node_name(node)?;
+    let boot_id = host::boot_id()?;
+    let host = crate::netns::Netns::host()?;
     let networks = list_networks(store_root, network);
     let mut out = Vec::new();
     for name in networks {
         let Some(store) = Store::open_existing(store_root, &name, &node)? else {
             continue;
         };
-        let attachments: Vec<Value> = store.node_records()?.iter().map(attachment).collect();
-        out.push(json!({"name": name, "node": node, "attachments": attachments}));
+        let kinds = PeerKinds::read(&store, store_root, &name, &node)?;
+        let attachments: Vec<Value> = store
+            .node_records()?
+            .iter()
+            .map(|r| attachment(r, &kinds))
+            .collect();
+        let gateway = store.gateway()?.map(|gw| {
+            json!({
+                "link": gw.host_name,
+                "publicKey": gw.public_key,
+                "addresses": gw.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "routed": gw.routed().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "live": gw.boot_id == boot_id && crate::gateway::is_live(&host, &gw),
+            })
+        });
+        let stale: Vec<&String> = kinds.stale_nodes.iter().collect();
+        out.push(json!({
+            "name": name,
+            "node": node,
+            "gateway": gateway,
+            "staleNodes": stale,
+            "attachments": attachments,
+        }));
     }
     if as_json {
         println!(
@@ -53,7 +77,62 @@ fn list_networks(root: &Path, only: Option<&str>) -> Vec<String> {
     names
 }
 
-fn attachment(record: &Record) -> Value {
+/// What each public key of a network is, for labelling peers: a pod here, a pod of another
+/// node, this node's gateway, another node's gateway; anything else on a pod link comes from
+/// the config (`static`). Remote nodes whose liveness lease lapsed are `stale`.
+struct PeerKinds {
+    by_key: BTreeMap<String, (&'static str, String)>,
+    stale_nodes: BTreeSet<String>,
+}
+
+impl PeerKinds {
+    fn read(store: &Store, root: &Path, network: &str, node: &str) -> Result<PeerKinds> {
+        let mut by_key = BTreeMap::new();
+        for r in store.all_records()? {
+            let kind = if r.node == node {
+                "local pod"
+            } else {
+                "remote pod"
+            };
+            by_key.insert(r.public_key.clone(), (kind, r.node.clone()));
+        }
+        if let Some(gw) = store.gateway()? {
+            by_key.insert(gw.public_key, ("local gateway", node.to_string()));
+        }
+        for gw in store.remote_gateways()? {
+            by_key.insert(gw.public_key, ("remote gateway", gw.node));
+        }
+        let stale_nodes = std::fs::read_dir(root.join(network))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                std::fs::read(e.path().join("node.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                    .is_some_and(|v| v["stale"] == true)
+            })
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        Ok(PeerKinds {
+            by_key,
+            stale_nodes,
+        })
+    }
+
+    fn label(&self, key: &str) -> Value {
+        match self.by_key.get(key) {
+            Some((kind, node)) => json!({
+                "kind": kind,
+                "node": node,
+                "stale": self.stale_nodes.contains(node),
+            }),
+            None => json!({"kind": "static"}),
+        }
+    }
+}
+
+fn attachment(record: &Record, kinds: &PeerKinds) -> Value {
     let mut value = json!({
         "containerId": record.container_id,
         "ifname": record.ifname,
@@ -84,8 +163,13 @@ fn attachment(record: &Record) -> Value {
                         .last_handshake_time
                         .and_then(|t| now.duration_since(t).ok())
                         .map(|d| d.as_secs());
+                    let key = p.config.public_key.to_base64();
+                    let label = kinds.label(&key);
                     json!({
-                        "publicKey": p.config.public_key.to_base64(),
+                        "kind": label["kind"],
+                        "node": label.get("node"),
+                        "stale": label.get("stale"),
+                        "publicKey": key,
                         "endpoint": p.config.endpoint.map(|e| e.to_string()),
                         "allowedIps": p.config.allowed_ips.iter().map(|ip| format!("{}/{}", ip.address, ip.cidr)).collect::<Vec<_>>(),
                         "latestHandshake": handshake,
@@ -116,6 +200,24 @@ fn print_table(networks: &[Value]) {
             network["name"].as_str().unwrap_or(""),
             network["node"].as_str().unwrap_or("")
         );
+        if let Some(gw) = network["gateway"].as_object() {
+            println!(
+                "  node gateway {}  {}  public key {}",
+                gw["link"].as_str().unwrap_or(""),
+                if gw["live"] == true {
+                    "live"
+                } else {
+                    "GONE: the next ADD recreates it"
+                },
+                gw["publicKey"].as_str().unwrap_or(""),
+            );
+        }
+        for stale in network["staleNodes"].as_array().into_iter().flatten() {
+            println!(
+                "  node {} is stale (no liveness lease): its pods stay peers until the grace period ends",
+                stale.as_str().unwrap_or("")
+            );
+        }
         for a in network["attachments"].as_array().into_iter().flatten() {
             let addresses: Vec<&str> = a["addresses"]
                 .as_array()
@@ -151,8 +253,16 @@ fn print_table(networks: &[Value]) {
                     .flatten()
                     .filter_map(Value::as_str)
                     .collect();
+                let kind = match (p["kind"].as_str(), p["node"].as_str()) {
+                    (Some(kind), Some(node)) if kind.starts_with("remote") => {
+                        let stale = if p["stale"] == true { ", stale" } else { "" };
+                        format!("{kind} on {node}{stale}")
+                    }
+                    (Some(kind), _) => kind.to_string(),
+                    _ => String::new(),
+                };
                 println!(
-                    "    peer {}  endpoint {}  allowed ips {}  latest handshake: {}  transfer: {} B received, {} B sent",
+                    "    peer {} ({kind})  endpoint {}  allowed ips {}  latest handshake: {}  transfer: {} B received, {} B sent",
                     p["publicKey"].as_str().unwrap_or(""),
                     p["endpoint"].as_str().unwrap_or("(none)"),
                     ips.join(","),

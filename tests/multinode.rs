@@ -119,6 +119,32 @@ fn pods_on_three_nodes_talk_and_follow_adds_and_dels() {
     }
     // Every pod pings every other pod: 30 ordered pairs.
     converge_all_pairs(&pods);
+    // `wg-cni show` tells what each peer is.
+    let shown = peer_keys(&cluster, 0);
+    let kinds: std::collections::BTreeSet<String> = shown[0]["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            format!(
+                "{} {}",
+                p["kind"].as_str().unwrap(),
+                p["node"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    let want: std::collections::BTreeSet<String> = [
+        "local pod node1",
+        "remote pod node2",
+        "remote pod node3",
+        "local gateway node1",
+        "remote gateway node2",
+        "remote gateway node3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(kinds, want, "peer kinds in wg-cni show");
 
     // A pod added later is reachable from the others and reaches them.
     let late = add(&cluster, 2);
@@ -497,4 +523,137 @@ fn classify_bridge_frames(pcap: &[u8]) -> (usize, Vec<String>) {
         }
     }
     (wireguard, other)
+}
+
+/// An agent stopped past its lease TTL: its node is marked stale but its pods stay peers
+/// (an agent crash-loop must not cut pods off); past the grace period they are dropped
+/// everywhere; when the agent is back, so are they.
+#[test]
+fn a_stale_node_keeps_its_pods_until_the_grace_period_ends() {
+    let mut cluster = Cluster::new(2);
+    cluster.agent_flags = [
+        "--lease-ttl",
+        "2",
+        "--grace-period",
+        "12",
+        "--resync-interval",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    cluster.write_conflists();
+    cluster.start_agents();
+    let (a, b) = (add(&cluster, 0), add(&cluster, 1));
+    converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
+    let b_key = public_key_of(&cluster, &b);
+    let a_peers = |cluster: &Cluster| -> Vec<String> {
+        peer_keys(cluster, 0)
+            .iter()
+            .flat_map(|x| x["peers"].as_array().cloned().unwrap_or_default())
+            .map(|p| p["publicKey"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let stale_on_a = |cluster: &Cluster| {
+        let n = &cluster.nodes[0];
+        let out = n.exec(&[
+            binary().to_str().unwrap(),
+            "show",
+            "--json",
+            "--store",
+            n.store.to_str().unwrap(),
+            "--node",
+            &n.name,
+        ]);
+        let shown: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        shown["networks"][0]["staleNodes"] == serde_json::json!(["node2"])
+    };
+    cluster.nodes[1].kill_agent();
+    assert!(
+        wait_for(CONVERGE, || stale_on_a(&cluster)),
+        "node2 never marked stale"
+    );
+    assert!(
+        ping_once(&a.pod, &b.ip),
+        "a stale node's pod was cut off inside the grace period"
+    );
+    assert!(a_peers(&cluster).contains(&b_key));
+
+    let dropped = wait_for(Duration::from_secs(40), || {
+        !a_peers(&cluster).contains(&b_key)
+    });
+    assert!(dropped, "the stale node's pod outlived the grace period");
+    cluster.start_agent(1);
+    assert!(
+        wait_for(CONVERGE, || a_peers(&cluster).contains(&b_key)),
+        "the pod did not return"
+    );
+    converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
+    for p in [&a, &b] {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
+
+/// etcd killed and restarted on its data directory: nothing is cut meanwhile, a pod added
+/// while it was down becomes reachable across nodes afterwards.
+#[test]
+fn an_etcd_restart_loses_nothing_and_catches_up() {
+    let mut cluster = Cluster::new(2);
+    cluster.write_conflists();
+    cluster.start_agents();
+    let (a, b) = (add(&cluster, 0), add(&cluster, 1));
+    converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
+    cluster.kill_etcd();
+    let c = add(&cluster, 1);
+    assert!(
+        all_pairs_ping(&[add_marker(&a), add_marker(&b)]).is_empty(),
+        "etcd down cut pods off"
+    );
+    cluster.start_etcd();
+    converge_all_pairs(&[add_marker(&a), add_marker(&b), add_marker(&c)]);
+    for p in [&a, &b, &c] {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
+
+/// Plugin ADDs racing the agent's reconcile on the same links: no peer lost, no link
+/// recreated (the early pods keep their daemons).
+#[test]
+fn adds_racing_the_agents_reconcile_lose_nothing() {
+    let mut cluster = Cluster::new(2);
+    cluster.write_conflists();
+    cluster.start_agents();
+    let early = vec![add(&cluster, 0), add(&cluster, 1)];
+    converge_all_pairs(&early);
+    let daemons = |cluster: &Cluster| -> Vec<Value> {
+        early
+            .iter()
+            .map(|p| {
+                let dir = cluster.nodes[p.node]
+                    .store
+                    .join(&cluster.network)
+                    .join(&cluster.nodes[p.node].name);
+                let text =
+                    std::fs::read_to_string(dir.join(format!("{}:eth0.json", p.pod.id))).unwrap();
+                serde_json::from_str::<Value>(&text).unwrap()["daemonPid"].clone()
+            })
+            .collect()
+    };
+    let before = daemons(&cluster);
+    let late: Vec<PodOn> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let cluster = &cluster;
+                scope.spawn(move || add(cluster, i % 2))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all = early.iter().map(add_marker).collect::<Vec<_>>();
+    all.extend(late.iter().map(add_marker));
+    converge_all_pairs(&all);
+    assert_eq!(daemons(&cluster), before, "a link was recreated");
+    for p in early.iter().chain(&late) {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
 }
