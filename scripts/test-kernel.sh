@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the integration suites inside a QEMU guest booted from Debian's kernel, which has the
 # wireguard module this host lacks. Backend "kernel" runs every suite (plugin, gateway,
-# hardening, bad input, security, and the kill -9 part of abuse at a tenth of its rounds:
-# TCG is slow); backend "auto" (which must pick the kernel there) runs plugin and gateway.
+# hardening, bad input, security, the kill -9 part of abuse at a tenth of its rounds (TCG is
+# slow), and two cross-node tests of multinode with etcd inside the guest); backend "auto"
+# (which must pick the kernel there) runs plugin and gateway.
 # The same test executables as on the host; only WG_CNI_TEST_BACKEND differs. Fails unless
 # the guest reports success.
 set -euo pipefail
@@ -12,7 +13,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # Build the plugin and the integration test executables; ask cargo where they are.
 cargo build --quiet
 # WG_CNI_VM_SUITES="a b" runs only those suites (while working on them).
-read -r -a names <<<"${WG_CNI_VM_SUITES:-plugin gateway hardening bad_input security abuse}"
+read -r -a names <<<"${WG_CNI_VM_SUITES:-plugin gateway hardening bad_input security abuse multinode}"
 args=()
 for name in "${names[@]}"; do args+=(--test "$name"); done
 mapfile -t suites < <(cargo test "${args[@]}" --no-run --message-format=json 2>/dev/null |
@@ -32,14 +33,16 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 cp "$xtables_dir"/*.so "$stage"/
 chmod +x "$stage"/*.so
-export VM_BINARIES="$PWD/target/debug/wg-cni ${suites[*]} /usr/bin/tcpdump /usr/sbin/xtables-nft-multi $(echo "$stage"/*.so)"
-export VM_EXTRA_MODULES="nf_tables nft_compat nft_chain_nat nf_nat nf_conntrack xt_comment xt_MASQUERADE xt_nat xt_tcpudp"
+export VM_BINARIES="$PWD/target/debug/wg-cni ${suites[*]} /usr/bin/tcpdump /usr/bin/ping /usr/bin/etcd /usr/bin/etcdctl /usr/sbin/xtables-nft-multi $(echo "$stage"/*.so)"
+export VM_EXTRA_MODULES="bridge nf_tables nft_compat nft_chain_nat nf_nat nf_conntrack xt_comment xt_MASQUERADE xt_nat xt_tcpudp"
 export VM_ENV="WG_CNI_BIN=/opt/wgcni/bin/wg-cni CNI_PLUGIN_DIR=/usr/lib/cni RUST_BACKTRACE=1"
 
 kernel_runs="" auto_runs=""
 for name in "${names[@]}"; do
   filter=""
   [[ $name == abuse ]] && filter="killed"
+  # Two of the cross-node tests (the others need python for TCP servers, absent here).
+  [[ $name == multinode ]] && filter="pods_on_three_nodes killing_an_agent"
   kernel_runs+="WG_CNI_ABUSE_SCALE=0.1 WG_CNI_TEST_BACKEND=kernel $(guest_path "$name") --test-threads=1 $filter; "
 done
 for name in plugin gateway; do
@@ -51,7 +54,8 @@ scripts/kernel-vm/run-tests.sh --timeout "${VM_TIMEOUT:-900}" -- /bin/sh -c "
   mkdir -p $xtables_dir
   cp /opt/wgcni/bin/lib*.so $xtables_dir/ 2>/dev/null || true
   for tool in iptables ip6tables; do ln -sf /opt/wgcni/bin/xtables-nft-multi /usr/sbin/\$tool; done
-  ln -sf /opt/wgcni/bin/tcpdump /usr/sbin/tcpdump
+  for tool in tcpdump etcd etcdctl; do ln -sf /opt/wgcni/bin/\$tool /usr/sbin/\$tool; done
+  for dir in /bin /usr/bin /sbin /usr/sbin; do [ -e \$dir/ping ] && ln -sf /opt/wgcni/bin/ping \$dir/ping; done; true
   echo \"== integration tests in the guest, backend kernel\"
   $kernel_runs
   echo \"== integration tests in the guest, backend auto\"
