@@ -25,7 +25,7 @@ lint:
 	cargo clippy --all-targets -- -D warnings
 
 test-unit:
-	cargo test --bins
+	cargo test --lib --bins
 
 # Serial: the tests compare host-wide snapshots (links, daemons, UDP ports). agent_etcd runs
 # agents against etcd in anonymous namespaces; multinode runs simulated nodes with agents.

@@ -9,6 +9,18 @@
 #   parallel    100 concurrent ADDs on one network, then 100 DELs (native only)
 #   throughput  iperf3 TCP 10 s x3: wg-cni vs hand-configured WireGuard vs ptp
 #   profile     strace of whole ADDs: time per phase
+#   multinode   (native only) two simulated nodes with `wg-cni agent` and Debian's etcd: time
+#               from ADD returning on node 2 until a pod on node 1 pings the new pod and back
+#               (p50/p99/max over N pods); plugin ADD with the agent running vs stopped; agent
+#               RSS, idle CPU and full resync time with 1,000 and 5,000 remote records
+#
+# multinode makes its own namespaces wgbench-mn-* (underlay bridge 10.253.0.0/24, etcd at
+# 10.253.0.2:23790 in a namespace of its own, pods in 10.252.0.0/16: none of the test suite's
+# addresses, so it can run beside `make test`); agents and etcd are stopped by pid, the pods'
+# wireguard-go daemons by the pid their records name. Knobs (via BENCH_ARGS): --mn-pods,
+# --mn-add-iterations, --mn-records 1000,5000, --mn-idle-seconds, --mn-agent-flags "..."
+# (default: the agent's own defaults). Running only it:
+#   BENCH_NATIVE_PHASES=multinode BENCH_GUEST_PHASES= BENCH_OUT=/tmp/x scripts/bench.sh
 #
 # Traffic stays between namespaces made here (tunnel endpoints 127.0.0.1). Everything made is
 # removed on exit, also on failure or interrupt: namespaces wgbench-*, the plugin's networks
@@ -33,7 +45,8 @@ OUT=${BENCH_OUT:-$ROOT/bench}
 if ((QUICK)); then
   NATIVE_ARGS=(--latency-iterations 12 --warmup 1 --scale-reps 3 --scale-points 1,20,100
                --parallel-n 20 --parallel-rounds 1 --tput-runs 1 --tput-seconds 2
-               --profile-adds 2 --profile-live 3 --profile-remote 20)
+               --profile-adds 2 --profile-live 3 --profile-remote 20
+               --mn-pods 5 --mn-add-iterations 5 --mn-records 100,300 --mn-idle-seconds 3)
   GUEST_ARGS=(--latency-iterations 6 --warmup 1 --scale-reps 2 --scale-points 1,20,100
               --tput-runs 1 --tput-seconds 2 --profile-adds 1 --profile-live 2 --profile-remote 0
               --latency-first-pod 0)
@@ -41,7 +54,8 @@ else
   # Sized for the 20-minute budget on 2 cores (TCG makes the guest ~10x slower).
   NATIVE_ARGS=(--latency-iterations 200 --warmup 3 --scale-reps 20 --scale-points 1,5,20,100,500,1000
                --parallel-n 100 --parallel-rounds 2 --tput-runs 3 --tput-seconds 10
-               --profile-adds 7 --profile-live 20 --profile-remote 50)
+               --profile-adds 7 --profile-live 20 --profile-remote 50
+               --mn-pods 30 --mn-add-iterations 40 --mn-records 1000,5000 --mn-idle-seconds 10)
   GUEST_ARGS=(--latency-iterations 60 --warmup 2 --scale-reps 5 --scale-points 1,100,1000
               --tput-runs 3 --tput-seconds 10 --profile-adds 3 --profile-live 5 --profile-remote 0
               --latency-first-pod 0)
@@ -73,8 +87,9 @@ cleanup() {
   "$DRIVER" cleanup --work "$WORK/native" --wg "$WG" >/dev/null 2>&1 || true
   if [[ -f $WORK/pids ]]; then
     while read -r pid; do
-      # Only if that pid is still one of ours (an iperf3 server or a hand-started daemon).
-      if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qE '^[^ ]*(iperf3|wireguard-go) '; then
+      # Only if that pid is still one of ours (an iperf3 server, a wireguard-go daemon, or
+      # multinode's etcd and agents).
+      if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qE '^[^ ]*(iperf3|wireguard-go|etcd|wg-cni agent) '; then
         kill -KILL "$pid" 2>/dev/null || true
       fi
     done <"$WORK/pids"
@@ -113,7 +128,7 @@ trap cleanup EXIT
 trap 'on_signal 130' INT
 trap 'on_signal 143' TERM HUP
 
-NATIVE_PHASES=${BENCH_NATIVE_PHASES-latency scale parallel throughput profile}
+NATIVE_PHASES=${BENCH_NATIVE_PHASES-latency scale parallel throughput profile multinode}
 GUEST_PHASES=${BENCH_GUEST_PHASES-latency,scale,throughput,profile}
 read -r -a EXTRA_ARGS <<<"${BENCH_ARGS:-}"
 NATIVE_ARGS+=("${EXTRA_ARGS[@]}")

@@ -1,28 +1,6 @@
 //! wg-cni: a CNI plugin whose pods get exactly one link, a WireGuard interface.
 //! With CNI_COMMAND set it speaks CNI on stdin/stdout; without it, it is a CLI for people.
 
-mod agent;
-mod cni;
-mod commands;
-mod failpoint;
-mod gateway;
-mod host;
-mod ipam;
-mod keys;
-mod lease;
-mod link;
-mod mesh;
-mod nat;
-mod netns;
-mod ports;
-mod reconcile;
-mod show;
-mod store;
-mod wireguard;
-
-#[cfg(test)]
-mod fuzz_tests;
-
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
@@ -30,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use wg_cni::{cni, commands, logging, show};
 
 #[derive(Parser)]
 #[command(
@@ -62,92 +41,32 @@ enum CliCommand {
         #[arg(long)]
         node: Option<String>,
     },
-    /// Run the node agent: sync this node's records with every other node's through etcd.
-    Agent(AgentArgs),
+    /// Run the node agent (the `wg-cni-agent` binary beside this one; `wg-cni agent --help`).
+    #[command(disable_help_flag = true)]
+    Agent {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
-#[derive(clap::Args)]
-struct AgentArgs {
-    /// etcd client URLs, comma-separated (http:// or https://).
-    #[arg(
-        long,
-        value_name = "URL[,URL…]",
-        value_delimiter = ',',
-        required = true
-    )]
-    etcd_endpoints: Vec<String>,
-    /// The key store root (the conflist's "store"); only networks with this store are served.
-    #[arg(long, value_name = "DIR", default_value = cni::config::DEFAULT_STORE)]
-    store: PathBuf,
-    /// This node's name (the conflist's "nodeName"; default: host name).
-    #[arg(long, value_name = "NAME")]
-    node: Option<String>,
-    /// Where the runtime's conflists are.
-    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
-    cni_conf_dir: PathBuf,
-    /// CA certificate (PEM) to verify etcd's server certificate; enables TLS.
-    #[arg(long, value_name = "FILE")]
-    etcd_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for etcd's client-cert auth (with --etcd-ca and --etcd-key).
-    #[arg(long, value_name = "FILE", requires_all = ["etcd_key", "etcd_ca"])]
-    etcd_cert: Option<PathBuf>,
-    /// Client key (PEM) for --etcd-cert.
-    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
-    etcd_key: Option<PathBuf>,
-    /// etcd user name (role-based access: this node's own keys only).
-    #[arg(long, value_name = "NAME")]
-    etcd_user: Option<String>,
-    /// File holding the etcd user's password.
-    #[arg(long, value_name = "FILE", requires = "etcd_user")]
-    etcd_password_file: Option<PathBuf>,
-    /// Liveness lease TTL in seconds (kept alive every TTL/3).
-    #[arg(long, value_name = "SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
-    lease_ttl: u64,
-    /// How long a node whose lease lapsed keeps its records mirrored, in seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
-    grace_period: u64,
-    /// Full rescan of this node's records and reconcile, every this many seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
-    resync_interval: u64,
-    /// Where /healthz and /readyz answer.
-    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9765")]
-    health_listen: std::net::SocketAddr,
-}
-
-fn run_agent(args: AgentArgs) -> cni::Result<()> {
-    use std::time::Duration;
-    let node = host::node_name(args.node.as_deref())?;
-    if !agent::keys::is_node_name(&node) {
-        return Err(cni::Error::config(
-            "--node",
-            format!("\"{node}\" {}", cni::IDENTIFIER_RULE),
-        ));
-    }
-    let settings = agent::Settings {
-        etcd_endpoints: args.etcd_endpoints,
-        store: args.store,
-        node,
-        cni_conf_dir: args.cni_conf_dir,
-        etcd_ca: args.etcd_ca,
-        etcd_cert: args.etcd_cert,
-        etcd_key: args.etcd_key,
-        etcd_user: args.etcd_user,
-        etcd_password_file: args.etcd_password_file,
-        lease_ttl: Duration::from_secs(args.lease_ttl),
-        grace_period: Duration::from_secs(args.grace_period),
-        resync_interval: Duration::from_secs(args.resync_interval),
-        health_listen: args.health_listen,
-    };
-    let status = std::sync::Arc::new(agent::AgentStatus::default());
-    let links = std::sync::Arc::new(agent::links::LinkSync::new(&settings)?);
-    agent::run(settings, links, status).map_err(|e| cni::Error::Io {
-        context: format!("{e:#}"),
-        source: std::io::Error::other("agent stopped"),
+/// `wg-cni agent ARGS` runs `wg-cni-agent ARGS` from this binary's directory (it replaces this
+/// process): the plugin binary stays free of the agent's code.
+fn exec_agent(args: Vec<std::ffi::OsString>) -> cni::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let me = std::env::current_exe().map_err(|e| cni::Error::Io {
+        context: "finding this binary's directory".into(),
+        source: e,
+    })?;
+    let agent = me.with_file_name("wg-cni-agent");
+    let error = std::process::Command::new(&agent).args(args).exec();
+    Err(cni::Error::Io {
+        context: format!("running {} (install it beside wg-cni)", agent.display()),
+        source: error,
     })
 }
 
 fn main() -> ExitCode {
-    init_logging();
+    logging::init();
     if std::env::var_os("CNI_COMMAND").is_some() {
         return cni_main();
     }
@@ -159,7 +78,7 @@ fn main() -> ExitCode {
             network,
             node,
         } => show::run(&store, node.as_deref(), network.as_deref(), json),
-        CliCommand::Agent(args) => run_agent(args),
+        CliCommand::Agent { args } => exec_agent(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -168,17 +87,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Logs go to stderr (runtimes keep it), filtered by WG_CNI_LOG (default: warnings).
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WG_CNI_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
 }
 
 fn cni_main() -> ExitCode {

@@ -4,6 +4,7 @@
 //! and call the reconcile hook after the mirror changes. The CNI commands never reach this
 //! module (no tokio multi-thread runtime, no etcd client on their path).
 
+pub mod cli;
 pub mod config;
 mod etcd;
 pub mod health;

@@ -219,6 +219,10 @@ pub fn spawn(spec: &Spec, ctx: &crate::Ctx) -> Res<Background> {
 }
 
 impl Background {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// Wait up to `limit` for it to exit by itself, then SIGKILL it.
     pub fn finish(mut self, limit: Duration) -> Option<i32> {
         let started = Instant::now();

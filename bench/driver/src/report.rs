@@ -197,6 +197,30 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             }
         }
     }
+    if let Some(m) = get("native", "multinode") {
+        let r = &m["reachability"];
+        let a = r["node1_to_new"]["p99"].as_f64();
+        let b = r["new_to_node1"]["p99"].as_f64();
+        let failed = r["failures_node1_to_new"].as_u64().unwrap_or(0)
+            + r["failures_new_to_node1"].as_u64().unwrap_or(0);
+        let ok = match (a, b) {
+            (Some(a), Some(b)) => Some(a <= 1000.0 && b <= 1000.0 && failed == 0),
+            _ => None,
+        };
+        let _ = writeln!(
+            targets,
+            "| cross-node reachability after ADD, p99 ≤ 1 s both directions (native, {} pods) | \
+             {} ms / {} ms{} | {} |",
+            r["pods"],
+            f(&r["node1_to_new"]["p99"], 0),
+            f(&r["new_to_node1"]["p99"], 0),
+            if failed > 0 { format!(", {failed} never reached") } else { String::new() },
+            verdict(ok)
+        );
+        if ok == Some(false) {
+            missed.push("cross-node reachability".into());
+        }
+    }
     let _ = writeln!(targets);
     md.push_str(&targets);
 
@@ -639,6 +663,9 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             "\nPlugin syscalls by time (mean per ADD, empty network): {}.\n",
             top(&p["empty_network"]["syscalls_top_by_time"])
         );
+    }
+    if let Some(m) = get("native", "multinode") {
+        md.push_str(&crate::multinode::report(&m));
     }
     md.push_str(&findings(&get));
     if let Some(s) = ctx

@@ -1,0 +1,887 @@
+//! Phase `multinode`: two simulated nodes with `wg-cni agent` and a real etcd (Debian's
+//! `etcd-server`), as tests/cluster/mod.rs builds them, measuring what issue 10 asks of
+//! `make bench`:
+//!
+//! 1. cross-node reachability after ADD: a resident pod on node 1, N pods added one at a time on
+//!    node 2; from the ADD returning until node 1's pod gets an echo reply from the new pod, and
+//!    until the new pod gets one from node 1's pod (both pings start together, each is
+//!    `ping -c 1 -w 10 -i 0.02`: it sends every 20 ms until the first reply, so the resolution is
+//!    ~20 ms plus one exec);
+//! 2. ADD latency on node 1 with its agent running vs stopped (same node and network,
+//!    alternating, ABBA order);
+//! 3. agent idle RSS/CPU and full resync time with 1,000 and 5,000 remote records of a fake
+//!    node (valid records, node key on a lease, subnet claim), written straight into etcd through
+//!    its JSON gateway (`/v3/kv/txn`, batches of 500 puts).
+//!
+//! Layout (all in namespaces named `wgbench-mn-*`): an underlay namespace with bridge `br0`
+//! (10.253.0.0/24), etcd in its own namespace at 10.253.0.2:23790 (peer URL on that
+//! namespace's loopback), nodes at 10.253.0.11 and .12 owning 10.252.1.0/24 and 10.252.2.0/24
+//! of clusterRange 10.252.0.0/16; the fake node owns 10.252.32.0/19 with endpoint 10.253.0.99
+//! (no namespace answers there: handshakes toward it stay on the bridge). The plugin and the
+//! agents run inside the node namespace (setns before exec, as `ip netns exec` would, without
+//! its fork). Agents run with their default lease TTL and resync interval unless
+//! `--mn-agent-flags` says otherwise. Everything is stopped by pid and removed on drop.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::cni::Plugin;
+use crate::exec::{self, Background, Spec};
+use crate::stats::{raw_ms, summary_ms};
+use crate::{ns, Ctx, Res};
+
+const NETWORK: &str = "wgbench-mn";
+const UNDERLAY: &str = "wgbench-mn-u";
+const ETCD_NS: &str = "wgbench-mn-e";
+const ETCD_ADDR: &str = "10.253.0.2";
+const ETCD_PORT: u16 = 23790;
+const CLUSTER_RANGE: &str = "10.252.0.0/16";
+const FAKE_NODE: &str = "mnode9";
+const FAKE_SUBNET: &str = "10.252.32.0/19";
+const FAKE_ENDPOINT: &str = "10.253.0.99";
+
+struct Node {
+    name: String,
+    netns: String,
+    addr: String,
+    index: usize,
+    dir: PathBuf,
+    agent: Option<Background>,
+    agent_pid: Option<i32>,
+}
+
+impl Node {
+    fn store(&self) -> PathBuf {
+        self.dir.join("store")
+    }
+    fn conf_dir(&self) -> PathBuf {
+        self.dir.join("net.d")
+    }
+    fn subnet(&self) -> String {
+        format!("10.252.{}.0/24", self.index)
+    }
+    fn plugin(&self) -> Value {
+        json!({
+            "type": "wg-cni",
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": self.subnet()}]],
+                "dataDir": self.dir.join("ipam").display().to_string(),
+            },
+            "backend": "userspace",
+            "store": self.store().display().to_string(),
+            "nodeName": self.name,
+            "endpoint": self.addr,
+            "mtu": 1420,
+            "listenPorts": "55000-55999",
+            "clusterRange": CLUSTER_RANGE,
+        })
+    }
+    fn mirror_count(&self, of: &str) -> usize {
+        count_records(&self.store().join(NETWORK).join(of))
+    }
+}
+
+fn count_records(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    n.ends_with(".json") && n.contains(':')
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+struct Cluster<'a> {
+    ctx: &'a Ctx,
+    dir: PathBuf,
+    etcd: Option<Background>,
+    nodes: Vec<Node>,
+    agent_flags: Vec<String>,
+    /// Pod namespaces made (deleted with the cluster).
+    pods: Vec<String>,
+}
+
+/// Run `f` on a thread that has entered `netns` (setns affects only the calling thread).
+fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> Res<T> {
+    let file = ns::open(netns)?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: plain syscall on an open nsfs fd, this thread only.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(format!("setns {netns}: {}", std::io::Error::last_os_error()));
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| "thread panicked".to_string())?
+    })
+}
+
+/// One HTTP/1.1 request (Connection: close), bounded by `limit`; (status, body).
+fn http(addr: &str, method: &str, path: &str, body: &str, limit: Duration) -> Res<(u16, String)> {
+    use std::net::{SocketAddr, TcpStream};
+    let sa: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut s = TcpStream::connect_timeout(&sa, limit).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(limit)).ok();
+    s.set_write_timeout(Some(limit)).ok();
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+fn b64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn random(n: usize) -> Res<Vec<u8>> {
+    let mut buf = vec![0u8; n];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(|e| format!("/dev/urandom: {e}"))?;
+    Ok(buf)
+}
+
+fn wait_until(limit: Duration, step: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    loop {
+        if done() {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(step);
+    }
+}
+
+/// (VmRSS kB, utime+stime ticks) of a pid.
+fn proc_usage(pid: i32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After "(comm) ": state is field 3 → index 0; utime 14 → 11, stime 15 → 12.
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some((rss, ticks))
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: plain libc query.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+impl<'a> Cluster<'a> {
+    fn new(ctx: &'a Ctx) -> Res<Cluster<'a>> {
+        let dir = ctx.work.join("multinode");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("logs")).map_err(|e| e.to_string())?;
+        let flags = ctx.opts.str("mn-agent-flags", "");
+        let mut c = Cluster {
+            ctx,
+            dir,
+            etcd: None,
+            nodes: Vec::new(),
+            agent_flags: flags.split_whitespace().map(str::to_string).collect(),
+            pods: Vec::new(),
+        };
+        ns::add(ctx, UNDERLAY)?;
+        c.ip(&["-n", UNDERLAY, "link", "add", "br0", "type", "bridge"])?;
+        c.ip(&["-n", UNDERLAY, "link", "set", "br0", "up"])?;
+        c.attach(ETCD_NS, "e0", ETCD_ADDR)?;
+        for index in 1..=2 {
+            let node = Node {
+                name: format!("mnode{index}"),
+                netns: format!("wgbench-mn-n{index}"),
+                addr: format!("10.253.0.{}", 10 + index),
+                index,
+                dir: c.dir.join(format!("node{index}")),
+                agent: None,
+                agent_pid: None,
+            };
+            c.attach(&node.netns, &format!("n{index}"), &node.addr)?;
+            std::fs::create_dir_all(node.conf_dir()).map_err(|e| e.to_string())?;
+            let conflist = json!({"cniVersion": "1.0.0", "name": NETWORK, "plugins": [node.plugin()]});
+            std::fs::write(node.conf_dir().join("10-wg.conflist"), conflist.to_string())
+                .map_err(|e| e.to_string())?;
+            c.nodes.push(node);
+        }
+        c.start_etcd()?;
+        Ok(c)
+    }
+
+    fn ip(&self, args: &[&str]) -> Res<String> {
+        exec::sh(&self.ctx.ip, args, None)
+    }
+
+    fn attach(&self, netns: &str, port: &str, addr: &str) -> Res<()> {
+        ns::add(self.ctx, netns)?;
+        self.ip(&[
+            "-n", UNDERLAY, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns",
+            netns,
+        ])?;
+        self.ip(&["-n", UNDERLAY, "link", "set", port, "master", "br0", "up"])?;
+        self.ip(&["-n", netns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        self.ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+        self.ip(&["-n", netns, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    fn etcd_http(&self, path: &str, body: &Value) -> Res<Value> {
+        let addr = format!("{ETCD_ADDR}:{ETCD_PORT}");
+        let body = body.to_string();
+        let (status, text) = in_netns(ETCD_NS, || {
+            http(&addr, "POST", path, &body, Duration::from_secs(20))
+        })??;
+        if status != 200 {
+            return Err(format!("etcd {path}: HTTP {status}: {}", text.trim().chars().take(300).collect::<String>()));
+        }
+        serde_json::from_str(&text)
+            .map_err(|e| format!("etcd {path}: {e}: {}", text.chars().take(300).collect::<String>()))
+    }
+
+    fn start_etcd(&mut self) -> Res<()> {
+        let bin = PathBuf::from("/usr/bin/etcd");
+        let url = format!("http://{ETCD_ADDR}:{ETCD_PORT}");
+        let peer = "http://127.0.0.1:23800".to_string();
+        let args: Vec<String> = [
+            "--name", "b", "--data-dir",
+            &self.dir.join("etcd").display().to_string(),
+            "--listen-client-urls", &url, "--advertise-client-urls", &url,
+            "--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer,
+            "--initial-cluster", &format!("b={peer}"),
+            "--max-txn-ops", "1000", "--max-request-bytes", "8388608",
+            "--quota-backend-bytes", "1073741824",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let env = vec![("PATH".to_string(), "/usr/sbin:/usr/bin:/sbin:/bin".to_string())];
+        let fd = ns::open(ETCD_NS)?;
+        let log = self.dir.join("logs/etcd.log");
+        let mut spec = Spec::new(&bin, &args, &log);
+        spec.env = &env;
+        spec.netns = Some(fd.as_raw_fd());
+        self.etcd = Some(exec::spawn(&spec, self.ctx)?);
+        let ok = wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+            self.etcd_http("/v3/kv/range", &json!({"key": b64(b"/")})).is_ok()
+        });
+        ok.map(|_| ()).ok_or_else(|| "etcd did not answer in 20 s".to_string())
+    }
+
+    fn start_agent(&mut self, i: usize) -> Res<()> {
+        let node = &self.nodes[i];
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "--etcd-endpoints".into(),
+            format!("http://{ETCD_ADDR}:{ETCD_PORT}"),
+            "--node".into(),
+            node.name.clone(),
+            "--store".into(),
+            node.store().display().to_string(),
+            "--cni-conf-dir".into(),
+            node.conf_dir().display().to_string(),
+        ];
+        args.extend(self.agent_flags.iter().cloned());
+        let env = vec![
+            ("PATH".to_string(), "/usr/sbin:/usr/bin:/sbin:/bin".to_string()),
+            ("WG_CNI_LOG".to_string(), "warn".to_string()),
+        ];
+        let fd = ns::open(&node.netns)?;
+        let log = self.dir.join(format!("logs/agent{}-{}.log", i + 1, now_ms()));
+        let mut spec = Spec::new(&self.ctx.wg, &args, &log);
+        spec.env = &env;
+        spec.netns = Some(fd.as_raw_fd());
+        let bg = exec::spawn(&spec, self.ctx)?;
+        let node = &mut self.nodes[i];
+        node.agent_pid = Some(bg.pid());
+        node.agent = Some(bg);
+        Ok(())
+    }
+
+    fn stop_agent(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        if let Some(bg) = node.agent.take() {
+            // SIGTERM first (a clean stop), SIGKILL after 5 s.
+            // SAFETY: our own unreaped child.
+            unsafe { libc::kill(bg.pid(), libc::SIGTERM) };
+            bg.finish(Duration::from_secs(5));
+        }
+        node.agent_pid = None;
+    }
+
+    /// Until the agent's /readyz answers 200 (first full sync, lease, subnet).
+    fn wait_ready(&self, i: usize, limit: Duration) -> Option<Duration> {
+        let netns = self.nodes[i].netns.clone();
+        wait_until(limit, Duration::from_millis(20), || {
+            in_netns(&netns, || {
+                http("127.0.0.1:9765", "GET", "/readyz", "", Duration::from_secs(2))
+            })
+            .ok()
+            .and_then(|r| r.ok())
+            .is_some_and(|(s, _)| s == 200)
+        })
+    }
+
+    fn plugin(&self, i: usize) -> Plugin {
+        let mut conf = self.nodes[i].plugin();
+        conf["name"] = json!(NETWORK);
+        conf["cniVersion"] = json!("1.0.0");
+        Plugin {
+            kind: "wg-cni",
+            bin: self.ctx.wg.clone(),
+            conf,
+        }
+    }
+
+    /// A CNI command of node `i`'s plugin, exec'd inside the node's namespace.
+    fn cni(&self, i: usize, command: &str, cid: &str, netns: &str, prev: Option<&Value>) -> Res<exec::Exec> {
+        let plugin = self.plugin(i);
+        let env = plugin.env(self.ctx, command, cid, &ns::path(netns));
+        let stdin = plugin.stdin(prev);
+        let args: Vec<String> = Vec::new();
+        let stderr = self.dir.join("logs/plugin.err");
+        let fd = ns::open(&self.nodes[i].netns)?;
+        let mut spec = Spec::new(&self.ctx.wg, &args, &stderr);
+        spec.env = &env;
+        spec.stdin = &stdin;
+        spec.netns = Some(fd.as_raw_fd());
+        exec::run(&spec)
+    }
+
+    fn pod_ns(&mut self, name: &str) -> Res<()> {
+        ns::add(self.ctx, name)?;
+        self.pods.push(name.to_string());
+        Ok(())
+    }
+
+    /// Stop every wireguard-go daemon a record of our stores names (by recorded pid, only if
+    /// that pid still runs wireguard-go for that link).
+    fn stop_daemons(&self) {
+        for node in &self.nodes {
+            let dir = node.store().join(NETWORK).join(&node.name);
+            let Ok(files) = std::fs::read_dir(dir) else { continue };
+            for file in files.flatten() {
+                let text = std::fs::read_to_string(file.path()).unwrap_or_default();
+                let record: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                let Some(pid) = record["daemonPid"].as_u64() else { continue };
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                let host = record["hostName"].as_str().unwrap_or("-");
+                if cmdline.contains("wireguard-go") && cmdline.contains(host) {
+                    // SAFETY: a pid checked just above to be that link's daemon.
+                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                }
+            }
+        }
+    }
+
+    /// Hand every daemon pid our records name to the wrapper (its cleanup kills wireguard-go
+    /// daemons by pid if this process dies without running Drop).
+    fn note_daemons(&self) {
+        for node in &self.nodes {
+            let dir = node.store().join(NETWORK).join(&node.name);
+            let Ok(files) = std::fs::read_dir(dir) else { continue };
+            for file in files.flatten() {
+                let text = std::fs::read_to_string(file.path()).unwrap_or_default();
+                let record: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                if let Some(pid) = record["daemonPid"].as_u64() {
+                    self.ctx.note_pid(pid as u32);
+                }
+            }
+        }
+    }
+
+    fn gateway_daemon(&self, i: usize) -> Option<i32> {
+        let path = self.nodes[i].store().join(NETWORK).join(&self.nodes[i].name).join("gateway.json");
+        let record: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        record["daemonPid"].as_u64().map(|p| p as i32)
+    }
+}
+
+impl Drop for Cluster<'_> {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop_agent(i);
+        }
+        if let Some(etcd) = self.etcd.take() {
+            etcd.finish(Duration::ZERO);
+        }
+        self.stop_daemons();
+        for p in std::mem::take(&mut self.pods) {
+            ns::del(self.ctx, &p);
+        }
+        for node in &self.nodes {
+            ns::del(self.ctx, &node.netns);
+        }
+        ns::del(self.ctx, ETCD_NS);
+        ns::del(self.ctx, UNDERLAY);
+        if self.ctx.opts.num("mn-keep", 0) == 0 {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// `ping -c 1 -w DEADLINE -i 0.02 addr` from inside `netns`: exits 0 at the first reply.
+fn spawn_ping(netns: &str, addr: &str, deadline_s: u64) -> Res<Child> {
+    let fd = ns::open(netns)?;
+    let raw = fd.as_raw_fd();
+    let mut cmd = Command::new("ping");
+    cmd.args(["-n", "-q", "-c", "1", "-i", "0.02", "-w", &deadline_s.to_string(), addr])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setns is async-signal-safe; runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| format!("ping: {e}"))?;
+    drop(fd);
+    Ok(child)
+}
+
+/// Both pings started together; each one's time until its first reply (None: no reply).
+fn ping_pair(a: (&str, &str), b: (&str, &str), deadline_s: u64) -> Res<[Option<f64>; 2]> {
+    let started = Instant::now();
+    let mut kids = [Some(spawn_ping(a.0, a.1, deadline_s)?), Some(spawn_ping(b.0, b.1, deadline_s)?)];
+    let mut out = [None, None];
+    let limit = Duration::from_secs(deadline_s + 5);
+    loop {
+        let mut running = false;
+        for (k, kid) in kids.iter_mut().enumerate() {
+            if let Some(child) = kid {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        if status.success() {
+                            out[k] = Some(started.elapsed().as_secs_f64() * 1e6);
+                        }
+                        *kid = None;
+                    }
+                    Ok(None) => running = true,
+                    Err(_) => *kid = None,
+                }
+            }
+        }
+        if !running {
+            return Ok(out);
+        }
+        if started.elapsed() > limit {
+            for kid in kids.iter_mut().flatten() {
+                let _ = kid.kill();
+                let _ = kid.wait();
+            }
+            return Ok(out);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+pub fn run(ctx: &Ctx) -> Res<Value> {
+    let n_pods = ctx.opts.num("mn-pods", 30);
+    let lat_iters = ctx.opts.num("mn-add-iterations", 40);
+    let sizes: Vec<usize> = ctx
+        .opts
+        .str("mn-records", "1000,5000")
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let idle_s = ctx.opts.num("mn-idle-seconds", 10) as u64;
+    let mut c = Cluster::new(ctx)?;
+    let mut out = json!({
+        "backend": "userspace",
+        "agent_flags": if c.agent_flags.is_empty() { "default flags: --lease-ttl 15, --resync-interval 30, --grace-period 3600".to_string() } else { c.agent_flags.join(" ") },
+        "nodes": 2,
+    });
+
+    // ------------------------------------------------------------ start
+    c.start_agent(0)?;
+    c.start_agent(1)?;
+    for i in 0..2 {
+        let t = c
+            .wait_ready(i, Duration::from_secs(60))
+            .ok_or_else(|| format!("agent of node {} not ready in 60 s", i + 1))?;
+        crate::log(format!("[{}] multinode: agent {} ready after {:.2} s", ctx.label, i + 1, t.as_secs_f64()));
+    }
+    // Both gateways mirrored on the other node.
+    wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        c.nodes[0].store().join(NETWORK).join("mnode2/gateway.json").exists()
+            && c.nodes[1].store().join(NETWORK).join("mnode1/gateway.json").exists()
+    })
+    .ok_or("gateways not mirrored across nodes in 30 s")?;
+
+    // ------------------------------------------------------------ 1: reachability
+    c.pod_ns("wgbench-mn-r")?;
+    let res = c.cni(0, "ADD", "mn-resident", "wgbench-mn-r", None)?;
+    if !res.ok() {
+        return Err(format!("resident pod ADD on node 1: {}", res.why()));
+    }
+    let res_json = res.json();
+    c.note_daemons();
+    let res_ip = res_json.as_ref().and_then(crate::cni::first_ip).ok_or("resident pod: no IP")?;
+    wait_until(Duration::from_secs(30), Duration::from_millis(50), || c.nodes[1].mirror_count("mnode1") >= 1)
+        .ok_or("resident pod not mirrored on node 2 in 30 s")?;
+    let (mut to_new, mut from_new, mut add_us) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut fail_to, mut fail_from) = (0usize, 0usize);
+    let mut added: Vec<(String, String, Option<Value>)> = Vec::new();
+    for k in 0..n_pods {
+        let pns = format!("wgbench-mn-p{k}");
+        c.pod_ns(&pns)?;
+        let cid = format!("mn-pod-{k}");
+        let e = c.cni(1, "ADD", &cid, &pns, None)?;
+        if !e.ok() {
+            return Err(format!("ADD {cid} on node 2: {}", e.why()));
+        }
+        let result = e.json();
+        let ip = result.as_ref().and_then(crate::cni::first_ip).ok_or("pod: no IP")?;
+        let [a, b] = ping_pair(("wgbench-mn-r", &ip), (&pns, &res_ip), 10)?;
+        add_us.push(e.us);
+        match a {
+            Some(us) => to_new.push(us),
+            None => fail_to += 1,
+        }
+        match b {
+            Some(us) => from_new.push(us),
+            None => fail_from += 1,
+        }
+        added.push((cid, pns, result));
+        c.note_daemons();
+    }
+    crate::log(format!("[{}] multinode: reachability of {n_pods} pods measured", ctx.label));
+    out["reachability"] = json!({
+        "pods": n_pods,
+        "node1_to_new": summary_ms(&to_new),
+        "new_to_node1": summary_ms(&from_new),
+        "failures_node1_to_new": fail_to,
+        "failures_new_to_node1": fail_from,
+        "over_1s_node1_to_new": to_new.iter().filter(|u| **u > 1e6).count(),
+        "over_1s_new_to_node1": from_new.iter().filter(|u| **u > 1e6).count(),
+        "add_ms_node2": summary_ms(&add_us),
+        "samples_ms": {"node1_to_new": raw_ms(&to_new), "new_to_node1": raw_ms(&from_new)},
+        "method": "both pings start when ADD returns; ping -c1 -i0.02 -w10 (first reply ends it)",
+    });
+
+    // ------------------------------------------------------------ 2: ADD with/without agent
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    let mut errors = Vec::new();
+    c.pod_ns("wgbench-mn-l")?;
+    let mut agent_up = true;
+    for i in 0..lat_iters * 2 {
+        // ABBA: with, without, without, with, ...
+        let want_up = matches!(i % 4, 0 | 3);
+        if want_up != agent_up {
+            if want_up {
+                c.start_agent(0)?;
+                c.wait_ready(0, Duration::from_secs(60)).ok_or("agent 1 not ready after restart")?;
+                // Let its first reconcile settle, as on a node that has run for a while.
+                std::thread::sleep(Duration::from_millis(300));
+            } else {
+                c.stop_agent(0);
+            }
+            agent_up = want_up;
+        }
+        let cid = format!("mn-lat-{i}");
+        let e = c.cni(0, "ADD", &cid, "wgbench-mn-l", None)?;
+        if e.ok() {
+            if want_up { with.push(e.us) } else { without.push(e.us) }
+        } else if errors.len() < 3 {
+            errors.push(e.why());
+        }
+        let prev = e.json();
+        let d = c.cni(0, "DEL", &cid, "wgbench-mn-l", prev.as_ref())?;
+        if !d.ok() && errors.len() < 3 {
+            errors.push(format!("DEL: {}", d.why()));
+        }
+    }
+    if !agent_up {
+        c.start_agent(0)?;
+        c.wait_ready(0, Duration::from_secs(60)).ok_or("agent 1 not ready after restart")?;
+    }
+    out["add_with_agent"] = json!({
+        "node": "mnode1",
+        "pods_in_network": n_pods + 1,
+        "iterations": lat_iters,
+        "with_agent": summary_ms(&with),
+        "without_agent": summary_ms(&without),
+        "errors": errors,
+        "samples_ms": {"with": raw_ms(&with), "without": raw_ms(&without)},
+    });
+    crate::log(format!("[{}] multinode: ADD with/without agent measured", ctx.label));
+
+    // Pods of part 1 go (DEL), so that part 3 sees the fake node's records only (plus the
+    // resident pod on node 1, which the agent then peers with every fake record).
+    for (cid, pns, result) in added.drain(..) {
+        let _ = c.cni(1, "DEL", &cid, &pns, result.as_ref());
+    }
+
+    // ------------------------------------------------------------ 3: idle and resync
+    let boot = b64(&random(12)?);
+    let lease = c.etcd_http("/v3/lease/grant", &json!({"TTL": 7200}))?;
+    let lease_id = lease["ID"].as_str().map(str::to_string).or_else(|| lease["ID"].as_i64().map(|v| v.to_string())).ok_or("no lease ID")?;
+    let prefix = format!("/wg-cni/v1/{NETWORK}/");
+    let put = |key: &str, value: &Value, lease: Option<&str>| {
+        let mut p = json!({"key": b64(key.as_bytes()), "value": b64(value.to_string().as_bytes())});
+        if let Some(l) = lease {
+            p["lease"] = json!(l);
+        }
+        json!({"requestPut": p})
+    };
+    c.etcd_http(
+        "/v3/kv/txn",
+        &json!({"success": [
+            put(&format!("{prefix}subnets/{FAKE_NODE}/claim"), &json!({"subnets": [FAKE_SUBNET], "agent": "wgbench-fake"}), None),
+            put(&format!("{prefix}nodes/{FAKE_NODE}/info"), &json!({"endpoints": [FAKE_ENDPOINT], "bootId": boot, "subnets": [FAKE_SUBNET], "mtu": 1420, "agentVersion": "wgbench-fake"}), Some(&lease_id)),
+        ]}),
+    )?;
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut written = 0usize;
+    let mut points = Vec::new();
+    let tck = clk_tck();
+    for &size in &sizes {
+        if size > 8000 {
+            return Err("--mn-records: at most 8000 (the fake node's /19)".into());
+        }
+        c.stop_agent(0);
+        let load_started = Instant::now();
+        while written < size {
+            let batch: Vec<Value> = (written..size.min(written + 500))
+                .map(|j| {
+                    let cid = format!("fake{j:05}");
+                    let addr = format!("10.252.{}.{}/32", 32 + (j + 1) / 256, (j + 1) % 256);
+                    let key = random(32).map(|k| b64(&k)).unwrap_or_default();
+                    let record = json!({
+                        "schema": 1, "state": "ready", "network": NETWORK, "node": FAKE_NODE,
+                        "containerId": cid, "ifname": "eth0", "publicKey": key,
+                        "addresses": [addr], "endpoint": FAKE_ENDPOINT, "listenPort": 51820,
+                        "netns": "/var/run/netns/fake", "netnsInode": 1, "bootId": boot,
+                        "hostName": "wgfake", "backend": "userspace", "mtu": 1420,
+                        "createdAt": created,
+                    });
+                    put(&format!("{prefix}links/{FAKE_NODE}/{cid}:eth0"), &record, None)
+                })
+                .collect();
+            let n = batch.len();
+            c.etcd_http("/v3/kv/txn", &json!({"success": batch}))?;
+            written += n;
+        }
+        let load_s = load_started.elapsed().as_secs_f64();
+        // A fresh agent and an empty mirror: the full resync.
+        let mirror = c.nodes[0].store().join(NETWORK).join(FAKE_NODE);
+        let _ = std::fs::remove_dir_all(&mirror);
+        let started = Instant::now();
+        c.start_agent(0)?;
+        let mirrored = wait_until(Duration::from_secs(300), Duration::from_millis(20), || {
+            c.nodes[0].mirror_count(FAKE_NODE) >= size
+        });
+        let ready = c.wait_ready(0, Duration::from_secs(60)).map(|_| started.elapsed());
+        let resync_s = mirrored.map(|d| d.as_secs_f64());
+        crate::log(format!(
+            "[{}] multinode: {size} records: mirrored in {resync_s:?} s",
+            ctx.label
+        ));
+        // Settle, then idle: RSS and CPU over idle_s seconds.
+        std::thread::sleep(Duration::from_secs(5));
+        let pid = c.nodes[0].agent_pid.ok_or("no agent pid")?;
+        let gw = c.gateway_daemon(0);
+        let a0 = proc_usage(pid);
+        let g0 = gw.and_then(proc_usage);
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(idle_s));
+        let a1 = proc_usage(pid);
+        let g1 = gw.and_then(proc_usage);
+        let dt = t0.elapsed().as_secs_f64();
+        let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+            });
+        let cpu = |a: Option<(u64, u64)>, b: Option<(u64, u64)>| match (a, b) {
+            (Some(a), Some(b)) => json!(((b.1 - a.1) as f64 / tck / dt * 1000.0).round() / 10.0),
+            _ => Value::Null,
+        };
+        points.push(json!({
+            "records": size,
+            "load_seconds": (load_s * 100.0).round() / 100.0,
+            "resync_seconds": resync_s.map(|s| (s * 1000.0).round() / 1000.0),
+            "ready_seconds": ready.map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0),
+            "agent_rss_mib": a1.map(|u| (u.0 as f64 / 1024.0 * 10.0).round() / 10.0),
+            "agent_hwm_mib": hwm.map(|u| (u as f64 / 1024.0 * 10.0).round() / 10.0),
+            "agent_cpu_percent": cpu(a0, a1),
+            "idle_seconds": (dt * 10.0).round() / 10.0,
+            "gateway_daemon_rss_mib": g1.map(|u| (u.0 as f64 / 1024.0 * 10.0).round() / 10.0),
+            "gateway_daemon_cpu_percent": cpu(g0, g1),
+        }));
+    }
+    out["remote_records"] = json!({
+        "fake_node": FAKE_NODE,
+        "points": points,
+        "resident_pod_on_node1": true,
+        "method": "records put into etcd with node 1's agent stopped; mirror dir emptied; fresh agent started; resync = until the mirror dir holds every record; idle = 5 s settle, then utime+stime and VmRSS over the idle window",
+    });
+    let _ = c.cni(0, "DEL", "mn-resident", "wgbench-mn-r", res_json.as_ref());
+    drop(c);
+    Ok(out)
+}
+
+/// The results.md section of this phase.
+pub fn report(m: &Value) -> String {
+    use std::fmt::Write as _;
+    let f = |v: &Value, d: usize| match v.as_f64() {
+        Some(x) => format!("{x:.d$}"),
+        None => "–".to_string(),
+    };
+    let mut md = String::new();
+    let _ = writeln!(md, "## Multi-node: agents and etcd (native, userspace backend)\n");
+    if let Some(e) = m["error"].as_str() {
+        let _ = writeln!(md, "The phase failed: {e}\n");
+        return md;
+    }
+    let _ = writeln!(
+        md,
+        "Two simulated nodes (network namespaces on a veth bridge), Debian's etcd in a namespace \
+         of its own on that bridge, one `wg-cni agent` per node (agent {}), the plugin exec'd inside \
+         the node's namespace. Measured by `wg-cni-bench multinode` (bench/driver/src/multinode.rs).\n",
+        m["agent_flags"].as_str().unwrap_or("?")
+    );
+    let r = &m["reachability"];
+    let _ = writeln!(
+        md,
+        "**Cross-node reachability after ADD** ({} pods added one at a time on node 2, a resident \
+         pod on node 1; ms from the ADD returning until the first echo reply; both pings start \
+         together and send every 20 ms, so figures include ~20 ms of polling and one exec):\n",
+        r["pods"]
+    );
+    let _ = writeln!(md, "| direction | p50 | p90 | p99 | max | > 1 s | never (10 s) |");
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
+    for (label, key, over, fail) in [
+        ("node-1 pod → new pod", "node1_to_new", "over_1s_node1_to_new", "failures_node1_to_new"),
+        ("new pod → node-1 pod", "new_to_node1", "over_1s_new_to_node1", "failures_new_to_node1"),
+    ] {
+        let s = &r[key];
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} | {} | {} |",
+            f(&s["p50"], 0),
+            f(&s["p90"], 0),
+            f(&s["p99"], 0),
+            f(&s["max"], 0),
+            r[over],
+            r[fail]
+        );
+    }
+    let a = &m["add_with_agent"];
+    let _ = writeln!(
+        md,
+        "\n**Plugin ADD on node 1 with its agent running vs stopped** (same node and network, {} \
+         pods in it, {} ADDs each, alternating ABBA, each ADD followed by its DEL; ms):\n",
+        a["pods_in_network"], a["iterations"]
+    );
+    let _ = writeln!(md, "| agent | p50 | p90 | p99 | n |\n| --- | --- | --- | --- | --- |");
+    for (label, key) in [("running", "with_agent"), ("stopped", "without_agent")] {
+        let s = &a[key];
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} |",
+            f(&s["p50"], 1),
+            f(&s["p90"], 1),
+            f(&s["p99"], 1),
+            s["n"]
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n**Agent with many remote records** (a fake third node with a node key on a lease, a \
+         subnet claim and N valid `ready` records put straight into etcd; node 1 also runs one \
+         pod, so its gateway and that pod are each given every record as a peer). Resync: a fresh \
+         agent started with the mirror directory emptied, until the mirror holds all N records. \
+         Idle: after a 5 s settle, VmRSS and utime+stime over the idle window; the gateway's \
+         wireguard-go daemon for context:\n"
+    );
+    let _ = writeln!(
+        md,
+        "| remote records | full resync (s) | ready (s) | agent RSS (MiB) | agent peak RSS (MiB) | agent CPU idle (%) | gateway daemon RSS (MiB) | gateway daemon CPU (%) |"
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for p in m["remote_records"]["points"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            p["records"],
+            f(&p["resync_seconds"], 2),
+            f(&p["ready_seconds"], 2),
+            f(&p["agent_rss_mib"], 1),
+            f(&p["agent_hwm_mib"], 1),
+            f(&p["agent_cpu_percent"], 1),
+            f(&p["gateway_daemon_rss_mib"], 1),
+            f(&p["gateway_daemon_cpu_percent"], 1),
+        );
+    }
+    let _ = writeln!(md);
+    md
+}

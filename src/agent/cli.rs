@@ -1,0 +1,109 @@
+//! `wg-cni-agent` (also reached as `wg-cni agent`): the agent's command line. A binary of its
+//! own, so that the CNI plugin's binary links none of the agent's weight (tokio's multi-thread
+//! runtime, the etcd client, inotify): every pod start execs the plugin.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::{agent, cni, host};
+
+#[derive(Parser)]
+#[command(
+    name = "wg-cni agent",
+    version,
+    about = "wg-cni's node agent: sync this node's records with every other node's through etcd"
+)]
+pub struct AgentArgs {
+    /// etcd client URLs, comma-separated (http:// or https://).
+    #[arg(
+        long,
+        value_name = "URL[,URL…]",
+        value_delimiter = ',',
+        required = true
+    )]
+    etcd_endpoints: Vec<String>,
+    /// The key store root (the conflist's "store"); only networks with this store are served.
+    #[arg(long, value_name = "DIR", default_value = cni::config::DEFAULT_STORE)]
+    store: PathBuf,
+    /// This node's name (the conflist's "nodeName"; default: host name).
+    #[arg(long, value_name = "NAME")]
+    node: Option<String>,
+    /// Where the runtime's conflists are.
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// CA certificate (PEM) to verify etcd's server certificate; enables TLS.
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-cert auth (with --etcd-ca and --etcd-key).
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_key", "etcd_ca"])]
+    etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for --etcd-cert.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user name (role-based access: this node's own keys only).
+    #[arg(long, value_name = "NAME")]
+    etcd_user: Option<String>,
+    /// File holding the etcd user's password.
+    #[arg(long, value_name = "FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+    /// Liveness lease TTL in seconds (kept alive every TTL/3).
+    #[arg(long, value_name = "SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    lease_ttl: u64,
+    /// How long a node whose lease lapsed keeps its records mirrored, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    grace_period: u64,
+    /// Full rescan of this node's records and reconcile, every this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    resync_interval: u64,
+    /// Where /healthz and /readyz answer.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9765")]
+    health_listen: std::net::SocketAddr,
+}
+
+pub fn run(args: AgentArgs) -> cni::Result<()> {
+    use std::time::Duration;
+    let node = host::node_name(args.node.as_deref())?;
+    if !agent::keys::is_node_name(&node) {
+        return Err(cni::Error::config(
+            "--node",
+            format!("\"{node}\" {}", cni::IDENTIFIER_RULE),
+        ));
+    }
+    let settings = agent::Settings {
+        etcd_endpoints: args.etcd_endpoints,
+        store: args.store,
+        node,
+        cni_conf_dir: args.cni_conf_dir,
+        etcd_ca: args.etcd_ca,
+        etcd_cert: args.etcd_cert,
+        etcd_key: args.etcd_key,
+        etcd_user: args.etcd_user,
+        etcd_password_file: args.etcd_password_file,
+        lease_ttl: Duration::from_secs(args.lease_ttl),
+        grace_period: Duration::from_secs(args.grace_period),
+        resync_interval: Duration::from_secs(args.resync_interval),
+        health_listen: args.health_listen,
+    };
+    let status = std::sync::Arc::new(agent::AgentStatus::default());
+    let links = std::sync::Arc::new(agent::links::LinkSync::new(&settings)?);
+    agent::run(settings, links, status).map_err(|e| cni::Error::Io {
+        context: format!("{e:#}"),
+        source: std::io::Error::other("agent stopped"),
+    })
+}
+
+
+/// The agent binary's entry point: logs on stderr, then run until SIGTERM.
+pub fn main() -> ExitCode {
+    crate::logging::init();
+    let args = AgentArgs::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wg-cni agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
