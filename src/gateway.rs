@@ -84,16 +84,7 @@ pub fn peer_for_remote_pods(gateway: &GatewayRecord, keepalive: Option<u16>) -> 
     if !allowed_ips.contains(&node) {
         allowed_ips.push(node);
     }
-    Ok(Peer {
-        public_key: key_of(&gateway.public_key)?,
-        endpoint: Some(std::net::SocketAddr::new(
-            gateway.endpoint,
-            gateway.listen_port,
-        )),
-        allowed_ips,
-        keepalive,
-        preshared_key: None,
-    })
+    peer_allowing(gateway, allowed_ips, keepalive)
 }
 
 /// The peer every pod gets for the gateway: whatever no more specific peer claims.
@@ -105,6 +96,15 @@ pub fn peer_for_pods(gateway: &GatewayRecord, keepalive: Option<u16>) -> Result<
     if gateway.subnets.iter().any(IpNetwork::is_ipv6) {
         allowed_ips.push("::/0".parse().expect("valid"));
     }
+    peer_allowing(gateway, allowed_ips, keepalive)
+}
+
+/// The gateway as a peer that may speak for `allowed_ips`.
+fn peer_allowing(
+    gateway: &GatewayRecord,
+    allowed_ips: Vec<IpNetwork>,
+    keepalive: Option<u16>,
+) -> Result<Peer> {
     Ok(Peer {
         public_key: key_of(&gateway.public_key)?,
         endpoint: Some(std::net::SocketAddr::new(

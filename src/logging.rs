@@ -10,4 +10,3 @@ pub fn init() {
         .with_target(false)
         .init();
 }
-

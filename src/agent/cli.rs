@@ -94,7 +94,6 @@ pub fn run(args: AgentArgs) -> cni::Result<()> {
     })
 }
 
-
 /// The agent binary's entry point: logs on stderr, then run until SIGTERM.
 pub fn main() -> ExitCode {
     crate::logging::init();

@@ -94,17 +94,24 @@ pub fn set(name: &str, update: &Update) -> io::Result<()> {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     loop {
-        line.clear();
-        if reader.read_line(&mut line)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "wireguard-go closed the socket without an answer",
-            ));
-        }
+        read_answer_line(&mut reader, &mut line)?;
         if let Some(value) = line.trim_end().strip_prefix("errno=") {
             return errno_result(value);
         }
     }
+}
+
+/// The next line of the daemon's answer into `line` (cleared first); end of stream is an error:
+/// every answer ends with `errno=`.
+fn read_answer_line(reader: &mut impl BufRead, line: &mut String) -> io::Result<()> {
+    line.clear();
+    if reader.read_line(line)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "wireguard-go closed the socket without an answer",
+        ));
+    }
+    Ok(())
 }
 
 fn errno_result(value: &str) -> io::Result<()> {
@@ -123,13 +130,7 @@ pub fn get(name: &str) -> io::Result<DeviceState> {
     let mut device = DeviceState::default();
     let mut line = Zeroizing::new(String::new());
     loop {
-        line.clear();
-        if reader.read_line(&mut line)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "wireguard-go closed the socket without an answer",
-            ));
-        }
+        read_answer_line(&mut reader, &mut line)?;
         let text = line.trim_end();
         let Some((key, value)) = text.split_once('=') else {
             continue;
