@@ -169,12 +169,8 @@ fn new_record(
         netns: env.netns.clone().unwrap_or_default(),
         netns_inode: pod.inode(),
         boot_id: ctx.boot_id.clone(),
-        host_name: match settings.backend {
-            wireguard::BackendKind::Kernel => env.ifname.clone(),
-            wireguard::BackendKind::Userspace => {
-                store.pod_link_name(&env.container_id, &env.ifname)
-            }
-        },
+        // The name the link is created under (either backend), renamed in the pod.
+        host_name: store.pod_link_name(&env.container_id, &env.ifname),
         backend: settings.backend,
         daemon_pid: None,
         mtu: settings.mtu,

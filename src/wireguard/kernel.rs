@@ -1,6 +1,8 @@
-//! Kernel WireGuard. The link is created straight into the pod under its final name by a
-//! netlink socket of the host namespace, so the kernel opens its UDP socket in the host
-//! namespace: no temporary name, no move. Keys and peers are set with wireguard-control from a
+//! Kernel WireGuard. The link is created straight into the pod by a netlink socket of the
+//! host namespace, so the kernel opens its UDP socket in the host namespace: no move. It is
+//! created under its temporary name and renamed inside the pod: the kernel looks a new link's
+//! name up in the *caller's* namespace first, so creating `eth0` from a host that has an
+//! `eth0` (most nodes) fails with "File exists". Keys and peers are set with wireguard-control from a
 //! thread inside the pod namespace, and only once the link exists there (its `apply` would
 //! otherwise create a fresh, empty link in whatever namespace the calling thread is in).
 
@@ -46,19 +48,25 @@ fn in_pod<T: Send>(
 impl Backend for Kernel {
     fn create(&self, spec: &LinkSpec, host: &Netns, pod: &Netns) -> Result<Created> {
         let _ = host; // created from this thread, which is in the host namespace
-        Netlink::open()?.create_wireguard_in(spec.ifname, pod.raw_fd(), spec.mtu)?;
+        Netlink::open()?.create_wireguard_in(spec.temp_name, pod.raw_fd(), spec.mtu)?;
         crate::failpoint::crash("after-link-created");
         let link = LinkRef {
-            host_name: spec.ifname,
+            host_name: spec.temp_name,
             ifname: spec.ifname,
             pod: Some(pod),
             daemon_pid: None,
         };
-        if let Err(e) = self.apply(&link, &spec.initial_update()) {
+        let configured = rename_in(pod, spec.temp_name, spec.ifname)
+            .and_then(|()| self.apply(&link, &spec.initial_update()));
+        if let Err(e) = configured {
             let _ = pod.run(|| {
                 let netlink = Netlink::open()?;
-                if let Some(l) = netlink.link_by_name(spec.ifname)? {
-                    netlink.delete(l.index)?;
+                for name in [spec.ifname, spec.temp_name] {
+                    if let Some(l) = netlink.link_by_name(name)?
+                        && l.kind.as_deref() == Some("wireguard")
+                    {
+                        netlink.delete(l.index)?;
+                    }
                 }
                 Ok(())
             });
@@ -91,7 +99,14 @@ impl Backend for Kernel {
         };
         pod.run(|| {
             let netlink = Netlink::open()?;
-            let Some(found) = netlink.link_by_name(link.ifname)? else {
+            // Its final name, or still the temporary one (an ADD killed before the rename).
+            let found = match netlink.link_by_name(link.ifname)? {
+                Some(found) => Some((found, link.ifname)),
+                None => netlink
+                    .link_by_name(link.host_name)?
+                    .map(|found| (found, link.host_name)),
+            };
+            let Some((found, name)) = found else {
                 return Ok(());
             };
             if found.kind.as_deref() != Some("wireguard") {
@@ -100,7 +115,7 @@ impl Backend for Kernel {
             }
             // The record (written before the link) names it ours; only a *different* key
             // proves otherwise. No key yet is an ADD killed between creating and keying it.
-            let device = Device::get(&interface_name(link.ifname)?, WgBackend::Kernel);
+            let device = Device::get(&interface_name(name)?, WgBackend::Kernel);
             match device {
                 Ok(d) if d.public_key.as_ref().is_none_or(|k| k == public_key) => {
                     netlink.delete(found.index)
@@ -112,6 +127,20 @@ impl Backend for Kernel {
             }
         })
     }
+}
+
+/// Rename the (down) link `from` to `to` inside the pod; the same name is nothing to do.
+fn rename_in(pod: &Netns, from: &str, to: &str) -> Result<()> {
+    if from == to {
+        return Ok(());
+    }
+    pod.run(|| {
+        let netlink = Netlink::open()?;
+        let link = netlink.link_by_name(from)?.ok_or_else(|| {
+            Error::netlink(format!("link {from}"), "vanished from the pod namespace")
+        })?;
+        netlink.rename(link.index, to)
+    })
 }
 
 /// Whether the running kernel can create WireGuard links (for `backend: auto` and STATUS).
