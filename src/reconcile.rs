@@ -151,14 +151,70 @@ pub fn apply(
     desired: &[Peer],
     prune: Prune,
 ) -> Result<bool> {
+    apply_and_report(backend, link, desired, prune).map(|added| added.is_some())
+}
+
+/// `apply`, answering the peers the device did not have before (`None`: nothing written).
+pub fn apply_and_report(
+    backend: wireguard::BackendKind,
+    link: &LinkRef,
+    desired: &[Peer],
+    prune: Prune,
+) -> Result<Option<Vec<Peer>>> {
     let backend = wireguard::backend(backend);
     let device = backend.read(link)?;
     let update = diff(&device, desired, prune);
     if update.peers.is_empty() && update.remove_peers.is_empty() {
-        return Ok(false);
+        return Ok(None);
     }
     backend.apply(link, &update)?;
-    Ok(true)
+    let known = |p: &Peer| {
+        device
+            .peers
+            .iter()
+            .any(|d| d.config.public_key == p.public_key)
+    };
+    Ok(Some(
+        update.peers.into_iter().filter(|p| !known(p)).collect(),
+    ))
+}
+
+/// Make the link start a handshake with `peers` now, instead of when its first packet for
+/// them waits: a remote peer that learns of a new pod only through its agent would otherwise
+/// drop the new pod's first handshake and leave it to WireGuard's 5-second retry. Turning a
+/// persistent keepalive on sends one at once (kernel and wireguard-go alike); it is then set
+/// back to what the network configures.
+pub fn start_handshakes(
+    backend: wireguard::BackendKind,
+    link: &LinkRef,
+    peers: &[Peer],
+) -> Result<()> {
+    if peers.is_empty() {
+        return Ok(());
+    }
+    let backend = wireguard::backend(backend);
+    let with_keepalive = |seconds: u16| Update {
+        peers: peers
+            .iter()
+            .map(|p| Peer {
+                keepalive: Some(p.keepalive.unwrap_or(seconds)),
+                ..p.clone()
+            })
+            .collect(),
+        ..Update::default()
+    };
+    backend.apply(link, &with_keepalive(1))?;
+    let restore = Update {
+        peers: peers
+            .iter()
+            .map(|p| Peer {
+                keepalive: Some(p.keepalive.unwrap_or(0)),
+                ..p.clone()
+            })
+            .collect(),
+        ..Update::default()
+    };
+    backend.apply(link, &restore)
 }
 
 /// Bring the link of every other ready attachment on this node to its desired peer set.

@@ -109,13 +109,18 @@ impl LinkSync {
                 continue;
             }
             let view = NetworkView::read(&store, conf)?;
+            let link = current.link(Some(&pod));
             let outcome = view.desired_for_pod(&current).and_then(|desired| {
-                reconcile::apply(
+                let added = reconcile::apply_and_report(
                     current.backend,
-                    &current.link(Some(&pod)),
+                    &link,
                     &desired,
                     Prune::Everything,
-                )
+                )?;
+                if let Some(added) = &added {
+                    reconcile::start_handshakes(current.backend, &link, added)?;
+                }
+                Ok(added.is_some())
             });
             match outcome {
                 Ok(true) => updated += 1,
