@@ -33,7 +33,14 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 cp "$xtables_dir"/*.so "$stage"/
 chmod +x "$stage"/*.so
-export VM_BINARIES="$PWD/target/debug/wg-cni $PWD/target/debug/wg-cni-agent ${suites[*]} /usr/bin/tcpdump /usr/bin/ping /usr/bin/etcd /usr/bin/etcdctl /usr/sbin/xtables-nft-multi $(echo "$stage"/*.so)"
+# Debug builds without their debug info: the initramfs lives in the guest's memory.
+bins=$(mktemp -d)
+trap 'rm -rf "$stage" "$bins"' EXIT
+for exe in target/debug/wg-cni target/debug/wg-cni-agent "${suites[@]}"; do
+  strip --strip-debug -o "$bins/$(basename "$exe")" "$exe"
+done
+export VM_MEMORY=${VM_MEMORY:-1536}
+export VM_BINARIES="$(echo "$bins"/*) /usr/bin/tcpdump /usr/bin/ping /usr/bin/etcd /usr/bin/etcdctl /usr/sbin/xtables-nft-multi $(echo "$stage"/*.so)"
 export VM_EXTRA_MODULES="bridge nf_tables nft_compat nft_chain_nat nf_nat nf_conntrack xt_comment xt_MASQUERADE xt_nat xt_tcpudp"
 export VM_ENV="WG_CNI_BIN=/opt/wgcni/bin/wg-cni CNI_PLUGIN_DIR=/usr/lib/cni RUST_BACKTRACE=1"
 

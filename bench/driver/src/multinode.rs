@@ -334,7 +334,7 @@ impl<'a> Cluster<'a> {
         args.extend(self.agent_flags.iter().cloned());
         let env = vec![
             ("PATH".to_string(), "/usr/sbin:/usr/bin:/sbin:/bin".to_string()),
-            ("WG_CNI_LOG".to_string(), "warn".to_string()),
+            ("WG_CNI_LOG".to_string(), self.ctx.opts.str("mn-agent-log", "warn")),
         ];
         let fd = ns::open(&node.netns)?;
         let log = self.dir.join(format!("logs/agent{}-{}.log", i + 1, now_ms()));
@@ -584,6 +584,7 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     let (mut to_new, mut from_new, mut add_us) = (Vec::new(), Vec::new(), Vec::new());
     let (mut fail_to, mut fail_from) = (0usize, 0usize);
     let mut added: Vec<(String, String, Option<Value>)> = Vec::new();
+    let mut per_pod = Vec::new();
     for k in 0..n_pods {
         let pns = format!("wgbench-mn-p{k}");
         c.pod_ns(&pns)?;
@@ -596,6 +597,12 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         let ip = result.as_ref().and_then(crate::cni::first_ip).ok_or("pod: no IP")?;
         let [a, b] = ping_pair(("wgbench-mn-r", &ip), (&pns, &res_ip), 10)?;
         add_us.push(e.us);
+        per_pod.push(json!({"pod": k, "ip": ip, "add_ms": (e.us / 10.0).round() / 100.0,
+            "node1_to_new_ms": a.map(|u| (u / 10.0).round() / 100.0),
+            "new_to_node1_ms": b.map(|u| (u / 10.0).round() / 100.0)}));
+        if a.is_none() || b.is_none() || a.unwrap_or(0.0).max(b.unwrap_or(0.0)) > 1e6 {
+            crate::log(format!("[{}] multinode: pod {k} ({ip}): node1→new {a:?} µs, new→node1 {b:?} µs", ctx.label));
+        }
         match a {
             Some(us) => to_new.push(us),
             None => fail_to += 1,
@@ -618,6 +625,7 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         "over_1s_new_to_node1": from_new.iter().filter(|u| **u > 1e6).count(),
         "add_ms_node2": summary_ms(&add_us),
         "samples_ms": {"node1_to_new": raw_ms(&to_new), "new_to_node1": raw_ms(&from_new)},
+        "per_pod": per_pod,
         "method": "both pings start when ADD returns; ping -c1 -i0.02 -w10 (first reply ends it)",
     });
 
