@@ -95,7 +95,7 @@ records() {
   if [ "${2-}" = all ]; then
     find "$store/$1" -type f -name '*.json' ! -name '.*' 2>/dev/null
   else
-    find "$store/$1" -type f -name '*-*.json' ! -name '.*' 2>/dev/null
+    find "$store/$1" -type f -name '*:*.json' ! -name '.*' 2>/dev/null
   fi
 }
 
