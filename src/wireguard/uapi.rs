@@ -259,4 +259,35 @@ mod tests {
         assert!(text.contains("allowed_ip=10.66.0.3/32\n"));
         assert!(text.ends_with("\n\n"));
     }
+
+    #[test]
+    fn get_answers_parse_and_never_keep_the_private_key() {
+        let keys = KeyPair::generate();
+        let peer = KeyPair::generate();
+        let answer = format!(
+            "private_key={}\nlisten_port=53001\nfwmark=0\npublic_key={}\nendpoint=127.0.0.1:53002\n\
+             persistent_keepalive_interval=0\nallowed_ip=10.66.0.3/32\nrx_bytes=12\ntx_bytes=34\n\
+             last_handshake_time_sec=0\nerrno=0\n",
+            hex(keys.secret_bytes()),
+            hex(&peer.public().0)
+        );
+        let mut device = DeviceState::default();
+        for line in answer.lines() {
+            let (key, value) = line.split_once('=').unwrap();
+            if key != "errno" {
+                read_field(&mut device, key, value).unwrap();
+            }
+        }
+        assert_eq!(device.public_key.as_ref(), Some(keys.public()));
+        assert_eq!(device.listen_port, Some(53001));
+        assert_eq!(device.fwmark, None);
+        let p = &device.peers[0];
+        assert_eq!(&p.config.public_key, peer.public());
+        assert_eq!(p.config.endpoint.unwrap().to_string(), "127.0.0.1:53002");
+        assert_eq!(p.config.persistent_keepalive_interval, None);
+        assert_eq!(p.config.allowed_ips.len(), 1);
+        assert_eq!((p.stats.rx_bytes, p.stats.tx_bytes), (12, 34));
+        assert!(!format!("{device:?}").contains(&hex(keys.secret_bytes())));
+        assert!(read_field(&mut device, "listen_port", "x").is_err());
+    }
 }

@@ -595,13 +595,33 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         }
         let result = e.json();
         let ip = result.as_ref().and_then(crate::cni::first_ip).ok_or("pod: no IP")?;
-        let [a, b] = ping_pair(("wgbench-mn-r", &ip), (&pns, &res_ip), 10)?;
+        // Diagnostic knob: start pinging this long after ADD returned (default at once).
+        let delay = Duration::from_millis(ctx.opts.num("mn-ping-delay-ms", 0) as u64);
+        std::thread::sleep(delay);
+        let [a, b] = if ctx.opts.str("mn-ping-order", "together") == "sequential" {
+            // Diagnostic: node 1 → new first, the other direction only after that answered.
+            let [a, _] = ping_pair(("wgbench-mn-r", &ip), ("wgbench-mn-r", &res_ip), 10)?;
+            let [b, _] = ping_pair((&pns, &res_ip), (&pns, &ip), 10)?;
+            [a, b]
+        } else {
+            ping_pair(("wgbench-mn-r", &ip), (&pns, &res_ip), 10)?
+        };
+        let (a, b) = (a.map(|u| u + delay.as_secs_f64() * 1e6), b.map(|u| u + delay.as_secs_f64() * 1e6));
         add_us.push(e.us);
         per_pod.push(json!({"pod": k, "ip": ip, "add_ms": (e.us / 10.0).round() / 100.0,
             "node1_to_new_ms": a.map(|u| (u / 10.0).round() / 100.0),
             "new_to_node1_ms": b.map(|u| (u / 10.0).round() / 100.0)}));
         if a.is_none() || b.is_none() || a.unwrap_or(0.0).max(b.unwrap_or(0.0)) > 1e6 {
             crate::log(format!("[{}] multinode: pod {k} ({ip}): node1→new {a:?} µs, new→node1 {b:?} µs", ctx.label));
+            if ctx.opts.num("mn-diagnose", 0) == 1 {
+                for (node, c_id) in [(0usize, "mn-resident"), (1, cid.as_str())] {
+                    let path = c.nodes[node].store().join(NETWORK).join(&c.nodes[node].name).join(format!("{c_id}:eth0.json"));
+                    let rec: Value = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null);
+                    let host = rec["hostName"].as_str().unwrap_or("-").to_string();
+                    let dump = exec::sh(&ctx.wgtool, &["show", &host, "dump"], None).unwrap_or_else(|e| e);
+                    crate::log(format!("{c_id} ({host}) pubkey {}:\n{dump}", rec["publicKey"]));
+                }
+            }
         }
         match a {
             Some(us) => to_new.push(us),
