@@ -56,7 +56,7 @@ for name in plugin gateway; do
   [[ " ${names[*]} " == *" $name "* ]] || continue
   auto_runs+="WG_CNI_TEST_BACKEND=auto $(guest_path "$name") --test-threads=1; "
 done
-scripts/kernel-vm/run-tests.sh --timeout "${VM_TIMEOUT:-900}" -- /bin/sh -c "
+scripts/kernel-vm/run-tests.sh --timeout "${VM_TIMEOUT:-1500}" -- /bin/sh -c "
   set -e
   mkdir -p $xtables_dir
   cp /opt/wgcni/bin/lib*.so $xtables_dir/ 2>/dev/null || true
