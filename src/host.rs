@@ -105,6 +105,25 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+impl LinkSettings {
+    /// One MTU per network: the operator's (`mtu` in the config), else the smallest of this
+    /// node's default and every MTU another node publishes, so no tunnel of the network
+    /// carries packets a peer's underlay cannot.
+    pub fn agree_mtu(&mut self, conf: &NetConf, store: &crate::store::Store) {
+        if conf.mtu.is_some() {
+            return;
+        }
+        if let Some(smallest) = store
+            .published_mtus()
+            .into_iter()
+            .filter(|m| *m >= 576)
+            .min()
+        {
+            self.mtu = self.mtu.min(smallest);
+        }
+    }
+}
+
 /// The link settings of a network on this node: the config's, else the host's defaults.
 pub fn resolve_link_settings(conf: &NetConf) -> Result<LinkSettings> {
     let route = if conf.mtu.is_none() || conf.endpoint.is_none() {

@@ -269,6 +269,20 @@ impl Store {
         Ok(records)
     }
 
+    /// The MTUs the other nodes publish (their node keys, mirrored by the agent into
+    /// `<node>/node.json`).
+    pub fn published_mtus(&self) -> Vec<u32> {
+        let Ok(dirs) = list_dir(&self.network_dir) else {
+            return Vec::new();
+        };
+        dirs.iter()
+            .filter(|d| d.file_name().and_then(|n| n.to_str()) != Some(self.node.as_str()))
+            .filter_map(|d| fs::read(d.join("node.json")).ok())
+            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .filter_map(|v| v["mtu"].as_u64().and_then(|m| u32::try_from(m).ok()))
+            .collect()
+    }
+
     /// Whether the node agent wrote this node's subnet (it serves the network here).
     pub fn has_subnet_file(&self) -> bool {
         self.node_dir().join(crate::lease::SUBNET_FILE).exists()

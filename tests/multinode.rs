@@ -656,3 +656,33 @@ fn adds_racing_the_agents_reconcile_lose_nothing() {
         cluster.cni(p.node, "DEL", &p.pod).ok();
     }
 }
+
+/// One MTU per network: a node whose conflist sets none takes the smallest another node
+/// publishes (here node 1's operator-set 1380 over its own default of 1420).
+#[test]
+fn the_network_mtu_is_the_smallest_any_node_publishes() {
+    let mut cluster = Cluster::new(2);
+    cluster.mtus = vec![Some(1380), None];
+    cluster.write_conflists();
+    cluster.start_agents();
+    let a = add(&cluster, 0);
+    let mirror = cluster.nodes[1]
+        .store
+        .join(&cluster.network)
+        .join("node1")
+        .join("node.json");
+    let published = wait_for(CONVERGE, || {
+        std::fs::read_to_string(&mirror)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .is_some_and(|v| v["mtu"] == 1380)
+    });
+    assert!(published, "node 1's MTU never reached node 2's mirror");
+    let b = add(&cluster, 1);
+    let link = b.pod.ip(&["-o", "link", "show", "eth0"]);
+    assert!(link.contains("mtu 1380"), "node 2's pod link: {link}");
+    converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
+    for p in [&a, &b] {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}

@@ -66,7 +66,8 @@ impl LinkSync {
             subnets,
             cluster_ranges: conf.cluster_range.clone(),
         };
-        let settings = host::resolve_link_settings(conf)?;
+        let mut settings = host::resolve_link_settings(conf)?;
+        settings.agree_mtu(conf, store);
         let _lock = store.lock()?;
         let mut ports = ports::lock()?;
         let wanted = gateway::Wanted {

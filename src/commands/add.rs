@@ -27,11 +27,12 @@ pub fn run(ctx: &Context) -> Result<Value> {
     let (env, conf) = (ctx.env, ctx.conf);
     let netns_path = env.netns.as_deref().expect("ADD requires CNI_NETNS");
     let pod = Netns::open_for_env(netns_path)?;
-    let settings = host::resolve_link_settings(conf)?;
+    let mut settings = host::resolve_link_settings(conf)?;
     refuse_existing_interface(&pod, &env.ifname)?;
     let ipam = ctx.ipam()?;
 
     let store = ctx.store()?;
+    settings.agree_mtu(conf, &store);
     let _lock = store.lock()?;
     context::reap_earlier_boots(ctx, &store, &ipam)?;
     if let Some(stale) = store.get(&env.container_id, &env.ifname)? {

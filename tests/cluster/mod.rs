@@ -29,6 +29,8 @@ pub struct Cluster {
     pub agent_flags: Vec<String>,
     /// Subnets leased by the agents from the cluster range instead of given per node.
     pub lease: bool,
+    /// `mtu` per node's conflist (`None`: left to the plugin).
+    pub mtus: Vec<Option<u32>>,
 }
 
 pub struct Node {
@@ -56,6 +58,7 @@ impl Cluster {
             etcd: None,
             nodes: Vec::new(),
             lease: false,
+            mtus: vec![Some(1420); count],
             agent_flags: [
                 "--lease-ttl",
                 "3",
@@ -217,6 +220,12 @@ impl Cluster {
             "listenPorts": "53000-53999",
             "clusterRange": CLUSTER_RANGE,
         });
+        match self.mtus[node.index - 1] {
+            Some(mtu) => plugin["mtu"] = mtu.into(),
+            None => {
+                plugin.as_object_mut().unwrap().remove("mtu");
+            }
+        }
         if self.lease {
             plugin["subnetLease"] = true.into();
             plugin["ipam"]["ranges"] = json!([]);

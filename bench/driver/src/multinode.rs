@@ -501,6 +501,27 @@ fn spawn_ping(netns: &str, addr: &str, deadline_s: u64) -> Res<Child> {
     Ok(child)
 }
 
+/// One ping's time until its first reply (None: no reply).
+fn ping_one(netns: &str, addr: &str, deadline_s: u64) -> Res<Option<f64>> {
+    let started = Instant::now();
+    let mut child = spawn_ping(netns, addr, deadline_s)?;
+    let limit = Duration::from_secs(deadline_s + 5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                return Ok(status.success().then(|| started.elapsed().as_secs_f64() * 1e6))
+            }
+            Ok(None) if started.elapsed() > limit => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Ok(None);
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => return Err(format!("ping: {e}")),
+        }
+    }
+}
+
 /// Both pings started together; each one's time until its first reply (None: no reply).
 fn ping_pair(a: (&str, &str), b: (&str, &str), deadline_s: u64) -> Res<[Option<f64>; 2]> {
     let started = Instant::now();
@@ -600,8 +621,8 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         std::thread::sleep(delay);
         let [a, b] = if ctx.opts.str("mn-ping-order", "together") == "sequential" {
             // Diagnostic: node 1 → new first, the other direction only after that answered.
-            let [a, _] = ping_pair(("wgbench-mn-r", &ip), ("wgbench-mn-r", &res_ip), 10)?;
-            let [b, _] = ping_pair((&pns, &res_ip), (&pns, &ip), 10)?;
+            let a = ping_one("wgbench-mn-r", &ip, 10)?;
+            let b = ping_one(&pns, &res_ip, 10)?;
             [a, b]
         } else {
             ping_pair(("wgbench-mn-r", &ip), (&pns, &res_ip), 10)?
