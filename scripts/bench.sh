@@ -11,13 +11,15 @@
 #   profile     strace of whole ADDs: time per phase
 #   multinode   (native only) two simulated nodes with `wg-cni agent` and Debian's etcd: time
 #               from ADD returning on node 2 until a pod on node 1 pings the new pod and back
-#               (p50/p99/max over N pods); plugin ADD with the agent running vs stopped; agent
+#               (p50/p99/max over N pods; both pings start together, then a control where
+#               only node 1's pod pings first); plugin ADD with the agent running vs stopped; agent
 #               RSS, idle CPU and full resync time with 1,000 and 5,000 remote records
 #
 # multinode makes its own namespaces wgbench-mn-* (underlay bridge 10.253.0.0/24, etcd at
 # 10.253.0.2:23790 in a namespace of its own, pods in 10.252.0.0/16: none of the test suite's
 # addresses, so it can run beside `make test`); agents and etcd are stopped by pid, the pods'
 # wireguard-go daemons by the pid their records name. Knobs (via BENCH_ARGS): --mn-pods,
+# --mn-pods-sequential, --mn-diagnose 1 (wg dumps of slow pods in the driver's log),
 # --mn-add-iterations, --mn-records 1000,5000, --mn-idle-seconds, --mn-agent-flags "..."
 # (default: the agent's own defaults). Running only it:
 #   BENCH_NATIVE_PHASES=multinode BENCH_GUEST_PHASES= BENCH_OUT=/tmp/x scripts/bench.sh
@@ -46,7 +48,8 @@ if ((QUICK)); then
   NATIVE_ARGS=(--latency-iterations 12 --warmup 1 --scale-reps 3 --scale-points 1,20,100
                --parallel-n 20 --parallel-rounds 1 --tput-runs 1 --tput-seconds 2
                --profile-adds 2 --profile-live 3 --profile-remote 20
-               --mn-pods 5 --mn-add-iterations 5 --mn-records 100,300 --mn-idle-seconds 3)
+               --mn-pods 5 --mn-pods-sequential 3 --mn-add-iterations 5 --mn-records 100,300
+               --mn-idle-seconds 3)
   GUEST_ARGS=(--latency-iterations 6 --warmup 1 --scale-reps 2 --scale-points 1,20,100
               --tput-runs 1 --tput-seconds 2 --profile-adds 1 --profile-live 2 --profile-remote 0
               --latency-first-pod 0)
@@ -55,7 +58,8 @@ else
   NATIVE_ARGS=(--latency-iterations 200 --warmup 3 --scale-reps 20 --scale-points 1,5,20,100,500,1000
                --parallel-n 100 --parallel-rounds 2 --tput-runs 3 --tput-seconds 10
                --profile-adds 7 --profile-live 20 --profile-remote 50
-               --mn-pods 30 --mn-add-iterations 40 --mn-records 1000,5000 --mn-idle-seconds 10)
+               --mn-pods 30 --mn-pods-sequential 20 --mn-add-iterations 40 --mn-records 1000,5000
+               --mn-idle-seconds 10)
   GUEST_ARGS=(--latency-iterations 60 --warmup 2 --scale-reps 5 --scale-points 1,100,1000
               --tput-runs 3 --tput-seconds 10 --profile-adds 3 --profile-live 5 --profile-remote 0
               --latency-first-pod 0)

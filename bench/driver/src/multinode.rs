@@ -6,7 +6,9 @@
 //!    node 2; from the ADD returning until node 1's pod gets an echo reply from the new pod, and
 //!    until the new pod gets one from node 1's pod (both pings start together, each is
 //!    `ping -c 1 -w 10 -i 0.02`: it sends every 20 ms until the first reply, so the resolution is
-//!    ~20 ms plus one exec);
+//!    ~20 ms plus one exec); then, as a control, `--mn-pods-sequential` more pods where node 1
+//!    pings first and the new pod only after that answered (one side starts the handshake);
+//!    `--mn-diagnose 1` logs both links' `wg show dump` for every pod slower than 1 s;
 //! 2. ADD latency on node 1 with its agent running vs stopped (same node and network,
 //!    alternating, ABBA order);
 //! 3. agent idle RSS/CPU and full resync time with 1,000 and 5,000 remote records of a fake
@@ -606,7 +608,10 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     let (mut fail_to, mut fail_from) = (0usize, 0usize);
     let mut added: Vec<(String, String, Option<Value>)> = Vec::new();
     let mut per_pod = Vec::new();
-    for k in 0..n_pods {
+    let n_seq = ctx.opts.num("mn-pods-sequential", 20);
+    let (mut seq_to, mut seq_from, mut seq_fail) = (Vec::new(), Vec::new(), 0usize);
+    for k in 0..n_pods + n_seq {
+        let sequential = k >= n_pods;
         let pns = format!("wgbench-mn-p{k}");
         c.pod_ns(&pns)?;
         let cid = format!("mn-pod-{k}");
@@ -619,8 +624,9 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         // Diagnostic knob: start pinging this long after ADD returned (default at once).
         let delay = Duration::from_millis(ctx.opts.num("mn-ping-delay-ms", 0) as u64);
         std::thread::sleep(delay);
-        let [a, b] = if ctx.opts.str("mn-ping-order", "together") == "sequential" {
-            // Diagnostic: node 1 → new first, the other direction only after that answered.
+        let [a, b] = if sequential {
+            // Control: node 1 → new first, the other direction only after that answered (so
+            // only one side starts a handshake).
             let a = ping_one("wgbench-mn-r", &ip, 10)?;
             let b = ping_one(&pns, &res_ip, 10)?;
             [a, b]
@@ -643,6 +649,18 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
                     crate::log(format!("{c_id} ({host}) pubkey {}:\n{dump}", rec["publicKey"]));
                 }
             }
+        }
+        if sequential {
+            match (a, b) {
+                (Some(a), Some(b)) => {
+                    seq_to.push(a);
+                    seq_from.push(b);
+                }
+                _ => seq_fail += 1,
+            }
+            added.push((cid, pns, result));
+            c.note_daemons();
+            continue;
         }
         match a {
             Some(us) => to_new.push(us),
@@ -667,6 +685,12 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         "add_ms_node2": summary_ms(&add_us),
         "samples_ms": {"node1_to_new": raw_ms(&to_new), "new_to_node1": raw_ms(&from_new)},
         "per_pod": per_pod,
+        "sequential": {
+            "pods": n_seq,
+            "node1_to_new": summary_ms(&seq_to),
+            "then_new_to_node1": summary_ms(&seq_from),
+            "failures": seq_fail,
+        },
         "method": "both pings start when ADD returns; ping -c1 -i0.02 -w10 (first reply ends it)",
     });
 
@@ -709,7 +733,7 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     }
     out["add_with_agent"] = json!({
         "node": "mnode1",
-        "pods_in_network": n_pods + 1,
+        "pods_in_network": n_pods + n_seq + 1,
         "iterations": lat_iters,
         "with_agent": summary_ms(&with),
         "without_agent": summary_ms(&without),
@@ -863,7 +887,8 @@ pub fn report(m: &Value) -> String {
         md,
         "**Cross-node reachability after ADD** ({} pods added one at a time on node 2, a resident \
          pod on node 1; ms from the ADD returning until the first echo reply; both pings start \
-         together and send every 20 ms, so figures include ~20 ms of polling and one exec):\n",
+         together and send every 20 ms, so figures include ~20 ms of polling and one exec; \
+         ~5,000 ms is WireGuard's handshake retry, REKEY_TIMEOUT):\n",
         r["pods"]
     );
     let _ = writeln!(md, "| direction | p50 | p90 | p99 | max | > 1 s | never (10 s) |");
@@ -883,6 +908,31 @@ pub fn report(m: &Value) -> String {
             r[over],
             r[fail]
         );
+    }
+    let q = &r["sequential"];
+    if q["pods"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(
+            md,
+            "\nControl, {} more pods: node 1's pod pings the new pod first and the new pod pings \
+             back only after that answered, so only one side starts a WireGuard handshake \
+             (ms; {} pods never answered):\n",
+            q["pods"], q["failures"]
+        );
+        let _ = writeln!(md, "| direction | p50 | p90 | p99 | max |\n| --- | --- | --- | --- | --- |");
+        for (label, key) in [
+            ("node-1 pod → new pod, from ADD returning", "node1_to_new"),
+            ("new pod → node-1 pod, afterwards", "then_new_to_node1"),
+        ] {
+            let s = &q[key];
+            let _ = writeln!(
+                md,
+                "| {label} | {} | {} | {} | {} |",
+                f(&s["p50"], 0),
+                f(&s["p90"], 0),
+                f(&s["p99"], 0),
+                f(&s["max"], 0)
+            );
+        }
     }
     let a = &m["add_with_agent"];
     let _ = writeln!(
