@@ -934,6 +934,24 @@ pub fn report(m: &Value) -> String {
             );
         }
     }
+    let slow = r["over_1s_node1_to_new"].as_u64().unwrap_or(0)
+        + r["failures_node1_to_new"].as_u64().unwrap_or(0)
+        + r["over_1s_new_to_node1"].as_u64().unwrap_or(0)
+        + r["failures_new_to_node1"].as_u64().unwrap_or(0);
+    let control_slow = q["failures"].as_u64().unwrap_or(0) > 0
+        || q["node1_to_new"]["max"].as_f64().is_some_and(|x| x > 1000.0);
+    if slow > 0 && !control_slow && q["pods"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(
+            md,
+            "\nThe slow and lost cases come only when both pods start a handshake at once (the \
+             new pod's first packet, and node 1's agent-triggered handshake or its pod's first \
+             packet): the two initiations cross, each side answers the other's and then drops \
+             the answer to its own, and nothing works until WireGuard's 5 s retry (sometimes \
+             not even then). When one side goes first (the control), none is slow. \
+             `--mn-diagnose 1` logs both links' `wg show dump` for such a pod: two initiations \
+             received and two initiations plus two responses sent on each side, no handshake."
+        );
+    }
     let a = &m["add_with_agent"];
     let _ = writeln!(
         md,

@@ -201,8 +201,11 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         let r = &m["reachability"];
         let a = r["node1_to_new"]["p99"].as_f64();
         let b = r["new_to_node1"]["p99"].as_f64();
-        let failed = r["failures_node1_to_new"].as_u64().unwrap_or(0)
-            + r["failures_new_to_node1"].as_u64().unwrap_or(0);
+        let (fa, fb) = (
+            r["failures_node1_to_new"].as_u64().unwrap_or(0),
+            r["failures_new_to_node1"].as_u64().unwrap_or(0),
+        );
+        let failed = fa + fb;
         let ok = match (a, b) {
             (Some(a), Some(b)) => Some(a <= 1000.0 && b <= 1000.0 && failed == 0),
             _ => None,
@@ -214,7 +217,7 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             r["pods"],
             f(&r["node1_to_new"]["p99"], 0),
             f(&r["new_to_node1"]["p99"], 0),
-            if failed > 0 { format!(", {failed} never reached") } else { String::new() },
+            if failed > 0 { format!(" (never answered in 10 s: {fa} / {fb})") } else { String::new() },
             verdict(ok)
         );
         if ok == Some(false) {
