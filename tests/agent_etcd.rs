@@ -301,8 +301,10 @@ impl Node {
         let conf_dir = base.join("net.d");
         fs::create_dir_all(store.join(NET).join(name)).unwrap();
         fs::create_dir_all(&conf_dir).unwrap();
+        // No node gateway: these agents sync records only (no links); tests/multinode.rs
+        // covers agents that make gateways and reconcile live links.
         let mut plugin = json!({"type": "wg-cni", "store": store, "nodeName": name,
-            "endpoint": format!("127.0.0.{}", 10 + index)});
+            "endpoint": format!("127.0.0.{}", 10 + index), "hostGateway": false});
         match subnet {
             Subnet::Operator(cidr) => {
                 plugin["ipam"] = json!({"type": "host-local", "ranges": [[{"subnet": cidr}]]});

@@ -838,7 +838,16 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             (Some(a), Some(b)) => json!(((b.1 - a.1) as f64 / tck / dt * 1000.0).round() / 10.0),
             _ => Value::Null,
         };
+        // Peers the agent gave the resident pod's link and the gateway (wg over UAPI).
+        let peers = |file: &str| -> Option<usize> {
+            let path = c.nodes[0].store().join(NETWORK).join("mnode1").join(file);
+            let rec: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+            let out = exec::sh(&ctx.wgtool, &["show", rec["hostName"].as_str()?, "peers"], None).ok()?;
+            Some(out.lines().filter(|l| !l.is_empty()).count())
+        };
         points.push(json!({
+            "resident_pod_peers": peers("mn-resident:eth0.json"),
+            "gateway_peers": peers("gateway.json"),
             "records": size,
             "load_seconds": (load_s * 100.0).round() / 100.0,
             "resync_seconds": resync_s.map(|s| (s * 1000.0).round() / 1000.0),
@@ -979,6 +988,20 @@ pub fn report(m: &Value) -> String {
          agent started with the mirror directory emptied, until the mirror holds all N records. \
          Idle: after a 5 s settle, VmRSS and utime+stime over the idle window; the gateway's \
          wireguard-go daemon for context:\n"
+    );
+    let _ = writeln!(
+        md,
+        "Peers on node 1's links after each resync (wg over UAPI): {}.\n",
+        m["remote_records"]["points"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| format!(
+                "{} records: resident pod {}, gateway {}",
+                p["records"], p["resident_pod_peers"], p["gateway_peers"]
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
     );
     let _ = writeln!(
         md,
