@@ -842,7 +842,15 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         let peers = |file: &str| -> Option<usize> {
             let path = c.nodes[0].store().join(NETWORK).join("mnode1").join(file);
             let rec: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-            let out = exec::sh(&ctx.wgtool, &["show", rec["hostName"].as_str()?, "peers"], None).ok()?;
+            let wg = ctx.wgtool.display().to_string();
+            let host = rec["hostName"].as_str()?;
+            // Bounded: a daemon busy with thousands of peers must not hang the phase.
+            let t = Instant::now();
+            let out = exec::sh(Path::new("timeout"), &["-k", "2", "10", &wg, "show", host, "peers"], None);
+            if let Err(e) = &out {
+                crate::log(format!("wg show {host} peers ({file}) after {:.1} s: {e}", t.elapsed().as_secs_f64()));
+            }
+            let out = out.ok()?;
             Some(out.lines().filter(|l| !l.is_empty()).count())
         };
         points.push(json!({
@@ -996,10 +1004,18 @@ pub fn report(m: &Value) -> String {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|p| format!(
-                "{} records: resident pod {}, gateway {}",
-                p["records"], p["resident_pod_peers"], p["gateway_peers"]
-            ))
+            .map(|p| {
+                let n = |v: &Value| match v.as_u64() {
+                    Some(n) => n.to_string(),
+                    None => "no answer from its daemon's UAPI socket within 10 s".to_string(),
+                };
+                format!(
+                    "{} records: resident pod {}, gateway {}",
+                    p["records"],
+                    n(&p["resident_pod_peers"]),
+                    n(&p["gateway_peers"])
+                )
+            })
             .collect::<Vec<_>>()
             .join("; ")
     );
