@@ -22,6 +22,9 @@ use crate::wireguard;
 
 use super::LinkReconciler;
 
+/// At most this many peers added to one link in one reconcile get an immediate handshake.
+const HANDSHAKE_KICK_LIMIT: usize = 16;
+
 pub struct LinkSync {
     node: String,
     boot_id: String,
@@ -118,7 +121,9 @@ impl LinkSync {
                     &desired,
                     Prune::Everything,
                 )?;
-                if let Some(added) = &added {
+                // A few new pods: start their handshakes now. Not a first sync of thousands of
+                // peers: that would flood the daemon (and the network) with handshakes.
+                if let Some(added) = added.as_ref().filter(|a| a.len() <= HANDSHAKE_KICK_LIMIT) {
                     reconcile::start_handshakes(current.backend, &link, added)?;
                 }
                 Ok(added.is_some())
