@@ -26,6 +26,14 @@ struct PodRef<'a> {
     ip: &'a str,
 }
 
+/// `nodes` simulated nodes with their conflists written and their agents started.
+fn running(nodes: usize) -> Cluster {
+    let mut cluster = Cluster::new(nodes);
+    cluster.write_conflists();
+    cluster.start_agents();
+    cluster
+}
+
 fn add(cluster: &Cluster, node: usize) -> PodOn {
     let pod = Pod::new();
     let result = cluster.cni(node, "ADD", &pod).ok().json();
@@ -108,9 +116,7 @@ fn public_key_of(cluster: &Cluster, pod: &PodOn) -> String {
 
 #[test]
 fn pods_on_three_nodes_talk_and_follow_adds_and_dels() {
-    let mut cluster = Cluster::new(3);
-    cluster.write_conflists();
-    cluster.start_agents();
+    let cluster = running(3);
     let mut pods: Vec<PodOn> = Vec::new();
     for node in 0..3 {
         for _ in 0..2 {
@@ -202,9 +208,7 @@ fn pods_on_three_nodes_talk_and_follow_adds_and_dels() {
 /// not the agent's); restarted, it changes nothing.
 #[test]
 fn killing_an_agent_does_not_cut_its_pods_off() {
-    let mut cluster = Cluster::new(2);
-    cluster.write_conflists();
-    cluster.start_agents();
+    let mut cluster = running(2);
     let pods = vec![add(&cluster, 0), add(&cluster, 1)];
     converge_all_pairs(&pods);
     cluster.nodes[0].kill_agent();
@@ -338,9 +342,7 @@ fn tcp_read(netns: &str, address: &str, port: u16) -> String {
 /// (and the agents' etcd traffic).
 #[test]
 fn hosts_services_and_node_addresses_across_nodes() {
-    let mut cluster = Cluster::new(3);
-    cluster.write_conflists();
-    cluster.start_agents();
+    let cluster = running(3);
     let (a, b) = (add(&cluster, 0), add(&cluster, 1));
     converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
     let capture = tempfile::NamedTempFile::new().unwrap();
@@ -433,9 +435,7 @@ fn hosts_services_and_node_addresses_across_nodes() {
 /// Pod IP reuse on B before A heard of the DEL: A ends up peering only the new key.
 #[test]
 fn a_reused_pod_address_ends_with_the_new_key_everywhere() {
-    let mut cluster = Cluster::new(2);
-    cluster.write_conflists();
-    cluster.start_agents();
+    let mut cluster = running(2);
     let a = add(&cluster, 0);
     let old = add(&cluster, 1);
     converge_all_pairs(&[add_marker(&a), add_marker(&old)]);
@@ -597,9 +597,7 @@ fn a_stale_node_keeps_its_pods_until_the_grace_period_ends() {
 /// while it was down becomes reachable across nodes afterwards.
 #[test]
 fn an_etcd_restart_loses_nothing_and_catches_up() {
-    let mut cluster = Cluster::new(2);
-    cluster.write_conflists();
-    cluster.start_agents();
+    let mut cluster = running(2);
     let (a, b) = (add(&cluster, 0), add(&cluster, 1));
     converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
     cluster.kill_etcd();
@@ -619,9 +617,7 @@ fn an_etcd_restart_loses_nothing_and_catches_up() {
 /// recreated (the early pods keep their daemons).
 #[test]
 fn adds_racing_the_agents_reconcile_lose_nothing() {
-    let mut cluster = Cluster::new(2);
-    cluster.write_conflists();
-    cluster.start_agents();
+    let cluster = running(2);
     let early = vec![add(&cluster, 0), add(&cluster, 1)];
     converge_all_pairs(&early);
     let daemons = |cluster: &Cluster| -> Vec<Value> {
