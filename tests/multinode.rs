@@ -85,8 +85,8 @@ fn converge_all_pairs<P: AsPod>(pods: &[P]) {
     assert!(ok, "pairs that cannot ping after {CONVERGE:?}: {failing:?}");
 }
 
-/// Public keys of the peers of a pod's link, as `wg-cni show` on its node reports them.
-fn peer_keys(cluster: &Cluster, node: usize) -> Vec<Value> {
+/// `wg-cni show --json` of the network on a node (Null when it fails).
+fn show(cluster: &Cluster, node: usize) -> Value {
     let n = &cluster.nodes[node];
     let out = n.exec(&[
         binary().to_str().unwrap(),
@@ -98,7 +98,12 @@ fn peer_keys(cluster: &Cluster, node: usize) -> Vec<Value> {
         &n.name,
     ]);
     let shown: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    shown["networks"][0]["attachments"]
+    shown["networks"][0].clone()
+}
+
+/// The attachments of a node, with their peers, as `wg-cni show` reports them.
+fn peer_keys(cluster: &Cluster, node: usize) -> Vec<Value> {
+    show(cluster, node)["attachments"]
         .as_array()
         .cloned()
         .unwrap_or_default()
@@ -553,20 +558,8 @@ fn a_stale_node_keeps_its_pods_until_the_grace_period_ends() {
             .map(|p| p["publicKey"].as_str().unwrap_or_default().to_string())
             .collect()
     };
-    let stale_on_a = |cluster: &Cluster| {
-        let n = &cluster.nodes[0];
-        let out = n.exec(&[
-            binary().to_str().unwrap(),
-            "show",
-            "--json",
-            "--store",
-            n.store.to_str().unwrap(),
-            "--node",
-            &n.name,
-        ]);
-        let shown: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        shown["networks"][0]["staleNodes"] == serde_json::json!(["node2"])
-    };
+    let stale_on_a =
+        |cluster: &Cluster| show(cluster, 0)["staleNodes"] == serde_json::json!(["node2"]);
     cluster.nodes[1].kill_agent();
     assert!(
         wait_for(CONVERGE, || stale_on_a(&cluster)),
