@@ -406,30 +406,9 @@ impl<'a> Cluster<'a> {
         Ok(())
     }
 
-    /// Stop every wireguard-go daemon a record of our stores names (by recorded pid, only if
-    /// that pid still runs wireguard-go for that link).
-    fn stop_daemons(&self) {
-        for node in &self.nodes {
-            let dir = node.store().join(NETWORK).join(&node.name);
-            let Ok(files) = std::fs::read_dir(dir) else { continue };
-            for file in files.flatten() {
-                let text = std::fs::read_to_string(file.path()).unwrap_or_default();
-                let record: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                let Some(pid) = record["daemonPid"].as_u64() else { continue };
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                let host = record["hostName"].as_str().unwrap_or("-");
-                if cmdline.contains("wireguard-go") && cmdline.contains(host) {
-                    // SAFETY: a pid checked just above to be that link's daemon.
-                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-                }
-            }
-        }
-    }
-
-    /// Hand every daemon pid our records name to the wrapper (its cleanup kills wireguard-go
-    /// daemons by pid if this process dies without running Drop).
-    fn note_daemons(&self) {
+    /// (daemon pid, link host name) of every record in our nodes' own directories.
+    fn recorded_daemons(&self) -> Vec<(u64, String)> {
+        let mut daemons = Vec::new();
         for node in &self.nodes {
             let dir = node.store().join(NETWORK).join(&node.name);
             let Ok(files) = std::fs::read_dir(dir) else { continue };
@@ -437,9 +416,32 @@ impl<'a> Cluster<'a> {
                 let text = std::fs::read_to_string(file.path()).unwrap_or_default();
                 let record: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                 if let Some(pid) = record["daemonPid"].as_u64() {
-                    self.ctx.note_pid(pid as u32);
+                    let host = record["hostName"].as_str().unwrap_or("-").to_string();
+                    daemons.push((pid, host));
                 }
             }
+        }
+        daemons
+    }
+
+    /// Stop every wireguard-go daemon a record of our stores names (by recorded pid, only if
+    /// that pid still runs wireguard-go for that link).
+    fn stop_daemons(&self) {
+        for (pid, host) in self.recorded_daemons() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("wireguard-go") && cmdline.contains(&host) {
+                // SAFETY: a pid checked just above to be that link's daemon.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+        }
+    }
+
+    /// Hand every daemon pid our records name to the wrapper (its cleanup kills wireguard-go
+    /// daemons by pid if this process dies without running Drop).
+    fn note_daemons(&self) {
+        for (pid, _) in self.recorded_daemons() {
+            self.ctx.note_pid(pid as u32);
         }
     }
 
