@@ -3,6 +3,7 @@
 //! CHECK all go through here, so every link of a network agrees on who its peers are.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use wireguard_control::Key;
 
@@ -24,6 +25,9 @@ pub struct NetworkView {
     /// The config's static peers (already validated against the pod range).
     pub static_peers: Vec<Peer>,
     pub keepalive: Option<u16>,
+    /// Peers whose endpoint was re-addressed since the caller last applied it (the agent
+    /// remembers; a CNI command knows of none).
+    pub moved: Vec<Key>,
 }
 
 /// The node whose links a reconcile touches: its name, boot and host namespace.
@@ -50,6 +54,7 @@ impl NetworkView {
             remote_gateways: store.remote_gateways()?,
             static_peers,
             keepalive: conf.persistent_keepalive,
+            moved: Vec::new(),
         })
     }
 
@@ -95,19 +100,39 @@ pub enum Prune<'a> {
     Everything,
 }
 
+/// Endpoints the caller knows were re-addressed since it last applied them (a node that moved).
+/// Any other endpoint difference is WireGuard roaming and is left alone while it works.
+pub type Moved<'a> = &'a [Key];
+
+/// A peer that completed a handshake this recently is talking from where the device says.
+const ROAMING_PROOF: Duration = Duration::from_secs(180);
+
 /// The update that turns `device`'s peers into `desired`: new peers and peers whose allowed
-/// IPs, endpoint, keepalive or preshared key differ are (re)written; removals per `prune`.
+/// IPs, keepalive or preshared key differ are (re)written; removals per `prune`.
+/// An endpoint is (re)written when the peer is new or has none, when `moved` names it, or
+/// when it differs and the peer has not completed a handshake for `ROAMING_PROOF` (the old one
+/// is then not proven to work): WireGuard follows a peer that roams, and so do we.
 /// An empty update (nothing to do) has no peers and no removals.
-pub fn diff(device: &DeviceState, desired: &[Peer], prune: Prune) -> Update<'static> {
-    let have: HashMap<&Key, &wireguard_control::PeerConfig> = device
+pub fn diff(device: &DeviceState, desired: &[Peer], prune: Prune, moved: Moved) -> Update<'static> {
+    let have: HashMap<&Key, &wireguard_control::PeerInfo> = device
         .peers
         .iter()
-        .map(|p| (&p.config.public_key, &p.config))
+        .map(|p| (&p.config.public_key, p))
         .collect();
     let peers: Vec<Peer> = desired
         .iter()
-        .filter(|want| have.get(&want.public_key).is_none_or(|h| !same(want, h)))
-        .cloned()
+        .filter_map(|want| match have.get(&want.public_key) {
+            None => Some(want.clone()),
+            Some(info) => {
+                let reset = endpoint_to_reset(want, info, moved);
+                let endpoint = if reset { want.endpoint } else { None };
+                let changed = reset || !same_apart_from_endpoint(want, &info.config);
+                changed.then(|| Peer {
+                    endpoint,
+                    ..want.clone()
+                })
+            }
+        })
         .collect();
     let wanted = |key: &Key| desired.iter().any(|p| &p.public_key == key);
     let remove_peers = have
@@ -127,7 +152,19 @@ pub fn diff(device: &DeviceState, desired: &[Peer], prune: Prune) -> Update<'sta
     }
 }
 
-fn same(want: &Peer, have: &wireguard_control::PeerConfig) -> bool {
+fn endpoint_to_reset(want: &Peer, have: &wireguard_control::PeerInfo, moved: Moved) -> bool {
+    if want.endpoint.is_none() || want.endpoint == have.config.endpoint {
+        return false;
+    }
+    let talking = have
+        .stats
+        .last_handshake_time
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < ROAMING_PROOF);
+    have.config.endpoint.is_none() || moved.contains(&want.public_key) || !talking
+}
+
+fn same_apart_from_endpoint(want: &Peer, have: &wireguard_control::PeerConfig) -> bool {
     let mut want_ips: Vec<String> = want.allowed_ips.iter().map(|ip| ip.to_string()).collect();
     let mut have_ips: Vec<String> = have
         .allowed_ips
@@ -137,7 +174,6 @@ fn same(want: &Peer, have: &wireguard_control::PeerConfig) -> bool {
     want_ips.sort();
     have_ips.sort();
     want_ips == have_ips
-        && want.endpoint == have.endpoint
         && want.keepalive.filter(|s| *s > 0)
             == have.persistent_keepalive_interval.filter(|s| *s > 0)
         && want.preshared_key.as_ref().map(|k| &k.0) == have.preshared_key.as_ref()
@@ -150,8 +186,9 @@ pub fn apply(
     link: &LinkRef,
     desired: &[Peer],
     prune: Prune,
+    moved: Moved,
 ) -> Result<bool> {
-    apply_and_report(backend, link, desired, prune).map(|added| added.is_some())
+    apply_and_report(backend, link, desired, prune, moved).map(|added| added.is_some())
 }
 
 /// `apply`, answering the peers the device did not have before (`None`: nothing written).
@@ -160,10 +197,11 @@ pub fn apply_and_report(
     link: &LinkRef,
     desired: &[Peer],
     prune: Prune,
+    moved: Moved,
 ) -> Result<Option<Vec<Peer>>> {
     let backend = wireguard::backend(backend);
     let device = backend.read(link)?;
-    let update = diff(&device, desired, prune);
+    let update = diff(&device, desired, prune, moved);
     if update.peers.is_empty() && update.remove_peers.is_empty() {
         return Ok(None);
     }
@@ -234,7 +272,10 @@ pub fn local_pods(node: &Node, view: &NetworkView, except: Option<&Record>, prun
         };
         let outcome = view
             .desired_for_pod(record)
-            .and_then(|desired| apply(record.backend, &record.link(Some(&pod)), &desired, prune));
+            .and_then(|desired| {
+                let link = record.link(Some(&pod));
+                apply(record.backend, &link, &desired, prune, &view.moved)
+            });
         if let Err(e) = outcome {
             tracing::warn!(container = %record.container_id, ifname = %record.ifname, error = %e, "could not update the peers of a local pod");
             failed += 1;
@@ -250,7 +291,8 @@ pub fn gateway(node: &Node, view: &NetworkView, prune: Prune) -> Result<()> {
     };
     crate::failpoint::fail("gateway-update")?;
     let desired = view.desired_for_gateway();
-    apply(gateway.backend, &gateway.link(node.host), &desired, prune).map(|_| ())
+    let link = gateway.link(node.host);
+    apply(gateway.backend, &link, &desired, prune, &view.moved).map(|_| ())
 }
 
 #[cfg(test)]
@@ -300,6 +342,7 @@ mod tests {
             &device_with(&[&a, &b]),
             &[a.clone(), b.clone()],
             Prune::Only(&gone),
+            &[],
         );
         assert!(update.peers.is_empty() && update.remove_peers.is_empty());
     }
@@ -316,7 +359,7 @@ mod tests {
         let device = device_with(&[&a, &c]);
         let desired = [moved.clone(), b.clone()];
 
-        let update = diff(&device, &desired, Prune::Nothing);
+        let update = diff(&device, &desired, Prune::Nothing, &[]);
         assert_eq!(update.peers, vec![moved.clone(), b.clone()]);
         assert!(
             update.remove_peers.is_empty(),
@@ -325,12 +368,38 @@ mod tests {
 
         let gone = [c.public_key.clone()];
         assert_eq!(
-            diff(&device, &desired, Prune::Only(&gone)).remove_peers,
+            diff(&device, &desired, Prune::Only(&gone), &[]).remove_peers,
             gone
         );
         assert_eq!(
-            diff(&device, &desired, Prune::Only(&[])).remove_peers,
+            diff(&device, &desired, Prune::Only(&[]), &[]).remove_peers,
             vec![]
         );
+    }
+
+    #[test]
+    fn a_roamed_endpoint_that_works_stays_until_the_record_moves() {
+        let a = peer("10.0.0.2/32");
+        let mut device = device_with(&[&a]);
+        device.peers[0].config.endpoint = Some("127.0.0.9:53000".parse().unwrap());
+        device.peers[0].stats.last_handshake_time = Some(std::time::SystemTime::now());
+
+        let update = diff(&device, std::slice::from_ref(&a), Prune::Nothing, &[]);
+        assert!(update.peers.is_empty(), "roaming is left alone");
+
+        let mut wider = a.clone();
+        wider.allowed_ips.push("10.0.1.0/24".parse().unwrap());
+        let update = diff(&device, std::slice::from_ref(&wider), Prune::Nothing, &[]);
+        assert_eq!(update.peers.len(), 1);
+        assert_eq!(update.peers[0].endpoint, None, "written without touching the endpoint");
+
+        let moved = [a.public_key.clone()];
+        let update = diff(&device, std::slice::from_ref(&a), Prune::Nothing, &moved);
+        assert_eq!(update.peers, vec![a.clone()], "a moved record resets it");
+
+        device.peers[0].stats.last_handshake_time =
+            Some(std::time::SystemTime::now() - Duration::from_secs(600));
+        let update = diff(&device, std::slice::from_ref(&a), Prune::Nothing, &[]);
+        assert_eq!(update.peers, vec![a], "a silent peer gets the record's endpoint back");
     }
 }

@@ -6,7 +6,12 @@
 //! with a subnet keeps its node gateway whether or not it has pods (control-plane nodes must
 //! reach webhooks in pods): the reconcile creates it when it is missing.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Mutex;
+
+use wireguard_control::Key;
 
 use ipnetwork::IpNetwork;
 
@@ -21,6 +26,7 @@ use crate::store::{State, Store};
 use crate::wireguard;
 
 use super::LinkReconciler;
+use super::handshakes;
 
 /// At most this many peers added to one link in one reconcile get an immediate handshake.
 const HANDSHAKE_KICK_LIMIT: usize = 16;
@@ -32,6 +38,37 @@ pub struct LinkSync {
     /// Where the network's settings are read from at every reconcile (the runtime's conflists).
     cni_conf_dir: PathBuf,
     store: PathBuf,
+    /// The endpoint each peer was last given: a record whose endpoint differs from it was
+    /// re-addressed (its node moved) and is reset on every link; any other difference is
+    /// WireGuard roaming and is left alone (`reconcile::diff`). Per network.
+    last_endpoints: Mutex<HashMap<String, HashMap<Key, SocketAddr>>>,
+}
+
+/// What one reconcile gave each peer, and which of them were re-addressed since the last.
+struct Endpoints {
+    remembered: HashMap<Key, SocketAddr>,
+    given: HashMap<Key, SocketAddr>,
+}
+
+impl Endpoints {
+    /// The peers of `desired` whose endpoint differs from what the last reconcile gave them.
+    fn moved(&mut self, desired: &[wireguard::Peer]) -> Vec<Key> {
+        let mut moved = Vec::new();
+        for peer in desired {
+            let Some(endpoint) = peer.endpoint else {
+                continue;
+            };
+            if self
+                .remembered
+                .get(&peer.public_key)
+                .is_some_and(|last| *last != endpoint)
+            {
+                moved.push(peer.public_key.clone());
+            }
+            self.given.insert(peer.public_key.clone(), endpoint);
+        }
+        moved
+    }
 }
 
 impl LinkSync {
@@ -42,6 +79,7 @@ impl LinkSync {
             host: Netns::host()?,
             cni_conf_dir: settings.cni_conf_dir.clone(),
             store: settings.store.clone(),
+            last_endpoints: Mutex::new(HashMap::new()),
         })
     }
 
@@ -97,6 +135,15 @@ impl LinkSync {
             tracing::warn!(network = %conf.name, error = %e, "could not make the node gateway");
         }
         let (mut updated, mut failed) = (0, 0);
+        let mut endpoints = Endpoints {
+            remembered: self
+                .last_endpoints
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&conf.name).cloned())
+                .unwrap_or_default(),
+            given: HashMap::new(),
+        };
         for record in store.node_records()? {
             if record.state != State::Ready || record.boot_id != self.boot_id {
                 continue;
@@ -115,16 +162,25 @@ impl LinkSync {
             let view = NetworkView::read(&store, conf)?;
             let link = current.link(Some(&pod));
             let outcome = view.desired_for_pod(&current).and_then(|desired| {
+                let moved = endpoints.moved(&desired);
                 let added = reconcile::apply_and_report(
                     current.backend,
                     &link,
                     &desired,
                     Prune::Everything,
+                    &moved,
                 )?;
                 // A few new pods: start their handshakes now. Not a first sync of thousands of
                 // peers: that would flood the daemon (and the network) with handshakes.
                 if let Some(added) = added.as_ref().filter(|a| a.len() <= HANDSHAKE_KICK_LIMIT) {
                     reconcile::start_handshakes(current.backend, &link, added)?;
+                    handshakes::spawn(handshakes::Followup {
+                        conf: conf.clone(),
+                        node: self.node.clone(),
+                        container_id: current.container_id.clone(),
+                        ifname: current.ifname.clone(),
+                        peers: added.iter().map(|p| p.public_key.clone()).collect(),
+                    });
                 }
                 Ok(added.is_some())
             });
@@ -139,7 +195,8 @@ impl LinkSync {
         }
         if conf.host_gateway {
             let _lock = store.lock()?;
-            let view = NetworkView::read(&store, conf)?;
+            let mut view = NetworkView::read(&store, conf)?;
+            view.moved = endpoints.moved(&view.desired_for_gateway());
             let live = view
                 .gateway
                 .as_ref()
@@ -148,6 +205,9 @@ impl LinkSync {
                 failed += 1;
                 tracing::warn!(network = %conf.name, error = %e, "could not reconcile the node gateway");
             }
+        }
+        if let Ok(mut last) = self.last_endpoints.lock() {
+            last.insert(conf.name.clone(), endpoints.given);
         }
         tracing::debug!(network = %conf.name, updated, failed, "links reconciled");
         Ok(())
