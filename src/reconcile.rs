@@ -270,12 +270,10 @@ pub fn local_pods(node: &Node, view: &NetworkView, except: Option<&Record>, prun
         let Some(pod) = record.live_netns(None) else {
             continue;
         };
-        let outcome = view
-            .desired_for_pod(record)
-            .and_then(|desired| {
-                let link = record.link(Some(&pod));
-                apply(record.backend, &link, &desired, prune, &view.moved)
-            });
+        let outcome = view.desired_for_pod(record).and_then(|desired| {
+            let link = record.link(Some(&pod));
+            apply(record.backend, &link, &desired, prune, &view.moved)
+        });
         if let Err(e) = outcome {
             tracing::warn!(container = %record.container_id, ifname = %record.ifname, error = %e, "could not update the peers of a local pod");
             failed += 1;
@@ -391,7 +389,10 @@ mod tests {
         wider.allowed_ips.push("10.0.1.0/24".parse().unwrap());
         let update = diff(&device, std::slice::from_ref(&wider), Prune::Nothing, &[]);
         assert_eq!(update.peers.len(), 1);
-        assert_eq!(update.peers[0].endpoint, None, "written without touching the endpoint");
+        assert_eq!(
+            update.peers[0].endpoint, None,
+            "written without touching the endpoint"
+        );
 
         let moved = [a.public_key.clone()];
         let update = diff(&device, std::slice::from_ref(&a), Prune::Nothing, &moved);
@@ -400,6 +401,10 @@ mod tests {
         device.peers[0].stats.last_handshake_time =
             Some(std::time::SystemTime::now() - Duration::from_secs(600));
         let update = diff(&device, std::slice::from_ref(&a), Prune::Nothing, &[]);
-        assert_eq!(update.peers, vec![a], "a silent peer gets the record's endpoint back");
+        assert_eq!(
+            update.peers,
+            vec![a],
+            "a silent peer gets the record's endpoint back"
+        );
     }
 }

@@ -8,7 +8,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use cluster::{Cluster, ping_once, wait_for};
+use cluster::{Cluster, UNDERLAY_NOWHERE, ping_once, wait_for};
 use common::*;
 use serde_json::Value;
 
@@ -438,6 +438,116 @@ fn hosts_services_and_node_addresses_across_nodes() {
 }
 
 /// Pod IP reuse on B before A heard of the DEL: A ends up peering only the new key.
+/// The endpoint `holder`'s link has for the peer `key`, as `wg-cni show` reads the device.
+fn endpoint_for(cluster: &Cluster, holder: &PodOn, key: &str) -> Option<String> {
+    peer_keys(cluster, holder.node)
+        .iter()
+        .filter(|a| a["containerId"] == holder.pod.id.as_str())
+        .flat_map(|a| a["peers"].as_array().cloned().unwrap_or_default())
+        .find(|p| p["publicKey"] == key)
+        .and_then(|p| p["endpoint"].as_str().map(str::to_string))
+}
+
+#[test]
+fn a_node_that_changes_address_is_reached_at_the_new_one() {
+    let mut cluster = Cluster::new(2);
+    cluster.detect_endpoints = true;
+    cluster.write_conflists();
+    cluster.start_agents();
+    let a = add(&cluster, 0);
+    let b = add(&cluster, 1);
+    converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
+    let b_key = public_key_of(&cluster, &b);
+    let node_b = &cluster.nodes[1];
+    let (old, new) = (node_b.addr.clone(), "10.250.0.42");
+    // The new address first (promoted to primary when the old one goes), then the default
+    // route's source: what the agent re-detects.
+    node_b.exec(&["sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1"]);
+    node_b.exec(&["ip", "addr", "add", &format!("{new}/24"), "dev", "eth0"]);
+    let route = ["ip", "route", "replace", "default", "via", UNDERLAY_NOWHERE];
+    node_b.exec(&[&route[..], &["src", new]].concat());
+    let at_new = |c: &Cluster| {
+        endpoint_for(c, &a, &b_key).is_some_and(|e| e.starts_with(&format!("{new}:")))
+    };
+    assert!(
+        wait_for(CONVERGE, || at_new(&cluster)),
+        "node A's pod still sends to B's pod at {:?}",
+        endpoint_for(&cluster, &a, &b_key)
+    );
+    node_b.exec(&["ip", "addr", "del", &format!("{old}/24"), "dev", "eth0"]);
+    // A speaks first: only the new address can carry it (B's pod has roamed nowhere).
+    assert!(
+        wait_for(CONVERGE, || ping_once(&a.pod, &b.ip)),
+        "A's pod cannot reach B's pod at B's new address"
+    );
+    converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
+    for p in [&a, &b] {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
+
+#[test]
+fn a_peer_that_roams_keeps_its_new_endpoint() {
+    let cluster = running(2);
+    let a = add(&cluster, 0);
+    let b = add(&cluster, 1);
+    converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
+    let b_key = public_key_of(&cluster, &b);
+    // From now on B's packets to node A leave from a second address, as behind a NAT whose
+    // mapping changed (conntrack flushed so the running flows are translated too).
+    let node_b = &cluster.nodes[1];
+    let roamed = "10.250.0.43";
+    node_b.exec(&["ip", "addr", "add", &format!("{roamed}/24"), "dev", "eth0"]);
+    let to_a = &cluster.nodes[0].addr;
+    let snat = [
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-o",
+        "eth0",
+        "-p",
+        "udp",
+        "-d",
+        to_a,
+        "-j",
+        "SNAT",
+        "--to-source",
+        roamed,
+    ];
+    assert!(
+        node_b.exec(&snat).status.success(),
+        "iptables SNAT on node B"
+    );
+    node_b.exec(&["conntrack", "-F"]);
+    // B speaks: A's devices follow it to the new address (WireGuard roaming).
+    let roamed_there = |c: &Cluster| {
+        endpoint_for(c, &a, &b_key).is_some_and(|e| e.starts_with(&format!("{roamed}:")))
+    };
+    assert!(
+        wait_for(CONVERGE, || ping_once(&b.pod, &a.ip)
+            && roamed_there(&cluster)),
+        "A's pod did not roam to {roamed}: {:?}",
+        endpoint_for(&cluster, &a, &b_key)
+    );
+    // Quiet (no packet from B) for several resync intervals of the agent (2 s): a reconcile
+    // that put the record's endpoint back would show here.
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(
+        roamed_there(&cluster),
+        "the agent reset a roamed endpoint: {:?}",
+        endpoint_for(&cluster, &a, &b_key)
+    );
+    assert!(
+        ping_once(&a.pod, &b.ip),
+        "A's pod cannot reach B's pod at its roamed endpoint"
+    );
+    for p in [&a, &b] {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
+
 #[test]
 fn a_reused_pod_address_ends_with_the_new_key_everywhere() {
     let mut cluster = running(2);

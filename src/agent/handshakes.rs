@@ -57,7 +57,9 @@ impl Followup {
             }
             match self.restart_silent() {
                 Ok(0) => return,
-                Ok(n) => tracing::debug!(container = %self.container_id, peers = n, "handshakes started over"),
+                Ok(n) => {
+                    tracing::debug!(container = %self.container_id, peers = n, "handshakes started over")
+                }
                 Err(e) => {
                     tracing::debug!(container = %self.container_id, error = %e, "handshake follow-up ended");
                     return;

@@ -292,6 +292,8 @@ impl Mirror {
         for ((key, node, file, body, rev), verdict) in bodies.into_iter().zip(verdicts) {
             match verdict {
                 Verdict::Trusted => {
+                    let endpoints = self.last_info.get(&node).map(|i| i.endpoints.as_slice());
+                    let body = at_node_endpoint(body, endpoints.unwrap_or_default());
                     evaluation
                         .trusted
                         .entry(node)
@@ -397,6 +399,31 @@ impl Mirror {
             .filter(|n| *n != self.own_node)
             .collect()
     }
+}
+
+/// A record's endpoint comes from its node key: a node that moved (a new address re-detected
+/// by its agent) is reached at the new address by every record it published before. A record
+/// whose endpoint the node key lists is left as it is; otherwise it gets the node's first
+/// address of the same family, else its first.
+fn at_node_endpoint(body: Vec<u8>, endpoints: &[std::net::IpAddr]) -> Vec<u8> {
+    let Ok(mut record) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return body;
+    };
+    let Some(current) = record["endpoint"]
+        .as_str()
+        .and_then(|e| e.parse::<std::net::IpAddr>().ok())
+    else {
+        return body;
+    };
+    if endpoints.is_empty() || endpoints.contains(&current) {
+        return body;
+    }
+    let chosen = endpoints
+        .iter()
+        .find(|e| e.is_ipv4() == current.is_ipv4())
+        .unwrap_or(&endpoints[0]);
+    record["endpoint"] = serde_json::Value::String(chosen.to_string());
+    to_json(&record)
 }
 
 fn unix_now() -> u64 {
@@ -540,6 +567,30 @@ mod tests {
             .iter()
             .map(|(f, b)| (f.to_string(), b.as_bytes().to_vec()))
             .collect()
+    }
+
+    #[test]
+    fn a_record_is_reached_where_its_node_key_says() {
+        let body = br#"{"endpoint": "10.0.0.1", "listenPort": 52000}"#.to_vec();
+        let moved = at_node_endpoint(body.clone(), &["10.0.0.9".parse().unwrap()]);
+        let moved: serde_json::Value = serde_json::from_slice(&moved).unwrap();
+        assert_eq!(moved["endpoint"], "10.0.0.9");
+        assert_eq!(moved["listenPort"], 52000);
+        let listed = ["fd00::1".parse().unwrap(), "10.0.0.1".parse().unwrap()];
+        assert_eq!(
+            at_node_endpoint(body.clone(), &listed),
+            body,
+            "listed: kept"
+        );
+        assert_eq!(
+            at_node_endpoint(body.clone(), &[]),
+            body,
+            "no node key: kept"
+        );
+        let v6_first = ["fd00::1".parse().unwrap(), "10.0.0.7".parse().unwrap()];
+        let same_family: serde_json::Value =
+            serde_json::from_slice(&at_node_endpoint(body, &v6_first)).unwrap();
+        assert_eq!(same_family["endpoint"], "10.0.0.7");
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub(super) struct NetworkLoop {
     announced: Vec<IpNetwork>,
     /// The node key's value as last put.
     announced_info: Vec<u8>,
+    /// The address this node is reached at, as last detected.
+    endpoint: Option<std::net::IpAddr>,
     lease: Option<Lease>,
     watch: Option<WatchStream>,
     synced: bool,
@@ -90,6 +92,7 @@ impl NetworkLoop {
             foreign_since: None,
             announced: Vec::new(),
             announced_info: Vec::new(),
+            endpoint: None,
             lease: None,
             watch: None,
             synced: false,
@@ -233,15 +236,35 @@ impl NetworkLoop {
         )
     }
 
+    /// The address other nodes reach this node at: the conflist's `endpoint`, else the source
+    /// address of the default route, re-detected at every scan (a node whose address changes
+    /// republishes it, and every mirror moves this node's records there).
+    async fn detect_endpoint(&mut self) {
+        let detected = match self.net.conf.endpoint {
+            Some(ip) => Some(ip),
+            None => tokio::task::spawn_blocking(crate::host::default_route)
+                .await
+                .ok()
+                .and_then(|r| r.ok().flatten())
+                .and_then(|route| route.source),
+        };
+        if detected.is_some() && detected != self.endpoint {
+            tracing::info!(network = %self.net.name, address = ?detected, "node address detected");
+            self.endpoint = detected;
+        }
+    }
+
     fn node_info(&self, local: &publish::Local) -> Vec<u8> {
-        let mut endpoints: Vec<std::net::IpAddr> = self.net.conf.endpoint.into_iter().collect();
+        // Without a detected address, the addresses this node's records were made with.
+        let mut endpoints: Vec<std::net::IpAddr> = self.endpoint.into_iter().collect();
         let mut mtu = self.net.conf.mtu;
         for body in local.values() {
             let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-            if let Some(ip) = value["endpoint"].as_str().and_then(|s| s.parse().ok()) {
-                if !endpoints.contains(&ip) {
-                    endpoints.push(ip);
-                }
+            if self.endpoint.is_none()
+                && let Some(ip) = value["endpoint"].as_str().and_then(|s| s.parse().ok())
+                && !endpoints.contains(&ip)
+            {
+                endpoints.push(ip);
             }
             if let Some(m) = value["mtu"].as_u64() {
                 mtu = Some(mtu.map_or(m as u32, |old| old.min(m as u32)));
@@ -261,6 +284,7 @@ impl NetworkLoop {
     /// transaction.
     async fn grant_lease(&mut self) {
         let ttl = self.settings.lease_ttl.as_secs().max(2) as i64;
+        self.detect_endpoint().await;
         let local = self.local();
         let info = self.node_info(&local);
         let result = async {
@@ -372,7 +396,8 @@ impl NetworkLoop {
                 return;
             }
         }
-        // Endpoints and MTU follow the records: refresh the node key when they change.
+        // The node's address and the MTU can change: refresh the node key when they do.
+        self.detect_endpoint().await;
         let info = self.node_info(&local);
         if let Some(lease) = self.lease.as_ref().filter(|_| info != self.announced_info) {
             let put = self.client.put(

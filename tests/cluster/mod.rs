@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 use crate::common::{CniOutput, Pod, binary, ip, plugin_dir, run, run_ok, unique};
 
 pub const ETCD_ADDR: &str = "10.250.0.2";
+/// An underlay address nobody has: the next hop of the nodes' default routes.
+pub const UNDERLAY_NOWHERE: &str = "10.250.0.254";
 const ETCD_PORT: u16 = 23790;
 const ETCD_PEER_PORT: u16 = 23800;
 /// Pod range of the whole network; node N owns 10.251.N.0/24.
@@ -31,6 +33,9 @@ pub struct Cluster {
     pub lease: bool,
     /// `mtu` per node's conflist (`None`: left to the plugin).
     pub mtus: Vec<Option<u32>>,
+    /// No `endpoint` in the conflists: nodes are reached at their default route's source
+    /// address (each node gets a default route toward the bridge, where nothing answers).
+    pub detect_endpoints: bool,
 }
 
 pub struct Node {
@@ -59,6 +64,7 @@ impl Cluster {
             nodes: Vec::new(),
             lease: false,
             mtus: vec![Some(1420); count],
+            detect_endpoints: false,
             agent_flags: [
                 "--lease-ttl",
                 "3",
@@ -226,6 +232,9 @@ impl Cluster {
                 plugin.as_object_mut().unwrap().remove("mtu");
             }
         }
+        if self.detect_endpoints {
+            plugin.as_object_mut().unwrap().remove("endpoint");
+        }
         if self.lease {
             plugin["subnetLease"] = true.into();
             plugin["ipam"]["ranges"] = json!([]);
@@ -236,6 +245,11 @@ impl Cluster {
     /// Write node `i`'s conflist into its conf dir (as an installer would).
     pub fn write_conflists(&self) {
         for node in &self.nodes {
+            if self.detect_endpoints {
+                // A default route on the underlay: its source is the node's address. The next
+                // hop does not exist, so nothing leaves the bridge.
+                node.exec(&["ip", "route", "replace", "default", "via", UNDERLAY_NOWHERE]);
+            }
             let conflist = json!({
                 "cniVersion": "1.0.0",
                 "name": self.network,
