@@ -15,6 +15,7 @@ use crate::link::Netlink;
 use crate::mesh;
 use crate::nat;
 use crate::netns::Netns;
+use crate::node_paths;
 use crate::ports::{self, PortLock};
 use crate::store::{GatewayRecord, SCHEMA_VERSION, State, Store};
 use crate::wireguard::{self, LinkSpec, Peer};
@@ -311,7 +312,7 @@ fn configure_host_side(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
             masquerade.remove()?;
         }
     }
-    Ok(())
+    node_paths::ensure_masquerade(gateway)
 }
 
 /// Remove the gateway's link (or daemon) and NAT rules; the record and the port's ledger
@@ -321,6 +322,7 @@ pub fn destroy(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
         nat::hairpin(&gateway.network, &gateway.host_name, subnet).remove()?;
         nat::masquerade(&gateway.network, &gateway.host_name, subnet).remove()?;
     }
+    node_paths::remove(host, gateway)?;
     let key = key_of(&gateway.public_key)?;
     wireguard::backend(gateway.backend).destroy(&gateway.link(host), &key, host)
 }
@@ -345,6 +347,7 @@ pub fn remove_if_unused(host: &Netns, store: &Store) -> Result<()> {
 /// network's gateway name (a name only wg-cni derives): remove it so it can be made again.
 fn clear_leftovers(host: &Netns, name: &str) -> Result<()> {
     wireguard::userspace::stop_daemon_named(name);
+    node_paths::remove_rules(host, name)?;
     host.run(|| {
         let netlink = Netlink::open()?;
         if let Some(link) = netlink.link_by_name(name)?

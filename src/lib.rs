@@ -16,6 +16,7 @@ pub mod logging;
 pub mod mesh;
 pub mod nat;
 pub mod netns;
+pub mod node_paths;
 pub mod ports;
 pub mod reconcile;
 pub mod show;

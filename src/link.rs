@@ -10,7 +10,10 @@ use ipnetwork::IpNetwork;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkWireguard, RouteMessageBuilder};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::{
+    Handle, IpVersion, LinkMessageBuilder, LinkUnspec, LinkWireguard, RouteMessageBuilder,
+};
 use tokio::runtime::Runtime;
 
 use crate::cni::{Error, Result};
@@ -222,6 +225,127 @@ impl Netlink {
         ))
     }
 
+    /// The policy rule `iif IFNAME lookup TABLE` (at `priority`), in one family; added
+    /// unless present.
+    pub fn ensure_iif_rule(
+        &self,
+        ifname: &str,
+        table: u32,
+        priority: u32,
+        ipv6: bool,
+    ) -> Result<()> {
+        let present = self
+            .iif_rules(ifname, ipv6)?
+            .iter()
+            .any(|m| rule_table(m) == table);
+        if present {
+            return Ok(());
+        }
+        let request = self
+            .handle
+            .rule()
+            .add()
+            .input_interface(ifname)
+            .table_id(table)
+            .priority(priority)
+            .action(RuleAction::ToTable);
+        self.runtime
+            .block_on(async {
+                match ipv6 {
+                    true => request.v6().execute().await,
+                    false => request.v4().execute().await,
+                }
+            })
+            .map_err(|e| Error::netlink(format!("adding the rule iif {ifname} lookup {table}"), e))
+    }
+
+    /// Delete every policy rule matching `iif IFNAME` (both families); none is fine.
+    pub fn delete_iif_rules(&self, ifname: &str) -> Result<()> {
+        for ipv6 in [false, true] {
+            for rule in self.iif_rules(ifname, ipv6)? {
+                self.runtime
+                    .block_on(async { self.handle.rule().del(rule).execute().await })
+                    .map_err(|e| Error::netlink(format!("deleting a rule of {ifname}"), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn iif_rules(&self, ifname: &str, ipv6: bool) -> Result<Vec<RuleMessage>> {
+        let version = if ipv6 { IpVersion::V6 } else { IpVersion::V4 };
+        let rules: Vec<RuleMessage> = self.runtime.block_on(async {
+            self.handle
+                .rule()
+                .get(version)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| Error::netlink("listing policy rules", e))
+        })?;
+        let matches = |m: &RuleMessage| {
+            m.attributes
+                .iter()
+                .any(|a| matches!(a, RuleAttribute::Iifname(n) if n == ifname))
+        };
+        Ok(rules.into_iter().filter(matches).collect())
+    }
+
+    /// The routes of routing table `table` through link `index`, both families.
+    pub fn table_routes(&self, table: u32, index: u32) -> Result<Vec<IpNetwork>> {
+        let v4 = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+            .table_id(table)
+            .build();
+        let v6 = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+            .table_id(table)
+            .build();
+        self.runtime.block_on(async {
+            let mut routes = Vec::new();
+            for query in [v4, v6] {
+                let messages: Vec<RouteMessage> = self
+                    .handle
+                    .route()
+                    .get(query)
+                    .execute()
+                    .try_collect()
+                    .await
+                    .map_err(|e| Error::netlink("listing routes", e))?;
+                routes.extend(
+                    messages
+                        .iter()
+                        .filter(|m| route_table(m) == table)
+                        .filter_map(route_fields)
+                        .filter(|r| r.oif == Some(index))
+                        .map(|r| r.dst),
+                );
+            }
+            Ok(routes)
+        })
+    }
+
+    /// Add (`add: true`) or delete the device route `dst dev index` in table `table`.
+    pub fn change_table_route(
+        &self,
+        index: u32,
+        dst: IpNetwork,
+        table: u32,
+        add: bool,
+    ) -> Result<()> {
+        let message = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst.network(), dst.prefix())
+            .map_err(|e| Error::netlink(format!("route to {dst}"), e))?
+            .output_interface(index)
+            .table_id(table)
+            .build();
+        self.runtime
+            .block_on(async {
+                match add {
+                    true => self.handle.route().add(message).execute().await,
+                    false => self.handle.route().del(message).execute().await,
+                }
+            })
+            .map_err(|e| Error::netlink(format!("route to {dst} in table {table}"), e))
+    }
+
     /// All routes of the main table, both families.
     pub fn routes(&self) -> Result<Vec<Route>> {
         let v4 = RouteMessageBuilder::<std::net::Ipv4Addr>::new().build();
@@ -258,6 +382,31 @@ fn route_from_message(m: &RouteMessage) -> Option<Route> {
     if m.header.table != RT_TABLE_MAIN {
         return None;
     }
+    route_fields(m)
+}
+
+/// A route's table: the header's, or the attribute for ids past 255.
+fn route_table(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(m.header.table as u32)
+}
+
+fn rule_table(m: &RuleMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(m.header.table as u32)
+}
+
+fn route_fields(m: &RouteMessage) -> Option<Route> {
     let ip = |a: &RouteAddress| match a {
         RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
         RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),

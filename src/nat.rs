@@ -96,6 +96,19 @@ pub fn masquerade(network: &str, gateway: &str, subnet: &IpNetwork) -> Rule {
     Rule::new(subnet, args)
 }
 
+/// Pod traffic that this host routes back out of the gateway toward another node's address
+/// (a DNAT here to a node address) leaves with the gateway's address (`node_paths`).
+pub fn to_other_nodes(network: &str, gateway: &str, range: &IpNetwork) -> Rule {
+    let range_text = range.to_string();
+    let mut args: Vec<String> = ["-s", &range_text, "!", "-d", &range_text, "-o", gateway]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(comment("nodes", network, gateway));
+    args.extend(["-j".to_string(), "MASQUERADE".to_string()]);
+    Rule::new(range, args)
+}
+
 /// Turn on forwarding for the families in use, as the ptp plugin does.
 pub fn enable_forwarding(subnets: &[IpNetwork]) -> Result<()> {
     let mut knobs = Vec::new();

@@ -77,13 +77,20 @@ impl NetworkView {
     }
 
     /// The peers this node's gateway should have: every ready pod of the network, on any
-    /// node (traffic from the host to a remote pod goes straight to it, encrypted).
+    /// node (traffic from the host to a remote pod goes straight to it, encrypted), and every
+    /// other node's gateway for that gateway's and that node's addresses (`node_paths`: a
+    /// DNAT here to another node's address crosses encrypted and is answered back here).
     pub fn desired_for_gateway(&self) -> Vec<Peer> {
-        self.records
+        let pods = self
+            .records
             .iter()
             .filter(|r| r.state == State::Ready)
-            .filter_map(|r| mesh::peer_of(r, self.keepalive).ok())
-            .collect()
+            .filter_map(|r| mesh::peer_of(r, self.keepalive).ok());
+        let gateways = self
+            .remote_gateways
+            .iter()
+            .filter_map(|gw| gateway::peer_for_remote_pods(gw, self.keepalive).ok());
+        pods.chain(gateways).collect()
     }
 }
 

@@ -355,10 +355,10 @@ fn hosts_services_and_node_addresses_across_nodes() {
         .args([
             "netns",
             "exec",
-            &cluster.nodes[0].netns,
+            &cluster.underlay,
             "tcpdump",
             "-i",
-            "eth0",
+            "br0",
             "-Z",
             "root",
             "--immediate-mode",
@@ -415,6 +415,21 @@ fn hosts_services_and_node_addresses_across_nodes() {
         tcp_read(&a.pod.name, &c_addr, 8081) == "from-node-c"
     });
     assert!(reached, "a pod on A cannot reach node C's address");
+    // The same server behind a Service on A (a DNAT to a node address, as a NodePort or the
+    // apiserver): crosses encrypted, and the reply comes back through A.
+    let to_c = format!("{c_addr}:8081");
+    let mut args: Vec<&str> = vec!["netns", "exec", &node_a, "iptables"];
+    args.extend_from_slice(&dnat[..5]);
+    args.extend_from_slice(&["10.96.0.11", "-p", "tcp", "--dport", "80", "-j", "DNAT"]);
+    args.extend_from_slice(&["--to-destination", &to_c]);
+    run_ok(ip(), &args);
+    let through_dnat = wait_for(CONVERGE, || {
+        tcp_read(&a.pod.name, "10.96.0.11", 80) == "from-node-c"
+    });
+    assert!(
+        through_dnat,
+        "a Service DNAT on A to node C's address does not answer"
+    );
     assert!(ping_once(&a.pod, &b.ip));
 
     std::thread::sleep(Duration::from_millis(500));

@@ -20,6 +20,7 @@ use crate::gateway;
 use crate::host;
 use crate::lease;
 use crate::netns::Netns;
+use crate::node_paths;
 use crate::ports;
 use crate::reconcile::{self, NetworkView, Prune};
 use crate::store::{State, Store};
@@ -204,6 +205,13 @@ impl LinkSync {
             if live && let Err(e) = reconcile::gateway(&self.local(), &view, Prune::Everything) {
                 failed += 1;
                 tracing::warn!(network = %conf.name, error = %e, "could not reconcile the node gateway");
+            }
+            if let Some(gateway) = view.gateway.as_ref().filter(|_| live) {
+                let nodes: Vec<_> = view.remote_gateways.iter().map(|g| g.endpoint).collect();
+                if let Err(e) = node_paths::sync(&self.host, gateway, &nodes) {
+                    failed += 1;
+                    tracing::warn!(network = %conf.name, error = %e, "could not route other nodes' addresses through the gateway");
+                }
             }
         }
         if let Ok(mut last) = self.last_endpoints.lock() {
