@@ -800,3 +800,125 @@ fn the_network_mtu_is_the_smallest_any_node_publishes() {
         cluster.cni(p.node, "DEL", &p.pod).ok();
     }
 }
+
+/// The public keys of node `node`'s pod records (not its gateway), as on its disk.
+fn pod_keys_on(cluster: &Cluster, node: usize) -> std::collections::BTreeSet<String> {
+    peer_keys(cluster, node)
+        .iter()
+        .filter_map(|a| a["publicKey"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// The peers `holder`'s link has, without gateways.
+fn pod_peers_of(cluster: &Cluster, holder: &PodOn) -> std::collections::BTreeSet<String> {
+    peer_keys(cluster, holder.node)
+        .iter()
+        .filter(|a| a["containerId"] == holder.pod.id.as_str())
+        .flat_map(|a| a["peers"].as_array().cloned().unwrap_or_default())
+        .filter(|p| !p["kind"].as_str().unwrap_or_default().contains("gateway"))
+        .filter_map(|p| p["publicKey"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// etcd compacts away the history a stopped agent's watch still needed, while 50 records
+/// churn on the other node: after SIGCONT the agent re-lists, and its pod ends up peering
+/// exactly the other node's live pods (no stale peer, none missing).
+#[test]
+fn a_compaction_while_an_agent_is_stopped_leaves_no_stale_and_no_missing_peer() {
+    let cluster = running(2);
+    let a = add(&cluster, 0);
+    let first = add(&cluster, 1);
+    converge_all_pairs(&[add_marker(&a), add_marker(&first)]);
+
+    cluster.nodes[0].signal_agent("STOP");
+    cluster.fill_etcd(2500, 8 * 1024);
+    // The churn: 30 ADDs and 20 DELs on node B (the first pod among them).
+    let mut added: Vec<PodOn> = (0..30).map(|_| add(&cluster, 1)).collect();
+    cluster.cni(1, "DEL", &first.pod).ok();
+    for gone in added.drain(..19) {
+        cluster.cni(1, "DEL", &gone.pod).ok();
+    }
+    let live = pod_keys_on(&cluster, 1);
+    assert_eq!(live.len(), 11);
+    let published = wait_for(CONVERGE, || {
+        let keys = cluster.etcd_keys();
+        let prefix = format!("/wg-cni/v1/{}/links/node2/", cluster.network);
+        keys.iter().filter(|k| k.starts_with(&prefix)).count() == 12 // + its gateway
+    });
+    assert!(published, "node B did not publish its final state");
+    let revision = cluster.etcd_revision().to_string();
+    assert!(cluster.etcdctl(&["compact", &revision]).status.success());
+    cluster.nodes[0].signal_agent("CONT");
+
+    let log = || std::fs::read_to_string(&cluster.nodes[0].agent_log).unwrap_or_default();
+    assert!(
+        wait_for(CONVERGE, || log().contains("watch cancelled")),
+        "the stopped agent's watch was not cancelled by the compaction"
+    );
+    let mut peers = Default::default();
+    let exact = wait_for(CONVERGE, || {
+        peers = pod_peers_of(&cluster, &a);
+        peers == live
+    });
+    assert!(
+        exact,
+        "A's pod peers {} pods, stale {:?}, missing {:?}",
+        peers.len(),
+        peers.difference(&live).collect::<Vec<_>>(),
+        live.difference(&peers).collect::<Vec<_>>()
+    );
+    let last = added.last().unwrap();
+    assert!(wait_for(CONVERGE, || ping_once(&a.pod, &last.ip)));
+    for p in added.iter().chain([&a]) {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
+
+/// A record put straight into etcd under node B's name, claiming pod A's own address: no
+/// node's agent mirrors it, no link peers it, and traffic to pod A still reaches pod A.
+#[test]
+fn a_poison_record_in_etcd_never_becomes_a_peer() {
+    let cluster = running(2);
+    let a = add(&cluster, 0);
+    let b = add(&cluster, 1);
+    converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
+    let b_file = cluster.nodes[1]
+        .store
+        .join(&cluster.network)
+        .join("node2")
+        .join(format!("{}:eth0.json", b.pod.id));
+    let mut poison: Value =
+        serde_json::from_str(&std::fs::read_to_string(b_file).unwrap()).unwrap();
+    let key = run_ok("sh", &["-c", "wg genkey | wg pubkey"])
+        .trim()
+        .to_string();
+    poison["containerId"] = "poison".into();
+    poison["publicKey"] = key.clone().into();
+    poison["addresses"] = serde_json::json!([format!("{}/24", a.ip)]);
+    let etcd_key = format!("/wg-cni/v1/{}/links/node2/poison:eth0", cluster.network);
+    let put = cluster.etcdctl(&["put", &etcd_key, &poison.to_string()]);
+    assert!(put.status.success(), "etcdctl put");
+
+    let log = || std::fs::read_to_string(&cluster.nodes[0].agent_log).unwrap_or_default();
+    assert!(
+        wait_for(CONVERGE, || log().contains("ignoring a remote record")),
+        "node A's agent did not judge the poison record"
+    );
+    // A few reconciles later, still nowhere.
+    std::thread::sleep(Duration::from_secs(5));
+    for node in 0..2 {
+        let everywhere: Vec<String> = peer_keys(&cluster, node)
+            .iter()
+            .flat_map(|at| at["peers"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p["publicKey"].as_str().map(str::to_string))
+            .collect();
+        assert!(
+            !everywhere.contains(&key),
+            "node {node} peers the poison key"
+        );
+    }
+    converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
+    for p in [&a, &b] {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}

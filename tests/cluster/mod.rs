@@ -178,6 +178,48 @@ impl Cluster {
         run(ip(), &full)
     }
 
+    /// `count` puts of `size` bytes under the network's prefix, on keys the agents ignore
+    /// (enough traffic that etcd cannot push it all to a stopped agent's watch), made from
+    /// inside etcd's namespace.
+    pub fn fill_etcd(&self, count: usize, size: usize) {
+        let netns = std::fs::File::open(format!("/run/netns/{}", self.etcd_ns)).unwrap();
+        let (url, network) = (self.etcd_url(), self.network.clone());
+        let filler = std::thread::spawn(move || {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let client = etcd_client::Client::connect([url], None).await.unwrap();
+                let value = vec![b'x'; size];
+                for chunk in (0..count).collect::<Vec<_>>().chunks(32) {
+                    let puts = chunk.iter().map(|i| {
+                        let mut client = client.clone();
+                        let key = format!("/wg-cni/v1/{network}/filler/{}", i % 64);
+                        let value = value.clone();
+                        async move { client.put(key, value, None).await }
+                    });
+                    let limit = Duration::from_secs(60);
+                    let done = tokio::time::timeout(limit, futures::future::join_all(puts))
+                        .await
+                        .expect("etcd puts in time");
+                    for put in done {
+                        put.unwrap();
+                    }
+                }
+            });
+        });
+        filler.join().unwrap();
+    }
+
+    /// etcd's current revision.
+    pub fn etcd_revision(&self) -> i64 {
+        let out = self.etcdctl(&["get", "/", "-w", "json"]);
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        status["header"]["revision"].as_i64().unwrap()
+    }
+
     /// Keys under the network's prefix in etcd.
     pub fn etcd_keys(&self) -> Vec<String> {
         let prefix = format!("/wg-cni/v1/{}/", self.network);
@@ -373,6 +415,12 @@ impl Node {
             .spawn()
             .unwrap();
         self.agent = Some(child);
+    }
+
+    /// Send `signal` (`STOP`, `CONT`, ...) to the agent, by pid.
+    pub fn signal_agent(&self, signal: &str) {
+        let pid = self.agent.as_ref().expect("agent runs").id().to_string();
+        assert!(run("kill", &[&format!("-{signal}"), &pid]).status.success());
     }
 
     /// SIGKILL the agent (by pid).
