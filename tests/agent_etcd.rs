@@ -601,14 +601,20 @@ fn publish_mirror_delete_skip_creating_and_ignore_poison() {
             c.etcd.keys(&format!("/wg-cni/v1/{NET}/links/a/gateway")),
             vec![format!("/wg-cni/v1/{NET}/links/a/gateway")]
         );
-        // The node key follows the records' endpoints.
+        // The node key carries the node's address (its conflist's `endpoint`), and a record
+        // made with another address is reached at the node key's on other nodes.
         let info_key = format!("/wg-cni/v1/{NET}/nodes/a/info");
         assert!(c.etcd.ok(&["get", &info_key]).contains("127.0.0.10"));
         let moved = pod_record("a", "p4", "10.10.1.11/24", "ready", "127.0.0.77");
         fs::write(a.dir_of("a").join("p4:eth0.json"), moved.to_string()).unwrap();
-        wait_for("the node key to list the new endpoint", WAIT, || {
-            c.etcd.ok(&["get", &info_key]).contains("127.0.0.77")
-        });
+        wait_for("b to mirror p4", WAIT, || b.mirrors("a", "p4"));
+        let mirrored: Value =
+            serde_json::from_slice(&fs::read(b.dir_of("a").join("p4:eth0.json")).unwrap()).unwrap();
+        assert_eq!(
+            mirrored["endpoint"], "127.0.0.10",
+            "reached at the node key's address"
+        );
+        assert!(!c.etcd.ok(&["get", &info_key]).contains("127.0.0.77"));
         fs::remove_file(a.dir_of("a").join("p4:eth0.json")).unwrap();
         wait_for("p4 mirrored and gone again", WAIT, || !b.mirrors("a", "p4"));
         // The agent never writes into its own node directory.
