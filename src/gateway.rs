@@ -247,6 +247,7 @@ pub fn ensure(
         listen_port: port,
         keypair: &keypair,
         peers: local_pods,
+        daemon: settings.userspace_daemon,
     };
     // Created "into" the host namespace itself: the same path as a pod link, minus the move.
     let created = backend.create(&spec, host, host);

@@ -62,6 +62,7 @@ pub struct LinkSettings {
     pub endpoint: IpAddr,
     pub ports: crate::cni::config::PortRange,
     pub backend: crate::wireguard::BackendKind,
+    pub userspace_daemon: crate::cni::config::UserspaceDaemon,
 }
 
 pub fn boot_id() -> Result<String> {
@@ -153,6 +154,7 @@ pub fn resolve_link_settings(conf: &NetConf) -> Result<LinkSettings> {
         endpoint,
         ports,
         backend: choose_backend(conf.backend)?,
+        userspace_daemon: conf.userspace_daemon,
     })
 }
 

@@ -22,6 +22,17 @@ pub enum BackendChoice {
     Userspace,
 }
 
+/// Which userspace WireGuard daemon runs a userspace link (`userspaceDaemon`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserspaceDaemon {
+    /// Unset: wg-cni-wgd when installed, else wireguard-go.
+    Default,
+    /// wg-cni's own (`wg-cni-wgd`): TUN offloads, UDP GSO/GRO.
+    Wgd,
+    /// Debian's `wireguard-go`.
+    WireguardGo,
+}
+
 /// An inclusive host UDP port range, `"A-B"` in the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
@@ -72,6 +83,7 @@ pub struct NetConf {
     pub name: String,
     pub ipam_type: String,
     pub backend: BackendChoice,
+    pub userspace_daemon: UserspaceDaemon,
     pub store: PathBuf,
     pub mtu: Option<u32>,
     pub endpoint: Option<IpAddr>,
@@ -151,6 +163,18 @@ impl NetConf {
                 return Err(Error::config(
                     "backend",
                     format!("\"{other}\" is not one of \"auto\", \"kernel\", \"userspace\""),
+                ));
+            }
+        };
+
+        let userspace_daemon = match fields.optional_str("userspaceDaemon")?.as_deref() {
+            None => UserspaceDaemon::Default,
+            Some("wg-cni-wgd") => UserspaceDaemon::Wgd,
+            Some("wireguard-go") => UserspaceDaemon::WireguardGo,
+            Some(other) => {
+                return Err(Error::config(
+                    "userspaceDaemon",
+                    format!("\"{other}\" is not one of \"wg-cni-wgd\", \"wireguard-go\""),
                 ));
             }
         };
@@ -258,6 +282,7 @@ impl NetConf {
             name,
             ipam_type,
             backend,
+            userspace_daemon,
             store,
             mtu,
             endpoint,

@@ -216,6 +216,7 @@ impl NewLink<'_> {
                 listen_port: port,
                 keypair: self.keypair,
                 peers: self.peers.clone(),
+                daemon: settings.userspace_daemon,
             };
             match self.backend.create(&spec, &ctx.host, pod) {
                 Ok(created) => return Ok(created.daemon_pid),

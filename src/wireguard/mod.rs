@@ -70,6 +70,8 @@ pub struct LinkSpec<'a> {
     pub listen_port: u16,
     pub keypair: &'a KeyPair,
     pub peers: Vec<Peer>,
+    /// Which daemon a userspace link runs under.
+    pub daemon: crate::cni::config::UserspaceDaemon,
 }
 
 impl LinkSpec<'_> {

@@ -1,4 +1,6 @@
-//! Userspace WireGuard with Debian's wireguard-go. The plugin starts one daemon per link from
+//! Userspace WireGuard: wg-cni's own daemon `wg-cni-wgd` (TUN offloads, UDP GSO/GRO; built from
+//! `wgd/`) or Debian's wireguard-go, as `userspaceDaemon` says; both speak the same command
+//! line (`-f NAME`) and UAPI. The plugin starts one daemon per link from
 //! the host namespace (children inherit the namespace of the thread that forks them, and only
 //! the main thread stays in the host), detached and with no inherited stdio (a runtime reads
 //! our stdout until EOF). The daemon's TUN is configured, given its MTU, then moved into the
@@ -16,37 +18,70 @@ use nix::unistd::Pid;
 use wireguard_control::Key;
 
 use super::{Backend, Created, DeviceState, LinkRef, LinkSpec, Update, uapi};
+use crate::cni::config::UserspaceDaemon;
 use crate::cni::{Error, Result};
 use crate::link::Netlink;
 use crate::netns::Netns;
 
 pub struct Userspace;
 
-const DAEMON: &str = "wireguard-go";
+const WGD: &str = "wg-cni-wgd";
+const WIREGUARD_GO: &str = "wireguard-go";
+/// Every daemon a userspace link may run under (a record made before the default changed
+/// must still be stopped).
+const DAEMONS: [&str; 2] = [WGD, WIREGUARD_GO];
 const SOCKET_WAIT: Duration = Duration::from_secs(5);
 const EXIT_WAIT: Duration = Duration::from_secs(3);
 
-/// The wireguard-go binary: `$PATH` first, then where Debian and admins put it.
-pub fn daemon_path() -> Option<PathBuf> {
+/// A daemon binary: next to the plugin (CNI bin dirs hold both), then `$PATH`, then where
+/// Debian and admins put binaries.
+fn find_binary(name: &str) -> Option<PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf));
     let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':')
+    let dirs = path
+        .split(':')
         .filter(|d| !d.is_empty())
-        .chain(["/usr/bin", "/usr/local/bin", "/usr/sbin"])
-        .map(|dir| Path::new(dir).join(DAEMON))
+        .map(PathBuf::from)
+        .chain(["/usr/local/bin", "/usr/bin", "/usr/sbin"].map(PathBuf::from));
+    beside
+        .into_iter()
+        .chain(dirs)
+        .map(|dir| dir.join(name))
         .find(|p| p.is_file())
 }
 
-pub fn available() -> bool {
-    daemon_path().is_some() && Path::new("/dev/net/tun").exists()
+/// The daemon `choice` names: unset means wg-cni-wgd when installed, else wireguard-go.
+pub fn daemon_path(choice: UserspaceDaemon) -> Result<PathBuf> {
+    let missing = |name: &str, install: &str| {
+        Error::NotAvailable(format!(
+            "{name} is not installed ({install}) and the kernel has no WireGuard"
+        ))
+    };
+    match choice {
+        UserspaceDaemon::Wgd => {
+            find_binary(WGD).ok_or_else(|| missing(WGD, "make install-wgd puts it next to wg-cni"))
+        }
+        UserspaceDaemon::WireguardGo => find_binary(WIREGUARD_GO)
+            .ok_or_else(|| missing(WIREGUARD_GO, "apt-get install wireguard-go")),
+        UserspaceDaemon::Default => find_binary(WGD)
+            .or_else(|| find_binary(WIREGUARD_GO))
+            .ok_or_else(|| missing(WGD, "or wireguard-go")),
+    }
 }
 
-/// Start `wireguard-go -f NAME` detached and wait for its UAPI socket.
-fn start_daemon(name: &str) -> Result<u32> {
-    let binary = daemon_path().ok_or_else(|| {
-        Error::NotAvailable(format!(
-            "{DAEMON} is not installed (apt-get install wireguard-go) and the kernel has no WireGuard"
-        ))
-    })?;
+pub fn available() -> bool {
+    DAEMONS.iter().any(|d| find_binary(d).is_some()) && Path::new("/dev/net/tun").exists()
+}
+
+/// Start `DAEMON -f NAME` detached and wait for its UAPI socket.
+fn start_daemon(name: &str, choice: UserspaceDaemon) -> Result<u32> {
+    let binary = daemon_path(choice)?;
+    let daemon = binary
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut command = Command::new(&binary);
     command
         .arg("-f")
@@ -77,7 +112,7 @@ fn start_daemon(name: &str) -> Result<u32> {
         }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(Error::wireguard(
-                format!("{DAEMON} {name} exited at start ({status}); is /dev/net/tun available?"),
+                format!("{daemon} {name} exited at start ({status}); is /dev/net/tun available?"),
                 std::io::Error::other("daemon exited"),
             ));
         }
@@ -86,18 +121,20 @@ fn start_daemon(name: &str) -> Result<u32> {
     let _ = child.kill();
     let _ = child.wait();
     Err(Error::wireguard(
-        format!("{DAEMON} {name} did not open {} in time", socket.display()),
+        format!("{daemon} {name} did not open {} in time", socket.display()),
         std::io::Error::from(std::io::ErrorKind::TimedOut),
     ))
 }
 
-/// Whether `pid` is the wireguard-go daemon serving `name` (guards against a reused pid).
+/// Whether `pid` is a userspace daemon serving `name` (guards against a reused pid).
 fn is_our_daemon(pid: u32, name: &str) -> bool {
     let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
     let mut args = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty());
-    let is_daemon = args.next().is_some_and(|a| a.ends_with(DAEMON.as_bytes()));
+    let is_daemon = args
+        .next()
+        .is_some_and(|a| DAEMONS.iter().any(|d| a.ends_with(d.as_bytes())));
     is_daemon && args.any(|a| a == name.as_bytes())
 }
 
@@ -167,7 +204,7 @@ fn configure_and_move(spec: &LinkSpec, pod: &Netns) -> Result<()> {
 
 impl Backend for Userspace {
     fn create(&self, spec: &LinkSpec, _host: &Netns, pod: &Netns) -> Result<Created> {
-        let pid = start_daemon(spec.temp_name)?;
+        let pid = start_daemon(spec.temp_name, spec.daemon)?;
         crate::failpoint::crash("after-link-created");
         if let Err(e) = configure_and_move(spec, pod) {
             stop_daemon(pid, spec.temp_name);
@@ -191,7 +228,7 @@ impl Backend for Userspace {
                 format!("reading {}", link.ifname),
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    format!("its {DAEMON} daemon ({}) is not running", link.host_name),
+                    format!("its daemon ({}) is not running", link.host_name),
                 ),
             ));
         }
