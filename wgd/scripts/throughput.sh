@@ -110,6 +110,10 @@ measure_tunnel() {
     local kind=$1 c0 c1 gbps cpu
     tunnel "$kind"
     c0=$(( $(cpu_ticks "$P1") + $(cpu_ticks "$P2") ))
+    if [ -n "${PERF_OUT:-}" ]; then
+        timeout $((RUN + 5)) perf record -F 499 -g -o "$PERF_OUT" -p "$P1,$P2" -- sleep "$RUN" >/dev/null 2>&1 &
+        PIDS+=("$!")
+    fi
     gbps=$(iperf wgd-p2 wgd-p1 10.214.0.2)
     c1=$(( $(cpu_ticks "$P1") + $(cpu_ticks "$P2") ))
     cpu=$(python3 -c "print('%.2f' % (($c1-$c0)/$HZ))")

@@ -165,7 +165,11 @@ impl Tun {
                 vnet = true;
             }
         }
-        let mtu = query_mtu(fd.as_raw_fd()).unwrap_or(1500);
+        let created = req.name;
+        let mtu = query_mtu(fd.as_raw_fd(), &created)
+            .ok()
+            .flatten()
+            .unwrap_or(1500);
         let (mtu_tx, mtu_rx) = watch::channel(mtu);
         // SAFETY: the descriptor is owned by the AsyncFd, which deregisters it before closing.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
@@ -176,13 +180,19 @@ impl Tun {
         });
         // The MTU is read by name in our own namespace (like wireguard-go): after a move it
         // keeps its last value, so it is set before the move.
+        // The same poll notices a TUN that was destroyed (its namespace deleted) even when
+        // no reader is running (an unconfigured device): TUNGETIFF then fails with EBADFD.
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(3)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 let Some(inner) = weak.upgrade() else { return };
-                if let Some(m) = query_mtu(inner.raw()) {
-                    mtu_tx.send_if_modified(|v| std::mem::replace(v, m) != m);
+                match query_mtu(inner.raw(), &created) {
+                    Ok(Some(m)) => {
+                        mtu_tx.send_if_modified(|v| std::mem::replace(v, m) != m);
+                    }
+                    Ok(None) => {}
+                    Err(e) => inner.check_fatal(&e),
                 }
             }
         });
@@ -209,8 +219,9 @@ impl Tun {
     }
 }
 
-/// The MTU of the TUN (found by its current name) as seen from our namespace.
-fn query_mtu(fd: RawFd) -> Option<u16> {
+/// The MTU of the TUN (found by its current name) as seen from our namespace: `None` once it
+/// lives elsewhere, an error when the device itself is gone.
+fn query_mtu(fd: RawFd, name: &[u8; libc::IFNAMSIZ]) -> io::Result<Option<u16>> {
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
         flags: 0,
@@ -219,17 +230,21 @@ fn query_mtu(fd: RawFd) -> Option<u16> {
     // SAFETY: TUNGETIFF fills an ifreq; SIOCGIFMTU reads its name and fills the union.
     unsafe {
         if libc::ioctl(fd, TUNGETIFF, &mut req) < 0 {
-            return None;
+            return Err(io::Error::last_os_error());
+        }
+        // Renamed (in wg-cni: moved into a pod): a device of that name here is another one.
+        if &req.name != name {
+            return Ok(None);
         }
         let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if sock < 0 {
-            return None;
+            return Ok(None);
         }
         let sock = OwnedFd::from_raw_fd(sock);
         req.flags = 0;
         req._pad = [0; 22];
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) < 0 {
-            return None;
+            return Ok(None);
         }
         // ifr_mtu is an int at the start of the union.
         let mtu = i32::from_ne_bytes([
@@ -238,7 +253,7 @@ fn query_mtu(fd: RawFd) -> Option<u16> {
             req._pad[0],
             req._pad[1],
         ]);
-        u16::try_from(mtu).ok()
+        Ok(u16::try_from(mtu).ok())
     }
 }
 

@@ -129,6 +129,15 @@ async fn handle(request: &[u8], client: &UapiClient, shared: &Shared) -> Zeroizi
         return errno_answer(libc::EPROTO);
     };
     let is_set = matches!(request, Request::Set(_));
+    let mut sets_key = None;
+    if let Request::Set(set) = &request {
+        sets_key = set.private_key.as_ref().map(|k| k.0 != [0u8; 32]);
+        // gotatun panics when a peer is added before any private key (wireguard-go accepts
+        // it): refuse such a request instead.
+        if !set.peers.is_empty() && sets_key != Some(true) && !shared.has_key() {
+            return errno_answer(libc::EINVAL);
+        }
+    }
     if let Request::Set(set) = &request
         && let Some(port) = set.listen_port
         && port != 0
@@ -148,6 +157,11 @@ async fn handle(request: &[u8], client: &UapiClient, shared: &Shared) -> Zeroizi
         return errno_answer(e.raw_os_error().unwrap_or(r.errno));
     }
     // Sized first, so the wiped buffer never grows (growing would leave unwiped copies).
+    if let (Some(has), Response::Set(r)) = (sets_key, &response)
+        && r.errno == 0
+    {
+        shared.set_has_key(has);
+    }
     let mut count = Count(0);
     let _ = writeln!(count, "{response}");
     let mut answer = Zeroizing::new(String::with_capacity(count.0));

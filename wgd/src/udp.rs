@@ -45,6 +45,7 @@ pub struct Shared {
     /// The last bind error of the factory (a UAPI `set` that failed reports its errno).
     bind_error: Mutex<Option<io::Error>>,
     port: AtomicU16,
+    has_key: AtomicBool,
     gso: AtomicBool,
     gro: bool,
     sockbuf: libc::c_int,
@@ -53,6 +54,15 @@ pub struct Shared {
 impl Shared {
     pub fn port(&self) -> u16 {
         self.port.load(Ordering::Relaxed)
+    }
+
+    /// Whether the device has a private key (told by the UAPI server).
+    pub fn has_key(&self) -> bool {
+        self.has_key.load(Ordering::Relaxed)
+    }
+
+    pub fn set_has_key(&self, has: bool) {
+        self.has_key.store(has, Ordering::Relaxed);
     }
 
     /// Bind `port` now, for the device to take on its next bind.
@@ -86,6 +96,7 @@ impl Factory {
                 prebound: Mutex::new(None),
                 bind_error: Mutex::new(None),
                 port: AtomicU16::new(0),
+                has_key: AtomicBool::new(false),
                 gso: AtomicBool::new(!env_off("WGD_UDP_GSO")),
                 gro: !env_off("WGD_UDP_GRO"),
                 sockbuf,
@@ -513,6 +524,7 @@ impl UdpSend for Udp {
 
 /// Scratch space for recvmmsg: RECV_MSGS slots of 64 KiB, allocated zeroed (untouched pages
 /// cost no memory until traffic uses them).
+#[derive(Default)]
 pub struct RecvBuf {
     data: Vec<u8>,
     iov: Vec<libc::iovec>,
@@ -525,18 +537,6 @@ pub struct RecvBuf {
 unsafe impl Send for RecvBuf {}
 // SAFETY: as above.
 unsafe impl Sync for RecvBuf {}
-
-impl Default for RecvBuf {
-    fn default() -> Self {
-        Self {
-            data: Vec::new(),
-            iov: Vec::new(),
-            msgs: Vec::new(),
-            addrs: Vec::new(),
-            cmsgs: Vec::new(),
-        }
-    }
-}
 
 impl RecvBuf {
     fn prepare(&mut self) {
