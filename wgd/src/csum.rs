@@ -1,24 +1,32 @@
 //! Internet checksums (RFC 1071) for the segments the daemon builds or splits.
 
 /// Ones' complement sum of `data` added to `initial`, not folded, not inverted.
+///
+/// Summed in native (little-endian) order over 64-bit loads, then byte-swapped: the ones'
+/// complement sum does not depend on byte order (RFC 1071, 2.B).
 pub fn sum(data: &[u8], initial: u64) -> u64 {
-    let mut acc = initial;
-    let mut chunks = data.chunks_exact(8);
+    let mut acc: u64 = 0;
+    let mut chunks = data.chunks_exact(32);
     for c in &mut chunks {
-        // Big-endian 16-bit words summed through 32-bit halves: carries land in the high bits.
-        let v = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        let (s, carry) = acc.overflowing_add((v >> 32) + (v & 0xffff_ffff));
-        acc = s + carry as u64;
+        let w = |i: usize| u64::from_le_bytes(c[i..i + 8].try_into().unwrap_or([0; 8]));
+        let (a, b, d, e) = (w(0), w(8), w(16), w(24));
+        acc += (a & 0xffff_ffff) + (a >> 32) + (b & 0xffff_ffff) + (b >> 32);
+        acc += (d & 0xffff_ffff) + (d >> 32) + (e & 0xffff_ffff) + (e >> 32);
     }
     let rest = chunks.remainder();
-    let mut words = rest.chunks_exact(2);
+    let mut words = rest.chunks_exact(4);
     for w in &mut words {
-        acc += u64::from(u16::from_be_bytes([w[0], w[1]]));
+        acc += u64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
     }
-    if let [last] = words.remainder() {
-        acc += u64::from(*last) << 8;
+    let mut tail = words.remainder();
+    if tail.len() >= 2 {
+        acc += u64::from(u16::from_le_bytes([tail[0], tail[1]]));
+        tail = &tail[2..];
     }
-    acc
+    if let [last] = tail {
+        acc += u64::from(*last);
+    }
+    initial + u64::from(fold(acc).swap_bytes())
 }
 
 /// Fold a sum to 16 bits (not inverted).

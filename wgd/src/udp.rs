@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 
+use bytes::BytesMut;
 use gotatun::packet::{Packet, PacketBufPool};
 use gotatun::udp::{UdpRecv, UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
 use tokio::io::Interest;
@@ -522,11 +523,12 @@ impl UdpSend for Udp {
     }
 }
 
-/// Scratch space for recvmmsg: RECV_MSGS slots of 64 KiB, allocated zeroed (untouched pages
-/// cost no memory until traffic uses them).
+/// Scratch space for recvmmsg: RECV_MSGS slots of 64 KiB (untouched pages cost no memory
+/// until traffic uses them). A GRO train received into a slot is handed out as views of it
+/// (no copy) and the slot gets a fresh allocation.
 #[derive(Default)]
 pub struct RecvBuf {
-    data: Vec<u8>,
+    slots: Vec<BytesMut>,
     iov: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
     addrs: Vec<libc::sockaddr_storage>,
@@ -540,8 +542,8 @@ unsafe impl Sync for RecvBuf {}
 
 impl RecvBuf {
     fn prepare(&mut self) {
-        if self.data.is_empty() {
-            self.data = vec![0u8; RECV_MSGS * RECV_SLOT];
+        if self.slots.is_empty() {
+            self.slots = (0..RECV_MSGS).map(|_| BytesMut::new()).collect();
             // SAFETY: all-zero is a valid value for these C structs.
             self.msgs = vec![unsafe { zeroed() }; RECV_MSGS];
             // SAFETY: as above.
@@ -550,11 +552,13 @@ impl RecvBuf {
             self.iov = Vec::with_capacity(RECV_MSGS);
         }
         self.iov.clear();
-        for k in 0..RECV_MSGS {
-            // SAFETY: slot k lies inside data.
-            let base = unsafe { self.data.as_mut_ptr().add(k * RECV_SLOT) };
+        for slot in &mut self.slots {
+            if slot.capacity() < RECV_SLOT {
+                *slot = BytesMut::with_capacity(RECV_SLOT);
+            }
+            slot.clear();
             self.iov.push(libc::iovec {
-                iov_base: base.cast(),
+                iov_base: slot.as_mut_ptr().cast(),
                 iov_len: RECV_SLOT,
             });
         }
@@ -647,14 +651,18 @@ impl UdpRecv for Udp {
                 continue;
             };
             let gro = buf.gro_size(k);
-            let data = &buf.data[k * RECV_SLOT..k * RECV_SLOT + len];
+            let slot = &mut buf.slots[k];
+            // SAFETY: the kernel wrote `len` bytes at the start of this slot's capacity.
+            unsafe { slot.set_len(len) };
             match gro {
                 Some(seg) if seg < len => {
-                    for chunk in data.chunks(seg) {
-                        push_datagram(chunk, src, pool, packets);
+                    let mut train = slot.split_to(len);
+                    while !train.is_empty() {
+                        let part = train.split_to(seg.min(train.len()));
+                        packets.push((Packet::from_bytes(part), src));
                     }
                 }
-                _ => push_datagram(data, src, pool, packets),
+                _ => push_datagram(slot, src, pool, packets),
             }
         }
         Ok(())
