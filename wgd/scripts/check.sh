@@ -6,7 +6,7 @@
 set -uo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-WGD=${WGD:-$HERE/../target/release/wg-cni-wgd}
+WGD=${WGD:-$HERE/../target/x86_64-unknown-linux-gnu/release/wg-cni-wgd}
 SOCK=/var/run/wireguard/wgdc.sock
 PASS=0 FAIL=0 PID= HOLD=
 

@@ -10,12 +10,12 @@
 # on exit. iperf3: one TCP stream, 10 s, server bound to the pod address, -1 (one test).
 #
 # usage: throughput.sh [all|wgd|wggo|veth|rss|startup] ...   (default: all)
-# env:   WGD=path to wg-cni-wgd (default: ../target/release/wg-cni-wgd), SECONDS_RUN=10,
+# env:   WGD=path to wg-cni-wgd (default: ../target/x86_64-unknown-linux-gnu/release/wg-cni-wgd), SECONDS_RUN=10,
 #        WGD_ENV="WGD_UDP_GSO=0 ..." extra environment for wg-cni-wgd (offload knobs)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-WGD=${WGD:-$HERE/../target/release/wg-cni-wgd}
+WGD=${WGD:-$HERE/../target/x86_64-unknown-linux-gnu/release/wg-cni-wgd}
 WGGO=${WGGO:-$(command -v wireguard-go || true)}
 RUN=${SECONDS_RUN:-10}
 WGD_ENV=${WGD_ENV:-}
