@@ -10,7 +10,8 @@
 # on exit. iperf3: one TCP stream, 10 s, server bound to the pod address, -1 (one test).
 #
 # usage: throughput.sh [all|wgd|wggo|veth|rss|startup] ...   (default: all)
-# env:   WGD=path to wg-cni-wgd (default: ../target/x86_64-unknown-linux-gnu/release/wg-cni-wgd), SECONDS_RUN=10,
+# env:   FAMILY=6: IPv6 underlay endpoints and IPv6 inside the tunnel (default 4)
+#        WGD=path to wg-cni-wgd (default: ../target/x86_64-unknown-linux-gnu/release/wg-cni-wgd), SECONDS_RUN=10,
 #        WGD_ENV="WGD_UDP_GSO=0 ..." extra environment for wg-cni-wgd (offload knobs)
 set -euo pipefail
 
@@ -44,6 +45,8 @@ underlay() {
     ip link add wgd-v1 netns wgd-h1 type veth peer name wgd-v2 netns wgd-h2
     nsx wgd-h1 ip addr add 10.213.0.1/24 dev wgd-v1
     nsx wgd-h2 ip addr add 10.213.0.2/24 dev wgd-v2
+    nsx wgd-h1 ip addr add fd00:213::1/64 dev wgd-v1 nodad
+    nsx wgd-h2 ip addr add fd00:213::2/64 dev wgd-v2 nodad
     nsx wgd-h1 ip link set wgd-v1 up
     nsx wgd-h2 ip link set wgd-v2 up
 }
@@ -77,21 +80,25 @@ tunnel() {
     k1=$(wg genkey); k2=$(wg genkey)
     start_daemon "$kind" wgd-h1 wgdt1; P1=$DPID
     start_daemon "$kind" wgd-h2 wgdt2; P2=$DPID
+    local e1=10.213.0.1:51820 e2=10.213.0.2:51820
+    if [ "${FAMILY:-4}" = 6 ]; then e1=[fd00:213::1]:51820 e2=[fd00:213::2]:51820; fi
     nsx wgd-h1 wg set wgdt1 private-key <(echo "$k1") listen-port 51820 \
-        peer "$(echo "$k2" | wg pubkey)" endpoint 10.213.0.2:51820 allowed-ips 10.214.0.2/32
+        peer "$(echo "$k2" | wg pubkey)" endpoint "$e2" allowed-ips 10.214.0.2/32,fd00:214::2/128
     nsx wgd-h2 wg set wgdt2 private-key <(echo "$k2") listen-port 51820 \
-        peer "$(echo "$k1" | wg pubkey)" endpoint 10.213.0.1:51820 allowed-ips 10.214.0.1/32
+        peer "$(echo "$k1" | wg pubkey)" endpoint "$e1" allowed-ips 10.214.0.1/32,fd00:214::1/128
     local i
     for i in 1 2; do
         nsx "wgd-h$i" ip link set "wgdt$i" mtu 1420
         nsx "wgd-h$i" ip link set "wgdt$i" netns "wgd-p$i"
         nsx "wgd-p$i" ip link set "wgdt$i" name wg0
         nsx "wgd-p$i" ip addr add "10.214.0.$i/24" dev wg0
+        nsx "wgd-p$i" ip addr add "fd00:214::$i/64" dev wg0 nodad
         nsx "wgd-p$i" ip link set wg0 up
     done
     # The tunnel must work after the move: a ping both ways.
     nsx wgd-p1 ping -c 2 -i 0.2 -W 2 10.214.0.2 >/dev/null
     nsx wgd-p2 ping -c 1 -W 2 10.214.0.1 >/dev/null
+    nsx wgd-p1 ping -c 1 -W 2 fd00:214::2 >/dev/null
 }
 
 # iperf SERVER_NS CLIENT_NS ADDR -> prints Gbit/s
@@ -114,7 +121,9 @@ measure_tunnel() {
         timeout $((RUN + 5)) perf record -F 499 -g -o "$PERF_OUT" -p "$P1,$P2" -- sleep "$RUN" >/dev/null 2>&1 &
         PIDS+=("$!")
     fi
-    gbps=$(iperf wgd-p2 wgd-p1 10.214.0.2)
+    local inner=10.214.0.2
+    [ "${FAMILY:-4}" = 6 ] && inner=fd00:214::2
+    gbps=$(iperf wgd-p2 wgd-p1 "$inner")
     c1=$(( $(cpu_ticks "$P1") + $(cpu_ticks "$P2") ))
     cpu=$(python3 -c "print('%.2f' % (($c1-$c0)/$HZ))")
     local rss1 rss2
@@ -124,6 +133,7 @@ measure_tunnel() {
 g=$gbps; c=$cpu
 print('%-6s %7.3f Gbit/s  daemons CPU %.2f s in ${RUN} s  = %.2f CPU-s per Gbit  (RSS after: %d / %d KiB)' % ('$kind', g, c, c/(g*$RUN) if g else 0, $rss1, $rss2))"
     cleanup
+    if [ -n "${SHOW_LOGS:-}" ]; then cat "$TMP/wgdt1.log" "$TMP/wgdt2.log"; fi
 }
 
 measure_veth() {

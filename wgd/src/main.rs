@@ -9,6 +9,7 @@
 //! its file descriptor. Private keys live only in memory; nothing about keys is logged.
 
 mod csum;
+mod stats;
 mod tun;
 mod uapi;
 mod udp;
@@ -128,6 +129,9 @@ async fn run(name: &str) -> i32 {
         }
     };
     let _ = std::fs::remove_file(&socket);
+    if std::env::var("WGD_STATS").is_ok_and(|v| v == "1") {
+        stats::print();
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), device.stop()).await;
     code
 }

@@ -18,7 +18,7 @@ use gotatun::tun::{IpRecv, IpSend, MtuWatcher};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::csum;
+use crate::{csum, stats};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
@@ -165,11 +165,8 @@ impl Tun {
                 vnet = true;
             }
         }
-        let created = req.name;
-        let mtu = query_mtu(fd.as_raw_fd(), &created)
-            .ok()
-            .flatten()
-            .unwrap_or(1500);
+        let mut probe = MtuProbe::default();
+        let mtu = probe.query(fd.as_raw_fd()).ok().flatten().unwrap_or(1500);
         let (mtu_tx, mtu_rx) = watch::channel(mtu);
         // SAFETY: the descriptor is owned by the AsyncFd, which deregisters it before closing.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
@@ -178,16 +175,17 @@ impl Tun {
             vnet,
             dead: Arc::new(Notify::new()),
         });
-        // The MTU is read by name in our own namespace (like wireguard-go): after a move it
-        // keeps its last value, so it is set before the move.
+        // The MTU caps the padding of what we encrypt: it must follow the device, also after
+        // it was moved and renamed (often right after start: polled fast at first).
         // The same poll notices a TUN that was destroyed (its namespace deleted) even when
         // no reader is running (an unconfigured device): TUNGETIFF then fails with EBADFD.
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            for round in 0u32.. {
+                let pause = if round < 100 { 100 } else { 1000 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
                 let Some(inner) = weak.upgrade() else { return };
-                match query_mtu(inner.raw(), &created) {
+                match probe.query(inner.raw()) {
                     Ok(Some(m)) => {
                         mtu_tx.send_if_modified(|v| std::mem::replace(v, m) != m);
                     }
@@ -219,40 +217,83 @@ impl Tun {
     }
 }
 
-/// The MTU of the TUN (found by its current name) as seen from our namespace: `None` once it
-/// lives elsewhere, an error when the device itself is gone.
-fn query_mtu(fd: RawFd, name: &[u8; libc::IFNAMSIZ]) -> io::Result<Option<u16>> {
-    let mut req = IfReq {
+/// Reads the TUN's MTU wherever the device lives now: a socket opened inside the device's
+/// namespace (TUNGETDEVNETNS, entered with setns on a short-lived thread, so the daemon and
+/// its UDP socket stay where they are) asks for it by the device's current name. The socket
+/// is kept until the device moves again.
+#[derive(Default)]
+struct MtuProbe {
+    /// (st_dev, st_ino) of the device's namespace and a socket in it.
+    ns: Option<((u64, u64), OwnedFd)>,
+}
+
+const TUNGETDEVNETNS: libc::c_ulong = 0x54e3;
+
+fn ifreq() -> IfReq {
+    IfReq {
         name: [0; libc::IFNAMSIZ],
         flags: 0,
         _pad: [0; 22],
-    };
-    // SAFETY: TUNGETIFF fills an ifreq; SIOCGIFMTU reads its name and fills the union.
-    unsafe {
-        if libc::ioctl(fd, TUNGETIFF, &mut req) < 0 {
+    }
+}
+
+impl MtuProbe {
+    /// `Err` when the device is gone, `Ok(None)` when the MTU cannot be read.
+    fn query(&mut self, tun: RawFd) -> io::Result<Option<u16>> {
+        let mut req = ifreq();
+        // SAFETY: TUNGETIFF fills an ifreq.
+        if unsafe { libc::ioctl(tun, TUNGETIFF, &mut req) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        // Renamed (in wg-cni: moved into a pod): a device of that name here is another one.
-        if &req.name != name {
+        // SAFETY: TUNGETDEVNETNS returns a new descriptor, owned right away.
+        let ns = unsafe { libc::ioctl(tun, TUNGETDEVNETNS) };
+        if ns < 0 {
             return Ok(None);
         }
-        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if sock < 0 {
+        // SAFETY: a fresh descriptor owned by nothing else.
+        let ns = unsafe { OwnedFd::from_raw_fd(ns) };
+        // SAFETY: fstat fills a stat struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(ns.as_raw_fd(), &mut st) } < 0 {
             return Ok(None);
         }
-        let sock = OwnedFd::from_raw_fd(sock);
+        let id = (st.st_dev, st.st_ino);
+        if self.ns.as_ref().is_none_or(|(cached, _)| *cached != id) {
+            let sock = std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        // SAFETY: setns moves only this short-lived thread; the socket is owned.
+                        unsafe {
+                            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) < 0 {
+                                return None;
+                            }
+                            let fd = libc::socket(
+                                libc::AF_INET,
+                                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                                0,
+                            );
+                            (fd >= 0).then(|| OwnedFd::from_raw_fd(fd))
+                        }
+                    })
+                    .join()
+                    .ok()
+                    .flatten()
+            });
+            let Some(sock) = sock else { return Ok(None) };
+            self.ns = Some((id, sock));
+        }
+        let Some((_, sock)) = &self.ns else {
+            return Ok(None);
+        };
         req.flags = 0;
         req._pad = [0; 22];
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) < 0 {
+        // SAFETY: SIOCGIFMTU reads the name and fills the union.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) } < 0 {
             return Ok(None);
         }
         // ifr_mtu is an int at the start of the union.
-        let mtu = i32::from_ne_bytes([
-            req.flags.to_ne_bytes()[0],
-            req.flags.to_ne_bytes()[1],
-            req._pad[0],
-            req._pad[1],
-        ]);
+        let f = req.flags.to_ne_bytes();
+        let mtu = i32::from_ne_bytes([f[0], f[1], req._pad[0], req._pad[1]]);
         Ok(u16::try_from(mtu).ok())
     }
 }
@@ -299,6 +340,7 @@ impl IpRecv for TunRx {
                 });
                 match read {
                     Ok(Ok(n)) => {
+                        stats::add(&stats::TUN_READS, 1);
                         if self.inner.vnet {
                             split_into(&mut self.buf[..n], pool, &mut self.out);
                         } else if n > 0 {
@@ -316,6 +358,7 @@ impl IpRecv for TunRx {
                 }
             }
         }
+        stats::add(&stats::TUN_READ_PKTS, self.out.len());
         Ok(self.out.drain(..))
     }
 
@@ -465,10 +508,17 @@ fn split_udp(pkt: &[u8], hdr: &VnetHdr, pool: &PacketBufPool, out: &mut Vec<Pack
 /// Writes what the device decrypted, batch by batch.
 async fn writer(inner: Arc<Inner>, mut rx: mpsc::Receiver<Packet<[u8]>>, gro: bool) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let yield_first = !env_off("WGD_TUN_YIELD");
     loop {
-        if rx.recv_many(&mut batch, WRITE_BATCH).await == 0 {
+        // Let the decrypting task queue a few more packets first: bigger GRO writes.
+        if rx.len() < MAX_COALESCE && yield_first {
+            tokio::task::yield_now().await;
+        }
+        let n = rx.recv_many(&mut batch, WRITE_BATCH).await;
+        if n == 0 {
             return;
         }
+        stats::add(&stats::TUN_WRITE_PKTS, n);
         if gro {
             write_coalesced(&inner, &mut batch);
         } else {
@@ -483,6 +533,7 @@ async fn writer(inner: Arc<Inner>, mut rx: mpsc::Receiver<Packet<[u8]>>, gro: bo
 fn writev(inner: &Inner, iov: &[libc::iovec]) {
     // SAFETY: every iovec points into a buffer that lives for this call.
     let n = unsafe { libc::writev(inner.raw(), iov.as_ptr(), iov.len() as libc::c_int) };
+    stats::add(&stats::TUN_WRITES, 1);
     if n < 0 {
         // A full queue drops the packet, like a NIC; a vanished device ends the daemon.
         inner.check_fatal(&io::Error::last_os_error());

@@ -20,6 +20,8 @@ use gotatun::packet::{Packet, PacketBufPool};
 use gotatun::udp::{UdpRecv, UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
 use tokio::io::Interest;
 
+use crate::stats;
+
 const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
@@ -463,6 +465,8 @@ impl UdpSend for Udp {
     ) -> io::Result<()> {
         let gso = self.shared.gso.load(Ordering::Relaxed);
         buf.build(packets, self, gso);
+        stats::add(&stats::UDP_SEND_PKTS, packets.len());
+        stats::add(&stats::UDP_SEND_MSGS, buf.msgs.len());
         let fd = self.sock.as_raw_fd();
         let total = buf.msgs.len();
         let mut next = 0;
@@ -488,6 +492,7 @@ impl UdpSend for Udp {
                     }
                 })
                 .await;
+            stats::add(&stats::UDP_SENDMMSG, 1);
             match sent {
                 Ok(n) => next += n.max(1),
                 Err(e) => {
@@ -645,6 +650,8 @@ impl UdpRecv for Udp {
                 }
             })
             .await?;
+        stats::add(&stats::UDP_RECVMMSG, 1);
+        let before = packets.len();
         for k in 0..n {
             let len = (buf.msgs[k].msg_len as usize).min(RECV_SLOT);
             let Some(src) = from_storage(&buf.addrs[k]) else {
@@ -665,6 +672,7 @@ impl UdpRecv for Udp {
                 _ => push_datagram(slot, src, pool, packets),
             }
         }
+        stats::add(&stats::UDP_RECV_PKTS, packets.len() - before);
         Ok(())
     }
 }
