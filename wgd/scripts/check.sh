@@ -106,5 +106,30 @@ CHECK="garbage is answered with an errno"; ok bash -c "[ \"\$(python3 -c '
 import socket; s=socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(\"$SOCK\"); s.sendall(b\"bogus=1\n\n\"); print(s.recv(100).decode().split(chr(10))[0])')\" = errno=71 ]"
 CHECK="private key never in argv/env/logs"; ok bash -c "! grep -q \"$KEY\" /tmp/wgd-check.log /proc/$PID/cmdline /proc/$PID/environ 2>/dev/null"
 
+# The request shape wg-cni's own client sends (src/wireguard/uapi.rs), then a get.
+hex() { echo "$1" | base64 -d | xxd -p -c 64; }
+K=$(wg genkey); P1=$(wg genkey | wg pubkey); P2=$(wg genkey | wg pubkey); PSK=$(wg genpsk)
+REQ="set=1\nprivate_key=$(hex "$K")\nlisten_port=51833\nreplace_peers=true\npublic_key=$(hex "$P1")\nreplace_allowed_ips=true\nendpoint=10.219.1.1:51820\npersistent_keepalive_interval=25\npreshared_key=$(hex "$PSK")\nallowed_ip=10.219.2.0/24\nallowed_ip=fd00:219::/64\npublic_key=$(hex "$P2")\nreplace_allowed_ips=true\nendpoint=[fd00:219::1]:51820\nallowed_ip=10.219.3.1/32\n\n"
+CHECK="wg-cni's set request is accepted"; ok [ "$(uapi "$REQ")" = errno=0 ]
+GET=$(uapi 'get=1\n\n')
+CHECK="get: listen_port"; ok grep -qx listen_port=51833 <<<"$GET"
+CHECK="get: both peers with endpoints, keepalive, psk, allowed ips"
+ok bash -c "grep -qx 'endpoint=10.219.1.1:51820' <<<'$GET' && grep -qx 'endpoint=\[fd00:219::1\]:51820' <<<'$GET' && grep -qx persistent_keepalive_interval=25 <<<'$GET' && grep -qx 'preshared_key=$(hex "$PSK")' <<<'$GET' && grep -qx allowed_ip=fd00:219::/64 <<<'$GET' && grep -qx allowed_ip=10.219.3.1/32 <<<'$GET'"
+CHECK="remove=true removes a peer"; ok [ "$(uapi "set=1\npublic_key=$(hex "$P1")\nremove=true\n\n")" = errno=0 ]
+CHECK="one peer left"; ok [ "$(nsx wgd-ch wg show wgdc peers)" = "$P2" ]
+CHECK="replace_peers=true empties the list"; ok [ "$(uapi 'set=1\nreplace_peers=true\n\n')" = errno=0 ]
+CHECK="no peer left"; ok [ -z "$(nsx wgd-ch wg show wgdc peers)" ]
+CHECK="two requests on one connection are both answered"
+ok [ "$(python3 -c '
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(sys.argv[1])
+s.sendall(b"get=1\n\nget=1\n\n"); time.sleep(0.3); s.shutdown(socket.SHUT_WR)
+out = b""
+while True:
+    d = s.recv(65536)
+    if not d: break
+    out += d
+print(out.count(b"errno=0\n"))' "$SOCK")" = 2 ]
+
 echo "$PASS passed, $FAIL failed"
 [ "$FAIL" = 0 ]
