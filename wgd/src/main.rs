@@ -51,6 +51,9 @@ fn main() -> ExitCode {
         eprintln!("wg-cni-wgd: invalid interface name {name:?}");
         return ExitCode::from(2);
     }
+    // Keys live in this process's memory: no core dumps, no ptrace by non-root.
+    // SAFETY: prctl with constant arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     let threads = std::env::var("WGD_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
