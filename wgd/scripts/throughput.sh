@@ -9,7 +9,7 @@
 # All traffic stays inside the namespaces created here (named wgd-*); everything is removed
 # on exit. iperf3: one TCP stream, 10 s, server bound to the pod address, -1 (one test).
 #
-# usage: throughput.sh [all|wgd|wggo|veth|rss|startup] ...   (default: all)
+# usage: throughput.sh [all|wgd|wggo|veth|rss|startup|uso] ...   (default: all)
 # env:   FAMILY=6: IPv6 underlay endpoints and IPv6 inside the tunnel (default 4)
 #        WGD=path to wg-cni-wgd (default: ../target/x86_64-unknown-linux-gnu/release/wg-cni-wgd), SECONDS_RUN=10,
 #        WGD_ENV="WGD_UDP_GSO=0 ..." extra environment for wg-cni-wgd (offload knobs)
@@ -116,7 +116,9 @@ iperf() {
 measure_tunnel() {
     local kind=$1 c0 c1 gbps cpu
     tunnel "$kind"
-    c0=$(( $(cpu_ticks "$P1") + $(cpu_ticks "$P2") ))
+    local a0 b0 a1 b1
+    a0=$(cpu_ticks "$P1"); b0=$(cpu_ticks "$P2")
+    c0=$((a0 + b0))
     if [ -n "${PERF_OUT:-}" ]; then
         timeout $((RUN + 5)) perf record -F 499 -g -o "$PERF_OUT" -p "$P1,$P2" -- sleep "$RUN" >/dev/null 2>&1 &
         PIDS+=("$!")
@@ -124,14 +126,15 @@ measure_tunnel() {
     local inner=10.214.0.2
     [ "${FAMILY:-4}" = 6 ] && inner=fd00:214::2
     gbps=$(iperf wgd-p2 wgd-p1 "$inner")
-    c1=$(( $(cpu_ticks "$P1") + $(cpu_ticks "$P2") ))
+    a1=$(cpu_ticks "$P1"); b1=$(cpu_ticks "$P2")
+    c1=$((a1 + b1))
     cpu=$(python3 -c "print('%.2f' % (($c1-$c0)/$HZ))")
     local rss1 rss2
     rss1=$(awk '/VmRSS/{print $2}' "/proc/$P1/status")
     rss2=$(awk '/VmRSS/{print $2}' "/proc/$P2/status")
     python3 -c "
 g=$gbps; c=$cpu
-print('%-6s %7.3f Gbit/s  daemons CPU %.2f s in ${RUN} s  = %.2f CPU-s per Gbit  (RSS after: %d / %d KiB)' % ('$kind', g, c, c/(g*$RUN) if g else 0, $rss1, $rss2))"
+print('%-6s %7.3f Gbit/s  daemons CPU %.2f s in ${RUN} s (sender %.2f, receiver %.2f)  = %.2f CPU-s per Gbit  (RSS after: %d / %d KiB)' % ('$kind', g, c, ($a1-$a0)/$HZ, ($b1-$b0)/$HZ, c/(g*$RUN) if g else 0, $rss1, $rss2))"
     cleanup
     if [ -n "${SHOW_LOGS:-}" ]; then cat "$TMP/wgdt1.log" "$TMP/wgdt2.log"; fi
 }
@@ -213,6 +216,46 @@ PY
     cleanup
 }
 
+# uso KIND: a sender with UDP_SEGMENT makes the kernel hand the daemon UDP super-packets (USO
+# on the TUN); the receiver must get every 1000-byte datagram intact, IPv4 and IPv6.
+measure_uso() {
+    local kind=$1 addr
+    tunnel "$kind"
+    for addr in 10.214.0.2 fd00:214::2; do
+        nsx wgd-p2 timeout 10 python3 - "$addr" >"$TMP/uso.txt" <<'PY' &
+import socket, sys
+a = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((a, 5555)); s.settimeout(2)
+n = bad = 0
+try:
+    while True:
+        d = s.recv(65535)
+        n += 1
+        if len(d) != 1000 or d != bytes([d[0]]) * 1000:
+            bad += 1
+except socket.timeout:
+    pass
+print(n, bad)
+PY
+        local rpid=$!
+        sleep 0.5
+        nsx wgd-p1 python3 - "$addr" <<'PY'
+import socket, sys, time
+a = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_UDP, 103, 1000)  # UDP_SEGMENT
+for i in range(20):
+    s.sendto(b"".join(bytes([(i * 8 + k) % 256]) * 1000 for k in range(8)), (a, 5555))
+    time.sleep(0.01)
+PY
+        wait "$rpid" || true
+        echo "$kind USO over $addr: $(awk '{print $1 " datagrams of 160 received, " $2 " damaged"}' "$TMP/uso.txt")"
+    done
+    cleanup
+    if [ -n "${SHOW_LOGS:-}" ]; then cat "$TMP/wgdt1.log" "$TMP/wgdt2.log"; fi
+}
+
 [ $# -eq 0 ] && set -- all
 for what in "$@"; do
     case $what in
@@ -220,6 +263,7 @@ for what in "$@"; do
         wggo) measure_tunnel wggo ;;
         veth) measure_veth ;;
         rss) measure_rss wgd; measure_rss wggo ;;
+        uso) measure_uso wgd ;;
         startup) measure_startup wgd; measure_startup wggo ;;
         all) measure_veth; measure_tunnel wggo; measure_tunnel wgd
              measure_rss wgd; measure_rss wggo; measure_startup wgd; measure_startup wggo ;;

@@ -47,6 +47,8 @@ const READS_PER_WAKE: usize = 8;
 /// Packets written per batch (and coalesced at most into one write).
 const WRITE_BATCH: usize = 128;
 const MAX_COALESCE: usize = 64;
+/// Segments of 1368 bytes filling one 64 KiB GSO write.
+const FULL_WRITE: usize = 44;
 
 #[repr(C)]
 struct IfReq {
@@ -509,10 +511,20 @@ fn split_udp(pkt: &[u8], hdr: &VnetHdr, pool: &PacketBufPool, out: &mut Vec<Pack
 async fn writer(inner: Arc<Inner>, mut rx: mpsc::Receiver<Packet<[u8]>>, gro: bool) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     let yield_first = !env_off("WGD_TUN_YIELD");
+    let yields: usize = std::env::var("WGD_TUN_YIELDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     loop {
-        // Let the decrypting task queue a few more packets first: bigger GRO writes.
-        if rx.len() < MAX_COALESCE && yield_first {
-            tokio::task::yield_now().await;
+        // Let the decrypting task queue a few more packets first: bigger GRO writes (and
+        // so fewer TCP ACKs coming back through the tunnel). A few yields, no timer.
+        if yield_first {
+            for _ in 0..yields {
+                if rx.len() >= FULL_WRITE {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
         }
         let n = rx.recv_many(&mut batch, WRITE_BATCH).await;
         if n == 0 {
