@@ -1,0 +1,140 @@
+//! wg-cni-wgd: wg-cni's userspace WireGuard daemon, a drop-in for `wireguard-go -f NAME`.
+//!
+//! It creates the TUN device NAME in the current network namespace, serves the standard
+//! cross-platform UAPI on /var/run/wireguard/NAME.sock (mode 0600) and runs the data path of
+//! the `gotatun` crate with our own TUN (virtio-net header offloads) and UDP (GSO/GRO, batched
+//! syscalls) layers. The UDP socket is bound in the namespace the daemon was started in and
+//! stays there when the TUN is moved into another namespace and renamed. SIGTERM or SIGINT
+//! (or the TUN vanishing) stops it: the socket file is removed and the TUN is destroyed with
+//! its file descriptor. Private keys live only in memory; nothing about keys is logged.
+
+mod csum;
+mod stats;
+mod tun;
+mod uapi;
+mod udp;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gotatun::device::uapi::UapiServer;
+use tokio::signal::unix::{SignalKind, signal};
+
+const USAGE: &str = "usage: wg-cni-wgd [-f|--foreground] INTERFACE-NAME";
+
+fn main() -> ExitCode {
+    let mut name = None;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "-f" | "--foreground" => {}
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            "--version" => {
+                println!("wg-cni-wgd {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            _ if name.is_none() && !arg.starts_with('-') => name = Some(arg),
+            _ => {
+                eprintln!("{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(name) = name else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) || name == "." {
+        eprintln!("wg-cni-wgd: invalid interface name {name:?}");
+        return ExitCode::from(2);
+    }
+    // Keys live in this process's memory: no core dumps, no ptrace by non-root.
+    // SAFETY: prctl with constant arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    let threads = std::env::var("WGD_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2usize)
+        .clamp(1, 16);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_stack_size(256 * 1024)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("wg-cni-wgd: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(run(&name));
+    // Exiting closes every descriptor: the TUN goes away wherever it was moved.
+    std::process::exit(code)
+}
+
+async fn run(name: &str) -> i32 {
+    let tun = match tun::Tun::open(name) {
+        Ok(tun) => tun,
+        Err(e) => {
+            eprintln!("wg-cni-wgd: creating TUN {name}: {e}");
+            return 1;
+        }
+    };
+    let dead = tun.dead_signal();
+    let (tun_tx, tun_rx) = tun.split();
+    let udp = udp::Factory::new();
+    let shared = udp.shared();
+    let (client, server) = UapiServer::new();
+    let device = match gotatun::device::build()
+        .with_udp(udp)
+        .with_ip_pair(tun_tx, tun_rx)
+        .with_uapi(server)
+        .build()
+        .await
+    {
+        Ok(device) => device,
+        Err(e) => {
+            eprintln!("wg-cni-wgd: starting the device: {e}");
+            return 1;
+        }
+    };
+    let listener = match uapi::listen(name) {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!(
+                "wg-cni-wgd: opening {}: {e}",
+                uapi::socket_path(name).display()
+            );
+            return 1;
+        }
+    };
+    let socket = uapi::socket_path(name);
+    tokio::spawn(uapi::serve(listener, client, Arc::clone(&shared)));
+
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("wg-cni-wgd: installing signal handlers failed");
+        let _ = std::fs::remove_file(&socket);
+        return 1;
+    };
+    let code = tokio::select! {
+        _ = term.recv() => 0,
+        _ = int.recv() => 0,
+        _ = dead.notified() => {
+            eprintln!("wg-cni-wgd: TUN {name} is gone, exiting");
+            0
+        }
+    };
+    let _ = std::fs::remove_file(&socket);
+    if std::env::var("WGD_STATS").is_ok_and(|v| v == "1") {
+        stats::print();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), device.stop()).await;
+    code
+}
