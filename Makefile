@@ -9,8 +9,10 @@ all: build
 build:
 	cargo build --release
 
+# Packages, then wg-cni's userspace daemon (wgd/) built and installed as /usr/local/bin/wg-cni-wgd.
 deps:
 	scripts/install-deps.sh
+	scripts/install-wgd.sh
 
 demo:
 	scripts/demo.sh

@@ -117,8 +117,9 @@ reservations() {
 
 # running PID: alive and not a zombie (PID 1 here reaps orphans only every few seconds).
 running() { ps -o stat= -p "$1" 2>/dev/null | grep -q '^[^Z]'; }
-is_our_daemon() { # PID: running and still wireguard-go (not a reused PID)
-  [ "$1" != 0 ] && [ "$(cat "/proc/$1/comm" 2>/dev/null)" = wireguard-go ] && running "$1"
+is_our_daemon() { # PID: running and still a userspace daemon (not a reused PID)
+  [ "$1" != 0 ] && case "$(cat "/proc/$1/comm" 2>/dev/null)" in wg-cni-wgd | wireguard-go) true ;; *) false ;; esac &&
+    running "$1"
 }
 daemon_gone() { ! is_our_daemon "$1"; }
 link_gone() { ! ip link show dev "$1" >/dev/null 2>&1; }
@@ -144,21 +145,21 @@ assert_clean() {
   while read -r name pid ns; do
     check "link $name gone from the host" link_gone "$name"
     check "UAPI socket of $name gone" test ! -e "/var/run/wireguard/$name.sock"
-    check "wireguard-go daemon $pid ($name) gone" daemon_gone "$pid"
+    check "userspace daemon $pid ($name) gone" daemon_gone "$pid"
     [ "$ns" = - ] || check "pod netns $ns gone" test ! -e "$ns"
   done <"$work/seen"
-  check "no WireGuard link or wireguard-go daemon listens in $port_range" empty "$(ours_listening)"
+  check "no WireGuard link or userspace daemon listens in $port_range" empty "$(ours_listening)"
 }
 
 # Every WireGuard device of this host (wg*/wgc*/wgg* links in the host namespace, and the
-# wireguard-go daemons, whose UAPI socket is in the host even when the TUN is in a pod) whose
+# userspace daemons (wg-cni-wgd, wireguard-go), whose UAPI socket is in the host even when the TUN is in a pod) whose
 # UDP port is in the step's port_range: those are ours, whoever else runs tests meanwhile.
 ours_listening() {
   local name pid port lo=${port_range%-*} hi=${port_range#*-}
   {
     ip -o link show type wireguard 2>/dev/null | awk -F': ' '{sub(/@.*/, "", $2); print $2, "-"}'
     ip -o link show | awk -F': ' '$2 ~ /^wg[cg]/ {sub(/@.*/, "", $2); print $2, "-"}'
-    for pid in $(pgrep -x wireguard-go); do
+    for pid in $(pgrep -x wg-cni-wgd) $(pgrep -x wireguard-go); do
       running "$pid" && echo "$(tr '\0' '\n' <"/proc/$pid/cmdline" | tail -1) $pid"
     done
   } | sort -u | while read -r name pid; do
@@ -191,7 +192,7 @@ force_cleanup() {
   [ -f "$work/seen" ] || return 0
   while read -r name pid ns; do
     if is_our_daemon "$pid"; then
-      log "cleanup: kill wireguard-go $pid"
+      log "cleanup: kill daemon $pid"
       kill "$pid" 2>/dev/null || true
     fi
     ip link del dev "$name" 2>/dev/null || true

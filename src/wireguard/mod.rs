@@ -3,6 +3,7 @@
 //! link ends up in the pod as `CNI_IFNAME` while its UDP socket stays in the host namespace.
 
 pub mod kernel;
+mod tun;
 mod uapi;
 pub mod userspace;
 

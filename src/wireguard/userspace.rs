@@ -8,6 +8,7 @@
 //! destroys its TUN wherever it is.
 
 use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -30,6 +31,8 @@ const WIREGUARD_GO: &str = "wireguard-go";
 /// Every daemon a userspace link may run under (a record made before the default changed
 /// must still be stopped).
 const DAEMONS: [&str; 2] = [WGD, WIREGUARD_GO];
+/// The descriptor a daemon adopts its TUN on.
+const TUN_FD: i32 = 3;
 const SOCKET_WAIT: Duration = Duration::from_secs(5);
 const EXIT_WAIT: Duration = Duration::from_secs(3);
 
@@ -75,14 +78,14 @@ pub fn available() -> bool {
     DAEMONS.iter().any(|d| find_binary(d).is_some()) && Path::new("/dev/net/tun").exists()
 }
 
-/// Start `DAEMON -f NAME` detached and wait for its UAPI socket.
-fn start_daemon(name: &str, choice: UserspaceDaemon) -> Result<u32> {
-    let binary = daemon_path(choice)?;
+/// Start `DAEMON -f NAME` detached and wait for its UAPI socket. With `tun`, the daemon
+/// adopts that device (as its descriptor 3, `WG_TUN_FD=3`) instead of creating one.
+fn start_daemon(name: &str, binary: &Path, tun: Option<OwnedFd>) -> Result<u32> {
     let daemon = binary
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let mut command = Command::new(&binary);
+    let mut command = Command::new(binary);
     command
         .arg("-f")
         .arg(name)
@@ -93,16 +96,31 @@ fn start_daemon(name: &str, choice: UserspaceDaemon) -> Result<u32> {
         .env_remove("LOG_LEVEL")
         .env_remove("WG_TUN_FD")
         .env_remove("WG_UAPI_FD");
-    // SAFETY: setsid is async-signal-safe; it detaches the daemon from the runtime's session.
+    let tun_fd = tun.as_ref().map(|t| t.as_raw_fd());
+    if tun_fd.is_some() {
+        command.env("WG_TUN_FD", TUN_FD.to_string());
+    }
+    // SAFETY: setsid, dup2 and fcntl are async-signal-safe. setsid detaches the daemon from
+    // the runtime's session; the TUN lands on descriptor 3 without close-on-exec.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
+            if let Some(fd) = tun_fd {
+                if fd != TUN_FD && nix::libc::dup2(fd, TUN_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if nix::libc::fcntl(TUN_FD, nix::libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
-    let mut child = command
-        .spawn()
-        .map_err(|e| Error::wireguard(format!("starting {}", binary.display()), e))?;
+    let spawned = command.spawn();
+    // The daemon holds the device now (or nobody does, and it is gone).
+    drop(tun);
+    let mut child =
+        spawned.map_err(|e| Error::wireguard(format!("starting {}", binary.display()), e))?;
     let pid = child.id();
     let socket = uapi::socket_path(name);
     let started = Instant::now();
@@ -160,17 +178,36 @@ fn stop_daemon(pid: u32, name: &str) {
         return;
     }
     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    if !wait_exited(pid, EXIT_WAIT) {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        wait_exited(pid, EXIT_WAIT);
+    }
+}
+
+/// Wait until `pid` has finished exiting: gone or a zombie. Not until its command line reads
+/// empty: the kernel drops a process's memory before it closes its descriptors, so the UDP
+/// port and the TUN may still be held then.
+fn wait_exited(pid: u32, limit: Duration) -> bool {
     let started = Instant::now();
-    while is_our_daemon(pid, name) && started.elapsed() < EXIT_WAIT {
+    loop {
         // A daemon we started in this very process stays a zombie until reaped.
         let _ = nix::sys::wait::waitpid(
             Pid::from_raw(pid as i32),
             Some(nix::sys::wait::WaitPidFlag::WNOHANG),
         );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    if is_our_daemon(pid, name) {
-        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let state = fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        // The state follows the parenthesised command name, which may itself hold spaces.
+        let exited = state.as_deref().is_none_or(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with(['Z', 'X']))
+        });
+        if exited {
+            return true;
+        }
+        if started.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -204,9 +241,22 @@ fn configure_and_move(spec: &LinkSpec, pod: &Netns) -> Result<()> {
 
 impl Backend for Userspace {
     fn create(&self, spec: &LinkSpec, _host: &Netns, pod: &Netns) -> Result<Created> {
-        let pid = start_daemon(spec.temp_name, spec.daemon)?;
+        let binary = daemon_path(spec.daemon)?;
+        // wg-cni-wgd adopts a TUN made right in the pod; wireguard-go finds its device by
+        // name in its own namespace, so its TUN is made in the host and moved.
+        let adopts = binary.file_name().is_some_and(|n| n == WGD);
+        let tun = match adopts {
+            true => Some(super::tun::create_in(pod, spec.ifname, spec.mtu)?),
+            false => None,
+        };
+        let pid = start_daemon(spec.temp_name, &binary, tun)?;
         crate::failpoint::crash("after-link-created");
-        if let Err(e) = configure_and_move(spec, pod) {
+        let configured = match adopts {
+            true => uapi::set(spec.temp_name, &spec.initial_update())
+                .map_err(|e| Error::wireguard(format!("configuring {}", spec.temp_name), e)),
+            false => configure_and_move(spec, pod),
+        };
+        if let Err(e) = configured {
             stop_daemon(pid, spec.temp_name);
             let _ = fs::remove_file(uapi::socket_path(spec.temp_name));
             return Err(e);

@@ -456,7 +456,7 @@ impl Drop for Cluster {
     }
 }
 
-/// Stop the wireguard-go daemons this node's records name (by recorded pid).
+/// Stop the userspace daemons this node's records name (by recorded pid).
 fn stop_node_daemons(store: &Path) {
     let Ok(networks) = std::fs::read_dir(store) else {
         return;

@@ -177,7 +177,12 @@ pub fn host_links() -> BTreeSet<String> {
     link_names(&run_ok(ip(), &["-o", "link", "show"]))
 }
 
-/// Count of wireguard-go daemons serving `name`.
+/// Whether argv[0] is a userspace WireGuard daemon the plugin runs (wg-cni-wgd, wireguard-go).
+pub fn is_daemon_binary(argv0: &[u8]) -> bool {
+    argv0.ends_with(b"wg-cni-wgd") || argv0.ends_with(b"wireguard-go")
+}
+
+/// Count of userspace daemons serving `name`.
 pub fn daemons_named(name: &str) -> usize {
     std::fs::read_dir("/proc")
         .unwrap()
@@ -185,23 +190,18 @@ pub fn daemons_named(name: &str) -> usize {
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
         .filter(|c| {
             let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
-            args.first().is_some_and(|a| a.ends_with(b"wireguard-go"))
-                && args.contains(&name.as_bytes())
+            args.first().is_some_and(|a| is_daemon_binary(a)) && args.contains(&name.as_bytes())
         })
         .count()
 }
 
-/// Count of all wireguard-go daemons.
+/// Count of all userspace daemons.
 pub fn all_daemons() -> usize {
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok())
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|c| {
-            c.split(|b| *b == 0)
-                .next()
-                .is_some_and(|a| a.ends_with(b"wireguard-go"))
-        })
+        .filter(|c| c.split(|b| *b == 0).next().is_some_and(is_daemon_binary))
         .count()
 }
 

@@ -1,6 +1,7 @@
 //! wg-cni-wgd: wg-cni's userspace WireGuard daemon, a drop-in for `wireguard-go -f NAME`.
 //!
-//! It creates the TUN device NAME in the current network namespace, serves the standard
+//! It creates the TUN device NAME in the current network namespace (or adopts the one whose
+//! descriptor `WG_TUN_FD` names, created elsewhere: wg-cni makes it inside the pod), serves the standard
 //! cross-platform UAPI on /var/run/wireguard/NAME.sock (mode 0600) and runs the data path of
 //! the `gotatun` crate with our own TUN (virtio-net header offloads) and UDP (GSO/GRO, batched
 //! syscalls) layers. The UDP socket is bound in the namespace the daemon was started in and
@@ -76,8 +77,25 @@ fn main() -> ExitCode {
     std::process::exit(code)
 }
 
+/// The TUN descriptor `WG_TUN_FD` names (inherited from the plugin, which created the device
+/// in the pod's namespace). Taken once: the variable is not passed on.
+fn adopt_tun(fd: &str) -> std::io::Result<tun::Tun> {
+    use std::os::fd::FromRawFd;
+    let fd: i32 =
+        fd.parse().ok().filter(|fd| *fd > 2).ok_or_else(|| {
+            std::io::Error::other(format!("WG_TUN_FD={fd:?} is not a descriptor"))
+        })?;
+    // SAFETY: an inherited descriptor nothing else in this process owns (checked by TUNGETIFF).
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    tun::Tun::adopt(owned)
+}
+
 async fn run(name: &str) -> i32 {
-    let tun = match tun::Tun::open(name) {
+    let tun = match std::env::var("WG_TUN_FD") {
+        Ok(fd) => adopt_tun(&fd),
+        Err(_) => tun::Tun::open(name),
+    };
+    let tun = match tun {
         Ok(tun) => tun,
         Err(e) => {
             eprintln!("wg-cni-wgd: creating TUN {name}: {e}");

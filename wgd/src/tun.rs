@@ -124,6 +124,7 @@ fn env_off(name: &str) -> bool {
 }
 
 impl Tun {
+    /// Create the TUN `name` in the current namespace.
     pub fn open(name: &str) -> io::Result<Self> {
         // SAFETY: plain syscalls on a descriptor we own; the ifreq outlives the ioctl.
         let fd = unsafe {
@@ -148,6 +149,38 @@ impl Tun {
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
             return Err(io::Error::last_os_error());
         }
+        Self::serve(fd, want_vnet)
+    }
+
+    /// Adopt a TUN someone else created (`WG_TUN_FD`, as wireguard-go takes it): wg-cni
+    /// creates it right inside the pod's namespace, so it never has to be moved there (a move
+    /// costs the kernel an RCU grace period, tens of milliseconds). Whether it carries
+    /// virtio-net headers is read off the device.
+    pub fn adopt(fd: OwnedFd) -> io::Result<Self> {
+        let mut req = ifreq();
+        // SAFETY: TUNGETIFF fills an ifreq.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNGETIFF, &mut req) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if req.flags & IFF_TUN == 0 || req.flags & IFF_NO_PI == 0 {
+            return Err(io::Error::other(
+                "WG_TUN_FD is not an IFF_TUN|IFF_NO_PI device",
+            ));
+        }
+        // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
+        unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+        Self::serve(fd, req.flags & IFF_VNET_HDR != 0)
+    }
+
+    /// Offloads, the MTU watch and the async registration of a TUN descriptor.
+    fn serve(fd: OwnedFd, want_vnet: bool) -> io::Result<Self> {
         let mut vnet = want_vnet;
         if vnet {
             let base = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
