@@ -8,7 +8,7 @@
 //! destroys its TUN wherever it is.
 
 use std::fs;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -184,31 +184,32 @@ fn stop_daemon(pid: u32, name: &str) {
     }
 }
 
-/// Wait until `pid` has finished exiting: gone or a zombie. Not until its command line reads
-/// empty: the kernel drops a process's memory before it closes its descriptors, so the UDP
-/// port and the TUN may still be held then.
+/// Wait until `pid` has finished exiting, every thread of it, so its UDP port and its TUN are
+/// closed: a pidfd becomes readable only then (a zombie group leader, or an empty command
+/// line, can come earlier while other threads still hold the descriptors).
 fn wait_exited(pid: u32, limit: Duration) -> bool {
-    let started = Instant::now();
-    loop {
-        // A daemon we started in this very process stays a zombie until reaped.
-        let _ = nix::sys::wait::waitpid(
-            Pid::from_raw(pid as i32),
-            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-        );
-        let state = fs::read_to_string(format!("/proc/{pid}/stat")).ok();
-        // The state follows the parenthesised command name, which may itself hold spaces.
-        let exited = state.as_deref().is_none_or(|stat| {
-            stat.rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with(['Z', 'X']))
-        });
-        if exited {
-            return true;
-        }
-        if started.elapsed() >= limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
+    use nix::libc;
+    // SAFETY: pidfd_open(2) takes a pid and flags; the descriptor is owned right away.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if raw < 0 {
+        return true; // no such process
     }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    let mut poll = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let timeout = i32::try_from(limit.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one pollfd that outlives the call.
+    let ready = unsafe { libc::poll(&mut poll, 1, timeout) } > 0;
+    // A daemon we started in this very process stays a zombie until reaped.
+    let _ = nix::sys::wait::waitpid(
+        Pid::from_raw(pid as i32),
+        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+    );
+    ready
 }
 
 /// Everything after the daemon is up: configure, set the MTU, move, rename.
