@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
+scripts/install-wgd.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --quiet
 bin=$PWD/target/release/wg-cni

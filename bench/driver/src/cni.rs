@@ -59,11 +59,39 @@ pub fn wg_range(
             "store": store_root(ctx).display().to_string(),
         }),
     };
-    // Remembered on disk, so that `cleanup` (also from another process) can GC the network.
+    remember(ctx, &plugin);
+    plugin
+}
+
+/// A wg-cni network whose userspace links run the daemon `daemon` (`userspaceDaemon`:
+/// `wg-cni-wgd` or `wireguard-go`).
+pub fn wg_daemon(ctx: &Ctx, network: &str, subnet: &str, ports: &str, daemon: &str) -> Plugin {
+    let mut plugin = wg_range(ctx, network, subnet, None, ports);
+    plugin.conf["userspaceDaemon"] = json!(daemon);
+    remember(ctx, &plugin);
+    plugin
+}
+
+/// Remembered on disk, so that `cleanup` (also from another process) can GC the network.
+fn remember(ctx: &Ctx, plugin: &Plugin) {
+    let network = plugin.conf["name"].as_str().unwrap_or_default();
     let dir = ctx.work.join("confs");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join(format!("{network}.json")), plugin.conf.to_string());
-    plugin
+}
+
+/// This node's record of one attachment (`<store>/<network>/<node>/<cid>:eth0.json`; the
+/// node directory is whichever holds it).
+pub fn own_record(ctx: &Ctx, network: &str, cid: &str) -> Res<Value> {
+    let dir = store_root(ctx).join(network);
+    let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for entry in entries.flatten() {
+        let file = entry.path().join(format!("{cid}:eth0.json"));
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            return serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()));
+        }
+    }
+    Err(format!("no record of {cid} in {}", dir.display()))
 }
 
 pub fn store_root(ctx: &Ctx) -> PathBuf {

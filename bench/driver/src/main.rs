@@ -5,7 +5,7 @@
 //! QEMU guest has no shared folder: the host reads the console) and, with `--out-dir`, as
 //! `<dir>/<label>.<phase>.json`. `report` turns a directory of parts into results.md/.json.
 //!
-//! Phases: latency, scale, parallel, throughput, profile, multinode, report.
+//! Phases: latency, scale, parallel, throughput, memory, profile, multinode, report.
 //! Everything it creates (network namespaces `wgbench-*`, daemons, iperf3 servers) is removed
 //! when a phase ends, also on error; pids of long-lived children go to `--pids-file` so that
 //! the wrapper can end them if this process is killed.
@@ -14,6 +14,7 @@ mod cleanup;
 mod cni;
 mod exec;
 mod latency;
+mod memory;
 mod multinode;
 mod ns;
 mod parallel;
@@ -127,7 +128,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(phases) = args.first() else {
         eprintln!(
-            "usage: wg-cni-bench latency,scale,parallel,throughput,profile,multinode|report [--opt value]..."
+            "usage: wg-cni-bench latency,scale,parallel,throughput,memory,profile,multinode|report [--opt value]..."
         );
         std::process::exit(2);
     };
@@ -163,6 +164,7 @@ fn main() {
             "scale" => scale::run(&ctx),
             "parallel" => parallel::run(&ctx),
             "throughput" => throughput::run(&ctx),
+            "memory" => memory::run(&ctx),
             "multinode" => multinode::run(&ctx),
             "profile" => profile::run(&ctx),
             "report" => report::run(&ctx),

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
+use crate::throughput::WG_GO;
 use crate::{Ctx, Res};
 
 const ENVS: [(&str, &str); 2] = [
@@ -176,6 +177,47 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
                     missed.push(format!("throughput ({env})"));
                 }
             }
+        }
+    }
+    if let Some(t) = get("native", "throughput").filter(|t| t["error"].is_null()) {
+        let w = t["gbps"]["wg-cni"]["p50"].as_f64();
+        let r = t["ratio_wgd_to_wireguard_go"].as_f64();
+        let ok = match (w, r) {
+            (Some(w), Some(r)) => Some(w >= 2.0 && r >= 3.0),
+            _ => None,
+        };
+        let _ = writeln!(
+            targets,
+            "| userspace throughput ≥ 2.0 Gbit/s and ≥ 3× wireguard-go (native) | {} Gbit/s, {}× wg-cni on wireguard-go | {} |",
+            w.map(|x| format!("{x:.2}")).unwrap_or("–".into()),
+            r.map(|x| format!("{x:.2}")).unwrap_or("–".into()),
+            verdict(ok)
+        );
+        if ok == Some(false) {
+            missed.push("userspace throughput (native)".into());
+        }
+    }
+    if let Some(m) = get("native", "memory") {
+        let at10 = |daemon: &str| -> Option<f64> {
+            m["daemons"][daemon]["points"]
+                .as_array()?
+                .iter()
+                .find(|p| p["peers"].as_u64() == Some(10))?["rss_kb"]
+                .as_f64()
+        };
+        let w = at10("wg-cni-wgd");
+        let ok = w.map(|kb| kb <= 4096.0);
+        let _ = writeln!(
+            targets,
+            "| per-pod daemon RSS ≤ 4 MB at 10 peers (wg-cni-wgd) | {} MiB (wireguard-go: {} MiB) | {} |",
+            w.map(|kb| format!("{:.2}", kb / 1024.0)).unwrap_or("–".into()),
+            at10("wireguard-go")
+                .map(|kb| format!("{:.2}", kb / 1024.0))
+                .unwrap_or("–".into()),
+            verdict(ok)
+        );
+        if ok == Some(false) {
+            missed.push("per-pod daemon RSS (native)".into());
         }
     }
     for (env, _) in ENVS {
@@ -525,18 +567,29 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             md,
             "**{title}**: {} runs of {} s each, interleaved. Hand-configured WireGuard: {}, two \
              namespaces, `ip`/`wg` only, same MTU 1420, endpoints 127.0.0.1. ptp: two pods on a \
-             ptp network, {}.\n",
+             ptp network, {}.{}\n",
             t["runs"],
             t["seconds"],
             t["hand_impl"].as_str().unwrap_or(""),
-            t["ptp_path"].as_str().unwrap_or("")
+            t["ptp_path"].as_str().unwrap_or(""),
+            if t["gbps"][WG_GO].is_object() {
+                " wg-cni runs with its default daemon and, as a path of its own, with \
+                 `userspaceDaemon: \"wireguard-go\"`. Daemon CPU: utime + stime of both pods' \
+                 WireGuard daemons (/proc/<pid>/stat before and after each run) per Gbit \
+                 received (Gbit/s × seconds)."
+            } else {
+                ""
+            }
         );
         let _ = writeln!(
             md,
-            "| path | p50 | runs | TCP retransmits per run |\n| --- | --- | --- | --- |"
+            "| path | p50 | runs | TCP retransmits per run | daemon CPU-s per Gbit p50 (runs) |\n| --- | --- | --- | --- | --- |"
         );
-        for kind in ["wg-cni", "hand-wg", "ptp"] {
+        for kind in ["wg-cni", WG_GO, "hand-wg", "ptp"] {
             let g = &t["gbps"][kind];
+            if !g.is_object() {
+                continue;
+            }
             let runs = g["runs"]
                 .as_array()
                 .map(|a| {
@@ -555,11 +608,32 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
                         .join(", ")
                 })
                 .unwrap_or_default();
-            let _ = writeln!(md, "| {kind} | {} | {runs} | {re} |", f(&g["p50"], 3));
+            let c = &g["cpu_s_per_gbit"];
+            let cpu = match c["runs"].as_array() {
+                Some(a) if !a.is_empty() => format!(
+                    "{} ({})",
+                    f(&c["p50"], 3),
+                    a.iter()
+                        .map(|x| format!("{:.3}", x.as_f64().unwrap_or(0.0)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                _ => "–".into(),
+            };
+            // Which daemon a wg-cni path ran (its first pod's process name).
+            let label = match g["daemons"][0].as_str() {
+                Some(d) if kind == "wg-cni" => format!("{kind} ({d})"),
+                _ => kind.to_string(),
+            };
+            let _ = writeln!(
+                md,
+                "| {label} | {} | {runs} | {re} | {cpu} |",
+                f(&g["p50"], 3)
+            );
         }
         let _ = writeln!(
             md,
-            "\nwg-cni ÷ hand-configured: {}; wg-cni ÷ ptp: {}.",
+            "\nwg-cni ÷ hand-configured: {}; wg-cni ÷ ptp: {}{}.",
             t["ratio_to_hand"]
                 .as_f64()
                 .map(|x| format!("{:.1} %", x * 100.0))
@@ -567,7 +641,11 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             t["ratio_to_ptp"]
                 .as_f64()
                 .map(|x| format!("{:.1} %", x * 100.0))
-                .unwrap_or("–".into())
+                .unwrap_or("–".into()),
+            t["ratio_wgd_to_wireguard_go"]
+                .as_f64()
+                .map(|x| format!("; wg-cni ÷ wg-cni (wireguard-go): {x:.2}×"))
+                .unwrap_or_default()
         );
         if let Some(errs) = t["errors"].as_array() {
             for e in errs.iter().take(2) {
@@ -575,6 +653,11 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             }
         }
         let _ = writeln!(md);
+    }
+
+    // ---------------------------------------------------------------- memory
+    if let Some(m) = get("native", "memory") {
+        md.push_str(&memory_section(&m));
     }
 
     // ---------------------------------------------------------------- profile
@@ -700,6 +783,77 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     }
     println!("{md}");
     Ok(all)
+}
+
+/// Per-pod daemon RSS with N peers (native, userspace backend).
+fn memory_section(m: &Value) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "## Per-pod daemon memory (native)\n");
+    if let Some(e) = m["error"].as_str() {
+        let _ = writeln!(md, "Not measured ({e})\n");
+        return md;
+    }
+    let sizes: Vec<u64> = m["peer_counts"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    let counts = sizes
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(" / ");
+    let _ = writeln!(
+        md,
+        "One pod ADDed into a fresh wg-cni network per daemon (`userspaceDaemon` set), its link \
+         then given {counts} peers in total (random public keys, one /32 allowed IP each, set \
+         straight over the daemon's UAPI socket); VmRSS of the pod's daemon a second after each \
+         step, then DEL.\n"
+    );
+    let _ = writeln!(
+        md,
+        "per-pod daemon RSS (MiB) with {counts} peers:\n\n| daemon | after ADD (peers) | {} | UAPI set time (ms) |\n| --- | --- |{} --- |",
+        sizes
+            .iter()
+            .map(|n| format!("{n} peers"))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        " --- |".repeat(sizes.len())
+    );
+    for daemon in ["wg-cni-wgd", "wireguard-go"] {
+        let d = &m["daemons"][daemon];
+        if !d.is_object() {
+            let _ = writeln!(md, "| {daemon} | not measured |{}  |", " |".repeat(sizes.len()));
+            continue;
+        }
+        let point = |n: u64| {
+            d["points"]
+                .as_array()
+                .and_then(|a| a.iter().find(|p| p["peers"].as_u64() == Some(n)))
+        };
+        let cells: Vec<String> = sizes
+            .iter()
+            .map(|n| point(*n).map(|p| f(&p["rss_mib"], 2)).unwrap_or("–".into()))
+            .collect();
+        let sets: Vec<String> = sizes
+            .iter()
+            .map(|n| point(*n).map(|p| f(&p["set_ms"], 1)).unwrap_or("–".into()))
+            .collect();
+        let _ = writeln!(
+            md,
+            "| {daemon} | {} ({}) | {} | {} |",
+            f(&d["rss_after_add_mib"], 2),
+            d["peers_after_add"],
+            cells.join(" | "),
+            sets.join(" / ")
+        );
+    }
+    if let Some(errs) = m["errors"].as_array() {
+        for e in errs.iter().take(2) {
+            let _ = writeln!(md, "\nerror: `{}`", e.as_str().unwrap_or(""));
+        }
+    }
+    let _ = writeln!(md);
+    md
 }
 
 /// What the numbers say about the plugin, computed from them (so a rerun updates it).
