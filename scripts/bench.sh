@@ -7,7 +7,10 @@
 #   latency     ADD/CHECK/DEL exec time and peak RSS, wg-cni vs ptp interleaved, fresh netns each
 #   scale       ADD with 1..1000 attachments (live pods + simulated remote records) vs empty net
 #   parallel    100 concurrent ADDs on one network, then 100 DELs (native only)
-#   throughput  iperf3 TCP 10 s x3: wg-cni vs hand-configured WireGuard vs ptp
+#   throughput  iperf3 TCP 10 s x3: wg-cni vs hand-configured WireGuard vs ptp (natively also
+#               wg-cni on wireguard-go; CPU-seconds per Gbit of the pods' daemons)
+#   memory      (native only) per-pod daemon RSS, wg-cni-wgd and wireguard-go, with 10 and 1000
+#               peers (--mem-peers)
 #   profile     strace of whole ADDs: time per phase
 #   multinode   (native only) two simulated nodes with `wg-cni agent` and Debian's etcd: time
 #               from ADD returning on node 2 until a pod on node 1 pings the new pod and back
@@ -132,7 +135,7 @@ trap cleanup EXIT
 trap 'on_signal 130' INT
 trap 'on_signal 143' TERM HUP
 
-NATIVE_PHASES=${BENCH_NATIVE_PHASES-latency scale parallel throughput profile multinode}
+NATIVE_PHASES=${BENCH_NATIVE_PHASES-latency scale parallel throughput memory profile multinode}
 GUEST_PHASES=${BENCH_GUEST_PHASES-latency,scale,throughput,profile}
 read -r -a EXTRA_ARGS <<<"${BENCH_ARGS:-}"
 NATIVE_ARGS+=("${EXTRA_ARGS[@]}")

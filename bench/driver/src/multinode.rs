@@ -122,7 +122,10 @@ fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> Res<T> {
         s.spawn(move || {
             // SAFETY: plain syscall on an open nsfs fd, this thread only.
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(format!("setns {netns}: {}", std::io::Error::last_os_error()));
+                return Err(format!(
+                    "setns {netns}: {}",
+                    std::io::Error::last_os_error()
+                ));
             }
             Ok(f())
         })
@@ -152,7 +155,10 @@ fn http(addr: &str, method: &str, path: &str, body: &str, limit: Duration) -> Re
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -160,7 +166,11 @@ fn b64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -252,7 +262,8 @@ impl<'a> Cluster<'a> {
             };
             c.attach(&node.netns, &format!("n{index}"), &node.addr)?;
             std::fs::create_dir_all(node.conf_dir()).map_err(|e| e.to_string())?;
-            let conflist = json!({"cniVersion": "1.0.0", "name": NETWORK, "plugins": [node.plugin()]});
+            let conflist =
+                json!({"cniVersion": "1.0.0", "name": NETWORK, "plugins": [node.plugin()]});
             std::fs::write(node.conf_dir().join("10-wg.conflist"), conflist.to_string())
                 .map_err(|e| e.to_string())?;
             c.nodes.push(node);
@@ -272,7 +283,15 @@ impl<'a> Cluster<'a> {
             netns,
         ])?;
         self.ip(&["-n", UNDERLAY, "link", "set", port, "master", "br0", "up"])?;
-        self.ip(&["-n", netns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        self.ip(&[
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
         self.ip(&["-n", netns, "link", "set", "eth0", "up"])?;
         self.ip(&["-n", netns, "link", "set", "lo", "up"])?;
         Ok(())
@@ -285,10 +304,17 @@ impl<'a> Cluster<'a> {
             http(&addr, "POST", path, &body, Duration::from_secs(20))
         })??;
         if status != 200 {
-            return Err(format!("etcd {path}: HTTP {status}: {}", text.trim().chars().take(300).collect::<String>()));
+            return Err(format!(
+                "etcd {path}: HTTP {status}: {}",
+                text.trim().chars().take(300).collect::<String>()
+            ));
         }
-        serde_json::from_str(&text)
-            .map_err(|e| format!("etcd {path}: {e}: {}", text.chars().take(300).collect::<String>()))
+        serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "etcd {path}: {e}: {}",
+                text.chars().take(300).collect::<String>()
+            )
+        })
     }
 
     fn start_etcd(&mut self) -> Res<()> {
@@ -296,18 +322,34 @@ impl<'a> Cluster<'a> {
         let url = format!("http://{ETCD_ADDR}:{ETCD_PORT}");
         let peer = "http://127.0.0.1:23800".to_string();
         let args: Vec<String> = [
-            "--name", "b", "--data-dir",
+            "--name",
+            "b",
+            "--data-dir",
             &self.dir.join("etcd").display().to_string(),
-            "--listen-client-urls", &url, "--advertise-client-urls", &url,
-            "--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer,
-            "--initial-cluster", &format!("b={peer}"),
-            "--max-txn-ops", "1000", "--max-request-bytes", "8388608",
-            "--quota-backend-bytes", "1073741824",
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("b={peer}"),
+            "--max-txn-ops",
+            "1000",
+            "--max-request-bytes",
+            "8388608",
+            "--quota-backend-bytes",
+            "1073741824",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let env = vec![("PATH".to_string(), "/usr/sbin:/usr/bin:/sbin:/bin".to_string())];
+        let env = vec![(
+            "PATH".to_string(),
+            "/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        )];
         let fd = ns::open(ETCD_NS)?;
         let log = self.dir.join("logs/etcd.log");
         let mut spec = Spec::new(&bin, &args, &log);
@@ -315,9 +357,11 @@ impl<'a> Cluster<'a> {
         spec.netns = Some(fd.as_raw_fd());
         self.etcd = Some(exec::spawn(&spec, self.ctx)?);
         let ok = wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
-            self.etcd_http("/v3/kv/range", &json!({"key": b64(b"/")})).is_ok()
+            self.etcd_http("/v3/kv/range", &json!({"key": b64(b"/")}))
+                .is_ok()
         });
-        ok.map(|_| ()).ok_or_else(|| "etcd did not answer in 20 s".to_string())
+        ok.map(|_| ())
+            .ok_or_else(|| "etcd did not answer in 20 s".to_string())
     }
 
     fn start_agent(&mut self, i: usize) -> Res<()> {
@@ -335,11 +379,19 @@ impl<'a> Cluster<'a> {
         ];
         args.extend(self.agent_flags.iter().cloned());
         let env = vec![
-            ("PATH".to_string(), "/usr/sbin:/usr/bin:/sbin:/bin".to_string()),
-            ("WG_CNI_LOG".to_string(), self.ctx.opts.str("mn-agent-log", "warn")),
+            (
+                "PATH".to_string(),
+                "/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+            ),
+            (
+                "WG_CNI_LOG".to_string(),
+                self.ctx.opts.str("mn-agent-log", "warn"),
+            ),
         ];
         let fd = ns::open(&node.netns)?;
-        let log = self.dir.join(format!("logs/agent{}-{}.log", i + 1, now_ms()));
+        let log = self
+            .dir
+            .join(format!("logs/agent{}-{}.log", i + 1, now_ms()));
         let mut spec = Spec::new(&self.ctx.wg, &args, &log);
         spec.env = &env;
         spec.netns = Some(fd.as_raw_fd());
@@ -366,7 +418,13 @@ impl<'a> Cluster<'a> {
         let netns = self.nodes[i].netns.clone();
         wait_until(limit, Duration::from_millis(20), || {
             in_netns(&netns, || {
-                http("127.0.0.1:9765", "GET", "/readyz", "", Duration::from_secs(2))
+                http(
+                    "127.0.0.1:9765",
+                    "GET",
+                    "/readyz",
+                    "",
+                    Duration::from_secs(2),
+                )
             })
             .ok()
             .and_then(|r| r.ok())
@@ -386,7 +444,14 @@ impl<'a> Cluster<'a> {
     }
 
     /// A CNI command of node `i`'s plugin, exec'd inside the node's namespace.
-    fn cni(&self, i: usize, command: &str, cid: &str, netns: &str, prev: Option<&Value>) -> Res<exec::Exec> {
+    fn cni(
+        &self,
+        i: usize,
+        command: &str,
+        cid: &str,
+        netns: &str,
+        prev: Option<&Value>,
+    ) -> Res<exec::Exec> {
         let plugin = self.plugin(i);
         let env = plugin.env(self.ctx, command, cid, &ns::path(netns));
         let stdin = plugin.stdin(prev);
@@ -411,7 +476,9 @@ impl<'a> Cluster<'a> {
         let mut daemons = Vec::new();
         for node in &self.nodes {
             let dir = node.store().join(NETWORK).join(&node.name);
-            let Ok(files) = std::fs::read_dir(dir) else { continue };
+            let Ok(files) = std::fs::read_dir(dir) else {
+                continue;
+            };
             for file in files.flatten() {
                 let text = std::fs::read_to_string(file.path()).unwrap_or_default();
                 let record: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
@@ -446,7 +513,11 @@ impl<'a> Cluster<'a> {
     }
 
     fn gateway_daemon(&self, i: usize) -> Option<i32> {
-        let path = self.nodes[i].store().join(NETWORK).join(&self.nodes[i].name).join("gateway.json");
+        let path = self.nodes[i]
+            .store()
+            .join(NETWORK)
+            .join(&self.nodes[i].name)
+            .join("gateway.json");
         let record: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
         record["daemonPid"].as_u64().map(|p| p as i32)
     }
@@ -487,10 +558,20 @@ fn spawn_ping(netns: &str, addr: &str, deadline_s: u64) -> Res<Child> {
     let fd = ns::open(netns)?;
     let raw = fd.as_raw_fd();
     let mut cmd = Command::new("ping");
-    cmd.args(["-n", "-q", "-c", "1", "-i", "0.02", "-w", &deadline_s.to_string(), addr])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    cmd.args([
+        "-n",
+        "-q",
+        "-c",
+        "1",
+        "-i",
+        "0.02",
+        "-w",
+        &deadline_s.to_string(),
+        addr,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
     // SAFETY: setns is async-signal-safe; runs in the child between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -513,7 +594,9 @@ fn ping_one(netns: &str, addr: &str, deadline_s: u64) -> Res<Option<f64>> {
     loop {
         match child.try_wait() {
             Ok(Some(status)) => {
-                return Ok(status.success().then(|| started.elapsed().as_secs_f64() * 1e6))
+                return Ok(status
+                    .success()
+                    .then(|| started.elapsed().as_secs_f64() * 1e6))
             }
             Ok(None) if started.elapsed() > limit => {
                 let _ = child.kill();
@@ -529,7 +612,10 @@ fn ping_one(netns: &str, addr: &str, deadline_s: u64) -> Res<Option<f64>> {
 /// Both pings started together; each one's time until its first reply (None: no reply).
 fn ping_pair(a: (&str, &str), b: (&str, &str), deadline_s: u64) -> Res<[Option<f64>; 2]> {
     let started = Instant::now();
-    let mut kids = [Some(spawn_ping(a.0, a.1, deadline_s)?), Some(spawn_ping(b.0, b.1, deadline_s)?)];
+    let mut kids = [
+        Some(spawn_ping(a.0, a.1, deadline_s)?),
+        Some(spawn_ping(b.0, b.1, deadline_s)?),
+    ];
     let mut out = [None, None];
     let limit = Duration::from_secs(deadline_s + 5);
     loop {
@@ -586,12 +672,25 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         let t = c
             .wait_ready(i, Duration::from_secs(60))
             .ok_or_else(|| format!("agent of node {} not ready in 60 s", i + 1))?;
-        crate::log(format!("[{}] multinode: agent {} ready after {:.2} s", ctx.label, i + 1, t.as_secs_f64()));
+        crate::log(format!(
+            "[{}] multinode: agent {} ready after {:.2} s",
+            ctx.label,
+            i + 1,
+            t.as_secs_f64()
+        ));
     }
     // Both gateways mirrored on the other node.
     wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
-        c.nodes[0].store().join(NETWORK).join("mnode2/gateway.json").exists()
-            && c.nodes[1].store().join(NETWORK).join("mnode1/gateway.json").exists()
+        c.nodes[0]
+            .store()
+            .join(NETWORK)
+            .join("mnode2/gateway.json")
+            .exists()
+            && c.nodes[1]
+                .store()
+                .join(NETWORK)
+                .join("mnode1/gateway.json")
+                .exists()
     })
     .ok_or("gateways not mirrored across nodes in 30 s")?;
 
@@ -603,9 +702,14 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     }
     let res_json = res.json();
     c.note_daemons();
-    let res_ip = res_json.as_ref().and_then(crate::cni::first_ip).ok_or("resident pod: no IP")?;
-    wait_until(Duration::from_secs(30), Duration::from_millis(50), || c.nodes[1].mirror_count("mnode1") >= 1)
-        .ok_or("resident pod not mirrored on node 2 in 30 s")?;
+    let res_ip = res_json
+        .as_ref()
+        .and_then(crate::cni::first_ip)
+        .ok_or("resident pod: no IP")?;
+    wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        c.nodes[1].mirror_count("mnode1") >= 1
+    })
+    .ok_or("resident pod not mirrored on node 2 in 30 s")?;
     let (mut to_new, mut from_new, mut add_us) = (Vec::new(), Vec::new(), Vec::new());
     let (mut fail_to, mut fail_from) = (0usize, 0usize);
     let mut added: Vec<(String, String, Option<Value>)> = Vec::new();
@@ -622,7 +726,10 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             return Err(format!("ADD {cid} on node 2: {}", e.why()));
         }
         let result = e.json();
-        let ip = result.as_ref().and_then(crate::cni::first_ip).ok_or("pod: no IP")?;
+        let ip = result
+            .as_ref()
+            .and_then(crate::cni::first_ip)
+            .ok_or("pod: no IP")?;
         // Diagnostic knob: start pinging this long after ADD returned (default at once).
         let delay = Duration::from_millis(ctx.opts.num("mn-ping-delay-ms", 0) as u64);
         std::thread::sleep(delay);
@@ -635,20 +742,39 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         } else {
             ping_pair(("wgbench-mn-r", &ip), (&pns, &res_ip), 10)?
         };
-        let (a, b) = (a.map(|u| u + delay.as_secs_f64() * 1e6), b.map(|u| u + delay.as_secs_f64() * 1e6));
+        let (a, b) = (
+            a.map(|u| u + delay.as_secs_f64() * 1e6),
+            b.map(|u| u + delay.as_secs_f64() * 1e6),
+        );
         add_us.push(e.us);
-        per_pod.push(json!({"pod": k, "ip": ip, "add_ms": (e.us / 10.0).round() / 100.0,
+        per_pod.push(
+            json!({"pod": k, "ip": ip, "add_ms": (e.us / 10.0).round() / 100.0,
             "node1_to_new_ms": a.map(|u| (u / 10.0).round() / 100.0),
-            "new_to_node1_ms": b.map(|u| (u / 10.0).round() / 100.0)}));
+            "new_to_node1_ms": b.map(|u| (u / 10.0).round() / 100.0)}),
+        );
         if a.is_none() || b.is_none() || a.unwrap_or(0.0).max(b.unwrap_or(0.0)) > 1e6 {
-            crate::log(format!("[{}] multinode: pod {k} ({ip}): node1→new {a:?} µs, new→node1 {b:?} µs", ctx.label));
+            crate::log(format!(
+                "[{}] multinode: pod {k} ({ip}): node1→new {a:?} µs, new→node1 {b:?} µs",
+                ctx.label
+            ));
             if ctx.opts.num("mn-diagnose", 0) == 1 {
                 for (node, c_id) in [(0usize, "mn-resident"), (1, cid.as_str())] {
-                    let path = c.nodes[node].store().join(NETWORK).join(&c.nodes[node].name).join(format!("{c_id}:eth0.json"));
-                    let rec: Value = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null);
+                    let path = c.nodes[node]
+                        .store()
+                        .join(NETWORK)
+                        .join(&c.nodes[node].name)
+                        .join(format!("{c_id}:eth0.json"));
+                    let rec: Value = std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|t| serde_json::from_str(&t).ok())
+                        .unwrap_or(Value::Null);
                     let host = rec["hostName"].as_str().unwrap_or("-").to_string();
-                    let dump = exec::sh(&ctx.wgtool, &["show", &host, "dump"], None).unwrap_or_else(|e| e);
-                    crate::log(format!("{c_id} ({host}) pubkey {}:\n{dump}", rec["publicKey"]));
+                    let dump =
+                        exec::sh(&ctx.wgtool, &["show", &host, "dump"], None).unwrap_or_else(|e| e);
+                    crate::log(format!(
+                        "{c_id} ({host}) pubkey {}:\n{dump}",
+                        rec["publicKey"]
+                    ));
                 }
             }
         }
@@ -675,7 +801,10 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         added.push((cid, pns, result));
         c.note_daemons();
     }
-    crate::log(format!("[{}] multinode: reachability of {n_pods} pods measured", ctx.label));
+    crate::log(format!(
+        "[{}] multinode: reachability of {n_pods} pods measured",
+        ctx.label
+    ));
     out["reachability"] = json!({
         "pods": n_pods,
         "node1_to_new": summary_ms(&to_new),
@@ -708,7 +837,8 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         if want_up != agent_up {
             if want_up {
                 c.start_agent(0)?;
-                c.wait_ready(0, Duration::from_secs(60)).ok_or("agent 1 not ready after restart")?;
+                c.wait_ready(0, Duration::from_secs(60))
+                    .ok_or("agent 1 not ready after restart")?;
                 // Let its first reconcile settle, as on a node that has run for a while.
                 std::thread::sleep(Duration::from_millis(300));
             } else {
@@ -719,7 +849,11 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         let cid = format!("mn-lat-{i}");
         let e = c.cni(0, "ADD", &cid, "wgbench-mn-l", None)?;
         if e.ok() {
-            if want_up { with.push(e.us) } else { without.push(e.us) }
+            if want_up {
+                with.push(e.us)
+            } else {
+                without.push(e.us)
+            }
         } else if errors.len() < 3 {
             errors.push(e.why());
         }
@@ -731,7 +865,8 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     }
     if !agent_up {
         c.start_agent(0)?;
-        c.wait_ready(0, Duration::from_secs(60)).ok_or("agent 1 not ready after restart")?;
+        c.wait_ready(0, Duration::from_secs(60))
+            .ok_or("agent 1 not ready after restart")?;
     }
     out["add_with_agent"] = json!({
         "node": "mnode1",
@@ -742,7 +877,10 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         "errors": errors,
         "samples_ms": {"with": raw_ms(&with), "without": raw_ms(&without)},
     });
-    crate::log(format!("[{}] multinode: ADD with/without agent measured", ctx.label));
+    crate::log(format!(
+        "[{}] multinode: ADD with/without agent measured",
+        ctx.label
+    ));
 
     // Pods of part 1 go (DEL), so that part 3 sees the fake node's records only (plus the
     // resident pod on node 1, which the agent then peers with every fake record).
@@ -753,7 +891,11 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     // ------------------------------------------------------------ 3: idle and resync
     let boot = b64(&random(12)?);
     let lease = c.etcd_http("/v3/lease/grant", &json!({"TTL": 7200}))?;
-    let lease_id = lease["ID"].as_str().map(str::to_string).or_else(|| lease["ID"].as_i64().map(|v| v.to_string())).ok_or("no lease ID")?;
+    let lease_id = lease["ID"]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| lease["ID"].as_i64().map(|v| v.to_string()))
+        .ok_or("no lease ID")?;
     let prefix = format!("/wg-cni/v1/{NETWORK}/");
     let put = |key: &str, value: &Value, lease: Option<&str>| {
         let mut p = json!({"key": b64(key.as_bytes()), "value": b64(value.to_string().as_bytes())});
@@ -796,7 +938,11 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
                         "hostName": "wgfake", "backend": "userspace", "mtu": 1420,
                         "createdAt": created,
                     });
-                    put(&format!("{prefix}links/{FAKE_NODE}/{cid}:eth0"), &record, None)
+                    put(
+                        &format!("{prefix}links/{FAKE_NODE}/{cid}:eth0"),
+                        &record,
+                        None,
+                    )
                 })
                 .collect();
             let n = batch.len();
@@ -812,7 +958,9 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         let mirrored = wait_until(Duration::from_secs(300), Duration::from_millis(20), || {
             c.nodes[0].mirror_count(FAKE_NODE) >= size
         });
-        let ready = c.wait_ready(0, Duration::from_secs(60)).map(|_| started.elapsed());
+        let ready = c
+            .wait_ready(0, Duration::from_secs(60))
+            .map(|_| started.elapsed());
         let resync_s = mirrored.map(|d| d.as_secs_f64());
         crate::log(format!(
             "[{}] multinode: {size} records: mirrored in {resync_s:?} s",
@@ -832,9 +980,11 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
             .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+                s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                })
             });
         let cpu = |a: Option<(u64, u64)>, b: Option<(u64, u64)>| match (a, b) {
             (Some(a), Some(b)) => json!(((b.1 - a.1) as f64 / tck / dt * 1000.0).round() / 10.0),
@@ -848,9 +998,16 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             let host = rec["hostName"].as_str()?;
             // Bounded: a daemon busy with thousands of peers must not hang the phase.
             let t = Instant::now();
-            let out = exec::sh(Path::new("timeout"), &["-k", "2", "10", &wg, "show", host, "peers"], None);
+            let out = exec::sh(
+                Path::new("timeout"),
+                &["-k", "2", "10", &wg, "show", host, "peers"],
+                None,
+            );
             if let Err(e) = &out {
-                crate::log(format!("wg show {host} peers ({file}) after {:.1} s: {e}", t.elapsed().as_secs_f64()));
+                crate::log(format!(
+                    "wg show {host} peers ({file}) after {:.1} s: {e}",
+                    t.elapsed().as_secs_f64()
+                ));
             }
             let out = out.ok()?;
             Some(out.lines().filter(|l| !l.is_empty()).count())
@@ -889,7 +1046,10 @@ pub fn report(m: &Value) -> String {
         None => "–".to_string(),
     };
     let mut md = String::new();
-    let _ = writeln!(md, "## Multi-node: agents and etcd (native, userspace backend)\n");
+    let _ = writeln!(
+        md,
+        "## Multi-node: agents and etcd (native, userspace backend)\n"
+    );
     if let Some(e) = m["error"].as_str() {
         let _ = writeln!(md, "The phase failed: {e}\n");
         return md;
@@ -910,11 +1070,24 @@ pub fn report(m: &Value) -> String {
          ~5,000 ms is WireGuard's handshake retry, REKEY_TIMEOUT):\n",
         r["pods"]
     );
-    let _ = writeln!(md, "| direction | p50 | p90 | p99 | max | > 1 s | never (10 s) |");
+    let _ = writeln!(
+        md,
+        "| direction | p50 | p90 | p99 | max | > 1 s | never (10 s) |"
+    );
     let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
     for (label, key, over, fail) in [
-        ("node-1 pod → new pod", "node1_to_new", "over_1s_node1_to_new", "failures_node1_to_new"),
-        ("new pod → node-1 pod", "new_to_node1", "over_1s_new_to_node1", "failures_new_to_node1"),
+        (
+            "node-1 pod → new pod",
+            "node1_to_new",
+            "over_1s_node1_to_new",
+            "failures_node1_to_new",
+        ),
+        (
+            "new pod → node-1 pod",
+            "new_to_node1",
+            "over_1s_new_to_node1",
+            "failures_new_to_node1",
+        ),
     ] {
         let s = &r[key];
         let _ = writeln!(
@@ -937,7 +1110,10 @@ pub fn report(m: &Value) -> String {
              (ms; {} pods never answered):\n",
             q["pods"], q["failures"]
         );
-        let _ = writeln!(md, "| direction | p50 | p90 | p99 | max |\n| --- | --- | --- | --- | --- |");
+        let _ = writeln!(
+            md,
+            "| direction | p50 | p90 | p99 | max |\n| --- | --- | --- | --- | --- |"
+        );
         for (label, key) in [
             ("node-1 pod → new pod, from ADD returning", "node1_to_new"),
             ("new pod → node-1 pod, afterwards", "then_new_to_node1"),
@@ -958,7 +1134,9 @@ pub fn report(m: &Value) -> String {
         + r["over_1s_new_to_node1"].as_u64().unwrap_or(0)
         + r["failures_new_to_node1"].as_u64().unwrap_or(0);
     let control_slow = q["failures"].as_u64().unwrap_or(0) > 0
-        || q["node1_to_new"]["max"].as_f64().is_some_and(|x| x > 1000.0);
+        || q["node1_to_new"]["max"]
+            .as_f64()
+            .is_some_and(|x| x > 1000.0);
     if slow > 0 && !control_slow && q["pods"].as_u64().unwrap_or(0) > 0 {
         let _ = writeln!(
             md,
@@ -978,7 +1156,10 @@ pub fn report(m: &Value) -> String {
          pods in it, {} ADDs each, alternating ABBA, each ADD followed by its DEL; ms):\n",
         a["pods_in_network"], a["iterations"]
     );
-    let _ = writeln!(md, "| agent | p50 | p90 | p99 | n |\n| --- | --- | --- | --- | --- |");
+    let _ = writeln!(
+        md,
+        "| agent | p50 | p90 | p99 | n |\n| --- | --- | --- | --- | --- |"
+    );
     for (label, key) in [("running", "with_agent"), ("stopped", "without_agent")] {
         let s = &a[key];
         let _ = writeln!(
@@ -1026,7 +1207,11 @@ pub fn report(m: &Value) -> String {
         "| remote records | full resync (s) | ready (s) | agent RSS (MiB) | agent peak RSS (MiB) | agent CPU idle (%) | gateway daemon RSS (MiB) | gateway daemon CPU (%) |"
     );
     let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- |");
-    for p in m["remote_records"]["points"].as_array().into_iter().flatten() {
+    for p in m["remote_records"]["points"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} | {} |",

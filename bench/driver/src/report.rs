@@ -259,7 +259,11 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             r["pods"],
             f(&r["node1_to_new"]["p99"], 0),
             f(&r["new_to_node1"]["p99"], 0),
-            if failed > 0 { format!(" (never answered in 10 s: {fa} / {fb})") } else { String::new() },
+            if failed > 0 {
+                format!(" (never answered in 10 s: {fa} / {fb})")
+            } else {
+                String::new()
+            },
             verdict(ok)
         );
         if ok == Some(false) {
@@ -822,7 +826,11 @@ fn memory_section(m: &Value) -> String {
     for daemon in ["wg-cni-wgd", "wireguard-go"] {
         let d = &m["daemons"][daemon];
         if !d.is_object() {
-            let _ = writeln!(md, "| {daemon} | not measured |{}  |", " |".repeat(sizes.len()));
+            let _ = writeln!(
+                md,
+                "| {daemon} | not measured |{}  |",
+                " |".repeat(sizes.len())
+            );
             continue;
         }
         let point = |n: u64| {
