@@ -304,26 +304,31 @@ fn configure_host_side(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
         Ok(())
     })?;
     nat::enable_forwarding(gateway.routed())?;
+    let (want, drop) = nat_rules(gateway);
+    nat::converge(&want, &drop)
+}
+
+/// The gateway's NAT rules: those it wants, and those to drop (`ipMasq` turned off).
+fn nat_rules(gateway: &GatewayRecord) -> (Vec<nat::Rule>, Vec<nat::Rule>) {
+    let (mut want, mut drop) = (Vec::new(), Vec::new());
     for subnet in gateway.routed() {
-        nat::hairpin(&gateway.network, &gateway.host_name, subnet).ensure()?;
+        want.push(nat::hairpin(&gateway.network, &gateway.host_name, subnet));
         let masquerade = nat::masquerade(&gateway.network, &gateway.host_name, subnet);
-        if gateway.masquerade {
-            masquerade.ensure()?;
-        } else {
-            masquerade.remove()?;
+        match gateway.masquerade {
+            true => want.push(masquerade),
+            false => drop.push(masquerade),
         }
     }
-    node_paths::ensure_masquerade(gateway)
+    want.extend(node_paths::masquerade_rules(gateway));
+    (want, drop)
 }
 
 /// Remove the gateway's link (or daemon) and NAT rules; the record and the port's ledger
 /// entry stay for the caller (which may hold the port lock already).
 pub fn destroy(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
-    for subnet in gateway.routed() {
-        nat::hairpin(&gateway.network, &gateway.host_name, subnet).remove()?;
-        nat::masquerade(&gateway.network, &gateway.host_name, subnet).remove()?;
-    }
-    node_paths::remove(host, gateway)?;
+    let (want, drop) = nat_rules(gateway);
+    nat::converge(&[], &[want, drop].concat())?;
+    node_paths::remove_rules(host, &gateway.host_name)?;
     let key = key_of(&gateway.public_key)?;
     wireguard::backend(gateway.backend).destroy(&gateway.link(host), &key, host)
 }

@@ -2,7 +2,8 @@
 //! plugins do: the hairpin masquerade (pod range → gateway → pod range, so a pod reached
 //! through a Service sees the gateway as source and WireGuard's source check passes) and the
 //! optional `ipMasq` masquerade of pod traffic leaving the host. Every rule carries a comment
-//! naming the network, so removal finds exactly ours.
+//! naming the network and the gateway link, so removal finds exactly ours. A gateway's rules
+//! are converged in one `iptables-save` and at most one `iptables-restore` per family.
 
 use std::process::Command;
 
@@ -22,43 +23,6 @@ impl Rule {
             ipv6: subnet.is_ipv6(),
             args,
         }
-    }
-
-    fn binary(&self) -> &'static str {
-        if self.ipv6 { "ip6tables" } else { "iptables" }
-    }
-
-    fn run(&self, action: &str) -> Result<bool> {
-        let output = Command::new(self.binary())
-            .args(["-w", "5", "-t", "nat", action, "POSTROUTING"])
-            .args(&self.args)
-            .output()
-            .map_err(|e| Error::Io {
-                context: format!("running {} (apt-get install iptables)", self.binary()),
-                source: e,
-            })?;
-        Ok(output.status.success())
-    }
-
-    /// Append the rule unless it is there already.
-    pub fn ensure(&self) -> Result<()> {
-        if self.run("-C")? || self.run("-A")? {
-            return Ok(());
-        }
-        Err(Error::Io {
-            context: format!("{} could not add {:?}", self.binary(), self.args),
-            source: std::io::Error::other("iptables failed"),
-        })
-    }
-
-    /// Delete every copy of the rule; absent is fine.
-    pub fn remove(&self) -> Result<()> {
-        for _ in 0..16 {
-            if !self.run("-D")? {
-                break;
-            }
-        }
-        Ok(())
     }
 }
 
@@ -109,6 +73,117 @@ pub fn to_other_nodes(network: &str, gateway: &str, range: &IpNetwork) -> Rule {
     Rule::new(range, args)
 }
 
+/// Make a gateway's rules what `want` says and remove the `drop` ones, in one pass per family:
+/// one `iptables-save -t nat` to see which are there, then one `iptables-restore --noflush`
+/// for whatever differs (nothing when all is in place). A rule counts as there when a line
+/// carries its comment (kind, network, gateway link) and its source range.
+pub fn converge(want: &[Rule], drop: &[Rule]) -> Result<()> {
+    for ipv6 in [false, true] {
+        let want: Vec<&Rule> = want.iter().filter(|r| r.ipv6 == ipv6).collect();
+        let drop: Vec<&Rule> = drop.iter().filter(|r| r.ipv6 == ipv6).collect();
+        if want.is_empty() && drop.is_empty() {
+            continue;
+        }
+        let tool = if ipv6 { "ip6tables" } else { "iptables" };
+        let saved = run_tool(&format!("{tool}-save"), &["-t", "nat"], None)?;
+        let mut batch = String::from("*nat\n");
+        for rule in &want {
+            if rule.saved_line(&saved).is_none() {
+                batch.push_str(&format!("-A POSTROUTING {}\n", rule.restore_args()));
+            }
+        }
+        for rule in &drop {
+            if let Some(line) = rule.saved_line(&saved) {
+                batch.push_str(&format!("-D{}\n", &line["-A".len()..]));
+            }
+        }
+        if batch.lines().count() == 1 {
+            continue;
+        }
+        batch.push_str("COMMIT\n");
+        run_tool(
+            &format!("{tool}-restore"),
+            &["--noflush", "-w", "5"],
+            Some(&batch),
+        )?;
+    }
+    Ok(())
+}
+
+impl Rule {
+    /// The line of `iptables-save` output that is this rule, if any.
+    fn saved_line<'a>(&self, saved: &'a str) -> Option<&'a str> {
+        let comment = self.comment();
+        let source = self.source();
+        saved.lines().find(|line| {
+            line.starts_with("-A POSTROUTING ")
+                && line.contains(&format!("--comment \"{comment}\""))
+                && line.contains(&format!("-s {source} "))
+        })
+    }
+
+    fn comment(&self) -> &str {
+        let at = self.args.iter().position(|a| a == "--comment");
+        at.and_then(|i| self.args.get(i + 1))
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+
+    fn source(&self) -> &str {
+        let at = self.args.iter().position(|a| a == "-s");
+        at.and_then(|i| self.args.get(i + 1))
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+
+    /// The arguments as one `iptables-restore` line (the comment quoted).
+    fn restore_args(&self) -> String {
+        self.args
+            .iter()
+            .map(|a| match a.contains(' ') {
+                true => format!("\"{a}\""),
+                false => a.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+fn run_tool(binary: &str, args: &[&str], input: Option<&str>) -> Result<String> {
+    use std::io::Write;
+    let io_error = |e: std::io::Error| Error::Io {
+        context: format!("running {binary} (apt-get install iptables)"),
+        source: e,
+    };
+    let mut child = Command::new(binary)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(io_error)?;
+    if let Some(text) = input {
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(text.as_bytes())
+            .map_err(io_error)?;
+    }
+    drop(child.stdin.take());
+    let output = child.wait_with_output().map_err(io_error)?;
+    if !output.status.success() {
+        return Err(Error::Io {
+            context: format!(
+                "{binary} failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+            source: std::io::Error::other("iptables failed"),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// Turn on forwarding for the families in use, as the ptp plugin does.
 pub fn enable_forwarding(subnets: &[IpNetwork]) -> Result<()> {
     let mut knobs = Vec::new();
@@ -138,7 +213,7 @@ mod tests {
     fn rules_name_the_network_and_pick_the_family() {
         let v4: IpNetwork = "10.66.0.0/24".parse().unwrap();
         let rule = hairpin("wgnet", "wgg0123", &v4);
-        assert_eq!(rule.binary(), "iptables");
+        assert!(!rule.ipv6);
         let text = rule.args.join(" ");
         assert_eq!(
             text,
@@ -146,7 +221,27 @@ mod tests {
         );
         let v6: IpNetwork = "fd66::/64".parse().unwrap();
         let masq = masquerade("wgnet", "wgg0123", &v6);
-        assert_eq!(masq.binary(), "ip6tables");
+        assert!(masq.ipv6);
         assert!(masq.args.join(" ").contains("! -d fd66::/64 ! -o wgg0123"));
+    }
+
+    #[test]
+    fn a_saved_rule_is_found_by_comment_and_source_and_restores_quoted() {
+        let v4: IpNetwork = "10.66.0.0/24".parse().unwrap();
+        let rule = hairpin("wgnet", "wgg0123", &v4);
+        let saved = "*nat\n:POSTROUTING ACCEPT [0:0]\n\
+            -A POSTROUTING -s 10.66.0.0/24 -d 10.66.0.0/24 -o wgg0123 -m comment --comment \"wg-cni hairpin wgnet wgg0123\" -j MASQUERADE\n\
+            -A POSTROUTING -s 10.67.0.0/24 -d 10.67.0.0/24 -o wgg0123 -m comment --comment \"wg-cni hairpin wgnet wgg0123\" -j MASQUERADE\n";
+        assert!(rule.saved_line(saved).unwrap().contains("10.66.0.0/24 -d"));
+        let other: IpNetwork = "10.68.0.0/24".parse().unwrap();
+        assert!(
+            hairpin("wgnet", "wgg0123", &other)
+                .saved_line(saved)
+                .is_none()
+        );
+        assert!(
+            rule.restore_args()
+                .contains("--comment \"wg-cni hairpin wgnet wgg0123\" -j")
+        );
     }
 }

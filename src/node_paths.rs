@@ -32,23 +32,16 @@ pub fn table_of(gateway_link: &str) -> u32 {
     0x7767_0000 | (fnv1a(gateway_link.as_bytes()) & 0xffff) as u32
 }
 
-/// The masquerade of pod traffic the table sends back out of the gateway (idempotent).
-pub fn ensure_masquerade(gateway: &GatewayRecord) -> Result<()> {
-    for range in &gateway.cluster_ranges {
-        nat::to_other_nodes(&gateway.network, &gateway.host_name, range).ensure()?;
-    }
-    Ok(())
+/// The masquerade of pod traffic the table sends back out of the gateway.
+pub fn masquerade_rules(gateway: &GatewayRecord) -> Vec<nat::Rule> {
+    gateway
+        .cluster_ranges
+        .iter()
+        .map(|range| nat::to_other_nodes(&gateway.network, &gateway.host_name, range))
+        .collect()
 }
 
-/// Remove the rules and the masquerade (the table's routes go with the link).
-pub fn remove(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
-    for range in &gateway.cluster_ranges {
-        nat::to_other_nodes(&gateway.network, &gateway.host_name, range).remove()?;
-    }
-    remove_rules(host, &gateway.host_name)
-}
-
-/// Remove the rules of a gateway link by name (a leftover whose record was never written).
+/// Remove the policy rules of a gateway link, by name (the table's routes go with the link).
 pub fn remove_rules(host: &Netns, gateway_link: &str) -> Result<()> {
     host.run(|| Netlink::open()?.delete_iif_rules(gateway_link))
 }

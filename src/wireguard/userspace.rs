@@ -159,6 +159,11 @@ fn is_our_daemon(pid: u32, name: &str) -> bool {
 /// Stop whatever daemon serves `name` (a deterministic name only wg-cni uses), without
 /// asking for a key: for leftovers of a crash that left no record.
 pub fn stop_daemon_named(name: &str) {
+    // Without its socket there is no daemon to stop (both daemons make it at start): spare
+    // the /proc scan on the common path (every gateway creation and removal).
+    if !uapi::socket_path(name).exists() {
+        return;
+    }
     if let Some(pid) = find_daemon(name) {
         stop_daemon(pid, name);
     }
