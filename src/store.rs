@@ -35,6 +35,8 @@ const SEPARATOR: char = ':';
 pub enum State {
     Creating,
     Ready,
+    /// DEL under way: the link is being torn down outside the network lock.
+    Deleting,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,7 +13,7 @@ use crate::mesh;
 use crate::netns::Netns;
 use crate::ports;
 use crate::reconcile::{self, NetworkView, Prune};
-use crate::store::{Record, Store};
+use crate::store::{Record, State, Store};
 use crate::wireguard;
 
 pub struct Context<'a> {
@@ -72,10 +72,41 @@ pub fn reconcile_gateway(ctx: &Context, view: &NetworkView, prune: Prune) -> Res
     reconcile::gateway(&ctx.local(), view, prune)
 }
 
-/// Undo one attachment completely: link and daemon, IPAM, record, port, then peers elsewhere.
-/// Everything already gone counts as done. A record whose key is unreadable cannot prove a
-/// link ours: the link is left alone (logged), the rest is still undone.
+/// Undo one attachment completely (the caller holds the network lock throughout): see
+/// `withdraw`, `dismantle`, then the record goes.
 pub fn teardown(
+    ctx: &Context,
+    store: &Store,
+    ipam: &Ipam,
+    record: &Record,
+    netns_hint: Option<&Path>,
+) -> Result<()> {
+    let withdrawn = withdraw(ctx, store, record)?;
+    dismantle(ctx, store, ipam, &withdrawn, netns_hint)?;
+    store.remove(&record.container_id, &record.ifname)
+}
+
+/// Step one, under the network lock: the record says `deleting` (no peer set counts it any
+/// more, and a crash from here on leaves a record the next DEL or GC finishes), and the other
+/// local links and the node gateway drop its key.
+pub fn withdraw(ctx: &Context, store: &Store, record: &Record) -> Result<Record> {
+    let mut withdrawn = record.clone();
+    withdrawn.state = State::Deleting;
+    store.put(&withdrawn)?;
+    let gone: Vec<Key> = mesh::public_key(record).ok().into_iter().collect();
+    let view = network_view(ctx, store)?;
+    reconcile_local_pods(ctx, &view, None, Prune::Only(&gone));
+    if let Err(e) = reconcile_gateway(ctx, &view, Prune::Only(&gone)) {
+        tracing::warn!(error = %e, "could not remove the peer from the node gateway");
+    }
+    Ok(withdrawn)
+}
+
+/// Step two, which needs no network lock: the link and its daemon (a link with many peers
+/// keeps the kernel busy for a while), the IPAM reservation and the port. Everything already
+/// gone counts as done. A record whose key is unreadable cannot prove a link ours: the link
+/// is left alone (logged), the rest is still undone.
+pub fn dismantle(
     ctx: &Context,
     store: &Store,
     ipam: &Ipam,
@@ -84,16 +115,12 @@ pub fn teardown(
 ) -> Result<()> {
     let pod = record.live_netns(netns_hint);
     let link = record.link(pod.as_ref());
-    let key = match mesh::public_key(record) {
-        Ok(key) => {
-            wireguard::backend(record.backend).destroy(&link, &key, &ctx.host)?;
-            Some(key)
-        }
+    match mesh::public_key(record) {
+        Ok(key) => wireguard::backend(record.backend).destroy(&link, &key, &ctx.host)?,
         Err(e) => {
             tracing::warn!(container = %record.container_id, error = %e, "cannot prove the link ours: left alone");
-            None
         }
-    };
+    }
     ipam.del(
         &Target {
             container_id: &record.container_id,
@@ -102,15 +129,7 @@ pub fn teardown(
         },
         None,
     )?;
-    store.remove(&record.container_id, &record.ifname)?;
     ports::release(&store.pod_link_name(&record.container_id, &record.ifname));
-
-    let gone: Vec<Key> = key.into_iter().collect();
-    let view = network_view(ctx, store)?;
-    reconcile_local_pods(ctx, &view, None, Prune::Only(&gone));
-    if let Err(e) = reconcile_gateway(ctx, &view, Prune::Only(&gone)) {
-        tracing::warn!(error = %e, "could not remove the peer from the node gateway");
-    }
     Ok(())
 }
 

@@ -1,10 +1,12 @@
 //! DEL: the ADD steps backwards, best effort and repeatable. Anything already gone (netns,
-//! link, record, reservation) is success; only a link proven ours is deleted.
+//! link, record, reservation) is success; only a link proven ours is deleted. Under the
+//! network lock the record is withdrawn (marked `deleting`, its key removed everywhere); the
+//! link is torn down outside it; the record goes under the lock again.
 
 use super::context::{self, Context};
 use crate::cni::{CniResult, Result};
 use crate::gateway;
-use crate::store::Store;
+use crate::store::{State, Store};
 
 pub fn run(ctx: &Context) -> Result<()> {
     let env = ctx.env;
@@ -19,10 +21,22 @@ pub fn run(ctx: &Context) -> Result<()> {
         // Never attached here; an ADD that died before its record may still hold addresses.
         return ipam.del(&ipam.target_of_env(), prev.as_ref());
     };
+    let lock = store.lock()?;
+    let Some(record) = store.get(&env.container_id, &env.ifname)? else {
+        ipam.del(&ipam.target_of_env(), prev.as_ref())?;
+        return gateway::remove_if_unused(&ctx.host, &store);
+    };
+    // The link goes down outside the lock: the kernel takes its time with a link of many
+    // peers, and ADDs of other pods need not wait for it.
+    let withdrawn = context::withdraw(ctx, &store, &record)?;
+    drop(lock);
+    context::dismantle(ctx, &store, &ipam, &withdrawn, env.netns.as_deref())?;
     let _lock = store.lock()?;
-    match store.get(&env.container_id, &env.ifname)? {
-        Some(record) => context::teardown(ctx, &store, &ipam, &record, env.netns.as_deref())?,
-        None => ipam.del(&ipam.target_of_env(), prev.as_ref())?,
+    // Still the record this DEL withdrew (a runtime never overlaps ADD and DEL of one
+    // attachment, but a record made meanwhile must not go with ours).
+    let current = store.get(&env.container_id, &env.ifname)?;
+    if current.is_some_and(|r| r.state == State::Deleting && r.public_key == record.public_key) {
+        store.remove(&env.container_id, &env.ifname)?;
     }
     gateway::remove_if_unused(&ctx.host, &store)
 }
