@@ -9,7 +9,7 @@
 # All traffic stays inside the namespaces created here (named wgd-*); everything is removed
 # on exit. iperf3: one TCP stream, 10 s, server bound to the pod address, -1 (one test).
 #
-# usage: throughput.sh [all|wgd|wggo|veth|rss|startup|uso] ...   (default: all)
+# usage: throughput.sh [all|wgd|wggo|veth|rss|startup|uso|rekey] ...   (default: all)
 # env:   FAMILY=6: IPv6 underlay endpoints and IPv6 inside the tunnel (default 4)
 #        WGD=path to wg-cni-wgd (default: ../target/x86_64-unknown-linux-gnu/release/wg-cni-wgd), SECONDS_RUN=10,
 #        WGD_ENV="WGD_UDP_GSO=0 ..." extra environment for wg-cni-wgd (offload knobs)
@@ -256,6 +256,14 @@ PY
     if [ -n "${SHOW_LOGS:-}" ]; then cat "$TMP/wgdt1.log" "$TMP/wgdt2.log"; fi
 }
 
+# rekey KIND: one ping a second for 150 s, across the 120 s rekey (not part of "all").
+measure_rekey() {
+    local kind=$1
+    tunnel "$kind"
+    echo "$kind across a rekey: $(nsx wgd-p1 ping -i 1 -c 150 -W 1 10.214.0.2 | grep -o '[0-9]* received, [0-9.]*% packet loss'), last handshake $(nsx wgd-h1 wg show wgdt1 latest-handshakes | awk -v now="$(date +%s)" '{print now - $2}') s ago"
+    cleanup
+}
+
 [ $# -eq 0 ] && set -- all
 for what in "$@"; do
     case $what in
@@ -264,6 +272,7 @@ for what in "$@"; do
         veth) measure_veth ;;
         rss) measure_rss wgd; measure_rss wggo ;;
         uso) measure_uso wgd ;;
+        rekey) measure_rekey wgd ;;
         startup) measure_startup wgd; measure_startup wggo ;;
         all) measure_veth; measure_tunnel wggo; measure_tunnel wgd
              measure_rss wgd; measure_rss wggo; measure_startup wgd; measure_startup wggo ;;
