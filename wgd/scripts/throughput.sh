@@ -120,7 +120,7 @@ measure_tunnel() {
     a0=$(cpu_ticks "$P1"); b0=$(cpu_ticks "$P2")
     c0=$((a0 + b0))
     if [ -n "${PERF_OUT:-}" ]; then
-        timeout $((RUN + 5)) perf record -F 499 -g -o "$PERF_OUT" -p "$P1,$P2" -- sleep "$RUN" >/dev/null 2>&1 &
+        timeout $((RUN + 5)) perf record -F ${PERF_FREQ:-499} ${PERF_CG:--g} -o "$PERF_OUT" -p "$P1,$P2" -- sleep "$RUN" >/dev/null 2>&1 &
         PIDS+=("$!")
     fi
     local inner=10.214.0.2
