@@ -195,7 +195,14 @@ impl Tun {
                     Ok(Some(m)) => {
                         mtu_tx.send_if_modified(|v| std::mem::replace(v, m) != m);
                     }
-                    Ok(None) => {}
+                    // Unreadable (no TUNGETDEVNETNS, no setns, a rename in flight): a cap
+                    // below the real MTU only pads less, one above it breaks, so be low.
+                    Ok(None) => {
+                        mtu_tx.send_if_modified(|v| {
+                            let low = (*v).min(SAFE_MTU);
+                            std::mem::replace(v, low) != low
+                        });
+                    }
                     Err(e) => inner.check_fatal(&e),
                 }
             }
@@ -234,6 +241,8 @@ struct MtuProbe {
 }
 
 const TUNGETDEVNETNS: libc::c_ulong = 0x54e3;
+/// The padding cap while the MTU cannot be read (IPv6's minimum MTU).
+const SAFE_MTU: u16 = 1280;
 
 fn ifreq() -> IfReq {
     IfReq {
