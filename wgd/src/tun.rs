@@ -171,7 +171,11 @@ impl Tun {
             }
         }
         let mut probe = MtuProbe::default();
-        let mtu = probe.query(fd.as_raw_fd()).ok().flatten().unwrap_or(SAFE_MTU);
+        let mtu = probe
+            .query(fd.as_raw_fd())
+            .ok()
+            .flatten()
+            .unwrap_or(SAFE_MTU);
         let (mtu_tx, mtu_rx) = watch::channel(mtu);
         // SAFETY: the descriptor is owned by the AsyncFd, which deregisters it before closing.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
