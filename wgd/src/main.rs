@@ -77,6 +77,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(name: &str) -> i32 {
+    // Before the socket exists: a SIGTERM right after the first answer must still clean up.
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("wg-cni-wgd: installing signal handlers failed");
+        return 1;
+    };
     let tun = match tun::Tun::open(name) {
         Ok(tun) => tun,
         Err(e) => {
@@ -115,14 +123,6 @@ async fn run(name: &str) -> i32 {
     let socket = uapi::socket_path(name);
     tokio::spawn(uapi::serve(listener, client, Arc::clone(&shared)));
 
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        eprintln!("wg-cni-wgd: installing signal handlers failed");
-        let _ = std::fs::remove_file(&socket);
-        return 1;
-    };
     let code = tokio::select! {
         _ = term.recv() => 0,
         _ = int.recv() => 0,
