@@ -111,6 +111,7 @@ iperf() {
     nsx "$cns" timeout $((RUN + 15)) iperf3 -c "$addr" -t "$RUN" -J >"$TMP/iperf.json"
     wait "$spid" 2>/dev/null || true
     python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.3f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' "$TMP/iperf.json"
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("retransmits %d" % d["end"]["sum_sent"].get("retransmits", -1))' "$TMP/iperf.json" >"$TMP/retr.txt"
 }
 
 measure_tunnel() {
@@ -135,6 +136,7 @@ measure_tunnel() {
     python3 -c "
 g=$gbps; c=$cpu
 print('%-6s %7.3f Gbit/s  daemons CPU %.2f s in ${RUN} s (sender %.2f, receiver %.2f)  = %.2f CPU-s per Gbit  (RSS after: %d / %d KiB)' % ('$kind', g, c, ($a1-$a0)/$HZ, ($b1-$b0)/$HZ, c/(g*$RUN) if g else 0, $rss1, $rss2))"
+    echo "       iperf3 $(cat "$TMP/retr.txt"), UDP receive buffer drops: $(nsx wgd-h1 nstat -az UdpRcvbufErrors Udp6RcvbufErrors 2>/dev/null | awk '/Rcvbuf/{s+=$2} END{print s+0}') / $(nsx wgd-h2 nstat -az UdpRcvbufErrors Udp6RcvbufErrors 2>/dev/null | awk '/Rcvbuf/{s+=$2} END{print s+0}')"
     cleanup
     if [ -n "${SHOW_LOGS:-}" ]; then cat "$TMP/wgdt1.log" "$TMP/wgdt2.log"; fi
 }
