@@ -62,6 +62,11 @@ CHECK="wg set on a taken port fails"; ok bash -c "! ip netns exec wgd-ch wg set 
 CHECK="daemon alive after EADDRINUSE"; ok kill -0 "$PID"
 CHECK="port unchanged after EADDRINUSE"; ok [ "$(nsx wgd-ch wg show wgdc listen-port)" = 51830 ]
 kill "$HOLD"; wait "$HOLD" 2>/dev/null; HOLD=
+nsx wgd-ch python3 -c 'import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 51834)); time.sleep(30)' &
+HOLD=$!
+sleep 0.3
+CHECK="a port held by an IPv4-only socket answers errno=98"; ok [ "$(uapi 'set=1\nlisten_port=51834\n\n')" = "$(printf 'errno=98\n')" ]
+kill "$HOLD"; wait "$HOLD" 2>/dev/null; HOLD=
 CHECK="a free port is taken"; ok nsx wgd-ch wg set wgdc listen-port 51832
 CHECK="the new port is reported"; ok [ "$(nsx wgd-ch wg show wgdc listen-port)" = 51832 ]
 

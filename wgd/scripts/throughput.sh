@@ -9,7 +9,7 @@
 # All traffic stays inside the namespaces created here (named wgd-*); everything is removed
 # on exit. iperf3: one TCP stream, 10 s, server bound to the pod address, -1 (one test).
 #
-# usage: throughput.sh [all|wgd|wggo|veth|rss|startup|uso] ...   (default: all)
+# usage: throughput.sh [all|wgd|wggo|veth|rss|startup|uso|rekey] ...   (default: all)
 # env:   FAMILY=6: IPv6 underlay endpoints and IPv6 inside the tunnel (default 4)
 #        WGD=path to wg-cni-wgd (default: ../target/x86_64-unknown-linux-gnu/release/wg-cni-wgd), SECONDS_RUN=10,
 #        WGD_ENV="WGD_UDP_GSO=0 ..." extra environment for wg-cni-wgd (offload knobs)
@@ -111,6 +111,7 @@ iperf() {
     nsx "$cns" timeout $((RUN + 15)) iperf3 -c "$addr" -t "$RUN" -J >"$TMP/iperf.json"
     wait "$spid" 2>/dev/null || true
     python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.3f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' "$TMP/iperf.json"
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("retransmits %d" % d["end"]["sum_sent"].get("retransmits", -1))' "$TMP/iperf.json" >"$TMP/retr.txt"
 }
 
 measure_tunnel() {
@@ -120,7 +121,7 @@ measure_tunnel() {
     a0=$(cpu_ticks "$P1"); b0=$(cpu_ticks "$P2")
     c0=$((a0 + b0))
     if [ -n "${PERF_OUT:-}" ]; then
-        timeout $((RUN + 5)) perf record -F 499 -g -o "$PERF_OUT" -p "$P1,$P2" -- sleep "$RUN" >/dev/null 2>&1 &
+        timeout $((RUN + 5)) perf record -F ${PERF_FREQ:-499} ${PERF_CG:--g} -o "$PERF_OUT" -p "$P1,$P2" -- sleep "$RUN" >/dev/null 2>&1 &
         PIDS+=("$!")
     fi
     local inner=10.214.0.2
@@ -135,6 +136,7 @@ measure_tunnel() {
     python3 -c "
 g=$gbps; c=$cpu
 print('%-6s %7.3f Gbit/s  daemons CPU %.2f s in ${RUN} s (sender %.2f, receiver %.2f)  = %.2f CPU-s per Gbit  (RSS after: %d / %d KiB)' % ('$kind', g, c, ($a1-$a0)/$HZ, ($b1-$b0)/$HZ, c/(g*$RUN) if g else 0, $rss1, $rss2))"
+    echo "       iperf3 $(cat "$TMP/retr.txt"), UDP receive buffer drops: $(nsx wgd-h1 nstat -az UdpRcvbufErrors Udp6RcvbufErrors 2>/dev/null | awk '/Rcvbuf/{s+=$2} END{print s+0}') / $(nsx wgd-h2 nstat -az UdpRcvbufErrors Udp6RcvbufErrors 2>/dev/null | awk '/Rcvbuf/{s+=$2} END{print s+0}')"
     cleanup
     if [ -n "${SHOW_LOGS:-}" ]; then cat "$TMP/wgdt1.log" "$TMP/wgdt2.log"; fi
 }
@@ -256,6 +258,14 @@ PY
     if [ -n "${SHOW_LOGS:-}" ]; then cat "$TMP/wgdt1.log" "$TMP/wgdt2.log"; fi
 }
 
+# rekey KIND: one ping a second for 150 s, across the 120 s rekey (not part of "all").
+measure_rekey() {
+    local kind=$1
+    tunnel "$kind"
+    echo "$kind across a rekey: $(nsx wgd-p1 ping -i 1 -c 150 -W 1 10.214.0.2 | grep -o '[0-9]* received, [0-9.]*% packet loss'), last handshake $(nsx wgd-h1 wg show wgdt1 latest-handshakes | awk -v now="$(date +%s)" '{print now - $2}') s ago"
+    cleanup
+}
+
 [ $# -eq 0 ] && set -- all
 for what in "$@"; do
     case $what in
@@ -264,6 +274,7 @@ for what in "$@"; do
         veth) measure_veth ;;
         rss) measure_rss wgd; measure_rss wggo ;;
         uso) measure_uso wgd ;;
+        rekey) measure_rekey wgd ;;
         startup) measure_startup wgd; measure_startup wggo ;;
         all) measure_veth; measure_tunnel wggo; measure_tunnel wgd
              measure_rss wgd; measure_rss wggo; measure_startup wgd; measure_startup wggo ;;

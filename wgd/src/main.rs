@@ -91,6 +91,14 @@ fn adopt_tun(fd: &str) -> std::io::Result<tun::Tun> {
 }
 
 async fn run(name: &str) -> i32 {
+    // Before the socket exists: a SIGTERM right after the first answer must still clean up.
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("wg-cni-wgd: installing signal handlers failed");
+        return 1;
+    };
     let tun = match std::env::var("WG_TUN_FD") {
         Ok(fd) => adopt_tun(&fd),
         Err(_) => tun::Tun::open(name),
@@ -133,14 +141,6 @@ async fn run(name: &str) -> i32 {
     let socket = uapi::socket_path(name);
     tokio::spawn(uapi::serve(listener, client, Arc::clone(&shared)));
 
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        eprintln!("wg-cni-wgd: installing signal handlers failed");
-        let _ = std::fs::remove_file(&socket);
-        return 1;
-    };
     let code = tokio::select! {
         _ = term.recv() => 0,
         _ = int.recv() => 0,

@@ -11,6 +11,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use gotatun::packet::{Ip, Packet, PacketBufPool};
@@ -96,6 +97,8 @@ struct Inner {
     fd: AsyncFd<OwnedFd>,
     vnet: bool,
     dead: Arc<Notify>,
+    /// The kernel refused a coalesced write once: write segments one by one from then on.
+    gro_refused: AtomicBool,
 }
 
 impl Inner {
@@ -201,7 +204,11 @@ impl Tun {
             }
         }
         let mut probe = MtuProbe::default();
-        let mtu = probe.query(fd.as_raw_fd()).ok().flatten().unwrap_or(1500);
+        let mtu = probe
+            .query(fd.as_raw_fd())
+            .ok()
+            .flatten()
+            .unwrap_or(SAFE_MTU);
         let (mtu_tx, mtu_rx) = watch::channel(mtu);
         // SAFETY: the descriptor is owned by the AsyncFd, which deregisters it before closing.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
@@ -209,6 +216,7 @@ impl Tun {
             fd,
             vnet,
             dead: Arc::new(Notify::new()),
+            gro_refused: AtomicBool::new(false),
         });
         // The MTU caps the padding of what we encrypt: it must follow the device, also after
         // it was moved and renamed (often right after start: polled fast at first).
@@ -224,7 +232,14 @@ impl Tun {
                     Ok(Some(m)) => {
                         mtu_tx.send_if_modified(|v| std::mem::replace(v, m) != m);
                     }
-                    Ok(None) => {}
+                    // Unreadable (no TUNGETDEVNETNS, no setns, a rename in flight): a cap
+                    // below the real MTU only pads less, one above it breaks, so be low.
+                    Ok(None) => {
+                        mtu_tx.send_if_modified(|v| {
+                            let low = (*v).min(SAFE_MTU);
+                            std::mem::replace(v, low) != low
+                        });
+                    }
                     Err(e) => inner.check_fatal(&e),
                 }
             }
@@ -263,6 +278,8 @@ struct MtuProbe {
 }
 
 const TUNGETDEVNETNS: libc::c_ulong = 0x54e3;
+/// The padding cap while the MTU cannot be read (IPv6's minimum MTU).
+const SAFE_MTU: u16 = 1280;
 
 fn ifreq() -> IfReq {
     IfReq {
@@ -564,7 +581,7 @@ async fn writer(inner: Arc<Inner>, mut rx: mpsc::Receiver<Packet<[u8]>>, gro: bo
             return;
         }
         stats::add(&stats::TUN_WRITE_PKTS, n);
-        if gro {
+        if gro && !inner.gro_refused.load(Ordering::Relaxed) {
             write_coalesced(&inner, &mut batch);
         } else {
             for p in &batch {
@@ -575,14 +592,20 @@ async fn writer(inner: Arc<Inner>, mut rx: mpsc::Receiver<Packet<[u8]>>, gro: bo
     }
 }
 
-fn writev(inner: &Inner, iov: &[libc::iovec]) {
+/// Write one packet (or GSO packet); `Err` only for EINVAL (a header the kernel refused).
+fn writev(inner: &Inner, iov: &[libc::iovec]) -> Result<(), ()> {
     // SAFETY: every iovec points into a buffer that lives for this call.
     let n = unsafe { libc::writev(inner.raw(), iov.as_ptr(), iov.len() as libc::c_int) };
     stats::add(&stats::TUN_WRITES, 1);
     if n < 0 {
         // A full queue drops the packet, like a NIC; a vanished device ends the daemon.
-        inner.check_fatal(&io::Error::last_os_error());
+        let e = io::Error::last_os_error();
+        inner.check_fatal(&e);
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            return Err(());
+        }
     }
+    Ok(())
 }
 
 fn iov(b: &[u8]) -> libc::iovec {
@@ -593,12 +616,12 @@ fn iov(b: &[u8]) -> libc::iovec {
 }
 
 fn write_one(inner: &Inner, p: &[u8]) {
-    if inner.vnet {
+    let _ = if inner.vnet {
         let hdr = [0u8; VNET_HDR_LEN];
-        writev(inner, &[iov(&hdr), iov(p)]);
+        writev(inner, &[iov(&hdr), iov(p)])
     } else {
-        writev(inner, &[iov(p)]);
-    }
+        writev(inner, &[iov(p)])
+    };
 }
 
 /// What a TCP segment looks like for coalescing.
@@ -738,7 +761,141 @@ fn write_coalesced(inner: &Inner, batch: &mut [Packet<[u8]>]) {
             let hlen = tcp_seg(q).map_or(q.len(), |s| s.hlen);
             iovs.push(iov(&q[hlen..]));
         }
-        writev(inner, &iovs);
+        if writev(inner, &iovs).is_err() {
+            // The kernel refused the GSO packet: undo the merge of the first segment's
+            // headers, write the segments one by one and coalesce no more.
+            drop(iovs);
+            let own = head[0].len();
+            let b: &mut [u8] = &mut head[0];
+            fix_ip(b, l4, own, 0);
+            b[l4 + 16] = 0;
+            b[l4 + 17] = 0;
+            if let Some(ps) = l4_pseudo(b, 6, own - l4) {
+                let c = !csum::fold(csum::sum(&b[l4..], ps));
+                b[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
+            }
+            inner.gro_refused.store(true, Ordering::Relaxed);
+            for p in batch[i..end].iter() {
+                write_one(inner, p);
+            }
+        }
         i = end;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(sum: u64) -> bool {
+        csum::fold(sum) == 0xffff
+    }
+
+    /// An IPv4 TCP super-packet as the kernel hands it over with TSO: headers of the first
+    /// segment, the whole payload, the TCP checksum field seeded with the pseudo-header sum.
+    fn super_packet(payload: usize, gso: u16, flags: u8) -> Vec<u8> {
+        let l4 = 20;
+        let thl = 32; // with 12 bytes of options (timestamps)
+        let total = l4 + thl + payload;
+        let mut p = vec![0u8; VNET_HDR_LEN + total];
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: (l4 + thl) as u16,
+            gso_size: gso,
+            csum_start: l4 as u16,
+            csum_offset: 16,
+        };
+        p[..VNET_HDR_LEN].copy_from_slice(&hdr.bytes());
+        let b = &mut p[VNET_HDR_LEN..];
+        b[0] = 0x45;
+        b[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        b[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        b[6] = 0x40; // DF
+        b[8] = 64;
+        b[9] = 6;
+        b[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        b[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        csum::ipv4_header(&mut b[..20]);
+        b[l4..l4 + 2].copy_from_slice(&5201u16.to_be_bytes());
+        b[l4 + 2..l4 + 4].copy_from_slice(&40000u16.to_be_bytes());
+        b[l4 + 4..l4 + 8].copy_from_slice(&0xffff_ff00u32.to_be_bytes()); // wraps
+        b[l4 + 8..l4 + 12].copy_from_slice(&7u32.to_be_bytes());
+        b[l4 + 12] = ((thl / 4) as u8) << 4;
+        b[l4 + 13] = flags;
+        b[l4 + 14..l4 + 16].copy_from_slice(&512u16.to_be_bytes());
+        b[l4 + 20..l4 + 32].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 3]);
+        for (i, x) in b[l4 + thl..].iter_mut().enumerate() {
+            *x = (i * 31 % 251) as u8;
+        }
+        let ps = csum::fold(csum::pseudo(&[10, 0, 0, 1], &[10, 0, 0, 2], 6, total - l4));
+        b[l4 + 16..l4 + 18].copy_from_slice(&ps.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn tso_super_packet_splits_into_valid_segments() {
+        let pool = PacketBufPool::new(16);
+        let mut data = super_packet(5000, 1448, ACK | PSH | 0x01 | 0x80);
+        let mut out = Vec::new();
+        split_into(&mut data, &pool, &mut out);
+        assert_eq!(out.len(), 4);
+        let mut seq = 0xffff_ff00u32;
+        for (i, p) in out.into_iter().enumerate() {
+            let b = p.into_bytes();
+            let b: &[u8] = &b;
+            let len = if i < 3 { 1448 } else { 5000 - 3 * 1448 };
+            assert_eq!(b.len(), 52 + len);
+            assert_eq!(usize::from(u16::from_be_bytes([b[2], b[3]])), b.len());
+            assert_eq!(u16::from_be_bytes([b[4], b[5]]), 0x1234 + i as u16);
+            assert!(valid(csum::sum(&b[..20], 0)), "IPv4 header checksum of {i}");
+            let ps = csum::pseudo(&b[12..16], &b[16..20], 6, b.len() - 20);
+            assert!(valid(csum::sum(&b[20..], ps)), "TCP checksum of {i}");
+            assert_eq!(u32::from_be_bytes([b[24], b[25], b[26], b[27]]), seq);
+            seq = seq.wrapping_add(len as u32);
+            let f = b[33];
+            assert_eq!(f & (PSH | 0x01) != 0, i == 3, "PSH/FIN only last ({i})");
+            assert_eq!(f & 0x80 != 0, i == 0, "CWR only first ({i})");
+            assert_eq!(
+                &b[52..56],
+                &[
+                    (i * 1448 * 31 % 251) as u8,
+                    ((i * 1448 + 1) * 31 % 251) as u8,
+                    ((i * 1448 + 2) * 31 % 251) as u8,
+                    ((i * 1448 + 3) * 31 % 251) as u8
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn partial_checksum_is_finished() {
+        let pool = PacketBufPool::new(4);
+        let mut data = super_packet(300, 0, ACK);
+        data[1] = GSO_NONE;
+        let mut out = Vec::new();
+        split_into(&mut data, &pool, &mut out);
+        assert_eq!(out.len(), 1);
+        let b = out.pop().map(|p| p.into_bytes()).unwrap_or_default();
+        let ps = csum::pseudo(&b[12..16], &b[16..20], 6, b.len() - 20);
+        assert!(valid(csum::sum(&b[20..], ps)));
+    }
+
+    #[test]
+    fn segments_of_one_flow_coalesce_and_others_do_not() {
+        let pool = PacketBufPool::new(16);
+        let mut data = super_packet(3 * 1448, 1448, ACK);
+        let mut out = Vec::new();
+        split_into(&mut data, &pool, &mut out);
+        let segs: Vec<Vec<u8>> = out.into_iter().map(|p| p.into_bytes().to_vec()).collect();
+        let first = tcp_seg(&segs[0]).expect("a TCP segment");
+        for q in &segs[1..] {
+            let s = tcp_seg(q).expect("a TCP segment");
+            assert!(same_flow(&segs[0], &first, q, &s));
+        }
+        let mut other = segs[1].clone();
+        other[21] ^= 1; // another source port
+        let s = tcp_seg(&other).expect("a TCP segment");
+        assert!(!same_flow(&segs[0], &first, &other, &s));
     }
 }

@@ -123,7 +123,10 @@ async fn handle(request: &[u8], client: &UapiClient, shared: &Shared) -> Zeroizi
     let Ok(text) = std::str::from_utf8(request) else {
         return errno_answer(libc::EPROTO);
     };
-    let mut text = Zeroizing::new(text.trim_start_matches('\n').to_owned());
+    let trimmed = text.trim_start_matches('\n');
+    // Sized up front: growing a wiped buffer would leave an unwiped copy behind.
+    let mut text = Zeroizing::new(String::with_capacity(trimmed.len() + 1));
+    text.push_str(trimmed);
     text.push('\n');
     let Ok(request) = Request::from_str(&text) else {
         return errno_answer(libc::EPROTO);
