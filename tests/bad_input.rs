@@ -161,6 +161,18 @@ fn every_bad_input_gets_its_code_names_the_problem_and_changes_nothing() {
             7,
             "backend",
         ),
+        case(
+            "userspace daemon unknown",
+            with(&good, "userspaceDaemon", json!("boringtun")),
+            7,
+            "userspaceDaemon",
+        ),
+        case(
+            "userspace daemon not a string",
+            with(&good, "userspaceDaemon", json!(1)),
+            7,
+            "userspaceDaemon",
+        ),
         case("mtu a string", with(&good, "mtu", json!("1420")), 7, "mtu"),
         case("mtu too small", with(&good, "mtu", json!(100)), 7, "mtu"),
         case("mtu negative", with(&good, "mtu", json!(-5)), 7, "mtu"),

@@ -193,6 +193,36 @@ fn every_spec_version_gets_its_result_shape() {
     }
 }
 
+/// wg-cni-wgd (the default) and wireguard-go serve pods of one network side by side, and
+/// talk to each other: the wire protocol is WireGuard's either way.
+#[test]
+fn both_userspace_daemons_carry_traffic_between_each_other() {
+    if backend() != "userspace" {
+        return;
+    }
+    let mut net = Net::new("10.71.0.0/24");
+    let (ours, go) = (Pod::new(), Pod::new());
+    let r_ours = net.add(&ours).ok().json();
+    net.extra = json!({"userspaceDaemon": "wireguard-go"});
+    let r_go = net.add(&go).ok().json();
+    let daemon_of = |pod: &Pod| {
+        let pid = net.record_of(pod).unwrap()["daemonPid"].as_u64().unwrap();
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(daemon_of(&ours), "wg-cni-wgd");
+    assert_eq!(daemon_of(&go), "wireguard-go");
+    assert!(ours.ping(&address_of(&r_go, false)));
+    assert!(go.ping(&address_of(&r_ours, false)));
+    net.check(&ours, &r_ours).ok();
+    net.check(&go, &r_go).ok();
+    net.del(&go, Some(&r_go)).ok();
+    net.extra = json!({});
+    net.del(&ours, Some(&r_ours)).ok();
+}
+
 #[test]
 fn dual_stack_pods_get_both_families_and_ping6() {
     let net = Net::with_ranges(json!([
