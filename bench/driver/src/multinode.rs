@@ -497,7 +497,9 @@ impl<'a> Cluster<'a> {
         for (pid, host) in self.recorded_daemons() {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.contains("wireguard-go") && cmdline.contains(&host) {
+            if (cmdline.contains("wireguard-go") || cmdline.contains("wg-cni-wgd"))
+                && cmdline.contains(&host)
+            {
                 // SAFETY: a pid checked just above to be that link's daemon.
                 unsafe { libc::kill(pid as i32, libc::SIGTERM) };
             }

@@ -199,7 +199,7 @@ fn phases(t: &Trace, new_link: &str) -> BTreeMap<String, f64> {
                 && !c.args.contains("WNOHANG")
                 && ret_num(&c.ret) == Some(*pid as i64)
         });
-        if bin == "wireguard-go" {
+        if bin == "wireguard-go" || bin == "wg-cni-wgd" {
             let up = t.calls.iter().find(|c| {
                 threads.contains(&c.pid)
                     && c.name == "connect"
@@ -210,14 +210,15 @@ fn phases(t: &Trace, new_link: &str) -> BTreeMap<String, f64> {
             if let Some(up) = up {
                 bump(
                     &mut p,
-                    "wireguard-go start (fork -> UAPI socket answers)",
+                    "userspace daemon start (fork -> UAPI socket answers)",
                     (up.ts + up.dur - fork_ts) * 1000.0,
                 );
             }
         } else if let Some(w) = waited {
             let label = match bin.as_str() {
                 "host-local" => "IPAM: host-local exec (VERSION + ADD)".to_string(),
-                "iptables" | "ip6tables" | "xtables-nft-multi" => {
+                "iptables" | "ip6tables" | "xtables-nft-multi" | "iptables-save"
+                | "iptables-restore" | "ip6tables-save" | "ip6tables-restore" => {
                     "iptables exec (gateway NAT rules)".to_string()
                 }
                 other => format!("exec {other}"),

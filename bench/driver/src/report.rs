@@ -10,7 +10,7 @@ use crate::throughput::WG_GO;
 use crate::{Ctx, Res};
 
 const ENVS: [(&str, &str); 2] = [
-    ("native", "native, userspace backend (wireguard-go)"),
+    ("native", "native, userspace backend (wg-cni-wgd)"),
     ("guest", "QEMU guest, kernel backend"),
 ];
 
@@ -939,8 +939,8 @@ fn findings(get: &dyn Fn(&str, &str) -> Option<Value>) -> String {
             });
             out.push(format!(
                 "- **The node gateway's first and last pod.** Natively the first ADD of a network costs \
-                 {:.1} ms more than an ADD into a network whose gateway is up (a second wireguard-go, \
-                 three iptables execs{}), and the last DEL {:.1} ms more (tearing it down). A runtime \
+                 {:.1} ms more than an ADD into a network whose gateway is up (a second userspace daemon, \
+                 iptables execs{}), and the last DEL {:.1} ms more (tearing it down). A runtime \
                  that churns the only pod of a network pays this every time.",
                 fa - a,
                 ipt.map(|x| format!(", {x:.0} ms of them under strace")).unwrap_or_default(),

@@ -63,12 +63,12 @@ fn uuid() -> String {
     )
 }
 
-/// The record file of one attachment: `<store>/<network>/<node>/<cid>-<ifname>.json`.
+/// The record file of one attachment: `<store>/<network>/<node>/<cid>:<ifname>.json`.
 fn record_path(ctx: &Ctx, network: &str, node: &str, cid: &str) -> PathBuf {
     cni::store_root(ctx)
         .join(network)
         .join(node)
-        .join(format!("{cid}-eth0.json"))
+        .join(format!("{cid}:eth0.json"))
 }
 
 /// Write simulated remote record `j` from a real record of this network.
@@ -117,7 +117,7 @@ pub fn read_own_record(ctx: &Ctx, network: &str, cid: &str) -> Res<Value> {
         let f = entry
             .map_err(|e| e.to_string())?
             .path()
-            .join(format!("{cid}-eth0.json"));
+            .join(format!("{cid}:eth0.json"));
         if f.is_file() {
             let text = std::fs::read_to_string(&f).map_err(|e| e.to_string())?;
             let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
