@@ -71,6 +71,7 @@ fi
 # ------------------------------------------------------------------ packages
 log "installing what the benchmark needs"
 scripts/install-deps.sh
+scripts/install-wgd.sh
 scripts/apt-install.sh iperf3 strace qemu-system-x86 linux-image-amd64 busybox-static cpio \
   xz-utils zstd iptables
 
@@ -168,7 +169,7 @@ if [[ -n $GUEST_PHASES ]]; then
   guest_cmd="set -e
 mkdir -p $xtables_dir
 cp /opt/wgcni/bin/lib*.so $xtables_dir/ 2>/dev/null || true
-for tool in iptables ip6tables; do ln -sf /opt/wgcni/bin/xtables-nft-multi /usr/sbin/\$tool; done
+for tool in iptables ip6tables iptables-save iptables-restore ip6tables-save ip6tables-restore; do ln -sf /opt/wgcni/bin/xtables-nft-multi /usr/sbin/\$tool; done
 /opt/wgcni/bin/wg-cni-bench $GUEST_PHASES --label guest --backend kernel \
   --wg /opt/wgcni/bin/wg-cni --iperf3 /opt/wgcni/bin/iperf3 --strace /opt/wgcni/bin/strace \
   --work /tmp/wgbench ${GUEST_ARGS[*]}"

@@ -60,7 +60,7 @@ scripts/kernel-vm/run-tests.sh --timeout "${VM_TIMEOUT:-1500}" -- /bin/sh -c "
   set -e
   mkdir -p $xtables_dir
   cp /opt/wgcni/bin/lib*.so $xtables_dir/ 2>/dev/null || true
-  for tool in iptables ip6tables; do ln -sf /opt/wgcni/bin/xtables-nft-multi /usr/sbin/\$tool; done
+  for tool in iptables ip6tables iptables-save iptables-restore ip6tables-save ip6tables-restore; do ln -sf /opt/wgcni/bin/xtables-nft-multi /usr/sbin/\$tool; done
   for tool in tcpdump etcd etcdctl; do ln -sf /opt/wgcni/bin/\$tool /usr/sbin/\$tool; done
   for dir in /bin /usr/bin /sbin /usr/sbin; do [ -e \$dir/ping ] && ln -sf /opt/wgcni/bin/ping \$dir/ping; done; true
   echo \"== integration tests in the guest, backend kernel\"
