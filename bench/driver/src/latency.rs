@@ -46,12 +46,24 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     let ptp = cni::ptp(ctx, "wgbench-latptp", "10.200.2.0/24");
     let hl = cni::host_local(ctx, "wgbench-lathl", "10.200.3.0/24");
     let first = cni::wg(ctx, "wgbench-latfirst", "10.200.5.0/24", "56100-56199");
+    // Natively, also wg-cni on wireguard-go (anchored the same way), for the daemon comparison.
+    let with_go = ctx.backend == "userspace";
+    let go = cni::wg_daemon(
+        ctx,
+        "wgbench-latgo",
+        "10.200.6.0/24",
+        "56200-56299",
+        "wireguard-go",
+    );
     // (label, plugin, netns name): the anchored wg-cni network, ptp, and optionally a wg-cni
     // network that is empty before each ADD (its first pod creates the node gateway).
     let mut pods: Vec<(&str, &Plugin, &str)> =
         vec![("wg-cni", &wg, "wgbench-lw"), ("ptp", &ptp, "wgbench-lp")];
     if with_first {
         pods.push(("wg-cni-first", &first, "wgbench-lf"));
+    }
+    if with_go {
+        pods.push(("wg-cni-wireguard-go", &go, "wgbench-lg"));
     }
     let mut series: BTreeMap<(String, String), Series> = BTreeMap::new();
     let commands = ["ADD", "CHECK", "DEL"];
@@ -64,6 +76,17 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         return Err(format!("anchor pod: {}", anchor.why()));
     }
     let anchor_result = anchor.json();
+    let go_anchor_ns = ns::add(ctx, "wgbench-lga")?;
+    let go_anchor = match with_go {
+        true => {
+            let e = go.simple(ctx, "ADD", "lat-go-anchor", &go_anchor_ns, None)?;
+            if !e.ok() {
+                return Err(format!("wireguard-go anchor pod: {}", e.why()));
+            }
+            e.json()
+        }
+        false => None,
+    };
 
     let outcome = (|| -> Res<()> {
         for i in 0..warmup + iterations {
@@ -120,6 +143,16 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     })();
     let _ = wg.simple(ctx, "DEL", "lat-anchor", &anchor_ns, anchor_result.as_ref());
     ns::del(ctx, "wgbench-la");
+    if with_go {
+        let _ = go.simple(
+            ctx,
+            "DEL",
+            "lat-go-anchor",
+            &go_anchor_ns,
+            go_anchor.as_ref(),
+        );
+    }
+    ns::del(ctx, "wgbench-lga");
     outcome?;
 
     let mut out = json!({
@@ -135,7 +168,13 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         let get = |kind: &str| series.get(&(command.to_string(), kind.to_string()));
         let mut entry = json!({});
         let mut rss = json!({});
-        for kind in ["wg-cni", "ptp", "host-local", "wg-cni-first"] {
+        for kind in [
+            "wg-cni",
+            "ptp",
+            "host-local",
+            "wg-cni-first",
+            "wg-cni-wireguard-go",
+        ] {
             if let Some(s) = get(kind) {
                 entry[kind] = summary_ms(&s.us);
                 entry[kind]["failures"] = json!(s.failures);
@@ -149,6 +188,13 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             out["first_pod"][command] = json!({
                 "wg-cni": entry["wg-cni-first"].clone(),
                 "ratio": ratio(&entry["wg-cni-first"], &entry["ptp"]),
+            });
+        }
+        if with_go {
+            out["wireguard_go"][command] = json!({
+                "wg-cni": entry["wg-cni-wireguard-go"].clone(),
+                "ratio": ratio(&entry["wg-cni-wireguard-go"], &entry["ptp"]),
+                "wgd_to_wireguard_go": ratio(&entry["wg-cni"], &entry["wg-cni-wireguard-go"]),
             });
         }
         out["commands"][command] = entry;

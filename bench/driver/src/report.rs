@@ -220,6 +220,19 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             missed.push("per-pod daemon RSS (native)".into());
         }
     }
+    if let Some(r) = get("native", "latency")
+        .and_then(|l| l["wireguard_go"]["ADD"]["wgd_to_wireguard_go"]["p50"].as_f64())
+    {
+        let ok = r <= 1.0;
+        let _ = writeln!(
+            targets,
+            "| userspace ADD on wg-cni-wgd not slower than on wireguard-go (native, p50) | {r:.2}× | {} |",
+            verdict(Some(ok))
+        );
+        if !ok {
+            missed.push("userspace ADD vs wireguard-go (native)".into());
+        }
+    }
     for (env, _) in ENVS {
         if let Some(l) = get(env, "latency") {
             let w = l["rss_kb"]["ADD"]["wg-cni"]["p50"].as_f64();
@@ -319,6 +332,19 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
                 ratio3(&first["ADD"]["ratio"]),
                 ppp(&first["DEL"]["wg-cni"], 1),
                 ratio3(&first["DEL"]["ratio"]),
+            );
+        }
+        if let Some(go) = l["wireguard_go"].as_object() {
+            let _ = writeln!(
+                md,
+                "\nThe same with `userspaceDaemon: \"wireguard-go\"` (its own anchored network, same iterations): ADD {} ms (÷ ptp {}; wg-cni-wgd ÷ wireguard-go {}), CHECK {} ms, DEL {} ms (÷ ptp {}; wg-cni-wgd ÷ wireguard-go {}).",
+                ppp(&go["ADD"]["wg-cni"], 1),
+                ratio3(&go["ADD"]["ratio"]),
+                ratio3(&go["ADD"]["wgd_to_wireguard_go"]),
+                ppp(&go["CHECK"]["wg-cni"], 1),
+                ppp(&go["DEL"]["wg-cni"], 1),
+                ratio3(&go["DEL"]["ratio"]),
+                ratio3(&go["DEL"]["wgd_to_wireguard_go"]),
             );
         }
         for cmd in ["ADD", "CHECK", "DEL"] {
