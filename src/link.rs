@@ -292,6 +292,18 @@ impl Netlink {
 
     /// The routes of routing table `table` through link `index`, both families.
     pub fn table_routes(&self, table: u32, index: u32) -> Result<Vec<IpNetwork>> {
+        Ok(self
+            .route_messages(table)?
+            .iter()
+            .filter(|m| route_table(m) == table)
+            .filter_map(route_fields)
+            .filter(|r| r.oif == Some(index))
+            .map(|r| r.dst)
+            .collect())
+    }
+
+    /// A dump of both families' routes (the kernel answers every table; callers filter).
+    fn route_messages(&self, table: u32) -> Result<Vec<RouteMessage>> {
         let v4 = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
             .table_id(table)
             .build();
@@ -299,9 +311,9 @@ impl Netlink {
             .table_id(table)
             .build();
         self.runtime.block_on(async {
-            let mut routes = Vec::new();
+            let mut messages = Vec::new();
             for query in [v4, v6] {
-                let messages: Vec<RouteMessage> = self
+                let answer: Vec<RouteMessage> = self
                     .handle
                     .route()
                     .get(query)
@@ -309,16 +321,9 @@ impl Netlink {
                     .try_collect()
                     .await
                     .map_err(|e| Error::netlink("listing routes", e))?;
-                routes.extend(
-                    messages
-                        .iter()
-                        .filter(|m| route_table(m) == table)
-                        .filter_map(route_fields)
-                        .filter(|r| r.oif == Some(index))
-                        .map(|r| r.dst),
-                );
+                messages.extend(answer);
             }
-            Ok(routes)
+            Ok(messages)
         })
     }
 
@@ -348,23 +353,11 @@ impl Netlink {
 
     /// All routes of the main table, both families.
     pub fn routes(&self) -> Result<Vec<Route>> {
-        let v4 = RouteMessageBuilder::<std::net::Ipv4Addr>::new().build();
-        let v6 = RouteMessageBuilder::<std::net::Ipv6Addr>::new().build();
-        self.runtime.block_on(async {
-            let mut routes = Vec::new();
-            for query in [v4, v6] {
-                let messages: Vec<RouteMessage> = self
-                    .handle
-                    .route()
-                    .get(query)
-                    .execute()
-                    .try_collect()
-                    .await
-                    .map_err(|e| Error::netlink("listing routes", e))?;
-                routes.extend(messages.iter().filter_map(route_from_message));
-            }
-            Ok(routes)
-        })
+        Ok(self
+            .route_messages(RT_TABLE_MAIN as u32)?
+            .iter()
+            .filter_map(route_from_message)
+            .collect())
     }
 }
 
