@@ -22,12 +22,16 @@ demo:
 # inside a QEMU guest with kernel WireGuard.
 test: deps lint test-unit test-integration test-clients test-kernel
 
+# The daemon (wgd/) is a package of its own (own lock file, a static build for an explicit
+# target): linted and unit-tested from inside its folder.
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+	cd wgd && cargo fmt --check && cargo clippy --all-targets --locked -- -D warnings
 
 test-unit:
 	cargo test --lib --bins
+	cd wgd && cargo test --locked
 
 # Serial: the tests compare host-wide snapshots (links, daemons, UDP ports). agent_etcd runs
 # agents against etcd in anonymous namespaces; multinode runs simulated nodes with agents.
