@@ -351,7 +351,7 @@ fn hosts_services_and_node_addresses_across_nodes() {
     let (a, b) = (add(&cluster, 0), add(&cluster, 1));
     converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
     let capture = tempfile::NamedTempFile::new().unwrap();
-    let mut tcpdump = Command::new(ip())
+    let tcpdump = Command::new(ip())
         .args([
             "netns",
             "exec",
@@ -373,6 +373,7 @@ fn hosts_services_and_node_addresses_across_nodes() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let mut tcpdump = KillOnDrop(Some(tcpdump));
     std::thread::sleep(Duration::from_millis(700));
 
     let _server = TcpServer::start(&b.pod.name, 8080, "from-pod-b");
@@ -434,8 +435,9 @@ fn hosts_services_and_node_addresses_across_nodes() {
 
     std::thread::sleep(Duration::from_millis(500));
     // SIGTERM, not SIGKILL: tcpdump writes what it still holds before it exits.
-    let _ = run("kill", &["-TERM", &tcpdump.id().to_string()]);
-    let _ = tcpdump.wait();
+    let capturing = tcpdump.0.take().unwrap();
+    let _ = run("kill", &["-TERM", &capturing.id().to_string()]);
+    let _ = capturing.wait_with_output();
     let pcap = std::fs::read(capture.path()).unwrap();
     let (wireguard, other) = classify_bridge_frames(&pcap);
     assert!(
@@ -453,6 +455,18 @@ fn hosts_services_and_node_addresses_across_nodes() {
 }
 
 /// Pod IP reuse on B before A heard of the DEL: A ends up peering only the new key.
+/// A capture that a failing test must not leave running (stopped by pid).
+struct KillOnDrop(Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// The endpoint `holder`'s link has for the peer `key`, as `wg-cni show` reads the device.
 fn endpoint_for(cluster: &Cluster, holder: &PodOn, key: &str) -> Option<String> {
     peer_keys(cluster, holder.node)

@@ -100,7 +100,7 @@ fn start_daemon(name: &str, binary: &Path, tun: Option<OwnedFd>) -> Result<u32> 
     if tun_fd.is_some() {
         command.env("WG_TUN_FD", TUN_FD.to_string());
     }
-    // SAFETY: setsid, dup2 and fcntl are async-signal-safe. setsid detaches the daemon from
+    // SAFETY: setsid, dup2, fcntl and close_range are async-signal-safe. setsid detaches the daemon from
     // the runtime's session; the TUN lands on descriptor 3 without close-on-exec.
     unsafe {
         command.pre_exec(move || {
@@ -113,6 +113,10 @@ fn start_daemon(name: &str, binary: &Path, tun: Option<OwnedFd>) -> Result<u32> 
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            // Nothing else the plugin inherited (a make jobserver pipe, a runtime's
+            // descriptors) may live on in a long-lived daemon.
+            let first = if tun_fd.is_some() { TUN_FD + 1 } else { 3 };
+            nix::libc::syscall(nix::libc::SYS_close_range, first as u32, u32::MAX, 0);
             Ok(())
         });
     }
@@ -293,28 +297,36 @@ impl Backend for Userspace {
     }
 
     fn destroy(&self, link: &LinkRef, public_key: &Key, _host: &Netns) -> Result<()> {
-        let pid = link
+        // The pid the record names, still serving this attachment's name: ours, whatever key
+        // it holds now (a pod with CAP_NET_ADMIN may have changed it; left running, a daemon
+        // whose TUN was made in the pod would keep that namespace alive).
+        let recorded = link
             .daemon_pid
-            .filter(|pid| is_our_daemon(*pid, link.host_name))
-            .or_else(|| find_daemon(link.host_name));
-        let Some(pid) = pid else {
-            // No daemon: its TUN is gone with it. Clear a socket file it may have left.
-            let _ = fs::remove_file(uapi::socket_path(link.host_name));
-            return Ok(());
+            .filter(|pid| is_our_daemon(*pid, link.host_name));
+        let pid = match recorded {
+            Some(pid) => pid,
+            None => {
+                let Some(pid) = find_daemon(link.host_name) else {
+                    // No daemon: its TUN is gone with it. Clear a socket file it may have left.
+                    let _ = fs::remove_file(uapi::socket_path(link.host_name));
+                    return Ok(());
+                };
+                // Found by name only: a *different* key proves it is not ours; one that has no
+                // key yet, or cannot answer, is an ADD that died early.
+                let ours = self
+                    .read(link)
+                    .map(|d| d.public_key.as_ref().is_none_or(|k| k == public_key))
+                    .unwrap_or(true);
+                if !ours {
+                    tracing::warn!(
+                        name = link.host_name,
+                        "daemon holds another key: left alone"
+                    );
+                    return Ok(());
+                }
+                pid
+            }
         };
-        // The daemon's name is derived from this attachment. Only a *different* key proves it
-        // is not ours: one that has no key yet, or cannot answer, is an ADD that died early.
-        let ours = self
-            .read(link)
-            .map(|d| d.public_key.as_ref().is_none_or(|k| k == public_key))
-            .unwrap_or(true);
-        if !ours {
-            tracing::warn!(
-                name = link.host_name,
-                "daemon holds another key: left alone"
-            );
-            return Ok(());
-        }
         stop_daemon(pid, link.host_name);
         let _ = fs::remove_file(uapi::socket_path(link.host_name));
         Ok(())

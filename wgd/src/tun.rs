@@ -203,7 +203,7 @@ impl Tun {
                 vnet = true;
             }
         }
-        let mut probe = MtuProbe::default();
+        let mut probe = MtuProbe;
         let mtu = probe
             .query(fd.as_raw_fd())
             .ok()
@@ -269,13 +269,9 @@ impl Tun {
 
 /// Reads the TUN's MTU wherever the device lives now: a socket opened inside the device's
 /// namespace (TUNGETDEVNETNS, entered with setns on a short-lived thread, so the daemon and
-/// its UDP socket stay where they are) asks for it by the device's current name. The socket
-/// is kept until the device moves again.
-#[derive(Default)]
-struct MtuProbe {
-    /// (st_dev, st_ino) of the device's namespace and a socket in it.
-    ns: Option<((u64, u64), OwnedFd)>,
-}
+/// its UDP socket stay where they are) asks for it by the device's current name, with a
+/// socket made for that one query.
+struct MtuProbe;
 
 const TUNGETDEVNETNS: libc::c_ulong = 0x54e3;
 /// The padding cap while the MTU cannot be read (IPv6's minimum MTU).
@@ -304,39 +300,28 @@ impl MtuProbe {
         }
         // SAFETY: a fresh descriptor owned by nothing else.
         let ns = unsafe { OwnedFd::from_raw_fd(ns) };
-        // SAFETY: fstat fills a stat struct.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        if unsafe { libc::fstat(ns.as_raw_fd(), &mut st) } < 0 {
-            return Ok(None);
-        }
-        let id = (st.st_dev, st.st_ino);
-        if self.ns.as_ref().is_none_or(|(cached, _)| *cached != id) {
-            let sock = std::thread::scope(|scope| {
-                scope
-                    .spawn(|| {
-                        // SAFETY: setns moves only this short-lived thread; the socket is owned.
-                        unsafe {
-                            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) < 0 {
-                                return None;
-                            }
-                            let fd = libc::socket(
-                                libc::AF_INET,
-                                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                                0,
-                            );
-                            (fd >= 0).then(|| OwnedFd::from_raw_fd(fd))
+        // A socket in the device's namespace for this one query, closed right after: one kept
+        // open would keep that namespace (and with it the TUN) alive after the runtime deleted
+        // it, and the daemon would never see its device go.
+        let sock = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns moves only this short-lived thread; the socket is owned.
+                    unsafe {
+                        if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) < 0 {
+                            return None;
                         }
-                    })
-                    .join()
-                    .ok()
-                    .flatten()
-            });
-            let Some(sock) = sock else { return Ok(None) };
-            self.ns = Some((id, sock));
-        }
-        let Some((_, sock)) = &self.ns else {
-            return Ok(None);
-        };
+                        let fd =
+                            libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+                        (fd >= 0).then(|| OwnedFd::from_raw_fd(fd))
+                    }
+                })
+                .join()
+                .ok()
+                .flatten()
+        });
+        drop(ns);
+        let Some(sock) = sock else { return Ok(None) };
         req.flags = 0;
         req._pad = [0; 22];
         // SAFETY: SIOCGIFMTU reads the name and fills the union.
