@@ -16,7 +16,7 @@ use crate::mesh;
 use crate::nat;
 use crate::netns::Netns;
 use crate::node_paths;
-use crate::ports::{self, PortLock};
+use crate::ports;
 use crate::store::{GatewayRecord, SCHEMA_VERSION, State, Store};
 use crate::wireguard::{self, LinkSpec, Peer};
 
@@ -130,6 +130,12 @@ pub fn is_live(host: &Netns, gateway: &GatewayRecord) -> bool {
         .is_ok_and(|d| d.public_key.map(|k| k.to_base64()).as_deref() == Some(&gateway.public_key))
 }
 
+/// Whether the gateway's link (or daemon) still runs, without reading its peers (ADD asks on
+/// every call; `is_live` also proves the key).
+pub fn is_running(host: &Netns, gateway: &GatewayRecord) -> bool {
+    wireguard::backend(gateway.backend).is_running(&gateway.link(host))
+}
+
 /// Whether this node's gateway of the store's network is live and of this boot.
 pub fn is_live_for_boot(host: &Netns, store: &Store, boot_id: &str) -> bool {
     store
@@ -157,13 +163,9 @@ pub struct Ensured {
 }
 
 /// Make sure the gateway exists, serves `plan` and has every ready local pod as a peer.
-/// The caller holds the network lock and the node's port lock.
-pub fn ensure(
-    host: &Netns,
-    store: &Store,
-    ports: &mut PortLock,
-    wanted: &Wanted,
-) -> Result<Ensured> {
+/// The caller holds the network lock; the node's port lock is taken only to replace or
+/// create the gateway (an ADD into a network whose gateway runs needs no port).
+pub fn ensure(host: &Netns, store: &Store, wanted: &Wanted) -> Result<Ensured> {
     let network = store.network();
     let Wanted {
         boot_id,
@@ -174,7 +176,7 @@ pub fn ensure(
     } = *wanted;
     let mut replaced_key = None;
     if let Some(existing) = store.gateway()? {
-        if existing.boot_id == boot_id && is_live(host, &existing) {
+        if existing.boot_id == boot_id && is_running(host, &existing) {
             let serves_plan = plan.subnets.iter().all(|s| existing.subnets.contains(s))
                 && existing.cluster_ranges == plan.cluster_ranges
                 && existing.masquerade == masquerade;
@@ -199,13 +201,14 @@ pub fn ensure(
         }
         tracing::warn!(network, "the node gateway is gone: recreating it");
         destroy(host, &existing)?;
-        ports.release(&existing.host_name)?;
+        ports::release(&existing.host_name);
         replaced_key = key_of(&existing.public_key).ok();
     }
 
     let name = link_name(store);
     clear_leftovers(host, &name)?;
     let keypair = KeyPair::generate();
+    let mut ports = ports::lock()?;
     let port = ports.allocate(settings.ports, &name, &[])?.ok_or_else(|| {
         Error::TryAgainLater(format!(
             "no free UDP port left in listenPorts {} for the node gateway",

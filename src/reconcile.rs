@@ -289,6 +289,69 @@ pub fn local_pods(node: &Node, view: &NetworkView, except: Option<&Record>, prun
     failed
 }
 
+/// The update that takes a link from the peer set `before` (which the caller configured
+/// itself, so no read of the device is needed) to `after`.
+pub fn between(before: &[Peer], after: &[Peer]) -> Update<'static> {
+    let before_by_key: HashMap<&Key, &Peer> = before.iter().map(|p| (&p.public_key, p)).collect();
+    let after_keys: std::collections::HashSet<&Key> = after.iter().map(|p| &p.public_key).collect();
+    Update {
+        peers: after
+            .iter()
+            .filter(|p| before_by_key.get(&p.public_key) != Some(p))
+            .cloned()
+            .collect(),
+        remove_peers: before
+            .iter()
+            .filter(|p| !after_keys.contains(&p.public_key))
+            .map(|p| p.public_key.clone())
+            .collect(),
+        ..Update::default()
+    }
+}
+
+/// ADD's fan-out: `newcomer` becomes a peer of every other ready link of this node. Its peer
+/// is added without reading the devices first (the same for every link: one message each,
+/// however many peers a link has). A link that refuses is logged and counted; CHECK of its
+/// pod reports the missing peer, and the next DEL, GC or agent resync brings it back in step.
+pub fn announce_to_local_pods(node: &Node, view: &NetworkView, newcomer: &Record) -> usize {
+    let Ok(peer) = mesh::peer_of(newcomer, view.keepalive) else {
+        return 0;
+    };
+    let update = Update {
+        peers: vec![peer],
+        ..Update::default()
+    };
+    let mut failed = 0;
+    for record in view.records.iter().filter(|r| r.node == node.name) {
+        let is_newcomer = record.is_attachment(&newcomer.container_id, &newcomer.ifname);
+        if is_newcomer || record.state != State::Ready || record.boot_id != node.boot_id {
+            continue;
+        }
+        let Some(pod) = record.live_netns(None) else {
+            continue;
+        };
+        let link = record.link(Some(&pod));
+        if let Err(e) = wireguard::backend(record.backend).apply(&link, &update) {
+            tracing::warn!(container = %record.container_id, ifname = %record.ifname, error = %e, "could not add a new peer to a local pod");
+            failed += 1;
+        }
+    }
+    failed
+}
+
+/// ADD: `newcomer` becomes a peer of this node's gateway, added without reading the device.
+pub fn announce_to_gateway(node: &Node, view: &NetworkView, newcomer: &Record) -> Result<()> {
+    let Some(gateway) = &view.gateway else {
+        return Ok(());
+    };
+    crate::failpoint::fail("gateway-update")?;
+    let update = Update {
+        peers: vec![mesh::peer_of(newcomer, view.keepalive)?],
+        ..Update::default()
+    };
+    wireguard::backend(gateway.backend).apply(&gateway.link(node.host), &update)
+}
+
 /// Bring this node's gateway to its desired peer set.
 pub fn gateway(node: &Node, view: &NetworkView, prune: Prune) -> Result<()> {
     let Some(gateway) = &view.gateway else {

@@ -21,7 +21,6 @@ use crate::host;
 use crate::lease;
 use crate::netns::Netns;
 use crate::node_paths;
-use crate::ports;
 use crate::reconcile::{self, NetworkView, Prune};
 use crate::store::{State, Store};
 use crate::wireguard;
@@ -111,7 +110,6 @@ impl LinkSync {
         let mut settings = host::resolve_link_settings(conf)?;
         settings.agree_mtu(conf, store);
         let _lock = store.lock()?;
-        let mut ports = ports::lock()?;
         let wanted = gateway::Wanted {
             boot_id: &self.boot_id,
             settings: &settings,
@@ -119,7 +117,7 @@ impl LinkSync {
             keepalive: conf.persistent_keepalive,
             masquerade: conf.ip_masq,
         };
-        let ensured = gateway::ensure(&self.host, store, &mut ports, &wanted)?;
+        let ensured = gateway::ensure(&self.host, store, &wanted)?;
         if ensured.created {
             tracing::info!(network = %conf.name, link = %ensured.record.host_name, "node gateway created");
         }

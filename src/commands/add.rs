@@ -1,6 +1,9 @@
-//! ADD: validate → lock the network → IPAM → key pair → port → link in the pod → addresses,
-//! routes, up → record → tell the other local links about the newcomer → result.
-//! Any failure after IPAM undoes every completed step (one rollback guard).
+//! ADD: validate → IPAM → key pair → port → link in the pod, with the peers the network has
+//! now → addresses, routes, up → under the network lock: gateway, the peers added or gone
+//! meanwhile, record ready, the newcomer announced to the gateway and the other local links
+//! → result. Only the join is serialised: concurrent ADDs build their links side by side.
+//! Any failure after IPAM undoes every completed step (one rollback guard; a failure while
+//! joining is undone before the lock is let go, so no other command sees a half-joined pod).
 
 use serde_json::Value;
 
@@ -15,9 +18,9 @@ use crate::link::Netlink;
 use crate::mesh;
 use crate::netns::Netns;
 use crate::ports;
-use crate::reconcile::{NetworkView, Prune};
+use crate::reconcile::{self, NetworkView, Prune};
 use crate::store::{GatewayRecord, Record, SCHEMA_VERSION, State, Store};
-use crate::wireguard::{self, LinkSpec};
+use crate::wireguard::{self, LinkSpec, Peer};
 
 /// How many taken ports ADD skips before giving up (another process may grab one between our
 /// check and the daemon's bind).
@@ -33,13 +36,8 @@ pub fn run(ctx: &Context) -> Result<Value> {
 
     let store = ctx.store()?;
     settings.agree_mtu(conf, &store);
-    let _lock = store.lock()?;
-    context::reap_earlier_boots(ctx, &store, &ipam)?;
-    if let Some(stale) = store.get(&env.container_id, &env.ifname)? {
-        // A leftover of an earlier attempt for this very attachment (its interface is not in
-        // the pod, we checked): clear it so the new one starts clean.
-        context::teardown(ctx, &store, &ipam, &stale, None)?;
-    }
+    let _adding = store.adding()?;
+    context::clear_leftovers(ctx, &store, &ipam)?;
 
     let backend = wireguard::backend(settings.backend);
     let mut rollback = Rollback::new();
@@ -51,24 +49,18 @@ pub fn run(ctx: &Context) -> Result<Value> {
     let mut record = new_record(ctx, &store, &pod, &settings, &keypair, addresses);
     let mut view = NetworkView::read(&store, conf)?;
     view.static_peers = mesh::static_peers(conf, &record.addresses)?;
+    let gateway_plan = match conf.host_gateway {
+        true => Some(gateway::plan(&ipam_result, &conf.cluster_range)?),
+        false => None,
+    };
 
-    {
-        let mut ports = ports::lock()?;
-        if conf.host_gateway {
-            let plan = gateway::plan(&ipam_result, &conf.cluster_range)?;
-            let gw = ensure_gateway(ctx, &store, &settings, &plan, &mut ports, &mut rollback)?;
-            view.gateway = Some(gw);
-            add_default_routes(&mut ipam_result);
-        }
-        let peers = view.desired_for_pod(&record)?;
-        let link = NewLink {
-            store: &store,
-            backend: &*backend,
-            keypair: &keypair,
-            peers,
-        };
-        record.daemon_pid = link.create(ctx, &pod, &settings, &mut ports, &mut record)?;
-    }
+    let link = NewLink {
+        store: &store,
+        backend: &*backend,
+        keypair: &keypair,
+        peers: view.desired_for_pod(&record)?,
+    };
+    record.daemon_pid = link.create(ctx, &pod, &settings, &mut record)?;
     // Reverse order on failure: the link goes first, then its record and its port.
     rollback.push("store record", || {
         ports::release(&store.pod_link_name(&env.container_id, &env.ifname));
@@ -86,19 +78,74 @@ pub fn run(ctx: &Context) -> Result<Value> {
         };
         backend_ref.destroy(&link, &key, host_ref)
     });
-
+    if gateway_plan.is_some() {
+        add_default_routes(&mut ipam_result);
+    }
     configure_pod_side(&pod, &env.ifname, &mut ipam_result)?;
-    record.state = State::Ready;
-    store.put(&record)?;
 
-    // The newcomer joins the gateway (or the ADD fails: kubelet probes go that way), and
-    // the other local pods (a pod that refuses is logged and reported by its CHECK).
-    view.records.push(record.clone());
-    context::reconcile_gateway(ctx, &view, Prune::Nothing)?;
-    context::reconcile_local_pods(ctx, &view, Some(&record), Prune::Nothing);
+    let lock = store.lock()?;
+    let joining = Joining {
+        ctx,
+        store: &store,
+        settings: &settings,
+        gateway_plan: gateway_plan.as_ref(),
+        built_with: &link.peers,
+        static_peers: view.static_peers,
+    };
+    if let Err(e) = joining.join(&pod, &mut record, &mut rollback) {
+        drop(rollback); // undone while the lock still hides the pod from everyone else
+        drop(lock);
+        return Err(e);
+    }
+    drop(lock);
     rollback.disarm();
-
     Ok(result_for(ctx, &settings, ipam_result))
+}
+
+/// The serialised part of ADD: what the pod's link must agree on with every other link.
+/// (`'a`: what a rollback step may borrow; `'b`: this ADD's own values.)
+struct Joining<'a, 'b> {
+    ctx: &'a Context<'a>,
+    store: &'a Store,
+    settings: &'b LinkSettings,
+    gateway_plan: Option<&'b gateway::Plan>,
+    /// The peers the link was created with (the network as read before the lock).
+    built_with: &'b [Peer],
+    static_peers: Vec<Peer>,
+}
+
+impl<'a> Joining<'a, '_> {
+    /// Under the network lock: the gateway; the peers that came or went since the link was
+    /// built (the store is read again: only changed files are parsed); the record ready; the
+    /// newcomer added to the gateway (or the ADD fails: kubelet probes go that way) and to
+    /// the other local links (one that refuses is logged and reported by its CHECK).
+    fn join(self, pod: &Netns, record: &mut Record, rollback: &mut Rollback<'a>) -> Result<()> {
+        let mut view = NetworkView::read(self.store, self.ctx.conf)?;
+        view.static_peers = self.static_peers;
+        let mut gateway_created = false;
+        if let Some(plan) = self.gateway_plan {
+            let ensured = ensure_gateway(self.ctx, self.store, self.settings, plan, rollback)?;
+            gateway_created = ensured.1;
+            view.gateway = Some(ensured.0);
+        }
+        let catch_up = reconcile::between(self.built_with, &view.desired_for_pod(record)?);
+        if !catch_up.peers.is_empty() || !catch_up.remove_peers.is_empty() {
+            wireguard::backend(record.backend).apply(&record.link(Some(pod)), &catch_up)?;
+        }
+        record.state = State::Ready;
+        self.store.put(record)?;
+        view.records
+            .retain(|r| !r.is_attachment(&record.container_id, &record.ifname));
+        view.records.push(record.clone());
+        let node = self.ctx.local();
+        match gateway_created {
+            // A new gateway starts from this node's pods: it needs the whole network.
+            true => reconcile::gateway(&node, &view, Prune::Nothing)?,
+            false => reconcile::announce_to_gateway(&node, &view, record)?,
+        }
+        reconcile::announce_to_local_pods(&node, &view, record);
+        Ok(())
+    }
 }
 
 /// The result as the runtime expects it: one interface in the sandbox, device routes.
@@ -191,20 +238,19 @@ impl NewLink<'_> {
     /// Take a port from the node's ledger, write the `creating` record (so a DEL after a
     /// crash can prove the link ours), create the link; a port taken meanwhile is skipped.
     /// Returns the daemon's pid (userspace). The ledger knows the port by the link's scoped
-    /// temporary name, whichever the backend.
+    /// temporary name, whichever the backend; its lock is held only while choosing.
     fn create(
         &self,
         ctx: &Context,
         pod: &Netns,
         settings: &LinkSettings,
-        ports: &mut ports::PortLock,
         record: &mut Record,
     ) -> Result<Option<u32>> {
         let env = ctx.env;
         let temp_name = self.store.pod_link_name(&env.container_id, &env.ifname);
         let mut taken = Vec::new();
         loop {
-            let port = ports
+            let port = ports::lock()?
                 .allocate(settings.ports, &temp_name, &taken)?
                 .ok_or_else(|| no_free_port(settings))?;
             record.listen_port = port;
@@ -225,7 +271,7 @@ impl NewLink<'_> {
                     taken.push(port);
                 }
                 Err(e) => {
-                    let _ = ports.release(&temp_name);
+                    ports::release(&temp_name);
                     let _ = self.store.remove(&env.container_id, &env.ifname);
                     return Err(e);
                 }
@@ -235,15 +281,14 @@ impl NewLink<'_> {
 }
 
 /// Make sure the node gateway serves this pod's range; if it had to be replaced, the local pods
-/// swap its old key for the new one.
+/// swap its old key for the new one. Answers the gateway and whether it was created now.
 fn ensure_gateway<'a>(
     ctx: &'a Context,
     store: &'a Store,
     settings: &LinkSettings,
     plan: &gateway::Plan,
-    ports: &mut ports::PortLock,
     rollback: &mut Rollback<'a>,
-) -> Result<GatewayRecord> {
+) -> Result<(GatewayRecord, bool)> {
     let wanted = gateway::Wanted {
         boot_id: &ctx.boot_id,
         settings,
@@ -251,7 +296,7 @@ fn ensure_gateway<'a>(
         keepalive: ctx.conf.persistent_keepalive,
         masquerade: ctx.conf.ip_masq,
     };
-    let ensured = gateway::ensure(&ctx.host, store, ports, &wanted)?;
+    let ensured = gateway::ensure(&ctx.host, store, &wanted)?;
     if ensured.created {
         rollback.push("node gateway", || {
             gateway::remove_if_unused(&ctx.host, store)
@@ -261,7 +306,7 @@ fn ensure_gateway<'a>(
         view.gateway = Some(ensured.record.clone());
         context::reconcile_local_pods(ctx, &view, None, Prune::Only(&replaced));
     }
-    Ok(ensured.record)
+    Ok((ensured.record, ensured.created))
 }
 
 /// With the gateway, a pod's default routes go into the tunnel (and from there to its peer).

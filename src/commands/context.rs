@@ -158,9 +158,31 @@ pub fn reap(
     Ok(reaped)
 }
 
-/// Tear down this node's records left by an earlier boot (their pods died with it).
+/// Tear down this node's records left by an earlier boot (their pods died with it). The
+/// caller holds the network lock.
 pub fn reap_earlier_boots(ctx: &Context, store: &Store, ipam: &Ipam) -> Result<usize> {
     reap(ctx, store, ipam, "left by an earlier boot", |r| {
         r.boot_id != ctx.boot_id
     })
+}
+
+/// Before ADD builds a link: the records of an earlier boot (their addresses go back to IPAM
+/// first), and a leftover of an earlier attempt at this very attachment (its interface is not
+/// in the pod, ADD checked), each under the network lock, which is taken only when there is
+/// something to clear. (The records read here are parsed once: ADD's later reads of the
+/// network find them in the store's cache.)
+pub fn clear_leftovers(ctx: &Context, store: &Store, ipam: &Ipam) -> Result<()> {
+    let of_earlier_boot = |r: &Record| r.boot_id != ctx.boot_id;
+    if store.node_records()?.iter().any(of_earlier_boot) {
+        let _lock = store.lock()?;
+        reap_earlier_boots(ctx, store, ipam)?;
+    }
+    let (container_id, ifname) = (&ctx.env.container_id, &ctx.env.ifname);
+    if store.get(container_id, ifname)?.is_some() {
+        let _lock = store.lock()?;
+        if let Some(stale) = store.get(container_id, ifname)? {
+            teardown(ctx, store, ipam, &stale, None)?;
+        }
+    }
+    Ok(())
 }

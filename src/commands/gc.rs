@@ -15,6 +15,8 @@ pub fn run(ctx: &Context) -> Result<()> {
     super::require_version(conf, Version::V1_1_0, "GC")?;
     let ipam = ctx.ipam()?;
     if let Some(store) = Store::open_existing(&conf.store, &conf.name, &ctx.node)? {
+        // ADDs under way finish first: their links exist before their records are ready.
+        let _no_adding = store.no_adding()?;
         let _lock = store.lock()?;
         context::reap_earlier_boots(ctx, &store, &ipam)?;
         store.remove_orphan_temp_files()?;

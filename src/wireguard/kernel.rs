@@ -92,6 +92,15 @@ impl Backend for Kernel {
         })
     }
 
+    fn is_running(&self, link: &LinkRef) -> bool {
+        let Some(netns) = link.pod else {
+            return false;
+        };
+        netns
+            .run(|| Netlink::open()?.link_by_name(link.ifname))
+            .is_ok_and(|found| found.is_some_and(|l| l.kind.as_deref() == Some("wireguard")))
+    }
+
     fn destroy(&self, link: &LinkRef, public_key: &Key, _host: &Netns) -> Result<()> {
         let Some(pod) = link.pod else {
             // The namespace is gone, and a kernel link dies with it.

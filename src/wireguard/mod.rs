@@ -132,6 +132,10 @@ pub trait Backend {
 
     fn read(&self, link: &LinkRef) -> Result<DeviceState>;
 
+    /// Whether the link (and its daemon) is there, without reading its peers: cheap enough
+    /// for every ADD. `read` proves more (the key).
+    fn is_running(&self, link: &LinkRef) -> bool;
+
     /// Destroy the link (and its daemon) if, and only if, it carries `public_key`:
     /// a link we cannot prove is ours is left alone. Gone already is success.
     fn destroy(&self, link: &LinkRef, public_key: &Key, host: &Netns) -> Result<()>;

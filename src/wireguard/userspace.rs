@@ -296,6 +296,13 @@ impl Backend for Userspace {
             .map_err(|e| Error::wireguard(format!("reading {}", link.ifname), e))
     }
 
+    fn is_running(&self, link: &LinkRef) -> bool {
+        uapi::socket_path(link.host_name).exists()
+            && link
+                .daemon_pid
+                .is_some_and(|pid| is_our_daemon(pid, link.host_name))
+    }
+
     fn destroy(&self, link: &LinkRef, public_key: &Key, _host: &Netns) -> Result<()> {
         // The pid the record names, still serving this attachment's name: ours, whatever key
         // it holds now (a pod with CAP_NET_ADMIN may have changed it; left running, a daemon

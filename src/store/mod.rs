@@ -5,6 +5,8 @@
 //! Only public material is stored. The directory is an interface to the outside (a node agent
 //! may sync other nodes' records into it), so nothing here assumes it is the only writer.
 
+mod cache;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -19,9 +21,12 @@ use serde::{Deserialize, Serialize};
 use crate::cni::{Error, IoContext, Result};
 use crate::netns::Netns;
 use crate::wireguard::{BackendKind, LinkRef};
+use cache::{FileIdentity, RecordCache};
 
 pub const SCHEMA_VERSION: u32 = 1;
 const LOCK_FILE: &str = ".lock";
+/// Shared by the ADDs under way, taken whole by GC (see `Store::adding`).
+const ADDING_FILE: &str = ".adding";
 const TEMP_PREFIX: &str = ".tmp-";
 /// Never a pod record's name: those always hold a ':' between container ID and ifname.
 const GATEWAY_FILE: &str = "gateway.json";
@@ -167,6 +172,7 @@ impl GatewayRecord {
 pub struct Store {
     network_dir: PathBuf,
     node: String,
+    cache: RecordCache,
 }
 
 /// Held while ADD, DEL or GC changes a network. Dropping it unlocks.
@@ -188,6 +194,7 @@ impl Store {
         Ok(Store {
             network_dir,
             node: node.to_string(),
+            cache: RecordCache::default(),
         })
     }
 
@@ -198,6 +205,7 @@ impl Store {
             Ok(meta) if meta.is_dir() => Ok(Some(Store {
                 network_dir,
                 node: node.to_string(),
+                cache: RecordCache::default(),
             })),
             Ok(_) => Err(not_a_directory(&network_dir)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -243,7 +251,23 @@ impl Store {
     /// Take the network-wide lock. The fd is O_CLOEXEC (std's default), so a daemon we start
     /// never inherits it.
     pub fn lock(&self) -> Result<NetworkLock> {
-        let path = self.network_dir.join(LOCK_FILE);
+        self.flock(LOCK_FILE, FlockArg::LockExclusive)
+    }
+
+    /// Held by every ADD from start to end, shared with the other ADDs: an ADD builds its
+    /// link before it takes the network lock to join, and GC (which takes this whole, before
+    /// the network lock) must not judge an attachment that is still being made.
+    pub fn adding(&self) -> Result<NetworkLock> {
+        self.flock(ADDING_FILE, FlockArg::LockShared)
+    }
+
+    /// Wait until no ADD is under way, and keep new ones waiting (GC).
+    pub fn no_adding(&self) -> Result<NetworkLock> {
+        self.flock(ADDING_FILE, FlockArg::LockExclusive)
+    }
+
+    fn flock(&self, name: &str, how: FlockArg) -> Result<NetworkLock> {
+        let path = self.network_dir.join(name);
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -252,7 +276,7 @@ impl Store {
             .custom_flags(libc_o_nofollow())
             .open(&path)
             .io(|| format!("opening the store lock {}", path.display()))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| Error::Io {
+        let lock = Flock::lock(file, how).map_err(|(_, errno)| Error::Io {
             context: format!("locking {}", path.display()),
             source: errno.into(),
         })?;
@@ -265,7 +289,7 @@ impl Store {
         let mut records = Vec::new();
         for node_dir in list_dir(&self.network_dir)? {
             if fs::symlink_metadata(&node_dir).is_ok_and(|m| m.is_dir()) {
-                records.extend(read_records(&node_dir)?.into_iter().map(|(_, r)| r));
+                records.extend(self.read_records(&node_dir)?.into_iter().map(|(_, r)| r));
             }
         }
         Ok(records)
@@ -313,7 +337,7 @@ impl Store {
     /// This node's records only. Legacy-named files are migrated on the way (callers that
     /// change the store hold the lock; a reader racing a migration sees one name or the other).
     pub fn node_records(&self) -> Result<Vec<Record>> {
-        let records = read_records(&self.node_dir())?;
+        let records = self.read_records(&self.node_dir())?;
         for (path, record) in &records {
             if !is_current_name(path, record) {
                 self.migrate(path, record);
@@ -347,6 +371,66 @@ impl Store {
         if let Err(e) = fs::rename(legacy, &target) {
             tracing::warn!(path = %legacy.display(), error = %e, "could not migrate a legacy store record");
         }
+    }
+
+    /// The records in one node directory, with the file each came from. A file whose name does
+    /// not match the attachment inside (current or legacy form) is skipped: it could shadow
+    /// another attachment.
+    fn read_records(&self, dir: &Path) -> Result<Vec<(PathBuf, Record)>> {
+        let mut records = Vec::new();
+        for path in list_dir(dir)? {
+            // Pod records hold a ':' (legacy ones a '-'); gateway.json, and the agent's
+            // subnet.json and node.json, are other files.
+            let is_record = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.ends_with(".json")
+                    && !n.starts_with('.')
+                    && (n.contains(SEPARATOR) || n.contains('-'))
+            });
+            if !is_record {
+                continue;
+            }
+            match self.read_record_file(&path) {
+                Ok(record) if is_current_name(&path, &record) || is_legacy_name(&path, &record) => {
+                    records.push((path, record))
+                }
+                Ok(record) => {
+                    tracing::warn!(path = %path.display(), container = %record.container_id, ifname = %record.ifname, "skipping a store record filed under another attachment's name");
+                }
+                Err(ReadError::Missing) => {}
+                Err(ReadError::Invalid(reason)) => {
+                    tracing::warn!(path = %path.display(), %reason, "skipping unreadable store record");
+                }
+            }
+        }
+        // A legacy file and its migrated twin (a crash between the two names): keep one.
+        records.sort_by_key(|(path, r)| {
+            (
+                r.container_id.clone(),
+                r.ifname.clone(),
+                !is_current_name(path, r),
+            )
+        });
+        records.dedup_by(|b, a| a.1.is_attachment(&b.1.container_id, &b.1.ifname));
+        records.sort_by(|(_, a), (_, b)| {
+            (a.created_at, &a.container_id, &a.ifname).cmp(&(
+                b.created_at,
+                &b.container_id,
+                &b.ifname,
+            ))
+        });
+        Ok(records)
+    }
+
+    /// One record file, parsed once per version (see `cache`).
+    fn read_record_file(&self, path: &Path) -> std::result::Result<Record, ReadError> {
+        if let Ok(meta) = fs::symlink_metadata(path)
+            && let Some(record) = self.cache.get(path, FileIdentity::from(&meta))
+        {
+            return Ok(record);
+        }
+        let (record, meta) = read_json_with_meta::<Record>(path)?;
+        self.cache.insert(path, FileIdentity::from(&meta), &record);
+        Ok(record)
     }
 
     /// Write atomically: temp file, fsync, rename, fsync the directory.
@@ -511,50 +595,6 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
     }
 }
 
-/// The records in one node directory, with the file each came from. A file whose name does
-/// not match the attachment inside (current or legacy form) is skipped: it could shadow
-/// another attachment.
-fn read_records(dir: &Path) -> Result<Vec<(PathBuf, Record)>> {
-    let mut records = Vec::new();
-    for path in list_dir(dir)? {
-        // Pod records hold a ':' (legacy ones a '-'); gateway.json, and the agent's
-        // subnet.json and node.json, are other files.
-        let is_record = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-            n.ends_with(".json")
-                && !n.starts_with('.')
-                && (n.contains(SEPARATOR) || n.contains('-'))
-        });
-        if !is_record {
-            continue;
-        }
-        match read_json::<Record>(&path) {
-            Ok(record) if is_current_name(&path, &record) || is_legacy_name(&path, &record) => {
-                records.push((path, record))
-            }
-            Ok(record) => {
-                tracing::warn!(path = %path.display(), container = %record.container_id, ifname = %record.ifname, "skipping a store record filed under another attachment's name");
-            }
-            Err(ReadError::Missing) => {}
-            Err(ReadError::Invalid(reason)) => {
-                tracing::warn!(path = %path.display(), %reason, "skipping unreadable store record");
-            }
-        }
-    }
-    // A legacy file and its migrated twin (a crash between the two names): keep one.
-    records.sort_by_key(|(path, r)| {
-        (
-            r.container_id.clone(),
-            r.ifname.clone(),
-            !is_current_name(path, r),
-        )
-    });
-    records.dedup_by(|b, a| a.1.is_attachment(&b.1.container_id, &b.1.ifname));
-    records.sort_by(|(_, a), (_, b)| {
-        (a.created_at, &a.container_id, &a.ifname).cmp(&(b.created_at, &b.container_id, &b.ifname))
-    });
-    Ok(records)
-}
-
 fn file_name_of(path: &Path) -> Option<&str> {
     path.file_name().and_then(|n| n.to_str())
 }
@@ -611,6 +651,13 @@ impl Versioned for GatewayRecord {
 
 /// Read one record without following symlinks; the schema version must be one we know.
 fn read_json<T: DeserializeOwned + Versioned>(path: &Path) -> std::result::Result<T, ReadError> {
+    read_json_with_meta(path).map(|(value, _)| value)
+}
+
+/// `read_json`, answering also the metadata of the very file it read.
+fn read_json_with_meta<T: DeserializeOwned + Versioned>(
+    path: &Path,
+) -> std::result::Result<(T, fs::Metadata), ReadError> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc_o_nofollow())
@@ -641,7 +688,7 @@ fn read_json<T: DeserializeOwned + Versioned>(path: &Path) -> std::result::Resul
             record.schema()
         )));
     }
-    Ok(record)
+    Ok((record, meta))
 }
 
 #[cfg(test)]
