@@ -262,16 +262,20 @@ pub fn start_handshakes(
     backend.apply(link, &restore)
 }
 
-/// Bring the link of every other ready attachment on this node to its desired peer set.
-/// A pod that died without DEL has no link to update; a link that refuses is logged and
-/// stays as it was (CHECK of that pod reports the difference, the next reconcile retries).
-/// Returns how many live links could not be updated.
-pub fn local_pods(node: &Node, view: &NetworkView, except: Option<&Record>, prune: Prune) -> usize {
-    let mut failed = 0;
+/// Bring the link of every ready attachment on this node that `which` selects to its
+/// desired peer set. A pod that died without DEL has no link to update; a link that refuses
+/// is logged and stays as it was (CHECK of that pod reports the difference, the next
+/// reconcile retries). Returns the links that could not be updated.
+pub fn local_pods<'v>(
+    node: &Node,
+    view: &'v NetworkView,
+    which: impl Fn(&Record) -> bool,
+    prune: Prune,
+) -> Vec<&'v Record> {
+    let mut refused = Vec::new();
     let local = view.records.iter().filter(|r| r.node == node.name);
     for record in local {
-        let is_except = except.is_some_and(|e| record.is_attachment(&e.container_id, &e.ifname));
-        if is_except || record.state != State::Ready || record.boot_id != node.boot_id {
+        if !which(record) || record.state != State::Ready || record.boot_id != node.boot_id {
             continue;
         }
         let Some(pod) = record.live_netns(None) else {
@@ -283,10 +287,10 @@ pub fn local_pods(node: &Node, view: &NetworkView, except: Option<&Record>, prun
         });
         if let Err(e) = outcome {
             tracing::warn!(container = %record.container_id, ifname = %record.ifname, error = %e, "could not update the peers of a local pod");
-            failed += 1;
+            refused.push(record);
         }
     }
-    failed
+    refused
 }
 
 /// The update that takes a link from the peer set `before` (which the caller configured
@@ -309,47 +313,57 @@ pub fn between(before: &[Peer], after: &[Peer]) -> Update<'static> {
     }
 }
 
-/// ADD's fan-out: `newcomer` becomes a peer of every other ready link of this node. Its peer
-/// is added without reading the devices first (the same for every link: one message each,
-/// however many peers a link has). A link that refuses is logged and counted; CHECK of its
-/// pod reports the missing peer, and the next DEL, GC or agent resync brings it back in step.
-pub fn announce_to_local_pods(node: &Node, view: &NetworkView, newcomer: &Record) -> usize {
-    let Ok(peer) = mesh::peer_of(newcomer, view.keepalive) else {
-        return 0;
-    };
-    let update = Update {
-        peers: vec![peer],
+/// ADD's fan-out: the update that makes `newcomer` a peer of another link (the same for
+/// every link of the network).
+pub fn newcomer(view: &NetworkView, newcomer: &Record) -> Result<Update<'static>> {
+    Ok(Update {
+        peers: vec![mesh::peer_of(newcomer, view.keepalive)?],
         ..Update::default()
-    };
-    let mut failed = 0;
+    })
+}
+
+/// DEL's fan-out: the update that drops `key` from another link.
+pub fn gone(key: Key) -> Update<'static> {
+    Update {
+        remove_peers: vec![key],
+        ..Update::default()
+    }
+}
+
+/// Send `update` to every other ready link of this node without reading the devices first:
+/// one message per link, however many peers it has. Answers the links that refused (logged;
+/// CHECK of their pods reports the difference).
+pub fn tell_local_pods<'v>(
+    node: &Node,
+    view: &'v NetworkView,
+    except: &Record,
+    update: &Update,
+) -> Vec<&'v Record> {
+    let mut refused = Vec::new();
     for record in view.records.iter().filter(|r| r.node == node.name) {
-        let is_newcomer = record.is_attachment(&newcomer.container_id, &newcomer.ifname);
-        if is_newcomer || record.state != State::Ready || record.boot_id != node.boot_id {
+        let is_except = record.is_attachment(&except.container_id, &except.ifname);
+        if is_except || record.state != State::Ready || record.boot_id != node.boot_id {
             continue;
         }
         let Some(pod) = record.live_netns(None) else {
             continue;
         };
         let link = record.link(Some(&pod));
-        if let Err(e) = wireguard::backend(record.backend).apply(&link, &update) {
-            tracing::warn!(container = %record.container_id, ifname = %record.ifname, error = %e, "could not add a new peer to a local pod");
-            failed += 1;
+        if let Err(e) = wireguard::backend(record.backend).apply(&link, update) {
+            tracing::warn!(container = %record.container_id, ifname = %record.ifname, error = %e, "could not update the peers of a local pod");
+            refused.push(record);
         }
     }
-    failed
+    refused
 }
 
-/// ADD: `newcomer` becomes a peer of this node's gateway, added without reading the device.
-pub fn announce_to_gateway(node: &Node, view: &NetworkView, newcomer: &Record) -> Result<()> {
+/// Send `update` to this node's gateway without reading it first.
+pub fn tell_gateway(node: &Node, view: &NetworkView, update: &Update) -> Result<()> {
     let Some(gateway) = &view.gateway else {
         return Ok(());
     };
     crate::failpoint::fail("gateway-update")?;
-    let update = Update {
-        peers: vec![mesh::peer_of(newcomer, view.keepalive)?],
-        ..Update::default()
-    };
-    wireguard::backend(gateway.backend).apply(&gateway.link(node.host), &update)
+    wireguard::backend(gateway.backend).apply(&gateway.link(node.host), update)
 }
 
 /// Bring this node's gateway to its desired peer set.

@@ -313,6 +313,61 @@ fn mesh_follows_adds_and_dels() {
     net.check(&pods[1], &r1).ok();
 }
 
+/// Hides a userspace link's control socket while it lives, so the link refuses every update.
+struct HiddenSocket(std::path::PathBuf);
+
+impl HiddenSocket {
+    fn of(record: &Value) -> HiddenSocket {
+        let name = record["hostName"].as_str().unwrap();
+        let socket = std::path::PathBuf::from(format!("/var/run/wireguard/{name}.sock"));
+        std::fs::rename(&socket, socket.with_extension("hidden")).unwrap();
+        HiddenSocket(socket)
+    }
+}
+
+impl Drop for HiddenSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::rename(self.0.with_extension("hidden"), &self.0);
+    }
+}
+
+#[test]
+fn a_pod_that_missed_a_new_peer_gets_it_from_the_next_add() {
+    if backend() == "kernel" {
+        // The refusal is staged by hiding a userspace daemon's control socket.
+        eprintln!("userspace only");
+        return;
+    }
+    let net = Net::new("10.77.0.0/24");
+    let pods = [Pod::new(), Pod::new(), Pod::new()];
+    let r0 = net.add(&pods[0]).ok().json();
+    let hidden = HiddenSocket::of(&net.record_of(&pods[0]).unwrap());
+    // Pod 0 refuses the newcomer: the ADD still succeeds (the gateway took it).
+    let r1 = net.add(&pods[1]).ok().json();
+    drop(hidden);
+    assert!(
+        !pods[1].ping(&address_of(&r0, false)),
+        "pod 0 answers a peer it was never given"
+    );
+    assert_ne!(
+        net.check(&pods[0], &r0).code,
+        0,
+        "CHECK missed the lacking peer"
+    );
+
+    let r2 = net.add(&pods[2]).ok().json();
+    net.check(&pods[0], &r0).ok();
+    // Pod 1's handshake was dropped before: WireGuard retries it after 5 s.
+    let answered = pods[1].exec(&["ping", "-c", "1", "-w", "8", &address_of(&r0, false)]);
+    assert!(
+        answered.status.success(),
+        "the next ADD did not give pod 0 the peer it missed"
+    );
+    for (pod, result) in pods.iter().zip([&r0, &r1, &r2]) {
+        net.del(pod, Some(result)).ok();
+    }
+}
+
 #[test]
 fn a_failure_after_the_link_exists_rolls_everything_back() {
     // IPv6 disabled in the pod: adding the IPv6 address fails after link and daemon exist.

@@ -122,6 +122,7 @@ impl<'a> Joining<'a, '_> {
     fn join(self, pod: &Netns, record: &mut Record, rollback: &mut Rollback<'a>) -> Result<()> {
         let mut view = NetworkView::read(self.store, self.ctx.conf)?;
         view.static_peers = self.static_peers;
+        context::resync_out_of_step(self.ctx, self.store, &view);
         let mut gateway_created = false;
         if let Some(plan) = self.gateway_plan {
             let ensured = ensure_gateway(self.ctx, self.store, self.settings, plan, rollback)?;
@@ -137,13 +138,13 @@ impl<'a> Joining<'a, '_> {
         view.records
             .retain(|r| !r.is_attachment(&record.container_id, &record.ifname));
         view.records.push(record.clone());
-        let node = self.ctx.local();
+        let newcomer = reconcile::newcomer(&view, record)?;
         match gateway_created {
             // A new gateway starts from this node's pods: it needs the whole network.
-            true => reconcile::gateway(&node, &view, Prune::Nothing)?,
-            false => reconcile::announce_to_gateway(&node, &view, record)?,
+            true => reconcile::gateway(&self.ctx.local(), &view, Prune::Nothing)?,
+            false => reconcile::tell_gateway(&self.ctx.local(), &view, &newcomer)?,
         }
-        reconcile::announce_to_local_pods(&node, &view, record);
+        context::tell_local_pods(self.ctx, self.store, &view, record, &newcomer);
         Ok(())
     }
 }
@@ -304,7 +305,7 @@ fn ensure_gateway<'a>(
         let replaced: Vec<_> = ensured.replaced_key.into_iter().collect();
         let mut view = context::network_view(ctx, store)?;
         view.gateway = Some(ensured.record.clone());
-        context::reconcile_local_pods(ctx, &view, None, Prune::Only(&replaced));
+        context::reconcile_local_pods(ctx, store, &view, None, Prune::Only(&replaced));
     }
     Ok((ensured.record, ensured.created))
 }

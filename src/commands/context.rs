@@ -4,8 +4,6 @@
 
 use std::path::Path;
 
-use wireguard_control::Key;
-
 use crate::cni::{CniEnv, NetConf, Result};
 use crate::host;
 use crate::ipam::{Ipam, Target};
@@ -59,17 +57,53 @@ pub fn network_view(ctx: &Context, store: &Store) -> Result<NetworkView> {
     NetworkView::read(store, ctx.conf)
 }
 
+/// Bring every ready local link but `except` to its desired peer set (reading each device).
 pub fn reconcile_local_pods(
     ctx: &Context,
+    store: &Store,
     view: &NetworkView,
     except: Option<&Record>,
     prune: Prune,
-) -> usize {
-    reconcile::local_pods(&ctx.local(), view, except, prune)
+) {
+    let which = |r: &Record| except.is_none_or(|e| !r.is_attachment(&e.container_id, &e.ifname));
+    let refused = reconcile::local_pods(&ctx.local(), view, which, prune);
+    note_out_of_step(store, &refused);
 }
 
-pub fn reconcile_gateway(ctx: &Context, view: &NetworkView, prune: Prune) -> Result<()> {
-    reconcile::gateway(&ctx.local(), view, prune)
+/// A fan-out (ADD's newcomer, DEL's gone key) to every ready local link but `except`, sent
+/// without reading the devices. A link that refuses is noted in the store, and the next ADD,
+/// DEL or GC brings it to its whole desired peer set (`resync_out_of_step`).
+pub fn tell_local_pods(
+    ctx: &Context,
+    store: &Store,
+    view: &NetworkView,
+    except: &Record,
+    update: &wireguard::Update,
+) {
+    let refused = reconcile::tell_local_pods(&ctx.local(), view, except, update);
+    note_out_of_step(store, &refused);
+}
+
+/// The links an earlier fan-out missed get their desired peer sets (under the lock). What
+/// they lack is added; a peer they should have dropped stays (its pod is gone, nothing
+/// answers with its key, and an address handed out again moves to the new pod's peer).
+pub fn resync_out_of_step(ctx: &Context, store: &Store, view: &NetworkView) {
+    let noted = store.take_out_of_step();
+    if noted.is_empty() {
+        return;
+    }
+    let which = |r: &Record| noted.iter().any(|(c, i)| r.is_attachment(c, i));
+    let refused = reconcile::local_pods(&ctx.local(), view, which, Prune::Nothing);
+    note_out_of_step(store, &refused);
+}
+
+fn note_out_of_step(store: &Store, refused: &[&Record]) {
+    if refused.is_empty() {
+        return;
+    }
+    if let Err(e) = store.note_out_of_step(refused) {
+        tracing::warn!(error = %e, "could not note the links a fan-out missed");
+    }
 }
 
 /// Undo one attachment completely (the caller holds the network lock throughout): see
@@ -88,16 +122,19 @@ pub fn teardown(
 
 /// Step one, under the network lock: the record says `deleting` (no peer set counts it any
 /// more, and a crash from here on leaves a record the next DEL or GC finishes), and the other
-/// local links and the node gateway drop its key.
+/// local links and the node gateway drop its key (told without reading them).
 pub fn withdraw(ctx: &Context, store: &Store, record: &Record) -> Result<Record> {
     let mut withdrawn = record.clone();
     withdrawn.state = State::Deleting;
     store.put(&withdrawn)?;
-    let gone: Vec<Key> = mesh::public_key(record).ok().into_iter().collect();
     let view = network_view(ctx, store)?;
-    reconcile_local_pods(ctx, &view, None, Prune::Only(&gone));
-    if let Err(e) = reconcile_gateway(ctx, &view, Prune::Only(&gone)) {
-        tracing::warn!(error = %e, "could not remove the peer from the node gateway");
+    resync_out_of_step(ctx, store, &view);
+    if let Ok(key) = mesh::public_key(record) {
+        let gone = reconcile::gone(key);
+        tell_local_pods(ctx, store, &view, record, &gone);
+        if let Err(e) = reconcile::tell_gateway(&ctx.local(), &view, &gone) {
+            tracing::warn!(error = %e, "could not remove the peer from the node gateway");
+        }
     }
     Ok(withdrawn)
 }

@@ -27,6 +27,8 @@ pub const SCHEMA_VERSION: u32 = 1;
 const LOCK_FILE: &str = ".lock";
 /// Shared by the ADDs under way, taken whole by GC (see `Store::adding`).
 const ADDING_FILE: &str = ".adding";
+/// In a node's directory: the local links a fan-out could not update (see `note_out_of_step`).
+const OUT_OF_STEP_FILE: &str = ".out-of-step.json";
 const TEMP_PREFIX: &str = ".tmp-";
 /// Never a pod record's name: those always hold a ':' between container ID and ifname.
 const GATEWAY_FILE: &str = "gateway.json";
@@ -433,7 +435,36 @@ impl Store {
         Ok(record)
     }
 
-    /// Write atomically: temp file, fsync, rename, fsync the directory.
+    /// Note links that refused a fan-out (the caller holds the lock), as (container ID,
+    /// ifname): the next command that holds the lock brings them in step.
+    pub fn note_out_of_step(&self, records: &[&Record]) -> Result<()> {
+        let mut noted = self.out_of_step();
+        for record in records {
+            let attachment = (record.container_id.clone(), record.ifname.clone());
+            if !noted.contains(&attachment) {
+                noted.push(attachment);
+            }
+        }
+        self.write_json(OUT_OF_STEP_FILE, &noted)
+    }
+
+    /// The links noted by `note_out_of_step`, forgotten from the store as they are answered.
+    pub fn take_out_of_step(&self) -> Vec<(String, String)> {
+        let noted = self.out_of_step();
+        if !noted.is_empty() {
+            let _ = fs::remove_file(self.node_dir().join(OUT_OF_STEP_FILE));
+        }
+        noted
+    }
+
+    fn out_of_step(&self) -> Vec<(String, String)> {
+        fs::read(self.node_dir().join(OUT_OF_STEP_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    /// Write atomically (see `write_json`).
     pub fn put(&self, record: &Record) -> Result<()> {
         self.write_json(
             &Record::file_name(&record.container_id, &record.ifname),
@@ -461,6 +492,12 @@ impl Store {
         remove_file_if_present(&self.node_dir().join(GATEWAY_FILE))
     }
 
+    /// Atomic (temp file, rename: a reader sees the old file or the new one, never half of
+    /// one), not durable: nothing here outlives the boot that wrote it (every record of an
+    /// earlier boot is reaped, gateways and links die with the boot), and a process that dies
+    /// leaves its writes in the page cache. An fsync of file and directory cost more than a
+    /// whole pod link in the kernel (several ms each on this class of disk, more when many
+    /// ADDs write at once).
     fn write_json(&self, name: &str, value: &impl Serialize) -> Result<()> {
         let dir = self.node_dir();
         let temp = dir.join(format!("{TEMP_PREFIX}{}-{name}", std::process::id()));
@@ -474,9 +511,7 @@ impl Store {
                 .custom_flags(libc_o_nofollow())
                 .open(&temp)?;
             file.write_all(&body)?;
-            file.sync_all()?;
-            fs::rename(&temp, &target)?;
-            File::open(&dir)?.sync_all()
+            fs::rename(&temp, &target)
         };
         write().map_err(|e| {
             let _ = fs::remove_file(&temp);
