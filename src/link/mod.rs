@@ -1,22 +1,30 @@
-//! rtnetlink operations, named after what they do. A `Netlink` talks to the namespace of the
-//! thread that opened it, so it must be opened (and used) on the thread that runs inside the
+//! Route-netlink operations, named after what they do, over a blocking socket (see `socket`).
+//!
+//! A `Netlink` acts on the namespace of the thread that opened it: the kernel binds a netlink
+//! socket to its creator's namespace for good. So open it on the thread that runs inside the
 //! namespace it is meant for: `Netns::run(|| Netlink::open()?.…)`.
+//!
+//! rtnetlink's builders still build the messages: they are plain structs and need no runtime.
 
-use std::net::IpAddr;
+mod socket;
+#[cfg(test)]
+mod tests;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
 
-use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{
-    Handle, IpVersion, LinkMessageBuilder, LinkUnspec, LinkWireguard, RouteMessageBuilder,
+    AddressMessageBuilder, LinkMessageBuilder, LinkUnspec, LinkWireguard, RouteMessageBuilder,
 };
-use tokio::runtime::Runtime;
 
 use crate::cni::{Error, Result};
+use socket::RouteSocket;
 
 /// What we need to know about a link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,43 +38,59 @@ pub struct Link {
 }
 
 pub struct Netlink {
-    runtime: Runtime,
-    handle: Handle,
+    socket: RouteSocket,
 }
+
+/// The longest interface name the kernel holds (IFNAMSIZ - 1).
+const IFNAME_MAX: usize = 15;
 
 impl Netlink {
     /// Open a route netlink socket in the current thread's namespace.
     pub fn open() -> Result<Netlink> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .map_err(|e| Error::netlink("starting the netlink runtime", e))?;
-        let handle = {
-            let _guard = runtime.enter();
-            let (connection, handle, _) = rtnetlink::new_connection()
-                .map_err(|e| Error::netlink("opening a netlink socket", e))?;
-            runtime.spawn(connection);
-            handle
-        };
-        Ok(Netlink { runtime, handle })
+        let socket =
+            RouteSocket::open().map_err(|e| Error::netlink("opening a netlink socket", e))?;
+        Ok(Netlink { socket })
     }
 
     pub fn links(&self) -> Result<Vec<Link>> {
-        self.runtime.block_on(async {
-            let messages: Vec<LinkMessage> = self
-                .handle
-                .link()
-                .get()
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| Error::netlink("listing links", e))?;
-            Ok(messages.iter().map(link_from_message).collect())
-        })
+        let answer = self
+            .socket
+            .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
+            .map_err(|e| Error::netlink("listing links", e))?;
+        Ok(answer
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(link) => Some(link_from_message(link)),
+                _ => None,
+            })
+            .collect())
     }
 
+    /// The link named `name`, asked for by name (a dump of every link costs far more on a
+    /// host with many pods). ENODEV means there is none.
     pub fn link_by_name(&self, name: &str) -> Result<Option<Link>> {
-        Ok(self.links()?.into_iter().find(|l| l.name == name))
+        // A longer name could not exist; the kernel would refuse the question (EINVAL).
+        if name.len() > IFNAME_MAX {
+            return Ok(None);
+        }
+        let mut request = LinkMessage::default();
+        request
+            .attributes
+            .push(LinkAttribute::IfName(name.to_string()));
+        let reply = match self.socket.get(RouteNetlinkMessage::GetLink(request)) {
+            Ok(reply) => reply,
+            Err(e) if e.refused_with() == Some(nix::libc::ENODEV) => return Ok(None),
+            Err(e) => return Err(Error::netlink("listing links", e)),
+        };
+        let link = match reply {
+            RouteNetlinkMessage::NewLink(link) => link_from_message(&link),
+            other => {
+                let reason = format!("unexpected answer {:?}", other.message_type());
+                return Err(Error::netlink("listing links", reason));
+            }
+        };
+        // The kernel also finds a link by an alternative name; callers mean the real one.
+        Ok(Some(link).filter(|l| l.name == name))
     }
 
     /// Create a WireGuard link named `name` inside the namespace behind `netns_fd`. Sent from
@@ -76,26 +100,19 @@ impl Netlink {
             .mtu(mtu)
             .setns_by_fd(netns_fd)
             .build();
-        self.runtime.block_on(async {
-            self.handle
-                .link()
-                .add(message)
-                .execute()
-                .await
-                .map_err(|e| Error::netlink(format!("creating WireGuard link {name}"), e))
-        })
+        self.socket
+            .create(RouteNetlinkMessage::NewLink(message))
+            .map_err(|e| Error::netlink(format!("creating WireGuard link {name}"), e))
     }
 
     /// Whether this namespace's kernel can create a `wireguard` link at all.
     pub fn can_create_wireguard(&self, probe_name: &str) -> bool {
-        let created = self.runtime.block_on(async {
-            self.handle
-                .link()
-                .add(LinkWireguard::new(probe_name).build())
-                .execute()
-                .await
-        });
-        if created.is_err() {
+        let probe = LinkWireguard::new(probe_name).build();
+        if self
+            .socket
+            .create(RouteNetlinkMessage::NewLink(probe))
+            .is_err()
+        {
             return false;
         }
         if let Ok(Some(link)) = self.link_by_name(probe_name) {
@@ -135,79 +152,71 @@ impl Netlink {
         what: &str,
     ) -> Result<()> {
         let message = change(LinkUnspec::new_with_index(index)).build();
-        self.runtime.block_on(async {
-            self.handle
-                .link()
-                .set(message)
-                .execute()
-                .await
-                .map_err(|e| Error::netlink(what, e))
-        })
+        self.socket
+            .change(RouteNetlinkMessage::SetLink(message))
+            .map_err(|e| Error::netlink(what, e))
     }
 
     pub fn delete(&self, index: u32) -> Result<()> {
-        self.runtime.block_on(async {
-            self.handle
-                .link()
-                .del(index)
-                .execute()
-                .await
-                .map_err(|e| Error::netlink("deleting the link", e))
-        })
+        let mut message = LinkMessage::default();
+        message.header.index = index;
+        self.socket
+            .change(RouteNetlinkMessage::DelLink(message))
+            .map_err(|e| Error::netlink("deleting the link", e))
     }
 
     pub fn add_address(&self, index: u32, address: IpNetwork) -> Result<()> {
-        self.runtime.block_on(async {
-            self.handle
-                .address()
-                .add(index, address.ip(), address.prefix())
-                .execute()
-                .await
-                .map_err(|e| Error::netlink(format!("adding address {address}"), e))
-        })
+        let message = match address.ip() {
+            IpAddr::V4(ip) => AddressMessageBuilder::<Ipv4Addr>::new()
+                .index(index)
+                .address(ip, address.prefix())
+                .build(),
+            IpAddr::V6(ip) => AddressMessageBuilder::<Ipv6Addr>::new()
+                .index(index)
+                .address(ip, address.prefix())
+                .build(),
+        };
+        self.socket
+            .create(RouteNetlinkMessage::NewAddress(message))
+            .map_err(|e| Error::netlink(format!("adding address {address}"), e))
     }
 
     /// The addresses on a link, with their prefix lengths (IPv6 link-local ones included).
     pub fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>> {
-        self.runtime.block_on(async {
-            let messages: Vec<_> = self
-                .handle
-                .address()
-                .get()
-                .set_link_index_filter(index)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| Error::netlink("listing addresses", e))?;
-            Ok(messages
-                .iter()
-                .filter(|m| m.header.index == index)
-                .filter_map(|m| {
-                    m.attributes.iter().find_map(|a| match a {
-                        AddressAttribute::Address(ip) => {
-                            IpNetwork::new(*ip, m.header.prefix_len).ok()
-                        }
-                        _ => None,
-                    })
+        // The kernel dumps every link's addresses (it filters only under strict checking).
+        let answer = self
+            .socket
+            .dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))
+            .map_err(|e| Error::netlink("listing addresses", e))?;
+        Ok(answer
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) if a.header.index == index => Some(a),
+                _ => None,
+            })
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => IpNetwork::new(*ip, m.header.prefix_len).ok(),
+                    _ => None,
                 })
-                .collect())
-        })
+            })
+            .collect())
     }
 
     /// A device route (`ip route add DST dev LINK`): no gateway, WireGuard links have no ARP.
-    /// A device route (no next hop). It never replaces a route another link holds (a
-    /// secondary network must not take the primary's default route): then it answers `false`.
-    /// A route that is already ours is fine.
+    /// It never replaces a route another link holds (a secondary network must not take the
+    /// primary's default route): then it answers `false`. A route that is already ours is fine.
     pub fn add_device_route(&self, index: u32, dst: IpNetwork) -> Result<bool> {
         let message = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst.network(), dst.prefix())
             .map_err(|e| Error::netlink(format!("route to {dst}"), e))?
             .output_interface(index)
             .build();
-        let added = self
-            .runtime
-            .block_on(async { self.handle.route().add(message).execute().await });
-        if added.is_ok() {
+        if self
+            .socket
+            .create(RouteNetlinkMessage::NewRoute(message))
+            .is_ok()
+        {
             return Ok(true);
         }
         let routes = self.routes()?;
@@ -241,21 +250,10 @@ impl Netlink {
         if present {
             return Ok(());
         }
-        let request = self
-            .handle
-            .rule()
-            .add()
-            .input_interface(ifname)
-            .table_id(table)
-            .priority(priority)
-            .action(RuleAction::ToTable);
-        self.runtime
-            .block_on(async {
-                match ipv6 {
-                    true => request.v6().execute().await,
-                    false => request.v4().execute().await,
-                }
-            })
+        self.socket
+            .create(RouteNetlinkMessage::NewRule(iif_rule(
+                ifname, table, priority, ipv6,
+            )))
             .map_err(|e| Error::netlink(format!("adding the rule iif {ifname} lookup {table}"), e))
     }
 
@@ -263,8 +261,8 @@ impl Netlink {
     pub fn delete_iif_rules(&self, ifname: &str) -> Result<()> {
         for ipv6 in [false, true] {
             for rule in self.iif_rules(ifname, ipv6)? {
-                self.runtime
-                    .block_on(async { self.handle.rule().del(rule).execute().await })
+                self.socket
+                    .change(RouteNetlinkMessage::DelRule(rule))
                     .map_err(|e| Error::netlink(format!("deleting a rule of {ifname}"), e))?;
             }
         }
@@ -272,22 +270,24 @@ impl Netlink {
     }
 
     fn iif_rules(&self, ifname: &str, ipv6: bool) -> Result<Vec<RuleMessage>> {
-        let version = if ipv6 { IpVersion::V6 } else { IpVersion::V4 };
-        let rules: Vec<RuleMessage> = self.runtime.block_on(async {
-            self.handle
-                .rule()
-                .get(version)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| Error::netlink("listing policy rules", e))
-        })?;
+        let mut request = RuleMessage::default();
+        request.header.family = family(ipv6);
+        let answer = self
+            .socket
+            .dump(RouteNetlinkMessage::GetRule(request))
+            .map_err(|e| Error::netlink("listing policy rules", e))?;
         let matches = |m: &RuleMessage| {
             m.attributes
                 .iter()
                 .any(|a| matches!(a, RuleAttribute::Iifname(n) if n == ifname))
         };
-        Ok(rules.into_iter().filter(matches).collect())
+        Ok(answer
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRule(rule) if matches(&rule) => Some(rule),
+                _ => None,
+            })
+            .collect())
     }
 
     /// The routes of routing table `table` through link `index`, both families.
@@ -304,27 +304,24 @@ impl Netlink {
 
     /// A dump of both families' routes (the kernel answers every table; callers filter).
     fn route_messages(&self, table: u32) -> Result<Vec<RouteMessage>> {
-        let v4 = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+        let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
             .table_id(table)
             .build();
-        let v6 = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+        let v6 = RouteMessageBuilder::<Ipv6Addr>::new()
             .table_id(table)
             .build();
-        self.runtime.block_on(async {
-            let mut messages = Vec::new();
-            for query in [v4, v6] {
-                let answer: Vec<RouteMessage> = self
-                    .handle
-                    .route()
-                    .get(query)
-                    .execute()
-                    .try_collect()
-                    .await
-                    .map_err(|e| Error::netlink("listing routes", e))?;
-                messages.extend(answer);
-            }
-            Ok(messages)
-        })
+        let mut messages = Vec::new();
+        for query in [v4, v6] {
+            let answer = self
+                .socket
+                .dump(RouteNetlinkMessage::GetRoute(query))
+                .map_err(|e| Error::netlink("listing routes", e))?;
+            messages.extend(answer.into_iter().filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(route) => Some(route),
+                _ => None,
+            }));
+        }
+        Ok(messages)
     }
 
     /// Add (`add: true`) or delete the device route `dst dev index` in table `table`.
@@ -341,14 +338,11 @@ impl Netlink {
             .output_interface(index)
             .table_id(table)
             .build();
-        self.runtime
-            .block_on(async {
-                match add {
-                    true => self.handle.route().add(message).execute().await,
-                    false => self.handle.route().del(message).execute().await,
-                }
-            })
-            .map_err(|e| Error::netlink(format!("route to {dst} in table {table}"), e))
+        match add {
+            true => self.socket.create(RouteNetlinkMessage::NewRoute(message)),
+            false => self.socket.change(RouteNetlinkMessage::DelRoute(message)),
+        }
+        .map_err(|e| Error::netlink(format!("route to {dst} in table {table}"), e))
     }
 
     /// All routes of the main table, both families.
@@ -361,6 +355,28 @@ impl Netlink {
     }
 }
 
+fn family(ipv6: bool) -> AddressFamily {
+    match ipv6 {
+        true => AddressFamily::Inet6,
+        false => AddressFamily::Inet,
+    }
+}
+
+/// `iif IFNAME lookup TABLE priority PRIORITY`, as `ip rule add` builds it: a table id past
+/// 255 does not fit the header, so the header says RT_TABLE_UNSPEC and the attribute rules.
+fn iif_rule(ifname: &str, table: u32, priority: u32, ipv6: bool) -> RuleMessage {
+    let mut rule = RuleMessage::default();
+    rule.header.family = family(ipv6);
+    rule.header.table = u8::try_from(table).unwrap_or(RT_TABLE_UNSPEC);
+    rule.header.action = RuleAction::ToTable;
+    rule.attributes = vec![
+        RuleAttribute::Iifname(ifname.to_string()),
+        RuleAttribute::Table(table),
+        RuleAttribute::Priority(priority),
+    ];
+    rule
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub dst: IpNetwork,
@@ -370,6 +386,7 @@ pub struct Route {
 }
 
 const RT_TABLE_MAIN: u8 = 254;
+const RT_TABLE_UNSPEC: u8 = 0;
 
 fn route_from_message(m: &RouteMessage) -> Option<Route> {
     if m.header.table != RT_TABLE_MAIN {
@@ -419,7 +436,7 @@ fn route_fields(m: &RouteMessage) -> Option<Route> {
         }
     }
     let unspecified = match m.header.address_family {
-        rtnetlink::packet_route::AddressFamily::Inet6 => IpAddr::from([0u16; 8]),
+        AddressFamily::Inet6 => IpAddr::from([0u16; 8]),
         _ => IpAddr::from([0u8; 4]),
     };
     let dst = IpNetwork::new(
