@@ -330,19 +330,18 @@ pub fn gone(key: Key) -> Update<'static> {
     }
 }
 
-/// Send `update` to every other ready link of this node without reading the devices first:
-/// one message per link, however many peers it has. Answers the links that refused (logged;
-/// CHECK of their pods reports the difference).
+/// Send `update` to every ready link of this node that `which` selects, without reading the
+/// devices first: one message per link, however many peers it has. Answers the links that
+/// refused (logged; CHECK of their pods reports the difference).
 pub fn tell_local_pods<'v>(
     node: &Node,
     view: &'v NetworkView,
-    except: &Record,
+    which: impl Fn(&Record) -> bool,
     update: &Update,
 ) -> Vec<&'v Record> {
     let mut refused = Vec::new();
     for record in view.records.iter().filter(|r| r.node == node.name) {
-        let is_except = record.is_attachment(&except.container_id, &except.ifname);
-        if is_except || record.state != State::Ready || record.boot_id != node.boot_id {
+        if !which(record) || record.state != State::Ready || record.boot_id != node.boot_id {
             continue;
         }
         let Some(pod) = record.live_netns(None) else {

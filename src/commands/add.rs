@@ -8,6 +8,7 @@
 use serde_json::Value;
 
 use super::context::{self, Context};
+use super::join::Joining;
 use super::rollback::Rollback;
 use crate::cni::result::{Interface, parse_dns};
 use crate::cni::{CniResult, Error, NetConf, Result};
@@ -18,9 +19,9 @@ use crate::link::Netlink;
 use crate::mesh;
 use crate::netns::Netns;
 use crate::ports;
-use crate::reconcile::{self, NetworkView, Prune};
-use crate::store::{GatewayRecord, Record, SCHEMA_VERSION, State, Store};
-use crate::wireguard::{self, LinkSpec, Peer};
+use crate::reconcile::NetworkView;
+use crate::store::{Record, SCHEMA_VERSION, State, Store};
+use crate::wireguard::{self, LinkSpec};
 
 /// How many taken ports ADD skips before giving up (another process may grab one between our
 /// check and the daemon's bind).
@@ -82,6 +83,8 @@ pub fn run(ctx: &Context) -> Result<Value> {
         add_default_routes(&mut ipam_result);
     }
     configure_pod_side(&pod, &env.ifname, &mut ipam_result)?;
+    record.state = State::Joining;
+    store.put(&record)?;
 
     let lock = store.lock()?;
     let joining = Joining {
@@ -100,53 +103,6 @@ pub fn run(ctx: &Context) -> Result<Value> {
     drop(lock);
     rollback.disarm();
     Ok(result_for(ctx, &settings, ipam_result))
-}
-
-/// The serialised part of ADD: what the pod's link must agree on with every other link.
-/// (`'a`: what a rollback step may borrow; `'b`: this ADD's own values.)
-struct Joining<'a, 'b> {
-    ctx: &'a Context<'a>,
-    store: &'a Store,
-    settings: &'b LinkSettings,
-    gateway_plan: Option<&'b gateway::Plan>,
-    /// The peers the link was created with (the network as read before the lock).
-    built_with: &'b [Peer],
-    static_peers: Vec<Peer>,
-}
-
-impl<'a> Joining<'a, '_> {
-    /// Under the network lock: the gateway; the peers that came or went since the link was
-    /// built (the store is read again: only changed files are parsed); the record ready; the
-    /// newcomer added to the gateway (or the ADD fails: kubelet probes go that way) and to
-    /// the other local links (one that refuses is logged and reported by its CHECK).
-    fn join(self, pod: &Netns, record: &mut Record, rollback: &mut Rollback<'a>) -> Result<()> {
-        let mut view = NetworkView::read(self.store, self.ctx.conf)?;
-        view.static_peers = self.static_peers;
-        context::resync_out_of_step(self.ctx, self.store, &view);
-        let mut gateway_created = false;
-        if let Some(plan) = self.gateway_plan {
-            let ensured = ensure_gateway(self.ctx, self.store, self.settings, plan, rollback)?;
-            gateway_created = ensured.1;
-            view.gateway = Some(ensured.0);
-        }
-        let catch_up = reconcile::between(self.built_with, &view.desired_for_pod(record)?);
-        if !catch_up.peers.is_empty() || !catch_up.remove_peers.is_empty() {
-            wireguard::backend(record.backend).apply(&record.link(Some(pod)), &catch_up)?;
-        }
-        record.state = State::Ready;
-        self.store.put(record)?;
-        view.records
-            .retain(|r| !r.is_attachment(&record.container_id, &record.ifname));
-        view.records.push(record.clone());
-        let newcomer = reconcile::newcomer(&view, record)?;
-        match gateway_created {
-            // A new gateway starts from this node's pods: it needs the whole network.
-            true => reconcile::gateway(&self.ctx.local(), &view, Prune::Nothing)?,
-            false => reconcile::tell_gateway(&self.ctx.local(), &view, &newcomer)?,
-        }
-        context::tell_local_pods(self.ctx, self.store, &view, record, &newcomer);
-        Ok(())
-    }
 }
 
 /// The result as the runtime expects it: one interface in the sandbox, device routes.
@@ -266,7 +222,11 @@ impl NewLink<'_> {
                 daemon: settings.userspace_daemon,
             };
             match self.backend.create(&spec, &ctx.host, pod) {
-                Ok(created) => return Ok(created.daemon_pid),
+                Ok(created) => {
+                    let peers = self.peers.len();
+                    tracing::debug!(port, peers, link = %temp_name, "link built in the pod");
+                    return Ok(created.daemon_pid);
+                }
                 Err(e) if is_port_taken(&e) && taken.len() + 1 < PORT_ATTEMPTS => {
                     tracing::warn!(port, "port taken meanwhile, trying the next one");
                     taken.push(port);
@@ -279,35 +239,6 @@ impl NewLink<'_> {
             }
         }
     }
-}
-
-/// Make sure the node gateway serves this pod's range; if it had to be replaced, the local pods
-/// swap its old key for the new one. Answers the gateway and whether it was created now.
-fn ensure_gateway<'a>(
-    ctx: &'a Context,
-    store: &'a Store,
-    settings: &LinkSettings,
-    plan: &gateway::Plan,
-    rollback: &mut Rollback<'a>,
-) -> Result<(GatewayRecord, bool)> {
-    let wanted = gateway::Wanted {
-        boot_id: &ctx.boot_id,
-        settings,
-        plan,
-        keepalive: ctx.conf.persistent_keepalive,
-        masquerade: ctx.conf.ip_masq,
-    };
-    let ensured = gateway::ensure(&ctx.host, store, &wanted)?;
-    if ensured.created {
-        rollback.push("node gateway", || {
-            gateway::remove_if_unused(&ctx.host, store)
-        });
-        let replaced: Vec<_> = ensured.replaced_key.into_iter().collect();
-        let mut view = context::network_view(ctx, store)?;
-        view.gateway = Some(ensured.record.clone());
-        context::reconcile_local_pods(ctx, store, &view, None, Prune::Only(&replaced));
-    }
-    Ok((ensured.record, ensured.created))
 }
 
 /// With the gateway, a pod's default routes go into the tunnel (and from there to its peer).

@@ -70,17 +70,17 @@ pub fn reconcile_local_pods(
     note_out_of_step(store, &refused);
 }
 
-/// A fan-out (ADD's newcomer, DEL's gone key) to every ready local link but `except`, sent
+/// A fan-out (ADD's newcomers, DEL's gone key) to the ready local links `which` selects, sent
 /// without reading the devices. A link that refuses is noted in the store, and the next ADD,
 /// DEL or GC brings it to its whole desired peer set (`resync_out_of_step`).
 pub fn tell_local_pods(
     ctx: &Context,
     store: &Store,
     view: &NetworkView,
-    except: &Record,
+    which: impl Fn(&Record) -> bool,
     update: &wireguard::Update,
 ) {
-    let refused = reconcile::tell_local_pods(&ctx.local(), view, except, update);
+    let refused = reconcile::tell_local_pods(&ctx.local(), view, which, update);
     note_out_of_step(store, &refused);
 }
 
@@ -131,7 +131,8 @@ pub fn withdraw(ctx: &Context, store: &Store, record: &Record) -> Result<Record>
     resync_out_of_step(ctx, store, &view);
     if let Ok(key) = mesh::public_key(record) {
         let gone = reconcile::gone(key);
-        tell_local_pods(ctx, store, &view, record, &gone);
+        let others = |r: &Record| !r.is_attachment(&record.container_id, &record.ifname);
+        tell_local_pods(ctx, store, &view, others, &gone);
         if let Err(e) = reconcile::tell_gateway(&ctx.local(), &view, &gone) {
             tracing::warn!(error = %e, "could not remove the peer from the node gateway");
         }

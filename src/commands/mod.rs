@@ -5,6 +5,7 @@ mod check;
 mod context;
 mod del;
 mod gc;
+mod join;
 mod rollback;
 mod status;
 

@@ -41,6 +41,9 @@ const SEPARATOR: char = ':';
 #[serde(rename_all = "lowercase")]
 pub enum State {
     Creating,
+    /// The link is built (in the pod, addressed, up) and waits to join the network under the
+    /// lock (`commands::join`): the ADD that joins next takes it along.
+    Joining,
     Ready,
     /// DEL under way: the link is being torn down outside the network lock.
     Deleting,

@@ -1,0 +1,162 @@
+//! The serialised half of ADD, under the network lock: a built link joins the network. An ADD
+//! builds its link (daemon, TUN, addresses, routes) without the lock and records it as
+//! `joining`; whichever ADD holds the lock next joins *every* link waiting then, as one batch:
+//! each gets its whole peer set (the others of the batch included), the gateway gets all of
+//! them in one message, and every ready local link gets all of them in one message. An ADD
+//! whose link a batch already joined finds its record ready and is done. Under a burst of ADDs
+//! this turns one message per link per ADD into one per link per batch.
+
+use super::context::{self, Context};
+use super::rollback::Rollback;
+use crate::cni::Result;
+use crate::gateway;
+use crate::host::LinkSettings;
+use crate::netns::Netns;
+use crate::reconcile::{self, NetworkView, Prune};
+use crate::store::{GatewayRecord, Record, State, Store};
+use crate::wireguard::{self, Peer, Update};
+
+/// What this ADD brings to the join. (`'a`: what a rollback step may borrow; `'b`: this ADD's
+/// own values.)
+pub struct Joining<'a, 'b> {
+    pub ctx: &'a Context<'a>,
+    pub store: &'a Store,
+    pub settings: &'b LinkSettings,
+    pub gateway_plan: Option<&'b gateway::Plan>,
+    /// The peers the link was created with (the network as read before the lock).
+    pub built_with: &'b [Peer],
+    pub static_peers: Vec<Peer>,
+}
+
+impl<'a> Joining<'a, '_> {
+    /// Join `record`'s link (and every other one waiting) to the network: the gateway; the
+    /// peers each link lacks; the newcomers added to the gateway (or the ADD fails: kubelet
+    /// probes go that way), then ready; the other local links told of them (one that refuses
+    /// is noted and repaired later). The caller holds the network lock.
+    pub fn join(self, pod: &Netns, record: &mut Record, rollback: &mut Rollback<'a>) -> Result<()> {
+        let (ctx, store) = (self.ctx, self.store);
+        let mut view = NetworkView::read(store, ctx.conf)?;
+        view.static_peers = self.static_peers;
+        if let Some(joined) = view.records.iter().find(|r| is_same(r, record))
+            && joined.state == State::Ready
+        {
+            *record = joined.clone();
+            tracing::debug!("an earlier batch joined this link to the network");
+            return Ok(());
+        }
+        context::resync_out_of_step(ctx, store, &view);
+        let mut gateway_created = false;
+        if let Some(plan) = self.gateway_plan {
+            let (gateway, created) = ensure_gateway(ctx, store, self.settings, plan, rollback)?;
+            view.gateway = Some(gateway);
+            gateway_created = created;
+        }
+
+        // Everyone in the batch counts as ready for the others' peer sets.
+        let waiting = others_waiting(ctx, &view, record);
+        for r in view.records.iter_mut() {
+            if is_same(r, record) || waiting.iter().any(|w| is_same(r, w)) {
+                r.state = State::Ready;
+            }
+        }
+        let catch_up = reconcile::between(self.built_with, &view.desired_for_pod(record)?);
+        if !catch_up.peers.is_empty() || !catch_up.remove_peers.is_empty() {
+            wireguard::backend(record.backend).apply(&record.link(Some(pod)), &catch_up)?;
+        }
+        let mut batch = vec![record.clone()];
+        for other in waiting {
+            match bring_in_step(&view, &other) {
+                Ok(()) => batch.push(other),
+                // Its own ADD finds it still joining and tries (and answers) for itself.
+                Err(e) => {
+                    tracing::warn!(container = %other.container_id, error = %e, "a waiting link could not join with this batch")
+                }
+            }
+        }
+
+        let newcomers = Update {
+            peers: batch
+                .iter()
+                .map(|r| reconcile::newcomer(&view, r).map(|u| u.peers))
+                .collect::<Result<Vec<_>>>()?
+                .concat(),
+            ..Update::default()
+        };
+        match gateway_created {
+            // A new gateway starts from this node's pods: it needs the whole network.
+            true => reconcile::gateway(&ctx.local(), &view, Prune::Nothing)?,
+            false => reconcile::tell_gateway(&ctx.local(), &view, &newcomers)?,
+        }
+        for joined in &mut batch {
+            joined.state = State::Ready;
+            store.put(joined)?;
+        }
+        tracing::debug!(links = batch.len(), gateway_created, "joined the network");
+        *record = batch[0].clone();
+        let outside_batch = |r: &Record| !batch.iter().any(|b| is_same(r, b));
+        context::tell_local_pods(ctx, store, &view, outside_batch, &newcomers);
+        Ok(())
+    }
+}
+
+fn is_same(a: &Record, b: &Record) -> bool {
+    a.is_attachment(&b.container_id, &b.ifname)
+}
+
+/// The other links of this node built and waiting to join, whose pods and links still exist
+/// (an ADD killed while waiting leaves a `joining` record its DEL removes).
+fn others_waiting(ctx: &Context, view: &NetworkView, me: &Record) -> Vec<Record> {
+    view.records
+        .iter()
+        .filter(|r| r.node == ctx.node && r.boot_id == ctx.boot_id)
+        .filter(|r| r.state == State::Joining && !is_same(r, me))
+        .filter(|r| {
+            r.live_netns(None)
+                .is_some_and(|pod| wireguard::backend(r.backend).is_running(&r.link(Some(&pod))))
+        })
+        .cloned()
+        .collect()
+}
+
+/// A waiting link gets exactly its desired peer set (nothing but its own ADD has configured
+/// it, so whatever else it has is a peer that left while it was built).
+fn bring_in_step(view: &NetworkView, other: &Record) -> Result<()> {
+    let pod = other.live_netns(None).ok_or_else(|| {
+        crate::cni::Error::netlink(
+            format!("link of {}", other.container_id),
+            "its pod namespace is gone",
+        )
+    })?;
+    let desired = view.desired_for_pod(other)?;
+    let link = other.link(Some(&pod));
+    reconcile::apply(other.backend, &link, &desired, Prune::Everything, &[]).map(|_| ())
+}
+
+/// Make sure the node gateway serves this pod's range; if it had to be replaced, the local pods
+/// swap its old key for the new one. Answers the gateway and whether it was created now.
+fn ensure_gateway<'a>(
+    ctx: &'a Context,
+    store: &'a Store,
+    settings: &LinkSettings,
+    plan: &gateway::Plan,
+    rollback: &mut Rollback<'a>,
+) -> Result<(GatewayRecord, bool)> {
+    let wanted = gateway::Wanted {
+        boot_id: &ctx.boot_id,
+        settings,
+        plan,
+        keepalive: ctx.conf.persistent_keepalive,
+        masquerade: ctx.conf.ip_masq,
+    };
+    let ensured = gateway::ensure(&ctx.host, store, &wanted)?;
+    if ensured.created {
+        rollback.push("node gateway", || {
+            gateway::remove_if_unused(&ctx.host, store)
+        });
+        let replaced: Vec<_> = ensured.replaced_key.into_iter().collect();
+        let mut view = context::network_view(ctx, store)?;
+        view.gateway = Some(ensured.record.clone());
+        context::reconcile_local_pods(ctx, store, &view, None, Prune::Only(&replaced));
+    }
+    Ok((ensured.record, ensured.created))
+}
