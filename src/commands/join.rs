@@ -35,15 +35,18 @@ impl<'a> Joining<'a, '_> {
     /// is noted and repaired later). The caller holds the network lock.
     pub fn join(self, pod: &Netns, record: &mut Record, rollback: &mut Rollback<'a>) -> Result<()> {
         let (ctx, store) = (self.ctx, self.store);
-        let mut view = NetworkView::read(store, ctx.conf)?;
-        view.static_peers = self.static_peers;
-        if let Some(joined) = view.records.iter().find(|r| is_same(r, record))
+        // Its own record first: after a burst most ADDs find they were taken along, and need
+        // not read the whole network to learn it.
+        if let Some(joined) = store.get(&record.container_id, &record.ifname)?
             && joined.state == State::Ready
+            && joined.public_key == record.public_key
         {
-            *record = joined.clone();
+            *record = joined;
             tracing::debug!("an earlier batch joined this link to the network");
             return Ok(());
         }
+        let mut view = NetworkView::read(store, ctx.conf)?;
+        view.static_peers = self.static_peers;
         context::resync_out_of_step(ctx, store, &view);
         let mut gateway_created = false;
         if let Some(plan) = self.gateway_plan {
@@ -63,16 +66,17 @@ impl<'a> Joining<'a, '_> {
         if !catch_up.peers.is_empty() || !catch_up.remove_peers.is_empty() {
             wireguard::backend(record.backend).apply(&record.link(Some(pod)), &catch_up)?;
         }
+        // One that cannot is left waiting: its own ADD tries (and answers) for itself.
+        let missed = reconcile::each_at_once(waiting.iter().collect(), |other| {
+            bring_in_step(&view, other)
+        });
         let mut batch = vec![record.clone()];
-        for other in waiting {
-            match bring_in_step(&view, &other) {
-                Ok(()) => batch.push(other),
-                // Its own ADD finds it still joining and tries (and answers) for itself.
-                Err(e) => {
-                    tracing::warn!(container = %other.container_id, error = %e, "a waiting link could not join with this batch")
-                }
-            }
-        }
+        batch.extend(
+            waiting
+                .iter()
+                .filter(|w| !missed.iter().any(|m| is_same(m, w)))
+                .cloned(),
+        );
 
         let newcomers = Update {
             peers: batch

@@ -14,6 +14,10 @@ use crate::netns::Netns;
 use crate::store::{GatewayRecord, Record, State, Store};
 use crate::wireguard::{self, DeviceState, LinkRef, Peer, Update};
 
+mod fan_out;
+
+pub use fan_out::{each_at_once, gone, local_pods, newcomer, tell_gateway, tell_local_pods};
+
 /// What the peer sets of a network's links are computed from: read once per command.
 pub struct NetworkView {
     /// Every record of the network, all nodes.
@@ -262,37 +266,6 @@ pub fn start_handshakes(
     backend.apply(link, &restore)
 }
 
-/// Bring the link of every ready attachment on this node that `which` selects to its
-/// desired peer set. A pod that died without DEL has no link to update; a link that refuses
-/// is logged and stays as it was (CHECK of that pod reports the difference, the next
-/// reconcile retries). Returns the links that could not be updated.
-pub fn local_pods<'v>(
-    node: &Node,
-    view: &'v NetworkView,
-    which: impl Fn(&Record) -> bool,
-    prune: Prune,
-) -> Vec<&'v Record> {
-    let mut refused = Vec::new();
-    let local = view.records.iter().filter(|r| r.node == node.name);
-    for record in local {
-        if !which(record) || record.state != State::Ready || record.boot_id != node.boot_id {
-            continue;
-        }
-        let Some(pod) = record.live_netns(None) else {
-            continue;
-        };
-        let outcome = view.desired_for_pod(record).and_then(|desired| {
-            let link = record.link(Some(&pod));
-            apply(record.backend, &link, &desired, prune, &view.moved)
-        });
-        if let Err(e) = outcome {
-            tracing::warn!(container = %record.container_id, ifname = %record.ifname, error = %e, "could not update the peers of a local pod");
-            refused.push(record);
-        }
-    }
-    refused
-}
-
 /// The update that takes a link from the peer set `before` (which the caller configured
 /// itself, so no read of the device is needed) to `after`.
 pub fn between(before: &[Peer], after: &[Peer]) -> Update<'static> {
@@ -311,58 +284,6 @@ pub fn between(before: &[Peer], after: &[Peer]) -> Update<'static> {
             .collect(),
         ..Update::default()
     }
-}
-
-/// ADD's fan-out: the update that makes `newcomer` a peer of another link (the same for
-/// every link of the network).
-pub fn newcomer(view: &NetworkView, newcomer: &Record) -> Result<Update<'static>> {
-    Ok(Update {
-        peers: vec![mesh::peer_of(newcomer, view.keepalive)?],
-        ..Update::default()
-    })
-}
-
-/// DEL's fan-out: the update that drops `key` from another link.
-pub fn gone(key: Key) -> Update<'static> {
-    Update {
-        remove_peers: vec![key],
-        ..Update::default()
-    }
-}
-
-/// Send `update` to every ready link of this node that `which` selects, without reading the
-/// devices first: one message per link, however many peers it has. Answers the links that
-/// refused (logged; CHECK of their pods reports the difference).
-pub fn tell_local_pods<'v>(
-    node: &Node,
-    view: &'v NetworkView,
-    which: impl Fn(&Record) -> bool,
-    update: &Update,
-) -> Vec<&'v Record> {
-    let mut refused = Vec::new();
-    for record in view.records.iter().filter(|r| r.node == node.name) {
-        if !which(record) || record.state != State::Ready || record.boot_id != node.boot_id {
-            continue;
-        }
-        let Some(pod) = record.live_netns(None) else {
-            continue;
-        };
-        let link = record.link(Some(&pod));
-        if let Err(e) = wireguard::backend(record.backend).apply(&link, update) {
-            tracing::warn!(container = %record.container_id, ifname = %record.ifname, error = %e, "could not update the peers of a local pod");
-            refused.push(record);
-        }
-    }
-    refused
-}
-
-/// Send `update` to this node's gateway without reading it first.
-pub fn tell_gateway(node: &Node, view: &NetworkView, update: &Update) -> Result<()> {
-    let Some(gateway) = &view.gateway else {
-        return Ok(());
-    };
-    crate::failpoint::fail("gateway-update")?;
-    wireguard::backend(gateway.backend).apply(&gateway.link(node.host), update)
 }
 
 /// Bring this node's gateway to its desired peer set.
