@@ -8,7 +8,7 @@
 use serde_json::Value;
 
 use super::context::{self, Context};
-use super::join::Joining;
+use super::join::{self, Joining};
 use super::rollback::Rollback;
 use crate::cni::result::{Interface, parse_dns};
 use crate::cni::{CniResult, Error, NetConf, Result};
@@ -61,30 +61,57 @@ pub fn run(ctx: &Context) -> Result<Value> {
         keypair: &keypair,
         peers: view.desired_for_pod(&record)?,
     };
-    record.daemon_pid = link.create(ctx, &pod, &settings, &mut record)?;
-    // Reverse order on failure: the link goes first, then its record and its port.
-    rollback.push("store record", || {
-        ports::release(&store.pod_link_name(&env.container_id, &env.ifname));
-        store.remove(&env.container_id, &env.ifname)
+    // The first pod of a network also makes the node gateway: beside the link, on a second
+    // thread that holds the network lock (the link needs none), so the two waits overlap.
+    let make_gateway = gateway_plan.as_ref().filter(|_| !gateway_runs(ctx, &store));
+    let (built, early_gateway) = std::thread::scope(|scope| {
+        let gateway = make_gateway.map(|plan| {
+            scope.spawn(|| {
+                let _lock = store.lock()?;
+                join::ensure_gateway(ctx, &store, &settings, plan)
+            })
+        });
+        let built = link.create(ctx, &pod, &settings, &mut record);
+        let gateway = gateway.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        (built, gateway)
     });
-    let key = keypair.public().clone();
-    let (host_name, daemon_pid) = (record.host_name.clone(), record.daemon_pid);
-    let (pod_ref, backend_ref, host_ref) = (&pod, &backend, &ctx.host);
-    rollback.push("link", move || {
-        let link = wireguard::LinkRef {
-            host_name: &host_name,
-            ifname: &env.ifname,
-            pod: Some(pod_ref),
-            daemon_pid,
-        };
-        backend_ref.destroy(&link, &key, host_ref)
-    });
-    if gateway_plan.is_some() {
-        add_default_routes(&mut ipam_result);
+    let gateway_created = matches!(early_gateway, Some(Ok((_, true))));
+    if gateway_created {
+        join::undo_gateway(ctx, &store, &mut rollback); // last: once nothing uses it
     }
-    configure_pod_side(&pod, &env.ifname, &mut ipam_result)?;
-    record.state = State::Joining;
-    store.put(&record)?;
+    if let Ok(daemon_pid) = built {
+        record.daemon_pid = daemon_pid;
+        // Reverse order on failure: the link goes first, then its record and its port.
+        rollback.push("store record", || {
+            ports::release(&store.pod_link_name(&env.container_id, &env.ifname));
+            store.remove(&env.container_id, &env.ifname)
+        });
+        let key = keypair.public().clone();
+        let (host_name, pod_ref, backend_ref, host_ref) =
+            (record.host_name.clone(), &pod, &backend, &ctx.host);
+        rollback.push("link", move || {
+            let link = wireguard::LinkRef {
+                host_name: &host_name,
+                ifname: &env.ifname,
+                pod: Some(pod_ref),
+                daemon_pid,
+            };
+            backend_ref.destroy(&link, &key, host_ref)
+        });
+    }
+    let prepared = built
+        .and(early_gateway.map_or(Ok(()), |g| g.map(|_| ())))
+        .and_then(|_| {
+            if gateway_plan.is_some() {
+                add_default_routes(&mut ipam_result);
+            }
+            configure_pod_side(&pod, &env.ifname, &mut ipam_result)?;
+            record.state = State::Joining;
+            store.put(&record)
+        });
+    if let Err(e) = prepared {
+        return Err(undo_under_lock(&store, rollback, e));
+    }
 
     let lock = store.lock()?;
     let joining = Joining {
@@ -94,6 +121,7 @@ pub fn run(ctx: &Context) -> Result<Value> {
         gateway_plan: gateway_plan.as_ref(),
         built_with: &link.peers,
         static_peers: view.static_peers,
+        gateway_created,
     };
     if let Err(e) = joining.join(&pod, &mut record, &mut rollback) {
         drop(rollback); // undone while the lock still hides the pod from everyone else
@@ -103,6 +131,20 @@ pub fn run(ctx: &Context) -> Result<Value> {
     drop(lock);
     rollback.disarm();
     Ok(result_for(ctx, &settings, ipam_result))
+}
+
+/// Whether this node's gateway of the network runs (of this boot): then ADD need not make it.
+fn gateway_runs(ctx: &Context, store: &Store) -> bool {
+    let gateway = store.gateway().ok().flatten();
+    gateway.is_some_and(|gw| gw.boot_id == ctx.boot_id && gateway::is_running(&ctx.host, &gw))
+}
+
+/// Undo what this ADD did so far, under the network lock: a gateway it made must not be
+/// judged unused while another ADD joins.
+fn undo_under_lock(store: &Store, rollback: Rollback, error: Error) -> Error {
+    let _lock = store.lock();
+    drop(rollback);
+    error
 }
 
 /// The result as the runtime expects it: one interface in the sandbox, device routes.

@@ -26,6 +26,8 @@ pub struct Joining<'a, 'b> {
     /// The peers the link was created with (the network as read before the lock).
     pub built_with: &'b [Peer],
     pub static_peers: Vec<Peer>,
+    /// This ADD made the gateway already (beside building the link): it needs the network.
+    pub gateway_created: bool,
 }
 
 impl<'a> Joining<'a, '_> {
@@ -48,11 +50,14 @@ impl<'a> Joining<'a, '_> {
         let mut view = NetworkView::read(store, ctx.conf)?;
         view.static_peers = self.static_peers;
         context::resync_out_of_step(ctx, store, &view);
-        let mut gateway_created = false;
+        let mut gateway_created = self.gateway_created;
         if let Some(plan) = self.gateway_plan {
-            let (gateway, created) = ensure_gateway(ctx, store, self.settings, plan, rollback)?;
+            let (gateway, created) = ensure_gateway(ctx, store, self.settings, plan)?;
+            if created {
+                undo_gateway(ctx, store, rollback);
+            }
             view.gateway = Some(gateway);
-            gateway_created = created;
+            gateway_created = created || self.gateway_created;
         }
 
         // Everyone in the batch counts as ready for the others' peer sets.
@@ -137,13 +142,14 @@ fn bring_in_step(view: &NetworkView, other: &Record) -> Result<()> {
 }
 
 /// Make sure the node gateway serves this pod's range; if it had to be replaced, the local pods
-/// swap its old key for the new one. Answers the gateway and whether it was created now.
-fn ensure_gateway<'a>(
-    ctx: &'a Context,
-    store: &'a Store,
+/// swap its old key for the new one. Answers the gateway and whether it was created now. The
+/// caller holds the network lock, and registers the undo of a created gateway
+/// (`undo_gateway`).
+pub fn ensure_gateway(
+    ctx: &Context,
+    store: &Store,
     settings: &LinkSettings,
     plan: &gateway::Plan,
-    rollback: &mut Rollback<'a>,
 ) -> Result<(GatewayRecord, bool)> {
     let wanted = gateway::Wanted {
         boot_id: &ctx.boot_id,
@@ -154,13 +160,18 @@ fn ensure_gateway<'a>(
     };
     let ensured = gateway::ensure(&ctx.host, store, &wanted)?;
     if ensured.created {
-        rollback.push("node gateway", || {
-            gateway::remove_if_unused(&ctx.host, store)
-        });
         let replaced: Vec<_> = ensured.replaced_key.into_iter().collect();
         let mut view = context::network_view(ctx, store)?;
         view.gateway = Some(ensured.record.clone());
         context::reconcile_local_pods(ctx, store, &view, None, Prune::Only(&replaced));
     }
     Ok((ensured.record, ensured.created))
+}
+
+/// The undo of a gateway this ADD created: removed again when no attachment uses it (run
+/// under the network lock, like every undo that may touch the gateway).
+pub fn undo_gateway<'a>(ctx: &'a Context, store: &'a Store, rollback: &mut Rollback<'a>) {
+    rollback.push("node gateway", || {
+        gateway::remove_if_unused(&ctx.host, store)
+    });
 }
