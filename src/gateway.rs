@@ -253,10 +253,20 @@ pub fn ensure(host: &Netns, store: &Store, wanted: &Wanted) -> Result<Ensured> {
         daemon: settings.userspace_daemon,
     };
     // Created "into" the host namespace itself: the same path as a pod link, minus the move.
-    let created = backend.create(&spec, host, host);
+    // Forwarding and the NAT rules (which name the link, and need not wait for it) are set
+    // meanwhile on a second thread: iptables' execs take as long as the daemon's start.
+    let (created, rules) = std::thread::scope(|scope| {
+        let rules = scope.spawn(|| forwarding_and_nat(&record));
+        let created = backend.create(&spec, host, host);
+        let rules = rules
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (created, rules)
+    });
     let finish = created.and_then(|created| {
+        rules?;
         record.daemon_pid = created.daemon_pid;
-        configure_host_side(host, &record).and_then(|()| store.put_gateway(&record))
+        configure_link(host, &record).and_then(|()| store.put_gateway(&record))
     });
     if let Err(e) = finish {
         let _ = destroy(host, &record);
@@ -286,6 +296,12 @@ fn merge_plan(record: &mut GatewayRecord, plan: &Plan) {
 
 /// Addresses, up, routes to the pod ranges, forwarding and the NAT rules. Idempotent.
 fn configure_host_side(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
+    configure_link(host, gateway)?;
+    forwarding_and_nat(gateway)
+}
+
+/// The gateway link's addresses, up, and its routes to the pod ranges.
+fn configure_link(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
     host.run(|| {
         let netlink = Netlink::open()?;
         let link = netlink.link_by_name(&gateway.host_name)?.ok_or_else(|| {
@@ -305,7 +321,10 @@ fn configure_host_side(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
             netlink.add_host_route(link.index, *range)?;
         }
         Ok(())
-    })?;
+    })
+}
+
+fn forwarding_and_nat(gateway: &GatewayRecord) -> Result<()> {
     nat::enable_forwarding(gateway.routed())?;
     let (want, drop) = nat_rules(gateway);
     nat::converge(&want, &drop)
