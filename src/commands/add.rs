@@ -20,7 +20,7 @@ use crate::mesh;
 use crate::netns::Netns;
 use crate::ports;
 use crate::reconcile::NetworkView;
-use crate::store::{Record, SCHEMA_VERSION, State, Store};
+use crate::store::{GatewayRecord, Record, SCHEMA_VERSION, State, Store};
 use crate::wireguard::{self, LinkSpec};
 
 /// How many taken ports ADD skips before giving up (another process may grab one between our
@@ -61,43 +61,23 @@ pub fn run(ctx: &Context) -> Result<Value> {
         keypair: &keypair,
         peers: view.desired_for_pod(&record)?,
     };
-    // The first pod of a network also makes the node gateway: beside the link, on a second
-    // thread that holds the network lock (the link needs none), so the two waits overlap.
-    let make_gateway = gateway_plan.as_ref().filter(|_| !gateway_runs(ctx, &store));
-    let (built, early_gateway) = std::thread::scope(|scope| {
-        let gateway = make_gateway.map(|plan| {
-            scope.spawn(|| {
-                let _lock = store.lock()?;
-                join::ensure_gateway(ctx, &store, &settings, plan)
-            })
-        });
-        let built = link.create(ctx, &pod, &settings, &mut record);
-        let gateway = gateway.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
-        (built, gateway)
-    });
+    let (built, early_gateway) =
+        link.build_beside_gateway(ctx, &pod, &settings, gateway_plan.as_ref(), &mut record);
     let gateway_created = matches!(early_gateway, Some(Ok((_, true))));
     if gateway_created {
         join::undo_gateway(ctx, &store, &mut rollback); // last: once nothing uses it
     }
     if let Ok(daemon_pid) = built {
         record.daemon_pid = daemon_pid;
-        // Reverse order on failure: the link goes first, then its record and its port.
-        rollback.push("store record", || {
-            ports::release(&store.pod_link_name(&env.container_id, &env.ifname));
-            store.remove(&env.container_id, &env.ifname)
-        });
-        let key = keypair.public().clone();
-        let (host_name, pod_ref, backend_ref, host_ref) =
-            (record.host_name.clone(), &pod, &backend, &ctx.host);
-        rollback.push("link", move || {
-            let link = wireguard::LinkRef {
-                host_name: &host_name,
-                ifname: &env.ifname,
-                pod: Some(pod_ref),
-                daemon_pid,
-            };
-            backend_ref.destroy(&link, &key, host_ref)
-        });
+        undo_link(
+            &mut rollback,
+            ctx,
+            &store,
+            &pod,
+            &*backend,
+            &keypair,
+            &record,
+        );
     }
     let prepared = built
         .and(early_gateway.map_or(Ok(()), |g| g.map(|_| ())))
@@ -131,6 +111,35 @@ pub fn run(ctx: &Context) -> Result<Value> {
     drop(lock);
     rollback.disarm();
     Ok(result_for(ctx, &settings, ipam_result))
+}
+
+/// The undo of a built link (registered once it exists): the link goes first, then its
+/// record and its port (steps run in reverse).
+fn undo_link<'a>(
+    rollback: &mut Rollback<'a>,
+    ctx: &'a Context,
+    store: &'a Store,
+    pod: &'a Netns,
+    backend: &'a dyn wireguard::Backend,
+    keypair: &KeyPair,
+    record: &Record,
+) {
+    let (container_id, ifname) = (&ctx.env.container_id, &ctx.env.ifname);
+    rollback.push("store record", move || {
+        ports::release(&store.pod_link_name(container_id, ifname));
+        store.remove(container_id, ifname)
+    });
+    let key = keypair.public().clone();
+    let (host_name, daemon_pid) = (record.host_name.clone(), record.daemon_pid);
+    rollback.push("link", move || {
+        let link = wireguard::LinkRef {
+            host_name: &host_name,
+            ifname,
+            pod: Some(pod),
+            daemon_pid,
+        };
+        backend.destroy(&link, &key, &ctx.host)
+    });
 }
 
 /// Whether this node's gateway of the network runs (of this boot): then ADD need not make it.
@@ -225,6 +234,9 @@ fn new_record(
     }
 }
 
+/// The gateway ADD made (or found) beside its link, and whether it made it.
+type EnsuredGateway = Result<(GatewayRecord, bool)>;
+
 /// A pod link about to be created, with everything its creation needs.
 struct NewLink<'a> {
     store: &'a Store,
@@ -234,6 +246,33 @@ struct NewLink<'a> {
 }
 
 impl NewLink<'_> {
+    /// `create`, and meanwhile the node gateway when the network has none running yet (the
+    /// first pod of a network): on a second thread that holds the network lock (the link
+    /// needs none), so the two waits overlap. Answers both outcomes.
+    fn build_beside_gateway(
+        &self,
+        ctx: &Context,
+        pod: &Netns,
+        settings: &LinkSettings,
+        plan: Option<&gateway::Plan>,
+        record: &mut Record,
+    ) -> (Result<Option<u32>>, Option<EnsuredGateway>) {
+        let store = self.store;
+        let make_gateway = plan.filter(|_| !gateway_runs(ctx, store));
+        std::thread::scope(|scope| {
+            let gateway = make_gateway.map(|plan| {
+                scope.spawn(|| {
+                    let _lock = store.lock()?;
+                    join::ensure_gateway(ctx, store, settings, plan)
+                })
+            });
+            let built = self.create(ctx, pod, settings, record);
+            let gateway =
+                gateway.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            (built, gateway)
+        })
+    }
+
     /// Take a port from the node's ledger, write the `creating` record (so a DEL after a
     /// crash can prove the link ours), create the link; a port taken meanwhile is skipped.
     /// Returns the daemon's pid (userspace). The ledger knows the port by the link's scoped
