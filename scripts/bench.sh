@@ -79,8 +79,8 @@ scripts/apt-install.sh iperf3 strace qemu-system-x86 linux-image-amd64 busybox-s
 log "building wg-cni and the driver (release)"
 cargo build --release --locked --quiet
 cargo build --release --locked --quiet --manifest-path bench/driver/Cargo.toml
-WG=$ROOT/target/release/wg-cni
-DRIVER=$ROOT/bench/driver/target/release/wg-cni-bench
+WG=$ROOT/target/x86_64-unknown-linux-gnu/release/wg-cni
+DRIVER=$ROOT/bench/driver/target/x86_64-unknown-linux-gnu/release/wg-cni-bench
 
 # ------------------------------------------------------------------ cleanup
 WORK=$(mktemp -d /tmp/wg-cni-bench.XXXXXX)

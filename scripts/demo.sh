@@ -11,7 +11,7 @@ scripts/install-deps.sh
 scripts/install-wgd.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --quiet
-bin=$PWD/target/release/wg-cni
+bin=$PWD/target/x86_64-unknown-linux-gnu/release/wg-cni
 
 work=$(mktemp -d /tmp/wg-cni-demo.XXXXXX)
 id=$$

@@ -36,7 +36,7 @@ chmod +x "$stage"/*.so
 # Debug builds without their debug info: the initramfs lives in the guest's memory.
 bins=$(mktemp -d)
 trap 'rm -rf "$stage" "$bins"' EXIT
-for exe in target/debug/wg-cni target/debug/wg-cni-agent "${suites[@]}"; do
+for exe in target/x86_64-unknown-linux-gnu/debug/wg-cni target/x86_64-unknown-linux-gnu/debug/wg-cni-agent "${suites[@]}"; do
   strip --strip-debug -o "$bins/$(basename "$exe")" "$exe"
 done
 export VM_MEMORY=${VM_MEMORY:-1536}

@@ -7,6 +7,8 @@
 
 use std::cell::Cell;
 use std::io::Write;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -61,7 +63,7 @@ impl<'a> Ipam<'a> {
 
     /// The versions the plugin reports through VERSION.
     pub fn supported_versions(&self) -> Result<Vec<Version>> {
-        let output = self.exec("VERSION", None, &json!({"cniVersion": "0.4.0"}))?;
+        let output = self.exec("VERSION", None, &json!({"cniVersion": "0.4.0"}), None)?;
         let versions = output
             .get("supportedVersions")
             .and_then(Value::as_array)
@@ -114,32 +116,36 @@ impl<'a> Ipam<'a> {
         command: &str,
         target: Option<&Target>,
         prev: Option<&CniResult>,
+        hand_down: Option<BorrowedFd>,
     ) -> Result<Value> {
         let version = self.version()?;
-        match self.exec(command, target, &self.config(version, prev)) {
+        match self.exec(command, target, &self.config(version, prev), hand_down) {
             Err(Error::Delegated { code: 1, .. }) if self.negotiated.get().is_none() => {
                 let version = self.negotiate()?;
-                self.exec(command, target, &self.config(version, prev))
+                self.exec(command, target, &self.config(version, prev), hand_down)
             }
             other => other,
         }
     }
 
-    pub fn add(&self) -> Result<CniResult> {
-        let output = self.call("ADD", Some(&self.target_of_env()), None)?;
+    /// ADD, with `held` (a lock on this attachment) handed down to the plugin: the lock then
+    /// outlives us while the plugin runs, so a DEL after a killed ADD waits for an orphaned
+    /// plugin to finish its reservation before it releases it.
+    pub fn add(&self, held: BorrowedFd) -> Result<CniResult> {
+        let output = self.call("ADD", Some(&self.target_of_env()), None, Some(held))?;
         CniResult::parse(&output, &format!("{} result", self.conf.ipam_type))
     }
 
     /// Release `target`'s addresses; the plugin treats an unknown one as success.
     pub fn del(&self, target: &Target, prev: Option<&CniResult>) -> Result<()> {
-        self.call("DEL", Some(target), prev).map(drop)
+        self.call("DEL", Some(target), prev, None).map(drop)
     }
 
     pub fn check(&self, prev: &CniResult) -> Result<()> {
         if self.version()? < Version::V0_4_0 {
             return Ok(()); // CHECK did not exist before 0.4.0
         }
-        self.call("CHECK", Some(&self.target_of_env()), Some(prev))
+        self.call("CHECK", Some(&self.target_of_env()), Some(prev), None)
             .map(drop)
     }
 
@@ -148,7 +154,7 @@ impl<'a> Ipam<'a> {
         if self.negotiate()? < Version::V1_1_0 {
             return Ok(false);
         }
-        self.exec(command, None, &self.config(Version::V1_1_0, None))?;
+        self.exec(command, None, &self.config(Version::V1_1_0, None), None)?;
         Ok(true)
     }
 
@@ -166,8 +172,23 @@ impl<'a> Ipam<'a> {
         config
     }
 
-    fn exec(&self, command: &str, target: Option<&Target>, config: &Value) -> Result<Value> {
+    fn exec(
+        &self,
+        command: &str,
+        target: Option<&Target>,
+        config: &Value,
+        hand_down: Option<BorrowedFd>,
+    ) -> Result<Value> {
         let mut cmd = Command::new(&self.binary);
+        if let Some(fd) = hand_down.map(|fd| fd.as_raw_fd()) {
+            // SAFETY: fcntl is async-signal-safe; it clears close-on-exec in the child only.
+            unsafe {
+                cmd.pre_exec(move || match nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) {
+                    -1 => Err(std::io::Error::last_os_error()),
+                    _ => Ok(()),
+                });
+            }
+        }
         cmd.env("CNI_COMMAND", command)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -6,7 +6,7 @@
 # Each step prints PASS/FAIL; the last line is `clients: N passed, N failed`.
 #
 #   scripts/clients/run.sh [libcni|podman|containerd ...]
-# Environment: WG_CNI_BIN (test this binary instead of building target/release/wg-cni),
+# Environment: WG_CNI_BIN (test this binary instead of building target/x86_64-unknown-linux-gnu/release/wg-cni),
 # WGC_BACKEND (default userspace), WGC_TOOLS (default target/clients).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
@@ -36,7 +36,7 @@ export WGC_TOOLS=${WGC_TOOLS:-$PWD/target/clients}
 scripts/clients/install.sh "$WGC_TOOLS" || setup_failed "installing the clients failed"
 if [ -z "${WG_CNI_BIN:-}" ]; then
   cargo build --release --quiet || setup_failed "cargo build --release failed"
-  WG_CNI_BIN=$PWD/target/release/wg-cni
+  WG_CNI_BIN=$PWD/target/x86_64-unknown-linux-gnu/release/wg-cni
 fi
 export WG_CNI_BIN
 

@@ -42,7 +42,13 @@ pub fn run(ctx: &Context) -> Result<Value> {
 
     let backend = wireguard::backend(settings.backend);
     let mut rollback = Rollback::new();
-    let mut ipam_result = ipam.add()?;
+    let attachment = store
+        .attachment_lock(&env.container_id, &env.ifname)?
+        .ok_or_else(|| Error::Io {
+            context: "locking the attachment".into(),
+            source: std::io::Error::other("this node's store directory vanished"),
+        })?;
+    let mut ipam_result = ipam.add(attachment.fd())?;
     rollback.push("IPAM reservation", || ipam.del(&ipam.target_of_env(), None));
     check_addresses(conf, &settings, &ipam_result)?;
     let addresses: Vec<_> = ipam_result.ips.iter().map(|ip| ip.address).collect();
@@ -110,6 +116,7 @@ pub fn run(ctx: &Context) -> Result<Value> {
     }
     drop(lock);
     rollback.disarm();
+    attachment.release();
     Ok(result_for(ctx, &settings, ipam_result))
 }
 

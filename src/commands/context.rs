@@ -153,20 +153,33 @@ pub fn dismantle(
 ) -> Result<()> {
     let pod = record.live_netns(netns_hint);
     let link = record.link(pod.as_ref());
-    match mesh::public_key(record) {
-        Ok(key) => wireguard::backend(record.backend).destroy(&link, &key, &ctx.host)?,
+    let destroy_link = || match mesh::public_key(record) {
+        Ok(key) => wireguard::backend(record.backend).destroy(&link, &key, &ctx.host),
         Err(e) => {
             tracing::warn!(container = %record.container_id, error = %e, "cannot prove the link ours: left alone");
+            Ok(())
         }
-    }
-    ipam.del(
-        &Target {
+    };
+    let release_addresses = || {
+        let target = Target {
             container_id: &record.container_id,
             ifname: &record.ifname,
             netns: None,
-        },
-        None,
-    )?;
+        };
+        ipam.del(&target, None)
+    };
+    // Side by side: the IPAM plugin's exec and the link's teardown (a daemon's exit, the
+    // kernel's grace period) are both waits; the withdrawn key is no peer anywhere, so the
+    // address may be handed out again before the old link is gone.
+    let (destroyed, released) = std::thread::scope(|scope| {
+        let destroyed = scope.spawn(destroy_link);
+        let released = release_addresses();
+        let destroyed = destroyed
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (destroyed, released)
+    });
+    destroyed.and(released)?;
     ports::release(&store.pod_link_name(&record.container_id, &record.ifname));
     Ok(())
 }

@@ -6,7 +6,7 @@
 use super::context::{self, Context};
 use crate::cni::{CniResult, Result};
 use crate::gateway;
-use crate::store::{State, Store};
+use crate::store::{AttachmentLock, State, Store};
 
 pub fn run(ctx: &Context) -> Result<()> {
     let env = ctx.env;
@@ -21,9 +21,12 @@ pub fn run(ctx: &Context) -> Result<()> {
         // Never attached here; an ADD that died before its record may still hold addresses.
         return ipam.del(&ipam.target_of_env(), prev.as_ref());
     };
+    // An ADD of this attachment killed while its IPAM plugin ran: that plugin finishes first.
+    let attachment = store.attachment_lock(&env.container_id, &env.ifname)?;
     let lock = store.lock()?;
     let Some(record) = store.get(&env.container_id, &env.ifname)? else {
         ipam.del(&ipam.target_of_env(), prev.as_ref())?;
+        attachment.into_iter().for_each(AttachmentLock::release);
         return gateway::remove_if_unused(&ctx.host, &store);
     };
     // The link goes down outside the lock: the kernel takes its time with a link of many
@@ -38,5 +41,6 @@ pub fn run(ctx: &Context) -> Result<()> {
     if current.is_some_and(|r| r.state == State::Deleting && r.public_key == record.public_key) {
         store.remove(&env.container_id, &env.ifname)?;
     }
+    attachment.into_iter().for_each(AttachmentLock::release);
     gateway::remove_if_unused(&ctx.host, &store)
 }

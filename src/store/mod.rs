@@ -185,6 +185,25 @@ pub struct NetworkLock {
     _lock: Flock<File>,
 }
 
+/// One attachment's lock (`Store::attachment_lock`).
+pub struct AttachmentLock {
+    lock: NetworkLock,
+    path: PathBuf,
+}
+
+impl AttachmentLock {
+    /// The descriptor that holds the lock (handed down to the IPAM plugin).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.lock._lock.as_fd()
+    }
+
+    /// The attachment is done with (ADD answered, or DEL finished): its lock file goes.
+    pub fn release(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
 impl Store {
     /// Open (creating with mode 0700 where missing) `<root>/<network>/<node>`.
     pub fn open(root: &Path, network: &str, node: &str) -> Result<Store> {
@@ -271,8 +290,31 @@ impl Store {
         self.flock(ADDING_FILE, FlockArg::LockExclusive)
     }
 
+    /// One attachment's own lock, in this node's directory. ADD holds it throughout and hands
+    /// it down to the IPAM plugin (`Ipam::add`); DEL takes it first. A DEL after an ADD that
+    /// was killed while its IPAM plugin ran thus waits for that plugin to finish: otherwise
+    /// the plugin could reserve an address after the DEL released none.
+    /// `None` when this node has no directory in the network (nothing of it to wait for).
+    pub fn attachment_lock(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<AttachmentLock>> {
+        if !self.node_dir().is_dir() {
+            return Ok(None);
+        }
+        let name = format!(".lock-{}", Record::file_name(container_id, ifname));
+        let path = self.node_dir().join(name);
+        let lock = self.flock_at(&path, FlockArg::LockExclusive)?;
+        Ok(Some(AttachmentLock { lock, path }))
+    }
+
     fn flock(&self, name: &str, how: FlockArg) -> Result<NetworkLock> {
-        let path = self.network_dir.join(name);
+        self.flock_at(&self.network_dir.join(name), how)
+    }
+
+    fn flock_at(&self, path: &Path, how: FlockArg) -> Result<NetworkLock> {
+        let path = path.to_path_buf();
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)

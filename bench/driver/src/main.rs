@@ -143,7 +143,7 @@ fn main() {
     let ctx = Ctx {
         label: opts.str("label", "native"),
         backend: opts.str("backend", "userspace"),
-        wg: PathBuf::from(opts.str("wg", "target/release/wg-cni")),
+        wg: PathBuf::from(opts.str("wg", "target/x86_64-unknown-linux-gnu/release/wg-cni")),
         cni_path: PathBuf::from(opts.str("cni-path", "/usr/lib/cni")),
         ip: find_tool("ip", &["/usr/sbin/ip", "/sbin/ip"]),
         wgtool: find_tool("wg", &["/usr/bin/wg"]),
