@@ -7,6 +7,8 @@
 //! namespace, and tests can run in parallel on the same ports. Every process is killed by its
 //! pid in a Drop guard, also when an assertion fails.
 
+mod etcd_filler;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -969,7 +971,7 @@ fn compaction_while_an_agent_is_stopped_converges_after_sigcont() {
         kill(b.pid(), Signal::SIGSTOP).unwrap();
         // First enough traffic under the watched prefix (not records: the agents ignore it)
         // that etcd cannot push it all to the stopped agent: its watcher falls behind...
-        filler(&c.etcd.url(), 2500, 8 * 1024);
+        etcd_filler::fill(&c.etcd.url(), NET, 2500, 8 * 1024);
         // ...then the churn: 30 new records, the ten old ones deleted, five rewritten.
         for i in 0..30 {
             a.write_record(
@@ -1015,33 +1017,6 @@ fn compaction_while_an_agent_is_stopped_converges_after_sigcont() {
             assert_eq!(body["addresses"][0], format!("10.10.1.{}/24", 50 + i));
         }
         c.wait_ready();
-    });
-}
-
-/// `count` puts of `size` bytes under the network prefix, 32 at a time, from this thread's
-/// namespace.
-fn filler(url: &str, count: usize, size: usize) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = etcd_client::Client::connect([url], None).await.unwrap();
-        let value = vec![b'x'; size];
-        for chunk in (0..count).collect::<Vec<_>>().chunks(32) {
-            let puts = chunk.iter().map(|i| {
-                let mut client = client.clone();
-                let key = format!("/wg-cni/v1/{NET}/filler/{}", i % 64);
-                let value = value.clone();
-                async move { client.put(key, value, None).await }
-            });
-            let done = tokio::time::timeout(WAIT, futures::future::join_all(puts))
-                .await
-                .expect("etcd puts in time");
-            for put in done {
-                put.unwrap();
-            }
-        }
     });
 }
 

@@ -4,6 +4,7 @@
 
 mod cluster;
 mod common;
+mod etcd_filler;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

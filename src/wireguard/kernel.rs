@@ -50,14 +50,16 @@ impl Backend for Kernel {
         let _ = host; // created from this thread, which is in the host namespace
         Netlink::open()?.create_wireguard_in(spec.temp_name, pod.raw_fd(), spec.mtu)?;
         crate::failpoint::crash("after-link-created");
-        let link = LinkRef {
-            host_name: spec.temp_name,
-            ifname: spec.ifname,
-            pod: Some(pod),
-            daemon_pid: None,
-        };
-        let configured = rename_in(pod, spec.temp_name, spec.ifname)
-            .and_then(|()| self.apply(&link, &spec.initial_update()));
+        // One visit to the pod: the final name, then key, port and peers.
+        let update = device_update(&spec.initial_update());
+        let configured = pod.run(|| {
+            rename_here(&Netlink::open()?, spec.temp_name, spec.ifname)?;
+            update
+                .apply(&interface_name(spec.ifname)?, WgBackend::Kernel)
+                .map_err(|e| {
+                    Error::wireguard(format!("configuring WireGuard link {}", spec.ifname), e)
+                })
+        });
         if let Err(e) = configured {
             let _ = pod.run(|| {
                 let netlink = Netlink::open()?;
@@ -138,18 +140,16 @@ impl Backend for Kernel {
     }
 }
 
-/// Rename the (down) link `from` to `to` inside the pod; the same name is nothing to do.
-fn rename_in(pod: &Netns, from: &str, to: &str) -> Result<()> {
+/// Rename the (down) link `from` to `to` in the namespace `netlink` talks to; the same name
+/// is nothing to do.
+fn rename_here(netlink: &Netlink, from: &str, to: &str) -> Result<()> {
     if from == to {
         return Ok(());
     }
-    pod.run(|| {
-        let netlink = Netlink::open()?;
-        let link = netlink.link_by_name(from)?.ok_or_else(|| {
-            Error::netlink(format!("link {from}"), "vanished from the pod namespace")
-        })?;
-        netlink.rename(link.index, to)
-    })
+    let link = netlink
+        .link_by_name(from)?
+        .ok_or_else(|| Error::netlink(format!("link {from}"), "vanished from the pod namespace"))?;
+    netlink.rename(link.index, to)
 }
 
 /// Whether the running kernel can create WireGuard links (for `backend: auto` and STATUS).

@@ -186,29 +186,7 @@ impl Cluster {
         let (url, network) = (self.etcd_url(), self.network.clone());
         let filler = std::thread::spawn(move || {
             nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let client = etcd_client::Client::connect([url], None).await.unwrap();
-                let value = vec![b'x'; size];
-                for chunk in (0..count).collect::<Vec<_>>().chunks(32) {
-                    let puts = chunk.iter().map(|i| {
-                        let mut client = client.clone();
-                        let key = format!("/wg-cni/v1/{network}/filler/{}", i % 64);
-                        let value = value.clone();
-                        async move { client.put(key, value, None).await }
-                    });
-                    let limit = Duration::from_secs(60);
-                    let done = tokio::time::timeout(limit, futures::future::join_all(puts))
-                        .await
-                        .expect("etcd puts in time");
-                    for put in done {
-                        put.unwrap();
-                    }
-                }
-            });
+            crate::etcd_filler::fill(&url, &network, count, size);
         });
         filler.join().unwrap();
     }
