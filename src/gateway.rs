@@ -136,6 +136,16 @@ pub fn is_running(host: &Netns, gateway: &GatewayRecord) -> bool {
     wireguard::backend(gateway.backend).is_running(&gateway.link(host))
 }
 
+/// Whether this node's gateway of the store's network runs and is of this boot (`is_running`:
+/// what ADD asks before it decides to make one).
+pub fn is_running_for_boot(host: &Netns, store: &Store, boot_id: &str) -> bool {
+    store
+        .gateway()
+        .ok()
+        .flatten()
+        .is_some_and(|gw| gw.boot_id == boot_id && is_running(host, &gw))
+}
+
 /// Whether this node's gateway of the store's network is live and of this boot.
 pub fn is_live_for_boot(host: &Netns, store: &Store, boot_id: &str) -> bool {
     store

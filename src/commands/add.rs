@@ -149,12 +149,6 @@ fn undo_link<'a>(
     });
 }
 
-/// Whether this node's gateway of the network runs (of this boot): then ADD need not make it.
-fn gateway_runs(ctx: &Context, store: &Store) -> bool {
-    let gateway = store.gateway().ok().flatten();
-    gateway.is_some_and(|gw| gw.boot_id == ctx.boot_id && gateway::is_running(&ctx.host, &gw))
-}
-
 /// Undo what this ADD did so far, under the network lock: a gateway it made must not be
 /// judged unused while another ADD joins.
 fn undo_under_lock(store: &Store, rollback: Rollback, error: Error) -> Error {
@@ -265,7 +259,8 @@ impl NewLink<'_> {
         record: &mut Record,
     ) -> (Result<Option<u32>>, Option<EnsuredGateway>) {
         let store = self.store;
-        let make_gateway = plan.filter(|_| !gateway_runs(ctx, store));
+        let make_gateway =
+            plan.filter(|_| !gateway::is_running_for_boot(&ctx.host, store, &ctx.boot_id));
         std::thread::scope(|scope| {
             let gateway = make_gateway.map(|plan| {
                 scope.spawn(|| {

@@ -14,7 +14,7 @@ use crate::host::LinkSettings;
 use crate::netns::Netns;
 use crate::reconcile::{self, NetworkView, Prune};
 use crate::store::{GatewayRecord, Record, State, Store};
-use crate::wireguard::{self, Peer, Update};
+use crate::wireguard::{self, Peer};
 
 /// What this ADD brings to the join. (`'a`: what a rollback step may borrow; `'b`: this ADD's
 /// own values.)
@@ -68,7 +68,7 @@ impl<'a> Joining<'a, '_> {
             }
         }
         let catch_up = reconcile::between(self.built_with, &view.desired_for_pod(record)?);
-        if !catch_up.peers.is_empty() || !catch_up.remove_peers.is_empty() {
+        if !catch_up.changes_no_peer() {
             wireguard::backend(record.backend).apply(&record.link(Some(pod)), &catch_up)?;
         }
         // One that cannot is left waiting: its own ADD tries (and answers) for itself.
@@ -83,14 +83,7 @@ impl<'a> Joining<'a, '_> {
                 .cloned(),
         );
 
-        let newcomers = Update {
-            peers: batch
-                .iter()
-                .map(|r| reconcile::newcomer(&view, r).map(|u| u.peers))
-                .collect::<Result<Vec<_>>>()?
-                .concat(),
-            ..Update::default()
-        };
+        let newcomers = reconcile::newcomers(&view, &batch)?;
         match gateway_created {
             // A new gateway starts from this node's pods: it needs the whole network.
             true => reconcile::gateway(&ctx.local(), &view, Prune::Nothing)?,

@@ -18,11 +18,15 @@ const AT_ONCE: usize = 4;
 /// Below this many links a fan-out stays on the calling thread.
 const WORTH_THREADS: usize = 8;
 
-/// ADD's fan-out: the update that makes `newcomer` a peer of another link (the same for
+/// ADD's fan-out: the update that makes `newcomers` peers of another link (the same for
 /// every link of the network).
-pub fn newcomer(view: &NetworkView, newcomer: &Record) -> Result<Update<'static>> {
+pub fn newcomers(view: &NetworkView, newcomers: &[Record]) -> Result<Update<'static>> {
+    let peers = newcomers
+        .iter()
+        .map(|r| mesh::peer_of(r, view.keepalive))
+        .collect::<Result<_>>()?;
     Ok(Update {
-        peers: vec![mesh::peer_of(newcomer, view.keepalive)?],
+        peers,
         ..Update::default()
     })
 }

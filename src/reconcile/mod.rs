@@ -16,7 +16,7 @@ use crate::wireguard::{self, DeviceState, LinkRef, Peer, Update};
 
 mod fan_out;
 
-pub use fan_out::{each_at_once, gone, local_pods, newcomer, tell_gateway, tell_local_pods};
+pub use fan_out::{each_at_once, gone, local_pods, newcomers, tell_gateway, tell_local_pods};
 
 /// What the peer sets of a network's links are computed from: read once per command.
 pub struct NetworkView {
@@ -213,7 +213,7 @@ pub fn apply_and_report(
     let backend = wireguard::backend(backend);
     let device = backend.read(link)?;
     let update = diff(&device, desired, prune, moved);
-    if update.peers.is_empty() && update.remove_peers.is_empty() {
+    if update.changes_no_peer() {
         return Ok(None);
     }
     backend.apply(link, &update)?;

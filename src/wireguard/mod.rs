@@ -62,6 +62,14 @@ pub struct Update<'a> {
     pub remove_peers: Vec<Key>,
 }
 
+impl Update<'_> {
+    /// Nothing to add, change or remove: no message needed. (Key and port changes are not
+    /// asked here: callers that set them always send.)
+    pub fn changes_no_peer(&self) -> bool {
+        self.peers.is_empty() && self.remove_peers.is_empty()
+    }
+}
+
 /// What ADD asks a backend to build.
 pub struct LinkSpec<'a> {
     /// Name in the host namespace while the link is set up (userspace), and the UAPI name.
