@@ -1,16 +1,17 @@
 //! CHECK: the live link must still be what ADD made: addresses, routes, MTU, key, port,
-//! peers (against the store, read under the lock), daemon alive; then IPAM CHECK.
+//! gateway, peers (against the store, read under the lock), daemon alive; then IPAM CHECK.
 
 use std::collections::BTreeMap;
 
 use super::context::{self, Context};
-use crate::cni::{CniResult, Error, Result, Version};
+use crate::cni::{CniResult, Error, NetConf, Result, Version};
 use crate::gateway;
 use crate::link::Netlink;
 use crate::mesh;
 use crate::netns::Netns;
-use crate::store::Store;
-use crate::wireguard::{self, BackendKind};
+use crate::reconcile::NetworkView;
+use crate::store::{Record, Store};
+use crate::wireguard::{self, BackendKind, DeviceState};
 
 pub fn run(ctx: &Context) -> Result<()> {
     let env = ctx.env;
@@ -24,7 +25,7 @@ pub fn run(ctx: &Context) -> Result<()> {
 
     let store = Store::open_existing(&conf.store, &conf.name, &ctx.node)?
         .ok_or_else(|| Error::Check(format!("network {} has no key store", conf.name)))?;
-    let _lock = store.lock()?;
+    let lock = store.lock()?;
     let record = store.get(&env.container_id, &env.ifname)?.ok_or_else(|| {
         Error::Check(format!(
             "no store record for {}/{}: the attachment was never added or was deleted",
@@ -39,14 +40,28 @@ pub fn run(ctx: &Context) -> Result<()> {
     }
 
     check_link(&pod, &env.ifname, record.backend, record.mtu, &prev)?;
-
     let device = wireguard::backend(record.backend)
         .read(&record.link(Some(&pod)))
         .map_err(|e| Error::Check(format!("cannot read the WireGuard device: {e}")))?;
-    if device.public_key.map(|k| k.to_base64()).as_deref() != Some(record.public_key.as_str()) {
+    check_device(conf, &record, &device)?;
+
+    let mut view = context::network_view(ctx, &store)?;
+    view.static_peers = mesh::static_peers(conf, &record.addresses)?;
+    check_gateway(ctx, &view)?;
+    check_peers(ctx, &view, &record, &device)?;
+    drop(lock); // IPAM's own state needs no network lock
+
+    ctx.ipam()?.check(&prev)
+}
+
+/// The key and port ADD gave the link, and no fwmark.
+fn check_device(conf: &NetConf, record: &Record, device: &DeviceState) -> Result<()> {
+    let ifname = &record.ifname;
+    if device.public_key.as_ref().map(|k| k.to_base64()).as_deref()
+        != Some(record.public_key.as_str())
+    {
         return Err(Error::Check(format!(
-            "{}'s public key is not the one recorded at ADD",
-            env.ifname
+            "{ifname}'s public key is not the one recorded at ADD"
         )));
     }
     if device.listen_port != Some(record.listen_port) {
@@ -60,20 +75,22 @@ pub fn run(ctx: &Context) -> Result<()> {
             _ => String::new(),
         };
         return Err(Error::Check(format!(
-            "{} listens on port {:?}, ADD gave it {}{outside}",
-            env.ifname, device.listen_port, record.listen_port
+            "{ifname} listens on port {:?}, ADD gave it {}{outside}",
+            device.listen_port, record.listen_port
         )));
     }
-
     if let Some(mark) = device.fwmark {
         // Only a pod with CAP_NET_ADMIN can set it: its UDP would then carry a host mark.
         return Err(Error::Check(format!(
-            "{} has fwmark {mark:#x}; ADD sets none (the pod changed its link)",
-            env.ifname
+            "{ifname} has fwmark {mark:#x}; ADD sets none (the pod changed its link)"
         )));
     }
-    let mut view = context::network_view(ctx, &store)?;
-    view.static_peers = mesh::static_peers(conf, &record.addresses)?;
+    Ok(())
+}
+
+/// The node gateway the pod's default route leads to is recorded and alive.
+fn check_gateway(ctx: &Context, view: &NetworkView) -> Result<()> {
+    let conf = ctx.conf;
     if let Some(gateway) = &view.gateway
         && (gateway.boot_id != ctx.boot_id || !gateway::is_live(&ctx.host, gateway))
     {
@@ -85,51 +102,54 @@ pub fn run(ctx: &Context) -> Result<()> {
     if conf.host_gateway && view.gateway.is_none() {
         return Err(Error::Check("the node gateway has no record".into()));
     }
-    let expected = view.desired_for_pod(&record)?;
-    let want: BTreeMap<String, (Vec<String>, Option<String>)> = expected
+    Ok(())
+}
+
+/// The device's peers are the ones the store wants for it. Peers of other nodes are the node
+/// agent's to bring (and may lag behind the store): one missing from the device is no failure
+/// here, but one present must match its record.
+fn check_peers(
+    ctx: &Context,
+    view: &NetworkView,
+    record: &Record,
+    device: &DeviceState,
+) -> Result<()> {
+    let mut want: PeerMap = view
+        .desired_for_pod(record)?
         .iter()
         .map(|p| {
-            let mut ips: Vec<String> = p.allowed_ips.iter().map(|ip| ip.to_string()).collect();
-            ips.sort();
-            (
-                p.public_key.to_base64(),
-                (ips, p.endpoint.map(|e| e.to_string())),
-            )
+            let ips = p.allowed_ips.iter().map(|ip| ip.to_string());
+            let endpoint = p.endpoint.map(|e| e.to_string());
+            (p.public_key.to_base64(), (sorted(ips), endpoint))
         })
         .collect();
-    let have: BTreeMap<String, (Vec<String>, Option<String>)> = device
+    let have: PeerMap = device
         .peers
         .iter()
         .map(|p| {
-            let mut ips: Vec<String> = p
-                .config
-                .allowed_ips
-                .iter()
-                .map(|ip| format!("{}/{}", ip.address, ip.cidr))
-                .collect();
-            ips.sort();
-            (
-                p.config.public_key.to_base64(),
-                (ips, p.config.endpoint.map(|e| e.to_string())),
-            )
+            let ips = (p.config.allowed_ips.iter()).map(|ip| format!("{}/{}", ip.address, ip.cidr));
+            let endpoint = p.config.endpoint.map(|e| e.to_string());
+            (p.config.public_key.to_base64(), (sorted(ips), endpoint))
         })
         .collect();
-    // Peers of other nodes are the node agent's to bring (and may lag behind the store): one
-    // missing from the device is no failure here, but one present must match its record.
-    let remote: Vec<String> = view
+    let remote: Vec<&str> = view
         .records
         .iter()
         .filter(|r| r.node != ctx.node)
-        .map(|r| r.public_key.clone())
-        .chain(view.remote_gateways.iter().map(|g| g.public_key.clone()))
+        .map(|r| r.public_key.as_str())
+        .chain(view.remote_gateways.iter().map(|g| g.public_key.as_str()))
         .collect();
-    let mut want = want;
-    want.retain(|key, _| !remote.contains(key) || have.contains_key(key));
+    want.retain(|key, _| !remote.contains(&key.as_str()) || have.contains_key(key));
     if want != have {
         return Err(Error::Check(peer_difference(&want, &have)));
     }
+    Ok(())
+}
 
-    ctx.ipam()?.check(&prev)
+fn sorted(items: impl Iterator<Item = String>) -> Vec<String> {
+    let mut items: Vec<String> = items.collect();
+    items.sort();
+    items
 }
 
 fn check_link(
