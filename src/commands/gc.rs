@@ -30,7 +30,9 @@ pub fn run(ctx: &Context) -> Result<()> {
                 r.live_netns(None).is_none()
             })?,
         };
-        context::resync_out_of_step(ctx, &store, &context::network_view(ctx, &store)?);
+        if store.has_out_of_step() {
+            context::resync_out_of_step(ctx, &store, &context::network_view(ctx, &store)?);
+        }
         gateway::remove_if_unused(&ctx.host, &store)?;
     }
     // An IPAM that speaks 1.1 cleans its own leftovers; for older ones the IPAM DEL of each

@@ -62,11 +62,7 @@ impl<'a> Joining<'a, '_> {
 
         // Everyone in the batch counts as ready for the others' peer sets.
         let waiting = others_waiting(ctx, &view, record);
-        for r in view.records.iter_mut() {
-            if is_same(r, record) || waiting.iter().any(|w| is_same(r, w)) {
-                r.state = State::Ready;
-            }
-        }
+        view.treat_as_ready(|r| is_same(r, record) || waiting.iter().any(|w| is_same(r, w)));
         let catch_up = reconcile::between(self.built_with, &view.desired_for_pod(record)?);
         if !catch_up.changes_no_peer() {
             wireguard::backend(record.backend).apply(&record.link(Some(pod)), &catch_up)?;

@@ -62,6 +62,14 @@ impl NetworkView {
         })
     }
 
+    /// Count the records `which` picks as ready (a batch joining together: each member's peer
+    /// set includes the others before any of them is written ready).
+    pub fn treat_as_ready(&mut self, which: impl Fn(&Record) -> bool) {
+        for record in self.records.iter_mut().filter(|r| which(r)) {
+            record.state = State::Ready;
+        }
+    }
+
     /// The peers the pod link of `me` should have: every other ready attachment, the static
     /// peers, this node's gateway for whatever no more specific peer claims, and every other
     /// node's gateway for that gateway's and that node's addresses.

@@ -502,6 +502,11 @@ impl Store {
         noted
     }
 
+    /// Whether an earlier fan-out noted links it missed (without reading the note).
+    pub fn has_out_of_step(&self) -> bool {
+        self.node_dir().join(OUT_OF_STEP_FILE).exists()
+    }
+
     fn out_of_step(&self) -> Vec<(String, String)> {
         fs::read(self.node_dir().join(OUT_OF_STEP_FILE))
             .ok()
