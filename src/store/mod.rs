@@ -425,6 +425,7 @@ impl Store {
     /// another attachment.
     fn read_records(&self, dir: &Path) -> Result<Vec<(PathBuf, Record)>> {
         let mut records = Vec::new();
+        let mut legacy_seen = false;
         for path in list_dir(dir)? {
             // Pod records hold a ':' (legacy ones a '-'); gateway.json, and the agent's
             // subnet.json and node.json, are other files.
@@ -437,7 +438,9 @@ impl Store {
                 continue;
             }
             match self.read_record_file(&path) {
-                Ok(record) if is_current_name(&path, &record) || is_legacy_name(&path, &record) => {
+                Ok(record) if is_current_name(&path, &record) => records.push((path, record)),
+                Ok(record) if is_legacy_name(&path, &record) => {
+                    legacy_seen = true;
                     records.push((path, record))
                 }
                 Ok(record) => {
@@ -449,16 +452,11 @@ impl Store {
                 }
             }
         }
-        // A legacy file and its migrated twin (a crash between the two names): keep one.
-        records.sort_by_key(|(path, r)| {
-            (
-                r.container_id.clone(),
-                r.ifname.clone(),
-                !is_current_name(path, r),
-            )
-        });
-        records.dedup_by(|b, a| a.1.is_attachment(&b.1.container_id, &b.1.ifname));
-        records.sort_by(|(_, a), (_, b)| {
+        if legacy_seen {
+            keep_current_of_twins(&mut records);
+        }
+        // Borrowed keys: a network of thousands of records sorts without an allocation.
+        records.sort_unstable_by(|(_, a), (_, b)| {
             (a.created_at, &a.container_id, &a.ifname).cmp(&(
                 b.created_at,
                 &b.container_id,
@@ -682,6 +680,18 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn file_name_of(path: &Path) -> Option<&str> {
     path.file_name().and_then(|n| n.to_str())
+}
+
+/// A legacy file and its migrated twin (a crash between the two names): keep the current one.
+fn keep_current_of_twins(records: &mut Vec<(PathBuf, Record)>) {
+    records.sort_by_cached_key(|(path, r)| {
+        (
+            r.container_id.clone(),
+            r.ifname.clone(),
+            !is_current_name(path, r),
+        )
+    });
+    records.dedup_by(|b, a| a.1.is_attachment(&b.1.container_id, &b.1.ifname));
 }
 
 fn is_current_name(path: &Path, record: &Record) -> bool {
