@@ -5,12 +5,12 @@
 //! or after the plugin refused an older version with code 1. Every plugin of recent years
 //! speaks 0.3.0 to 1.0.0.
 
-use std::cell::Cell;
 use std::io::Write;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 use serde_json::{Value, json};
 
@@ -21,8 +21,9 @@ pub struct Ipam<'a> {
     binary: PathBuf,
     env: &'a CniEnv,
     conf: &'a NetConf,
-    /// The version negotiated through VERSION, once asked.
-    negotiated: Cell<Option<Version>>,
+    /// The version negotiated through VERSION, once asked (shared: DEL releases addresses
+    /// on a thread of its own).
+    negotiated: OnceLock<Version>,
 }
 
 /// Which attachment a call is about (differs from the env's for GC and reaping).
@@ -49,7 +50,7 @@ impl<'a> Ipam<'a> {
             binary,
             env,
             conf,
-            negotiated: Cell::new(None),
+            negotiated: OnceLock::new(),
         })
     }
 
@@ -82,7 +83,7 @@ impl<'a> Ipam<'a> {
     /// The highest version both the config and the plugin speak (asked once per process).
     pub fn negotiate(&self) -> Result<Version> {
         if let Some(version) = self.negotiated.get() {
-            return Ok(version);
+            return Ok(*version);
         }
         let wanted = self.conf.cni_version;
         let version = self
@@ -96,14 +97,13 @@ impl<'a> Ipam<'a> {
                     self.conf.ipam_type
                 ))
             })?;
-        self.negotiated.set(Some(version));
-        Ok(version)
+        Ok(*self.negotiated.get_or_init(|| version))
     }
 
     /// The version to try first: the config's own up to 1.0.0, else the negotiated one.
     fn version(&self) -> Result<Version> {
         match self.negotiated.get() {
-            Some(version) => Ok(version),
+            Some(version) => Ok(*version),
             None if self.conf.cni_version <= Version::V1_0_0 => Ok(self.conf.cni_version),
             None => self.negotiate(),
         }

@@ -7,9 +7,10 @@
 
 use serde_json::Value;
 
-use super::context::{self, Context};
+use super::context::Context;
 use super::join::{self, Joining};
 use super::rollback::Rollback;
+use super::teardown;
 use crate::cni::result::{Interface, parse_dns};
 use crate::cni::{CniResult, Error, NetConf, Result};
 use crate::gateway;
@@ -38,7 +39,7 @@ pub fn run(ctx: &Context) -> Result<Value> {
     let store = ctx.store()?;
     settings.agree_mtu(conf, &store);
     let _adding = store.adding()?;
-    context::clear_leftovers(ctx, &store, &ipam)?;
+    teardown::clear_leftovers(ctx, &store, &ipam)?;
 
     let backend = wireguard::backend(settings.backend);
     let mut rollback = Rollback::new();

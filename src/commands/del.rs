@@ -1,9 +1,11 @@
 //! DEL: the ADD steps backwards, best effort and repeatable. Anything already gone (netns,
 //! link, record, reservation) is success; only a link proven ours is deleted. Under the
-//! network lock the record is withdrawn (marked `deleting`, its key removed everywhere); the
-//! link is torn down outside it; the record goes under the lock again.
+//! network lock the record is withdrawn (marked `deleting`, its key removed everywhere, its
+//! addresses on their way back to IPAM); the link is torn down outside it; the record goes
+//! under the lock again.
 
-use super::context::{self, Context};
+use super::context::Context;
+use super::teardown;
 use crate::cni::{CniResult, Result};
 use crate::gateway;
 use crate::store::{AttachmentLock, State, Store};
@@ -29,11 +31,10 @@ pub fn run(ctx: &Context) -> Result<()> {
         attachment.into_iter().for_each(AttachmentLock::release);
         return gateway::remove_if_unused(&ctx.host, &store);
     };
-    // The link goes down outside the lock: the kernel takes its time with a link of many
-    // peers, and ADDs of other pods need not wait for it.
-    let withdrawn = context::withdraw(ctx, &store, &record)?;
-    drop(lock);
-    context::dismantle(ctx, &store, &ipam, &withdrawn, env.netns.as_deref())?;
+    // The link goes down outside the lock: ADDs of other pods need not wait for it.
+    let mut lock = Some(lock);
+    let netns = env.netns.as_deref();
+    teardown::take_apart(ctx, &store, &ipam, &record, netns, || drop(lock.take()))?;
     let _lock = store.lock()?;
     // Still the record this DEL withdrew (a runtime never overlaps ADD and DEL of one
     // attachment, but a record made meanwhile must not go with ours).

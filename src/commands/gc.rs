@@ -6,6 +6,7 @@
 //! pod namespace is gone.
 
 use super::context::{self, Context};
+use super::teardown;
 use crate::cni::{Result, Version};
 use crate::gateway;
 use crate::store::Store;
@@ -18,15 +19,15 @@ pub fn run(ctx: &Context) -> Result<()> {
         // ADDs under way finish first: their links exist before their records are ready.
         let _no_adding = store.no_adding()?;
         let _lock = store.lock()?;
-        context::reap_earlier_boots(ctx, &store, &ipam)?;
+        teardown::reap_earlier_boots(ctx, &store, &ipam)?;
         store.remove_orphan_temp_files()?;
         match &conf.valid_attachments {
-            Some(valid) => context::reap(ctx, &store, &ipam, "not in the runtime's list", |r| {
+            Some(valid) => teardown::reap(ctx, &store, &ipam, "not in the runtime's list", |r| {
                 !valid
                     .iter()
                     .any(|a| r.is_attachment(&a.container_id, &a.ifname))
             })?,
-            None => context::reap(ctx, &store, &ipam, "its pod namespace is gone", |r| {
+            None => teardown::reap(ctx, &store, &ipam, "its pod namespace is gone", |r| {
                 r.live_netns(None).is_none()
             })?,
         };

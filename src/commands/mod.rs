@@ -8,6 +8,7 @@ mod gc;
 mod join;
 mod rollback;
 mod status;
+mod teardown;
 
 use serde_json::{Value, json};
 
