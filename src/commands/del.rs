@@ -31,7 +31,8 @@ pub fn run(ctx: &Context) -> Result<()> {
         attachment.into_iter().for_each(AttachmentLock::release);
         return gateway::remove_if_unused(&ctx.host, &store);
     };
-    // The link goes down outside the lock: ADDs of other pods need not wait for it.
+    // The lock goes once the other links dropped the key: ADDs of other pods need not wait
+    // for the link's teardown or IPAM's release.
     let mut lock = Some(lock);
     let netns = env.netns.as_deref();
     teardown::take_apart(ctx, &store, &ipam, &record, netns, || drop(lock.take()))?;

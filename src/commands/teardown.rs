@@ -14,15 +14,15 @@ use crate::store::{Record, State, Store};
 use crate::wireguard;
 
 /// Take `record`'s attachment apart; the caller holds the network lock and removes the record
-/// file afterwards. `withdrawn` runs once every other local
-/// link and the node gateway have dropped the key: DEL lets the network lock go there, since
-/// the link's teardown needs none (the kernel takes its time with a link of many peers).
+/// file afterwards. `withdrawn` runs once every other local link and the node gateway have
+/// dropped the key: DEL lets the network lock go there, without waiting for the link (the
+/// kernel takes its time with a WireGuard link, more with many peers).
 ///
 /// The record says `deleting` first: no peer set counts it any more, and a crash from here on
-/// leaves a record the next DEL or GC finishes. The IPAM plugin's exec, the longest wait, starts
-/// right then and runs beside everything else: no ADD can join before the network lock is let
-/// go, which is after every link dropped the key, so an address handed out again meets no
-/// stale peer.
+/// leaves a record the next DEL or GC finishes. Then three things run side by side, as each is
+/// mostly a wait: the IPAM plugin's release, the link's teardown, and telling the other links.
+/// No ADD can join before the network lock is let go, which is after every link dropped the
+/// key, so an address handed out again meets no stale peer.
 pub fn take_apart(
     ctx: &Context,
     store: &Store,
@@ -37,6 +37,7 @@ pub fn take_apart(
     let view = context::network_view(ctx, store)?;
     let (destroyed, released) = std::thread::scope(|scope| {
         let released = scope.spawn(|| release_addresses(ipam, &deleting));
+        let destroyed = scope.spawn(|| destroy_link(ctx, &deleting, netns_hint));
         context::resync_out_of_step(ctx, store, &view);
         if let Ok(key) = mesh::public_key(&deleting) {
             let gone = reconcile::gone(key);
@@ -46,12 +47,12 @@ pub fn take_apart(
                 tracing::warn!(error = %e, "could not remove the peer from the node gateway");
             }
         }
+        tracing::debug!("key withdrawn from the other links");
         withdrawn();
-        let destroyed = destroy_link(ctx, &deleting, netns_hint);
-        let released = released
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        (destroyed, released)
+        let joined = |h: std::thread::ScopedJoinHandle<'_, Result<()>>| {
+            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+        };
+        (joined(destroyed), joined(released))
     });
     destroyed.and(released)?;
     ports::release(&store.pod_link_name(&deleting.container_id, &deleting.ifname));
@@ -63,13 +64,15 @@ pub fn take_apart(
 fn destroy_link(ctx: &Context, record: &Record, netns_hint: Option<&Path>) -> Result<()> {
     let pod = record.live_netns(netns_hint);
     let link = record.link(pod.as_ref());
-    match mesh::public_key(record) {
+    let destroyed = match mesh::public_key(record) {
         Ok(key) => wireguard::backend(record.backend).destroy(&link, &key, &ctx.host),
         Err(e) => {
             tracing::warn!(container = %record.container_id, error = %e, "cannot prove the link ours: left alone");
             Ok(())
         }
-    }
+    };
+    tracing::debug!("link destroyed");
+    destroyed
 }
 
 fn release_addresses(ipam: &Ipam, record: &Record) -> Result<()> {
@@ -78,7 +81,9 @@ fn release_addresses(ipam: &Ipam, record: &Record) -> Result<()> {
         ifname: &record.ifname,
         netns: None,
     };
-    ipam.del(&target, None)
+    let released = ipam.del(&target, None);
+    tracing::debug!("addresses released");
+    released
 }
 
 /// Undo one attachment completely, the caller holding the network lock throughout.
