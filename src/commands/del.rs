@@ -1,8 +1,8 @@
 //! DEL: the ADD steps backwards, best effort and repeatable. Anything already gone (netns,
 //! link, record, reservation) is success; only a link proven ours is deleted. Under the
-//! network lock the record is withdrawn (marked `deleting`, its key removed everywhere, its
-//! addresses on their way back to IPAM); the link is torn down outside it; the record goes
-//! under the lock again.
+//! network lock the record is marked `deleting` and its key removed everywhere, while its
+//! addresses go back to IPAM and its link is torn down; those two finish outside the lock,
+//! and the record goes under the lock again.
 
 use super::context::Context;
 use super::teardown;

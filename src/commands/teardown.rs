@@ -9,7 +9,7 @@ use crate::cni::Result;
 use crate::ipam::{Ipam, Target};
 use crate::mesh;
 use crate::ports;
-use crate::reconcile;
+use crate::reconcile::{self, NetworkView};
 use crate::store::{Record, State, Store};
 use crate::wireguard;
 
@@ -38,16 +38,7 @@ pub fn take_apart(
     let (destroyed, released) = std::thread::scope(|scope| {
         let released = scope.spawn(|| release_addresses(ipam, &deleting));
         let destroyed = scope.spawn(|| destroy_link(ctx, &deleting, netns_hint));
-        context::resync_out_of_step(ctx, store, &view);
-        if let Ok(key) = mesh::public_key(&deleting) {
-            let gone = reconcile::gone(key);
-            let others = |r: &Record| !r.is_attachment(&deleting.container_id, &deleting.ifname);
-            context::tell_local_pods(ctx, store, &view, others, &gone);
-            if let Err(e) = reconcile::tell_gateway(&ctx.local(), &view, &gone) {
-                tracing::warn!(error = %e, "could not remove the peer from the node gateway");
-            }
-        }
-        tracing::debug!("key withdrawn from the other links");
+        withdraw_key(ctx, store, &view, &deleting);
         withdrawn();
         let joined = |h: std::thread::ScopedJoinHandle<'_, Result<()>>| {
             h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
@@ -57,6 +48,22 @@ pub fn take_apart(
     destroyed.and(released)?;
     ports::release(&store.pod_link_name(&deleting.container_id, &deleting.ifname));
     Ok(())
+}
+
+/// The other local links and the node gateway drop `record`'s key (told without reading
+/// them; a link that refuses is noted for the next resync), after any links an earlier
+/// fan-out missed are brought in step.
+fn withdraw_key(ctx: &Context, store: &Store, view: &NetworkView, record: &Record) {
+    context::resync_out_of_step(ctx, store, view);
+    if let Ok(key) = mesh::public_key(record) {
+        let gone = reconcile::gone(key);
+        let others = |r: &Record| !r.is_attachment(&record.container_id, &record.ifname);
+        context::tell_local_pods(ctx, store, view, others, &gone);
+        if let Err(e) = reconcile::tell_gateway(&ctx.local(), view, &gone) {
+            tracing::warn!(error = %e, "could not remove the peer from the node gateway");
+        }
+    }
+    tracing::debug!("key withdrawn from the other links");
 }
 
 /// The link and its daemon. A record whose key is unreadable cannot prove a link ours: the
