@@ -8,7 +8,7 @@
 use ipnetwork::IpNetwork;
 use wireguard_control::Key;
 
-use crate::cni::{CniResult, Error, Result};
+use crate::cni::{CniResult, Error, NetConf, Result};
 use crate::host::{self, LinkSettings};
 use crate::keys::KeyPair;
 use crate::link::Netlink;
@@ -74,6 +74,41 @@ pub fn plan(result: &CniResult, cluster_ranges: &[IpNetwork]) -> Result<Plan> {
         }
     }
     Ok(plan)
+}
+
+/// The plan host-local's result will give, read off its config before it runs, so that the
+/// network's first pod can build the gateway while IPAM runs: per range set of one range, its
+/// subnet and its gateway (host-local's default: the subnet's first address). `None` when the
+/// result cannot be foretold (another IPAM plugin, a set of several ranges, the legacy
+/// `subnet` form): the gateway then waits for the result. The join checks the gateway against
+/// the result's plan either way.
+pub fn expected_plan(conf: &NetConf) -> Option<Plan> {
+    let ipam = conf.raw.get("ipam")?;
+    if ipam.get("type")?.as_str()? != "host-local" {
+        return None;
+    }
+    let mut plan = Plan {
+        addresses: Vec::new(),
+        subnets: Vec::new(),
+        cluster_ranges: conf.cluster_range.clone(),
+    };
+    for set in ipam.get("ranges")?.as_array()? {
+        let [range] = set.as_array()?.as_slice() else {
+            return None;
+        };
+        // host-local refuses a subnet with host bits set: nothing to build for.
+        let subnet: IpNetwork = range.get("subnet")?.as_str()?.parse().ok()?;
+        if subnet.ip() != subnet.network() {
+            return None;
+        }
+        let gateway = match range.get("gateway") {
+            Some(gateway) => gateway.as_str()?.parse().ok()?,
+            None => subnet.iter().nth(1)?,
+        };
+        plan.subnets.push(subnet);
+        plan.addresses.push(wireguard::host_prefix(gateway));
+    }
+    (!plan.subnets.is_empty()).then_some(plan)
 }
 
 /// The peer a pod gets for another node's gateway: that gateway's own addresses and its
@@ -437,6 +472,72 @@ mod tests {
             ..CniResult::default()
         };
         assert_eq!(plan(&result, &[]).unwrap_err().code(), 7);
+    }
+
+    /// What `expected_plan` foretells is what the real host-local's result gives.
+    #[test]
+    fn the_expected_plan_is_host_locals_own() {
+        let host_local = std::path::Path::new("/usr/lib/cni/host-local");
+        assert!(host_local.exists(), "needs containernetworking-plugins");
+        let data = tempfile::tempdir().unwrap();
+        let ranges = serde_json::json!([
+            [{"subnet": "10.66.3.0/24"}],
+            [{"subnet": "fd66:3::/64", "gateway": "fd66:3::fe"}]
+        ]);
+        let text = serde_json::json!({
+            "cniVersion": "1.0.0", "name": "plan", "type": "wg-cni",
+            "clusterRange": ["10.66.0.0/16"],
+            "ipam": {"type": "host-local", "ranges": ranges, "dataDir": data.path()},
+        })
+        .to_string();
+        let conf = NetConf::parse(text.as_bytes()).unwrap();
+        let mut child = std::process::Command::new(host_local)
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", "plan-test")
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_NETNS", "/proc/self/ns/net")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let result = CniResult::parse(&answer, "host-local").unwrap();
+
+        let expected = expected_plan(&conf).expect("host-local with one range per set");
+        assert_eq!(expected, plan(&result, &conf.cluster_range).unwrap());
+        assert_eq!(expected.addresses[0].to_string(), "10.66.3.1/32");
+        assert_eq!(expected.addresses[1].to_string(), "fd66:3::fe/128");
+    }
+
+    #[test]
+    fn no_plan_is_foretold_for_other_ipam_or_several_ranges_per_set() {
+        let conf = |ipam: serde_json::Value| {
+            let text = serde_json::json!({"cniVersion": "1.0.0", "name": "n", "type": "wg-cni", "ipam": ipam});
+            NetConf::parse(text.to_string().as_bytes()).unwrap()
+        };
+        let two = serde_json::json!([[{"subnet": "10.1.0.0/24"}, {"subnet": "10.2.0.0/24"}]]);
+        assert_eq!(
+            expected_plan(&conf(
+                serde_json::json!({"type": "host-local", "ranges": two})
+            )),
+            None
+        );
+        assert_eq!(
+            expected_plan(&conf(serde_json::json!({"type": "dhcp"}))),
+            None
+        );
+        let legacy = serde_json::json!({"type": "host-local", "subnet": "10.1.0.0/24"});
+        assert_eq!(expected_plan(&conf(legacy)), None);
     }
 
     #[test]

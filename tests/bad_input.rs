@@ -331,6 +331,21 @@ fn every_bad_input_gets_its_code_names_the_problem_and_changes_nothing() {
             5,
             "symbolic link",
         ),
+        // The network's first pod: the gateway is built while IPAM runs, and must go again.
+        case(
+            "IPAM range exhausted",
+            with(
+                &good,
+                "ipam",
+                json!({"type": "host-local", "dataDir": net.ipam_dir(), "ranges": [[{
+                    "subnet": "10.120.0.0/24",
+                    "rangeStart": "10.120.0.1",
+                    "rangeEnd": "10.120.0.1",
+                }]]}),
+            ),
+            999,
+            "no IP addresses available",
+        ),
         case(
             "full port range",
             {

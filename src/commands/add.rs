@@ -1,9 +1,12 @@
-//! ADD: validate → IPAM → key pair → port → link in the pod, with the peers the network has
-//! now → addresses, routes, up → under the network lock: gateway, the peers added or gone
-//! meanwhile, record ready, the newcomer announced to the gateway and the other local links
-//! → result. Only the join is serialised: concurrent ADDs build their links side by side.
+//! ADD: validate → key pair → IPAM (the network's first pod builds the node gateway meanwhile)
+//! → port → link in the pod, with the peers the network has now → addresses, routes, up →
+//! under the network lock: gateway, the peers added or gone meanwhile, record ready, the
+//! newcomer announced to the gateway and the other local links → result. Only the join is serialised: concurrent ADDs build their links side by side.
 //! Any failure after IPAM undoes every completed step (one rollback guard; a failure while
 //! joining is undone before the lock is let go, so no other command sees a half-joined pod).
+
+use std::os::fd::BorrowedFd;
+use std::sync::mpsc;
 
 use serde_json::Value;
 
@@ -15,6 +18,7 @@ use crate::cni::result::{Interface, parse_dns};
 use crate::cni::{CniResult, Error, NetConf, Result};
 use crate::gateway;
 use crate::host::{self, LinkSettings};
+use crate::ipam::Ipam;
 use crate::keys::KeyPair;
 use crate::link::Netlink;
 use crate::mesh;
@@ -42,75 +46,56 @@ pub fn run(ctx: &Context) -> Result<Value> {
     teardown::clear_leftovers(ctx, &store, &ipam)?;
 
     let backend = wireguard::backend(settings.backend);
-    let mut rollback = Rollback::new();
+    let keypair = KeyPair::generate();
     let attachment = store
         .attachment_lock(&env.container_id, &env.ifname)?
         .ok_or_else(|| Error::Io {
             context: "locking the attachment".into(),
             source: std::io::Error::other("this node's store directory vanished"),
         })?;
-    let mut ipam_result = ipam.add(attachment.fd())?;
-    rollback.push("IPAM reservation", || ipam.del(&ipam.target_of_env(), None));
-    check_addresses(conf, &settings, &ipam_result)?;
-    let addresses: Vec<_> = ipam_result.ips.iter().map(|ip| ip.address).collect();
-    let keypair = KeyPair::generate();
-    let mut record = new_record(ctx, &store, &pod, &settings, &keypair, addresses);
-    let mut view = NetworkView::read(&store, conf)?;
-    view.static_peers = mesh::static_peers(conf, &record.addresses)?;
-    let gateway_plan = match conf.host_gateway {
-        true => Some(gateway::plan(&ipam_result, &conf.cluster_range)?),
-        false => None,
-    };
-
+    let mut rollback = Rollback::new();
+    if conf.host_gateway {
+        undo_gateway(ctx, &store, &mut rollback); // last: once nothing uses it
+    }
     let link = NewLink {
+        ctx,
         store: &store,
+        pod: &pod,
+        settings: &settings,
         backend: &*backend,
         keypair: &keypair,
-        peers: view.desired_for_pod(&record)?,
     };
-    let (built, early_gateway) =
-        link.build_beside_gateway(ctx, &pod, &settings, gateway_plan.as_ref(), &mut record);
+    let (built, early_gateway) = link.build_beside_gateway(&ipam, attachment.fd(), &mut rollback);
     let gateway_created = matches!(early_gateway, Some(Ok((_, true))));
-    if gateway_created {
-        join::undo_gateway(ctx, &store, &mut rollback); // last: once nothing uses it
+    if let Ok(built) = &built {
+        undo_link(&mut rollback, &link, &built.record);
     }
-    if let Ok(daemon_pid) = built {
-        record.daemon_pid = daemon_pid;
-        undo_link(
-            &mut rollback,
-            ctx,
-            &store,
-            &pod,
-            &*backend,
-            &keypair,
-            &record,
-        );
-    }
-    let prepared = built
-        .and(early_gateway.map_or(Ok(()), |g| g.map(|_| ())))
-        .and_then(|_| {
-            if gateway_plan.is_some() {
-                add_default_routes(&mut ipam_result);
-            }
-            configure_pod_side(&pod, &env.ifname, &mut ipam_result)?;
-            record.state = State::Joining;
-            store.put(&record)
-        });
-    if let Err(e) = prepared {
-        return Err(undo_under_lock(&store, rollback, e));
-    }
+    let prepared = built.and_then(|mut built| {
+        early_gateway.transpose()?;
+        if built.gateway_plan.is_some() {
+            add_default_routes(&mut built.ipam_result);
+        }
+        configure_pod_side(&pod, &env.ifname, &mut built.ipam_result)?;
+        built.record.state = State::Joining;
+        store.put(&built.record)?;
+        Ok(built)
+    });
+    let mut built = match prepared {
+        Ok(built) => built,
+        Err(e) => return Err(undo_under_lock(&store, rollback, e)),
+    };
 
     let lock = store.lock()?;
     let joining = Joining {
         ctx,
         store: &store,
         settings: &settings,
-        gateway_plan: gateway_plan.as_ref(),
-        built_with: &link.peers,
-        static_peers: view.static_peers,
+        gateway_plan: built.gateway_plan.as_ref(),
+        built_with: &built.peers,
+        static_peers: built.static_peers,
         gateway_created,
     };
-    if let Err(e) = joining.join(&pod, &mut record, &mut rollback) {
+    if let Err(e) = joining.join(&pod, &mut built.record) {
         drop(rollback); // undone while the lock still hides the pod from everyone else
         drop(lock);
         return Err(e);
@@ -118,26 +103,19 @@ pub fn run(ctx: &Context) -> Result<Value> {
     drop(lock);
     rollback.disarm();
     attachment.release();
-    Ok(result_for(ctx, &settings, ipam_result))
+    Ok(result_for(ctx, &settings, built.ipam_result))
 }
 
 /// The undo of a built link (registered once it exists): the link goes first, then its
 /// record and its port (steps run in reverse).
-fn undo_link<'a>(
-    rollback: &mut Rollback<'a>,
-    ctx: &'a Context,
-    store: &'a Store,
-    pod: &'a Netns,
-    backend: &'a dyn wireguard::Backend,
-    keypair: &KeyPair,
-    record: &Record,
-) {
+fn undo_link<'a>(rollback: &mut Rollback<'a>, link: &NewLink<'a>, record: &Record) {
+    let (ctx, store, pod, backend) = (link.ctx, link.store, link.pod, link.backend);
     let (container_id, ifname) = (&ctx.env.container_id, &ctx.env.ifname);
     rollback.push("store record", move || {
         ports::release(&store.pod_link_name(container_id, ifname));
         store.remove(container_id, ifname)
     });
-    let key = keypair.public().clone();
+    let key = link.keypair.public().clone();
     let (host_name, daemon_pid) = (record.host_name.clone(), record.daemon_pid);
     rollback.push("link", move || {
         let link = wireguard::LinkRef {
@@ -147,6 +125,15 @@ fn undo_link<'a>(
             daemon_pid,
         };
         backend.destroy(&link, &key, &ctx.host)
+    });
+}
+
+/// The undo of the node gateway, which this ADD may create (beside its link, or in the join
+/// when it vanished meanwhile): removed again when no attachment uses it, whoever made it (run
+/// under the network lock, like every undo that may touch the gateway).
+fn undo_gateway<'a>(ctx: &'a Context, store: &'a Store, rollback: &mut Rollback<'a>) {
+    rollback.push("node gateway", || {
+        gateway::remove_if_unused(&ctx.host, store)
     });
 }
 
@@ -239,40 +226,93 @@ fn new_record(
 /// The gateway ADD made (or found) beside its link, and whether it made it.
 type EnsuredGateway = Result<(GatewayRecord, bool)>;
 
-/// A pod link about to be created, with everything its creation needs.
+/// A pod link about to be built, with everything building it needs.
 struct NewLink<'a> {
+    ctx: &'a Context<'a>,
     store: &'a Store,
+    pod: &'a Netns,
+    settings: &'a LinkSettings,
     backend: &'a dyn wireguard::Backend,
     keypair: &'a KeyPair,
-    peers: Vec<wireguard::Peer>,
 }
 
-impl NewLink<'_> {
-    /// `create`, and meanwhile the node gateway when the network has none running yet (the
-    /// first pod of a network): on a second thread that holds the network lock (the link
-    /// needs none), so the two waits overlap. Answers both outcomes.
+/// What ADD built before it joins the network.
+struct Built {
+    ipam_result: CniResult,
+    record: Record,
+    /// The peers the link was created with (the network as read before the lock).
+    peers: Vec<wireguard::Peer>,
+    static_peers: Vec<wireguard::Peer>,
+    gateway_plan: Option<gateway::Plan>,
+}
+
+impl<'a> NewLink<'a> {
+    /// `build`, and meanwhile the node gateway when the network has none running yet (its
+    /// first pod), on a second thread that holds the network lock (the link needs none), so
+    /// the waits overlap. The gateway starts beside IPAM when host-local's config foretells
+    /// the plan, else as soon as IPAM answers. Answers both outcomes.
     fn build_beside_gateway(
         &self,
-        ctx: &Context,
-        pod: &Netns,
-        settings: &LinkSettings,
-        plan: Option<&gateway::Plan>,
-        record: &mut Record,
-    ) -> (Result<Option<u32>>, Option<EnsuredGateway>) {
-        let store = self.store;
-        let make_gateway =
-            plan.filter(|_| !gateway::is_running_for_boot(&ctx.host, store, &ctx.boot_id));
+        ipam: &'a Ipam,
+        held: BorrowedFd,
+        rollback: &mut Rollback<'a>,
+    ) -> (Result<Built>, Option<EnsuredGateway>) {
+        let (ctx, store, settings) = (self.ctx, self.store, self.settings);
+        let wanted =
+            ctx.conf.host_gateway && !gateway::is_running_for_boot(&ctx.host, store, &ctx.boot_id);
+        let foretold = wanted.then(|| gateway::expected_plan(ctx.conf)).flatten();
         std::thread::scope(|scope| {
-            let gateway = make_gateway.map(|plan| {
-                scope.spawn(|| {
-                    let _lock = store.lock()?;
-                    join::ensure_gateway(ctx, store, settings, plan)
+            let (tell_plan, plan) = mpsc::channel();
+            let gateway = wanted.then(|| {
+                scope.spawn(move || {
+                    // No plan comes when IPAM failed: there is nothing to serve.
+                    let plan = foretold.or_else(|| plan.recv().ok())?;
+                    let ensured = store
+                        .lock()
+                        .and_then(|_lock| join::ensure_gateway(ctx, store, settings, &plan));
+                    Some(ensured)
                 })
             });
-            let built = self.create(ctx, pod, settings, record);
+            let built = self.build(ipam, held, rollback, &tell_plan);
+            drop(tell_plan);
             let gateway =
-                gateway.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+                gateway.and_then(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
             (built, gateway)
+        })
+    }
+
+    /// IPAM's addresses (the gateway's plan sent on as soon as they came), the record, and
+    /// the link, created with the peers the network has now.
+    fn build(
+        &self,
+        ipam: &'a Ipam,
+        held: BorrowedFd,
+        rollback: &mut Rollback<'a>,
+        tell_plan: &mpsc::Sender<gateway::Plan>,
+    ) -> Result<Built> {
+        let (ctx, conf, store) = (self.ctx, self.ctx.conf, self.store);
+        let ipam_result = ipam.add(held)?;
+        rollback.push("IPAM reservation", || ipam.del(&ipam.target_of_env(), None));
+        check_addresses(conf, self.settings, &ipam_result)?;
+        let gateway_plan = match conf.host_gateway {
+            true => Some(gateway::plan(&ipam_result, &conf.cluster_range)?),
+            false => None,
+        };
+        if let Some(plan) = &gateway_plan {
+            let _ = tell_plan.send(plan.clone()); // unheard when the plan was foretold
+        }
+        let addresses = ipam_result.ips.iter().map(|ip| ip.address).collect();
+        let mut record = new_record(ctx, store, self.pod, self.settings, self.keypair, addresses);
+        let mut view = NetworkView::read(store, conf)?;
+        view.static_peers = mesh::static_peers(conf, &record.addresses)?;
+        let peers = view.desired_for_pod(&record)?;
+        record.daemon_pid = self.create(&mut record, &peers)?;
+        Ok(Built {
+            ipam_result,
+            record,
+            peers,
+            static_peers: view.static_peers,
+            gateway_plan,
         })
     }
 
@@ -280,14 +320,8 @@ impl NewLink<'_> {
     /// crash can prove the link ours), create the link; a port taken meanwhile is skipped.
     /// Returns the daemon's pid (userspace). The ledger knows the port by the link's scoped
     /// temporary name, whichever the backend; its lock is held only while choosing.
-    fn create(
-        &self,
-        ctx: &Context,
-        pod: &Netns,
-        settings: &LinkSettings,
-        record: &mut Record,
-    ) -> Result<Option<u32>> {
-        let env = ctx.env;
+    fn create(&self, record: &mut Record, peers: &[wireguard::Peer]) -> Result<Option<u32>> {
+        let (env, settings) = (self.ctx.env, self.settings);
         let temp_name = self.store.pod_link_name(&env.container_id, &env.ifname);
         let mut taken = Vec::new();
         loop {
@@ -302,12 +336,12 @@ impl NewLink<'_> {
                 mtu: settings.mtu,
                 listen_port: port,
                 keypair: self.keypair,
-                peers: self.peers.clone(),
+                peers: peers.to_vec(),
                 daemon: settings.userspace_daemon,
             };
-            match self.backend.create(&spec, &ctx.host, pod) {
+            match self.backend.create(&spec, &self.ctx.host, self.pod) {
                 Ok(created) => {
-                    let peers = self.peers.len();
+                    let peers = peers.len();
                     tracing::debug!(port, peers, link = %temp_name, "link built in the pod");
                     return Ok(created.daemon_pid);
                 }

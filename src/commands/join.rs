@@ -7,7 +7,6 @@
 //! this turns one message per link per ADD into one per link per batch.
 
 use super::context::{self, Context};
-use super::rollback::Rollback;
 use crate::cni::Result;
 use crate::gateway;
 use crate::host::LinkSettings;
@@ -16,7 +15,7 @@ use crate::reconcile::{self, NetworkView, Prune};
 use crate::store::{GatewayRecord, Record, State, Store};
 use crate::wireguard::{self, Peer};
 
-/// What this ADD brings to the join. (`'a`: what a rollback step may borrow; `'b`: this ADD's
+/// What this ADD brings to the join. (`'a`: the command's context and store; `'b`: this ADD's
 /// own values.)
 pub struct Joining<'a, 'b> {
     pub ctx: &'a Context<'a>,
@@ -35,7 +34,7 @@ impl<'a> Joining<'a, '_> {
     /// peers each link lacks; the newcomers added to the gateway (or the ADD fails: kubelet
     /// probes go that way), then ready; the other local links told of them (one that refuses
     /// is noted and repaired later). The caller holds the network lock.
-    pub fn join(self, pod: &Netns, record: &mut Record, rollback: &mut Rollback<'a>) -> Result<()> {
+    pub fn join(self, pod: &Netns, record: &mut Record) -> Result<()> {
         let (ctx, store) = (self.ctx, self.store);
         // Its own record first: after a burst most ADDs find they were taken along, and need
         // not read the whole network to learn it.
@@ -53,9 +52,6 @@ impl<'a> Joining<'a, '_> {
         let mut gateway_created = self.gateway_created;
         if let Some(plan) = self.gateway_plan {
             let (gateway, created) = ensure_gateway(ctx, store, self.settings, plan)?;
-            if created {
-                undo_gateway(ctx, store, rollback);
-            }
             view.gateway = Some(gateway);
             gateway_created = created || self.gateway_created;
         }
@@ -132,8 +128,7 @@ fn bring_in_step(view: &NetworkView, other: &Record) -> Result<()> {
 
 /// Make sure the node gateway serves this pod's range; if it had to be replaced, the local pods
 /// swap its old key for the new one. Answers the gateway and whether it was created now. The
-/// caller holds the network lock, and registers the undo of a created gateway
-/// (`undo_gateway`).
+/// caller holds the network lock; ADD registers the gateway's undo before it starts.
 pub fn ensure_gateway(
     ctx: &Context,
     store: &Store,
@@ -155,12 +150,4 @@ pub fn ensure_gateway(
         context::reconcile_local_pods(ctx, store, &view, None, Prune::Only(&replaced));
     }
     Ok((ensured.record, ensured.created))
-}
-
-/// The undo of a gateway this ADD created: removed again when no attachment uses it (run
-/// under the network lock, like every undo that may touch the gateway).
-pub fn undo_gateway<'a>(ctx: &'a Context, store: &'a Store, rollback: &mut Rollback<'a>) {
-    rollback.push("node gateway", || {
-        gateway::remove_if_unused(&ctx.host, store)
-    });
 }
