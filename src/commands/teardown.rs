@@ -20,7 +20,8 @@ use crate::wireguard;
 ///
 /// The record says `deleting` first: no peer set counts it any more, and a crash from here on
 /// leaves a record the next DEL or GC finishes. Then three things run side by side, as each is
-/// mostly a wait: the IPAM plugin's release, the link's teardown, and telling the other links.
+/// mostly a wait: the link's teardown (from the start), and once the network is read, the
+/// IPAM plugin's release and telling the other links.
 /// No ADD can join before the network lock is let go, which is after every link dropped the
 /// key, so an address handed out again meets no stale peer.
 pub fn take_apart(
@@ -34,16 +35,19 @@ pub fn take_apart(
     let mut deleting = record.clone();
     deleting.state = State::Deleting;
     store.put(&deleting)?;
-    let view = context::network_view(ctx, store)?;
+    let joined = |h: std::thread::ScopedJoinHandle<'_, Result<()>>| {
+        h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+    };
     let (destroyed, released) = std::thread::scope(|scope| {
-        let released = scope.spawn(|| release_addresses(ipam, &deleting));
+        // The longest wait first: it needs nothing from the network.
         let destroyed = scope.spawn(|| destroy_link(ctx, &deleting, netns_hint));
-        withdraw_key(ctx, store, &view, &deleting);
-        withdrawn();
-        let joined = |h: std::thread::ScopedJoinHandle<'_, Result<()>>| {
-            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-        };
-        (joined(destroyed), joined(released))
+        let released = context::network_view(ctx, store).and_then(|view| {
+            let released = scope.spawn(|| release_addresses(ipam, &deleting));
+            withdraw_key(ctx, store, &view, &deleting);
+            withdrawn();
+            joined(released)
+        });
+        (joined(destroyed), released)
     });
     destroyed.and(released)?;
     ports::release(&store.pod_link_name(&deleting.container_id, &deleting.ifname));
