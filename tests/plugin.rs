@@ -193,6 +193,57 @@ fn every_spec_version_gets_its_result_shape() {
     }
 }
 
+/// With a 1.1.0 config the IPAM plugin (Debian's host-local stops at 1.0.0) is asked VERSION
+/// once, not by every command: its answer is remembered until its binary is replaced.
+#[test]
+fn the_ipam_plugin_is_asked_its_versions_once_not_per_command() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let wrapper = dir.path().join("counting-ipam");
+    let install = |body: &str| {
+        // A new file renamed into place, as a package upgrade does.
+        let new = dir.path().join("counting-ipam.new");
+        std::fs::write(&new, body).unwrap();
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&new, &wrapper).unwrap();
+    };
+    let script = format!(
+        "#!/bin/sh\necho \"$CNI_COMMAND\" >> {}\nexec {}/host-local \"$@\"\n",
+        calls.display(),
+        plugin_dir().display()
+    );
+    install(&script);
+    let mut net = Net::new("10.73.0.0/24");
+    net.version = "1.1.0".into();
+    let mut conf = net.conf();
+    conf["ipam"]["type"] = "counting-ipam".into();
+    let path = format!("{}:{}", dir.path().display(), plugin_dir().display());
+    let env = [("CNI_PATH", path.as_str())];
+    let called = || {
+        std::fs::read_to_string(&calls)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+
+    let pods = [Pod::new(), Pod::new()];
+    for pod in &pods {
+        net.call_env("ADD", pod, &env, &conf).ok();
+    }
+    for pod in &pods {
+        net.call_env("DEL", pod, &env, &conf).ok();
+    }
+    assert_eq!(called(), ["VERSION", "ADD", "ADD", "DEL", "DEL"]);
+
+    install(&format!("{script}# upgraded\n"));
+    net.call_env("ADD", &pods[0], &env, &conf).ok();
+    net.call_env("DEL", &pods[0], &env, &conf).ok();
+    assert_eq!(called()[5..], ["VERSION", "ADD", "DEL"]);
+    assert!(net.reservations().is_empty());
+}
+
 /// wg-cni-wgd (the default) and wireguard-go serve pods of one network side by side, and
 /// talk to each other: the wire protocol is WireGuard's either way.
 #[test]

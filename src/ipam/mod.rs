@@ -3,7 +3,7 @@
 //! (Debian's host-local stops at 1.0.0 and refuses 1.1.0 with code 1).
 //! Asking VERSION costs a whole exec, so it is asked only when it matters: for a 1.1.0 config,
 //! or after the plugin refused an older version with code 1. Every plugin of recent years
-//! speaks 0.3.0 to 1.0.0.
+//! speaks 0.3.0 to 1.0.0. The answer is remembered across commands (`versions`).
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -16,6 +16,8 @@ use serde_json::{Value, json};
 
 use crate::cni::version::Version;
 use crate::cni::{CniEnv, CniResult, Error, NetConf, Result};
+
+mod versions;
 
 pub struct Ipam<'a> {
     binary: PathBuf,
@@ -80,14 +82,21 @@ impl<'a> Ipam<'a> {
             .collect())
     }
 
-    /// The highest version both the config and the plugin speak (asked once per process).
+    /// The highest version both the config and the plugin speak, asked through VERSION (once
+    /// per process; the answer is remembered for later commands).
     pub fn negotiate(&self) -> Result<Version> {
         if let Some(version) = self.negotiated.get() {
             return Ok(*version);
         }
+        let supported = self.supported_versions()?;
+        versions::remember(&self.binary, &supported);
+        let version = self.highest_shared(supported)?;
+        Ok(*self.negotiated.get_or_init(|| version))
+    }
+
+    fn highest_shared(&self, supported: Vec<Version>) -> Result<Version> {
         let wanted = self.conf.cni_version;
-        let version = self
-            .supported_versions()?
+        supported
             .into_iter()
             .filter(|v| *v <= wanted && v.is_supported())
             .max()
@@ -96,17 +105,31 @@ impl<'a> Ipam<'a> {
                     "IPAM plugin {} speaks no CNI version up to {wanted}",
                     self.conf.ipam_type
                 ))
-            })?;
-        Ok(*self.negotiated.get_or_init(|| version))
+            })
     }
 
-    /// The version to try first: the config's own up to 1.0.0, else the negotiated one.
+    /// The version to try first: the config's own up to 1.0.0, else the negotiated one (from
+    /// the plugin's remembered answer when there is one).
     fn version(&self) -> Result<Version> {
         match self.negotiated.get() {
             Some(version) => Ok(*version),
             None if self.conf.cni_version <= Version::V1_0_0 => Ok(self.conf.cni_version),
-            None => self.negotiate(),
+            None => match versions::remembered(&self.binary) {
+                Some(supported) => self.highest_shared(supported),
+                None => self.negotiate(),
+            },
         }
+    }
+
+    /// Whether the plugin refused (code 1) a version this process had not asked it about; a
+    /// remembered answer may be stale then, and is forgotten.
+    fn refused_unasked<T>(&self, outcome: &Result<T>) -> bool {
+        let refused = matches!(outcome, Err(Error::Delegated { code: 1, .. }))
+            && self.negotiated.get().is_none();
+        if refused {
+            versions::forget(&self.binary);
+        }
+        refused
     }
 
     /// Run `command` in the version to try first; if the plugin refuses that version
@@ -119,13 +142,12 @@ impl<'a> Ipam<'a> {
         hand_down: Option<BorrowedFd>,
     ) -> Result<Value> {
         let version = self.version()?;
-        match self.exec(command, target, &self.config(version, prev), hand_down) {
-            Err(Error::Delegated { code: 1, .. }) if self.negotiated.get().is_none() => {
-                let version = self.negotiate()?;
-                self.exec(command, target, &self.config(version, prev), hand_down)
-            }
-            other => other,
+        let outcome = self.exec(command, target, &self.config(version, prev), hand_down);
+        if self.refused_unasked(&outcome) {
+            let version = self.negotiate()?;
+            return self.exec(command, target, &self.config(version, prev), hand_down);
         }
+        outcome
     }
 
     /// ADD, with `held` (a lock on this attachment) handed down to the plugin: the lock then
@@ -151,11 +173,18 @@ impl<'a> Ipam<'a> {
 
     /// Forward a 1.1 command (GC, STATUS) when the plugin speaks 1.1; `false` when it does not.
     pub fn forward_v1_1(&self, command: &str) -> Result<bool> {
-        if self.negotiate()? < Version::V1_1_0 {
+        if self.version()? < Version::V1_1_0 {
             return Ok(false);
         }
-        self.exec(command, None, &self.config(Version::V1_1_0, None), None)?;
-        Ok(true)
+        let config = self.config(Version::V1_1_0, None);
+        let outcome = self.exec(command, None, &config, None);
+        if self.refused_unasked(&outcome) {
+            if self.negotiate()? < Version::V1_1_0 {
+                return Ok(false);
+            }
+            return self.exec(command, None, &config, None).map(|_| true);
+        }
+        outcome.map(|_| true)
     }
 
     fn config(&self, version: Version, prev: Option<&CniResult>) -> Value {
