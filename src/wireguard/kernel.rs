@@ -6,7 +6,7 @@
 //! thread inside the pod namespace, and only once the link exists there (its `apply` would
 //! otherwise create a fresh, empty link in whatever namespace the calling thread is in).
 
-use wireguard_control::{Backend as WgBackend, Device, InterfaceName, Key};
+use wireguard_control::{Backend as WgBackend, Device, DeviceUpdate, InterfaceName, Key};
 
 use super::{
     Backend, Created, DeviceState, LinkRef, LinkSpec, Update, device_update, interface_name,
@@ -129,6 +129,7 @@ impl Backend for Kernel {
             let device = Device::get(&interface_name(name)?, WgBackend::Kernel);
             match device {
                 Ok(d) if d.public_key.as_ref().is_none_or(|k| k == public_key) => {
+                    remove_peers_first(&d);
                     netlink.delete(found.index)
                 }
                 _ => {
@@ -137,6 +138,26 @@ impl Backend for Kernel {
                 }
             }
         })
+    }
+}
+
+/// Peers removed per netlink message before a link is deleted: each message holds the RTNL
+/// lock while the kernel frees its peers, so other links' changes interleave between them.
+const PEERS_PER_REMOVAL: usize = 16;
+
+/// Drop a link's peers before the link goes. Freed inside a netlink set, under the RTNL lock,
+/// a peer costs an expedited RCU grace period; freed by the link's destructor (which runs
+/// without that lock) it costs a normal one, and those made the kernel's deletion the
+/// longest part of a DEL (in the TCG guest: 130-160 ms for a pod link with two peers, 50-75 ms
+/// for a link without peers). Best effort: the deletion removes whatever is left.
+fn remove_peers_first(device: &Device) {
+    for chunk in device.peers.chunks(PEERS_PER_REMOVAL) {
+        let update = chunk.iter().fold(DeviceUpdate::new(), |update, peer| {
+            update.remove_peer_by_key(&peer.config.public_key)
+        });
+        if update.apply(&device.name, WgBackend::Kernel).is_err() {
+            return;
+        }
     }
 }
 
