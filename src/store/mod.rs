@@ -180,14 +180,15 @@ pub struct Store {
     cache: RecordCache,
 }
 
-/// Held while ADD, DEL or GC changes a network. Dropping it unlocks.
-pub struct NetworkLock {
+/// A lock on one of the store's lock files: the network's (held while ADD, DEL or GC changes
+/// it), the adding gate, or one attachment's. Dropping it unlocks.
+pub struct StoreLock {
     _lock: Flock<File>,
 }
 
 /// One attachment's lock (`Store::attachment_lock`).
 pub struct AttachmentLock {
-    lock: NetworkLock,
+    lock: StoreLock,
     path: PathBuf,
 }
 
@@ -274,19 +275,19 @@ impl Store {
 
     /// Take the network-wide lock. The fd is O_CLOEXEC (std's default), so a daemon we start
     /// never inherits it.
-    pub fn lock(&self) -> Result<NetworkLock> {
+    pub fn lock(&self) -> Result<StoreLock> {
         self.flock(LOCK_FILE, FlockArg::LockExclusive)
     }
 
     /// Held by every ADD from start to end, shared with the other ADDs: an ADD builds its
     /// link before it takes the network lock to join, and GC (which takes this whole, before
     /// the network lock) must not judge an attachment that is still being made.
-    pub fn adding(&self) -> Result<NetworkLock> {
+    pub fn adding(&self) -> Result<StoreLock> {
         self.flock(ADDING_FILE, FlockArg::LockShared)
     }
 
     /// Wait until no ADD is under way, and keep new ones waiting (GC).
-    pub fn no_adding(&self) -> Result<NetworkLock> {
+    pub fn no_adding(&self) -> Result<StoreLock> {
         self.flock(ADDING_FILE, FlockArg::LockExclusive)
     }
 
@@ -309,11 +310,11 @@ impl Store {
         Ok(Some(AttachmentLock { lock, path }))
     }
 
-    fn flock(&self, name: &str, how: FlockArg) -> Result<NetworkLock> {
+    fn flock(&self, name: &str, how: FlockArg) -> Result<StoreLock> {
         self.flock_at(&self.network_dir.join(name), how)
     }
 
-    fn flock_at(&self, path: &Path, how: FlockArg) -> Result<NetworkLock> {
+    fn flock_at(&self, path: &Path, how: FlockArg) -> Result<StoreLock> {
         let path = path.to_path_buf();
         let file = OpenOptions::new()
             .create(true)
@@ -327,7 +328,7 @@ impl Store {
             context: format!("locking {}", path.display()),
             source: errno.into(),
         })?;
-        Ok(NetworkLock { _lock: lock })
+        Ok(StoreLock { _lock: lock })
     }
 
     /// Every record of the network, all nodes. Unreadable or foreign files are skipped with a
