@@ -1,7 +1,8 @@
 //! ADD: validate → key pair → IPAM (the network's first pod builds the node gateway meanwhile)
 //! → port → link in the pod, with the peers the network has now → addresses, routes, up →
 //! under the network lock: gateway, the peers added or gone meanwhile, record ready, the
-//! newcomer announced to the gateway and the other local links → result. Only the join is serialised: concurrent ADDs build their links side by side.
+//! newcomer announced to the gateway and the other local links → result. Only the join is
+//! serialised: concurrent ADDs build their links side by side.
 //! Any failure after IPAM undoes every completed step (one rollback guard; a failure while
 //! joining is undone before the lock is let go, so no other command sees a half-joined pod).
 
