@@ -39,7 +39,7 @@ pub fn take_apart(
         h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
     };
     let (destroyed, released) = std::thread::scope(|scope| {
-        // The longest wait first: it needs nothing from the network.
+        // It needs nothing from the network: it starts first.
         let destroyed = scope.spawn(|| destroy_link(ctx, &deleting, netns_hint));
         let released = context::network_view(ctx, store).and_then(|view| {
             let released = scope.spawn(|| release_addresses(ipam, &deleting));
