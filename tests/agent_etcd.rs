@@ -25,6 +25,9 @@ const NET: &str = "wgnet";
 const CLIENT_PORT: u16 = 23790;
 const PEER_PORT: u16 = 23800;
 const WAIT: Duration = Duration::from_secs(10);
+/// Every node's subnet lies in here (operator-given or leased).
+const CLUSTER_RANGE: [&str; 2] = ["10.10.0.0/16", "fd10::/48"];
+const SERVICE_RANGE: &str = "10.96.0.0/12";
 
 /// Run `body` on a thread inside a fresh anonymous network namespace with loopback up.
 fn in_netns(body: impl FnOnce() + Send + 'static) {
@@ -305,11 +308,14 @@ impl Node {
         fs::create_dir_all(&conf_dir).unwrap();
         // No node gateway: these agents sync records only (no links); tests/multinode.rs
         // covers agents that make gateways and reconcile live links.
+        // Node addresses are data here (records only, nothing is sent to them): TEST-NET-1.
         let mut plugin = json!({"type": "wg-cni", "store": store, "nodeName": name,
-            "endpoint": format!("127.0.0.{}", 10 + index), "hostGateway": false});
+            "endpoint": format!("192.0.2.{}", 10 + index), "hostGateway": false,
+            "serviceRange": SERVICE_RANGE});
         match subnet {
             Subnet::Operator(cidr) => {
                 plugin["ipam"] = json!({"type": "host-local", "ranges": [[{"subnet": cidr}]]});
+                plugin["clusterRange"] = json!(CLUSTER_RANGE);
             }
             Subnet::Lease(cluster) => {
                 plugin["ipam"] = json!({"type": "host-local", "ranges": [[{"subnet": "auto"}]]});
@@ -326,7 +332,7 @@ impl Node {
             log: base.join("agent.log"),
             health_port: 9765 + index,
             extra: extra.to_vec(),
-            endpoint: format!("127.0.0.{}", 10 + index),
+            endpoint: format!("192.0.2.{}", 10 + index),
             child: None,
         }
     }
@@ -551,7 +557,7 @@ fn publish_mirror_delete_skip_creating_and_ignore_poison() {
 
         // Poison put straight into etcd: an address outside a's subnet, and a younger node
         // claiming a's subnet.
-        let poison = pod_record("a", "evil", "10.10.2.99/24", "ready", "127.0.0.66");
+        let poison = pod_record("a", "evil", "10.10.2.99/24", "ready", "192.0.2.66");
         c.etcd
             .ok(&["put", &link_key("a", "evil"), &poison.to_string()]);
         let thief_claim = json!({"subnets": ["10.10.1.0/25"]}).to_string();
@@ -560,14 +566,14 @@ fn publish_mirror_delete_skip_creating_and_ignore_poison() {
             &format!("/wg-cni/v1/{NET}/subnets/thief/claim"),
             &thief_claim,
         ]);
-        let info = json!({"endpoints": ["127.0.0.66"], "bootId": boot_id(),
+        let info = json!({"endpoints": ["192.0.2.66"], "bootId": boot_id(),
             "subnets": ["10.10.1.0/25"], "mtu": 1420, "agentVersion": "x"});
         c.etcd.ok(&[
             "put",
             &format!("/wg-cni/v1/{NET}/nodes/thief/info"),
             &info.to_string(),
         ]);
-        let thief = pod_record("thief", "t1", "10.10.1.7/24", "ready", "127.0.0.66");
+        let thief = pod_record("thief", "t1", "10.10.1.7/24", "ready", "192.0.2.66");
         c.etcd
             .ok(&["put", &link_key("thief", "t1"), &thief.to_string()]);
         // A legitimate record after the poison: once it is mirrored, the poison was seen.
@@ -592,7 +598,7 @@ fn publish_mirror_delete_skip_creating_and_ignore_poison() {
         // The node gateway's record travels as `gateway`.
         let gateway = json!({"schema": 1, "network": NET, "node": "a",
             "publicKey": "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
-            "addresses": ["10.10.1.1/32"], "subnets": ["10.10.1.0/24"], "endpoint": "127.0.0.10",
+            "addresses": ["10.10.1.1/32"], "subnets": ["10.10.1.0/24"], "endpoint": "192.0.2.10",
             "listenPort": 52001, "hostName": "wgg0", "backend": "userspace", "bootId": boot_id(),
             "mtu": 1420, "masquerade": false, "createdAt": 1});
         fs::write(a.dir_of("a").join("gateway.json"), gateway.to_string()).unwrap();
@@ -606,17 +612,17 @@ fn publish_mirror_delete_skip_creating_and_ignore_poison() {
         // The node key carries the node's address (its conflist's `endpoint`), and a record
         // made with another address is reached at the node key's on other nodes.
         let info_key = format!("/wg-cni/v1/{NET}/nodes/a/info");
-        assert!(c.etcd.ok(&["get", &info_key]).contains("127.0.0.10"));
-        let moved = pod_record("a", "p4", "10.10.1.11/24", "ready", "127.0.0.77");
+        assert!(c.etcd.ok(&["get", &info_key]).contains("192.0.2.10"));
+        let moved = pod_record("a", "p4", "10.10.1.11/24", "ready", "192.0.2.77");
         fs::write(a.dir_of("a").join("p4:eth0.json"), moved.to_string()).unwrap();
         wait_for("b to mirror p4", WAIT, || b.mirrors("a", "p4"));
         let mirrored: Value =
             serde_json::from_slice(&fs::read(b.dir_of("a").join("p4:eth0.json")).unwrap()).unwrap();
         assert_eq!(
-            mirrored["endpoint"], "127.0.0.10",
+            mirrored["endpoint"], "192.0.2.10",
             "reached at the node key's address"
         );
-        assert!(!c.etcd.ok(&["get", &info_key]).contains("127.0.0.77"));
+        assert!(!c.etcd.ok(&["get", &info_key]).contains("192.0.2.77"));
         fs::remove_file(a.dir_of("a").join("p4:eth0.json")).unwrap();
         wait_for("p4 mirrored and gone again", WAIT, || !b.mirrors("a", "p4"));
         // The agent never writes into its own node directory.
@@ -639,12 +645,12 @@ fn newest_record_wins_a_shared_address_without_flip_flop() {
             &format!("{prefix}subnets/c/claim"),
             r#"{"subnets":["10.10.3.0/24"]}"#,
         ]);
-        let info = json!({"endpoints": ["127.0.0.30"], "bootId": boot_id(),
+        let info = json!({"endpoints": ["192.0.2.30"], "bootId": boot_id(),
             "subnets": ["10.10.3.0/24"], "mtu": 1400, "agentVersion": "t"});
         c.etcd
             .ok(&["put", &format!("{prefix}nodes/c/info"), &info.to_string()]);
         let put = |id: &str| {
-            let record = pod_record("c", id, "10.10.3.5/24", "ready", "127.0.0.30");
+            let record = pod_record("c", id, "10.10.3.5/24", "ready", "192.0.2.30");
             c.etcd.ok(&["put", &link_key("c", id), &record.to_string()]);
         };
         let only = |id: &str| b.mirrored("c") == vec![format!("{id}:eth0.json")];
@@ -688,7 +694,7 @@ fn a_younger_overlapping_claim_loses_everywhere_and_its_agent_is_not_ready() {
             "a node without a winning claim does not publish"
         );
         // Even when its records are in etcd, nobody mirrors them.
-        let record = pod_record("late", "l2", "10.10.1.10/24", "ready", "127.0.0.12");
+        let record = pod_record("late", "l2", "10.10.1.10/24", "ready", "192.0.2.12");
         etcd.ok(&["put", &link_key("late", "l2"), &record.to_string()]);
         assert_eq!(late.http("/readyz"), 503);
         a.write_record("p1", "10.10.1.5/24", "ready");
@@ -877,6 +883,279 @@ fn killed_agent_stays_mirrored_within_grace_then_goes_then_returns() {
     });
 }
 
+/// A node that exists only in etcd (put there with etcdctl, as a compromised or broken node's
+/// credentials could): its subnet claim, its node key (unless `alive` is false), and records.
+struct FakeNode<'a> {
+    etcd: &'a Etcd,
+    name: &'a str,
+}
+
+impl FakeNode<'_> {
+    fn key(&self, rest: &str) -> String {
+        format!("/wg-cni/v1/{NET}/{rest}")
+    }
+
+    fn claim(&self, subnets: &[&str]) {
+        let value = json!({ "subnets": subnets }).to_string();
+        self.etcd
+            .ok(&["put", &self.key(&format!("subnets/{}/claim", self.name)), &value]);
+    }
+
+    fn info(&self, endpoints: &[&str], subnets: &[&str], mtu: u32) {
+        let value = json!({"endpoints": endpoints, "bootId": boot_id(), "subnets": subnets,
+            "mtu": mtu, "agentVersion": "fake"});
+        self.etcd.ok(&[
+            "put",
+            &self.key(&format!("nodes/{}/info", self.name)),
+            &value.to_string(),
+        ]);
+    }
+
+    /// The persistent claim on one of its addresses (what a live node's agent writes).
+    fn endpoint_claim(&self, address: &str) {
+        let key = self.key(&format!("nodes/{}/endpoints/{address}", self.name));
+        self.etcd.ok(&["put", &key, "{}"]);
+    }
+
+    fn heartbeat(&self, seconds_ago: u64) {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            - seconds_ago;
+        let value = json!({ "unix": unix }).to_string();
+        let key = self.key(&format!("nodes/{}/heartbeat", self.name));
+        self.etcd.ok(&["put", &key, &value]);
+    }
+
+    fn record(&self, id: &str, address: &str, endpoint: &str) {
+        let record = pod_record(self.name, id, address, "ready", endpoint);
+        self.etcd
+            .ok(&["put", &link_key(self.name, id), &record.to_string()]);
+    }
+
+    fn gateway(&self, address: &str, subnet: &str, endpoint: &str) {
+        let gateway = json!({"schema": 1, "network": NET, "node": self.name,
+            "publicKey": "AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=",
+            "addresses": [address], "subnets": [subnet], "endpoint": endpoint,
+            "listenPort": 52001, "hostName": "wgg0", "backend": "userspace", "bootId": boot_id(),
+            "mtu": 1420, "masquerade": false, "createdAt": 1});
+        self.etcd.ok(&[
+            "put",
+            &self.key(&format!("links/{}/gateway", self.name)),
+            &gateway.to_string(),
+        ]);
+    }
+}
+
+/// `node.json` as node `observer` mirrors node `node` (Null when absent).
+fn node_file(observer: &Node, node: &str) -> Value {
+    fs::read(observer.dir_of(node).join("node.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// T1: a node's endpoints become /32 allowed IPs of its gateway on every pod. A node that
+/// publishes a pod's address, a Service IP, another node's address or a link-local address as
+/// its own gets none of them: only its one legitimate address is mirrored, and its gateway
+/// record is reached there.
+#[test]
+#[ignore = "defect T1: node endpoints are unchecked; fixed in a later commit"]
+fn node_endpoints_naming_pods_services_or_other_nodes_are_refused() {
+    in_netns(|| {
+        let c = two_nodes(&[]);
+        c.wait_ready();
+        let (a, b) = (&c.nodes[0], &c.nodes[1]);
+        let evil = FakeNode {
+            etcd: &c.etcd,
+            name: "evil",
+        };
+        evil.claim(&["10.10.3.0/24"]);
+        // A pod of a, a Service, a's node address, the metadata service, loopback, and one
+        // address of its own.
+        let published = [
+            "10.10.1.5",
+            "10.96.0.10",
+            "192.0.2.10",
+            "169.254.169.254",
+            "127.0.0.1",
+            "192.0.2.30",
+        ];
+        evil.info(&published, &["10.10.3.0/24"], 1420);
+        evil.gateway("10.10.3.1/32", "10.10.3.0/24", "10.10.1.5");
+        evil.record("e1", "10.10.3.5/24", "10.96.0.10");
+        wait_for("b to mirror evil's gateway and e1", WAIT, || {
+            b.dir_of("evil").join("gateway.json").exists() && b.mirrors("evil", "e1")
+        });
+        let node = node_file(b, "evil");
+        assert_eq!(node["endpoints"], json!(["192.0.2.30"]), "{node}");
+        let gateway: Value =
+            serde_json::from_slice(&fs::read(b.dir_of("evil").join("gateway.json")).unwrap())
+                .unwrap();
+        assert_eq!(gateway["endpoint"], "192.0.2.30");
+        let record: Value =
+            serde_json::from_slice(&fs::read(b.dir_of("evil").join("e1:eth0.json")).unwrap())
+                .unwrap();
+        assert_eq!(record["endpoint"], "192.0.2.30");
+        // a's own address stays a's.
+        assert_eq!(node_file(b, "a")["endpoints"], json!(["192.0.2.10"]));
+        let log = b.log();
+        assert!(log.contains("endpoint_held_by_another_node"), "{log}");
+        assert!(log.contains("endpoint_in_pod_or_service_range"), "{log}");
+        assert!(log.contains("endpoint_not_unicast"), "{log}");
+
+        // With no legitimate address left, nothing of the node is mirrored at all.
+        let worse = FakeNode {
+            etcd: &c.etcd,
+            name: "worse",
+        };
+        worse.claim(&["10.10.4.0/24"]);
+        worse.info(&["10.10.1.5", "192.0.2.11"], &["10.10.4.0/24"], 1420);
+        worse.record("w1", "10.10.4.5/24", "10.10.1.5");
+        a.write_record("p9", "10.10.1.9/24", "ready");
+        wait_for("b to mirror a's p9 (after worse's keys)", WAIT, || {
+            b.mirrors("a", "p9")
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!b.mirrors("worse", "w1"), "a record without a usable address");
+        assert!(b.log().contains("record_without_endpoint"), "{}", b.log());
+    });
+}
+
+/// T2, T3: claims are first-come, but only over the cluster range: a claim of the whole IPv4
+/// space or of the Service range wins nothing, and a claim that loses blocks nothing.
+#[test]
+#[ignore = "defects T2, T3: claims outside clusterRange win, losing claims block; fixed later"]
+fn claims_outside_the_cluster_range_win_nothing_and_losing_claims_block_nothing() {
+    in_netns(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(dir.path(), None);
+        let fake = |name| FakeNode { etcd: &etcd, name };
+        // Older than every real node: the Service range, half the IPv4 space, and a valid
+        // claim that loses to a valid older one.
+        fake("svc").claim(&["10.96.0.0/12"]);
+        fake("svc").info(&["192.0.2.40"], &["10.96.0.0/12"], 1420);
+        fake("svc").record("s1", "10.96.0.10/12", "192.0.2.40");
+        fake("wide").claim(&["0.0.0.0/1"]);
+        fake("first").claim(&["10.10.5.0/24"]);
+        fake("loser").claim(&["10.10.4.0/22"]);
+        let mut a = Node::new(dir.path(), "a", 0, Subnet::Operator("10.10.1.0/24"), &[]);
+        let mut b = Node::new(dir.path(), "b", 1, Subnet::Operator("10.10.4.0/24"), &[]);
+        a.start(&etcd.url());
+        b.start(&etcd.url());
+        wait_for("a ready", WAIT, || a.http("/readyz") == 200);
+        wait_for("b ready (loser's claim does not block it)", WAIT, || {
+            b.http("/readyz") == 200
+        });
+        a.write_record("p1", "10.10.1.5/24", "ready");
+        b.write_record("q1", "10.10.4.5/24", "ready");
+        wait_for("a and b to mirror each other", WAIT, || {
+            a.mirrors("b", "q1") && b.mirrors("a", "p1")
+        });
+        assert!(!a.mirrors("svc", "s1"), "a record in the Service range");
+        let log = a.log();
+        assert!(log.contains("claim_outside_cluster_range"), "{log}");
+        assert!(log.contains("claim_loses"), "{log}");
+
+        // Leasing skips only winning claims.
+        let mut c = Node::new(dir.path(), "c", 2, Subnet::Lease("10.10.0.0/16"), &[]);
+        c.start(&etcd.url());
+        wait_for("c ready", WAIT, || c.http("/readyz") == 200);
+        assert_eq!(c.subnets(), Some(vec!["10.10.0.0/24".to_string()]));
+        c.kill();
+        b.kill();
+        a.kill();
+        drop(etcd);
+    });
+}
+
+/// T4: one MTU per network, but a node cannot shrink it below what the network's families
+/// need (IPv6: 1280): a published 1200 is not mirrored, so no ADD on this node uses it.
+#[test]
+#[ignore = "defect T4: the smallest published MTU is obeyed; fixed in a later commit"]
+fn an_mtu_below_the_networks_floor_is_ignored() {
+    in_netns(|| {
+        let c = Cluster::start(&[("b", Subnet::Operator("10.10.2.0/24"))], &[], false);
+        c.wait_ready();
+        let b = &c.nodes[0];
+        let small = FakeNode {
+            etcd: &c.etcd,
+            name: "small",
+        };
+        small.claim(&["10.10.3.0/24"]);
+        small.info(&["192.0.2.30"], &["10.10.3.0/24"], 1200);
+        small.record("m1", "10.10.3.5/24", "192.0.2.30");
+        wait_for("b to mirror small's m1", WAIT, || b.mirrors("small", "m1"));
+        let node = node_file(b, "small");
+        assert!(node["mtu"].is_null(), "{node}");
+        assert!(b.log().contains("mtu_below_floor"), "{}", b.log());
+    });
+}
+
+/// L1: staleness is computed from the node's heartbeat in etcd, not from when this agent
+/// first noticed: an agent started after a node died long ago does not bring its pods back
+/// for another grace period.
+#[test]
+#[ignore = "defect L1: the grace period restarts with every agent; fixed in a later commit"]
+fn a_restarted_agent_does_not_revive_a_node_dead_past_the_grace_period() {
+    in_netns(|| {
+        let c = two_nodes(&["--grace-period", "20"]);
+        c.wait_ready();
+        let (a, b) = (&c.nodes[0], &c.nodes[1]);
+        // Both nodes' node keys lapsed with their leases; their claims, address claims and
+        // records stay in etcd. One was last heard of an hour ago, one 5 s ago.
+        let dead = FakeNode {
+            etcd: &c.etcd,
+            name: "dead",
+        };
+        let recent = FakeNode {
+            etcd: &c.etcd,
+            name: "recent",
+        };
+        for (node, third, ago) in [(&dead, "3", 3600), (&recent, "4", 5)] {
+            node.claim(&[&format!("10.10.{third}.0/24")]);
+            node.endpoint_claim(&format!("192.0.2.3{third}"));
+            node.heartbeat(ago);
+            node.record("d1", &format!("10.10.{third}.5/24"), &format!("192.0.2.3{third}"));
+        }
+        wait_for("b to mirror recent's d1 (inside the grace period)", WAIT, || {
+            b.mirrors("recent", "d1")
+        });
+        a.write_record("p1", "10.10.1.5/24", "ready");
+        wait_for("b to mirror a's p1 (after dead's keys)", WAIT, || {
+            b.mirrors("a", "p1")
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!b.mirrors("dead", "d1"), "a node dead for an hour revived");
+    });
+}
+
+/// A record over 4 KiB is refused (never mirrored, never kept), whatever it holds.
+#[test]
+#[ignore = "defect: record size is unbounded up to 64 KiB; fixed in a later commit"]
+fn records_over_4_kib_are_refused() {
+    in_netns(|| {
+        let c = two_nodes(&[]);
+        c.wait_ready();
+        let b = &c.nodes[1];
+        let f = FakeNode {
+            etcd: &c.etcd,
+            name: "f",
+        };
+        f.claim(&["10.10.3.0/24"]);
+        f.info(&["192.0.2.30"], &["10.10.3.0/24"], 1420);
+        let mut big = pod_record("f", "big", "10.10.3.7/24", "ready", "192.0.2.30");
+        big["pod"] = json!(format!("default/{}", "x".repeat(5000)));
+        c.etcd.ok(&["put", &link_key("f", "big"), &big.to_string()]);
+        f.record("f1", "10.10.3.5/24", "192.0.2.30");
+        wait_for("b to mirror f's f1", WAIT, || b.mirrors("f", "f1"));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!b.mirrors("f", "big"));
+        assert!(b.log().contains("record_too_large"), "{}", b.log());
+    });
+}
+
 /// The lease id (decimal) the key is attached to, 0 if none or absent.
 fn lease_of(etcd: &Etcd, key: &str) -> i64 {
     let out: Value = serde_json::from_str(&etcd.ok(&["get", key, "-w", "json"])).unwrap();
@@ -890,7 +1169,7 @@ fn stale_own_keys_go_at_start_and_a_revoked_lease_is_regranted() {
         let etcd = Etcd::start(dir.path(), None);
         let mut a = Node::new(dir.path(), "a", 0, Subnet::Operator("10.10.1.0/24"), &[]);
         // Left over from a previous boot: in etcd, not on disk.
-        let mut ghost = pod_record("a", "ghost", "10.10.1.9/24", "ready", "127.0.0.10");
+        let mut ghost = pod_record("a", "ghost", "10.10.1.9/24", "ready", "192.0.2.10");
         ghost["bootId"] = json!("previous-boot");
         etcd.ok(&["put", &link_key("a", "ghost"), &ghost.to_string()]);
         a.write_record("p1", "10.10.1.5/24", "ready");
@@ -1149,7 +1428,7 @@ fn scale_remote_records() {
             &format!("{prefix}subnets/c/claim"),
             r#"{"subnets":["10.128.0.0/10"]}"#,
         ]);
-        let info = json!({"endpoints": ["127.0.0.30"], "bootId": boot_id(),
+        let info = json!({"endpoints": ["192.0.2.30"], "bootId": boot_id(),
             "subnets": ["10.128.0.0/10"], "mtu": 1400, "agentVersion": "t"});
         c.etcd
             .ok(&["put", &format!("{prefix}nodes/c/info"), &info.to_string()]);
@@ -1170,7 +1449,7 @@ fn scale_remote_records() {
                         .iter()
                         .map(|i| {
                             let id = format!("s{i}");
-                            let rec = pod_record("c", &id, &address(*i + 1), "ready", "127.0.0.30");
+                            let rec = pod_record("c", &id, &address(*i + 1), "ready", "192.0.2.30");
                             etcd_client::TxnOp::put(link_key("c", &id), rec.to_string(), None)
                         })
                         .collect();

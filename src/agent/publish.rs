@@ -206,6 +206,55 @@ mod tests {
         }
     }
 
+    /// Other nodes learn only what they need to peer a record: never the netns path and inode
+    /// or the daemon's PID. The two netns fields stay present (empty) while readers of schema
+    /// 1 that require them may still run in the cluster.
+    #[test]
+    #[ignore = "defect: published records carry local-only fields; fixed in the next commit"]
+    fn published_records_carry_no_local_only_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = serde_json::json!({"schema": 1, "state": "ready", "network": "net",
+            "node": "n1", "containerId": "a", "ifname": "eth0", "publicKey": "k",
+            "addresses": ["10.0.1.2/24"], "endpoint": "192.0.2.1", "listenPort": 52000,
+            "netns": "/var/run/netns/secret-pod", "netnsInode": 4026532999u64, "bootId": "b1",
+            "hostName": "wgc0", "backend": "userspace", "daemonPid": 4242, "mtu": 1420,
+            "createdAt": 1});
+        std::fs::write(dir.path().join("a:eth0.json"), record.to_string()).unwrap();
+        let gateway = serde_json::json!({"schema": 1, "network": "net", "node": "n1",
+            "publicKey": "g", "addresses": ["10.0.1.1/32"], "subnets": ["10.0.1.0/24"],
+            "endpoint": "192.0.2.1", "listenPort": 52001, "hostName": "wgg0",
+            "backend": "userspace", "daemonPid": 4243, "bootId": "b1", "mtu": 1420,
+            "masquerade": false, "createdAt": 1});
+        std::fs::write(dir.path().join("gateway.json"), gateway.to_string()).unwrap();
+        let local = scan_local(dir.path(), "net", "n1", "b1");
+        assert_eq!(local.len(), 2);
+        for body in local.values() {
+            let text = String::from_utf8_lossy(body);
+            for secret in ["secret-pod", "4026532999", "daemonPid", "4242", "4243"] {
+                assert!(!text.contains(secret), "{secret} published: {text}");
+            }
+        }
+        let published: serde_json::Value =
+            serde_json::from_slice(&local[&LinkName::parse("a:eth0").unwrap()]).unwrap();
+        assert_eq!(published["netns"], "", "present for schema-1 readers");
+        assert_eq!(published["netnsInode"], 0);
+    }
+
+    /// A node still on this version publishes what a node one schema ahead wrote (during a
+    /// rolling upgrade the plugin can be newer than the agent).
+    #[test]
+    #[ignore = "defect: readers accept only their own schema; fixed in the next commit"]
+    fn the_next_schema_is_published_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = serde_json::json!({"schema": crate::store::SCHEMA_VERSION + 1,
+            "state": "ready", "network": "net", "node": "n1", "containerId": "a",
+            "ifname": "eth0", "publicKey": "k", "addresses": ["10.0.1.2/24"],
+            "endpoint": "192.0.2.1", "listenPort": 52000, "bootId": "b1", "hostName": "wgc0",
+            "backend": "userspace", "mtu": 1420, "createdAt": 1, "aFieldFromTheFuture": [1]});
+        std::fs::write(dir.path().join("a:eth0.json"), record.to_string()).unwrap();
+        assert_eq!(scan_local(dir.path(), "net", "n1", "b1").len(), 1);
+    }
+
     #[test]
     fn diff_deletes_first_and_skips_unchanged() {
         let keys = Keys::new("net");

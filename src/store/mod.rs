@@ -863,6 +863,30 @@ mod tests {
         assert!(Store::open(dir.path(), "linked", "n1").is_err());
     }
 
+    /// A mirrored record of the next schema (written by a newer agent, without the local-only
+    /// netns fields and with fields this version does not know) is read, not skipped.
+    #[test]
+    #[ignore = "defect: readers accept only their own schema; fixed in the next commit"]
+    fn records_of_the_next_schema_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "net", "n1").unwrap();
+        let mut next = serde_json::to_value(record("f", "n2")).unwrap();
+        next["schema"] = (SCHEMA_VERSION + 1).into();
+        next["newField"] = serde_json::json!({"x": 1});
+        let map = next.as_object_mut().unwrap();
+        map.remove("netns");
+        map.remove("netnsInode");
+        fs::create_dir_all(dir.path().join("net/n2")).unwrap();
+        fs::write(dir.path().join("net/n2/f:eth0.json"), next.to_string()).unwrap();
+        let ids: Vec<_> = store
+            .all_records()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.container_id)
+            .collect();
+        assert_eq!(ids, vec!["f"]);
+    }
+
     #[test]
     fn unknown_schema_and_garbage_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
