@@ -897,8 +897,11 @@ impl FakeNode<'_> {
 
     fn claim(&self, subnets: &[&str]) {
         let value = json!({ "subnets": subnets }).to_string();
-        self.etcd
-            .ok(&["put", &self.key(&format!("subnets/{}/claim", self.name)), &value]);
+        self.etcd.ok(&[
+            "put",
+            &self.key(&format!("subnets/{}/claim", self.name)),
+            &value,
+        ]);
     }
 
     fn info(&self, endpoints: &[&str], subnets: &[&str], mtu: u32) {
@@ -1018,7 +1021,10 @@ fn node_endpoints_naming_pods_services_or_other_nodes_are_refused() {
             b.mirrors("a", "p9")
         });
         std::thread::sleep(Duration::from_millis(300));
-        assert!(!b.mirrors("worse", "w1"), "a record without a usable address");
+        assert!(
+            !b.mirrors("worse", "w1"),
+            "a record without a usable address"
+        );
         assert!(b.log().contains("record_without_endpoint"), "{}", b.log());
     });
 }
@@ -1117,11 +1123,17 @@ fn a_restarted_agent_does_not_revive_a_node_dead_past_the_grace_period() {
             node.claim(&[&format!("10.10.{third}.0/24")]);
             node.endpoint_claim(&format!("192.0.2.3{third}"));
             node.heartbeat(ago);
-            node.record("d1", &format!("10.10.{third}.5/24"), &format!("192.0.2.3{third}"));
+            node.record(
+                "d1",
+                &format!("10.10.{third}.5/24"),
+                &format!("192.0.2.3{third}"),
+            );
         }
-        wait_for("b to mirror recent's d1 (inside the grace period)", WAIT, || {
-            b.mirrors("recent", "d1")
-        });
+        wait_for(
+            "b to mirror recent's d1 (inside the grace period)",
+            WAIT,
+            || b.mirrors("recent", "d1"),
+        );
         a.write_record("p1", "10.10.1.5/24", "ready");
         wait_for("b to mirror a's p1 (after dead's keys)", WAIT, || {
             b.mirrors("a", "p1")
