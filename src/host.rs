@@ -106,6 +106,34 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// The smallest MTU a network can run on: IPv6 needs 1280 (RFC 8200), IPv4 576.
+pub fn mtu_floor(ipv6: bool) -> u32 {
+    if ipv6 { 1280 } else { 576 }
+}
+
+/// Whether the network holds IPv6 pods: its cluster range or its IPAM ranges say so.
+fn has_ipv6(conf: &NetConf) -> bool {
+    let ipam_v6 = conf.raw["ipam"]["ranges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|set| set.as_array())
+        .flatten()
+        .filter_map(|range| range["subnet"].as_str())
+        .any(|subnet| subnet.contains(':'));
+    ipam_v6 || conf.cluster_range.iter().any(|r| r.is_ipv6())
+}
+
+/// The network's MTU on this node: `own` lowered to the smallest MTU another node publishes,
+/// where that MTU is one the network can run on (one node cannot make every ADD fail).
+fn agreed_mtu(own: u32, published: &[u32], floor: u32) -> u32 {
+    published
+        .iter()
+        .copied()
+        .filter(|m| *m >= floor)
+        .fold(own, u32::min)
+}
+
 impl LinkSettings {
     /// One MTU per network: the operator's (`mtu` in the config), else the smallest of this
     /// node's default and every MTU another node publishes, so no tunnel of the network
@@ -114,14 +142,8 @@ impl LinkSettings {
         if conf.mtu.is_some() {
             return;
         }
-        if let Some(smallest) = store
-            .published_mtus()
-            .into_iter()
-            .filter(|m| *m >= 576)
-            .min()
-        {
-            self.mtu = self.mtu.min(smallest);
-        }
+        let floor = mtu_floor(has_ipv6(conf));
+        self.mtu = agreed_mtu(self.mtu, &store.published_mtus(), floor);
     }
 }
 
@@ -174,5 +196,25 @@ pub fn choose_backend(choice: BackendChoice) -> Result<BackendKind> {
             "backend",
             "no WireGuard available: the kernel has no wireguard module and wireguard-go or /dev/net/tun is missing",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// T4: a node publishing an MTU the network's families cannot run on is not obeyed.
+    #[test]
+    fn a_published_mtu_below_the_floor_is_not_obeyed() {
+        assert_eq!(agreed_mtu(1420, &[1380, 1200], 1280), 1380);
+        assert_eq!(agreed_mtu(1420, &[1200], 576), 1200);
+        assert_eq!(agreed_mtu(1420, &[500], 576), 1420);
+        assert_eq!(agreed_mtu(1420, &[], 1280), 1420);
+        let dual = crate::cni::NetConf::parse(
+            br#"{"cniVersion": "1.0.0", "name": "n", "type": "wg-cni", "ipam": {"type": "host-local",
+                "ranges": [[{"subnet": "10.0.1.0/24"}], [{"subnet": "fd00:1::/64"}]]}}"#,
+        )
+        .unwrap();
+        assert!(has_ipv6(&dual));
     }
 }

@@ -964,7 +964,6 @@ fn node_file(observer: &Node, node: &str) -> Value {
 /// its own gets none of them: only its one legitimate address is mirrored, and its gateway
 /// record is reached there.
 #[test]
-#[ignore = "defect T1: node endpoints are unchecked; fixed in a later commit"]
 fn node_endpoints_naming_pods_services_or_other_nodes_are_refused() {
     in_netns(|| {
         let c = two_nodes(&[]);
@@ -1002,6 +1001,8 @@ fn node_endpoints_naming_pods_services_or_other_nodes_are_refused() {
                 .unwrap();
         assert_eq!(record["endpoint"], "192.0.2.30");
         // a's own address stays a's.
+        a.write_record("p1", "10.10.1.5/24", "ready");
+        wait_for("b to mirror a's p1", WAIT, || b.mirrors("a", "p1"));
         assert_eq!(node_file(b, "a")["endpoints"], json!(["192.0.2.10"]));
         let log = b.log();
         assert!(log.contains("endpoint_held_by_another_node"), "{log}");
@@ -1032,7 +1033,6 @@ fn node_endpoints_naming_pods_services_or_other_nodes_are_refused() {
 /// T2, T3: claims are first-come, but only over the cluster range: a claim of the whole IPv4
 /// space or of the Service range wins nothing, and a claim that loses blocks nothing.
 #[test]
-#[ignore = "defects T2, T3: claims outside clusterRange win, losing claims block; fixed later"]
 fn claims_outside_the_cluster_range_win_nothing_and_losing_claims_block_nothing() {
     in_netns(|| {
         let dir = tempfile::tempdir().unwrap();
@@ -1079,7 +1079,6 @@ fn claims_outside_the_cluster_range_win_nothing_and_losing_claims_block_nothing(
 /// T4: one MTU per network, but a node cannot shrink it below what the network's families
 /// need (IPv6: 1280): a published 1200 is not mirrored, so no ADD on this node uses it.
 #[test]
-#[ignore = "defect T4: the smallest published MTU is obeyed; fixed in a later commit"]
 fn an_mtu_below_the_networks_floor_is_ignored() {
     in_netns(|| {
         let c = Cluster::start(&[("b", Subnet::Operator("10.10.2.0/24"))], &[], false);
@@ -1103,7 +1102,6 @@ fn an_mtu_below_the_networks_floor_is_ignored() {
 /// first noticed: an agent started after a node died long ago does not bring its pods back
 /// for another grace period.
 #[test]
-#[ignore = "defect L1: the grace period restarts with every agent; fixed in a later commit"]
 fn a_restarted_agent_does_not_revive_a_node_dead_past_the_grace_period() {
     in_netns(|| {
         let c = two_nodes(&["--grace-period", "20"]);
@@ -1145,7 +1143,6 @@ fn a_restarted_agent_does_not_revive_a_node_dead_past_the_grace_period() {
 
 /// A record over 4 KiB is refused (never mirrored, never kept), whatever it holds.
 #[test]
-#[ignore = "defect: record size is unbounded up to 64 KiB; fixed in a later commit"]
 fn records_over_4_kib_are_refused() {
     in_netns(|| {
         let c = two_nodes(&[]);

@@ -916,7 +916,8 @@ fn a_poison_record_in_etcd_never_becomes_a_peer() {
 
     let log = || std::fs::read_to_string(&cluster.nodes[0].agent_log).unwrap_or_default();
     assert!(
-        wait_for(CONVERGE, || log().contains("ignoring a remote record")),
+        wait_for(CONVERGE, || log()
+            .contains("refusing what a node published")),
         "node A's agent did not judge the poison record"
     );
     // A few reconciles later, still nowhere.

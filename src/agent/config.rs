@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde_json::Value;
 
+use super::membership::Policy;
 use super::subnet::{self, Mode};
 use crate::cni::NetConf;
 
@@ -74,6 +75,13 @@ fn network_in_file(file: &Path) -> Result<Option<Network>> {
         return Ok(None);
     };
     let conf = NetConf::parse(plugin.to_string().as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Every node is held to the address plan: without a cluster range a node could claim any
+    // subnet (0.0.0.0/1 included) and every other node would route it there.
+    anyhow::ensure!(
+        !conf.cluster_range.is_empty(),
+        "network {}: the agent serves only networks with \"clusterRange\" (the range every node's pod subnet lies in)",
+        conf.name
+    );
     let mode = if conf.subnet_lease {
         Mode::Lease(conf.cluster_range.clone())
     } else {
@@ -83,6 +91,9 @@ fn network_in_file(file: &Path) -> Result<Option<Network>> {
             "network {}: no ipam.ranges[][].subnet names this node's subnet (or set \"subnetLease\": true)",
             conf.name
         );
+        if let Some((_, reason)) = network_policy(&conf).refuses_claim(&subnets) {
+            anyhow::bail!("network {}: ipam.ranges: {reason}", conf.name);
+        }
         Mode::Operator(subnets)
     };
     Ok(Some(Network {
@@ -91,6 +102,22 @@ fn network_in_file(file: &Path) -> Result<Option<Network>> {
         mode,
         source: file.to_path_buf(),
     }))
+}
+
+/// The address plan a network's conflist states: every node's claims and endpoints are held
+/// to it.
+pub fn network_policy(conf: &NetConf) -> Policy {
+    Policy {
+        cluster_ranges: conf.cluster_range.clone(),
+        service_ranges: conf.service_range.clone(),
+        node_ranges: conf.node_range.clone(),
+    }
+}
+
+impl Network {
+    pub fn policy(&self) -> Policy {
+        network_policy(&self.conf)
+    }
 }
 
 /// Our plugin's config as a single-plugin network config: a `.conflist`'s `wg-cni` entry with
@@ -118,7 +145,8 @@ mod tests {
     fn finds_our_plugin_in_conflists_and_confs_for_our_store_only() {
         let dir = tempfile::tempdir().unwrap();
         let list = serde_json::json!({"cniVersion": "1.0.0", "name": "wgnet", "plugins": [
-            {"type": "wg-cni", "store": "/s1", "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.0.1.0/24"}]]}},
+            {"type": "wg-cni", "store": "/s1", "clusterRange": "10.0.0.0/16",
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.0.1.0/24"}]]}},
             {"type": "portmap"}]});
         std::fs::write(dir.path().join("10-wg.conflist"), list.to_string()).unwrap();
         let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "leased", "type": "wg-cni",
@@ -129,6 +157,14 @@ mod tests {
             "store": "/s2", "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.0.9.0/24"}]]}});
         std::fs::write(dir.path().join("30-o.conf"), other.to_string()).unwrap();
         std::fs::write(dir.path().join("40-bad.conflist"), "{").unwrap();
+        // Agent-served networks state their cluster range, and their subnets lie inside it.
+        let no_range = serde_json::json!({"cniVersion": "1.0.0", "name": "norange", "type": "wg-cni",
+            "store": "/s1", "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.0.9.0/24"}]]}});
+        std::fs::write(dir.path().join("50-n.conf"), no_range.to_string()).unwrap();
+        let outside = serde_json::json!({"cniVersion": "1.0.0", "name": "outside", "type": "wg-cni",
+            "store": "/s1", "clusterRange": "10.1.0.0/16",
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.0.9.0/24"}]]}});
+        std::fs::write(dir.path().join("60-o.conf"), outside.to_string()).unwrap();
         std::fs::write(dir.path().join("README"), "x").unwrap();
         let nets = read_networks(dir.path(), Path::new("/s1")).unwrap();
         let names: Vec<_> = nets.iter().map(|n| n.name.as_str()).collect();

@@ -20,6 +20,8 @@ pub struct NetStatus {
     /// Why the subnet is not usable (claim lost, nothing free, etcd error).
     pub subnet_error: Option<String>,
     pub stale_nodes: BTreeSet<String>,
+    /// What the membership layer refused of other nodes' keys, by reason.
+    pub refused: BTreeMap<super::membership::Refusal, u64>,
 }
 
 /// Shared by the network loops, the health server and whoever embeds the agent.

@@ -4,6 +4,8 @@
 //! `subnets/<node>/`), so an etcd role granted one node's prefixes never covers another node
 //! whose name merely starts the same way (`node1` vs `node10`).
 
+use std::net::IpAddr;
+
 use crate::cni::is_identifier;
 
 /// The versioned root of everything wg-cni keeps in etcd.
@@ -86,9 +88,25 @@ pub fn is_node_name(name: &str) -> bool {
 /// What a key under a network's prefix is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyKind {
-    NodeInfo { node: String },
-    Link { node: String, name: LinkName },
-    Claim { node: String },
+    NodeInfo {
+        node: String,
+    },
+    /// The node's last sign of life (Unix seconds), never on a lease.
+    Heartbeat {
+        node: String,
+    },
+    /// The node's persistent claim on one of its addresses (`nodes/<node>/endpoints/<ip>`).
+    EndpointClaim {
+        node: String,
+        address: IpAddr,
+    },
+    Link {
+        node: String,
+        name: LinkName,
+    },
+    Claim {
+        node: String,
+    },
 }
 
 /// The keys of one network.
@@ -112,6 +130,23 @@ impl Keys {
     /// The node key (on the liveness lease).
     pub fn node_info(&self, node: &str) -> String {
         format!("{}nodes/{node}/info", self.prefix)
+    }
+
+    /// The node's heartbeat: renewed with the lease, kept when the lease lapses, so every agent
+    /// (a restarted one too) computes how long the node has been gone.
+    pub fn heartbeat(&self, node: &str) -> String {
+        format!("{}nodes/{node}/heartbeat", self.prefix)
+    }
+
+    /// `nodes/<node>/endpoints/`: the node's address claims.
+    pub fn endpoint_claims_prefix(&self, node: &str) -> String {
+        format!("{}nodes/{node}/endpoints/", self.prefix)
+    }
+
+    /// The node's claim on `address` (never on the liveness lease; created only where absent,
+    /// so its create revision says since when the node has held the address).
+    pub fn endpoint_claim(&self, node: &str, address: IpAddr) -> String {
+        format!("{}{address}", self.endpoint_claims_prefix(node))
     }
 
     /// `links/<node>/`: the node's records (never on a lease).
@@ -142,12 +177,23 @@ impl Keys {
         let rest = key.strip_prefix(&self.prefix)?;
         let mut parts = rest.split('/');
         let (kind, node, last) = (parts.next()?, parts.next()?, parts.next()?);
+        let extra = parts.next();
         if parts.next().is_some() || !is_node_name(node) {
             return None;
         }
         let node = node.to_string();
+        if let Some(address) = extra {
+            return match (kind, last) {
+                ("nodes", "endpoints") => Some(KeyKind::EndpointClaim {
+                    node,
+                    address: address.parse().ok()?,
+                }),
+                _ => None,
+            };
+        }
         match (kind, last) {
             ("nodes", "info") => Some(KeyKind::NodeInfo { node }),
+            ("nodes", "heartbeat") => Some(KeyKind::Heartbeat { node }),
             ("subnets", "claim") => Some(KeyKind::Claim { node }),
             ("links", name) => Some(KeyKind::Link {
                 node,
@@ -201,6 +247,24 @@ mod tests {
             k.parse(&k.claim("n1")),
             Some(KeyKind::Claim { node: "n1".into() })
         );
+        assert_eq!(
+            k.parse(&k.heartbeat("n1")),
+            Some(KeyKind::Heartbeat { node: "n1".into() })
+        );
+        for address in ["192.0.2.1", "2001:db8::1"] {
+            let address: IpAddr = address.parse().unwrap();
+            assert_eq!(
+                k.parse(&k.endpoint_claim("n1", address)),
+                Some(KeyKind::EndpointClaim {
+                    node: "n1".into(),
+                    address
+                })
+            );
+            assert!(
+                k.endpoint_claim("n1", address)
+                    .starts_with(&k.node_write_prefixes("n1")[0])
+            );
+        }
         assert_eq!(pod.file_name(), "abc123:eth0.json");
         assert_eq!(LinkName::from_file_name("abc123:eth0.json"), Some(pod));
     }
@@ -239,6 +303,9 @@ mod tests {
             "/wg-cni/v1/wgnet/nodes/n1/other",
             "/wg-cni/v1/wgnet/subnets/.x/claim",
             "/wg-cni/v1/wgnet/stuff/n1/claim",
+            "/wg-cni/v1/wgnet/nodes/n1/endpoints/not-an-ip",
+            "/wg-cni/v1/wgnet/nodes/n1/info/x",
+            "/wg-cni/v1/wgnet/links/n1/gateway/x",
         ] {
             assert_eq!(k.parse(key), None, "{key}");
         }

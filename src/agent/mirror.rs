@@ -4,37 +4,46 @@
 //! the marker file this agent wrote there.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use etcd_client::{EventType, KeyValue, WatchResponse};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 use super::keys::{KeyKind, Keys, LinkName};
+use super::membership::{
+    self, Candidate, Claim, EndpointClaim, Liveness, Policy, Refusal, Verdict,
+};
 use super::publish::{read_small, to_json};
 use super::subnet::{ClaimValue, write_atomic};
-use super::trust::{self, Candidate, Claim, Liveness, Verdict};
 use crate::store::{GatewayRecord, Record, State};
 
 /// A directory holding this file is a mirror this agent may sweep.
 pub const MARKER_FILE: &str = ".wg-cni-mirror";
 /// What the mirror knows about a remote node (not a record: readers skip it).
 pub const NODE_FILE: &str = "node.json";
+/// No value a node publishes is larger (a record is ~600 bytes): larger ones are refused and
+/// not kept.
+pub const MAX_VALUE_BYTES: usize = 4096;
+/// A node's records are capped at the addresses of its claim (plus its gateway), and at this.
+const MAX_RECORDS_PER_NODE: u128 = 65536;
 
-/// `<store>/<net>/<remote node>/node.json`: the node key as last seen, its owned subnets and
-/// whether it is stale (node key missing, inside the grace period).
+/// `<store>/<net>/<remote node>/node.json`: the node as the membership layer accepted it: its
+/// accepted addresses, owned subnets, an MTU the network can run on, and whether it is stale
+/// (node key missing, inside the grace period).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeFile {
     pub schema: u32,
     pub node: String,
-    pub endpoints: Vec<std::net::IpAddr>,
+    pub endpoints: Vec<IpAddr>,
     pub boot_id: Option<String>,
     pub subnets: Vec<IpNetwork>,
     pub mtu: Option<u32>,
     pub stale: bool,
-    /// Unix seconds when this agent first saw the node key missing.
+    /// Unix seconds of the node's last heartbeat (or when this agent first saw it missing).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stale_since: Option<u64>,
 }
@@ -43,11 +52,17 @@ pub struct NodeFile {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeInfo {
-    pub endpoints: Vec<std::net::IpAddr>,
+    pub endpoints: Vec<IpAddr>,
     pub boot_id: String,
     pub subnets: Vec<IpNetwork>,
     pub mtu: u32,
     pub agent_version: String,
+}
+
+/// The heartbeat key's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub unix: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -85,15 +100,28 @@ pub struct Mirror {
     keys: Keys,
     own_node: String,
     network_dir: PathBuf,
+    /// The network's address plan (this node's conflist): what other nodes are held to.
+    policy: Policy,
     kvs: BTreeMap<String, Kv>,
+    /// Link keys kept per remote node (the cap is checked against it).
+    links_per_node: BTreeMap<String, usize>,
+    /// Nodes whose records were dropped at the cap: a re-list is due when their claim grows.
+    capped: BTreeSet<String>,
+    /// A capped node's claim changed: the caller should re-list.
+    relist_wanted: bool,
     /// The etcd revision the mirror reflects.
     revision: i64,
-    /// When this agent first saw each node without a node key (clock, unix seconds).
-    missing_since: BTreeMap<String, (Instant, u64)>,
+    /// When this agent first saw each node without a node key (unix seconds): only for nodes
+    /// without a heartbeat key (agents before heartbeats).
+    missing_since: BTreeMap<String, u64>,
+    /// Since when each stale node has been silent (unix seconds), as of the last evaluation.
+    silent_since: BTreeMap<String, u64>,
     /// The last node key seen per node (kept while it is stale).
     last_info: BTreeMap<String, NodeInfo>,
-    /// (key, mod_revision, reason) already logged, so each bad record warns once.
+    /// (key, mod_revision) already refused or ignored, so each warns and counts once.
     logged: HashSet<(String, i64)>,
+    /// What was refused, by reason (each key version once).
+    refusals: BTreeMap<Refusal, u64>,
     reported_stale: BTreeSet<String>,
     reported_gone: BTreeSet<String>,
     /// What this agent last wrote per remote node (file → body).
@@ -103,16 +131,22 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    pub fn new(keys: Keys, own_node: &str, network_dir: PathBuf) -> Mirror {
+    pub fn new(keys: Keys, own_node: &str, network_dir: PathBuf, policy: Policy) -> Mirror {
         Mirror {
             keys,
             own_node: own_node.to_string(),
             network_dir,
+            policy,
             kvs: BTreeMap::new(),
+            links_per_node: BTreeMap::new(),
+            capped: BTreeSet::new(),
+            relist_wanted: false,
             revision: 0,
             missing_since: BTreeMap::new(),
+            silent_since: BTreeMap::new(),
             last_info: BTreeMap::new(),
             logged: HashSet::new(),
+            refusals: BTreeMap::new(),
             reported_stale: BTreeSet::new(),
             reported_gone: BTreeSet::new(),
             on_disk: BTreeMap::new(),
@@ -121,19 +155,64 @@ impl Mirror {
     }
 
     /// Replace everything with a full listing (mark and sweep happens at the next write).
+    /// Claims go in before records: a node's record cap comes from its claim.
     pub fn replace_all(&mut self, kvs: Vec<KeyValue>, revision: i64) {
         self.revision = revision;
         self.kvs.clear();
-        for kv in kvs {
-            self.put(&kv);
+        self.links_per_node.clear();
+        self.capped.clear();
+        self.relist_wanted = false;
+        let is_link = |kv: &KeyValue| {
+            kv.key_str()
+                .ok()
+                .and_then(|k| self.keys.parse(k))
+                .is_some_and(|kind| matches!(kind, KeyKind::Link { .. }))
+        };
+        let (links, others): (Vec<KeyValue>, Vec<KeyValue>) = kvs.into_iter().partition(is_link);
+        for kv in others.iter().chain(&links) {
+            self.put(kv);
         }
+    }
+
+    /// Whether a claim of a node whose records hit the cap changed since the last listing:
+    /// the dropped records are only seen again by listing anew.
+    pub fn take_relist_wanted(&mut self) -> bool {
+        std::mem::take(&mut self.relist_wanted)
+    }
+
+    /// What was refused so far, by reason.
+    pub fn refusals(&self) -> &BTreeMap<Refusal, u64> {
+        &self.refusals
     }
 
     fn put(&mut self, kv: &KeyValue) {
         let Ok(key) = kv.key_str() else { return };
-        let record = match self.keys.parse(key) {
-            Some(KeyKind::Link { node, name }) if node != self.own_node => {
-                Some(decode(self.keys.prefix(), &node, &name, kv.value()))
+        let kind = self.keys.parse(key);
+        if kv.value().len() > MAX_VALUE_BYTES {
+            self.remove(key);
+            let reason = format!("{} bytes, more than {MAX_VALUE_BYTES}", kv.value().len());
+            self.refuse(key, kv.mod_revision(), Refusal::RecordTooLarge, &reason);
+            return;
+        }
+        let record = match &kind {
+            Some(KeyKind::Link { node, name }) if *node != self.own_node => {
+                if !self.kvs.contains_key(key) {
+                    let cap = self.record_cap(node);
+                    if self.links_per_node.get(node).copied().unwrap_or(0) >= cap {
+                        self.capped.insert(node.clone());
+                        let reason = format!(
+                            "node {node} already has {cap} records, as many as its claim has addresses"
+                        );
+                        self.refuse(key, kv.mod_revision(), Refusal::TooManyRecords, &reason);
+                        return;
+                    }
+                    *self.links_per_node.entry(node.clone()).or_default() += 1;
+                }
+                Some(decode(self.keys.prefix(), node, name, kv.value()))
+            }
+            Some(KeyKind::Claim { node }) if self.capped.remove(node) => {
+                self.relist_wanted = true;
+                None
             }
             _ => None,
         };
@@ -148,7 +227,40 @@ impl Mirror {
         );
     }
 
-    /// Apply a watch response's events; returns whether anything changed.
+    fn remove(&mut self, key: &str) {
+        if self.kvs.remove(key).is_none() {
+            return;
+        }
+        if let Some(KeyKind::Link { node, .. }) = self.keys.parse(key)
+            && let Some(count) = self.links_per_node.get_mut(&node)
+        {
+            *count = count.saturating_sub(1);
+        }
+    }
+
+    /// How many records a node may have kept: one per address of its claim, plus its gateway.
+    fn record_cap(&self, node: &str) -> usize {
+        let addresses: u128 = self
+            .kvs
+            .get(&self.keys.claim(node))
+            .and_then(|kv| serde_json::from_slice::<ClaimValue>(&kv.value).ok())
+            .map(|claim| {
+                claim
+                    .subnets
+                    .iter()
+                    .map(|s| {
+                        let host_bits = if s.is_ipv4() { 32 } else { 128 } - u32::from(s.prefix());
+                        1u128.checked_shl(host_bits).unwrap_or(u128::MAX)
+                    })
+                    .fold(0u128, u128::saturating_add)
+            })
+            .unwrap_or(0);
+        addresses.min(MAX_RECORDS_PER_NODE) as usize + 1
+    }
+
+    /// Apply a watch response's events; returns whether anything changed that an evaluation
+    /// reads (a heartbeat alone does not: it matters once a node key is missing, and the clock
+    /// decides then).
     pub fn apply(&mut self, resp: &WatchResponse) -> bool {
         if let Some(header) = resp.header() {
             self.revision = self.revision.max(header.revision());
@@ -156,15 +268,20 @@ impl Mirror {
         let mut changed = false;
         for event in resp.events() {
             let Some(kv) = event.kv() else { continue };
+            let heartbeat = kv
+                .key_str()
+                .ok()
+                .and_then(|k| self.keys.parse(k))
+                .is_some_and(|kind| matches!(kind, KeyKind::Heartbeat { .. }));
             match event.event_type() {
                 EventType::Put => self.put(kv),
                 EventType::Delete => {
                     if let Ok(key) = kv.key_str() {
-                        self.kvs.remove(key);
+                        self.remove(key);
                     }
                 }
             }
-            changed = true;
+            changed |= !heartbeat;
         }
         changed
     }
@@ -173,11 +290,14 @@ impl Mirror {
         self.revision
     }
 
-    /// Work out the trusted set at `now`.
-    pub fn evaluate(&mut self, now: Instant, grace: Duration) -> Evaluation {
+    /// Work out the trusted set at `now` (unix seconds).
+    pub fn evaluate(&mut self, now: u64, grace: Duration) -> Evaluation {
         let mut claims = Vec::new();
+        let mut claim_revisions: BTreeMap<String, i64> = BTreeMap::new();
+        let mut endpoint_claims = Vec::new();
+        let mut heartbeats: BTreeMap<String, u64> = BTreeMap::new();
         let mut own_claim_agent = None;
-        let mut infos: BTreeMap<String, NodeInfo> = BTreeMap::new();
+        let mut infos: BTreeMap<String, (NodeInfo, i64)> = BTreeMap::new();
         let mut links: Vec<(String, LinkName, &Kv)> = Vec::new();
         let mut nodes: BTreeSet<String> = BTreeSet::new();
         for (key, kv) in &self.kvs {
@@ -190,6 +310,7 @@ impl Mirror {
                         if node == self.own_node {
                             own_claim_agent = v.agent.clone();
                         }
+                        claim_revisions.insert(node.clone(), kv.mod_revision);
                         claims.push(Claim {
                             node: node.clone(),
                             subnets: v.subnets,
@@ -200,9 +321,21 @@ impl Mirror {
                 }
                 KeyKind::NodeInfo { node } => {
                     if let Ok(info) = serde_json::from_slice::<NodeInfo>(&kv.value) {
-                        infos.insert(node.clone(), info);
+                        infos.insert(node.clone(), (info, kv.mod_revision));
                     }
                     nodes.insert(node);
+                }
+                KeyKind::Heartbeat { node } => {
+                    if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&kv.value) {
+                        heartbeats.insert(node, beat.unix);
+                    }
+                }
+                KeyKind::EndpointClaim { node, address } => {
+                    endpoint_claims.push(EndpointClaim {
+                        node,
+                        address,
+                        create_revision: kv.create_revision,
+                    });
                 }
                 KeyKind::Link { node, name } => {
                     nodes.insert(node.clone());
@@ -210,20 +343,30 @@ impl Mirror {
                 }
             }
         }
-        let owners = trust::owners(&claims);
+        let owners = membership::owners(&claims, &self.policy);
+        let mut refused: Vec<(String, i64, Refusal, String)> = owners
+            .refused
+            .iter()
+            .filter(|(node, _)| **node != self.own_node)
+            .map(|(node, (refusal, reason))| {
+                let rev = claim_revisions.get(node).copied().unwrap_or(0);
+                (self.keys.claim(node), rev, *refusal, reason.clone())
+            })
+            .collect();
         let mut evaluation = Evaluation {
             own_claim_wins: claims
                 .iter()
                 .any(|c| c.node == self.own_node)
-                .then(|| owners.contains_key(&self.own_node)),
+                .then(|| owners.of(&self.own_node).is_some()),
             own_claim_agent,
             ..Evaluation::default()
         };
 
         let mut liveness = BTreeMap::new();
+        self.silent_since.clear();
         for node in nodes.iter().filter(|n| **n != self.own_node) {
             let state = match infos.get(node) {
-                Some(info) => {
+                Some((info, _)) => {
                     self.missing_since.remove(node);
                     if self.reported_stale.remove(node) | self.reported_gone.remove(node) {
                         tracing::info!(%node, "node key is back: node is live again");
@@ -233,11 +376,14 @@ impl Mirror {
                     }
                 }
                 None => {
-                    let (since, _) = *self
-                        .missing_since
-                        .entry(node.clone())
-                        .or_insert((now, unix_now()));
-                    if now.duration_since(since) < grace {
+                    // From the node's own heartbeat (persisted: a restarted agent agrees),
+                    // never from the future; else from when this agent noticed.
+                    let noticed = *self.missing_since.entry(node.clone()).or_insert(now);
+                    let since = heartbeats
+                        .get(node)
+                        .map_or(noticed, |beat| (*beat).min(now));
+                    self.silent_since.insert(node.clone(), since);
+                    if now.saturating_sub(since) < grace.as_secs() {
                         if self.reported_stale.insert(node.clone()) {
                             tracing::warn!(%node, grace = ?grace, "node key missing: node is stale; its records stay until the grace period ends");
                         }
@@ -254,15 +400,36 @@ impl Mirror {
             liveness.insert(node.clone(), state);
         }
         self.missing_since.retain(|n, _| nodes.contains(n));
-        for (node, info) in &infos {
+        for (node, (info, _)) in &infos {
             self.last_info.insert(node.clone(), info.clone());
         }
         self.last_info.retain(|n, _| nodes.contains(n));
 
-        // Decode the remote records; undecodable ones are ignored (and logged once).
+        // The addresses each node speaks for: its node key's (or the last one seen), else the
+        // addresses it claims (a node whose key lapsed before this agent ever saw it).
+        let mut published: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+        for node in nodes.iter().filter(|n| **n != self.own_node) {
+            let addresses = match self.last_info.get(node) {
+                Some(info) => info.endpoints.clone(),
+                None => endpoint_claims
+                    .iter()
+                    .filter(|c| c.node == *node)
+                    .map(|c| c.address)
+                    .collect(),
+            };
+            published.insert(node.clone(), addresses);
+        }
+        let (accepted, refused_endpoints) =
+            membership::endpoints(&published, &endpoint_claims, &owners, &self.policy);
+        for (node, address, refusal, reason) in refused_endpoints {
+            let rev = infos.get(&node).map_or(0, |(_, rev)| *rev);
+            let key = format!("{}#{address}", self.keys.node_info(&node));
+            refused.push((key, rev, refusal, reason));
+        }
+
+        // Decode the remote records; undecodable ones are refused (and logged once).
         let mut candidates = Vec::new();
         let mut bodies = Vec::new();
-        let mut ignored: Vec<(String, i64, String)> = Vec::new();
         for (node, name, kv) in links.iter().filter(|(n, _, _)| *n != self.own_node) {
             let key = self.keys.link(node, name);
             match &kv.record {
@@ -281,55 +448,77 @@ impl Mirror {
                         kv.mod_revision,
                     ));
                 }
-                Some(Err(reason)) => ignored.push((key, kv.mod_revision, reason.clone())),
+                Some(Err(reason)) => refused.push((
+                    key,
+                    kv.mod_revision,
+                    Refusal::RecordUndecodable,
+                    reason.clone(),
+                )),
                 None => {}
             }
         }
-        for (key, rev, reason) in ignored {
-            self.log_ignored(&key, rev, &reason);
-        }
-        let verdicts = trust::judge(&candidates, &owners, &liveness);
+        let verdicts = membership::judge(&candidates, &owners, &liveness);
         for ((key, node, file, body, rev), verdict) in bodies.into_iter().zip(verdicts) {
+            let endpoints = accepted.get(&node).map(Vec::as_slice).unwrap_or_default();
             match verdict {
+                Verdict::Trusted if endpoints.is_empty() => {
+                    let reason = format!("node {node} has no address that may be used");
+                    refused.push((key, rev, Refusal::RecordWithoutEndpoint, reason));
+                }
                 Verdict::Trusted => {
-                    let endpoints = self.last_info.get(&node).map(|i| i.endpoints.as_slice());
-                    let body = at_node_endpoint(body, endpoints.unwrap_or_default());
+                    let body = at_node_endpoint(body, endpoints);
                     evaluation
                         .trusted
                         .entry(node)
                         .or_default()
                         .insert(file, body);
                 }
-                Verdict::Ignored(reason) => self.log_ignored(&key, rev, &reason),
+                Verdict::Ignored(refusal, reason) => refused.push((key, rev, refusal, reason)),
             }
         }
         for (node, files) in evaluation.trusted.iter_mut() {
             let info = self.last_info.get(node);
+            let subnets = owners.of(node).cloned().unwrap_or_default();
+            let mtu = info.map(|i| i.mtu).filter(|mtu| {
+                let admitted = self.policy.admits_mtu(*mtu, &subnets);
+                if !admitted {
+                    let key = format!("{}#mtu", self.keys.node_info(node));
+                    let rev = infos.get(node).map_or(0, |(_, rev)| *rev);
+                    let reason = format!("MTU {mtu} is below what the network's families need");
+                    refused.push((key, rev, Refusal::MtuBelowFloor, reason));
+                }
+                admitted
+            });
             let file = NodeFile {
                 schema: 1,
                 node: node.clone(),
-                endpoints: info.map(|i| i.endpoints.clone()).unwrap_or_default(),
+                endpoints: accepted.get(node).cloned().unwrap_or_default(),
                 boot_id: info.map(|i| i.boot_id.clone()),
-                subnets: owners.get(node).cloned().unwrap_or_default(),
-                mtu: info.map(|i| i.mtu),
+                subnets,
+                mtu,
                 stale: !infos.contains_key(node),
-                stale_since: self.missing_since.get(node).map(|(_, unix)| *unix),
+                stale_since: self.silent_since.get(node).copied(),
             };
             files.insert(NODE_FILE.to_string(), to_json(&file));
+        }
+        for (key, rev, refusal, reason) in refused {
+            self.refuse(&key, rev, refusal, &reason);
         }
         evaluation
     }
 
-    fn log_ignored(&mut self, key: &str, mod_revision: i64, reason: &str) {
+    /// Log and count a refusal, once per key version.
+    fn refuse(&mut self, key: &str, mod_revision: i64, refusal: Refusal, reason: &str) {
         if self.logged.insert((key.to_string(), mod_revision)) {
-            tracing::warn!(%key, %reason, "ignoring a remote record");
+            *self.refusals.entry(refusal).or_default() += 1;
+            tracing::warn!(%key, refusal = refusal.label(), %reason, "refusing what a node published");
         }
     }
 
     /// Whether a stale node has crossed the grace period since the last evaluation.
-    pub fn grace_expired(&self, now: Instant, grace: Duration) -> bool {
-        self.missing_since.iter().any(|(node, (since, _))| {
-            now.duration_since(*since) >= grace && !self.reported_gone.contains(node)
+    pub fn grace_expired(&self, now: u64, grace: Duration) -> bool {
+        self.silent_since.iter().any(|(node, since)| {
+            now.saturating_sub(*since) >= grace.as_secs() && !self.reported_gone.contains(node)
         })
     }
 
@@ -424,13 +613,6 @@ fn at_node_endpoint(body: Vec<u8>, endpoints: &[std::net::IpAddr]) -> Vec<u8> {
         .unwrap_or(&endpoints[0]);
     record["endpoint"] = serde_json::Value::String(chosen.to_string());
     to_json(&record)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn has_records(dir: &Path) -> bool {
@@ -637,7 +819,7 @@ mod tests {
         std::fs::write(net.join("me/a:eth0.json"), "mine").unwrap();
         std::fs::create_dir_all(net.join("foreign")).unwrap();
         std::fs::write(net.join("foreign/f:eth0.json"), "theirs").unwrap();
-        let mut mirror = Mirror::new(Keys::new("net"), "me", net.clone());
+        let mut mirror = Mirror::new(Keys::new("net"), "me", net.clone(), Policy::default());
 
         let mut trusted = BTreeMap::new();
         trusted.insert(

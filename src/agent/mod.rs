@@ -11,11 +11,11 @@ mod handshakes;
 pub mod health;
 pub mod keys;
 pub mod links;
+pub mod membership;
 pub mod mirror;
 mod network;
 mod publish;
 pub mod subnet;
-mod trust;
 
 use std::sync::Arc;
 use std::time::Duration;

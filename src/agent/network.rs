@@ -57,6 +57,7 @@ pub(super) struct NetworkLoop {
     next_subnet_try: Instant,
     next_lease_try: Instant,
     next_keepalive: Instant,
+    next_heartbeat: Instant,
     next_sync_try: Instant,
     next_scan: Instant,
     next_reconcile: Instant,
@@ -77,7 +78,7 @@ impl NetworkLoop {
         let node_dir = network_dir.join(&settings.node);
         let now = Instant::now();
         NetworkLoop {
-            mirror: Mirror::new(keys.clone(), &settings.node, network_dir),
+            mirror: Mirror::new(keys.clone(), &settings.node, network_dir, net.policy()),
             settings,
             net,
             keys,
@@ -99,6 +100,7 @@ impl NetworkLoop {
             next_subnet_try: now,
             next_lease_try: now,
             next_keepalive: now,
+            next_heartbeat: now,
             next_sync_try: now,
             next_scan: now,
             next_reconcile: now,
@@ -148,6 +150,9 @@ impl NetworkLoop {
             } else if self.lease.is_some() && now >= self.next_keepalive {
                 self.keep_alive().await;
             }
+            if self.lease.is_some() && now >= self.next_heartbeat {
+                self.heartbeat().await;
+            }
         }
         if self.watch.is_none() && now >= self.next_sync_try {
             self.full_sync().await;
@@ -155,7 +160,10 @@ impl NetworkLoop {
         if now >= self.next_scan {
             self.publish().await;
         }
-        if self.mirror.grace_expired(now, self.settings.grace_period) {
+        if self
+            .mirror
+            .grace_expired(crate::host::now_unix(), self.settings.grace_period)
+        {
             // Stale nodes cross the grace period on the clock, not on an event.
             self.mirror_changed(false).await;
         }
@@ -188,6 +196,7 @@ impl NetworkLoop {
             &self.net.mode,
             &self.agent_id,
             takeover,
+            &self.net.policy(),
         )
         .await;
         match &result {
@@ -254,7 +263,7 @@ impl NetworkLoop {
         }
     }
 
-    fn node_info(&self, local: &publish::Local) -> Vec<u8> {
+    fn node_info(&self, local: &publish::Local) -> NodeInfo {
         // Without a detected address, the addresses this node's records were made with.
         let mut endpoints: Vec<std::net::IpAddr> = self.endpoint.into_iter().collect();
         let mut mtu = self.net.conf.mtu;
@@ -270,14 +279,40 @@ impl NetworkLoop {
                 mtu = Some(mtu.map_or(m as u32, |old| old.min(m as u32)));
             }
         }
-        serde_json::to_vec(&NodeInfo {
+        NodeInfo {
             endpoints,
             boot_id: self.boot_id.clone(),
             subnets: self.subnets.clone().unwrap_or_default(),
             mtu: mtu.unwrap_or(crate::host::FALLBACK_MTU),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        })
-        .expect("node info serializes")
+        }
+    }
+
+    /// The node's addresses are claimed before the node key names them (so another node
+    /// cannot take one over in between), and the heartbeat starts with the lease.
+    async fn claim_addresses(&mut self, info: &NodeInfo) -> Result<()> {
+        publish::claim_endpoints(
+            &mut self.client,
+            &self.keys,
+            &self.settings.node,
+            &info.endpoints,
+        )
+        .await
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        // Staleness is read to this precision; the grace period is what it is compared with.
+        (self.settings.grace_period / 10).clamp(self.keepalive_interval(), Duration::from_secs(60))
+    }
+
+    async fn heartbeat(&mut self) {
+        match publish::heartbeat(&mut self.client, &self.keys, &self.settings.node).await {
+            Ok(()) => self.next_heartbeat = Instant::now() + self.heartbeat_interval(),
+            Err(e) => {
+                tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "renewing the heartbeat failed; retrying");
+                self.next_heartbeat = Instant::now() + Duration::from_secs(1);
+            }
+        }
     }
 
     /// Grant a lease and put the node key on it with all this node's link keys, in one
@@ -286,8 +321,10 @@ impl NetworkLoop {
         let ttl = self.settings.lease_ttl.as_secs().max(2) as i64;
         self.detect_endpoint().await;
         let local = self.local();
-        let info = self.node_info(&local);
+        let node_info = self.node_info(&local);
+        let info = serde_json::to_vec(&node_info).expect("node info serializes");
         let result = async {
+            self.claim_addresses(&node_info).await?;
             let id = etcd::bounded(self.client.lease_grant(ttl, None))
                 .await?
                 .id();
@@ -316,6 +353,7 @@ impl NetworkLoop {
                 });
                 self.next_keepalive = now + self.keepalive_interval();
                 self.status.update(&self.net.name, |s| s.lease_held = true);
+                self.heartbeat().await;
             }
             Err(e) => {
                 tracing::warn!(network = %self.name(), error = %format!("{e:#}"), "cannot grant the liveness lease; retrying");
@@ -398,7 +436,15 @@ impl NetworkLoop {
         }
         // The node's address and the MTU can change: refresh the node key when they do.
         self.detect_endpoint().await;
-        let info = self.node_info(&local);
+        let node_info = self.node_info(&local);
+        let info = serde_json::to_vec(&node_info).expect("node info serializes");
+        if self.lease.is_some() && info != self.announced_info {
+            if let Err(e) = self.claim_addresses(&node_info).await {
+                tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "claiming the node's addresses failed; retrying");
+                self.next_scan = Instant::now() + Duration::from_secs(1);
+                return;
+            }
+        }
         if let Some(lease) = self.lease.as_ref().filter(|_| info != self.announced_info) {
             let put = self.client.put(
                 self.keys.node_info(&self.settings.node),
@@ -485,6 +531,11 @@ impl NetworkLoop {
                 }
             }
         }
+        if self.mirror.take_relist_wanted() {
+            tracing::info!(network = %self.net.name, "a node whose records hit its cap changed its claim: re-listing");
+            self.watch = None;
+            self.next_sync_try = Instant::now();
+        }
         // Applied events count even when the watch ended after them; a re-list follows.
         if changed {
             self.mirror_changed(false).await;
@@ -496,11 +547,14 @@ impl NetworkLoop {
     async fn mirror_changed(&mut self, full: bool) {
         let evaluation = self
             .mirror
-            .evaluate(Instant::now(), self.settings.grace_period);
+            .evaluate(crate::host::now_unix(), self.settings.grace_period);
         let changed = self.mirror.write(&evaluation.trusted, full);
         let stale = evaluation.stale.clone();
-        self.status
-            .update(&self.net.name, |s| s.stale_nodes = stale);
+        let refused = self.mirror.refusals().clone();
+        self.status.update(&self.net.name, |s| {
+            s.stale_nodes = stale;
+            s.refused = refused;
+        });
         if let Some(other) = evaluation.own_claim_agent.as_ref().filter(|a| {
             self.subnets.is_some()
                 && **a != self.agent_id

@@ -130,6 +130,54 @@ pub async fn publish(client: &mut Client, keys: &Keys, node: &str, local: &Local
     commit(client, ops, None).await
 }
 
+/// Make `nodes/<node>/endpoints/` name exactly `endpoints`: a missing claim is created only
+/// where absent (its create revision is how long the node has held the address: the oldest
+/// holder of an address keeps it), one for an address no longer used is deleted.
+pub async fn claim_endpoints(
+    client: &mut Client,
+    keys: &Keys,
+    node: &str,
+    endpoints: &[std::net::IpAddr],
+) -> Result<()> {
+    let (held, _) = list_prefix(client, &keys.endpoint_claims_prefix(node)).await?;
+    let wanted: Vec<String> = endpoints
+        .iter()
+        .map(|ip| keys.endpoint_claim(node, *ip))
+        .collect();
+    for kv in &held {
+        let key = kv.key_str()?;
+        if !wanted.iter().any(|w| w == key) {
+            bounded(client.delete(key, None)).await?;
+        }
+    }
+    for key in wanted {
+        if held.iter().any(|kv| kv.key_str().is_ok_and(|k| k == key)) {
+            continue;
+        }
+        let txn = etcd_client::Txn::new()
+            .when([etcd_client::Compare::create_revision(
+                key.clone(),
+                etcd_client::CompareOp::Equal,
+                0,
+            )])
+            .and_then([TxnOp::put(key.clone(), "{}", None)]);
+        bounded(client.txn(txn)).await?;
+        tracing::info!(%key, "claimed a node address");
+    }
+    Ok(())
+}
+
+/// Renew the node's heartbeat (never on a lease): how long a node has been silent is read
+/// from here by every agent, so an agent that restarts does not see a long-dead node as
+/// freshly stale.
+pub async fn heartbeat(client: &mut Client, keys: &Keys, node: &str) -> Result<()> {
+    let value = serde_json::to_vec(&super::mirror::Heartbeat {
+        unix: crate::host::now_unix(),
+    })?;
+    bounded(client.put(keys.heartbeat(node), value, None)).await?;
+    Ok(())
+}
+
 /// Put the node key on `lease` together with every link key of this node (and the deletion
 /// of stale ones), in one transaction: used when a lease is (re-)granted.
 pub async fn announce(

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::etcd::bounded;
 use super::keys::{Keys, prefix_end};
-use super::trust::{self, Claim};
+use super::membership::{self, Claim, Policy, Refusal};
 
 /// Default size of a leased node subnet.
 pub const LEASE_PREFIX_V4: u8 = 24;
@@ -131,7 +131,7 @@ fn lowest_free(range: &IpNetwork, prefix: u8, taken: &[IpNetwork]) -> Option<IpN
     // Bounded: a huge range with every early subnet taken is not worth scanning to the end.
     for i in 0..count.min(1 << 20) {
         let candidate = IpNetwork::new(from_u128(base + i * step, range.is_ipv4()), prefix).ok()?;
-        if !taken.iter().any(|t| trust::overlaps(t, &candidate)) {
+        if !taken.iter().any(|t| membership::overlaps(t, &candidate)) {
             return Some(candidate);
         }
     }
@@ -184,8 +184,9 @@ pub async fn list_claims(client: &mut Client, keys: &Keys) -> Result<(Vec<Listed
 
 /// Make sure this node holds a winning claim; return its subnets. Operator mode: the claim
 /// says exactly the conflist's subnets (a changed claim is deleted and created anew, so it
-/// ages from now). Lease mode: keep an existing winning claim, else claim the lowest free
-/// subnet and re-check; a younger overlapping claim of ours is deleted and retried.
+/// ages from now). Lease mode: keep an existing winning claim, else claim the lowest subnet
+/// no winning claim overlaps (claims that lose or that the policy refuses block nothing) and
+/// re-check; a claim of ours that loses or no longer fits the policy is deleted and retried.
 /// Returns the subnets and the revision at which the claim was seen winning. A claim held by another agent
 /// instance is an error (`ForeignAgent`) unless `takeover` (the caller has seen that agent's
 /// node key stay away for a lease TTL): then it is re-owned, keeping its age.
@@ -196,6 +197,7 @@ pub async fn ensure_claim(
     mode: &Mode,
     agent: &str,
     takeover: bool,
+    policy: &Policy,
 ) -> Result<(Vec<IpNetwork>, i64)> {
     let key = keys.claim(node);
     for _ in 0..LEASE_ATTEMPTS {
@@ -231,18 +233,16 @@ pub async fn ensure_claim(
             }
         }
         let claims: Vec<Claim> = listed.into_iter().map(|l| l.claim).collect();
+        let owners = membership::owners(&claims, policy);
         let ours = claims.iter().find(|c| c.node == node);
         let wanted = match (mode, ours) {
             (Mode::Operator(subnets), Some(c)) if c.subnets == *subnets => None,
             (Mode::Operator(subnets), _) => Some(subnets.clone()),
             (Mode::Lease(_), Some(_)) => None,
-            (Mode::Lease(cluster), None) => {
-                let taken: Vec<IpNetwork> = claims.iter().flat_map(|c| c.subnets.clone()).collect();
-                match pick_free(cluster, &taken) {
-                    Some(subnets) => Some(subnets),
-                    None => bail!("no free subnet left in clusterRange {cluster:?}"),
-                }
-            }
+            (Mode::Lease(cluster), None) => match pick_free(cluster, &owners.all_subnets()) {
+                Some(subnets) => Some(subnets),
+                None => bail!("no free subnet left in clusterRange {cluster:?}"),
+            },
         };
         if let Some(subnets) = wanted {
             if let Some(old) = ours {
@@ -260,25 +260,19 @@ pub async fn ensure_claim(
             continue;
         }
         let ours = ours.expect("a claim exists when nothing is wanted");
-        match trust::older_overlapping(ours, &claims) {
-            None => return Ok((ours.subnets.clone(), revision)),
-            Some(older) => {
-                if matches!(mode, Mode::Lease(_)) {
-                    tracing::warn!(
-                        ours = ?ours.subnets, older = %older.node,
-                        "an older claim overlaps our leased subnet; leasing another"
-                    );
-                    delete_claim(client, &key, ours).await?;
-                    continue;
-                }
-                bail!(
-                    "subnet claim {:?} loses to node {}'s older claim {:?}: every record of this node is ignored by every agent",
-                    ours.subnets,
-                    older.node,
-                    older.subnets
-                );
-            }
+        let Some((refusal, reason)) = owners.refused.get(node) else {
+            return Ok((ours.subnets.clone(), revision));
+        };
+        if matches!(mode, Mode::Lease(_)) {
+            tracing::warn!(ours = ?ours.subnets, refusal = refusal.label(), %reason, "our leased subnet does not count; leasing another");
+            delete_claim(client, &key, ours).await?;
+            continue;
         }
+        let what = match refusal {
+            Refusal::ClaimLoses => "every record of this node is ignored by every agent",
+            _ => "the network's address plan refuses it",
+        };
+        bail!("subnet claim {:?} {reason}: {what}", ours.subnets);
     }
     bail!("could not settle a subnet claim in {LEASE_ATTEMPTS} attempts")
 }

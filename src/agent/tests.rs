@@ -76,7 +76,7 @@ fn remote_record(id: &str, address: &str, boot_id: &str) -> String {
     serde_json::json!({"schema": 1, "state": "ready", "network": "wgnet", "node": "remote",
         "containerId": id, "ifname": "eth0",
         "publicKey": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=", "addresses": [address],
-        "endpoint": "127.0.0.9", "listenPort": 52000, "netns": "/x", "netnsInode": 1,
+        "endpoint": "192.0.2.9", "listenPort": 52000, "netns": "/x", "netnsInode": 1,
         "bootId": boot_id, "hostName": "wgc0", "backend": "userspace", "mtu": 1420,
         "createdAt": 1})
     .to_string()
@@ -149,7 +149,7 @@ fn reconcile_hook_runs_after_the_first_sync_and_after_mirror_changes() {
             &format!("{prefix}subnets/remote/claim"),
             r#"{"subnets":["10.20.2.0/24"]}"#,
         ]);
-        let info = serde_json::json!({"endpoints": ["127.0.0.9"], "bootId": boot,
+        let info = serde_json::json!({"endpoints": ["192.0.2.9"], "bootId": boot,
             "subnets": ["10.20.2.0/24"], "mtu": 1420, "agentVersion": "t"});
         etcdctl(&[
             "put",
@@ -165,7 +165,8 @@ fn reconcile_hook_runs_after_the_first_sync_and_after_mirror_changes() {
         let settings = settings(dir.path());
         std::fs::create_dir_all(&settings.cni_conf_dir).unwrap();
         let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "wgnet", "plugins": [
-            {"type": "wg-cni", "store": settings.store, "ipam": {"type": "host-local",
+            {"type": "wg-cni", "store": settings.store, "clusterRange": "10.20.0.0/16",
+             "ipam": {"type": "host-local",
              "ranges": [[{"subnet": "10.20.1.0/24"}]]}}]});
         std::fs::write(
             settings.cni_conf_dir.join("10-wg.conflist"),

@@ -99,6 +99,11 @@ pub struct NetConf {
     /// `clusterRange`: the whole pod range of the network (every node's subnet lies inside),
     /// one CIDR per family; empty when not configured.
     pub cluster_range: Vec<IpNetwork>,
+    /// `serviceRange`: the Service IPs (at most one range per family). No pod subnet and no
+    /// node endpoint may lie there.
+    pub service_range: Vec<IpNetwork>,
+    /// `nodeRange`: where node addresses lie; where set, a node endpoint outside it is refused.
+    pub node_range: Vec<IpNetwork>,
     /// `subnetLease`: the node agent leases this node's subnet from `clusterRange` through etcd
     /// (instead of the IPAM ranges naming it).
     pub subnet_lease: bool,
@@ -257,6 +262,8 @@ impl NetConf {
         }
 
         let cluster_range = parse_cluster_range(raw.get("clusterRange"))?;
+        let service_range = parse_ranges("serviceRange", raw.get("serviceRange"), true)?;
+        let node_range = parse_ranges("nodeRange", raw.get("nodeRange"), false)?;
         let subnet_lease = fields.optional_bool("subnetLease")?.unwrap_or(false);
         if subnet_lease && cluster_range.is_empty() {
             return Err(Error::config(
@@ -293,6 +300,8 @@ impl NetConf {
             static_peers,
             node_name,
             cluster_range,
+            service_range,
+            node_range,
             subnet_lease,
             prev_result,
             valid_attachments,
@@ -315,14 +324,23 @@ fn validate_name(field: &str, name: &str) -> Result<()> {
 
 /// `clusterRange`: one CIDR string, or an array of them (at most one per family).
 fn parse_cluster_range(value: Option<&Value>) -> Result<Vec<IpNetwork>> {
-    const FIELD: &str = "clusterRange";
+    parse_ranges("clusterRange", value, true)
+}
+
+/// A CIDR string or a non-empty array of them, each without host bits; `one_per_family`: at
+/// most one IPv4 and one IPv6 range.
+fn parse_ranges(
+    field: &str,
+    value: Option<&Value>,
+    one_per_family: bool,
+) -> Result<Vec<IpNetwork>> {
     let items: Vec<&Value> = match value {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(items)) if !items.is_empty() => items.iter().collect(),
         Some(v @ Value::String(_)) => vec![v],
         Some(_) => {
             return Err(Error::config(
-                FIELD,
+                field,
                 "must be a CIDR string or a non-empty array of CIDR strings",
             ));
         }
@@ -333,10 +351,10 @@ fn parse_cluster_range(value: Option<&Value>) -> Result<Vec<IpNetwork>> {
             .as_str()
             .filter(|text| text.contains('/'))
             .and_then(|text| text.parse::<IpNetwork>().ok())
-            .ok_or_else(|| Error::config(FIELD, format!("{item} is not a CIDR")))?;
+            .ok_or_else(|| Error::config(field, format!("{item} is not a CIDR")))?;
         if net.ip() != net.network() {
             return Err(Error::config(
-                FIELD,
+                field,
                 format!(
                     "{net} has host bits set; write {}/{}",
                     net.network(),
@@ -344,9 +362,9 @@ fn parse_cluster_range(value: Option<&Value>) -> Result<Vec<IpNetwork>> {
                 ),
             ));
         }
-        if ranges.iter().any(|r| r.is_ipv4() == net.is_ipv4()) {
+        if one_per_family && ranges.iter().any(|r| r.is_ipv4() == net.is_ipv4()) {
             return Err(Error::config(
-                FIELD,
+                field,
                 "holds at most one CIDR per address family",
             ));
         }
