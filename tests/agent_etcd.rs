@@ -1435,14 +1435,15 @@ fn scale_remote_records() {
         c.etcd.ok(&[
             "put",
             &format!("{prefix}subnets/c/claim"),
-            r#"{"subnets":["10.128.0.0/10"]}"#,
+            r#"{"subnets":["10.10.64.0/18"]}"#,
         ]);
         let info = json!({"endpoints": ["192.0.2.30"], "bootId": boot_id(),
-            "subnets": ["10.128.0.0/10"], "mtu": 1400, "agentVersion": "t"});
+            "subnets": ["10.10.64.0/18"], "mtu": 1400, "agentVersion": "t"});
         c.etcd
             .ok(&["put", &format!("{prefix}nodes/c/info"), &info.to_string()]);
-        let address =
-            |i: usize| format!("10.{}.{}.{}/10", 128 + i / 65536, (i / 256) % 256, i % 256);
+        // Inside the cluster range: at most 16,383 records.
+        assert!(count < 1 << 14, "WG_CNI_SCALE must stay below 16384");
+        let address = |i: usize| format!("10.10.{}.{}/18", 64 + i / 256, i % 256);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1493,6 +1494,11 @@ fn scale_remote_records() {
         eprintln!(
             "SCALE {count}: restart to ready (full resync) {:?}",
             start.elapsed()
+        );
+        assert_eq!(
+            c.nodes[0].mirrored("c").len(),
+            count - 1,
+            "the restarted agent's mirror"
         );
         let pid = c.nodes[0].pid();
         std::thread::sleep(Duration::from_secs(3));
