@@ -993,3 +993,34 @@ fn a_poison_record_in_etcd_never_becomes_a_peer() {
         cluster.cni(p.node, "DEL", &p.pod).ok();
     }
 }
+
+/// R3: an unreadable `gateway.json` (a torn write by hand, a full disk) does not make the agent
+/// remove the gateway, every pod's default route, from the node's pod links: a reconcile that
+/// cannot account for every peer removes none.
+#[test]
+#[ignore = "defect R3: an unreadable gateway record removes the default-route peer; fixed next"]
+fn an_unreadable_gateway_record_removes_no_peer() {
+    let cluster = running(1);
+    let a = add(&cluster, 0);
+    let host = cluster.nodes[0].addr.clone();
+    assert!(
+        wait_for(CONVERGE, || ping_once(&a.pod, &host)),
+        "the pod never reached its node's address"
+    );
+    let file = cluster.nodes[0]
+        .store
+        .join(&cluster.network)
+        .join(&cluster.nodes[0].name)
+        .join("gateway.json");
+    let good = std::fs::read(&file).unwrap();
+    std::fs::write(&file, b"{ torn").unwrap();
+    // Several agent resyncs (every 2 s) later:
+    std::thread::sleep(Duration::from_secs(6));
+    let still = ping_once(&a.pod, &host);
+    std::fs::write(&file, good).unwrap();
+    assert!(
+        still,
+        "the pod lost its gateway while gateway.json was unreadable"
+    );
+    cluster.cni(0, "DEL", &a.pod).ok();
+}
