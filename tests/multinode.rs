@@ -998,7 +998,6 @@ fn a_poison_record_in_etcd_never_becomes_a_peer() {
 /// remove the gateway, every pod's default route, from the node's pod links: a reconcile that
 /// cannot account for every peer removes none.
 #[test]
-#[ignore = "defect R3: an unreadable gateway record removes the default-route peer; fixed next"]
 fn an_unreadable_gateway_record_removes_no_peer() {
     let cluster = running(1);
     let a = add(&cluster, 0);

@@ -158,7 +158,7 @@ impl LinkSync {
             if current.state != State::Ready || current.public_key != record.public_key {
                 continue;
             }
-            let view = NetworkView::read(&store, conf)?;
+            let view = NetworkView::read_complete(&store, conf)?;
             let link = current.link(Some(&pod));
             let outcome = view.desired_for_pod(&current).and_then(|desired| {
                 let moved = endpoints.moved(&desired);
@@ -194,7 +194,7 @@ impl LinkSync {
         }
         if conf.host_gateway {
             let _lock = store.lock()?;
-            let mut view = NetworkView::read(&store, conf)?;
+            let mut view = NetworkView::read_complete(&store, conf)?;
             view.moved = endpoints.moved(&view.desired_for_gateway());
             let live = view
                 .gateway

@@ -62,6 +62,16 @@ impl NetworkView {
         })
     }
 
+    /// `read`, for a caller that will remove every peer it cannot account for (the agent's
+    /// `Prune::Everything`): an unreadable gateway record is an error here, never "no gateway",
+    /// which would remove every pod's default route.
+    pub fn read_complete(store: &Store, conf: &NetConf) -> Result<NetworkView> {
+        if conf.host_gateway {
+            store.gateway()?;
+        }
+        NetworkView::read(store, conf)
+    }
+
     /// Count the records `which` picks as ready (a batch joining together: each member's peer
     /// set includes the others before any of them is written ready).
     pub fn treat_as_ready(&mut self, which: impl Fn(&Record) -> bool) {
