@@ -1023,3 +1023,51 @@ fn an_unreadable_gateway_record_removes_no_peer() {
     );
     cluster.cni(0, "DEL", &a.pod).ok();
 }
+
+/// R5: the gateway the agent makes for a node without pods gets the address the conflist's
+/// IPAM range names as its `gateway` (host-local answers pods with that gateway), not `.1`.
+#[test]
+#[ignore = "defect R5: the agent puts the gateway on .1 whatever ipam says; fixed next"]
+fn the_agents_gateway_takes_the_address_ipam_names() {
+    let mut cluster = Cluster::new(1);
+    cluster.write_conflists();
+    let node = &cluster.nodes[0];
+    let list_file = node.conf_dir.join("10-wg.conflist");
+    let mut list: Value =
+        serde_json::from_str(&std::fs::read_to_string(&list_file).unwrap()).unwrap();
+    let gateway = node.subnet().replace(".0/24", ".254");
+    list["plugins"][0]["ipam"]["ranges"][0][0]["gateway"] = gateway.clone().into();
+    std::fs::write(&list_file, list.to_string()).unwrap();
+    cluster.start_agents();
+    let node = &cluster.nodes[0];
+    let file = node
+        .store
+        .join(&cluster.network)
+        .join(&node.name)
+        .join("gateway.json");
+    let record = || -> Value {
+        std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null)
+    };
+    assert!(
+        wait_for(CONVERGE, || record().is_object()),
+        "the agent made no gateway"
+    );
+    assert_eq!(
+        record()["addresses"],
+        serde_json::json!([format!("{gateway}/32")])
+    );
+    // A pod then gets that gateway from host-local and reaches the node through it.
+    let mut conf = cluster.conf(0);
+    conf["ipam"]["ranges"][0][0]["gateway"] = gateway.clone().into();
+    let pod = Pod::new();
+    cluster.cni_with(0, "ADD", &pod, &conf).ok();
+    let host = cluster.nodes[0].addr.clone();
+    assert!(
+        wait_for(CONVERGE, || ping_once(&pod, &host)),
+        "the pod cannot reach its node"
+    );
+    cluster.cni_with(0, "DEL", &pod, &conf).ok();
+}
