@@ -1027,7 +1027,6 @@ fn an_unreadable_gateway_record_removes_no_peer() {
 /// R5: the gateway the agent makes for a node without pods gets the address the conflist's
 /// IPAM range names as its `gateway` (host-local answers pods with that gateway), not `.1`.
 #[test]
-#[ignore = "defect R5: the agent puts the gateway on .1 whatever ipam says; fixed next"]
 fn the_agents_gateway_takes_the_address_ipam_names() {
     let mut cluster = Cluster::new(1);
     cluster.write_conflists();

@@ -92,14 +92,22 @@ impl LinkSync {
     }
 
     /// The node's gateway exists and serves its subnets (as leased or claimed by the agent,
-    /// in `subnet.json`); the gateway address is the subnet's first, as host-local's default.
+    /// in `subnet.json`); the gateway address is the one the conflist's IPAM range names for
+    /// the subnet, else the subnet's first, as host-local's default.
     fn ensure_gateway(&self, conf: &NetConf, store: &Store) -> Result<()> {
         let Some(subnets) = lease::leased_subnets(&conf.store, &conf.name, &self.node) else {
             return Ok(());
         };
+        let named = gateway::expected_plan(conf);
         let addresses = subnets
             .iter()
-            .filter_map(first_host)
+            .filter_map(|subnet| {
+                let from_ipam = named.as_ref().and_then(|plan| {
+                    let i = plan.subnets.iter().position(|s| s == subnet)?;
+                    plan.addresses.get(i).map(|a| a.ip())
+                });
+                from_ipam.or_else(|| first_host(subnet))
+            })
             .map(wireguard::host_prefix)
             .collect();
         let plan = gateway::Plan {
