@@ -151,7 +151,13 @@ impl LinkSync {
                 .unwrap_or_default(),
             given: HashMap::new(),
         };
-        for record in store.node_records()? {
+        // Listed under the lock, as every writer writes: a record half-way through a join (or
+        // a legacy name being migrated) is seen in one state, never between two.
+        let records = {
+            let _lock = store.lock()?;
+            store.node_records()?
+        };
+        for record in records {
             if record.state != State::Ready || record.boot_id != self.boot_id {
                 continue;
             }
