@@ -27,3 +27,12 @@ pub fn crash(name: &str) {
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
 }
+
+/// Panic at `name` when armed, the first time this process passes it (a task that panics
+/// once, to prove that whatever supervises it starts it again).
+pub fn panic_once(name: &str) {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if armed(name) && !FIRED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        panic!("failpoint {name}");
+    }
+}

@@ -1174,7 +1174,6 @@ fn records_over_4_kib_are_refused() {
 /// revoked lease) and keeps its subnet claim; a network loop that dies is started again while
 /// `/healthz` stays 200.
 #[test]
-#[ignore = "defect L4: the agent reads its config once and never restarts a loop; fixed next"]
 fn the_agent_follows_its_conflists_and_restarts_a_dead_loop() {
     in_netns(|| {
         let dir = tempfile::tempdir().unwrap();

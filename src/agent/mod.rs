@@ -16,6 +16,7 @@ pub mod mirror;
 mod network;
 mod publish;
 pub mod subnet;
+mod supervisor;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +25,6 @@ use anyhow::Result;
 
 pub use config::Settings;
 pub use health::AgentStatus;
-
-use network::NetworkLoop;
 
 /// Applies a network's peer sets to this node's live WireGuard links, from the store (this
 /// node's records and the mirrored ones). The agent calls it only after the network's first
@@ -104,35 +103,33 @@ async fn run_async(
     };
     tracing::info!(node = %settings.node, endpoints = ?settings.etcd_endpoints, "agent started");
 
-    let mut served: Vec<String> = Vec::new();
+    let mut supervisor = supervisor::Supervisor::new(
+        settings.clone(),
+        client,
+        boot_id,
+        status.clone(),
+        reconciler,
+    );
+    let (tx, mut conf_changed) = tokio::sync::mpsc::channel::<()>(1);
+    let _watcher = supervisor::watch_conf_dir(&settings.cni_conf_dir, tx);
+    let mut next_read = tokio::time::Instant::now();
     #[allow(clippy::infinite_loop)] // ends when run_until's stop future completes
     loop {
-        match config::read_networks(&settings.cni_conf_dir, &settings.store) {
-            Ok(networks) => {
-                for net in networks {
-                    if served.contains(&net.name) {
-                        continue;
-                    }
-                    tracing::info!(network = %net.name, source = %net.source.display(), mode = ?net.mode, "serving network");
-                    served.push(net.name.clone());
-                    status.update(&net.name, |_| {});
-                    let worker = NetworkLoop::new(
-                        settings.clone(),
-                        net,
-                        client.clone(),
-                        boot_id.clone(),
-                        status.clone(),
-                        reconciler.clone(),
-                    );
-                    tokio::spawn(worker.run());
-                }
-                if served.is_empty() {
-                    tracing::warn!(dir = %settings.cni_conf_dir.display(), store = %settings.store.display(), "no wg-cni network for this store in the CNI conf dir");
-                }
-            }
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "reading the CNI conf dir"),
+        if tokio::time::Instant::now() >= next_read {
+            supervisor.follow_conf_dir();
+            next_read = tokio::time::Instant::now() + supervisor::CONF_POLL;
         }
-        tokio::time::sleep(settings.resync_interval).await;
+        supervisor.restart_ended_loops();
+        status.supervisor_alive();
+        tokio::select! {
+            Some(()) = conf_changed.recv() => {
+                // Let an installer's burst of writes (temp file, rename) settle.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while conf_changed.try_recv().is_ok() {}
+                next_read = tokio::time::Instant::now();
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 

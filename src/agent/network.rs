@@ -112,7 +112,10 @@ impl NetworkLoop {
         &self.net.name
     }
 
-    pub(super) async fn run(mut self) {
+    /// Run until `stop` fires (the network left the conflists): then revoke the liveness
+    /// lease, so the node key goes at once; the subnet claim and the records stay.
+    pub(super) async fn run(mut self, mut stop: tokio::sync::oneshot::Receiver<()>) {
+        crate::failpoint::panic_once("network-loop-panic");
         if let Err(e) = std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -127,6 +130,10 @@ impl NetworkLoop {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = &mut stop => {
+                    self.release().await;
+                    return;
+                }
                 message = next_message(&mut self.watch) => self.on_watch(message).await,
                 Some(()) = changes.recv() => {
                     // Let a burst of writes settle, then publish once.
@@ -137,6 +144,27 @@ impl NetworkLoop {
                 _ = tick.tick() => self.on_tick().await,
             }
         }
+    }
+
+    async fn release(&mut self) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        match etcd::bounded(self.client.lease_revoke(lease.id)).await {
+            Ok(_) => {
+                tracing::info!(network = %self.net.name, "no longer served: liveness lease revoked (the subnet claim stays)")
+            }
+            Err(e) => {
+                tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "no longer served: the liveness lease lapses on its own")
+            }
+        }
+    }
+
+    /// Log a failure and show it on `/readyz`.
+    fn failed(&self, what: &str, e: &anyhow::Error) {
+        let text = format!("{what}: {e:#}");
+        tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "{what}; retrying");
+        self.status.error(&self.net.name, text);
     }
 
     async fn on_tick(&mut self) {
@@ -356,7 +384,7 @@ impl NetworkLoop {
                 self.heartbeat().await;
             }
             Err(e) => {
-                tracing::warn!(network = %self.name(), error = %format!("{e:#}"), "cannot grant the liveness lease; retrying");
+                self.failed("cannot grant the liveness lease", &e);
                 self.next_lease_try = Instant::now() + Duration::from_secs(1);
             }
         }
@@ -409,7 +437,7 @@ impl NetworkLoop {
                     self.status.update(&self.net.name, |s| s.lease_held = false);
                 } else {
                     lease.keeper = None;
-                    tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "keep-alive failed; retrying");
+                    self.failed("keep-alive failed", &e);
                 }
             }
         }
@@ -429,7 +457,7 @@ impl NetworkLoop {
                 tracing::info!(network = %self.net.name, changed = n, "published this node's records")
             }
             Err(e) => {
-                tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "publishing failed; retrying");
+                self.failed("publishing failed", &e);
                 self.next_scan = Instant::now() + Duration::from_secs(1);
                 return;
             }
@@ -485,12 +513,14 @@ impl NetworkLoop {
                 self.watch = Some(watch);
                 self.sync_delay = Duration::from_millis(500);
                 self.synced = true;
-                self.status
-                    .update(&self.net.name, |s| s.first_sync_done = true);
+                self.status.update(&self.net.name, |s| {
+                    s.first_sync_done = true;
+                    s.last_sync = Some(crate::host::now_unix());
+                });
                 self.mirror_changed(true).await;
             }
             Err(e) => {
-                tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "listing etcd failed; the mirror stays as it is");
+                self.failed("listing etcd failed (the mirror stays as it is)", &e);
                 self.next_sync_try = Instant::now() + self.sync_delay;
                 self.sync_delay = (self.sync_delay * 2).min(Duration::from_secs(10));
             }
@@ -511,7 +541,12 @@ impl NetworkLoop {
                     self.watch = None;
                     self.next_sync_try = Instant::now();
                 }
-                Ok(Some(resp)) => changed |= self.mirror.apply(&resp),
+                Ok(Some(resp)) => {
+                    changed |= self.mirror.apply(&resp);
+                    self.status.update(&self.net.name, |s| {
+                        s.last_sync = Some(crate::host::now_unix())
+                    });
+                }
                 Ok(None) | Err(_) => {
                     if let Err(e) = &next {
                         tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "watch lost: re-listing when etcd answers (nothing is removed meanwhile)");
@@ -601,6 +636,8 @@ impl NetworkLoop {
         let network = self.net.name.clone();
         if let Err(e) = tokio::task::spawn_blocking(move || reconciler.reconcile(&network)).await {
             tracing::error!(network = %self.net.name, error = %e, "reconcile panicked");
+            self.status
+                .error(&self.net.name, format!("reconcile panicked: {e}"));
         }
     }
 }

@@ -1,0 +1,191 @@
+//! The agent follows its config: the networks it serves are the conflists' (re-read when the
+//! conf dir changes, and every `CONF_POLL`). A network that appears gets a loop; one whose
+//! config changes gets a new loop (the old one is dropped without revoking anything: the new
+//! one re-announces on a lease of its own); one that disappears has its loop stopped, which
+//! revokes its liveness lease and keeps its subnet claim. A loop that ends (a panic) is
+//! restarted with backoff.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::Client;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::LinkReconciler;
+use super::config::{self, Network, Settings};
+use super::health::AgentStatus;
+use super::network::NetworkLoop;
+
+/// The conf dir is re-read at least this often (inotify may be unavailable).
+pub const CONF_POLL: Duration = Duration::from_secs(10);
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// One served network.
+struct Served {
+    network: Network,
+    /// The plugin's config as read: a different text is a changed network.
+    conf_text: String,
+    handle: JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Set when the loop ended unasked: when to start it again, and the next backoff.
+    restart_at: Option<Instant>,
+    backoff: Duration,
+}
+
+pub struct Supervisor {
+    settings: Arc<Settings>,
+    client: Client,
+    boot_id: String,
+    status: Arc<AgentStatus>,
+    reconciler: Arc<dyn LinkReconciler>,
+    served: BTreeMap<String, Served>,
+    warned_empty: bool,
+}
+
+impl Supervisor {
+    pub fn new(
+        settings: Arc<Settings>,
+        client: Client,
+        boot_id: String,
+        status: Arc<AgentStatus>,
+        reconciler: Arc<dyn LinkReconciler>,
+    ) -> Supervisor {
+        Supervisor {
+            settings,
+            client,
+            boot_id,
+            status,
+            reconciler,
+            served: BTreeMap::new(),
+            warned_empty: false,
+        }
+    }
+
+    fn start(&self, network: &Network) -> (JoinHandle<()>, tokio::sync::oneshot::Sender<()>) {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        self.status.update(&network.name, |_| {});
+        let worker = NetworkLoop::new(
+            self.settings.clone(),
+            network.clone(),
+            self.client.clone(),
+            self.boot_id.clone(),
+            self.status.clone(),
+            self.reconciler.clone(),
+        );
+        (tokio::spawn(worker.run(stopped)), stop)
+    }
+
+    /// Serve exactly the networks the conf dir holds now.
+    pub fn follow_conf_dir(&mut self) {
+        let networks =
+            match config::read_networks(&self.settings.cni_conf_dir, &self.settings.store) {
+                Ok(networks) => networks,
+                Err(e) => {
+                    // A conf dir that cannot be read changes nothing: serving stays as it is.
+                    tracing::warn!(error = %format!("{e:#}"), "reading the CNI conf dir");
+                    return;
+                }
+            };
+        let wanted: BTreeMap<String, Network> =
+            networks.into_iter().map(|n| (n.name.clone(), n)).collect();
+        let gone: Vec<String> = self
+            .served
+            .keys()
+            .filter(|name| !wanted.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            let mut served = self.served.remove(&name).expect("listed");
+            tracing::info!(network = %name, "network left the conflists: no longer served");
+            if let Some(stop) = served.stop.take() {
+                let _ = stop.send(());
+            }
+            self.status.forget(&name);
+        }
+        for (name, network) in wanted {
+            let conf_text = serde_json::to_string(&network.conf.raw).unwrap_or_default();
+            match self.served.get(&name) {
+                Some(served) if served.conf_text == conf_text => continue,
+                Some(served) => {
+                    tracing::info!(network = %name, source = %network.source.display(), "network config changed: restarting its loop");
+                    served.handle.abort();
+                }
+                None => {
+                    tracing::info!(network = %name, source = %network.source.display(), mode = ?network.mode, "serving network");
+                }
+            }
+            let (handle, stop) = self.start(&network);
+            self.served.insert(
+                name,
+                Served {
+                    network,
+                    conf_text,
+                    handle,
+                    stop: Some(stop),
+                    restart_at: None,
+                    backoff: FIRST_BACKOFF,
+                },
+            );
+        }
+        if self.served.is_empty() && !self.warned_empty {
+            tracing::warn!(dir = %self.settings.cni_conf_dir.display(), store = %self.settings.store.display(), "no wg-cni network for this store in the CNI conf dir");
+        }
+        self.warned_empty = self.served.is_empty();
+    }
+
+    /// A loop only ends by panicking: note it, and start it again after its backoff.
+    pub fn restart_ended_loops(&mut self) {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for (name, served) in self.served.iter_mut() {
+            match served.restart_at {
+                None if served.handle.is_finished() => {
+                    let error = format!("network loop ended; restarting in {:?}", served.backoff);
+                    tracing::error!(network = %name, "{error}");
+                    self.status.error(name, error);
+                    served.restart_at = Some(now + served.backoff);
+                }
+                Some(at) if now >= at => due.push(name.clone()),
+                _ => {}
+            }
+        }
+        for name in due {
+            let network = self.served[&name].network.clone();
+            let (handle, stop) = self.start(&network);
+            let served = self.served.get_mut(&name).expect("listed");
+            served.handle = handle;
+            served.stop = Some(stop);
+            served.restart_at = None;
+            served.backoff = (served.backoff * 2).min(MAX_BACKOFF);
+            tracing::info!(network = %name, "network loop restarted");
+        }
+    }
+}
+
+/// inotify on the conf dir: any change there triggers a re-read (the periodic one stays).
+pub fn watch_conf_dir(
+    dir: &Path,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(
+        |e| tracing::warn!(error = %e, "inotify unavailable: re-reading the conf dir periodically"),
+    )
+    .ok()?;
+    match watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+        Ok(()) => Some(watcher),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the conf dir: re-reading it periodically");
+            None
+        }
+    }
+}
