@@ -1225,6 +1225,55 @@ fn the_agent_follows_its_conflists_and_restarts_a_dead_loop() {
     });
 }
 
+/// `forget-node`: a node gone for good leaves etcd and every mirror; a live one is refused.
+#[test]
+fn forget_node_removes_a_dead_nodes_keys_everywhere_and_refuses_a_live_one() {
+    in_netns(|| {
+        let mut c = two_nodes(&["--lease-ttl", "2"]);
+        c.wait_ready();
+        c.nodes[1].write_record("q1", "10.10.2.5/24", "ready");
+        wait_for("a to mirror b's q1", WAIT, || c.nodes[0].mirrors("b", "q1"));
+        let url = c.etcd.url();
+        let forget = |extra: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_wg-cni"))
+                .args(["agent", "forget-node", "b", "--etcd-endpoints", &url])
+                .args(extra)
+                .output()
+                .unwrap()
+        };
+        let refused = forget(&[]);
+        assert!(!refused.status.success(), "a live node was forgotten");
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("is alive"),
+            "{refused:?}"
+        );
+
+        c.nodes[1].kill();
+        let info = format!("/wg-cni/v1/{NET}/nodes/b/info");
+        wait_for("b's node key to lapse", WAIT, || {
+            c.etcd.keys(&info).is_empty()
+        });
+        let done = forget(&[]);
+        assert!(done.status.success(), "{done:?}");
+        assert!(
+            String::from_utf8_lossy(&done.stdout).contains(&format!("network {NET}: deleted")),
+            "{done:?}"
+        );
+        for kind in ["nodes", "links", "subnets"] {
+            let prefix = format!("/wg-cni/v1/{NET}/{kind}/b/");
+            assert!(c.etcd.keys(&prefix).is_empty(), "{prefix} left");
+        }
+        assert_eq!(
+            c.etcd.keys(&format!("/wg-cni/v1/{NET}/subnets/a/")).len(),
+            1,
+            "another node's keys"
+        );
+        wait_for("a's mirror of b to empty", WAIT, || {
+            c.nodes[0].mirrored("b").is_empty()
+        });
+    });
+}
+
 /// The lease id (decimal) the key is attached to, 0 if none or absent.
 fn lease_of(etcd: &Etcd, key: &str) -> i64 {
     let out: Value = serde_json::from_str(&etcd.ok(&["get", key, "-w", "json"])).unwrap();

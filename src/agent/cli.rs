@@ -16,13 +16,10 @@ use crate::{agent, cni, host};
     about = "wg-cni's node agent: sync this node's records with every other node's through etcd"
 )]
 pub struct AgentArgs {
+    #[command(subcommand)]
+    command: Option<AgentCommand>,
     /// etcd client URLs, comma-separated (http:// or https://).
-    #[arg(
-        long,
-        value_name = "URL[,URL…]",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long, value_name = "URL[,URL…]", value_delimiter = ',', global = true)]
     etcd_endpoints: Vec<String>,
     /// The key store root (the conflist's "store"); only networks with this store are served.
     #[arg(long, value_name = "DIR", default_value = cni::config::DEFAULT_STORE)]
@@ -34,19 +31,19 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
     /// CA certificate (PEM) to verify etcd's server certificate; enables TLS.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     etcd_ca: Option<PathBuf>,
     /// Client certificate (PEM) for etcd's client-cert auth (with --etcd-ca and --etcd-key).
-    #[arg(long, value_name = "FILE", requires_all = ["etcd_key", "etcd_ca"])]
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_key", "etcd_ca"], global = true)]
     etcd_cert: Option<PathBuf>,
     /// Client key (PEM) for --etcd-cert.
-    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    #[arg(long, value_name = "FILE", requires = "etcd_cert", global = true)]
     etcd_key: Option<PathBuf>,
     /// etcd user name (role-based access: this node's own keys only).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", global = true)]
     etcd_user: Option<String>,
     /// File holding the etcd user's password.
-    #[arg(long, value_name = "FILE", requires = "etcd_user")]
+    #[arg(long, value_name = "FILE", requires = "etcd_user", global = true)]
     etcd_password_file: Option<PathBuf>,
     /// Liveness lease TTL in seconds (kept alive every TTL/3).
     #[arg(long, value_name = "SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
@@ -62,8 +59,41 @@ pub struct AgentArgs {
     health_listen: std::net::SocketAddr,
 }
 
+#[derive(clap::Subcommand)]
+enum AgentCommand {
+    /// Delete a node that is gone for good from etcd: its node key, heartbeat, address claims,
+    /// records and subnet claims, in every network (or one). Needs credentials that may write
+    /// other nodes' keys (an administrator's, not a node's). Every agent then drops the node's
+    /// records from its mirror, and its subnet and addresses are free for other nodes.
+    ForgetNode {
+        /// The node's name, as its agent's --node.
+        name: String,
+        /// Only this network (default: every network the node appears in).
+        #[arg(long, value_name = "NETWORK")]
+        network: Option<String>,
+        /// Forget it even though its node key says it is alive.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
 pub fn run(args: AgentArgs) -> cni::Result<()> {
     use std::time::Duration;
+    // Global flags (they may follow a subcommand) cannot be `required` in clap.
+    if args.etcd_endpoints.is_empty() {
+        return Err(cni::Error::config(
+            "--etcd-endpoints",
+            "is required: the etcd client URLs, comma-separated",
+        ));
+    }
+    if let Some(AgentCommand::ForgetNode {
+        name,
+        network,
+        force,
+    }) = &args.command
+    {
+        return forget_node(&args, name, network.as_deref(), *force);
+    }
     let node = host::node_name(args.node.as_deref())?;
     if !agent::keys::is_node_name(&node) {
         return Err(cni::Error::config(
@@ -94,6 +124,38 @@ pub fn run(args: AgentArgs) -> cni::Result<()> {
     })
 }
 
+fn forget_node(
+    args: &AgentArgs,
+    name: &str,
+    network: Option<&str>,
+    force: bool,
+) -> cni::Result<()> {
+    if !agent::keys::is_node_name(name) {
+        return Err(cni::Error::config(
+            "NAME",
+            format!("\"{name}\" {}", cni::IDENTIFIER_RULE),
+        ));
+    }
+    let connection = agent::forget::Connection {
+        endpoints: args.etcd_endpoints.clone(),
+        ca: args.etcd_ca.clone(),
+        cert: args.etcd_cert.clone(),
+        key: args.etcd_key.clone(),
+        user: args.etcd_user.clone(),
+        password_file: args.etcd_password_file.clone(),
+    };
+    let forgotten = agent::forget::forget_node(&connection, name, network, force).map_err(|e| {
+        cni::Error::Io {
+            context: format!("{e:#}"),
+            source: std::io::Error::other("forget-node failed"),
+        }
+    })?;
+    for (network, keys) in forgotten {
+        println!("network {network}: deleted {keys} keys of node {name}");
+    }
+    Ok(())
+}
+
 /// The agent binary's entry point: logs on stderr, then run until SIGTERM.
 pub fn main() -> ExitCode {
     crate::logging::init();
@@ -104,5 +166,28 @@ pub fn main() -> ExitCode {
             eprintln!("wg-cni agent: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        AgentArgs::command().debug_assert();
+        let args = AgentArgs::try_parse_from([
+            "wg-cni-agent",
+            "forget-node",
+            "n1",
+            "--etcd-endpoints",
+            "http://192.0.2.1:2379",
+        ])
+        .unwrap();
+        assert!(
+            matches!(args.command, Some(AgentCommand::ForgetNode { ref name, .. }) if name == "n1")
+        );
+        assert_eq!(args.etcd_endpoints, ["http://192.0.2.1:2379"]);
     }
 }

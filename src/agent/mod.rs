@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 mod etcd;
+pub mod forget;
 mod handshakes;
 pub mod health;
 pub mod keys;
