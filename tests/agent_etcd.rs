@@ -1274,6 +1274,114 @@ fn forget_node_removes_a_dead_nodes_keys_everywhere_and_refuses_a_live_one() {
     });
 }
 
+/// Run the plugin's STATUS (CNI 1.1) for node `node`'s network config.
+fn plugin_status(node: &Node) -> Output {
+    let list: Value =
+        serde_json::from_str(&fs::read_to_string(node.conf_dir.join("10-wg.conflist")).unwrap())
+            .unwrap();
+    let mut conf = list["plugins"][0].clone();
+    conf["name"] = json!(NET);
+    conf["cniVersion"] = json!("1.1.0");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wg-cni"))
+        .env("CNI_COMMAND", "STATUS")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// L3: a leased claim that disappears comes back as the subnet `subnet.json` names (the node's
+/// pods have addresses there), not as the lowest free one. If another node took it meanwhile:
+/// with live pods the node says so (ADD 11, STATUS 50, /readyz naming the conflict); without,
+/// it leases another subnet and rewrites `subnet.json`.
+#[test]
+#[ignore = "defect L3: a lost claim is re-claimed as the lowest free subnet; fixed next"]
+fn a_lost_claim_comes_back_as_its_subnet_or_reports_the_conflict() {
+    in_netns(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(dir.path(), None);
+        let fake = |name| FakeNode { etcd: &etcd, name };
+        fake("x").claim(&["10.10.0.0/24"]);
+        let mut a = Node::new(dir.path(), "a", 0, Subnet::Lease("10.10.0.0/16"), &[]);
+        a.start(&etcd.url());
+        wait_for("a ready", WAIT, || a.http("/readyz") == 200);
+        assert_eq!(a.subnets(), Some(vec!["10.10.1.0/24".to_string()]));
+        let claim_of = |node: &str| format!("/wg-cni/v1/{NET}/subnets/{node}/claim");
+
+        // Both claims vanish (x's first): a claims its subnet.json subnet again.
+        etcd.ok(&["del", &claim_of("x")]);
+        etcd.ok(&["del", &claim_of("a")]);
+        wait_for("a's claim back", WAIT, || {
+            !etcd.keys(&claim_of("a")).is_empty()
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(etcd.ok(&["get", &claim_of("a")]).contains("10.10.1.0/24"));
+        assert_eq!(a.subnets(), Some(vec!["10.10.1.0/24".to_string()]));
+
+        // With a pod on it, the subnet is taken by y while a is stopped.
+        a.write_record("p1", "10.10.1.5/24", "ready");
+        kill(a.pid(), Signal::SIGSTOP).unwrap();
+        etcd.ok(&["del", &claim_of("a")]);
+        fake("y").claim(&["10.10.1.0/24"]);
+        kill(a.pid(), Signal::SIGCONT).unwrap();
+        wait_for("a to report the conflict", WAIT, || {
+            a.http("/readyz") == 503
+        });
+        let status = plugin_status(&a);
+        let stdout = String::from_utf8_lossy(&status.stdout);
+        assert!(
+            stdout.contains("\"code\":50") || stdout.contains("\"code\": 50"),
+            "{status:?}"
+        );
+        assert!(stdout.contains("node y"), "{stdout}");
+        assert_eq!(a.subnets(), Some(vec!["10.10.1.0/24".to_string()]), "kept");
+
+        // The pod goes: a leases another subnet and says so in subnet.json.
+        a.remove_record("p1");
+        wait_for("a ready on another subnet", Duration::from_secs(20), || {
+            a.http("/readyz") == 200
+        });
+        assert_eq!(a.subnets(), Some(vec!["10.10.0.0/24".to_string()]));
+        assert!(plugin_status(&a).status.success());
+        a.kill();
+        drop(etcd);
+    });
+}
+
+/// A leased subnet's claim rides on a long lease the agent renews (`--subnet-lease-ttl`):
+/// it outlives its TTL while the agent runs, and lapses once the node is gone for a TTL, so a
+/// dead node's subnet is free again without an administrator.
+#[test]
+#[ignore = "defect: leased claims never lapse; fixed next"]
+fn a_leased_claim_lapses_only_after_its_node_is_gone_for_its_ttl() {
+    in_netns(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = Etcd::start(dir.path(), None);
+        let ttl = ["--subnet-lease-ttl".to_string(), "4".to_string()];
+        let mut a = Node::new(dir.path(), "a", 0, Subnet::Lease("10.10.0.0/16"), &ttl);
+        a.start(&etcd.url());
+        wait_for("a ready", WAIT, || a.http("/readyz") == 200);
+        let claim = format!("/wg-cni/v1/{NET}/subnets/a/claim");
+        assert_ne!(lease_of(&etcd, &claim), 0, "the claim is on a lease");
+        std::thread::sleep(Duration::from_secs(6));
+        assert_eq!(etcd.keys(&claim).len(), 1, "renewed past its TTL");
+        a.kill();
+        wait_for("the claim to lapse", Duration::from_secs(8), || {
+            etcd.keys(&claim).is_empty()
+        });
+        drop(etcd);
+    });
+}
+
 /// The lease id (decimal) the key is attached to, 0 if none or absent.
 fn lease_of(etcd: &Etcd, key: &str) -> i64 {
     let out: Value = serde_json::from_str(&etcd.ok(&["get", key, "-w", "json"])).unwrap();
