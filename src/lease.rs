@@ -16,14 +16,16 @@ pub const SUBNET_FILE: &str = "subnet.json";
 struct SubnetFile {
     schema: u32,
     subnets: Vec<IpNetwork>,
+    /// Set by the agent while another node claims these subnets and pods here use them.
+    #[serde(default)]
+    conflict: Option<String>,
 }
 
-/// The subnets the agent leased to `node`, if it has.
-pub fn leased_subnets(store_root: &Path, network: &str, node: &str) -> Option<Vec<IpNetwork>> {
+fn read(store_root: &Path, network: &str, node: &str) -> Option<SubnetFile> {
     let path = store_root.join(network).join(node).join(SUBNET_FILE);
     let text = std::fs::read(&path).ok()?;
     match serde_json::from_slice::<SubnetFile>(&text) {
-        Ok(file) if file.schema == 1 && !file.subnets.is_empty() => Some(file.subnets),
+        Ok(file) if file.schema == 1 && !file.subnets.is_empty() => Some(file),
         Ok(_) => None,
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "unreadable subnet lease");
@@ -32,15 +34,28 @@ pub fn leased_subnets(store_root: &Path, network: &str, node: &str) -> Option<Ve
     }
 }
 
+/// The subnets the agent leased to `node`, if it has.
+pub fn leased_subnets(store_root: &Path, network: &str, node: &str) -> Option<Vec<IpNetwork>> {
+    read(store_root, network, node).map(|file| file.subnets)
+}
+
 /// Replace the IPAM ranges with the leased subnets (one range set each, as host-local takes
-/// them). Without a lease: code 11, the agent has not leased one yet.
+/// them). Without a lease: code 11, the agent has not leased one yet; nor while another node
+/// claims the subnet this node's pods use (the agent says so in `subnet.json`).
 pub fn substitute(conf: &mut NetConf, node: &str) -> Result<()> {
-    let subnets = leased_subnets(&conf.store, &conf.name, node).ok_or_else(|| {
+    let file = read(&conf.store, &conf.name, node).ok_or_else(|| {
         Error::TryAgainLater(format!(
             "no pod subnet leased to node {node} in network {} yet: is `wg-cni agent` running on this node?",
             conf.name
         ))
     })?;
+    if let Some(conflict) = file.conflict {
+        return Err(Error::TryAgainLater(format!(
+            "network {}: {conflict}",
+            conf.name
+        )));
+    }
+    let subnets = file.subnets;
     let ranges: Vec<Value> = subnets
         .iter()
         .map(|s| json!([{ "subnet": s.to_string() }]))

@@ -1304,7 +1304,6 @@ fn plugin_status(node: &Node) -> Output {
 /// with live pods the node says so (ADD 11, STATUS 50, /readyz naming the conflict); without,
 /// it leases another subnet and rewrites `subnet.json`.
 #[test]
-#[ignore = "defect L3: a lost claim is re-claimed as the lowest free subnet; fixed next"]
 fn a_lost_claim_comes_back_as_its_subnet_or_reports_the_conflict() {
     in_netns(|| {
         let dir = tempfile::tempdir().unwrap();
@@ -1333,16 +1332,13 @@ fn a_lost_claim_comes_back_as_its_subnet_or_reports_the_conflict() {
         etcd.ok(&["del", &claim_of("a")]);
         fake("y").claim(&["10.10.1.0/24"]);
         kill(a.pid(), Signal::SIGCONT).unwrap();
-        wait_for("a to report the conflict", WAIT, || {
-            a.http("/readyz") == 503
-        });
-        let status = plugin_status(&a);
-        let stdout = String::from_utf8_lossy(&status.stdout);
-        assert!(
-            stdout.contains("\"code\":50") || stdout.contains("\"code\": 50"),
-            "{status:?}"
-        );
-        assert!(stdout.contains("node y"), "{stdout}");
+        let conflict = || {
+            let status = plugin_status(&a);
+            let stdout: Value = serde_json::from_slice(&status.stdout).unwrap_or(Value::Null);
+            stdout["code"] == 50 && stdout["msg"].as_str().is_some_and(|m| m.contains("node y"))
+        };
+        wait_for("STATUS 50 naming the conflict", WAIT, conflict);
+        assert_eq!(a.http("/readyz"), 503);
         assert_eq!(a.subnets(), Some(vec!["10.10.1.0/24".to_string()]), "kept");
 
         // The pod goes: a leases another subnet and says so in subnet.json.
@@ -1361,7 +1357,6 @@ fn a_lost_claim_comes_back_as_its_subnet_or_reports_the_conflict() {
 /// it outlives its TTL while the agent runs, and lapses once the node is gone for a TTL, so a
 /// dead node's subnet is free again without an administrator.
 #[test]
-#[ignore = "defect: leased claims never lapse; fixed next"]
 fn a_leased_claim_lapses_only_after_its_node_is_gone_for_its_ttl() {
     in_netns(|| {
         let dir = tempfile::tempdir().unwrap();

@@ -51,6 +51,10 @@ pub struct AgentArgs {
     /// How long a node whose lease lapsed keeps its records mirrored, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
     grace_period: u64,
+    /// A leased subnet's claim lapses this many seconds after its agent stopped renewing it
+    /// (its subnet is then free for another node), as flannel's 24 h subnet leases.
+    #[arg(long, value_name = "SECONDS", default_value_t = 86400, value_parser = clap::value_parser!(u64).range(2..))]
+    subnet_lease_ttl: u64,
     /// Full rescan of this node's records and reconcile, every this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     resync_interval: u64,
@@ -113,6 +117,7 @@ pub fn run(args: AgentArgs) -> cni::Result<()> {
         etcd_password_file: args.etcd_password_file,
         lease_ttl: Duration::from_secs(args.lease_ttl),
         grace_period: Duration::from_secs(args.grace_period),
+        subnet_lease_ttl: Duration::from_secs(args.subnet_lease_ttl),
         resync_interval: Duration::from_secs(args.resync_interval),
         health_listen: args.health_listen,
     };

@@ -25,6 +25,8 @@ pub struct Settings {
     pub etcd_password_file: Option<PathBuf>,
     pub lease_ttl: Duration,
     pub grace_period: Duration,
+    /// The TTL of a leased subnet's claim (renewed while the agent runs).
+    pub subnet_lease_ttl: Duration,
     pub resync_interval: Duration,
     pub health_listen: SocketAddr,
 }

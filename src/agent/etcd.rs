@@ -138,6 +138,7 @@ mod tests {
             etcd_password_file: None,
             lease_ttl: Duration::from_secs(15),
             grace_period: Duration::from_secs(3600),
+            subnet_lease_ttl: Duration::from_secs(3600),
             resync_interval: Duration::from_secs(30),
             health_listen: "127.0.0.1:9765".parse().unwrap(),
         }

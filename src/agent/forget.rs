@@ -37,6 +37,7 @@ impl Connection {
             cni_conf_dir: PathBuf::new(),
             lease_ttl: Duration::ZERO,
             grace_period: Duration::ZERO,
+            subnet_lease_ttl: Duration::ZERO,
             resync_interval: Duration::ZERO,
             health_listen: "127.0.0.1:0".parse().expect("valid"),
         }

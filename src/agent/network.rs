@@ -58,6 +58,9 @@ pub(super) struct NetworkLoop {
     next_lease_try: Instant,
     next_keepalive: Instant,
     next_heartbeat: Instant,
+    /// The lease a leased subnet's claim rides on (0: none), and when to renew it.
+    claim_lease: i64,
+    next_claim_renewal: Instant,
     next_sync_try: Instant,
     next_scan: Instant,
     next_reconcile: Instant,
@@ -101,6 +104,8 @@ impl NetworkLoop {
             next_lease_try: now,
             next_keepalive: now,
             next_heartbeat: now,
+            claim_lease: 0,
+            next_claim_renewal: now,
             next_sync_try: now,
             next_scan: now,
             next_reconcile: now,
@@ -181,6 +186,9 @@ impl NetworkLoop {
             if self.lease.is_some() && now >= self.next_heartbeat {
                 self.heartbeat().await;
             }
+            if self.claim_lease != 0 && now >= self.next_claim_renewal {
+                self.renew_claim().await;
+            }
         }
         if self.watch.is_none() && now >= self.next_sync_try {
             self.full_sync().await;
@@ -217,6 +225,7 @@ impl NetworkLoop {
         let takeover = self.foreign_since.is_some_and(|since| {
             since.elapsed() > self.settings.lease_ttl + Duration::from_secs(1)
         });
+        let previous = self.previous();
         let result = subnet::ensure_claim(
             &mut self.client,
             &self.keys,
@@ -225,6 +234,8 @@ impl NetworkLoop {
             &self.agent_id,
             takeover,
             &self.net.policy(),
+            &previous,
+            self.settings.subnet_lease_ttl,
         )
         .await;
         match &result {
@@ -237,10 +248,13 @@ impl NetworkLoop {
             Ok(_) => self.foreign_since = None,
         }
         match result {
-            Ok((subnets, claim_revision)) => {
+            Ok(settled) => {
+                let subnets = settled.subnets;
                 tracing::info!(network = %self.name(), subnets = ?subnets, "subnet known");
-                self.claim_revision = claim_revision;
-                if let Err(e) = subnet::write_subnet_file(&self.node_dir, &subnets) {
+                self.claim_revision = settled.revision;
+                self.claim_lease = settled.lease;
+                self.next_claim_renewal = Instant::now() + self.claim_renewal_interval();
+                if let Err(e) = subnet::write_subnet_file(&self.node_dir, &subnets, None) {
                     tracing::error!(error = %format!("{e:#}"), "writing subnet.json");
                 }
                 self.status.update(&self.net.name, |s| {
@@ -256,10 +270,62 @@ impl NetworkLoop {
             Err(e) => {
                 let reason = format!("{e:#}");
                 tracing::error!(network = %self.name(), error = %reason, "no usable subnet");
+                if let Some(conflict) = e.downcast_ref::<subnet::Conflict>() {
+                    // The plugin reads it there: ADD answers 11 and STATUS 50 with the reason.
+                    let written = subnet::write_subnet_file(
+                        &self.node_dir,
+                        &conflict.subnets,
+                        Some(reason.clone()),
+                    );
+                    if let Err(e) = written {
+                        tracing::error!(error = %format!("{e:#}"), "writing subnet.json");
+                    }
+                }
                 self.status
                     .update(&self.net.name, |s| s.subnet_error = Some(reason));
                 let retry = if self.foreign_since.is_some() { 1 } else { 5 };
                 self.next_subnet_try = Instant::now() + Duration::from_secs(retry);
+            }
+        }
+    }
+
+    /// What this node had before claiming: `subnet.json`'s subnets, and whether pods of this
+    /// boot have addresses there.
+    fn previous(&self) -> subnet::Previous {
+        let live_pods = crate::store::Store::open_existing(
+            &self.settings.store,
+            &self.net.name,
+            &self.settings.node,
+        )
+        .ok()
+        .flatten()
+        .and_then(|store| store.node_records().ok())
+        .is_some_and(|records| records.iter().any(|r| r.boot_id == self.boot_id));
+        subnet::Previous {
+            subnets: subnet::read_subnet_file(&self.node_dir).map(|f| f.subnets),
+            live_pods,
+        }
+    }
+
+    fn claim_renewal_interval(&self) -> Duration {
+        (self.settings.subnet_lease_ttl / 4)
+            .clamp(Duration::from_millis(500), Duration::from_secs(3600))
+    }
+
+    /// Keep a leased subnet's claim alive; a lease that is gone took the claim with it.
+    async fn renew_claim(&mut self) {
+        self.next_claim_renewal = Instant::now() + self.claim_renewal_interval();
+        match subnet::renew(&mut self.client, self.claim_lease).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(network = %self.net.name, "the subnet claim's lease lapsed: claiming again");
+                self.claim_lease = 0;
+                self.subnets = None;
+                self.status.update(&self.net.name, |s| s.subnets = None);
+            }
+            Err(e) => {
+                self.failed("renewing the subnet claim's lease failed", &e);
+                self.next_claim_renewal = Instant::now() + Duration::from_secs(1);
             }
         }
     }

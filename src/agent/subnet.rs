@@ -9,7 +9,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
@@ -50,7 +50,47 @@ pub struct Listed {
     pub claim: Claim,
     pub agent: Option<String>,
     pub mod_revision: i64,
+    /// The etcd lease the claim rides on (0: none).
+    pub lease: i64,
 }
+
+/// Where this node stands before claiming: what it had, and whether pods use it.
+pub struct Previous {
+    /// The subnets `subnet.json` names (what this node's pods have addresses in).
+    pub subnets: Option<Vec<IpNetwork>>,
+    /// Pods of this boot hold addresses there.
+    pub live_pods: bool,
+}
+
+/// A settled claim.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    pub subnets: Vec<IpNetwork>,
+    /// The revision at which it was seen winning.
+    pub revision: i64,
+    /// The lease a leased subnet's claim rides on (0 in operator mode).
+    pub lease: i64,
+}
+
+/// The subnet this node's pods use is claimed by another node: the node cannot add pods
+/// until an operator resolves it (or the pods are gone, and another subnet is leased).
+#[derive(Debug)]
+pub struct Conflict {
+    pub subnets: Vec<IpNetwork>,
+    pub holder: String,
+}
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "this node's subnet {:?} (subnet.json) is claimed by node {} while pods here have addresses in it: delete those pods, or forget-node {} if it is gone",
+            self.subnets, self.holder, self.holder
+        )
+    }
+}
+
+impl std::error::Error for Conflict {}
 
 /// This node's claim is held by another agent instance (two agents for one node name).
 #[derive(Debug)]
@@ -82,6 +122,15 @@ impl std::error::Error for ForeignAgent {}
 pub struct SubnetFile {
     pub schema: u32,
     pub subnets: Vec<IpNetwork>,
+    /// Why pods cannot be added on these subnets now (another node claims them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<String>,
+}
+
+/// `subnet.json` as this node's directory holds it.
+pub fn read_subnet_file(node_dir: &Path) -> Option<SubnetFile> {
+    let bytes = fs::read(node_dir.join(SUBNET_FILE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// The `subnet` of every `ipam.ranges[][]` entry that parses as a CIDR (normalised).
@@ -175,6 +224,7 @@ pub async fn list_claims(client: &mut Client, keys: &Keys) -> Result<(Vec<Listed
                     },
                     agent: value.agent,
                     mod_revision: kv.mod_revision(),
+                    lease: kv.lease(),
                 });
             }
         }
@@ -187,9 +237,14 @@ pub async fn list_claims(client: &mut Client, keys: &Keys) -> Result<(Vec<Listed
 /// ages from now). Lease mode: keep an existing winning claim, else claim the lowest subnet
 /// no winning claim overlaps (claims that lose or that the policy refuses block nothing) and
 /// re-check; a claim of ours that loses or no longer fits the policy is deleted and retried.
-/// Returns the subnets and the revision at which the claim was seen winning. A claim held by another agent
-/// instance is an error (`ForeignAgent`) unless `takeover` (the caller has seen that agent's
-/// node key stay away for a lease TTL): then it is re-owned, keeping its age.
+/// In lease mode a node without a claim claims the subnets `subnet.json` names first (its pods
+/// have addresses there); if another node holds them, that is a `Conflict` while pods live
+/// there, else a new subnet is leased. A leased claim rides on a lease of `lease_ttl` (the
+/// caller renews it); an older claim without one is moved onto one, keeping its age.
+/// A claim held by another agent instance is an error (`ForeignAgent`) unless `takeover`
+/// (the caller has seen that agent's node key stay away for a lease TTL): then it is
+/// re-owned, keeping its age.
+#[allow(clippy::too_many_arguments)]
 pub async fn ensure_claim(
     client: &mut Client,
     keys: &Keys,
@@ -198,7 +253,9 @@ pub async fn ensure_claim(
     agent: &str,
     takeover: bool,
     policy: &Policy,
-) -> Result<(Vec<IpNetwork>, i64)> {
+    previous: &Previous,
+    lease_ttl: std::time::Duration,
+) -> Result<Settled> {
     let key = keys.claim(node);
     for _ in 0..LEASE_ATTEMPTS {
         let (listed, revision) = list_claims(client, keys).await?;
@@ -221,17 +278,19 @@ pub async fn ensure_claim(
                     subnets: l.claim.subnets.clone(),
                     agent: Some(agent.to_string()),
                 })?;
+                let options = (l.lease != 0).then(|| PutOptions::new().with_lease(l.lease));
                 let txn = Txn::new()
                     .when([Compare::mod_revision(
                         key.clone(),
                         CompareOp::Equal,
                         l.mod_revision,
                     )])
-                    .and_then([TxnOp::put(key.clone(), value, None)]);
+                    .and_then([TxnOp::put(key.clone(), value, options)]);
                 bounded(client.txn(txn)).await?;
                 continue;
             }
         }
+        let our_listing = listed.iter().find(|l| l.claim.node == node).cloned();
         let claims: Vec<Claim> = listed.into_iter().map(|l| l.claim).collect();
         let owners = membership::owners(&claims, policy);
         let ours = claims.iter().find(|c| c.node == node);
@@ -239,10 +298,7 @@ pub async fn ensure_claim(
             (Mode::Operator(subnets), Some(c)) if c.subnets == *subnets => None,
             (Mode::Operator(subnets), _) => Some(subnets.clone()),
             (Mode::Lease(_), Some(_)) => None,
-            (Mode::Lease(cluster), None) => match pick_free(cluster, &owners.all_subnets()) {
-                Some(subnets) => Some(subnets),
-                None => bail!("no free subnet left in clusterRange {cluster:?}"),
-            },
+            (Mode::Lease(cluster), None) => Some(lease_anew(cluster, &owners, policy, previous)?),
         };
         if let Some(subnets) = wanted {
             if let Some(old) = ours {
@@ -252,16 +308,48 @@ pub async fn ensure_claim(
                 subnets,
                 agent: Some(agent.to_string()),
             })?;
+            let options = match mode {
+                Mode::Lease(_) => {
+                    Some(PutOptions::new().with_lease(grant(client, lease_ttl).await?))
+                }
+                Mode::Operator(_) => None,
+            };
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(key.clone(), value, None)]);
+                .and_then([TxnOp::put(key.clone(), value, options)]);
             let created = bounded(client.txn(txn)).await?.succeeded();
             tracing::info!(%key, created, "claimed a subnet");
             continue;
         }
         let ours = ours.expect("a claim exists when nothing is wanted");
+        let listing = our_listing.expect("listed with the claims");
         let Some((refusal, reason)) = owners.refused.get(node) else {
-            return Ok((ours.subnets.clone(), revision));
+            if matches!(mode, Mode::Lease(_)) && listing.lease == 0 {
+                // A claim from before leased claims: onto a lease, keeping its age.
+                let lease = grant(client, lease_ttl).await?;
+                let value = serde_json::to_vec(&ClaimValue {
+                    subnets: ours.subnets.clone(),
+                    agent: Some(agent.to_string()),
+                })?;
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        listing.mod_revision,
+                    )])
+                    .and_then([TxnOp::put(
+                        key.clone(),
+                        value,
+                        Some(PutOptions::new().with_lease(lease)),
+                    )]);
+                bounded(client.txn(txn)).await?;
+                continue;
+            }
+            return Ok(Settled {
+                subnets: ours.subnets.clone(),
+                revision,
+                lease: listing.lease,
+            });
         };
         if matches!(mode, Mode::Lease(_)) {
             tracing::warn!(ours = ?ours.subnets, refusal = refusal.label(), %reason, "our leased subnet does not count; leasing another");
@@ -275,6 +363,64 @@ pub async fn ensure_claim(
         bail!("subnet claim {:?} {reason}: {what}", ours.subnets);
     }
     bail!("could not settle a subnet claim in {LEASE_ATTEMPTS} attempts")
+}
+
+/// The subnets a node without a claim leases: `subnet.json`'s when they are free and fit the
+/// policy, else (when no pod uses them) the lowest free ones.
+fn lease_anew(
+    cluster: &[IpNetwork],
+    owners: &membership::Owners,
+    policy: &Policy,
+    previous: &Previous,
+) -> Result<Vec<IpNetwork>> {
+    let taken = owners.all_subnets();
+    if let Some(subnets) = previous
+        .subnets
+        .as_ref()
+        .filter(|s| policy.refuses_claim(s).is_none())
+    {
+        let holder = owners.subnets.iter().find(|(_, held)| {
+            held.iter()
+                .any(|h| subnets.iter().any(|s| membership::overlaps(h, s)))
+        });
+        match holder {
+            None => return Ok(subnets.clone()),
+            Some((holder, _)) if previous.live_pods => {
+                return Err(Conflict {
+                    subnets: subnets.clone(),
+                    holder: holder.clone(),
+                }
+                .into());
+            }
+            Some((holder, _)) => {
+                tracing::warn!(subnets = ?subnets, %holder, "subnet.json's subnet is claimed by another node and no pod uses it here: leasing another");
+            }
+        }
+    }
+    match pick_free(cluster, &taken) {
+        Some(subnets) => Ok(subnets),
+        None => bail!("no free subnet left in clusterRange {cluster:?}"),
+    }
+}
+
+/// A lease for a leased subnet's claim.
+async fn grant(client: &mut Client, ttl: std::time::Duration) -> Result<i64> {
+    let ttl = ttl.as_secs().max(2) as i64;
+    Ok(bounded(client.lease_grant(ttl, None)).await?.id())
+}
+
+/// Renew a claim's lease once; `false` when it is gone (the claim went with it).
+pub async fn renew(client: &mut Client, lease: i64) -> Result<bool> {
+    let (mut keeper, mut stream) = bounded(client.lease_keep_alive(lease)).await?;
+    bounded(keeper.keep_alive()).await?;
+    match bounded(stream.message()).await {
+        Ok(Some(resp)) => Ok(resp.ttl() > 0),
+        Ok(None) => bail!("keep-alive stream closed"),
+        Err(e) => match e.downcast_ref::<etcd_client::Error>() {
+            Some(etcd_client::Error::LeaseKeepAliveError(m)) if m == "lease not found" => Ok(false),
+            _ => Err(e),
+        },
+    }
 }
 
 /// Delete our claim only if it is still the one we saw (never a newer one).
@@ -309,10 +455,15 @@ pub fn agent_id(node_dir: &Path) -> Result<String> {
 }
 
 /// Write `subnet.json` atomically (temp file + rename, mode 0600) if its content changes.
-pub fn write_subnet_file(node_dir: &Path, subnets: &[IpNetwork]) -> Result<()> {
+pub fn write_subnet_file(
+    node_dir: &Path,
+    subnets: &[IpNetwork],
+    conflict: Option<String>,
+) -> Result<()> {
     let body = serde_json::to_vec_pretty(&SubnetFile {
         schema: 1,
         subnets: subnets.to_vec(),
+        conflict,
     })?;
     let target = node_dir.join(SUBNET_FILE);
     if fs::read(&target).is_ok_and(|old| old == body) {
@@ -399,7 +550,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let node = dir.path().join("net/n1");
-        write_subnet_file(&node, &[net("10.0.1.0/24")]).unwrap();
+        write_subnet_file(&node, &[net("10.0.1.0/24")], None).unwrap();
         let file = node.join(SUBNET_FILE);
         let parsed: SubnetFile = serde_json::from_slice(&fs::read(&file).unwrap()).unwrap();
         assert_eq!(parsed.subnets, vec![net("10.0.1.0/24")]);

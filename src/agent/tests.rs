@@ -95,6 +95,7 @@ fn settings(dir: &Path) -> Settings {
         etcd_password_file: None,
         lease_ttl: Duration::from_secs(5),
         grace_period: Duration::from_secs(60),
+        subnet_lease_ttl: Duration::from_secs(3600),
         resync_interval: Duration::from_secs(30),
         health_listen: "127.0.0.1:9765".parse().unwrap(),
     }
