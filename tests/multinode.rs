@@ -1070,3 +1070,51 @@ fn the_agents_gateway_takes_the_address_ipam_names() {
     );
     cluster.cni_with(0, "DEL", &pod, &conf).ok();
 }
+
+/// T1 on real links: node 3 names a pod of node 2 as its own address. Node addresses become
+/// allowed IPs of that node's gateway on every pod, so before the membership layer the pod
+/// on node 1 routed that pod's address to node 3. Now node 3's claim on the address is refused
+/// (it lies in the cluster range), node 1 keeps the pod's /32 on the pod's own key, and the
+/// pods still talk.
+#[test]
+fn a_node_naming_another_nodes_pod_as_its_address_gets_nothing() {
+    let cluster = running(3);
+    let a = add(&cluster, 0);
+    let b = add(&cluster, 1);
+    converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
+    let list_file = cluster.nodes[2].conf_dir.join("10-wg.conflist");
+    let text = std::fs::read_to_string(&list_file).unwrap();
+    let evil = text.replace(
+        &format!("\"endpoint\":\"{}\"", cluster.nodes[2].addr),
+        &format!("\"endpoint\":\"{}\"", b.ip),
+    );
+    assert_ne!(text, evil, "node 3's conflist names its endpoint");
+    std::fs::write(&list_file, evil).unwrap();
+    let log = || std::fs::read_to_string(&cluster.nodes[0].agent_log).unwrap_or_default();
+    assert!(
+        wait_for(CONVERGE, || log()
+            .contains("endpoint_in_pod_or_service_range")),
+        "node 1's agent never refused node 3's new address"
+    );
+    // Several reconciles later: b's address is on b's key only, and a reaches b.
+    std::thread::sleep(Duration::from_secs(5));
+    let b_key = public_key_of(&cluster, &b);
+    let holders: Vec<String> = peer_keys(&cluster, 0)
+        .iter()
+        .flat_map(|at| at["peers"].as_array().cloned().unwrap_or_default())
+        .filter(|p| {
+            p["allowedIps"]
+                .as_array()
+                .is_some_and(|ips| ips.iter().any(|ip| ip == &format!("{}/32", b.ip)))
+        })
+        .filter_map(|p| p["publicKey"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        holders.iter().all(|k| *k == b_key),
+        "b's address routed to another key on node 1: {holders:?}"
+    );
+    converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
+    for p in [&a, &b] {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
