@@ -8,10 +8,10 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use etcd_client::{EventType, KeyValue, WatchResponse};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
+use super::datastore::{Change, Entry};
 use super::keys::{KeyKind, Keys, LinkName};
 use super::membership::{
     self, Candidate, Claim, EndpointClaim, Liveness, Policy, Refusal, Verdict,
@@ -156,19 +156,18 @@ impl Mirror {
 
     /// Replace everything with a full listing (mark and sweep happens at the next write).
     /// Claims go in before records: a node's record cap comes from its claim.
-    pub fn replace_all(&mut self, kvs: Vec<KeyValue>, revision: i64) {
+    pub fn replace_all(&mut self, kvs: Vec<Entry>, revision: i64) {
         self.revision = revision;
         self.kvs.clear();
         self.links_per_node.clear();
         self.capped.clear();
         self.relist_wanted = false;
-        let is_link = |kv: &KeyValue| {
-            kv.key_str()
-                .ok()
-                .and_then(|k| self.keys.parse(k))
+        let is_link = |kv: &Entry| {
+            self.keys
+                .parse(&kv.key)
                 .is_some_and(|kind| matches!(kind, KeyKind::Link { .. }))
         };
-        let (links, others): (Vec<KeyValue>, Vec<KeyValue>) = kvs.into_iter().partition(is_link);
+        let (links, others): (Vec<Entry>, Vec<Entry>) = kvs.into_iter().partition(is_link);
         for kv in others.iter().chain(&links) {
             self.put(kv);
         }
@@ -185,13 +184,13 @@ impl Mirror {
         &self.refusals
     }
 
-    fn put(&mut self, kv: &KeyValue) {
-        let Ok(key) = kv.key_str() else { return };
+    fn put(&mut self, kv: &Entry) {
+        let key = kv.key.as_str();
         let kind = self.keys.parse(key);
-        if kv.value().len() > MAX_VALUE_BYTES {
+        if kv.value.len() > MAX_VALUE_BYTES {
             self.remove(key);
-            let reason = format!("{} bytes, more than {MAX_VALUE_BYTES}", kv.value().len());
-            self.refuse(key, kv.mod_revision(), Refusal::RecordTooLarge, &reason);
+            let reason = format!("{} bytes, more than {MAX_VALUE_BYTES}", kv.value.len());
+            self.refuse(key, kv.mod_revision, Refusal::RecordTooLarge, &reason);
             return;
         }
         let record = match &kind {
@@ -203,12 +202,12 @@ impl Mirror {
                         let reason = format!(
                             "node {node} already has {cap} records, as many as its claim has addresses"
                         );
-                        self.refuse(key, kv.mod_revision(), Refusal::TooManyRecords, &reason);
+                        self.refuse(key, kv.mod_revision, Refusal::TooManyRecords, &reason);
                         return;
                     }
                     *self.links_per_node.entry(node.clone()).or_default() += 1;
                 }
-                Some(decode(self.keys.prefix(), node, name, kv.value()))
+                Some(decode(self.keys.prefix(), node, name, &kv.value))
             }
             Some(KeyKind::Claim { node }) if self.capped.remove(node) => {
                 self.relist_wanted = true;
@@ -219,9 +218,9 @@ impl Mirror {
         self.kvs.insert(
             key.to_string(),
             Kv {
-                value: kv.value().to_vec(),
-                create_revision: kv.create_revision(),
-                mod_revision: kv.mod_revision(),
+                value: kv.value.clone(),
+                create_revision: kv.create_revision,
+                mod_revision: kv.mod_revision,
                 record,
             },
         );
@@ -258,28 +257,24 @@ impl Mirror {
         addresses.min(MAX_RECORDS_PER_NODE) as usize + 1
     }
 
-    /// Apply a watch response's events; returns whether anything changed that an evaluation
+    /// Apply a watched batch of changes; returns whether anything changed that an evaluation
     /// reads (a heartbeat alone does not: it matters once a node key is missing, and the clock
     /// decides then).
-    pub fn apply(&mut self, resp: &WatchResponse) -> bool {
-        if let Some(header) = resp.header() {
-            self.revision = self.revision.max(header.revision());
-        }
+    pub fn apply(&mut self, revision: i64, changes: &[Change]) -> bool {
+        self.revision = self.revision.max(revision);
         let mut changed = false;
-        for event in resp.events() {
-            let Some(kv) = event.kv() else { continue };
-            let heartbeat = kv
-                .key_str()
-                .ok()
-                .and_then(|k| self.keys.parse(k))
+        for change in changes {
+            let key = match change {
+                Change::Put(entry) => &entry.key,
+                Change::Delete(key) => key,
+            };
+            let heartbeat = self
+                .keys
+                .parse(key)
                 .is_some_and(|kind| matches!(kind, KeyKind::Heartbeat { .. }));
-            match event.event_type() {
-                EventType::Put => self.put(kv),
-                EventType::Delete => {
-                    if let Ok(key) = kv.key_str() {
-                        self.remove(key);
-                    }
-                }
+            match change {
+                Change::Put(entry) => self.put(entry),
+                Change::Delete(key) => self.remove(key),
             }
             changed |= !heartbeat;
         }

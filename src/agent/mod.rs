@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+mod datastore;
 mod etcd;
 pub mod forget;
 mod handshakes;

@@ -8,12 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use etcd_client::{
-    Client, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchResponse, WatchStream,
-};
+use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
 use ipnetwork::IpNetwork;
 
 use super::config::{Network, Settings};
+use super::datastore::{Datastore, EtcdStore, EtcdWatch, Watch, Watched};
 use super::health::AgentStatus;
 use super::keys::Keys;
 use super::mirror::{Mirror, NodeInfo};
@@ -52,7 +51,7 @@ pub(super) struct NetworkLoop {
     /// The address this node is reached at, as last detected.
     endpoint: Option<std::net::IpAddr>,
     lease: Option<Lease>,
-    watch: Option<WatchStream>,
+    watch: Option<EtcdWatch>,
     synced: bool,
     next_subnet_try: Instant,
     next_lease_try: Instant,
@@ -562,20 +561,19 @@ impl NetworkLoop {
     /// the next revision.
     async fn full_sync(&mut self) {
         let prefix = self.keys.prefix().to_string();
+        let mut store = EtcdStore {
+            client: self.client.clone(),
+        };
         let result = async {
-            let (kvs, revision) = etcd::list_prefix(&mut self.client, &prefix).await?;
-            let options = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(revision + 1)
-                .with_progress_notify();
-            let watch = etcd::bounded(self.client.watch(prefix.clone(), Some(options))).await?;
-            anyhow::Ok((kvs, revision, watch))
+            let (entries, revision) = store.list(&prefix).await?;
+            let watch = store.watch(&prefix, revision + 1).await?;
+            anyhow::Ok((entries, revision, watch))
         }
         .await;
         match result {
-            Ok((kvs, revision, watch)) => {
-                tracing::info!(network = %self.net.name, keys = kvs.len(), revision, "full sync");
-                self.mirror.replace_all(kvs, revision);
+            Ok((entries, revision, watch)) => {
+                tracing::info!(network = %self.net.name, keys = entries.len(), revision, "full sync");
+                self.mirror.replace_all(entries, revision);
                 self.watch = Some(watch);
                 self.sync_delay = Duration::from_millis(500);
                 self.synced = true;
@@ -593,42 +591,37 @@ impl NetworkLoop {
         }
     }
 
-    /// Apply a watch message and every further one already waiting (a burst of events
+    /// Apply a watch delivery and every further one already waiting (a burst of events
     /// costs one evaluation), then re-evaluate once.
-    async fn on_watch(&mut self, first: Result<Option<WatchResponse>>) {
+    async fn on_watch(&mut self, first: Watched) {
         use futures::FutureExt;
         let mut changed = false;
         let mut message = Some(first);
         let mut drained = 0;
         while let Some(next) = message.take() {
             match next {
-                Ok(Some(resp)) if resp.canceled() || resp.compact_revision() > 0 => {
-                    tracing::warn!(network = %self.net.name, compact_revision = resp.compact_revision(), reason = resp.cancel_reason(), "watch cancelled: re-listing");
+                Watched::Restart { reason } => {
+                    tracing::warn!(network = %self.net.name, %reason, "watch cancelled: re-listing");
                     self.watch = None;
                     self.next_sync_try = Instant::now();
                 }
-                Ok(Some(resp)) => {
-                    changed |= self.mirror.apply(&resp);
+                Watched::Changes { revision, changes } => {
+                    changed |= self.mirror.apply(revision, &changes);
                     self.status.update(&self.net.name, |s| {
                         s.last_sync = Some(crate::host::now_unix())
                     });
                 }
-                Ok(None) | Err(_) => {
-                    if let Err(e) = &next {
-                        tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "watch lost: re-listing when etcd answers (nothing is removed meanwhile)");
-                    }
+                Watched::Lost(e) => {
+                    tracing::warn!(network = %self.net.name, error = %format!("{e:#}"), "watch lost: re-listing when etcd answers (nothing is removed meanwhile)");
                     self.watch = None;
                     self.next_sync_try = Instant::now() + self.sync_delay;
                 }
             }
             drained += 1;
             if drained < 1000 {
-                if let Some(stream) = self.watch.as_mut() {
-                    // Cancel-safe: the select loop drops pending `message()` futures too.
-                    message = stream
-                        .message()
-                        .now_or_never()
-                        .map(|m| m.map_err(anyhow::Error::from));
+                if let Some(watch) = self.watch.as_mut() {
+                    // Cancel-safe: the select loop drops pending `next()` futures too.
+                    message = watch.next().now_or_never();
                 }
             }
         }
@@ -708,9 +701,9 @@ impl NetworkLoop {
     }
 }
 
-async fn next_message(watch: &mut Option<WatchStream>) -> Result<Option<WatchResponse>> {
+async fn next_message(watch: &mut Option<EtcdWatch>) -> Watched {
     match watch {
-        Some(stream) => stream.message().await.map_err(anyhow::Error::from),
+        Some(watch) => watch.next().await,
         None => std::future::pending().await,
     }
 }
