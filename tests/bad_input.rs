@@ -579,7 +579,6 @@ fn node_dir_files(net: &Net) -> Vec<String> {
 /// file in the store's node directory: no record, and no attachment lock (whose name was a
 /// record's, `.json` and all).
 #[test]
-#[ignore = "defect R7: fixed in the next commit"]
 fn a_failed_add_and_the_dels_after_it_leave_no_lock_or_record_files() {
     let net = Net::new("10.121.0.0/24");
     let pod = Pod::new();

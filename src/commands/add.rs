@@ -103,7 +103,7 @@ pub fn run(ctx: &Context) -> Result<Value> {
     }
     drop(lock);
     rollback.disarm();
-    attachment.release();
+    drop(attachment);
     Ok(result_for(ctx, &settings, built.ipam_result))
 }
 
