@@ -517,7 +517,6 @@ fn a_node_that_changes_address_is_reached_at_the_new_one() {
 }
 
 #[test]
-#[ignore = "defect R4: fixed in the next commit"]
 fn a_peer_that_roams_keeps_its_new_endpoint() {
     let cluster = running(2);
     let a_pod = Pod::new();
