@@ -957,7 +957,6 @@ fn a_poison_record_in_etcd_never_becomes_a_peer() {
 /// still route the whole `clusterRange`, not only its own node's subnet, or pods on two nodes
 /// never reach each other. CHECK expects those routes.
 #[test]
-#[ignore = "defect R6: fixed in the next commit"]
 fn pods_without_a_host_gateway_reach_pods_on_other_nodes() {
     let mut cluster = Cluster::new(2);
     let confs: Vec<Value> = (0..2)

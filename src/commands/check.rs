@@ -39,7 +39,20 @@ pub fn run(ctx: &Context) -> Result<()> {
         )));
     }
 
-    check_link(&pod, &env.ifname, record.backend, record.mtu, &prev)?;
+    let mut routes: Vec<_> = prev.routes.iter().map(|r| r.dst).collect();
+    for dst in super::cluster_routes(conf, &record.addresses) {
+        if !routes.contains(&dst) {
+            routes.push(dst);
+        }
+    }
+    check_link(
+        &pod,
+        &env.ifname,
+        record.backend,
+        record.mtu,
+        &prev,
+        &routes,
+    )?;
     let device = wireguard::backend(record.backend)
         .read(&record.link(Some(&pod)))
         .map_err(|e| Error::Check(format!("cannot read the WireGuard device: {e}")))?;
@@ -153,6 +166,7 @@ fn check_link(
     backend: BackendKind,
     mtu: u32,
     prev: &CniResult,
+    routes: &[ipnetwork::IpNetwork],
 ) -> Result<()> {
     pod.run(|| {
         let netlink = Netlink::open()?;
@@ -200,15 +214,18 @@ fn check_link(
                 )));
             }
         }
-        let routes = netlink.routes()?;
-        for route in &prev.routes {
-            let present = routes
+        let present = netlink.routes()?;
+        for dst in routes {
+            if !present
                 .iter()
-                .any(|r| r.dst == route.dst && r.oif == Some(link.index));
-            if !present {
+                .any(|r| r.dst == *dst && r.oif == Some(link.index))
+            {
+                let from = match prev.routes.iter().any(|r| r.dst == *dst) {
+                    true => "from prevResult",
+                    false => "to the clusterRange (no host gateway)",
+                };
                 return Err(Error::Check(format!(
-                    "route to {} from prevResult is missing on {ifname}",
-                    route.dst
+                    "route {from} to {dst} is missing on {ifname}"
                 )));
             }
         }
