@@ -2,6 +2,7 @@
 //! Debian's wireguard-go (a daemon per link, configured over its UAPI socket). Either way the
 //! link ends up in the pod as `CNI_IFNAME` while its UDP socket stays in the host namespace.
 
+pub mod genl;
 pub mod kernel;
 mod tun;
 mod uapi;
@@ -96,8 +97,9 @@ impl LinkSpec<'_> {
     }
 }
 
-/// What a link's device says about itself. Never the private key: backends derive the
-/// public key and drop the secret.
+/// What a link's device says about itself. Never the private key: the backends' reads never
+/// hold it (kernel: zeroed in the netlink answer before it is parsed, `genl`; userspace: its
+/// hex is parsed into a wiped buffer, `uapi`).
 #[derive(Debug, Default)]
 pub struct DeviceState {
     pub public_key: Option<Key>,
