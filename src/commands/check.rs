@@ -222,7 +222,7 @@ fn check_link(
             {
                 let from = match prev.routes.iter().any(|r| r.dst == *dst) {
                     true => "from prevResult",
-                    false => "to the clusterRange (no host gateway)",
+                    false => "for the clusterRange (no host gateway)",
                 };
                 return Err(Error::Check(format!(
                     "route {from} to {dst} is missing on {ifname}"
