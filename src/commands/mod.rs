@@ -45,7 +45,6 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>> {
     }
 }
 
-/// Refuse a command the config's spec version does not have (CHECK < 0.4.0, GC/STATUS < 1.1.0).
 /// The routes a pod link needs besides its own subnet when the network has no node gateway
 /// (hence no default route): every `clusterRange` of a family the pod has an address in, so it
 /// reaches pods on other nodes. ADD adds them; CHECK expects them.
@@ -60,6 +59,7 @@ fn cluster_routes(conf: &NetConf, addresses: &[ipnetwork::IpNetwork]) -> Vec<ipn
         .collect()
 }
 
+/// Refuse a command the config's spec version does not have (CHECK < 0.4.0, GC/STATUS < 1.1.0).
 fn require_version(conf: &NetConf, minimum: Version, command: &str) -> Result<()> {
     if conf.cni_version < minimum {
         return Err(crate::cni::Error::IncompatibleVersion(format!(
