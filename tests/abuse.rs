@@ -256,9 +256,7 @@ fn a_thousand_add_del_cycles_leave_the_host_flat() {
 
 #[test]
 fn an_add_killed_between_move_and_rename_is_cleaned_by_del() {
-    if expected_backend() != "userspace" {
-        return; // only the userspace path has a temporary name and a move
-    }
+    only_on("userspace"); // only the userspace path has a temporary name and a move
     let net = Net::new("10.113.0.0/24");
     let pod = Pod::new();
     let before = HostSnapshot::take();

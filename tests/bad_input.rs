@@ -551,3 +551,78 @@ fn every_bad_input_gets_its_code_names_the_problem_and_changes_nothing() {
     }
     println!("{} bad-input cases", cases.len());
 }
+
+/// The files in this network's node directories of the store (records, locks, temp files).
+fn node_dir_files(net: &Net) -> Vec<String> {
+    let mut files = Vec::new();
+    let Ok(nodes) = std::fs::read_dir(net.store().join(&net.name)) else {
+        return files;
+    };
+    for node in nodes.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()) {
+        for file in std::fs::read_dir(node.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+        {
+            files.push(format!(
+                "{}/{}",
+                node.file_name().to_string_lossy(),
+                file.file_name().to_string_lossy()
+            ));
+        }
+    }
+    files.sort();
+    files
+}
+
+/// An ADD that fails because its IPAM plugin cannot run (found in CNI_PATH, but its
+/// interpreter is gone, as with a plugin removed mid-upgrade), and the DELs after it, leave no
+/// file in the store's node directory: no record, and no attachment lock (whose name was a
+/// record's, `.json` and all).
+#[test]
+fn a_failed_add_and_the_dels_after_it_leave_no_lock_or_record_files() {
+    let net = Net::new("10.121.0.0/24");
+    let pod = Pod::new();
+    let bin = tempfile::tempdir().unwrap();
+    let gone = bin.path().join("gone-ipam");
+    std::fs::write(&gone, "#!/nonexistent/interpreter\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&gone, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut conf = net.conf();
+    conf["ipam"]["type"] = "gone-ipam".into();
+    let call = |command: &str, conf: &Value| {
+        let env = [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", pod.id.as_str()),
+            ("CNI_NETNS", pod.netns()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", bin.path().to_str().unwrap()),
+        ];
+        cni_raw(&env, conf.to_string().as_bytes())
+    };
+    let before = HostSnapshot::take();
+
+    let add = call("ADD", &conf);
+    assert_ne!(add.code, 0, "ADD without a runnable IPAM succeeded");
+    assert_eq!(
+        node_dir_files(&net),
+        Vec::<String>::new(),
+        "the failed ADD left files"
+    );
+    // Its DEL fails the same way (IPAM DEL cannot run): still no lock left.
+    call("DEL", &conf);
+    assert_eq!(
+        node_dir_files(&net),
+        Vec::<String>::new(),
+        "a failed DEL left files"
+    );
+    // With the plugin back: an ADD and its DEL.
+    let result = net.add(&pod).ok().json();
+    net.del(&pod, Some(&result)).ok();
+    assert_eq!(
+        node_dir_files(&net),
+        Vec::<String>::new(),
+        "ADD and DEL left files"
+    );
+    assert!(net.reservations().is_empty());
+    assert_eq!(HostSnapshot::take(), before);
+}

@@ -557,7 +557,13 @@ fn a_node_that_changes_address_is_reached_at_the_new_one() {
 #[test]
 fn a_peer_that_roams_keeps_its_new_endpoint() {
     let cluster = running(2);
-    let a = add(&cluster, 0);
+    let a_pod = Pod::new();
+    let a_result = cluster.cni(0, "ADD", &a_pod).ok().json();
+    let a = PodOn {
+        ip: address_of(&a_result, false),
+        pod: a_pod,
+        node: 0,
+    };
     let b = add(&cluster, 1);
     converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
     let b_key = public_key_of(&cluster, &b);
@@ -610,6 +616,15 @@ fn a_peer_that_roams_keeps_its_new_endpoint() {
     assert!(
         ping_once(&a.pod, &b.ip),
         "A's pod cannot reach B's pod at its roamed endpoint"
+    );
+    // CHECK accepts what the agent keeps: the roamed endpoint of a peer that talks.
+    let mut check = cluster.conf(0);
+    check["prevResult"] = a_result;
+    let checked = cluster.cni_with(0, "CHECK", &a.pod, &check);
+    assert_eq!(
+        checked.code, 0,
+        "CHECK of A's pod fails on B's roamed endpoint: {}",
+        checked.stdout
     );
     for p in [&a, &b] {
         cluster.cni(p.node, "DEL", &p.pod).ok();
@@ -1116,5 +1131,58 @@ fn a_node_naming_another_nodes_pod_as_its_address_gets_nothing() {
     converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
     for p in [&a, &b] {
         cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
+
+/// Without a node gateway (`"hostGateway": false`) a pod has no default route: its link must
+/// still route the whole `clusterRange`, not only its own node's subnet, or pods on two nodes
+/// never reach each other. CHECK expects those routes.
+#[test]
+fn pods_without_a_host_gateway_reach_pods_on_other_nodes() {
+    let mut cluster = Cluster::new(2);
+    let confs: Vec<Value> = (0..2)
+        .map(|i| {
+            let mut conf = cluster.conf(i);
+            conf["hostGateway"] = false.into();
+            conf
+        })
+        .collect();
+    for (node, conf) in cluster.nodes.iter().zip(&confs) {
+        let mut plugin = conf.clone();
+        let plugin_fields = plugin.as_object_mut().unwrap();
+        plugin_fields.remove("name");
+        plugin_fields.remove("cniVersion");
+        let conflist = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": cluster.network,
+            "plugins": [plugin],
+        });
+        std::fs::create_dir_all(&node.conf_dir).unwrap();
+        std::fs::write(node.conf_dir.join("10-wg.conflist"), conflist.to_string()).unwrap();
+    }
+    cluster.start_agents();
+    let pods: Vec<(Pod, Value)> = (0..2)
+        .map(|i| {
+            let pod = Pod::new();
+            let result = cluster.cni_with(i, "ADD", &pod, &confs[i]).ok().json();
+            (pod, result)
+        })
+        .collect();
+    let ((a, ra), (b, rb)) = (&pods[0], &pods[1]);
+    let (a_ip, b_ip) = (address_of(ra, false), address_of(rb, false));
+    let routes = |pod: &Pod| pod.ip(&["route", "show"]);
+    let both_ways = || ping_once(a, &b_ip) && ping_once(b, &a_ip);
+    assert!(
+        wait_for(CONVERGE, both_ways),
+        "pods on two nodes without a host gateway cannot ping each other; routes in A's pod:\n{}",
+        routes(a)
+    );
+    for (i, (pod, result)) in pods.iter().enumerate() {
+        let mut conf = confs[i].clone();
+        conf["prevResult"] = result.clone();
+        cluster.cni_with(i, "CHECK", pod, &conf).ok();
+    }
+    for (i, (pod, _)) in pods.iter().enumerate() {
+        cluster.cni_with(i, "DEL", pod, &confs[i]).ok();
     }
 }

@@ -248,9 +248,7 @@ fn the_ipam_plugin_is_asked_its_versions_once_not_per_command() {
 /// talk to each other: the wire protocol is WireGuard's either way.
 #[test]
 fn both_userspace_daemons_carry_traffic_between_each_other() {
-    if backend() != "userspace" {
-        return;
-    }
+    only_on("userspace");
     let mut net = Net::new("10.71.0.0/24");
     let (ours, go) = (Pod::new(), Pod::new());
     let r_ours = net.add(&ours).ok().json();
@@ -384,16 +382,11 @@ impl Drop for HiddenSocket {
 
 #[test]
 fn a_pod_that_missed_a_new_peer_gets_it_from_the_next_add() {
+    only_on("userspace"); // the refusal is staged by hiding a daemon's control socket
     let net = Net::new("10.77.0.0/24");
     let pods = [Pod::new(), Pod::new(), Pod::new()];
     let r0 = net.add(&pods[0]).ok().json();
     let record = net.record_of(&pods[0]).unwrap();
-    if record["backend"] != "userspace" {
-        // The refusal is staged by hiding a userspace daemon's control socket.
-        eprintln!("userspace only");
-        net.del(&pods[0], Some(&r0)).ok();
-        return;
-    }
     let hidden = HiddenSocket::of(&record);
     // Pod 0 refuses the newcomer: the ADD still succeeds (the gateway took it).
     let r1 = net.add(&pods[1]).ok().json();

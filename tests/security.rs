@@ -376,3 +376,63 @@ fn check_reports_a_changed_port_key_peer_set_or_extra_link() {
         "besides lo",
     );
 }
+
+/// The kernel backend's device read (CHECK, DEL, GC and every resync of the node agent read
+/// each pod's link with it) never holds the pod's private key. The kernel does send it (read
+/// here with `wg`); in what our read path parses, its attribute is 32 zero bytes, and the state
+/// it returns has no field for it. What this cannot show: the kernel's own copies, or the
+/// bytes the receive buffer held before they were overwritten (the buffer is wiped after use).
+#[test]
+fn the_kernel_read_path_never_holds_a_pods_private_key() {
+    only_on("kernel");
+    use netlink_packet_wireguard::nlas::{WgDeviceAttrs, WgPeerAttrs};
+    let net = Net::new("10.153.0.0/24");
+    let (pod, other) = (Pod::new(), Pod::new());
+    let r = net.add(&pod).ok().json();
+    let r_other = net.add(&other).ok().json();
+    let private = wireguard_control::Key::from_base64(&private_key_of(Some(&pod), "eth0"))
+        .unwrap()
+        .0;
+    let netns = wg_cni::netns::Netns::open(Path::new(pod.netns())).unwrap();
+    let (attributes, state) = netns
+        .run(|| {
+            Ok((
+                wg_cni::wireguard::genl::device_attributes("eth0"),
+                wg_cni::wireguard::kernel::read_here("eth0"),
+            ))
+        })
+        .unwrap();
+    let (attributes, state) = (attributes.unwrap(), state.unwrap());
+    assert!(
+        attributes.contains(&WgDeviceAttrs::PrivateKey([0; 32])),
+        "the kernel sent no private key attribute, or it arrived unwiped: {}",
+        attributes.len()
+    );
+    for attribute in &attributes {
+        let keys: Vec<[u8; 32]> = match attribute {
+            WgDeviceAttrs::PrivateKey(k) | WgDeviceAttrs::PublicKey(k) => vec![*k],
+            WgDeviceAttrs::Peers(peers) => peers
+                .iter()
+                .flat_map(|p| p.0.iter())
+                .filter_map(|a| match a {
+                    WgPeerAttrs::PublicKey(k) | WgPeerAttrs::PresharedKey(k) => Some(*k),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        assert!(
+            !keys.contains(&private),
+            "the read path holds the private key"
+        );
+    }
+    let record = net.record_of(&pod).unwrap();
+    assert_eq!(
+        state.public_key.map(|k| k.to_base64()).as_deref(),
+        record["publicKey"].as_str(),
+        "the read path no longer reads the device"
+    );
+    assert_eq!(state.peers.len(), 2, "the other pod and the gateway");
+    net.del(&other, Some(&r_other)).ok();
+    net.del(&pod, Some(&r)).ok();
+}

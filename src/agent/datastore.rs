@@ -49,7 +49,11 @@ pub trait Datastore {
     fn list(&mut self, prefix: &str) -> impl Future<Output = Result<(Vec<Entry>, i64)>> + Send;
 
     /// The changes under `prefix` from revision `from` on.
-    fn watch(&mut self, prefix: &str, from: i64) -> impl Future<Output = Result<Self::Watch>> + Send;
+    fn watch(
+        &mut self,
+        prefix: &str,
+        from: i64,
+    ) -> impl Future<Output = Result<Self::Watch>> + Send;
 }
 
 pub trait Watch: Send {

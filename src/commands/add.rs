@@ -76,6 +76,7 @@ pub fn run(ctx: &Context) -> Result<Value> {
         if built.gateway_plan.is_some() {
             add_default_routes(&mut built.ipam_result);
         }
+        add_cluster_routes(conf, &mut built.ipam_result);
         configure_pod_side(&pod, &env.ifname, &mut built.ipam_result)?;
         built.record.state = State::Joining;
         store.put(&built.record)?;
@@ -103,7 +104,7 @@ pub fn run(ctx: &Context) -> Result<Value> {
     }
     drop(lock);
     rollback.disarm();
-    attachment.release();
+    drop(attachment);
     Ok(result_for(ctx, &settings, built.ipam_result))
 }
 
@@ -366,6 +367,18 @@ fn add_default_routes(result: &mut CniResult) {
     for (v4, default) in [(true, "0.0.0.0/0"), (false, "::/0")] {
         let dst = default.parse().expect("valid");
         if families.contains(&v4) && !result.routes.iter().any(|r| r.dst == dst) {
+            result
+                .routes
+                .push(crate::cni::result::Route { dst, gw: None });
+        }
+    }
+}
+
+/// Without a node gateway: device routes to the cluster's other pods (`cluster_routes`).
+fn add_cluster_routes(conf: &NetConf, result: &mut CniResult) {
+    let addresses: Vec<_> = result.ips.iter().map(|ip| ip.address).collect();
+    for dst in super::cluster_routes(conf, &addresses) {
+        if !result.routes.iter().any(|r| r.dst == dst) {
             result
                 .routes
                 .push(crate::cni::result::Route { dst, gw: None });

@@ -1,7 +1,7 @@
 //! CHECK: the live link must still be what ADD made: addresses, routes, MTU, key, port,
 //! gateway, peers (against the store, read under the lock), daemon alive; then IPAM CHECK.
 
-use std::collections::BTreeMap;
+use wireguard_control::Key;
 
 use super::context::{self, Context};
 use crate::cni::{CniResult, Error, NetConf, Result, Version};
@@ -9,7 +9,7 @@ use crate::gateway;
 use crate::link::Netlink;
 use crate::mesh;
 use crate::netns::Netns;
-use crate::reconcile::NetworkView;
+use crate::reconcile::{self, NetworkView, Prune};
 use crate::store::{Record, Store};
 use crate::wireguard::{self, BackendKind, DeviceState};
 
@@ -39,7 +39,20 @@ pub fn run(ctx: &Context) -> Result<()> {
         )));
     }
 
-    check_link(&pod, &env.ifname, record.backend, record.mtu, &prev)?;
+    let mut routes: Vec<_> = prev.routes.iter().map(|r| r.dst).collect();
+    for dst in super::cluster_routes(conf, &record.addresses) {
+        if !routes.contains(&dst) {
+            routes.push(dst);
+        }
+    }
+    check_link(
+        &pod,
+        &env.ifname,
+        record.backend,
+        record.mtu,
+        &prev,
+        &routes,
+    )?;
     let device = wireguard::backend(record.backend)
         .read(&record.link(Some(&pod)))
         .map_err(|e| Error::Check(format!("cannot read the WireGuard device: {e}")))?;
@@ -107,31 +120,15 @@ fn check_gateway(ctx: &Context, view: &NetworkView) -> Result<()> {
 
 /// The device's peers are the ones the store wants for it. Peers of other nodes are the node
 /// agent's to bring (and may lag behind the store): one missing from the device is no failure
-/// here, but one present must match its record.
+/// here, but one present must match its record. "Match" is the reconciler's own rule
+/// (`reconcile::diff`): CHECK fails exactly where a reconcile would write, so an endpoint the
+/// agent keeps (a peer that roamed and keeps completing handshakes) passes.
 fn check_peers(
     ctx: &Context,
     view: &NetworkView,
     record: &Record,
     device: &DeviceState,
 ) -> Result<()> {
-    let mut want: PeerMap = view
-        .desired_for_pod(record)?
-        .iter()
-        .map(|p| {
-            let ips = p.allowed_ips.iter().map(|ip| ip.to_string());
-            let endpoint = p.endpoint.map(|e| e.to_string());
-            (p.public_key.to_base64(), (sorted(ips), endpoint))
-        })
-        .collect();
-    let have: PeerMap = device
-        .peers
-        .iter()
-        .map(|p| {
-            let ips = (p.config.allowed_ips.iter()).map(|ip| format!("{}/{}", ip.address, ip.cidr));
-            let endpoint = p.config.endpoint.map(|e| e.to_string());
-            (p.config.public_key.to_base64(), (sorted(ips), endpoint))
-        })
-        .collect();
     let remote: Vec<&str> = view
         .records
         .iter()
@@ -139,17 +136,28 @@ fn check_peers(
         .map(|r| r.public_key.as_str())
         .chain(view.remote_gateways.iter().map(|g| g.public_key.as_str()))
         .collect();
-    want.retain(|key, _| !remote.contains(&key.as_str()) || have.contains_key(key));
-    if want != have {
-        return Err(Error::Check(peer_difference(&want, &have)));
+    let on_device = |key: &Key| device.peers.iter().any(|p| &p.config.public_key == key);
+    let desired: Vec<_> = view
+        .desired_for_pod(record)?
+        .into_iter()
+        .filter(|p| {
+            !remote.contains(&p.public_key.to_base64().as_str()) || on_device(&p.public_key)
+        })
+        .collect();
+    let update = reconcile::diff(device, &desired, Prune::Everything, &[]);
+    if update.changes_no_peer() {
+        return Ok(());
     }
-    Ok(())
-}
-
-fn sorted(items: impl Iterator<Item = String>) -> Vec<String> {
-    let mut items: Vec<String> = items.collect();
-    items.sort();
-    items
+    let (changed, missing): (Vec<_>, Vec<_>) = update
+        .peers
+        .iter()
+        .map(|p| &p.public_key)
+        .partition(|key| on_device(key));
+    Err(Error::Check(peer_difference(
+        &missing,
+        &update.remove_peers,
+        &changed,
+    )))
 }
 
 fn check_link(
@@ -158,6 +166,7 @@ fn check_link(
     backend: BackendKind,
     mtu: u32,
     prev: &CniResult,
+    routes: &[ipnetwork::IpNetwork],
 ) -> Result<()> {
     pod.run(|| {
         let netlink = Netlink::open()?;
@@ -205,15 +214,18 @@ fn check_link(
                 )));
             }
         }
-        let routes = netlink.routes()?;
-        for route in &prev.routes {
-            let present = routes
+        let present = netlink.routes()?;
+        for dst in routes {
+            if !present
                 .iter()
-                .any(|r| r.dst == route.dst && r.oif == Some(link.index));
-            if !present {
+                .any(|r| r.dst == *dst && r.oif == Some(link.index))
+            {
+                let from = match prev.routes.iter().any(|r| r.dst == *dst) {
+                    true => "from prevResult",
+                    false => "for the clusterRange (no host gateway)",
+                };
                 return Err(Error::Check(format!(
-                    "route to {} from prevResult is missing on {ifname}",
-                    route.dst
+                    "route {from} to {dst} is missing on {ifname}"
                 )));
             }
         }
@@ -221,26 +233,27 @@ fn check_link(
     })
 }
 
-type PeerMap = BTreeMap<String, (Vec<String>, Option<String>)>;
-
-fn peer_difference(want: &PeerMap, have: &PeerMap) -> String {
-    let missing: Vec<_> = want.keys().filter(|k| !have.contains_key(*k)).collect();
-    let unexpected: Vec<_> = have.keys().filter(|k| !want.contains_key(*k)).collect();
-    let changed: Vec<_> = want
-        .iter()
-        .filter(|(k, v)| have.get(*k).is_some_and(|h| h != *v))
-        .map(|(k, _)| k)
-        .collect();
+fn peer_difference(missing: &[&Key], unexpected: &[Key], changed: &[&Key]) -> String {
+    let names = |keys: &mut dyn Iterator<Item = &Key>| -> Vec<String> {
+        keys.map(Key::to_base64).collect()
+    };
     let mut parts = Vec::new();
     if !missing.is_empty() {
-        parts.push(format!("missing peers {missing:?}"));
+        parts.push(format!(
+            "missing peers {:?}",
+            names(&mut missing.iter().copied())
+        ));
     }
     if !unexpected.is_empty() {
-        parts.push(format!("unexpected peers {unexpected:?}"));
+        parts.push(format!(
+            "unexpected peers {:?}",
+            names(&mut unexpected.iter())
+        ));
     }
     if !changed.is_empty() {
         parts.push(format!(
-            "peers with changed allowed IPs or endpoint {changed:?}"
+            "peers with changed allowed IPs, endpoint, keepalive or preshared key {:?}",
+            names(&mut changed.iter().copied())
         ));
     }
     format!(

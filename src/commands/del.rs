@@ -8,7 +8,7 @@ use super::context::Context;
 use super::teardown;
 use crate::cni::{CniResult, Result};
 use crate::gateway;
-use crate::store::{AttachmentLock, State, Store};
+use crate::store::{State, Store};
 
 pub fn run(ctx: &Context) -> Result<()> {
     let env = ctx.env;
@@ -28,7 +28,7 @@ pub fn run(ctx: &Context) -> Result<()> {
     let lock = store.lock()?;
     let Some(record) = store.get(&env.container_id, &env.ifname)? else {
         ipam.del(&ipam.target_of_env(), prev.as_ref())?;
-        attachment.into_iter().for_each(AttachmentLock::release);
+        drop(attachment);
         return gateway::remove_if_unused(&ctx.host, &store);
     };
     // The lock goes once the other links dropped the key: ADDs of other pods need not wait
@@ -43,6 +43,6 @@ pub fn run(ctx: &Context) -> Result<()> {
     if current.is_some_and(|r| r.state == State::Deleting && r.public_key == record.public_key) {
         store.remove(&env.container_id, &env.ifname)?;
     }
-    attachment.into_iter().for_each(AttachmentLock::release);
+    drop(attachment);
     gateway::remove_if_unused(&ctx.host, &store)
 }

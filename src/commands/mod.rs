@@ -45,6 +45,20 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>> {
     }
 }
 
+/// The routes a pod link needs besides its own subnet when the network has no node gateway
+/// (hence no default route): every `clusterRange` of a family the pod has an address in, so it
+/// reaches pods on other nodes. ADD adds them; CHECK expects them.
+fn cluster_routes(conf: &NetConf, addresses: &[ipnetwork::IpNetwork]) -> Vec<ipnetwork::IpNetwork> {
+    if conf.host_gateway {
+        return Vec::new();
+    }
+    conf.cluster_range
+        .iter()
+        .filter(|range| addresses.iter().any(|a| a.is_ipv4() == range.is_ipv4()))
+        .copied()
+        .collect()
+}
+
 /// Refuse a command the config's spec version does not have (CHECK < 0.4.0, GC/STATUS < 1.1.0).
 fn require_version(conf: &NetConf, minimum: Version, command: &str) -> Result<()> {
     if conf.cni_version < minimum {

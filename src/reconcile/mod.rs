@@ -398,6 +398,29 @@ mod tests {
     }
 
     #[test]
+    fn a_kernel_peer_without_a_preshared_key_needs_nothing() {
+        // The kernel reports "no preshared key" as 32 zero bytes.
+        let a = peer("10.0.0.2/32");
+        let mut info = device_with(&[&a]).peers.remove(0);
+        info.config.preshared_key = Some(Key([0; 32]));
+        let raw = DeviceState {
+            peers: vec![info.clone()],
+            ..DeviceState::default()
+        };
+        let update = diff(&raw, std::slice::from_ref(&a), Prune::Everything, &[]);
+        assert!(
+            !update.changes_no_peer(),
+            "as the kernel reports it, it differs"
+        );
+        let device = DeviceState {
+            peers: wireguard::without_zero_preshared_keys(vec![info]),
+            ..DeviceState::default()
+        };
+        let update = diff(&device, std::slice::from_ref(&a), Prune::Everything, &[]);
+        assert!(update.changes_no_peer(), "{update:?}");
+    }
+
+    #[test]
     fn a_roamed_endpoint_that_works_stays_until_the_record_moves() {
         let a = peer("10.0.0.2/32");
         let mut device = device_with(&[&a]);

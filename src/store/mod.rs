@@ -37,6 +37,9 @@ const ADDING_FILE: &str = ".adding";
 /// In a node's directory: the local links a fan-out could not update (see `note_out_of_step`).
 const OUT_OF_STEP_FILE: &str = ".out-of-step.json";
 const TEMP_PREFIX: &str = ".tmp-";
+/// An attachment's lock file: `.lock-<containerID>:<ifname>`, never `.json` (a lock is no
+/// record). Releases before this name added a record's `.json`; GC removes those.
+const ATTACHMENT_LOCK_PREFIX: &str = ".lock-";
 /// Never a pod record's name: those always hold a ':' between container ID and ifname.
 const GATEWAY_FILE: &str = "gateway.json";
 /// Between container ID and ifname in a record's name: a character neither may contain.
@@ -216,7 +219,20 @@ pub struct StoreLock {
     _lock: Flock<File>,
 }
 
-/// One attachment's lock (`Store::attachment_lock`).
+impl StoreLock {
+    /// Whether `path` still names the file this lock holds (not removed, nor replaced).
+    fn is_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self._lock.metadata(), fs::symlink_metadata(path)) {
+            (Ok(held), Ok(named)) => held.dev() == named.dev() && held.ino() == named.ino(),
+            _ => false,
+        }
+    }
+}
+
+/// One attachment's lock (`Store::attachment_lock`). Dropping it removes its file, then
+/// unlocks: however the ADD or DEL that held it ends (done, or failed), it leaves no file. Only
+/// a killed process leaves one, which the next DEL of the attachment, or GC, removes.
 pub struct AttachmentLock {
     lock: StoreLock,
     path: PathBuf,
@@ -228,9 +244,13 @@ impl AttachmentLock {
         use std::os::fd::AsFd;
         self.lock._lock.as_fd()
     }
+}
 
-    /// The attachment is done with (ADD answered, or DEL finished): its lock file goes.
-    pub fn release(self) {
+impl Drop for AttachmentLock {
+    /// Unlinked while still locked: a process waiting on the old file finds, once it has the
+    /// lock, that the path no longer names its file, and locks the path anew
+    /// (`Store::attachment_lock`), so two holders never overlap.
+    fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
     }
 }
@@ -334,10 +354,20 @@ impl Store {
         if !self.node_dir().is_dir() {
             return Ok(None);
         }
-        let name = format!(".lock-{}", Record::file_name(container_id, ifname));
+        let name = format!("{ATTACHMENT_LOCK_PREFIX}{container_id}{SEPARATOR}{ifname}");
         let path = self.node_dir().join(name);
-        let lock = self.flock_at(&path, FlockArg::LockExclusive)?;
-        Ok(Some(AttachmentLock { lock, path }))
+        // The holder before us may have removed the file we waited on (see the Drop): then
+        // the lock we got is on a file nobody else will find, and the path is locked anew.
+        for _ in 0..100 {
+            let lock = self.flock_at(&path, FlockArg::LockExclusive)?;
+            if lock.is_at(&path) {
+                return Ok(Some(AttachmentLock { lock, path }));
+            }
+        }
+        Err(Error::Io {
+            context: format!("locking {}", path.display()),
+            source: std::io::Error::other("its lock file kept being replaced"),
+        })
     }
 
     fn flock(&self, name: &str, how: FlockArg) -> Result<StoreLock> {
@@ -613,16 +643,23 @@ impl Store {
         Ok(())
     }
 
-    /// Remove temp files a crashed writer left in this node's directory.
+    /// Remove temp files a crashed writer left in this node's directory, and the lock files of
+    /// attachments nobody holds (a killed ADD's, or one named by an earlier release).
     pub fn remove_orphan_temp_files(&self) -> Result<usize> {
         let mut removed = 0;
         for path in list_dir(&self.node_dir())? {
-            let is_temp = path
+            let name = path
                 .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(TEMP_PREFIX));
-            if is_temp && fs::remove_file(&path).is_ok() {
-                removed += 1;
+                .unwrap_or_default();
+            if name.starts_with(TEMP_PREFIX) {
+                removed += usize::from(fs::remove_file(&path).is_ok());
+            } else if name.starts_with(ATTACHMENT_LOCK_PREFIX) {
+                // Removed only under its lock, as a holder's Drop removes it.
+                let free = self.flock_at(&path, FlockArg::LockExclusiveNonblock);
+                if free.is_ok_and(|lock| lock.is_at(&path)) {
+                    removed += usize::from(fs::remove_file(&path).is_ok());
+                }
             }
         }
         Ok(removed)
@@ -844,6 +881,43 @@ mod tests {
             mtu: 1420,
             created_at: 1,
         }
+    }
+
+    #[test]
+    fn an_attachment_lock_is_no_record_and_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "net", "n1").unwrap();
+        let files = || -> Vec<String> {
+            let mut names: Vec<String> = fs::read_dir(dir.path().join("net/n1"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let held = store.attachment_lock("a", "eth0").unwrap().unwrap();
+        assert_eq!(files(), [".lock-a:eth0"]);
+        // A second holder waits on the file the first one removes as it lets go, and then
+        // locks the path anew: both hold it in turn, never together.
+        let waiter = std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| {
+                let lock = store.attachment_lock("a", "eth0").unwrap().unwrap();
+                let seen = files();
+                drop(lock);
+                seen
+            });
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(held);
+            waiting.join().unwrap()
+        });
+        assert_eq!(waiter, [".lock-a:eth0"]);
+        assert_eq!(files(), Vec::<String>::new());
+
+        // Left by a killed process (or named by an earlier release): GC removes it unless held.
+        fs::write(dir.path().join("net/n1/.lock-b:eth0.json"), "").unwrap();
+        let _held = store.attachment_lock("c", "eth0").unwrap().unwrap();
+        assert_eq!(store.remove_orphan_temp_files().unwrap(), 1);
+        assert_eq!(files(), [".lock-c:eth0"]);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! thread inside the pod namespace, and only once the link exists there (its `apply` would
 //! otherwise create a fresh, empty link in whatever namespace the calling thread is in).
 
+use netlink_packet_wireguard::nlas::WgDeviceAttrs;
 use wireguard_control::{Backend as WgBackend, Device, DeviceUpdate, InterfaceName, Key};
 
 use super::{
@@ -87,9 +88,8 @@ impl Backend for Kernel {
     }
 
     fn read(&self, link: &LinkRef) -> Result<DeviceState> {
-        in_pod(link, |name| {
-            Device::get(name, WgBackend::Kernel)
-                .map(DeviceState::from)
+        in_pod(link, |_| {
+            read_here(link.ifname)
                 .map_err(|e| Error::wireguard(format!("reading WireGuard link {}", link.ifname), e))
         })
     }
@@ -126,10 +126,10 @@ impl Backend for Kernel {
             }
             // The record (written before the link) names it ours; only a *different* key
             // proves otherwise. No key yet is an ADD killed between creating and keying it.
-            let device = Device::get(&interface_name(name)?, WgBackend::Kernel);
+            let device = read_here(name);
             match device {
                 Ok(d) if d.public_key.as_ref().is_none_or(|k| k == public_key) => {
-                    remove_peers_first(&d);
+                    remove_peers_first(&interface_name(name)?, &d);
                     netlink.delete(found.index)
                 }
                 _ => {
@@ -150,15 +150,24 @@ const PEERS_PER_REMOVAL: usize = 16;
 /// without that lock) it costs a normal one, and those made the kernel's deletion the
 /// longest part of a DEL (in the TCG guest: 130-160 ms for a pod link with two peers, 50-75 ms
 /// for a link without peers). Best effort: the deletion removes whatever is left.
-fn remove_peers_first(device: &Device) {
+fn remove_peers_first(name: &InterfaceName, device: &DeviceState) {
     for chunk in device.peers.chunks(PEERS_PER_REMOVAL) {
         let update = chunk.iter().fold(DeviceUpdate::new(), |update, peer| {
             update.remove_peer_by_key(&peer.config.public_key)
         });
-        if update.apply(&device.name, WgBackend::Kernel).is_err() {
+        if update.apply(name, WgBackend::Kernel).is_err() {
             return;
         }
     }
+}
+
+/// The WireGuard link `ifname` of the calling thread's namespace, read without its private
+/// key ever being held (`genl`): the kernel's answer carries it, zeroed before it is parsed,
+/// and its attribute is dropped here.
+pub fn read_here(ifname: &str) -> std::io::Result<DeviceState> {
+    let mut attributes = super::genl::device_attributes(ifname)?;
+    attributes.retain(|a| !matches!(a, WgDeviceAttrs::PrivateKey(_)));
+    Device::try_from(&attributes[..]).map(DeviceState::from)
 }
 
 /// Rename the (down) link `from` to `to` in the namespace `netlink` talks to; the same name

@@ -2,6 +2,7 @@
 //! Debian's wireguard-go (a daemon per link, configured over its UAPI socket). Either way the
 //! link ends up in the pod as `CNI_IFNAME` while its UDP socket stays in the host namespace.
 
+pub mod genl;
 pub mod kernel;
 mod tun;
 mod uapi;
@@ -96,8 +97,9 @@ impl LinkSpec<'_> {
     }
 }
 
-/// What a link's device says about itself. Never the private key: backends derive the
-/// public key and drop the secret.
+/// What a link's device says about itself. Never the private key: the backends' reads never
+/// hold it (kernel: zeroed in the netlink answer before it is parsed, `genl`; userspace: its
+/// hex is parsed into a wiped buffer, `uapi`).
 #[derive(Debug, Default)]
 pub struct DeviceState {
     pub public_key: Option<Key>,
@@ -112,9 +114,26 @@ impl From<Device> for DeviceState {
             public_key: device.public_key,
             listen_port: device.listen_port,
             fwmark: device.fwmark.filter(|mark| *mark != 0),
-            peers: device.peers,
+            peers: without_zero_preshared_keys(device.peers),
         }
     }
+}
+
+/// The kernel reports a peer without a preshared key as 32 zero bytes: that is no key (the
+/// userspace read, `uapi`, has it so too), else every such peer differs from what the store
+/// wants, and each reconcile rewrote it.
+pub fn without_zero_preshared_keys(mut peers: Vec<PeerInfo>) -> Vec<PeerInfo> {
+    for peer in &mut peers {
+        if peer
+            .config
+            .preshared_key
+            .as_ref()
+            .is_some_and(|k| k.0 == [0; 32])
+        {
+            peer.config.preshared_key = None;
+        }
+    }
+    peers
 }
 
 pub struct Created {

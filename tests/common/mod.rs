@@ -46,6 +46,18 @@ pub fn expected_backend() -> &'static str {
     }
 }
 
+/// A test that applies to `backend` only (`kernel` or `userspace`, as `expected_backend`
+/// answers). The runners skip it on the other backend (tests/backend-only.txt lists it); run
+/// there anyway, it fails: an early return would count as a pass that tested nothing.
+pub fn only_on(backend: &str) {
+    assert_eq!(
+        expected_backend(),
+        backend,
+        "this test applies to the {backend} backend only: the runner must skip it \
+         (list it in tests/backend-only.txt)"
+    );
+}
+
 /// The link kind a pod's interface should have.
 pub fn expected_kind() -> &'static str {
     match expected_backend() {
