@@ -2,7 +2,7 @@
 # Runs the integration suites inside a QEMU guest booted from Debian's kernel, which has the
 # wireguard module this host lacks. Backend "kernel" runs every suite (plugin, gateway,
 # hardening, bad input, security, the kill -9 part of abuse at a tenth of its rounds (TCG is
-# slow), and three cross-node tests of multinode with etcd inside the guest); backend "auto"
+# slow), and four cross-node tests of multinode with etcd inside the guest); backend "auto"
 # (which must pick the kernel there) runs plugin and gateway.
 # The same test executables as on the host; only WG_CNI_TEST_BACKEND differs. Tests of the
 # userspace backend only (tests/backend-only.txt) are skipped, and say so. Every run is counted:
@@ -88,7 +88,8 @@ for name in "${names[@]}"; do
     abuse) counted_run kernel abuse WG_CNI_ABUSE_SCALE=0.1 -- adds_killed_at_random_moments_leave_nothing_after_del ;;
     # Cross-node tests that need no python (for TCP servers) nor conntrack, absent here.
     multinode) counted_run kernel multinode -- pods_on_three_nodes_talk_and_follow_adds_and_dels \
-      killing_an_agent_does_not_cut_its_pods_off pods_without_a_host_gateway_reach_pods_on_other_nodes ;;
+      killing_an_agent_does_not_cut_its_pods_off pods_without_a_host_gateway_reach_pods_on_other_nodes \
+      the_agents_memory_holds_no_pod_private_key_after_10_resyncs ;;
     *) counted_run kernel "$name" WG_CNI_ABUSE_SCALE=0.1 ;;
   esac
 done

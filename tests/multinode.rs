@@ -1186,3 +1186,93 @@ fn pods_without_a_host_gateway_reach_pods_on_other_nodes() {
         cluster.cni_with(i, "DEL", pod, &confs[i]).ok();
     }
 }
+
+/// Whether any writable mapping of process `pid` holds `needle`.
+fn memory_holds(pid: u32, needle: &[u8]) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (start, end) = (
+            u64::from_str_radix(start, 16).unwrap(),
+            u64::from_str_radix(end, 16).unwrap(),
+        );
+        let mut region = vec![0u8; (end - start) as usize];
+        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut region).is_err() {
+            continue; // guard pages, vsyscall: unreadable
+        }
+        if region.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+    }
+    false
+}
+
+/// A pod link's private key as the device reports it (`wg`), in its three printable forms.
+fn private_key_forms(cluster: &Cluster, pod: &PodOn) -> Vec<Vec<u8>> {
+    let out = match backend().as_str() {
+        "userspace" => {
+            let dir = cluster.nodes[pod.node].store.join(&cluster.network);
+            let file = dir
+                .join(&cluster.nodes[pod.node].name)
+                .join(format!("{}:eth0.json", pod.pod.id));
+            let record: Value =
+                serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+            run(
+                "wg",
+                &["show", record["hostName"].as_str().unwrap(), "private-key"],
+            )
+        }
+        _ => pod.pod.exec(&["wg", "show", "eth0", "private-key"]),
+    };
+    let base64 = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let key = wireguard_control::Key::from_base64(&base64).expect("a private key from wg");
+    let hex: String = key.0.iter().map(|b| format!("{b:02x}")).collect();
+    vec![base64.into_bytes(), hex.into_bytes(), key.0.to_vec()]
+}
+
+/// The agent reads every local link's device at every resync, and a device read carries the
+/// link's private key (the kernel always sends it; the UAPI answers it): after more than 10
+/// resyncs the agent's writable memory holds no pod's private key in any form. The same scan
+/// of this test process, which holds the keys, finds them (the scan works).
+#[test]
+fn the_agents_memory_holds_no_pod_private_key_after_10_resyncs() {
+    let mut cluster = Cluster::new(1);
+    cluster.agent_flags = ["--lease-ttl", "3", "--resync-interval", "1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    cluster.write_conflists();
+    cluster.start_agents();
+    let pods = [add(&cluster, 0), add(&cluster, 0)];
+    converge_all_pairs(&pods);
+    let keys: Vec<Vec<u8>> = pods
+        .iter()
+        .flat_map(|p| private_key_forms(&cluster, p))
+        .collect();
+    // One resync a second: past 10 of them.
+    std::thread::sleep(Duration::from_secs(13));
+    let agent = cluster.nodes[0].agent_pid().expect("the agent runs");
+    let me = std::process::id();
+    for key in &keys {
+        assert!(memory_holds(me, key), "the scan cannot find a key it holds");
+        assert!(
+            !memory_holds(agent, key),
+            "the agent's memory holds a pod's private key ({} bytes form)",
+            key.len()
+        );
+    }
+    for p in &pods {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}

@@ -401,6 +401,11 @@ impl Node {
         assert!(run("kill", &[&format!("-{signal}"), &pid]).status.success());
     }
 
+    /// The running agent's pid.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
     /// SIGKILL the agent (by pid).
     pub fn kill_agent(&mut self) {
         if let Some(mut child) = self.agent.take() {
