@@ -34,12 +34,13 @@ test-unit:
 	cd wgd && cargo test --locked
 
 # Serial: the tests compare host-wide snapshots (links, daemons, UDP ports). agent_etcd runs
-# agents against etcd in anonymous namespaces; multinode runs simulated nodes with agents.
+# agents against etcd in anonymous namespaces; multinode runs simulated nodes with agents;
+# flood runs bounded handshake and SYN floods between namespaces of its own (~1.5 min).
 # Tests of the kernel backend only (tests/backend-only.txt) are skipped here, and say so.
 test-integration: deps
 	skips=$$(scripts/backend-skips.sh userspace) && \
 	WG_CNI_TEST_BACKEND=userspace cargo test --test plugin --test gateway --test hardening --test bad_input \
-		--test security --test abuse --test agent_etcd --test multinode -- --test-threads=1 --exact $$skips
+		--test security --test abuse --test agent_etcd --test multinode --test flood -- --test-threads=1 --exact $$skips
 
 # libcni (cnitool), podman 4.3 (CNI backend) and containerd 1.6 (CRI) drive the built plugin;
 # installs what they need. See scripts/clients/README.md.

@@ -97,8 +97,9 @@ impl Cluster {
         run_ok(ip(), &full);
     }
 
-    /// A namespace with one veth (`eth0`, `addr`/24) whose other end is on the bridge.
-    fn attach(&self, netns: &str, port: &str, addr: &str) {
+    /// A namespace with one veth (`eth0`, `addr`/24) whose other end is on the bridge (created
+    /// when missing; the caller deletes a namespace of its own).
+    pub fn attach(&self, netns: &str, port: &str, addr: &str) {
         if !run_ok(ip(), &["netns", "list"]).contains(netns) {
             run_ok(ip(), &["netns", "add", netns]);
         }
