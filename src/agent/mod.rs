@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 mod datastore;
+mod dir_watch;
 mod etcd;
 pub mod forget;
 mod handshakes;
@@ -113,7 +114,7 @@ async fn run_async(
         reconciler,
     );
     let (tx, mut conf_changed) = tokio::sync::mpsc::channel::<()>(1);
-    let _watcher = supervisor::watch_conf_dir(&settings.cni_conf_dir, tx);
+    let _watcher = dir_watch::watch_dir(&settings.cni_conf_dir, "CNI conf dir", tx);
     let mut next_read = tokio::time::Instant::now();
     #[allow(clippy::infinite_loop)] // ends when run_until's stop future completes
     loop {

@@ -129,7 +129,9 @@ impl NetworkLoop {
         }
         tracing::debug!(network = %self.net.name, prefixes = ?self.keys.node_write_prefixes(&self.settings.node), "this node's etcd role needs readwrite on these prefixes");
         let (tx, mut changes) = tokio::sync::mpsc::channel::<()>(1);
-        let _watcher = watch_dir(&self.node_dir, tx);
+        // This node's own record directory (never the mirror): any change triggers a publish
+        // pass; the periodic scan publishes without inotify.
+        let _watcher = super::dir_watch::watch_dir(&self.node_dir, "record directory", tx);
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -705,28 +707,5 @@ async fn next_message(watch: &mut Option<EtcdWatch>) -> Watched {
     match watch {
         Some(watch) => watch.next().await,
         None => std::future::pending().await,
-    }
-}
-
-/// inotify on this node's own record directory (never the mirror): any change triggers a
-/// publish pass. Without inotify the periodic scan still publishes.
-fn watch_dir(
-    dir: &std::path::Path,
-    tx: tokio::sync::mpsc::Sender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
-            let _ = tx.try_send(());
-        }
-    })
-    .map_err(|e| tracing::warn!(error = %e, "inotify unavailable: relying on the periodic scan"))
-    .ok()?;
-    match watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
-        Ok(()) => Some(watcher),
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the record directory: relying on the periodic scan");
-            None
-        }
     }
 }

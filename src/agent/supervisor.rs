@@ -6,7 +6,6 @@
 //! restarted with backoff.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -162,30 +161,6 @@ impl Supervisor {
             served.restart_at = None;
             served.backoff = (served.backoff * 2).min(MAX_BACKOFF);
             tracing::info!(network = %name, "network loop restarted");
-        }
-    }
-}
-
-/// inotify on the conf dir: any change there triggers a re-read (the periodic one stays).
-pub fn watch_conf_dir(
-    dir: &Path,
-    tx: tokio::sync::mpsc::Sender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
-            let _ = tx.try_send(());
-        }
-    })
-    .map_err(
-        |e| tracing::warn!(error = %e, "inotify unavailable: re-reading the conf dir periodically"),
-    )
-    .ok()?;
-    match watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
-        Ok(()) => Some(watcher),
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the conf dir: re-reading it periodically");
-            None
         }
     }
 }
