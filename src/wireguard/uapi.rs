@@ -41,9 +41,25 @@ fn push_hex(text: &mut String, bytes: &[u8]) {
     }
 }
 
-/// The request text. It holds the private key when one is set, hence `Zeroizing`.
+/// An upper bound of the request's length: the text is allocated once and never grows, so no
+/// reallocation leaves a copy of the keys it holds behind.
+fn request_capacity(update: &Update) -> usize {
+    // private_key, listen_port, replace_peers; per peer: public key, replace_allowed_ips,
+    // endpoint (an IPv6 one with a zone at most), keepalive, preshared key, and one line per
+    // allowed IP; per removal: public key and remove.
+    let peers: usize = update
+        .peers
+        .iter()
+        .map(|peer| 400 + 64 * peer.allowed_ips.len())
+        .sum();
+    160 + peers + 100 * update.remove_peers.len()
+}
+
+/// The request text. It holds the private key (and preshared keys) when set, hence
+/// `Zeroizing`, allocated once at its final size.
 fn request(update: &Update) -> Zeroizing<String> {
-    let mut text = Zeroizing::new(String::from("set=1\n"));
+    let mut text = Zeroizing::new(String::with_capacity(request_capacity(update)));
+    text.push_str("set=1\n");
     if let Some(keypair) = update.keypair {
         text.push_str("private_key=");
         push_hex(&mut text, keypair.secret_bytes());
@@ -90,7 +106,12 @@ fn connect(name: &str) -> io::Result<UnixStream> {
 /// Apply `update` over the daemon's socket; a daemon-side failure comes back as its errno.
 pub fn set(name: &str, update: &Update) -> io::Result<()> {
     let mut stream = connect(name)?;
-    stream.write_all(request(update).as_bytes())?;
+    let text = request(update);
+    debug_assert!(
+        text.len() <= request_capacity(update),
+        "the request outgrew its bound"
+    );
+    stream.write_all(text.as_bytes())?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     loop {
@@ -121,16 +142,75 @@ fn errno_result(value: &str) -> io::Result<()> {
     }
 }
 
+/// The longest answer line taken (an allowed IP, an IPv6 endpoint: far less).
+const MAX_LINE: usize = 1024;
+
+/// The lines of a `get` answer, whose first lines hold the device's private key in hex: read
+/// through a buffer of fixed size that is wiped when dropped, into a line that never grows
+/// past its first allocation (a `BufReader`'s buffer, or a `String` that reallocates, would
+/// leave the key behind in freed memory).
+struct WipedLines<R> {
+    inner: R,
+    buf: Zeroizing<Vec<u8>>,
+    start: usize,
+    end: usize,
+}
+
+impl<R: io::Read> WipedLines<R> {
+    fn new(inner: R) -> Self {
+        WipedLines {
+            inner,
+            buf: Zeroizing::new(vec![0; 16 * 1024]),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The next line, newline included, into `line` (cleared first); end of stream is an error:
+    /// every answer ends with `errno=`.
+    fn read_line(&mut self, line: &mut Zeroizing<String>) -> io::Result<()> {
+        line.clear();
+        loop {
+            let pending = &self.buf[self.start..self.end];
+            if let Some(at) = pending.iter().position(|b| *b == b'\n') {
+                let text = std::str::from_utf8(&pending[..=at]).map_err(|_| bad("line"))?;
+                if text.len() > line.capacity() {
+                    return Err(bad("line (too long)"));
+                }
+                line.push_str(text);
+                self.start += at + 1;
+                return Ok(());
+            }
+            if pending.len() > MAX_LINE {
+                return Err(bad("line (too long)"));
+            }
+            // Keep the partial line at the front, then read more behind it.
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            let end = self.end;
+            let n = self.inner.read(&mut self.buf[end..])?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "wireguard-go closed the socket without an answer",
+                ));
+            }
+            self.end += n;
+        }
+    }
+}
+
 /// Read the device over the daemon's socket. The private key is never kept: its public half
-/// is derived and the secret wiped.
+/// is derived and every buffer it passed through wiped.
 pub fn get(name: &str) -> io::Result<DeviceState> {
     let mut stream = connect(name)?;
     stream.write_all(b"get=1\n\n")?;
-    let mut reader = BufReader::new(stream);
+    let mut reader = WipedLines::new(stream);
     let mut device = DeviceState::default();
-    let mut line = Zeroizing::new(String::new());
+    let mut line = Zeroizing::new(String::with_capacity(MAX_LINE + 1));
     loop {
-        read_answer_line(&mut reader, &mut line)?;
+        reader.read_line(&mut line)?;
         let text = line.trim_end();
         let Some((key, value)) = text.split_once('=') else {
             continue;
@@ -289,5 +369,59 @@ mod tests {
         assert_eq!((p.stats.rx_bytes, p.stats.tx_bytes), (12, 34));
         assert!(!format!("{device:?}").contains(&hex(keys.secret_bytes())));
         assert!(read_field(&mut device, "listen_port", "x").is_err());
+    }
+
+    /// Lines come out whole however the answer is split across reads; a line that would not
+    /// fit is an error, not a reallocation.
+    #[test]
+    fn wiped_lines_read_split_answers_and_refuse_overlong_lines() {
+        struct Trickle<'a>(&'a [u8]);
+        impl io::Read for Trickle<'_> {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                let n = self.0.len().min(out.len()).min(7);
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let answer = b"private_key=00ff\nlisten_port=1\nerrno=0\n";
+        let mut lines = WipedLines::new(Trickle(answer));
+        let mut line = Zeroizing::new(String::with_capacity(MAX_LINE + 1));
+        for want in ["private_key=00ff\n", "listen_port=1\n", "errno=0\n"] {
+            lines.read_line(&mut line).unwrap();
+            assert_eq!(line.as_str(), want);
+        }
+        assert!(lines.read_line(&mut line).is_err(), "end of stream");
+        let long = vec![b'a'; 3 * MAX_LINE];
+        let mut lines = WipedLines::new(Trickle(&long));
+        assert!(lines.read_line(&mut line).is_err());
+    }
+
+    /// The request is allocated once at its bound, whatever the update holds.
+    #[test]
+    fn the_request_never_outgrows_its_first_allocation() {
+        let keys = KeyPair::generate();
+        let peers: Vec<Peer> = (0..50)
+            .map(|i| Peer {
+                public_key: KeyPair::generate().public().clone(),
+                endpoint: Some(format!("[fd00::{i}]:65535").parse().unwrap()),
+                allowed_ips: (0..5)
+                    .map(|j| format!("fd00::{i}:{j}/128").parse().unwrap())
+                    .collect(),
+                keepalive: Some(65535),
+                preshared_key: Some(crate::wireguard::PresharedKey(Key([7; 32]))),
+            })
+            .collect();
+        let update = Update {
+            keypair: Some(&keys),
+            listen_port: Some(65535),
+            replace_peers: true,
+            peers,
+            remove_peers: (0..20)
+                .map(|_| KeyPair::generate().public().clone())
+                .collect(),
+        };
+        let text = request(&update);
+        assert_eq!(text.capacity(), request_capacity(&update), "reallocated");
     }
 }
