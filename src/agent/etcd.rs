@@ -93,6 +93,19 @@ pub async fn connect(settings: &Settings, options: ConnectOptions) -> Result<Cli
 /// Every key under `prefix`, page by page, all pages at one pinned revision; returns the
 /// key-values and that revision.
 pub async fn list_prefix(client: &mut Client, prefix: &str) -> Result<(Vec<KeyValue>, i64)> {
+    list_pages(client, prefix, false).await
+}
+
+/// `list_prefix` without the values (a scan of names: no page nears the response limit).
+pub async fn list_keys(client: &mut Client, prefix: &str) -> Result<Vec<KeyValue>> {
+    Ok(list_pages(client, prefix, true).await?.0)
+}
+
+async fn list_pages(
+    client: &mut Client,
+    prefix: &str,
+    keys_only: bool,
+) -> Result<(Vec<KeyValue>, i64)> {
     let end = prefix_end(prefix);
     let mut from = prefix.as_bytes().to_vec();
     let mut revision = 0;
@@ -101,6 +114,9 @@ pub async fn list_prefix(client: &mut Client, prefix: &str) -> Result<(Vec<KeyVa
         let mut options = GetOptions::new()
             .with_range(end.clone())
             .with_limit(PAGE_SIZE);
+        if keys_only {
+            options = options.with_keys_only();
+        }
         if revision > 0 {
             options = options.with_revision(revision);
         }

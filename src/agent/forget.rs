@@ -91,21 +91,10 @@ pub fn forget_node(
     })
 }
 
-/// The networks in which `node` has any key (one keys-only listing of the root).
+/// The networks in which `node` has any key (a keys-only listing of the root, page by page).
 async fn networks_of(client: &mut etcd_client::Client, node: &str) -> Result<Vec<String>> {
-    let resp = bounded(
-        client.get(
-            ROOT,
-            Some(
-                GetOptions::new()
-                    .with_range(prefix_end(ROOT))
-                    .with_keys_only(),
-            ),
-        ),
-    )
-    .await?;
     let mut networks: Vec<String> = Vec::new();
-    for kv in resp.kvs() {
+    for kv in &etcd::list_keys(client, ROOT).await? {
         let Ok(key) = kv.key_str() else { continue };
         let Some(network) = key.strip_prefix(ROOT).and_then(|r| r.split('/').next()) else {
             continue;
