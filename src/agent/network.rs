@@ -136,8 +136,13 @@ impl NetworkLoop {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = &mut stop => {
-                    self.release().await;
+                asked = &mut stop => {
+                    // Asked: the network left the conflists. A sender dropped unasked means
+                    // the agent itself is stopping (or the loop is being replaced): the
+                    // lease is then left to lapse, as after a crash.
+                    if asked.is_ok() {
+                        self.release().await;
+                    }
                     return;
                 }
                 message = next_message(&mut self.watch) => self.on_watch(message).await,
