@@ -105,6 +105,8 @@ pub struct Mirror {
     kvs: BTreeMap<String, Kv>,
     /// Link keys kept per remote node (the cap is checked against it).
     links_per_node: BTreeMap<String, usize>,
+    /// Each node's record cap, from its claim: computed once per claim, not per record.
+    caps: BTreeMap<String, usize>,
     /// Nodes whose records were dropped at the cap: a re-list is due when their claim grows.
     capped: BTreeSet<String>,
     /// A capped node's claim changed: the caller should re-list.
@@ -139,6 +141,7 @@ impl Mirror {
             policy,
             kvs: BTreeMap::new(),
             links_per_node: BTreeMap::new(),
+            caps: BTreeMap::new(),
             capped: BTreeSet::new(),
             relist_wanted: false,
             revision: 0,
@@ -160,6 +163,7 @@ impl Mirror {
         self.revision = revision;
         self.kvs.clear();
         self.links_per_node.clear();
+        self.caps.clear();
         self.capped.clear();
         self.relist_wanted = false;
         let is_link = |kv: &Entry| {
@@ -196,7 +200,14 @@ impl Mirror {
         let record = match &kind {
             Some(KeyKind::Link { node, name }) if *node != self.own_node => {
                 if !self.kvs.contains_key(key) {
-                    let cap = self.record_cap(node);
+                    let cap = match self.caps.get(node) {
+                        Some(cap) => *cap,
+                        None => {
+                            let cap = self.record_cap(node);
+                            self.caps.insert(node.clone(), cap);
+                            cap
+                        }
+                    };
                     if self.links_per_node.get(node).copied().unwrap_or(0) >= cap {
                         self.capped.insert(node.clone());
                         let reason = format!(
@@ -209,8 +220,9 @@ impl Mirror {
                 }
                 Some(decode(self.keys.prefix(), node, name, &kv.value))
             }
-            Some(KeyKind::Claim { node }) if self.capped.remove(node) => {
-                self.relist_wanted = true;
+            Some(KeyKind::Claim { node }) => {
+                self.caps.remove(node);
+                self.relist_wanted |= self.capped.remove(node);
                 None
             }
             _ => None,
@@ -230,10 +242,16 @@ impl Mirror {
         if self.kvs.remove(key).is_none() {
             return;
         }
-        if let Some(KeyKind::Link { node, .. }) = self.keys.parse(key)
-            && let Some(count) = self.links_per_node.get_mut(&node)
-        {
-            *count = count.saturating_sub(1);
+        match self.keys.parse(key) {
+            Some(KeyKind::Link { node, .. }) => {
+                if let Some(count) = self.links_per_node.get_mut(&node) {
+                    *count = count.saturating_sub(1);
+                }
+            }
+            Some(KeyKind::Claim { node }) => {
+                self.caps.remove(&node);
+            }
+            _ => {}
         }
     }
 
