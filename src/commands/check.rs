@@ -1,6 +1,8 @@
 //! CHECK: the live link must still be what ADD made: addresses, routes, MTU, key, port,
 //! gateway, peers (against the store, read under the lock), daemon alive; then IPAM CHECK.
 
+use std::collections::HashSet;
+
 use wireguard_control::Key;
 
 use super::context::{self, Context};
@@ -129,20 +131,19 @@ fn check_peers(
     record: &Record,
     device: &DeviceState,
 ) -> Result<()> {
-    let remote: Vec<&str> = view
+    let remote: HashSet<&str> = view
         .records
         .iter()
         .filter(|r| r.node != ctx.node)
         .map(|r| r.public_key.as_str())
         .chain(view.remote_gateways.iter().map(|g| g.public_key.as_str()))
         .collect();
-    let on_device = |key: &Key| device.peers.iter().any(|p| &p.config.public_key == key);
+    let present: HashSet<&Key> = device.peers.iter().map(|p| &p.config.public_key).collect();
+    let on_device = |key: &Key| present.contains(key);
     let desired: Vec<_> = view
         .desired_for_pod(record)?
         .into_iter()
-        .filter(|p| {
-            !remote.contains(&p.public_key.to_base64().as_str()) || on_device(&p.public_key)
-        })
+        .filter(|p| !remote.contains(p.public_key.to_base64().as_str()) || on_device(&p.public_key))
         .collect();
     let update = reconcile::diff(device, &desired, Prune::Everything, &[]);
     if update.changes_no_peer() {

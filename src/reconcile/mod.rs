@@ -2,7 +2,7 @@
 //! network's settings, diffed against the live device and applied. ADD's fan-out, DEL, GC and
 //! CHECK all go through here, so every link of a network agrees on who its peers are.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use wireguard_control::Key;
@@ -14,9 +14,14 @@ use crate::netns::Netns;
 use crate::store::{GatewayRecord, Record, State, Store};
 use crate::wireguard::{self, DeviceState, LinkRef, Peer, Update};
 
+mod changes;
 mod fan_out;
 
-pub use fan_out::{each_at_once, gone, local_pods, newcomers, tell_gateway, tell_local_pods};
+pub use changes::{PeerChanges, PeerKind, Upsert};
+
+pub use fan_out::{
+    each_at_once, gone, local_pods, newcomers, tell_gateway, tell_gateway_link, tell_local_pods,
+};
 
 /// What the peer sets of a network's links are computed from: read once per command.
 pub struct NetworkView {
@@ -141,7 +146,7 @@ const ROAMING_PROOF: Duration = Duration::from_secs(180);
 /// An endpoint is (re)written when the peer is new or has none, when `moved` names it, or
 /// when it differs and the peer has not completed a handshake for `ROAMING_PROOF` (the old one
 /// is then not proven to work): WireGuard follows a peer that roams, and so do we.
-/// An empty update (nothing to do) has no peers and no removals.
+/// An empty update (nothing to do) has no peers and no removals. O(peers): hash lookups.
 pub fn diff(device: &DeviceState, desired: &[Peer], prune: Prune, moved: Moved) -> Update<'static> {
     let have: HashMap<&Key, &wireguard_control::PeerInfo> = device
         .peers
@@ -163,10 +168,10 @@ pub fn diff(device: &DeviceState, desired: &[Peer], prune: Prune, moved: Moved) 
             }
         })
         .collect();
-    let wanted = |key: &Key| desired.iter().any(|p| &p.public_key == key);
+    let wanted: HashSet<&Key> = desired.iter().map(|p| &p.public_key).collect();
     let remove_peers = have
         .keys()
-        .filter(|key| !wanted(key))
+        .filter(|key| !wanted.contains(*key))
         .filter(|key| match prune {
             Prune::Nothing => false,
             Prune::Only(keys) => keys.contains(key),
@@ -235,14 +240,13 @@ pub fn apply_and_report(
         return Ok(None);
     }
     backend.apply(link, &update)?;
-    let known = |p: &Peer| {
-        device
-            .peers
-            .iter()
-            .any(|d| d.config.public_key == p.public_key)
-    };
+    let known: HashSet<&Key> = device.peers.iter().map(|d| &d.config.public_key).collect();
     Ok(Some(
-        update.peers.into_iter().filter(|p| !known(p)).collect(),
+        update
+            .peers
+            .into_iter()
+            .filter(|p| !known.contains(&p.public_key))
+            .collect(),
     ))
 }
 
