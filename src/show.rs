@@ -136,6 +136,7 @@ fn attachment(record: &Record, kinds: &PeerKinds) -> Value {
     let mut value = json!({
         "containerId": record.container_id,
         "ifname": record.ifname,
+        "link": record.host_name,
         "pod": record.pod,
         "state": record.state,
         "addresses": record.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),

@@ -242,6 +242,129 @@ fn pods_on_three_nodes_talk_and_follow_adds_and_dels() {
     }
 }
 
+/// Every WireGuard link of a node (its pods' and its gateway's) as `wg show dump` reads it:
+/// link → one line per peer with what a write sets (key, endpoint, allowed IPs, keepalive);
+/// handshakes and counters left out.
+fn link_dumps(
+    cluster: &Cluster,
+    node: usize,
+) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let shown = show(cluster, node);
+    let mut links: Vec<String> = shown["attachments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| a["link"].as_str().unwrap_or_default().to_string())
+        .collect();
+    links.extend(shown["gateway"]["link"].as_str().map(str::to_string));
+    let n = &cluster.nodes[node];
+    links
+        .into_iter()
+        .map(|link| {
+            // Kernel links of pods live in the pods' namespaces: `wg-cni show` reads them.
+            let out = n.exec(&["wg", "show", &link, "dump"]);
+            let lines = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .skip(1)
+                .map(|l| {
+                    let f: Vec<&str> = l.split('\t').collect();
+                    let mut ips: Vec<&str> = f.get(3).unwrap_or(&"").split(',').collect();
+                    ips.sort();
+                    format!(
+                        "{} {} {} {}",
+                        f[0],
+                        f.get(2).unwrap_or(&""),
+                        ips.join(","),
+                        f.get(7).unwrap_or(&"")
+                    )
+                })
+                .collect();
+            (link, lines)
+        })
+        .collect()
+}
+
+/// Through the event path alone: a pod added on node 2 adds exactly its peer to every link
+/// of node 1 and changes nothing else there; node 2's key flapping (its agent paused past the
+/// lease TTL, then back) changes nothing on node 1; the pod's DEL removes exactly its peer.
+#[test]
+fn remote_changes_write_only_the_peers_they_concern() {
+    only_on("userspace");
+    let cluster = running_on_events(2);
+    let pods = vec![
+        add(&cluster, 0),
+        add(&cluster, 0),
+        add(&cluster, 1),
+        add(&cluster, 1),
+    ];
+    converge_all_pairs(&pods);
+    let before = link_dumps(&cluster, 0);
+    assert_eq!(before.len(), 3, "two pod links and the gateway: {before:?}");
+    assert!(before.values().all(|peers| peers.len() >= 4), "{before:?}");
+
+    let late = add(&cluster, 1);
+    let late_key = public_key_of(&cluster, &late);
+    let has_late =
+        |dumps: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>| {
+            dumps
+                .values()
+                .all(|peers| peers.iter().any(|l| l.starts_with(&late_key)))
+        };
+    let mut after = before.clone();
+    assert!(
+        wait_for(event_path_limit(), || {
+            after = link_dumps(&cluster, 0);
+            has_late(&after)
+        }),
+        "node 1's links did not all gain the new pod: {after:?}"
+    );
+    for (link, peers) in &after {
+        let others: std::collections::BTreeSet<String> = peers
+            .iter()
+            .filter(|l| !l.starts_with(&late_key))
+            .cloned()
+            .collect();
+        assert_eq!(
+            others, before[link],
+            "{link}: more changed than the new peer"
+        );
+        assert_eq!(peers.len(), before[link].len() + 1, "{link}");
+    }
+
+    // The flap: node 2 seen stale on node 1, then live again.
+    let stale = |want: bool| {
+        show(&cluster, 0)["staleNodes"]
+            == serde_json::json!(if want { vec!["node2"] } else { vec![] })
+    };
+    cluster.nodes[1].signal_agent("STOP");
+    let seen_stale = wait_for(Duration::from_secs(20), || stale(true));
+    cluster.nodes[1].signal_agent("CONT");
+    assert!(seen_stale, "node 2 never seen stale");
+    assert!(
+        wait_for(Duration::from_secs(20), || stale(false)),
+        "node 2 never live again"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        link_dumps(&cluster, 0),
+        after,
+        "a flap changed a link on node 1"
+    );
+
+    cluster.cni(1, "DEL", &late.pod).ok();
+    let mut gone = after.clone();
+    assert!(
+        wait_for(event_path_limit(), || {
+            gone = link_dumps(&cluster, 0);
+            gone == before
+        }),
+        "after the DEL node 1's links are not as before: {gone:?}"
+    );
+    for p in &pods {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
+
 /// `kill -9` of an agent: pods keep talking (the links are the kernel's or the daemons',
 /// not the agent's); restarted, it changes nothing.
 #[test]

@@ -6,19 +6,22 @@
 //! drops the answer to its own, so neither has a confirmed session and traffic waits for the
 //! retry (measured by `make bench`: ~5 s for a few pods in 30). A follow-up looks a moment
 //! later and, for each peer still without a handshake, starts over from a clean slate: under
-//! the network lock, if the peer is still wanted, it is removed and added again (dropping the
-//! half-done handshake state) and kicked once more; at growing, jittered intervals so that
-//! two agents doing the same do not cross again. Bounded: a few tries, one short-lived thread
-//! per kicked batch.
+//! the network lock, a peer the device still has, with no handshake, is removed and added
+//! again exactly as the device had it (dropping the half-done handshake state) and kicked once
+//! more; at growing, jittered intervals so that two agents doing the same do not cross again.
+//! A peer with a handshake, or one the device no longer has, is never touched. Bounded per
+//! link: one follow-up at a time (peers kicked meanwhile join it), a few tries each.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use wireguard_control::Key;
 
 use crate::cni::{NetConf, Result};
-use crate::reconcile::{self, NetworkView};
+use crate::reconcile;
 use crate::store::{State, Store};
-use crate::wireguard::{self, Peer, Update};
+use crate::wireguard::{self, Peer, PresharedKey, Update};
 
 /// When to look again, after the kick (the jitter is added to each).
 const LOOKS: [Duration; 3] = [
@@ -37,24 +40,74 @@ pub struct Followup {
     pub peers: Vec<Key>,
 }
 
-/// Confirm the handshakes on a thread of its own (the reconcile goes on meanwhile).
-pub fn spawn(followup: Followup) {
+/// Links with a follow-up running, and the peers kicked on them since it started.
+static RUNNING: Mutex<Option<HashMap<String, Vec<Key>>>> = Mutex::new(None);
+
+fn running() -> std::sync::MutexGuard<'static, Option<HashMap<String, Vec<Key>>>> {
+    RUNNING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Confirm the handshakes on a thread of its own (the reconcile goes on meanwhile); a link
+/// with a follow-up running hands it the peers instead.
+pub fn follow_up(followup: Followup) {
+    let id = followup.link_id();
+    {
+        let mut running = running();
+        let running = running.get_or_insert_with(HashMap::new);
+        if let Some(joining) = running.get_mut(&id) {
+            joining.extend(followup.peers);
+            return;
+        }
+        running.insert(id.clone(), Vec::new());
+    }
     let spawned = std::thread::Builder::new()
         .name("handshakes".into())
         .spawn(move || followup.run());
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the handshake follow-up");
+        if let Some(running) = running().as_mut() {
+            running.remove(&id);
+        }
     }
 }
 
 impl Followup {
+    fn link_id(&self) -> String {
+        format!("{}/{}/{}", self.conf.name, self.container_id, self.ifname)
+    }
+
+    /// Peers kicked on this link since the last look (`done`: the follow-up ends now).
+    fn take_joined(&mut self, done: bool) {
+        let id = self.link_id();
+        let mut running = running();
+        let Some(running) = running.as_mut() else {
+            return;
+        };
+        let joined = match done {
+            true => running.remove(&id),
+            false => running.get_mut(&id).map(std::mem::take),
+        };
+        let mut seen: HashSet<Key> = self.peers.iter().cloned().collect();
+        for key in joined.unwrap_or_default() {
+            if seen.insert(key.clone()) {
+                self.peers.push(key);
+            }
+        }
+    }
+
     fn run(mut self) {
+        self.looks();
+        self.take_joined(true);
+    }
+
+    fn looks(&mut self) {
         let kicked = Instant::now();
         for look in LOOKS {
             let at = look + Duration::from_millis(jitter(JITTER_MS));
             if let Some(wait) = at.checked_sub(kicked.elapsed()) {
                 std::thread::sleep(wait);
             }
+            self.take_joined(false);
             match self.restart_silent() {
                 Ok(0) => return,
                 Ok(n) => {
@@ -69,7 +122,7 @@ impl Followup {
     }
 
     /// Start over with every peer that still has no handshake; answers how many. Peers that
-    /// completed one, or are no longer wanted, are dropped from the follow-up.
+    /// completed one, or that the device no longer has, are dropped from the follow-up.
     fn restart_silent(&mut self) -> Result<usize> {
         let Some(store) = Store::open_existing(&self.conf.store, &self.conf.name, &self.node)?
         else {
@@ -87,17 +140,16 @@ impl Followup {
         }
         let link = record.link(Some(&pod));
         let backend = wireguard::backend(record.backend);
+        // Read under the lock, right before the rewrite: a handshake completed since the last
+        // look keeps its peer out of it.
         let device = backend.read(&link)?;
-        let silent = |key: &Key| {
-            device
-                .peers
-                .iter()
-                .any(|p| &p.config.public_key == key && p.stats.last_handshake_time.is_none())
-        };
-        let desired = NetworkView::read(&store, &self.conf)?.desired_for_pod(&record)?;
-        let again: Vec<Peer> = desired
-            .into_iter()
-            .filter(|p| self.peers.contains(&p.public_key) && silent(&p.public_key))
+        let followed: HashSet<&Key> = self.peers.iter().collect();
+        let again: Vec<Peer> = device
+            .peers
+            .iter()
+            .filter(|p| followed.contains(&p.config.public_key))
+            .filter(|p| p.stats.last_handshake_time.is_none())
+            .map(|p| as_configured(&p.config))
             .collect();
         self.peers = again.iter().map(|p| p.public_key.clone()).collect();
         if again.is_empty() {
@@ -119,6 +171,21 @@ impl Followup {
         )?;
         reconcile::start_handshakes(record.backend, &link, &again)?;
         Ok(again.len())
+    }
+}
+
+/// The peer exactly as the device has it configured (re-added unchanged).
+fn as_configured(config: &wireguard_control::PeerConfig) -> Peer {
+    Peer {
+        public_key: config.public_key.clone(),
+        endpoint: config.endpoint,
+        allowed_ips: config
+            .allowed_ips
+            .iter()
+            .filter_map(|ip| ipnetwork::IpNetwork::new(ip.address, ip.cidr).ok())
+            .collect(),
+        keepalive: config.persistent_keepalive_interval.filter(|s| *s > 0),
+        preshared_key: config.preshared_key.clone().map(PresharedKey),
     }
 }
 

@@ -28,6 +28,11 @@ pub struct NetStatus {
     pub last_sync: Option<u64>,
     /// The last thing that went wrong, and when (unix seconds).
     pub last_error: Option<(u64, String)>,
+    /// The other nodes' pods and gateways this node's links peer with.
+    pub remote_peers: usize,
+    /// Jobs the reconciler thread ran for this network, and how long the last one took.
+    pub reconciles: u64,
+    pub last_reconcile_ms: u64,
 }
 
 impl NetStatus {
@@ -64,6 +69,13 @@ impl NetStatus {
         match self.last_sync {
             Some(at) => text += &format!("; last sync {}s ago", now.saturating_sub(at)),
             None => text += "; never synced",
+        }
+        text += &format!("; {} remote peers", self.remote_peers);
+        if self.reconciles > 0 {
+            text += &format!(
+                "; {} reconciles, the last {} ms",
+                self.reconciles, self.last_reconcile_ms
+            );
         }
         if let Some((at, error)) = &self.last_error {
             text += &format!("; last error {}s ago: {error}", now.saturating_sub(*at));

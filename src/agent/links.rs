@@ -1,10 +1,11 @@
-//! The agent's reconcile hook: brings every live WireGuard link of this node (its pods and its
-//! node gateway) to the peer set the store describes, with the same view and diff the CNI
-//! commands use (`crate::reconcile`). Per link it takes the network's flock around
-//! read store → read device → apply, re-checks under the lock that the attachment is still
-//! ready and its namespace the recorded one, and never holds the lock across links. A node
-//! with a subnet keeps its node gateway whether or not it has pods (control-plane nodes must
-//! reach webhooks in pods): the reconcile creates it when it is missing.
+//! The agent's link writer: every live WireGuard link of this node (its pods and its node
+//! gateway) gets the peers the network has for it, with the views and updates the CNI
+//! commands use (`crate::reconcile`). A change (one remote pod or gateway) is written to each
+//! link without reading it; a resync reads each device and writes the difference from the
+//! store's peer set. Per link it takes the network's flock, re-checks under it that the
+//! attachment is still ready and its namespace the recorded one, and never holds the lock
+//! across links. A node with a subnet keeps its node gateway whether or not it has pods
+//! (control-plane nodes must reach webhooks in pods): the resync creates it when missing.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,8 +22,8 @@ use crate::host;
 use crate::lease;
 use crate::netns::Netns;
 use crate::node_paths;
-use crate::reconcile::{self, NetworkView, Prune};
-use crate::store::{State, Store};
+use crate::reconcile::{self, NetworkView, PeerChanges, Prune};
+use crate::store::{Record, State, Store};
 use crate::wireguard;
 
 use super::LinkReconciler;
@@ -132,7 +133,11 @@ impl LinkSync {
         Ok(())
     }
 
-    fn sync(&self, conf: &NetConf) -> Result<()> {
+    /// Every live link to its whole desired peer set (`Prune::Everything`). The network is
+    /// read once; per link, under the lock, this node's own records are read again (an ADD
+    /// that joined meanwhile has told every link of its pod, and must not be pruned), the
+    /// device is read and the difference written.
+    fn resync(&self, conf: &NetConf) -> Result<()> {
         let Some(store) = Store::open_existing(&conf.store, &conf.name, &self.node)? else {
             return Ok(());
         };
@@ -143,14 +148,13 @@ impl LinkSync {
         }
         let (mut updated, mut failed) = (0, 0);
         let mut endpoints = Endpoints {
-            remembered: self
-                .last_endpoints
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&conf.name).cloned())
-                .unwrap_or_default(),
+            remembered: self.remembered(&conf.name),
             given: HashMap::new(),
         };
+        // Remote records come from the mirror, which only this thread writes: read once.
+        let mut view = NetworkView::read_complete(&store, conf)?;
+        view.records.retain(|r| r.node != self.node);
+        let remote = view.records.len();
         // Listed under the lock, as every writer writes: a record half-way through a join (or
         // a legacy name being migrated) is seen in one state, never between two.
         let records = {
@@ -162,17 +166,18 @@ impl LinkSync {
                 continue;
             }
             let _lock = store.lock()?;
-            // Under the lock: still there, still ready, still in the namespace recorded.
-            let Some(current) = store.get(&record.container_id, &record.ifname)? else {
+            let Some(current) = self.still_live(&store, &record)? else {
                 continue;
             };
             let Some(pod) = current.live_netns(None) else {
                 continue;
             };
-            if current.state != State::Ready || current.public_key != record.public_key {
-                continue;
-            }
-            let view = NetworkView::read_complete(&store, conf)?;
+            view.records.truncate(remote);
+            view.records.extend(store.node_records()?);
+            view.gateway = match conf.host_gateway {
+                true => store.gateway()?,
+                false => None,
+            };
             let link = current.link(Some(&pod));
             let outcome = view.desired_for_pod(&current).and_then(|desired| {
                 let moved = endpoints.moved(&desired);
@@ -183,17 +188,8 @@ impl LinkSync {
                     Prune::Everything,
                     &moved,
                 )?;
-                // A few new pods: start their handshakes now. Not a first sync of thousands of
-                // peers: that would flood the daemon (and the network) with handshakes.
-                if let Some(added) = added.as_ref().filter(|a| a.len() <= HANDSHAKE_KICK_LIMIT) {
-                    reconcile::start_handshakes(current.backend, &link, added)?;
-                    handshakes::spawn(handshakes::Followup {
-                        conf: conf.clone(),
-                        node: self.node.clone(),
-                        container_id: current.container_id.clone(),
-                        ifname: current.ifname.clone(),
-                        peers: added.iter().map(|p| p.public_key.clone()).collect(),
-                    });
+                if let Some(added) = &added {
+                    self.kick(conf, &current, &link, added)?;
                 }
                 Ok(added.is_some())
             });
@@ -208,7 +204,9 @@ impl LinkSync {
         }
         if conf.host_gateway {
             let _lock = store.lock()?;
-            let mut view = NetworkView::read_complete(&store, conf)?;
+            view.records.truncate(remote);
+            view.records.extend(store.node_records()?);
+            view.gateway = store.gateway()?;
             view.moved = endpoints.moved(&view.desired_for_gateway());
             let live = view
                 .gateway
@@ -229,27 +227,158 @@ impl LinkSync {
         if let Ok(mut last) = self.last_endpoints.lock() {
             last.insert(conf.name.clone(), endpoints.given);
         }
-        tracing::debug!(network = %conf.name, updated, failed, "links reconciled");
+        tracing::debug!(network = %conf.name, updated, failed, "links resynced");
         Ok(())
     }
-}
 
-impl LinkReconciler for LinkSync {
-    fn reconcile(&self, network: &str) {
+    /// Write one change's peers to every live link of this node, one link per lock hold,
+    /// without reading the devices.
+    fn apply_changes(&self, conf: &NetConf, changes: &PeerChanges) -> Result<()> {
+        let Some(store) = Store::open_existing(&conf.store, &conf.name, &self.node)? else {
+            return Ok(());
+        };
+        let (records, gateway) = {
+            let _lock = store.lock()?;
+            let gateway = match conf.host_gateway {
+                true => store.gateway()?.filter(|gw| gw.boot_id == self.boot_id),
+                false => None,
+            };
+            (store.node_records()?, gateway)
+        };
+        let for_pods = changes.for_pod_link(gateway.is_some());
+        let new_pods = changes.new_pods();
+        let mut failed = 0;
+        for record in records {
+            if record.state != State::Ready || record.boot_id != self.boot_id {
+                continue;
+            }
+            let _lock = store.lock()?;
+            let Some(current) = self.still_live(&store, &record)? else {
+                continue;
+            };
+            let Some(pod) = current.live_netns(None) else {
+                continue;
+            };
+            let link = current.link(Some(&pod));
+            let written = wireguard::backend(current.backend)
+                .apply(&link, &for_pods)
+                .and_then(|()| self.kick(conf, &current, &link, &new_pods));
+            if let Err(e) = written {
+                failed += 1;
+                tracing::warn!(network = %conf.name, container = %current.container_id, error = %e, "could not update a pod link; the next resync repairs it");
+            }
+        }
+        if let Some(gateway) = gateway {
+            let _lock = store.lock()?;
+            if let Err(e) =
+                reconcile::tell_gateway_link(&self.host, &gateway, &changes.for_gateway())
+            {
+                failed += 1;
+                tracing::warn!(network = %conf.name, error = %e, "could not update the node gateway; the next resync repairs it");
+            }
+            if changes.gateways_changed {
+                let nodes: Vec<_> = store
+                    .remote_gateways()?
+                    .iter()
+                    .map(|g| g.endpoint)
+                    .collect();
+                if let Err(e) = node_paths::sync(&self.host, &gateway, &nodes) {
+                    failed += 1;
+                    tracing::warn!(network = %conf.name, error = %e, "could not route other nodes' addresses through the gateway");
+                }
+            }
+        }
+        self.remember(&conf.name, changes);
+        tracing::debug!(network = %conf.name, upserted = changes.upsert.len(), removed = changes.remove.len(), failed, "peer changes written");
+        Ok(())
+    }
+
+    /// Under the lock: the record of `listed` if it is still there, still ready, still with
+    /// the same key (its namespace is checked by the caller).
+    fn still_live(&self, store: &Store, listed: &Record) -> Result<Option<Record>> {
+        let current = store.get(&listed.container_id, &listed.ifname)?;
+        Ok(current.filter(|c| c.state == State::Ready && c.public_key == listed.public_key))
+    }
+
+    /// A few new remote pods: start their handshakes now. Not a first sync of thousands of
+    /// peers: that would flood the daemon (and the network) with handshakes.
+    fn kick(
+        &self,
+        conf: &NetConf,
+        record: &Record,
+        link: &wireguard::LinkRef,
+        added: &[wireguard::Peer],
+    ) -> Result<()> {
+        if added.is_empty() || added.len() > HANDSHAKE_KICK_LIMIT {
+            return Ok(());
+        }
+        reconcile::start_handshakes(record.backend, link, added)?;
+        handshakes::follow_up(handshakes::Followup {
+            conf: conf.clone(),
+            node: self.node.clone(),
+            container_id: record.container_id.clone(),
+            ifname: record.ifname.clone(),
+            peers: added.iter().map(|p| p.public_key.clone()).collect(),
+        });
+        Ok(())
+    }
+
+    fn remembered(&self, network: &str) -> HashMap<Key, SocketAddr> {
+        self.last_endpoints
+            .lock()
+            .ok()
+            .and_then(|m| m.get(network).cloned())
+            .unwrap_or_default()
+    }
+
+    /// The endpoints a change gave (or took): the next resync compares with them.
+    fn remember(&self, network: &str, changes: &PeerChanges) {
+        let Ok(mut last) = self.last_endpoints.lock() else {
+            return;
+        };
+        let given = last.entry(network.to_string()).or_default();
+        for upsert in changes.upsert.iter().filter(|u| u.new || u.moved) {
+            if let Some(endpoint) = upsert.peer.endpoint {
+                given.insert(upsert.peer.public_key.clone(), endpoint);
+            }
+        }
+        for key in &changes.remove {
+            given.remove(key);
+        }
+    }
+
+    fn conf_of(&self, network: &str) -> Option<NetConf> {
         let networks = super::config::read_networks(&self.cni_conf_dir, &self.store);
         let conf = networks
             .ok()
             .and_then(|nets| nets.into_iter().find(|n| n.name == network))
             .map(|n| n.conf);
-        let Some(conf) = conf else {
+        if conf.is_none() {
             tracing::warn!(
                 network,
                 "no conflist for this network any more: links left as they are"
             );
+        }
+        conf
+    }
+}
+
+impl LinkReconciler for LinkSync {
+    fn resync(&self, network: &str) {
+        let Some(conf) = self.conf_of(network) else {
             return;
         };
-        if let Err(e) = self.sync(&conf) {
-            tracing::warn!(network, error = %e, "reconcile failed");
+        if let Err(e) = self.resync(&conf) {
+            tracing::warn!(network, error = %e, "resync failed");
+        }
+    }
+
+    fn apply(&self, network: &str, changes: &PeerChanges) {
+        let Some(conf) = self.conf_of(network) else {
+            return;
+        };
+        if let Err(e) = self.apply_changes(&conf, changes) {
+            tracing::warn!(network, error = %e, "writing peer changes failed; the next resync repairs it");
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+
 use std::time::Duration;
 
 use ipnetwork::IpNetwork;
@@ -16,8 +16,8 @@ use super::keys::{KeyKind, Keys, LinkName};
 use super::membership::{
     self, Candidate, Claim, EndpointClaim, Liveness, Policy, Refusal, Verdict,
 };
-use super::publish::{read_small, to_json};
-use super::subnet::{ClaimValue, write_atomic};
+use super::publish::to_json;
+use super::subnet::ClaimValue;
 use crate::store::{GatewayRecord, Record, State};
 
 /// A directory holding this file is a mirror this agent may sweep.
@@ -99,7 +99,6 @@ pub struct Evaluation {
 pub struct Mirror {
     keys: Keys,
     own_node: String,
-    network_dir: PathBuf,
     /// The network's address plan (this node's conflist): what other nodes are held to.
     policy: Policy,
     kvs: BTreeMap<String, Kv>,
@@ -126,18 +125,13 @@ pub struct Mirror {
     refusals: BTreeMap<Refusal, u64>,
     reported_stale: BTreeSet<String>,
     reported_gone: BTreeSet<String>,
-    /// What this agent last wrote per remote node (file → body).
-    on_disk: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
-    /// A write failed: read the directories back next time.
-    needs_verify: bool,
 }
 
 impl Mirror {
-    pub fn new(keys: Keys, own_node: &str, network_dir: PathBuf, policy: Policy) -> Mirror {
+    pub fn new(keys: Keys, own_node: &str, policy: Policy) -> Mirror {
         Mirror {
             keys,
             own_node: own_node.to_string(),
-            network_dir,
             policy,
             kvs: BTreeMap::new(),
             links_per_node: BTreeMap::new(),
@@ -152,8 +146,6 @@ impl Mirror {
             refusals: BTreeMap::new(),
             reported_stale: BTreeSet::new(),
             reported_gone: BTreeSet::new(),
-            on_disk: BTreeMap::new(),
-            needs_verify: true,
         }
     }
 
@@ -534,73 +526,6 @@ impl Mirror {
             now.saturating_sub(*since) >= grace.as_secs() && !self.reported_gone.contains(node)
         })
     }
-
-    /// Make the mirror directories say exactly `trusted`; returns whether a file changed.
-    /// With `verify`, every mirror directory is read back (mark and sweep, after a full
-    /// sync and every resync interval); otherwise only the difference from what this agent
-    /// last wrote is applied.
-    pub fn write(
-        &mut self,
-        trusted: &BTreeMap<String, BTreeMap<String, Vec<u8>>>,
-        verify: bool,
-    ) -> bool {
-        let verify = verify || std::mem::take(&mut self.needs_verify);
-        let mut changed = false;
-        let mut dirs: BTreeSet<String> = trusted.keys().cloned().collect();
-        if verify {
-            dirs.extend(self.marked_dirs());
-            self.on_disk.clear();
-        } else {
-            dirs.extend(self.on_disk.keys().cloned());
-        }
-        let empty = BTreeMap::new();
-        for node in dirs {
-            if node == self.own_node {
-                continue;
-            }
-            let dir = self.network_dir.join(&node);
-            if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
-                tracing::error!(dir = %dir.display(), "a mirror directory is a symbolic link: not following it");
-                continue;
-            }
-            let wanted = trusted.get(&node).unwrap_or(&empty);
-            let known = self.on_disk.remove(&node);
-            if known.is_none() && !wanted.is_empty() && !dir.join(MARKER_FILE).exists() {
-                if dir.is_dir() && has_records(&dir) {
-                    tracing::error!(dir = %dir.display(), "a node directory without the mirror marker holds records: not mirroring into it");
-                    continue;
-                }
-                if let Err(e) = write_atomic(&dir, MARKER_FILE, b"") {
-                    tracing::warn!(error = %format!("{e:#}"), "cannot create a mirror directory");
-                    self.needs_verify = true;
-                    continue;
-                }
-            }
-            let outcome = match &known {
-                Some(known) if !verify => sync_known(&dir, wanted, known),
-                _ => sync_dir(&dir, wanted),
-            };
-            changed |= outcome.changed;
-            self.needs_verify |= outcome.failed;
-            if !wanted.is_empty() {
-                self.on_disk.insert(node, wanted.clone());
-            }
-        }
-        changed
-    }
-
-    /// Mirror directories (holding the marker) of other nodes.
-    fn marked_dirs(&self) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(&self.network_dir) else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().join(MARKER_FILE).exists())
-            .filter_map(|e| e.file_name().to_str().map(str::to_string))
-            .filter(|n| *n != self.own_node)
-            .collect()
-    }
 }
 
 /// A record's endpoint comes from its node key: a node that moved (a new address re-detected
@@ -626,83 +551,6 @@ fn at_node_endpoint(body: Vec<u8>, endpoints: &[std::net::IpAddr]) -> Vec<u8> {
         .unwrap_or(&endpoints[0]);
     record["endpoint"] = serde_json::Value::String(chosen.to_string());
     to_json(&record)
-}
-
-fn has_records(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries.filter_map(|e| e.ok()).any(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| LinkName::from_file_name(n).is_some())
-        })
-    })
-}
-
-#[derive(Default)]
-struct Outcome {
-    changed: bool,
-    failed: bool,
-}
-
-/// Read the directory back: write files that differ, remove record files not wanted.
-fn sync_dir(dir: &Path, wanted: &BTreeMap<String, Vec<u8>>) -> Outcome {
-    let mut outcome = Outcome::default();
-    for (file, body) in wanted {
-        if read_small(&dir.join(file)).as_deref() != Some(body.as_slice()) {
-            write_one(dir, file, body, &mut outcome);
-        }
-    }
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.filter_map(|e| e.ok()) {
-            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
-                continue;
-            };
-            let ours = LinkName::from_file_name(&name).is_some() || name == NODE_FILE;
-            if ours && !wanted.contains_key(&name) {
-                remove_one(&entry.path(), &mut outcome);
-            }
-        }
-    }
-    outcome
-}
-
-/// Apply the difference from what was last written, without reading the directory.
-fn sync_known(
-    dir: &Path,
-    wanted: &BTreeMap<String, Vec<u8>>,
-    known: &BTreeMap<String, Vec<u8>>,
-) -> Outcome {
-    let mut outcome = Outcome::default();
-    for (file, body) in wanted {
-        if known.get(file) != Some(body) {
-            write_one(dir, file, body, &mut outcome);
-        }
-    }
-    for file in known.keys().filter(|f| !wanted.contains_key(*f)) {
-        remove_one(&dir.join(file), &mut outcome);
-    }
-    outcome
-}
-
-fn write_one(dir: &Path, file: &str, body: &[u8], outcome: &mut Outcome) {
-    match write_atomic(dir, file, body) {
-        Ok(()) => outcome.changed = true,
-        Err(e) => {
-            tracing::warn!(error = %format!("{e:#}"), "writing a mirror record");
-            outcome.failed = true;
-        }
-    }
-}
-
-fn remove_one(path: &Path, outcome: &mut Outcome) {
-    match std::fs::remove_file(path) {
-        Ok(()) => outcome.changed = true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "removing a mirror record");
-            outcome.failed = true;
-        }
-    }
 }
 
 /// A remote record's addresses, boot id and canonical body; `Err` says why it is unusable.
@@ -756,13 +604,6 @@ fn decode(prefix: &str, node: &str, name: &LinkName, value: &[u8]) -> Result<Dec
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn files(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
-        pairs
-            .iter()
-            .map(|(f, b)| (f.to_string(), b.as_bytes().to_vec()))
-            .collect()
-    }
 
     #[test]
     fn a_record_is_reached_where_its_node_key_says() {
@@ -821,58 +662,5 @@ mod tests {
             )
             .is_ok()
         );
-    }
-
-    #[test]
-    fn write_mirrors_sweeps_and_never_touches_own_or_foreign_dirs() {
-        let dir = tempfile::tempdir().unwrap();
-        let net = dir.path().join("net");
-        // This node's own directory, and a foreign directory with records but no marker.
-        std::fs::create_dir_all(net.join("me")).unwrap();
-        std::fs::write(net.join("me/a:eth0.json"), "mine").unwrap();
-        std::fs::create_dir_all(net.join("foreign")).unwrap();
-        std::fs::write(net.join("foreign/f:eth0.json"), "theirs").unwrap();
-        let mut mirror = Mirror::new(Keys::new("net"), "me", net.clone(), Policy::default());
-
-        let mut trusted = BTreeMap::new();
-        trusted.insert(
-            "r".to_string(),
-            files(&[("x:eth0.json", "X"), ("y:eth0.json", "Y")]),
-        );
-        trusted.insert("me".to_string(), files(&[("a:eth0.json", "overwritten?")]));
-        trusted.insert("foreign".to_string(), files(&[("g:eth0.json", "G")]));
-        assert!(mirror.write(&trusted, true));
-        assert_eq!(std::fs::read(net.join("r/x:eth0.json")).unwrap(), b"X");
-        assert!(net.join("r").join(MARKER_FILE).exists());
-        assert_eq!(std::fs::read(net.join("me/a:eth0.json")).unwrap(), b"mine");
-        assert!(!net.join("foreign/g:eth0.json").exists());
-        assert!(net.join("foreign/f:eth0.json").exists());
-
-        // Nothing changed: nothing written.
-        assert!(!mirror.write(&trusted, false));
-        // A file removed behind the agent's back comes back at the next read-back.
-        std::fs::remove_file(net.join("r/y:eth0.json")).unwrap();
-        assert!(!mirror.write(&trusted, false));
-        assert!(mirror.write(&trusted, true));
-        assert!(net.join("r/y:eth0.json").exists());
-
-        // Gone from the trusted set: swept, marker and other files stay.
-        std::fs::write(net.join("r/subnet.json"), "{}").unwrap();
-        trusted.insert("r".to_string(), files(&[("x:eth0.json", "X2")]));
-        assert!(mirror.write(&trusted, false));
-        assert_eq!(std::fs::read(net.join("r/x:eth0.json")).unwrap(), b"X2");
-        assert!(!net.join("r/y:eth0.json").exists());
-        trusted.remove("r");
-        assert!(mirror.write(&trusted, false));
-        assert!(!net.join("r/x:eth0.json").exists());
-        assert!(net.join("r/subnet.json").exists());
-        assert!(net.join("r").join(MARKER_FILE).exists());
-
-        // A symlinked node directory is never followed.
-        let elsewhere = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(elsewhere.path(), net.join("s")).unwrap();
-        trusted.insert("s".to_string(), files(&[("z:eth0.json", "Z")]));
-        mirror.write(&trusted, true);
-        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
     }
 }

@@ -1,7 +1,7 @@
 //! `wg-cni agent`: the per-node loop that carries records between nodes through etcd.
 //! Per served network: claim the node's subnet, hold a liveness lease with the node key,
 //! publish this node's records, mirror every other node's trusted records into the store,
-//! and call the reconcile hook after the mirror changes. The CNI commands never reach this
+//! and hand what changed to the reconciler thread, which writes the mirror files and the links. The CNI commands never reach this
 //! module (no tokio multi-thread runtime, no etcd client on their path).
 
 pub mod cli;
@@ -12,12 +12,16 @@ mod etcd;
 pub mod forget;
 mod handshakes;
 pub mod health;
+mod index;
 pub mod keys;
 pub mod links;
+mod liveness;
 pub mod membership;
 pub mod mirror;
+mod mirror_files;
 mod network;
 mod publish;
+mod reconciler;
 pub mod subnet;
 mod supervisor;
 
@@ -26,16 +30,22 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use crate::reconcile;
+
 pub use config::Settings;
 pub use health::AgentStatus;
 
-/// Applies a network's peer sets to this node's live WireGuard links, from the store (this
-/// node's records and the mirrored ones). The agent calls it only after the network's first
-/// complete sync (`AgentStatus::first_sync_done`), after every change of the mirror and every
-/// resync interval. It runs on a blocking thread; calls for one network never overlap, calls
-/// for different networks may. It takes the network's flock itself (per link).
+/// Applies a network's peers to this node's live WireGuard links. The agent calls it on its
+/// reconciler thread (calls never overlap), only after the network's first complete sync
+/// (`AgentStatus::first_sync_done`), once the mirror files say what the call is about. It
+/// takes the network's flock itself, per link.
 pub trait LinkReconciler: Send + Sync {
-    fn reconcile(&self, network: &str);
+    /// Bring every link to its whole desired peer set, from the store (this node's records
+    /// and the mirrored ones): after the first complete sync and every resync interval.
+    fn resync(&self, network: &str);
+    /// Write these one-peer changes (a remote pod or gateway came, went or moved) to the links
+    /// they concern, without reading the devices.
+    fn apply(&self, network: &str, changes: &reconcile::PeerChanges);
 }
 
 /// Run the agent until SIGTERM or SIGINT (on a multi-thread tokio runtime of its own).
@@ -78,7 +88,7 @@ pub fn run_until(
             }
         }
     });
-    // Network loops may be inside a blocking reconcile: do not wait for them forever.
+    // Blocking file and link work runs on the reconciler thread, which ends with its senders.
     runtime.shutdown_timeout(Duration::from_secs(2));
     result
 }
@@ -106,6 +116,8 @@ async fn run_async(
     };
     tracing::info!(node = %settings.node, endpoints = ?settings.etcd_endpoints, "agent started");
 
+    let reconciler =
+        reconciler::Reconciler::spawn(settings.node.clone(), reconciler, status.clone())?;
     let mut supervisor = supervisor::Supervisor::new(
         settings.clone(),
         client,

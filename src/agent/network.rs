@@ -1,29 +1,26 @@
-//! One network's loop: claim the subnet, hold the liveness lease, publish this node's
-//! records, keep the mirror in step with etcd (list, then watch), call the reconcile hook.
-//! One task, one loop: no locks between its parts.
+//! One network's loop: claim the subnet, hold the liveness lease (kept alive by a task of its
+//! own), publish this node's records, keep the mirror and the index in step with etcd (list,
+//! then watch) and send what changed to the reconciler thread, never waiting for it.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
+use etcd_client::Client;
 use ipnetwork::IpNetwork;
 
 use super::config::{Network, Settings};
 use super::datastore::{Datastore, EtcdStore, EtcdWatch, Watch, Watched};
 use super::health::AgentStatus;
+use super::index::Index;
 use super::keys::Keys;
+use super::liveness::Lease;
 use super::mirror::{Mirror, NodeInfo};
-use super::{LinkReconciler, etcd, publish, subnet};
-
-/// The liveness lease this node holds for one network.
-struct Lease {
-    id: i64,
-    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
-    last_ok: Instant,
-}
+use super::reconciler::{Files, Job, Reconciler, Work};
+use super::{etcd, publish, subnet};
 
 /// Everything one network needs; one task, one loop: no locks between its parts.
 pub(super) struct NetworkLoop {
@@ -32,10 +29,15 @@ pub(super) struct NetworkLoop {
     keys: Keys,
     client: Client,
     boot_id: String,
+    network_dir: PathBuf,
     node_dir: PathBuf,
     status: Arc<AgentStatus>,
-    reconciler: Arc<dyn LinkReconciler>,
+    reconciler: Reconciler,
     mirror: Mirror,
+    /// The trusted remote records as last sent to the reconciler thread.
+    index: Index,
+    /// The reconciler thread could not write a mirror file: read them all back.
+    verify_wanted: Arc<AtomicBool>,
     subnets: Option<Vec<IpNetwork>>,
     /// The revision at which our claim was seen winning: the mirror is not up to date on our
     /// claim before it has seen that revision.
@@ -55,7 +57,6 @@ pub(super) struct NetworkLoop {
     synced: bool,
     next_subnet_try: Instant,
     next_lease_try: Instant,
-    next_keepalive: Instant,
     next_heartbeat: Instant,
     /// The lease a leased subnet's claim rides on (0: none), and when to renew it.
     claim_lease: i64,
@@ -73,14 +74,17 @@ impl NetworkLoop {
         client: Client,
         boot_id: String,
         status: Arc<AgentStatus>,
-        reconciler: Arc<dyn LinkReconciler>,
+        reconciler: Reconciler,
     ) -> NetworkLoop {
         let keys = Keys::new(&net.name);
         let network_dir = settings.store.join(&net.name);
         let node_dir = network_dir.join(&settings.node);
         let now = Instant::now();
         NetworkLoop {
-            mirror: Mirror::new(keys.clone(), &settings.node, network_dir, net.policy()),
+            mirror: Mirror::new(keys.clone(), &settings.node, net.policy()),
+            index: Index::new(net.conf.persistent_keepalive),
+            verify_wanted: Arc::default(),
+            network_dir,
             settings,
             net,
             keys,
@@ -101,7 +105,6 @@ impl NetworkLoop {
             synced: false,
             next_subnet_try: now,
             next_lease_try: now,
-            next_keepalive: now,
             next_heartbeat: now,
             claim_lease: 0,
             next_claim_renewal: now,
@@ -146,6 +149,7 @@ impl NetworkLoop {
                     return;
                 }
                 message = next_message(&mut self.watch) => self.on_watch(message).await,
+                () = lease_lost(&mut self.lease) => self.lease = None,
                 Some(()) = changes.recv() => {
                     // Let a burst of writes settle, then publish once.
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -161,7 +165,9 @@ impl NetworkLoop {
         let Some(lease) = self.lease.take() else {
             return;
         };
-        match etcd::bounded(self.client.lease_revoke(lease.id)).await {
+        let id = lease.id;
+        drop(lease); // its keeper first
+        match etcd::bounded(self.client.lease_revoke(id)).await {
             Ok(_) => {
                 tracing::info!(network = %self.net.name, "no longer served: liveness lease revoked (the subnet claim stays)")
             }
@@ -186,8 +192,6 @@ impl NetworkLoop {
         if self.subnets.is_some() {
             if self.lease.is_none() && now >= self.next_lease_try {
                 self.grant_lease().await;
-            } else if self.lease.is_some() && now >= self.next_keepalive {
-                self.keep_alive().await;
             }
             if self.lease.is_some() && now >= self.next_heartbeat {
                 self.heartbeat().await;
@@ -209,8 +213,9 @@ impl NetworkLoop {
             // Stale nodes cross the grace period on the clock, not on an event.
             self.mirror_changed(false).await;
         }
-        if self.synced && now >= self.next_reconcile {
-            // Periodically: read the mirror back (someone may have touched it) and reconcile.
+        let verify = self.verify_wanted.swap(false, Ordering::Relaxed);
+        if self.synced && (now >= self.next_reconcile || verify) {
+            // Periodically: read the mirror back (someone may have touched it) and resync.
             self.mirror_changed(true).await;
         }
     }
@@ -267,9 +272,11 @@ impl NetworkLoop {
                     s.subnets = Some(subnets.clone());
                     s.subnet_error = None;
                 });
-                // The node key carries the subnets: re-announce when they changed.
+                // The node key carries the subnets: re-announce when they changed; the
+                // gateway follows them at the next resync, due now.
                 if self.announced != subnets {
                     self.lease = None;
+                    self.next_reconcile = Instant::now();
                 }
                 self.subnets = Some(subnets);
             }
@@ -445,13 +452,13 @@ impl NetworkLoop {
                 self.announced = self.subnets.clone().unwrap_or_default();
                 self.announced_info = info;
                 tracing::info!(network = %self.name(), lease = id, links_changed = changed, "node key announced on a new lease");
-                let now = Instant::now();
-                self.lease = Some(Lease {
+                self.lease = Some(Lease::keep(
+                    self.client.clone(),
                     id,
-                    keeper: None,
-                    last_ok: now,
-                });
-                self.next_keepalive = now + self.keepalive_interval();
+                    Duration::from_secs(ttl as u64),
+                    self.net.name.clone(),
+                    self.status.clone(),
+                ));
                 self.status.update(&self.net.name, |s| s.lease_held = true);
                 self.heartbeat().await;
             }
@@ -464,55 +471,6 @@ impl NetworkLoop {
 
     fn keepalive_interval(&self) -> Duration {
         (self.settings.lease_ttl / 3).max(Duration::from_millis(500))
-    }
-
-    async fn keep_alive(&mut self) {
-        let now = Instant::now();
-        self.next_keepalive = now + self.keepalive_interval();
-        let Some(lease) = self.lease.as_mut() else {
-            return;
-        };
-        let id = lease.id;
-        let client = &mut self.client;
-        let outcome = async {
-            if lease.keeper.is_none() {
-                lease.keeper = Some(etcd::bounded(client.lease_keep_alive(id)).await?);
-            }
-            let (keeper, stream) = lease.keeper.as_mut().expect("just set");
-            etcd::bounded(keeper.keep_alive()).await?;
-            match etcd::bounded(stream.message()).await? {
-                Some(resp) => anyhow::Ok(resp.ttl()),
-                None => anyhow::bail!("keep-alive stream closed"),
-            }
-        }
-        .await;
-        match outcome {
-            Ok(ttl) if ttl > 0 => {
-                lease.last_ok = now;
-                self.status.update(&self.net.name, |s| s.lease_held = true);
-            }
-            Ok(_) => {
-                tracing::warn!(network = %self.net.name, lease = id, "liveness lease lost: granting a new one and republishing");
-                self.lease = None;
-                self.status.update(&self.net.name, |s| s.lease_held = false);
-            }
-            Err(e) => {
-                // etcd-client reports a keep-alive answered with TTL 0 as this error.
-                let not_found = matches!(
-                    e.downcast_ref::<etcd_client::Error>(),
-                    Some(etcd_client::Error::LeaseKeepAliveError(m)) if m == "lease not found"
-                );
-                let expired = now.duration_since(lease.last_ok) >= self.settings.lease_ttl;
-                if not_found || expired {
-                    tracing::warn!(network = %self.net.name, lease = id, error = %format!("{e:#}"), "liveness lease lost: granting a new one and republishing");
-                    self.lease = None;
-                    self.status.update(&self.net.name, |s| s.lease_held = false);
-                } else {
-                    lease.keeper = None;
-                    self.failed("keep-alive failed", &e);
-                }
-            }
-        }
     }
 
     async fn publish(&mut self) {
@@ -643,18 +601,21 @@ impl NetworkLoop {
         }
     }
 
-    /// Re-evaluate trust, rewrite the mirror, and reconcile when a file changed. `full`: after
-    /// a full sync or on the resync interval: read the mirror back and reconcile regardless.
+    /// Re-evaluate trust, take the index to the trusted set and send the reconciler thread
+    /// what changed: files to write and one-peer changes. `full`: after a full sync or on the
+    /// resync interval: the mirror files are read back and every link resynced.
     async fn mirror_changed(&mut self, full: bool) {
-        let evaluation = self
+        let mut evaluation = self
             .mirror
             .evaluate(crate::host::now_unix(), self.settings.grace_period);
-        let changed = self.mirror.write(&evaluation.trusted, full);
+        let delta = self.index.update(std::mem::take(&mut evaluation.trusted));
         let stale = evaluation.stale.clone();
         let refused = self.mirror.refusals().clone();
+        let peers = self.index.peers();
         self.status.update(&self.net.name, |s| {
             s.stale_nodes = stale;
             s.refused = refused;
+            s.remote_peers = peers;
         });
         if let Some(other) = evaluation.own_claim_agent.as_ref().filter(|a| {
             self.subnets.is_some()
@@ -684,27 +645,32 @@ impl NetworkLoop {
             }
             _ => {}
         }
-        if changed || full {
-            self.reconcile().await;
-        }
-    }
-
-    async fn reconcile(&mut self) {
-        self.next_reconcile = Instant::now() + self.settings.resync_interval;
-        if !self.synced {
-            return;
-        }
         // Only after a complete sync may the reconciler act on (and remove) peers.
-        if !self.status.first_sync_done(&self.net.name) {
+        if !self.synced || !self.status.first_sync_done(&self.net.name) {
             return;
         }
-        let reconciler = self.reconciler.clone();
-        let network = self.net.name.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || reconciler.reconcile(&network)).await {
-            tracing::error!(network = %self.net.name, error = %e, "reconcile panicked");
-            self.status
-                .error(&self.net.name, format!("reconcile panicked: {e}"));
-        }
+        let (files, work) = if full {
+            self.next_reconcile = Instant::now() + self.settings.resync_interval;
+            (Files::Verify(self.index.snapshot()), Work::Resync)
+        } else if delta.is_empty() {
+            return;
+        } else {
+            (Files::Changes(delta.files), Work::Changes(delta.peers))
+        };
+        self.reconciler.send(Job {
+            network: self.net.name.clone(),
+            network_dir: self.network_dir.clone(),
+            files,
+            work,
+            verify_wanted: self.verify_wanted.clone(),
+        });
+    }
+}
+
+async fn lease_lost(lease: &mut Option<Lease>) {
+    match lease {
+        Some(lease) => lease.lost().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -13,10 +13,10 @@ use etcd_client::Client;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::LinkReconciler;
 use super::config::{self, Network, Settings};
 use super::health::AgentStatus;
 use super::network::NetworkLoop;
+use super::reconciler::Reconciler;
 
 /// The conf dir is re-read at least this often (inotify may be unavailable).
 pub const CONF_POLL: Duration = Duration::from_secs(10);
@@ -40,7 +40,7 @@ pub struct Supervisor {
     client: Client,
     boot_id: String,
     status: Arc<AgentStatus>,
-    reconciler: Arc<dyn LinkReconciler>,
+    reconciler: Reconciler,
     served: BTreeMap<String, Served>,
     warned_empty: bool,
 }
@@ -51,7 +51,7 @@ impl Supervisor {
         client: Client,
         boot_id: String,
         status: Arc<AgentStatus>,
-        reconciler: Arc<dyn LinkReconciler>,
+        reconciler: Reconciler,
     ) -> Supervisor {
         Supervisor {
             settings,

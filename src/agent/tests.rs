@@ -48,6 +48,8 @@ struct Call {
     network: String,
     first_sync_done: bool,
     mirrored: usize,
+    /// None: a resync; else the change's (new or rewritten peers, removed peers).
+    changes: Option<(usize, usize)>,
 }
 
 struct Recording {
@@ -57,7 +59,17 @@ struct Recording {
 }
 
 impl LinkReconciler for Recording {
-    fn reconcile(&self, network: &str) {
+    fn resync(&self, network: &str) {
+        self.record(network, None);
+    }
+
+    fn apply(&self, network: &str, changes: &crate::reconcile::PeerChanges) {
+        self.record(network, Some((changes.upsert.len(), changes.remove.len())));
+    }
+}
+
+impl Recording {
+    fn record(&self, network: &str, changes: Option<(usize, usize)>) {
         let mirrored = std::fs::read_dir(&self.mirror_dir)
             .map(|d| {
                 d.filter_map(|e| e.ok())
@@ -69,6 +81,7 @@ impl LinkReconciler for Recording {
             network: network.to_string(),
             first_sync_done: self.status.first_sync_done(network),
             mirrored,
+            changes,
         });
     }
 }
@@ -196,6 +209,10 @@ fn reconcile_hook_runs_after_the_first_sync_and_after_mirror_changes() {
         let first = &calls()[0];
         assert_eq!(first.network, "wgnet");
         assert!(first.first_sync_done, "{first:?}");
+        assert!(
+            first.changes.is_none(),
+            "the first call is a resync: {first:?}"
+        );
         assert_eq!(
             first.mirrored, 1,
             "the mirror is written before the hook runs"
@@ -209,7 +226,42 @@ fn reconcile_hook_runs_after_the_first_sync_and_after_mirror_changes() {
         wait_for("a reconcile call after the mirror changed", || {
             calls().iter().any(|c| c.mirrored == 2)
         });
+        let change = calls().into_iter().find(|c| c.mirrored == 2).unwrap();
+        assert_eq!(change.changes, Some((1, 0)), "one new peer: {change:?}");
         assert!(calls().iter().all(|c| c.first_sync_done));
+
+        // The remote node's key flaps (lost, then back): its records stay within the grace
+        // period, and no link is asked to change.
+        let before = calls().len();
+        etcdctl(&["del", &format!("{prefix}nodes/remote/info")]);
+        wait_for("the node seen stale", || {
+            status
+                .get("wgnet")
+                .is_some_and(|s| s.stale_nodes.contains("remote"))
+        });
+        etcdctl(&[
+            "put",
+            &format!("{prefix}nodes/remote/info"),
+            &info.to_string(),
+        ]);
+        wait_for("the node seen live again", || {
+            status
+                .get("wgnet")
+                .is_some_and(|s| s.stale_nodes.is_empty())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let after: Vec<Call> = calls().split_off(before);
+        assert!(
+            after.iter().all(|c| c.changes.is_none()),
+            "a flap changes no peer: {after:?}"
+        );
+
+        etcdctl(&["del", &format!("{prefix}links/remote/r1:eth0")]);
+        wait_for("the removal as a change", || {
+            calls()
+                .iter()
+                .any(|c| c.changes == Some((0, 1)) && c.mirrored == 1)
+        });
         assert!(status.readiness().is_ok(), "{:?}", status.readiness());
 
         let _ = stop.send(());

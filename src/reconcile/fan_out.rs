@@ -10,7 +10,8 @@ use wireguard_control::Key;
 use super::{NetworkView, Node, Prune, apply};
 use crate::cni::Result;
 use crate::mesh;
-use crate::store::{Record, State};
+use crate::netns::Netns;
+use crate::store::{GatewayRecord, Record, State};
 use crate::wireguard::{self, Update};
 
 /// How many links a fan-out talks to at once.
@@ -62,8 +63,13 @@ pub fn tell_gateway(node: &Node, view: &NetworkView, update: &Update) -> Result<
     let Some(gateway) = &view.gateway else {
         return Ok(());
     };
+    tell_gateway_link(node.host, gateway, update)
+}
+
+/// Send `update` to the gateway link `gateway` names (in `host`) without reading it first.
+pub fn tell_gateway_link(host: &Netns, gateway: &GatewayRecord, update: &Update) -> Result<()> {
     crate::failpoint::fail("gateway-update")?;
-    wireguard::backend(gateway.backend).apply(&gateway.link(node.host), update)
+    wireguard::backend(gateway.backend).apply(&gateway.link(host), update)
 }
 
 /// Bring the link of every ready attachment on this node that `which` selects to its

@@ -1,0 +1,272 @@
+//! The agent's in-memory index of one network: every trusted remote record by node and file
+//! (as the mirror writes them), with the peer each one gives this node's links. A new trusted set becomes a `Delta`: the files to write or remove, and
+//! the one-peer changes for the links. The store directory stays the plugin's source of
+//! truth; the index only saves the agent from reading it back on every event.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use wireguard_control::Key;
+
+use super::mirror::NODE_FILE;
+use crate::gateway;
+use crate::mesh;
+use crate::reconcile::{PeerChanges, PeerKind};
+use crate::store::{GatewayRecord, Record, State};
+use crate::wireguard::Peer;
+
+/// A mirror file's body, shared between the index and the jobs that write it.
+pub type Body = Arc<[u8]>;
+/// Remote node → file name → body: the trusted set as the mirror directories hold it.
+pub type Snapshot = BTreeMap<String, BTreeMap<String, Body>>;
+
+const GATEWAY_FILE: &str = "gateway.json";
+
+/// One mirror file to write (`Some`) or remove (`None`).
+#[derive(Debug, Clone)]
+pub struct FileChange {
+    pub node: String,
+    pub file: String,
+    pub body: Option<Body>,
+}
+
+/// What one change of the trusted set means on this node.
+#[derive(Debug, Default)]
+pub struct Delta {
+    pub files: Vec<FileChange>,
+    pub peers: PeerChanges,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.peers.is_empty()
+    }
+}
+
+struct Indexed {
+    body: Body,
+    peer: Option<(Peer, PeerKind)>,
+}
+
+pub struct Index {
+    keepalive: Option<u16>,
+    nodes: BTreeMap<String, BTreeMap<String, Indexed>>,
+    /// How many files give a peer.
+    peers: usize,
+}
+
+impl Index {
+    pub fn new(keepalive: Option<u16>) -> Index {
+        Index {
+            keepalive,
+            nodes: BTreeMap::new(),
+            peers: 0,
+        }
+    }
+
+    /// Take the index to `trusted`: answers the files that differ and the peers that change.
+    /// Cost: one comparison per file (bodies), one decode per changed file.
+    pub fn update(&mut self, trusted: BTreeMap<String, BTreeMap<String, Vec<u8>>>) -> Delta {
+        let mut delta = Delta::default();
+        let mut before = Peers::new();
+        let mut after = Peers::new();
+        let gone: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|n| !trusted.contains_key(*n))
+            .cloned()
+            .collect();
+        for node in gone {
+            for (file, old) in self.nodes.remove(&node).unwrap_or_default() {
+                removed(&mut before, &mut delta, &node, file, old);
+            }
+        }
+        for (node, files) in trusted {
+            let known = self.nodes.entry(node.clone()).or_default();
+            let unwanted: Vec<String> = known
+                .keys()
+                .filter(|f| !files.contains_key(*f))
+                .cloned()
+                .collect();
+            for file in unwanted {
+                let old = known.remove(&file).expect("listed");
+                removed(&mut before, &mut delta, &node, file, old);
+            }
+            for (file, body) in files {
+                if known.get(&file).is_some_and(|k| *k.body == *body) {
+                    continue;
+                }
+                let body: Body = body.into();
+                let indexed = Indexed {
+                    peer: peer_of(&file, &body, self.keepalive),
+                    body: body.clone(),
+                };
+                keep(&mut after, &indexed.peer);
+                if let Some(old) = known.insert(file.clone(), indexed) {
+                    keep(&mut before, &old.peer);
+                }
+                delta.files.push(FileChange {
+                    node: node.clone(),
+                    file,
+                    body: Some(body),
+                });
+            }
+        }
+        self.nodes.retain(|_, files| !files.is_empty());
+        self.peers = (self.peers + after.len()).saturating_sub(before.len());
+        delta.peers = PeerChanges::between(&before, &after);
+        delta
+    }
+
+    /// Every trusted file, for a resync that reads the mirror directories back.
+    pub fn snapshot(&self) -> Snapshot {
+        self.nodes
+            .iter()
+            .map(|(node, files)| {
+                let files = files
+                    .iter()
+                    .map(|(f, i)| (f.clone(), i.body.clone()))
+                    .collect();
+                (node.clone(), files)
+            })
+            .collect()
+    }
+
+    /// How many remote peers (pods and gateways) the index holds.
+    pub fn peers(&self) -> usize {
+        self.peers
+    }
+}
+
+type Peers = HashMap<Key, (Peer, PeerKind)>;
+
+/// A file that leaves the index: removed from the mirror, its peer from the links.
+fn removed(before: &mut Peers, delta: &mut Delta, node: &str, file: String, old: Indexed) {
+    keep(before, &old.peer);
+    delta.files.push(FileChange {
+        node: node.to_string(),
+        file,
+        body: None,
+    });
+}
+
+fn keep(peers: &mut Peers, peer: &Option<(Peer, PeerKind)>) {
+    if let Some((peer, kind)) = peer {
+        peers.insert(peer.public_key.clone(), (peer.clone(), *kind));
+    }
+}
+
+/// The peer a mirror file gives this node's links: a ready remote pod, or another node's
+/// gateway (its addresses and its node's). `node.json` and anything unreadable give none.
+fn peer_of(file: &str, body: &[u8], keepalive: Option<u16>) -> Option<(Peer, PeerKind)> {
+    if file == NODE_FILE {
+        return None;
+    }
+    if file == GATEWAY_FILE {
+        let gateway: GatewayRecord = serde_json::from_slice(body).ok()?;
+        let peer = gateway::peer_for_remote_pods(&gateway, keepalive).ok()?;
+        return Some((peer, PeerKind::RemoteGateway));
+    }
+    let record: Record = serde_json::from_slice(body).ok()?;
+    if record.state != State::Ready {
+        return None;
+    }
+    let peer = mesh::peer_of(&record, keepalive).ok()?;
+    Some((peer, PeerKind::Pod))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::KeyPair;
+
+    fn record(node: &str, id: &str, address: &str, endpoint: &str) -> (String, Vec<u8>) {
+        let key = KeyPair::generate().public().to_base64();
+        record_with_key(node, id, address, endpoint, &key)
+    }
+
+    fn record_with_key(
+        node: &str,
+        id: &str,
+        address: &str,
+        endpoint: &str,
+        key: &str,
+    ) -> (String, Vec<u8>) {
+        let body = serde_json::json!({"schema": 1, "state": "ready", "network": "n",
+            "node": node, "containerId": id, "ifname": "eth0", "publicKey": key,
+            "addresses": [address], "endpoint": endpoint, "listenPort": 52000,
+            "bootId": "b", "hostName": "wgc0", "backend": "userspace", "mtu": 1420,
+            "createdAt": 1});
+        (
+            format!("{id}:eth0.json"),
+            serde_json::to_vec(&body).unwrap(),
+        )
+    }
+
+    fn trusted(
+        files: &[(&str, &(String, Vec<u8>))],
+    ) -> BTreeMap<String, BTreeMap<String, Vec<u8>>> {
+        let mut t: BTreeMap<String, BTreeMap<String, Vec<u8>>> = BTreeMap::new();
+        for (node, (file, body)) in files {
+            t.entry(node.to_string())
+                .or_default()
+                .insert(file.clone(), body.clone());
+        }
+        t
+    }
+
+    #[test]
+    fn one_event_is_one_peer_and_a_rewrite_is_none() {
+        let mut index = Index::new(None);
+        let a = record("n2", "a", "10.0.2.2/32", "192.0.2.2");
+        let b = record("n2", "b", "10.0.2.3/32", "192.0.2.2");
+        let first = index.update(trusted(&[("n2", &a)]));
+        assert_eq!(first.files.len(), 1);
+        assert_eq!(first.peers.new_pods().len(), 1);
+
+        let second = index.update(trusted(&[("n2", &a), ("n2", &b)]));
+        assert_eq!(second.files.len(), 1, "only b's file is written");
+        assert_eq!(second.peers.upsert.len(), 1);
+        assert!(second.peers.remove.is_empty());
+        assert_eq!(index.peers(), 2);
+
+        let same = index.update(trusted(&[("n2", &a), ("n2", &b)]));
+        assert!(same.is_empty(), "nothing changed: {same:?}");
+
+        let without_a = index.update(trusted(&[("n2", &b)]));
+        assert_eq!(without_a.peers.remove.len(), 1);
+        assert!(without_a.peers.upsert.is_empty());
+        assert_eq!(index.peers(), 1);
+
+        let empty = index.update(BTreeMap::new());
+        assert_eq!(
+            empty.peers.remove.len(),
+            1,
+            "a node that leaves takes its peers"
+        );
+        assert_eq!(index.peers(), 0);
+        assert!(index.snapshot().is_empty());
+    }
+
+    #[test]
+    fn a_node_file_moves_no_peer_and_a_moved_record_is_moved() {
+        let mut index = Index::new(None);
+        let key = KeyPair::generate().public().to_base64();
+        let a = record_with_key("n2", "a", "10.0.2.2/32", "192.0.2.2", &key);
+        let node_file = |stale: bool| {
+            (
+                NODE_FILE.to_string(),
+                serde_json::to_vec(&serde_json::json!({ "stale": stale })).unwrap(),
+            )
+        };
+        index.update(trusted(&[("n2", &a), ("n2", &node_file(false))]));
+        let flap = index.update(trusted(&[("n2", &a), ("n2", &node_file(true))]));
+        assert_eq!(flap.files.len(), 1, "node.json is rewritten");
+        assert!(flap.peers.is_empty(), "but no link is touched");
+
+        let moved = record_with_key("n2", "a", "10.0.2.2/32", "192.0.2.7", &key);
+        let delta = index.update(trusted(&[("n2", &moved), ("n2", &node_file(true))]));
+        assert_eq!(delta.peers.upsert.len(), 1);
+        assert!(delta.peers.upsert[0].moved && !delta.peers.upsert[0].new);
+    }
+}
