@@ -64,23 +64,13 @@ impl Index {
         }
     }
 
-    /// Take the index to `trusted`: answers the files that differ and the peers that change.
-    /// Cost: one comparison per file (bodies), one decode per changed file.
+    /// Take the nodes in `trusted` to the files it names (an empty map: the node has none);
+    /// other nodes stay as they are. Answers the files that differ and the peers that change.
+    /// Cost: one comparison per file of those nodes, one decode per changed file.
     pub fn update(&mut self, trusted: BTreeMap<String, BTreeMap<String, Vec<u8>>>) -> Delta {
         let mut delta = Delta::default();
         let mut before = Peers::new();
         let mut after = Peers::new();
-        let gone: Vec<String> = self
-            .nodes
-            .keys()
-            .filter(|n| !trusted.contains_key(*n))
-            .cloned()
-            .collect();
-        for node in gone {
-            for (file, old) in self.nodes.remove(&node).unwrap_or_default() {
-                removed(&mut before, &mut delta, &node, file, old);
-            }
-        }
         for (node, files) in trusted {
             let known = self.nodes.entry(node.clone()).or_default();
             let unwanted: Vec<String> = known
@@ -220,15 +210,18 @@ mod tests {
         let mut index = Index::new(None);
         let a = record("n2", "a", "10.0.2.2/32", "192.0.2.2");
         let b = record("n2", "b", "10.0.2.3/32", "192.0.2.2");
+        let c = record("n3", "c", "10.0.3.2/32", "192.0.2.3");
         let first = index.update(trusted(&[("n2", &a)]));
         assert_eq!(first.files.len(), 1);
         assert_eq!(first.peers.new_pods().len(), 1);
 
+        let untouched = index.update(trusted(&[("n3", &c)]));
+        assert_eq!(untouched.peers.upsert.len(), 1, "another node's: n2 stays");
         let second = index.update(trusted(&[("n2", &a), ("n2", &b)]));
         assert_eq!(second.files.len(), 1, "only b's file is written");
         assert_eq!(second.peers.upsert.len(), 1);
         assert!(second.peers.remove.is_empty());
-        assert_eq!(index.peers(), 2);
+        assert_eq!(index.peers(), 3);
 
         let same = index.update(trusted(&[("n2", &a), ("n2", &b)]));
         assert!(same.is_empty(), "nothing changed: {same:?}");
@@ -236,16 +229,16 @@ mod tests {
         let without_a = index.update(trusted(&[("n2", &b)]));
         assert_eq!(without_a.peers.remove.len(), 1);
         assert!(without_a.peers.upsert.is_empty());
-        assert_eq!(index.peers(), 1);
+        assert_eq!(index.peers(), 2);
 
-        let empty = index.update(BTreeMap::new());
+        let empty = index.update(BTreeMap::from([("n2".to_string(), BTreeMap::new())]));
         assert_eq!(
             empty.peers.remove.len(),
             1,
             "a node that leaves takes its peers"
         );
-        assert_eq!(index.peers(), 0);
-        assert!(index.snapshot().is_empty());
+        assert_eq!(index.peers(), 1);
+        assert_eq!(index.snapshot().len(), 1);
     }
 
     #[test]
@@ -268,5 +261,96 @@ mod tests {
         let delta = index.update(trusted(&[("n2", &moved), ("n2", &node_file(true))]));
         assert_eq!(delta.peers.upsert.len(), 1);
         assert!(delta.peers.upsert[0].moved && !delta.peers.upsert[0].new);
+    }
+}
+
+/// Not part of the suite (`--ignored`, best with `--release`): what one event costs the
+/// network loop in memory work at scale (evaluation of the trusted set, then the index).
+#[cfg(test)]
+mod cost {
+    use super::*;
+    use crate::agent::datastore::{Change, Entry};
+    use crate::agent::keys::{Keys, LinkName};
+    use crate::agent::membership::Policy;
+    use crate::agent::mirror::Mirror;
+    use crate::keys::KeyPair;
+
+    #[test]
+    #[ignore]
+    fn one_event_at_ten_thousand_records() {
+        let keys = Keys::new("n");
+        let policy = Policy {
+            cluster_ranges: vec!["10.0.0.0/8".parse().unwrap()],
+            ..Policy::default()
+        };
+        let mut mirror = Mirror::new(keys.clone(), "me", policy);
+        let mut entries = Vec::new();
+        let mut rev = 1;
+        let mut entry = |key: String, value: serde_json::Value| {
+            rev += 1;
+            Entry {
+                key,
+                value: serde_json::to_vec(&value).unwrap(),
+                create_revision: rev,
+                mod_revision: rev,
+            }
+        };
+        let record = |node: &str, id: &str, address: String| {
+            let key = KeyPair::generate().public().to_base64();
+            serde_json::json!({"schema": 1, "state": "ready", "network": "n", "node": node,
+                "containerId": id, "ifname": "eth0", "publicKey": key,
+                "addresses": [address], "endpoint": format!("192.0.2.{}", &node[1..]),
+                "listenPort": 52000, "bootId": "b", "hostName": "wgc0",
+                "backend": "userspace", "mtu": 1420, "createdAt": 1})
+        };
+        for n in 1..=100 {
+            let node = format!("n{n}");
+            entries.push(entry(
+                keys.claim(&node),
+                serde_json::json!({"subnets": [format!("10.{n}.0.0/24")]}),
+            ));
+            entries.push(entry(
+                keys.node_info(&node),
+                serde_json::json!({"endpoints": [format!("192.0.2.{n}")], "bootId": "b",
+                    "subnets": [format!("10.{n}.0.0/24")], "mtu": 1420, "agentVersion": "t"}),
+            ));
+            for p in 0..100 {
+                let name = LinkName::parse(&format!("p{n}x{p}:eth0")).unwrap();
+                let body = record(
+                    &node,
+                    &format!("p{n}x{p}"),
+                    format!("10.{n}.0.{}/24", p + 2),
+                );
+                entries.push(entry(keys.link(&node, &name), body));
+            }
+        }
+        mirror.replace_all(entries, rev);
+        let mut index = Index::new(None);
+        let start = std::time::Instant::now();
+        let evaluation = mirror.evaluate(1, std::time::Duration::from_secs(60));
+        let first = index.update(evaluation.trusted);
+        eprintln!("first: {:?}, {} files", start.elapsed(), first.files.len());
+        let name = LinkName::parse("new:eth0").unwrap();
+        let body = serde_json::to_vec(&record("n7", "new", "10.7.0.200/24".into())).unwrap();
+        let change = Change::Put(Entry {
+            key: keys.link("n7", &name),
+            value: body,
+            create_revision: rev + 1,
+            mod_revision: rev + 1,
+        });
+        let start = std::time::Instant::now();
+        mirror.apply(rev + 1, &[change]);
+        let applied = start.elapsed();
+        let evaluation = mirror.evaluate(1, std::time::Duration::from_secs(60));
+        let evaluated = start.elapsed();
+        let delta = index.update(evaluation.trusted);
+        eprintln!(
+            "one event: apply {applied:?}, evaluate {:?}, index {:?}; {} files, {} peers",
+            evaluated - applied,
+            start.elapsed() - evaluated,
+            delta.files.len(),
+            delta.peers.upsert.len()
+        );
+        assert_eq!(delta.peers.upsert.len(), 1);
     }
 }

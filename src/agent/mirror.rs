@@ -70,8 +70,22 @@ struct Kv {
     value: Vec<u8>,
     create_revision: i64,
     mod_revision: i64,
+    /// A link key's node and name, parsed once.
+    link: Option<(String, LinkName)>,
     /// A remote link key's record, decoded once when it arrives.
     record: Option<Result<Decoded, String>>,
+}
+
+/// What a node's verdicts depend on besides its own records: when none of it changed and no
+/// record of the node did, the node is not judged again.
+#[derive(Debug, Clone, PartialEq)]
+struct NodeInputs {
+    owned: Option<Vec<IpNetwork>>,
+    liveness: Option<Liveness>,
+    endpoints: Vec<IpAddr>,
+    info: Option<NodeInfo>,
+    has_key: bool,
+    silent_since: Option<u64>,
 }
 
 /// What trust and the mirror need from a remote record.
@@ -86,7 +100,9 @@ struct Decoded {
 /// The outcome of one evaluation.
 #[derive(Debug, Default)]
 pub struct Evaluation {
-    /// Remote node → file name → body (records, and `node.json` for nodes with records).
+    /// Remote node → file name → body (records, and `node.json` for nodes with records), for
+    /// the nodes judged anew: every other node's trusted set is what the last evaluation
+    /// said. An empty map: the node has nothing trusted (any more).
     pub trusted: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
     /// Nodes without a node key, inside the grace period.
     pub stale: BTreeSet<String>,
@@ -102,8 +118,14 @@ pub struct Mirror {
     /// The network's address plan (this node's conflist): what other nodes are held to.
     policy: Policy,
     kvs: BTreeMap<String, Kv>,
-    /// Link keys kept per remote node (the cap is checked against it).
-    links_per_node: BTreeMap<String, usize>,
+    /// Link keys kept, per node (the cap is checked against it).
+    links_by_node: BTreeMap<String, BTreeSet<String>>,
+    /// Every key that is no link key (claims, node keys, heartbeats, endpoint claims).
+    others: BTreeSet<String>,
+    /// Nodes with a link key changed since the last evaluation.
+    dirty: BTreeSet<String>,
+    /// What each node's last judgement depended on.
+    judged: BTreeMap<String, NodeInputs>,
     /// Each node's record cap, from its claim: computed once per claim, not per record.
     caps: BTreeMap<String, usize>,
     /// Nodes whose records were dropped at the cap: a re-list is due when their claim grows.
@@ -134,7 +156,10 @@ impl Mirror {
             own_node: own_node.to_string(),
             policy,
             kvs: BTreeMap::new(),
-            links_per_node: BTreeMap::new(),
+            links_by_node: BTreeMap::new(),
+            others: BTreeSet::new(),
+            dirty: BTreeSet::new(),
+            judged: BTreeMap::new(),
             caps: BTreeMap::new(),
             capped: BTreeSet::new(),
             relist_wanted: false,
@@ -154,7 +179,10 @@ impl Mirror {
     pub fn replace_all(&mut self, kvs: Vec<Entry>, revision: i64) {
         self.revision = revision;
         self.kvs.clear();
-        self.links_per_node.clear();
+        self.links_by_node.clear();
+        self.others.clear();
+        // Every node is judged again (those gone too: they leave the trusted set).
+        self.dirty.extend(self.judged.keys().cloned());
         self.caps.clear();
         self.capped.clear();
         self.relist_wanted = false;
@@ -200,7 +228,8 @@ impl Mirror {
                             cap
                         }
                     };
-                    if self.links_per_node.get(node).copied().unwrap_or(0) >= cap {
+                    let kept = self.links_by_node.get(node).map_or(0, BTreeSet::len);
+                    if kept >= cap {
                         self.capped.insert(node.clone());
                         let reason = format!(
                             "node {node} already has {cap} records, as many as its claim has addresses"
@@ -208,7 +237,6 @@ impl Mirror {
                         self.refuse(key, kv.mod_revision, Refusal::TooManyRecords, &reason);
                         return;
                     }
-                    *self.links_per_node.entry(node.clone()).or_default() += 1;
                 }
                 Some(decode(self.keys.prefix(), node, name, &kv.value))
             }
@@ -219,12 +247,27 @@ impl Mirror {
             }
             _ => None,
         };
+        let link = match kind {
+            Some(KeyKind::Link { node, name }) => {
+                self.links_by_node
+                    .entry(node.clone())
+                    .or_default()
+                    .insert(key.to_string());
+                self.dirty.insert(node.clone());
+                Some((node, name))
+            }
+            _ => {
+                self.others.insert(key.to_string());
+                None
+            }
+        };
         self.kvs.insert(
             key.to_string(),
             Kv {
                 value: kv.value.clone(),
                 create_revision: kv.create_revision,
                 mod_revision: kv.mod_revision,
+                link,
                 record,
             },
         );
@@ -234,11 +277,16 @@ impl Mirror {
         if self.kvs.remove(key).is_none() {
             return;
         }
+        self.others.remove(key);
         match self.keys.parse(key) {
             Some(KeyKind::Link { node, .. }) => {
-                if let Some(count) = self.links_per_node.get_mut(&node) {
-                    *count = count.saturating_sub(1);
+                if let Some(keys) = self.links_by_node.get_mut(&node) {
+                    keys.remove(key);
+                    if keys.is_empty() {
+                        self.links_by_node.remove(&node);
+                    }
                 }
+                self.dirty.insert(node);
             }
             Some(KeyKind::Claim { node }) => {
                 self.caps.remove(&node);
@@ -295,7 +343,10 @@ impl Mirror {
         self.revision
     }
 
-    /// Work out the trusted set at `now` (unix seconds).
+    /// Work out the trusted set at `now` (unix seconds). The node-level keys (claims, node
+    /// keys, heartbeats, endpoint claims) are evaluated every time; a node's records only when
+    /// one of them changed or what their verdicts depend on did (`NodeInputs`), so an event
+    /// costs the records of its own node, not the network's.
     pub fn evaluate(&mut self, now: u64, grace: Duration) -> Evaluation {
         let mut claims = Vec::new();
         let mut claim_revisions: BTreeMap<String, i64> = BTreeMap::new();
@@ -303,10 +354,9 @@ impl Mirror {
         let mut heartbeats: BTreeMap<String, u64> = BTreeMap::new();
         let mut own_claim_agent = None;
         let mut infos: BTreeMap<String, (NodeInfo, i64)> = BTreeMap::new();
-        let mut links: Vec<(String, LinkName, &Kv)> = Vec::new();
-        let mut nodes: BTreeSet<String> = BTreeSet::new();
-        for (key, kv) in &self.kvs {
-            let Some(kind) = self.keys.parse(key) else {
+        let mut nodes: BTreeSet<String> = self.links_by_node.keys().cloned().collect();
+        for key in &self.others {
+            let (Some(kind), Some(kv)) = (self.keys.parse(key), self.kvs.get(key)) else {
                 continue;
             };
             match kind {
@@ -342,10 +392,7 @@ impl Mirror {
                         create_revision: kv.create_revision,
                     });
                 }
-                KeyKind::Link { node, name } => {
-                    nodes.insert(node.clone());
-                    links.push((node, name, kv));
-                }
+                KeyKind::Link { .. } => {}
             }
         }
         let owners = membership::owners(&claims, &self.policy);
@@ -432,29 +479,71 @@ impl Mirror {
             refused.push((key, rev, refusal, reason));
         }
 
-        // Decode the remote records; undecodable ones are refused (and logged once).
+        // Judge again the nodes whose records or inputs changed; a node gone entirely leaves
+        // an empty trusted set.
+        let gone: Vec<String> = self
+            .judged
+            .keys()
+            .filter(|n| !nodes.contains(*n))
+            .cloned()
+            .collect();
+        for node in gone {
+            self.judged.remove(&node);
+            evaluation.trusted.insert(node, BTreeMap::new());
+        }
+        for node in nodes.iter().filter(|n| **n != self.own_node) {
+            let inputs = NodeInputs {
+                owned: owners.of(node).cloned(),
+                liveness: liveness.get(node).cloned(),
+                endpoints: accepted.get(node).cloned().unwrap_or_default(),
+                info: self.last_info.get(node).cloned(),
+                has_key: infos.contains_key(node),
+                silent_since: self.silent_since.get(node).copied(),
+            };
+            if !self.dirty.contains(node) && self.judged.get(node) == Some(&inputs) {
+                continue;
+            }
+            let files = self.judge_node(node, &inputs, &owners, &liveness, &infos, &mut refused);
+            evaluation.trusted.insert(node.clone(), files);
+            self.judged.insert(node.clone(), inputs);
+        }
+        self.dirty.clear();
+        for (key, rev, refusal, reason) in refused {
+            self.refuse(&key, rev, refusal, &reason);
+        }
+        evaluation
+    }
+
+    /// One node's trusted files: its records that pass, and its `node.json` when any does.
+    fn judge_node(
+        &self,
+        node: &str,
+        inputs: &NodeInputs,
+        owners: &membership::Owners,
+        liveness: &BTreeMap<String, Liveness>,
+        infos: &BTreeMap<String, (NodeInfo, i64)>,
+        refused: &mut Vec<(String, i64, Refusal, String)>,
+    ) -> BTreeMap<String, Vec<u8>> {
+        // Decode the records; undecodable ones are refused (and logged once).
         let mut candidates = Vec::new();
         let mut bodies = Vec::new();
-        for (node, name, kv) in links.iter().filter(|(n, _, _)| *n != self.own_node) {
-            let key = self.keys.link(node, name);
+        let keys = self.links_by_node.get(node).into_iter().flatten();
+        for (key, kv) in keys.filter_map(|k| Some((k, self.kvs.get(k)?))) {
+            let Some((_, name)) = &kv.link else {
+                continue;
+            };
             match &kv.record {
                 Some(Ok(decoded)) => {
                     candidates.push(Candidate {
-                        node: node.clone(),
+                        node: node.to_string(),
                         addresses: decoded.addresses.clone(),
                         boot_id: decoded.boot_id.clone(),
                         mod_revision: kv.mod_revision,
                     });
-                    bodies.push((
-                        key,
-                        node.clone(),
-                        name.file_name(),
-                        decoded.body.clone(),
-                        kv.mod_revision,
-                    ));
+                    bodies.push((key, name.file_name(), &decoded.body, kv.mod_revision));
                 }
                 Some(Err(reason)) => refused.push((
-                    key,
+                    key.clone(),
                     kv.mod_revision,
                     Refusal::RecordUndecodable,
                     reason.clone(),
@@ -462,54 +551,49 @@ impl Mirror {
                 None => {}
             }
         }
-        let verdicts = membership::judge(&candidates, &owners, &liveness);
-        for ((key, node, file, body, rev), verdict) in bodies.into_iter().zip(verdicts) {
-            let endpoints = accepted.get(&node).map(Vec::as_slice).unwrap_or_default();
+        let mut files = BTreeMap::new();
+        let verdicts = membership::judge(&candidates, owners, liveness);
+        for ((key, file, body, rev), verdict) in bodies.into_iter().zip(verdicts) {
             match verdict {
-                Verdict::Trusted if endpoints.is_empty() => {
+                Verdict::Trusted if inputs.endpoints.is_empty() => {
                     let reason = format!("node {node} has no address that may be used");
-                    refused.push((key, rev, Refusal::RecordWithoutEndpoint, reason));
+                    refused.push((key.clone(), rev, Refusal::RecordWithoutEndpoint, reason));
                 }
                 Verdict::Trusted => {
-                    let body = at_node_endpoint(body, endpoints);
-                    evaluation
-                        .trusted
-                        .entry(node)
-                        .or_default()
-                        .insert(file, body);
+                    files.insert(file, at_node_endpoint(body.clone(), &inputs.endpoints));
                 }
-                Verdict::Ignored(refusal, reason) => refused.push((key, rev, refusal, reason)),
+                Verdict::Ignored(refusal, reason) => {
+                    refused.push((key.clone(), rev, refusal, reason))
+                }
             }
         }
-        for (node, files) in evaluation.trusted.iter_mut() {
-            let info = self.last_info.get(node);
-            let subnets = owners.of(node).cloned().unwrap_or_default();
-            let mtu = info.map(|i| i.mtu).filter(|mtu| {
-                let admitted = self.policy.admits_mtu(*mtu, &subnets);
-                if !admitted {
-                    let key = format!("{}#mtu", self.keys.node_info(node));
-                    let rev = infos.get(node).map_or(0, |(_, rev)| *rev);
-                    let reason = format!("MTU {mtu} is below what the network's families need");
-                    refused.push((key, rev, Refusal::MtuBelowFloor, reason));
-                }
-                admitted
-            });
-            let file = NodeFile {
-                schema: 1,
-                node: node.clone(),
-                endpoints: accepted.get(node).cloned().unwrap_or_default(),
-                boot_id: info.map(|i| i.boot_id.clone()),
-                subnets,
-                mtu,
-                stale: !infos.contains_key(node),
-                stale_since: self.silent_since.get(node).copied(),
-            };
-            files.insert(NODE_FILE.to_string(), to_json(&file));
+        if files.is_empty() {
+            return files;
         }
-        for (key, rev, refusal, reason) in refused {
-            self.refuse(&key, rev, refusal, &reason);
-        }
-        evaluation
+        let info = inputs.info.as_ref();
+        let subnets = inputs.owned.clone().unwrap_or_default();
+        let mtu = info.map(|i| i.mtu).filter(|mtu| {
+            let admitted = self.policy.admits_mtu(*mtu, &subnets);
+            if !admitted {
+                let key = format!("{}#mtu", self.keys.node_info(node));
+                let rev = infos.get(node).map_or(0, |(_, rev)| *rev);
+                let reason = format!("MTU {mtu} is below what the network's families need");
+                refused.push((key, rev, Refusal::MtuBelowFloor, reason));
+            }
+            admitted
+        });
+        let file = NodeFile {
+            schema: 1,
+            node: node.to_string(),
+            endpoints: inputs.endpoints.clone(),
+            boot_id: info.map(|i| i.boot_id.clone()),
+            subnets,
+            mtu,
+            stale: !inputs.has_key,
+            stale_since: inputs.silent_since,
+        };
+        files.insert(NODE_FILE.to_string(), to_json(&file));
+        files
     }
 
     /// Log and count a refusal, once per key version.
