@@ -164,7 +164,7 @@ if [[ -n $GUEST_PHASES ]]; then
   cp "$xtables_dir"/*.so "$WORK/xt/"
   chmod +x "$WORK/xt"/*.so
   export VM_BINARIES="$WG $DRIVER $(command -v iperf3) $(command -v strace) /usr/sbin/xtables-nft-multi $(echo "$WORK"/xt/*.so)"
-  export VM_EXTRA_MODULES="nf_tables nft_compat nft_chain_nat nf_nat nf_conntrack xt_comment xt_MASQUERADE xt_nat xt_tcpudp"
+  export VM_EXTRA_MODULES="nf_tables nft_compat nft_chain_nat nf_nat nf_conntrack xt_comment xt_conntrack xt_MASQUERADE xt_nat xt_tcpudp"
   export VM_ENV="RUST_BACKTRACE=1"
   guest_cmd="set -e
 mkdir -p $xtables_dir

@@ -17,7 +17,7 @@ use crate::nat;
 use crate::netns::Netns;
 use crate::node_paths;
 use crate::ports;
-use crate::store::{GatewayRecord, SCHEMA_VERSION, State, Store};
+use crate::store::{GatewayRecord, RemoteNode, SCHEMA_VERSION, State, Store};
 use crate::wireguard::{self, LinkSpec, Peer};
 
 /// `wgg` + 12 hex digits of (store, network, node): stable, at most 15 bytes, and distinct
@@ -119,6 +119,27 @@ pub fn peer_for_remote_pods(gateway: &GatewayRecord, keepalive: Option<u16>) -> 
     let node = wireguard::host_prefix(gateway.endpoint);
     if !allowed_ips.contains(&node) {
         allowed_ips.push(node);
+    }
+    peer_allowing(gateway, allowed_ips, keepalive)
+}
+
+/// The peer a gateway gets for another on-demand node's gateway, the relay between them: that
+/// node's accepted subnets and addresses (as the membership layer accepted them, in its
+/// `node.json`) and the gateway's own addresses.
+pub fn peer_for_relay(
+    gateway: &GatewayRecord,
+    node: &RemoteNode,
+    keepalive: Option<u16>,
+) -> Result<Peer> {
+    let mut allowed_ips = gateway.addresses.clone();
+    let addresses = std::iter::once(gateway.endpoint).chain(node.endpoints.iter().copied());
+    for prefix in addresses
+        .map(wireguard::host_prefix)
+        .chain(node.subnets.iter().copied())
+    {
+        if !allowed_ips.contains(&prefix) {
+            allowed_ips.push(prefix);
+        }
     }
     peer_allowing(gateway, allowed_ips, keepalive)
 }
@@ -378,8 +399,17 @@ fn forwarding_and_nat(gateway: &GatewayRecord) -> Result<()> {
 /// The gateway's NAT rules: those it wants, and those to drop (`ipMasq` turned off).
 fn nat_rules(gateway: &GatewayRecord) -> (Vec<nat::Rule>, Vec<nat::Rule>) {
     let (mut want, mut drop) = (Vec::new(), Vec::new());
+    let (network, link) = (&gateway.network, &gateway.host_name);
+    let mut families: Vec<&IpNetwork> = gateway.routed().iter().collect();
+    families.sort_by_key(|s| s.is_ipv4());
+    families.dedup_by_key(|s| s.is_ipv4());
+    for family in families {
+        want.push(nat::forward(network, link, family, true));
+        want.push(nat::forward(network, link, family, false));
+    }
     for subnet in gateway.routed() {
         want.push(nat::hairpin(&gateway.network, &gateway.host_name, subnet));
+        drop.push(nat::legacy_hairpin(network, link, subnet));
         let masquerade = nat::masquerade(&gateway.network, &gateway.host_name, subnet);
         match gateway.masquerade {
             true => want.push(masquerade),

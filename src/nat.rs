@@ -1,9 +1,11 @@
 //! iptables rules of a network's gateway, run through the iptables binaries as the reference
-//! plugins do: the hairpin masquerade (pod range → gateway → pod range, so a pod reached
-//! through a Service sees the gateway as source and WireGuard's source check passes) and the
-//! optional `ipMasq` masquerade of pod traffic leaving the host. Every rule carries a comment
-//! naming the network and the gateway link, so removal finds exactly ours. A gateway's rules
-//! are converged in one `iptables-save` and at most one `iptables-restore` per family.
+//! plugins do: the hairpin masquerade (a DNATed flow pod range → gateway → pod range, so a pod
+//! reached through a Service sees the gateway as source and answers through it; relayed
+//! pod-to-pod traffic keeps its source), the optional `ipMasq` masquerade of pod traffic
+//! leaving the host, and FORWARD accepts for the gateway's traffic (hosts whose FORWARD
+//! policy is DROP exist: Docker, hardened images). Every rule carries a comment naming the
+//! network and the gateway link, so removal finds exactly ours. A gateway's rules are
+//! converged in one `iptables-save` and at most one `iptables-restore` per family and table.
 
 use std::process::Command;
 
@@ -14,6 +16,8 @@ use crate::cni::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     ipv6: bool,
+    table: &'static str,
+    chain: &'static str,
     args: Vec<String>,
 }
 
@@ -21,6 +25,8 @@ impl Rule {
     fn new(subnet: &IpNetwork, args: Vec<String>) -> Rule {
         Rule {
             ipv6: subnet.is_ipv6(),
+            table: "nat",
+            chain: "POSTROUTING",
             args,
         }
     }
@@ -36,8 +42,23 @@ fn comment(kind: &str, network: &str, gateway: &str) -> Vec<String> {
         .collect()
 }
 
-/// Pod-range traffic the gateway sends back into the pod range leaves with its address.
+/// A DNATed flow (a Service) the gateway sends back into the pod range leaves with its
+/// address: the backend pod answers through the gateway, where the DNAT is undone. Other
+/// pod-range traffic through the gateway (the relay) keeps its source.
 pub fn hairpin(network: &str, gateway: &str, subnet: &IpNetwork) -> Rule {
+    let range = subnet.to_string();
+    let mut args: Vec<String> = ["-s", &range, "-d", &range, "-o", gateway]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(["-m", "conntrack", "--ctstate", "DNAT"].map(String::from));
+    args.extend(comment("hairpin-dnat", network, gateway));
+    args.extend(["-j".to_string(), "MASQUERADE".to_string()]);
+    Rule::new(subnet, args)
+}
+
+/// The hairpin rule as earlier versions wrote it (every pod-range flow masqueraded): dropped.
+pub fn legacy_hairpin(network: &str, gateway: &str, subnet: &IpNetwork) -> Rule {
     let range = subnet.to_string();
     let mut args: Vec<String> = ["-s", &range, "-d", &range, "-o", gateway]
         .iter()
@@ -46,6 +67,24 @@ pub fn hairpin(network: &str, gateway: &str, subnet: &IpNetwork) -> Rule {
     args.extend(comment("hairpin", network, gateway));
     args.extend(["-j".to_string(), "MASQUERADE".to_string()]);
     Rule::new(subnet, args)
+}
+
+/// Traffic into (`incoming`) or out of the gateway link is forwarded whatever the FORWARD
+/// policy: the relay, host-to-pod and pod-to-node traffic all cross FORWARD.
+pub fn forward(network: &str, gateway: &str, family: &IpNetwork, incoming: bool) -> Rule {
+    let (flag, kind) = match incoming {
+        true => ("-i", "forward-in"),
+        false => ("-o", "forward-out"),
+    };
+    let mut args: Vec<String> = vec![flag.to_string(), gateway.to_string()];
+    args.extend(comment(kind, network, gateway));
+    args.extend(["-j".to_string(), "ACCEPT".to_string()]);
+    Rule {
+        ipv6: family.is_ipv6(),
+        table: "filter",
+        chain: "FORWARD",
+        args,
+    }
 }
 
 /// `ipMasq`: pod-range traffic to anywhere outside the range is masqueraded.
@@ -78,18 +117,24 @@ pub fn to_other_nodes(network: &str, gateway: &str, range: &IpNetwork) -> Rule {
 /// for whatever differs (nothing when all is in place). A rule counts as there when a line
 /// carries its comment (kind, network, gateway link) and its source range.
 pub fn converge(want: &[Rule], drop: &[Rule]) -> Result<()> {
-    for ipv6 in [false, true] {
-        let want: Vec<&Rule> = want.iter().filter(|r| r.ipv6 == ipv6).collect();
-        let drop: Vec<&Rule> = drop.iter().filter(|r| r.ipv6 == ipv6).collect();
+    for (ipv6, table) in [
+        (false, "nat"),
+        (false, "filter"),
+        (true, "nat"),
+        (true, "filter"),
+    ] {
+        let ours = |r: &&Rule| r.ipv6 == ipv6 && r.table == table;
+        let want: Vec<&Rule> = want.iter().filter(ours).collect();
+        let drop: Vec<&Rule> = drop.iter().filter(ours).collect();
         if want.is_empty() && drop.is_empty() {
             continue;
         }
         let tool = if ipv6 { "ip6tables" } else { "iptables" };
-        let saved = run_tool(&format!("{tool}-save"), &["-t", "nat"], None)?;
-        let mut batch = String::from("*nat\n");
+        let saved = run_tool(&format!("{tool}-save"), &["-t", table], None)?;
+        let mut batch = format!("*{table}\n");
         for rule in &want {
             if rule.saved_line(&saved).is_none() {
-                batch.push_str(&format!("-A POSTROUTING {}\n", rule.restore_args()));
+                batch.push_str(&format!("-A {} {}\n", rule.chain, rule.restore_args()));
             }
         }
         for rule in &drop {
@@ -116,9 +161,9 @@ impl Rule {
         let comment = self.comment();
         let source = self.source();
         saved.lines().find(|line| {
-            line.starts_with("-A POSTROUTING ")
+            line.starts_with(&format!("-A {} ", self.chain))
                 && line.contains(&format!("--comment \"{comment}\""))
-                && line.contains(&format!("-s {source} "))
+                && (source.is_empty() || line.contains(&format!("-s {source} ")))
         })
     }
 
@@ -217,12 +262,18 @@ mod tests {
         let text = rule.args.join(" ");
         assert_eq!(
             text,
-            "-s 10.66.0.0/24 -d 10.66.0.0/24 -o wgg0123 -m comment --comment wg-cni hairpin wgnet wgg0123 -j MASQUERADE"
+            "-s 10.66.0.0/24 -d 10.66.0.0/24 -o wgg0123 -m conntrack --ctstate DNAT -m comment --comment wg-cni hairpin-dnat wgnet wgg0123 -j MASQUERADE"
         );
         let v6: IpNetwork = "fd66::/64".parse().unwrap();
         let masq = masquerade("wgnet", "wgg0123", &v6);
         assert!(masq.ipv6);
         assert!(masq.args.join(" ").contains("! -d fd66::/64 ! -o wgg0123"));
+        let forward = forward("wgnet", "wgg0123", &v6, true);
+        assert!(forward.ipv6 && forward.table == "filter" && forward.chain == "FORWARD");
+        assert_eq!(
+            forward.restore_args(),
+            "-i wgg0123 -m comment --comment \"wg-cni forward-in wgnet wgg0123\" -j ACCEPT"
+        );
     }
 
     #[test]
@@ -230,18 +281,35 @@ mod tests {
         let v4: IpNetwork = "10.66.0.0/24".parse().unwrap();
         let rule = hairpin("wgnet", "wgg0123", &v4);
         let saved = "*nat\n:POSTROUTING ACCEPT [0:0]\n\
-            -A POSTROUTING -s 10.66.0.0/24 -d 10.66.0.0/24 -o wgg0123 -m comment --comment \"wg-cni hairpin wgnet wgg0123\" -j MASQUERADE\n\
+            -A POSTROUTING -s 10.66.0.0/24 -d 10.66.0.0/24 -o wgg0123 -m conntrack --ctstate DNAT -m comment --comment \"wg-cni hairpin-dnat wgnet wgg0123\" -j MASQUERADE\n\
             -A POSTROUTING -s 10.67.0.0/24 -d 10.67.0.0/24 -o wgg0123 -m comment --comment \"wg-cni hairpin wgnet wgg0123\" -j MASQUERADE\n";
         assert!(rule.saved_line(saved).unwrap().contains("10.66.0.0/24 -d"));
-        let other: IpNetwork = "10.68.0.0/24".parse().unwrap();
+        let other: IpNetwork = "10.67.0.0/24".parse().unwrap();
         assert!(
             hairpin("wgnet", "wgg0123", &other)
                 .saved_line(saved)
-                .is_none()
+                .is_none(),
+            "the legacy rule is not the new one"
+        );
+        assert!(
+            legacy_hairpin("wgnet", "wgg0123", &other)
+                .saved_line(saved)
+                .is_some()
         );
         assert!(
             rule.restore_args()
-                .contains("--comment \"wg-cni hairpin wgnet wgg0123\" -j")
+                .contains("--comment \"wg-cni hairpin-dnat wgnet wgg0123\" -j")
+        );
+        let filter = "*filter\n-A FORWARD -o wgg0123 -m comment --comment \"wg-cni forward-out wgnet wgg0123\" -j ACCEPT\n";
+        assert!(
+            forward("wgnet", "wgg0123", &v4, false)
+                .saved_line(filter)
+                .is_some()
+        );
+        assert!(
+            forward("wgnet", "wgg0123", &v4, true)
+                .saved_line(filter)
+                .is_none()
         );
     }
 }

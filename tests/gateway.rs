@@ -4,71 +4,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
 use wireguard_control::Key;
-
-/// Run `f` on a thread inside the namespace at `netns` (`None`: the host's).
-fn in_netns<T: Send + 'static>(
-    netns: Option<PathBuf>,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<T> {
-    std::thread::spawn(move || {
-        if let Some(path) = netns {
-            let file = std::fs::File::open(&path).expect("open netns");
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        }
-        f()
-    })
-}
-
-/// A TCP server in `netns` that answers one connection and reports the source it saw.
-/// It gives up after 15 s, so a failing test never hangs.
-fn serve_once(netns: &Path) -> (u16, JoinHandle<Option<SocketAddr>>) {
-    let (tx, rx) = mpsc::channel();
-    let handle = in_netns(Some(netns.to_path_buf()), move || {
-        let listener = TcpListener::bind("0.0.0.0:0").expect("bind");
-        tx.send(listener.local_addr().unwrap().port()).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            match listener.accept() {
-                Ok((mut stream, peer)) => {
-                    let _ = stream.write_all(b"hello from wg-cni\n");
-                    return Some(peer);
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        None
-    });
-    (rx.recv().unwrap(), handle)
-}
-
-/// Connect from `netns` (or the host) and read the greeting.
-fn fetch(netns: Option<&Path>, to: SocketAddr) -> Result<String, String> {
-    in_netns(netns.map(Path::to_path_buf), move || {
-        let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(4))
-            .map_err(|e| format!("connect {to}: {e}"))?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(4)))
-            .unwrap();
-        let mut text = String::new();
-        stream
-            .read_to_string(&mut text)
-            .map_err(|e| format!("read from {to}: {e}"))?;
-        Ok(text)
-    })
-    .join()
-    .unwrap()
-}
 
 fn ip_of(result: &Value) -> IpAddr {
     address_of(result, false).parse().unwrap()
@@ -384,10 +325,14 @@ fn the_gateway_goes_with_the_last_attachment_and_gc() {
         .unwrap()
         .to_string();
     assert!(host_links().contains(&name));
-    assert!(nat_rules().contains(&format!("wg-cni hairpin {}", net.name)));
+    assert!(nat_rules().contains(&format!("wg-cni hairpin-dnat {}", net.name)));
+    let forward = || run_ok("iptables", &["-S", "FORWARD"]);
+    assert!(forward().contains(&format!("wg-cni forward-in {}", net.name)));
+    assert!(forward().contains(&format!("wg-cni forward-out {}", net.name)));
     net.del(&pod, Some(&r)).ok();
     assert!(net.gateway_record().is_none());
     assert!(!nat_rules().contains(&net.name));
+    assert!(!forward().contains(&net.name));
     assert_eq!(HostSnapshot::take(), before);
 
     // GC of the last attachment takes the gateway too.

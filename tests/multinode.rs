@@ -46,8 +46,12 @@ fn event_path_limit() -> Duration {
 
 /// `running`, but the agents never resync on their own (`--resync-interval 3600`): whatever
 /// reaches a link got there through events, not through polling that heals a missed one.
-fn running_on_events(nodes: usize) -> Cluster {
+/// `peering`: every node's, else as `WG_CNI_TEST_PEERING` says.
+fn running_on_events(nodes: usize, peering: Option<&'static str>) -> Cluster {
     let mut cluster = Cluster::new(nodes);
+    if peering.is_some() {
+        cluster.peerings = vec![peering; nodes];
+    }
     cluster.agent_flags = [
         "--lease-ttl",
         "3",
@@ -59,6 +63,16 @@ fn running_on_events(nodes: usize) -> Cluster {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    cluster.write_conflists();
+    cluster.start_agents();
+    cluster
+}
+
+/// `running`, every node in mesh mode whatever `WG_CNI_TEST_PEERING` says: for tests about
+/// the peer sets of mesh mode (pods holding remote pods).
+fn running_mesh(nodes: usize) -> Cluster {
+    let mut cluster = Cluster::new(nodes);
+    cluster.peerings = vec![Some("mesh"); nodes];
     cluster.write_conflists();
     cluster.start_agents();
     cluster
@@ -154,7 +168,7 @@ fn public_key_of(cluster: &Cluster, pod: &PodOn) -> String {
 /// link, mirror and etcd within it too.
 #[test]
 fn pods_on_three_nodes_talk_and_follow_adds_and_dels() {
-    let cluster = running_on_events(3);
+    let cluster = running_on_events(3, None);
     let mut pods: Vec<PodOn> = Vec::new();
     for node in 0..3 {
         for _ in 0..2 {
@@ -177,17 +191,18 @@ fn pods_on_three_nodes_talk_and_follow_adds_and_dels() {
             )
         })
         .collect();
-    let want: std::collections::BTreeSet<String> = [
-        "local pod node1",
-        "remote pod node2",
-        "remote pod node3",
-        "local gateway node1",
-        "remote gateway node2",
-        "remote gateway node3",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    // Mesh: every pod and gateway; on-demand: the own gateway, and toward mesh nodes as mesh.
+    let on_demand = |i: usize| cluster.peerings[i] == Some("on-demand");
+    let mut want = std::collections::BTreeSet::from(["local gateway node1".to_string()]);
+    if !on_demand(0) {
+        want.insert("local pod node1".to_string());
+    }
+    for i in 1..3 {
+        if !on_demand(0) || !on_demand(i) {
+            want.insert(format!("remote pod node{}", i + 1));
+            want.insert(format!("remote gateway node{}", i + 1));
+        }
+    }
     assert_eq!(kinds, want, "peer kinds in wg-cni show");
 
     // A pod added later is reachable from the others and reaches them.
@@ -242,46 +257,61 @@ fn pods_on_three_nodes_talk_and_follow_adds_and_dels() {
     }
 }
 
-/// Every WireGuard link of a node (its pods' and its gateway's) as `wg show dump` reads it:
-/// link → one line per peer with what a write sets (key, endpoint, allowed IPs, keepalive);
-/// handshakes and counters left out.
+/// Every WireGuard link of a node (its pods' and its gateway's) as the device reports it:
+/// link → one line per peer with what a write sets (key, endpoint, allowed IPs); handshakes
+/// and counters left out. Pod links through `wg-cni show` (a kernel link lives in its pod's
+/// namespace), the gateway through `wg show dump` in the node.
 fn link_dumps(
     cluster: &Cluster,
     node: usize,
 ) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let line = |key: &str, endpoint: &str, mut ips: Vec<String>| {
+        ips.sort();
+        format!("{key} {endpoint} {}", ips.join(","))
+    };
     let shown = show(cluster, node);
-    let mut links: Vec<String> = shown["attachments"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|a| a["link"].as_str().unwrap_or_default().to_string())
-        .collect();
-    links.extend(shown["gateway"]["link"].as_str().map(str::to_string));
-    let n = &cluster.nodes[node];
+    let mut links = std::collections::BTreeMap::new();
+    for attachment in shown["attachments"].as_array().into_iter().flatten() {
+        let peers = attachment["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let ips = p["allowedIps"].as_array().into_iter().flatten();
+                line(
+                    p["publicKey"].as_str().unwrap_or_default(),
+                    p["endpoint"].as_str().unwrap_or("(none)"),
+                    ips.map(|ip| ip.as_str().unwrap_or_default().to_string())
+                        .collect(),
+                )
+            });
+        let link = attachment["link"].as_str().unwrap_or_default().to_string();
+        links.insert(link, peers.collect());
+    }
+    if let Some(gateway) = shown["gateway"]["link"].as_str() {
+        let out = cluster.nodes[node].exec(&["wg", "show", gateway, "dump"]);
+        assert!(out.status.success(), "wg show {gateway}: {out:?}");
+        let peers = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                let endpoint = match f.get(2) {
+                    Some(&"(none)") | None => "(none)",
+                    Some(e) => e,
+                };
+                let ips = f
+                    .get(3)
+                    .unwrap_or(&"")
+                    .split(',')
+                    .map(str::to_string)
+                    .collect();
+                line(f[0], endpoint, ips)
+            })
+            .collect();
+        links.insert(gateway.to_string(), peers);
+    }
     links
-        .into_iter()
-        .map(|link| {
-            // Kernel links of pods live in the pods' namespaces: `wg-cni show` reads them.
-            let out = n.exec(&["wg", "show", &link, "dump"]);
-            let lines = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .skip(1)
-                .map(|l| {
-                    let f: Vec<&str> = l.split('\t').collect();
-                    let mut ips: Vec<&str> = f.get(3).unwrap_or(&"").split(',').collect();
-                    ips.sort();
-                    format!(
-                        "{} {} {} {}",
-                        f[0],
-                        f.get(2).unwrap_or(&""),
-                        ips.join(","),
-                        f.get(7).unwrap_or(&"")
-                    )
-                })
-                .collect();
-            (link, lines)
-        })
-        .collect()
 }
 
 /// Through the event path alone: a pod added on node 2 adds exactly its peer to every link
@@ -289,8 +319,7 @@ fn link_dumps(
 /// lease TTL, then back) changes nothing on node 1; the pod's DEL removes exactly its peer.
 #[test]
 fn remote_changes_write_only_the_peers_they_concern() {
-    only_on("userspace");
-    let cluster = running_on_events(2);
+    let cluster = running_on_events(2, Some("mesh"));
     let pods = vec![
         add(&cluster, 0),
         add(&cluster, 0),
@@ -361,6 +390,144 @@ fn remote_changes_write_only_the_peers_they_concern() {
         "after the DEL node 1's links are not as before: {gone:?}"
     );
     for p in &pods {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
+
+/// `peering: "on-demand"` on two nodes whose FORWARD policy is DROP: every pod link holds
+/// only its gateway, each gateway its own pods and the other gateway (the relay). Pods on one
+/// node and on two reach each other through it and keep their source addresses; the host
+/// reaches a remote pod, a pod reaches the other node's address, a Service DNAT to a remote
+/// pod is answered; an ADD on node 2 changes no link on node 1.
+#[test]
+fn on_demand_pods_talk_through_the_gateway_relay() {
+    let mut cluster = Cluster::new(2);
+    cluster.peerings = vec![Some("on-demand"); 2];
+    cluster.agent_flags = ["--lease-ttl", "3", "--resync-interval", "3600"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for node in &cluster.nodes {
+        assert!(
+            node.exec(&["iptables", "-P", "FORWARD", "DROP"])
+                .status
+                .success()
+        );
+    }
+    cluster.write_conflists();
+    cluster.start_agents();
+    let pods = vec![
+        add(&cluster, 0),
+        add(&cluster, 0),
+        add(&cluster, 1),
+        add(&cluster, 1),
+    ];
+    converge_all_pairs(&pods);
+
+    // Peer sets: O(local pods + nodes), whatever the network's size.
+    for node in 0..2 {
+        for attachment in peer_keys(&cluster, node) {
+            let kinds: Vec<&str> = attachment["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["kind"].as_str().unwrap_or_default())
+                .collect();
+            assert_eq!(kinds, vec!["local gateway"], "node {node}: {attachment}");
+        }
+        let dumps = link_dumps(&cluster, node);
+        let gateway = show(&cluster, node)["gateway"]["link"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            dumps[&gateway].len(),
+            3,
+            "two pods and the relay: {dumps:?}"
+        );
+        let relay = dumps[&gateway]
+            .iter()
+            .find(|l| l.contains(&format!("10.251.{}.0/24", 2 - node)))
+            .unwrap_or_else(|| panic!("no relay peer for the other node's subnet: {dumps:?}"));
+        assert!(
+            relay.contains(&format!("{}/32", cluster.nodes[1 - node].addr)),
+            "{relay}"
+        );
+    }
+
+    // Relayed traffic keeps its source address, across nodes and on one node.
+    for (from, to) in [
+        (&pods[0], &pods[2]),
+        (&pods[3], &pods[0]),
+        (&pods[1], &pods[0]),
+    ] {
+        let (port, server) = serve_once(&to.pod.path);
+        let target = format!("{}:{port}", to.ip).parse().unwrap();
+        assert_eq!(
+            fetch(Some(&from.pod.path), target).as_deref(),
+            Ok("hello from wg-cni\n")
+        );
+        let seen = server
+            .join()
+            .unwrap()
+            .expect("the server saw the connection");
+        assert_eq!(
+            seen.ip().to_string(),
+            from.ip,
+            "relayed traffic lost its source"
+        );
+    }
+
+    // kubelet-style host → pod, pod → the other node's address.
+    assert!(
+        cluster.nodes[0]
+            .exec(&["ping", "-c", "1", "-W", "2", &pods[2].ip])
+            .status
+            .success(),
+        "node 1's host cannot reach a pod on node 2"
+    );
+    assert!(ping_once(&pods[0].pod, &cluster.nodes[1].addr));
+
+    // A ClusterIP stand-in on node 1: pod → 10.96.251.10:80 → DNAT to a pod on node 2,
+    // answered through the relay (the hairpin masquerade matches DNATed flows).
+    let (port, server) = serve_once(&pods[2].pod.path);
+    let target = format!("{}:{port}", pods[2].ip);
+    let dnat = [
+        "PREROUTING",
+        "-d",
+        "10.96.251.10/32",
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &target,
+    ];
+    let node1 = &cluster.nodes[0];
+    let mut add_rule = vec!["iptables", "-t", "nat", "-A"];
+    add_rule.extend(dnat);
+    assert!(node1.exec(&add_rule).status.success());
+    let got = fetch(Some(&pods[0].pod.path), "10.96.251.10:80".parse().unwrap());
+    assert_eq!(got.as_deref(), Ok("hello from wg-cni\n"));
+    server
+        .join()
+        .unwrap()
+        .expect("the Service's backend saw the connection");
+
+    // An ADD on node 2: node 1's links stay exactly as they are.
+    let before = link_dumps(&cluster, 0);
+    let late = add(&cluster, 1);
+    assert!(wait_for(CONVERGE, || ping_once(&pods[0].pod, &late.ip)));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        link_dumps(&cluster, 0),
+        before,
+        "an ADD on node 2 changed a link on node 1"
+    );
+
+    for p in pods.iter().chain([&late]) {
         cluster.cni(p.node, "DEL", &p.pod).ok();
     }
 }
@@ -642,6 +809,7 @@ fn endpoint_for(cluster: &Cluster, holder: &PodOn, key: &str) -> Option<String> 
 #[test]
 fn a_node_that_changes_address_is_reached_at_the_new_one() {
     let mut cluster = Cluster::new(2);
+    cluster.peerings = vec![Some("mesh"); 2];
     cluster.detect_endpoints = true;
     cluster.write_conflists();
     cluster.start_agents();
@@ -679,7 +847,7 @@ fn a_node_that_changes_address_is_reached_at_the_new_one() {
 
 #[test]
 fn a_peer_that_roams_keeps_its_new_endpoint() {
-    let cluster = running(2);
+    let cluster = running_mesh(2);
     let a_pod = Pod::new();
     let a_result = cluster.cni(0, "ADD", &a_pod).ok().json();
     let a = PodOn {
@@ -756,7 +924,7 @@ fn a_peer_that_roams_keeps_its_new_endpoint() {
 
 #[test]
 fn a_reused_pod_address_ends_with_the_new_key_everywhere() {
-    let mut cluster = running(2);
+    let mut cluster = running_mesh(2);
     let a = add(&cluster, 0);
     let old = add(&cluster, 1);
     converge_all_pairs(&[add_marker(&a), add_marker(&old)]);
@@ -851,6 +1019,7 @@ fn classify_bridge_frames(pcap: &[u8]) -> (usize, Vec<String>) {
 #[test]
 fn a_stale_node_keeps_its_pods_until_the_grace_period_ends() {
     let mut cluster = Cluster::new(2);
+    cluster.peerings = vec![Some("mesh"); 2];
     cluster.agent_flags = [
         "--lease-ttl",
         "2",
@@ -1033,7 +1202,7 @@ fn pod_peers_of(cluster: &Cluster, holder: &PodOn) -> std::collections::BTreeSet
 /// exactly the other node's live pods (no stale peer, none missing).
 #[test]
 fn a_compaction_while_an_agent_is_stopped_leaves_no_stale_and_no_missing_peer() {
-    let cluster = running(2);
+    let cluster = running_mesh(2);
     let a = add(&cluster, 0);
     let first = add(&cluster, 1);
     converge_all_pairs(&[add_marker(&a), add_marker(&first)]);
@@ -1263,6 +1432,8 @@ fn a_node_naming_another_nodes_pod_as_its_address_gets_nothing() {
 #[test]
 fn pods_without_a_host_gateway_reach_pods_on_other_nodes() {
     let mut cluster = Cluster::new(2);
+    // On-demand needs the gateways.
+    cluster.peerings = vec![Some("mesh"); 2];
     let confs: Vec<Value> = (0..2)
         .map(|i| {
             let mut conf = cluster.conf(i);

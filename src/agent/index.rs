@@ -9,10 +9,11 @@ use std::sync::Arc;
 use wireguard_control::Key;
 
 use super::mirror::NODE_FILE;
+use crate::cni::Peering;
 use crate::gateway;
 use crate::mesh;
-use crate::reconcile::{PeerChanges, PeerKind};
-use crate::store::{GatewayRecord, Record, State};
+use crate::reconcile::{PeerChanges, PeerKind, SESSION_KEEPALIVE};
+use crate::store::{GatewayRecord, Record, RemoteNode, State};
 use crate::wireguard::Peer;
 
 /// A mirror file's body, shared between the index and the jobs that write it.
@@ -48,18 +49,30 @@ struct Indexed {
     peer: Option<(Peer, PeerKind)>,
 }
 
+/// What the peers of a node's files depend on besides the files themselves: how this node
+/// and that one peer, and what the membership layer accepted of it (its `node.json`).
+#[derive(Clone, PartialEq)]
+struct Context {
+    relayed: bool,
+    node: RemoteNode,
+}
+
 pub struct Index {
     keepalive: Option<u16>,
+    peering: Peering,
     nodes: BTreeMap<String, BTreeMap<String, Indexed>>,
+    contexts: BTreeMap<String, Context>,
     /// How many files give a peer.
     peers: usize,
 }
 
 impl Index {
-    pub fn new(keepalive: Option<u16>) -> Index {
+    pub fn new(keepalive: Option<u16>, peering: Peering) -> Index {
         Index {
             keepalive,
+            peering,
             nodes: BTreeMap::new(),
+            contexts: BTreeMap::new(),
             peers: 0,
         }
     }
@@ -72,7 +85,30 @@ impl Index {
         let mut before = Peers::new();
         let mut after = Peers::new();
         for (node, files) in trusted {
+            let context = self.context(&files);
             let known = self.nodes.entry(node.clone()).or_default();
+            if self.contexts.get(&node) != Some(&context) {
+                // How this node is peered changed: every file of it counts as changed.
+                for (file, old) in std::mem::take(known) {
+                    keep(&mut before, &old.peer);
+                    if !files.contains_key(&file) {
+                        delta.files.push(FileChange {
+                            node: node.clone(),
+                            file,
+                            body: None,
+                        });
+                    } else {
+                        known.insert(
+                            file,
+                            Indexed {
+                                body: Body::from(&[][..]),
+                                peer: None,
+                            },
+                        );
+                    }
+                }
+                self.contexts.insert(node.clone(), context.clone());
+            }
             let unwanted: Vec<String> = known
                 .keys()
                 .filter(|f| !files.contains_key(*f))
@@ -88,7 +124,7 @@ impl Index {
                 }
                 let body: Body = body.into();
                 let indexed = Indexed {
-                    peer: peer_of(&file, &body, self.keepalive),
+                    peer: peer_of(&file, &body, &context, self.keepalive),
                     body: body.clone(),
                 };
                 keep(&mut after, &indexed.peer);
@@ -103,6 +139,8 @@ impl Index {
             }
         }
         self.nodes.retain(|_, files| !files.is_empty());
+        let nodes = &self.nodes;
+        self.contexts.retain(|node, _| nodes.contains_key(node));
         self.peers = (self.peers + after.len()).saturating_sub(before.len());
         delta.peers = PeerChanges::between(&before, &after);
         delta
@@ -130,6 +168,20 @@ impl Index {
 
 type Peers = HashMap<Key, (Peer, PeerKind)>;
 
+impl Index {
+    /// A node's context from its trusted files (its `node.json`; none: a mesh node).
+    fn context(&self, files: &BTreeMap<String, Vec<u8>>) -> Context {
+        let node: RemoteNode = files
+            .get(NODE_FILE)
+            .and_then(|body| serde_json::from_slice(body).ok())
+            .unwrap_or_default();
+        Context {
+            relayed: self.peering == Peering::OnDemand && node.peering == Peering::OnDemand,
+            node,
+        }
+    }
+}
+
 /// A file that leaves the index: removed from the mirror, its peer from the links.
 fn removed(before: &mut Peers, delta: &mut Delta, node: &str, file: String, old: Indexed) {
     keep(before, &old.peer);
@@ -146,16 +198,31 @@ fn keep(peers: &mut Peers, peer: &Option<(Peer, PeerKind)>) {
     }
 }
 
-/// The peer a mirror file gives this node's links: a ready remote pod, or another node's
-/// gateway (its addresses and its node's). `node.json` and anything unreadable give none.
-fn peer_of(file: &str, body: &[u8], keepalive: Option<u16>) -> Option<(Peer, PeerKind)> {
+/// The peer a mirror file gives this node's links, the way `NetworkView` computes it: a
+/// ready remote pod (unless its node is relayed), or another node's gateway (the relay for
+/// that node's subnets, or its own and its node's addresses). `node.json` and anything
+/// unreadable give none.
+fn peer_of(
+    file: &str,
+    body: &[u8],
+    context: &Context,
+    keepalive: Option<u16>,
+) -> Option<(Peer, PeerKind)> {
     if file == NODE_FILE {
         return None;
     }
     if file == GATEWAY_FILE {
         let gateway: GatewayRecord = serde_json::from_slice(body).ok()?;
+        if context.relayed {
+            let session = Some(keepalive.unwrap_or(SESSION_KEEPALIVE));
+            let peer = gateway::peer_for_relay(&gateway, &context.node, session).ok()?;
+            return Some((peer, PeerKind::Relay));
+        }
         let peer = gateway::peer_for_remote_pods(&gateway, keepalive).ok()?;
         return Some((peer, PeerKind::RemoteGateway));
+    }
+    if context.relayed {
+        return None;
     }
     let record: Record = serde_json::from_slice(body).ok()?;
     if record.state != State::Ready {
@@ -207,7 +274,7 @@ mod tests {
 
     #[test]
     fn one_event_is_one_peer_and_a_rewrite_is_none() {
-        let mut index = Index::new(None);
+        let mut index = Index::new(None, Peering::Mesh);
         let a = record("n2", "a", "10.0.2.2/32", "192.0.2.2");
         let b = record("n2", "b", "10.0.2.3/32", "192.0.2.2");
         let c = record("n3", "c", "10.0.3.2/32", "192.0.2.3");
@@ -243,7 +310,7 @@ mod tests {
 
     #[test]
     fn a_node_file_moves_no_peer_and_a_moved_record_is_moved() {
-        let mut index = Index::new(None);
+        let mut index = Index::new(None, Peering::Mesh);
         let key = KeyPair::generate().public().to_base64();
         let a = record_with_key("n2", "a", "10.0.2.2/32", "192.0.2.2", &key);
         let node_file = |stale: bool| {
@@ -325,7 +392,7 @@ mod cost {
             }
         }
         mirror.replace_all(entries, rev);
-        let mut index = Index::new(None);
+        let mut index = Index::new(None, Peering::Mesh);
         let start = std::time::Instant::now();
         let evaluation = mirror.evaluate(1, std::time::Duration::from_secs(60));
         let first = index.update(evaluation.trusted);

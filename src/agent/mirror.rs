@@ -18,6 +18,7 @@ use super::membership::{
 };
 use super::publish::to_json;
 use super::subnet::ClaimValue;
+use crate::cni::Peering;
 use crate::store::{GatewayRecord, Record, State};
 
 /// A directory holding this file is a mirror this agent may sweep.
@@ -46,6 +47,13 @@ pub struct NodeFile {
     /// Unix seconds of the node's last heartbeat (or when this agent first saw it missing).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stale_since: Option<u64>,
+    /// How the node's pods peer (agents before `peering` are mesh).
+    #[serde(default = "mesh")]
+    pub peering: Peering,
+}
+
+fn mesh() -> Peering {
+    Peering::Mesh
 }
 
 /// The node key's value.
@@ -57,6 +65,8 @@ pub struct NodeInfo {
     pub subnets: Vec<IpNetwork>,
     pub mtu: u32,
     pub agent_version: String,
+    #[serde(default = "mesh")]
+    pub peering: Peering,
 }
 
 /// The heartbeat key's value.
@@ -591,6 +601,7 @@ impl Mirror {
             mtu,
             stale: !inputs.has_key,
             stale_since: inputs.silent_since,
+            peering: info.map_or(Peering::Mesh, |i| i.peering),
         };
         files.insert(NODE_FILE.to_string(), to_json(&file));
         files

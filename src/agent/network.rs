@@ -82,7 +82,7 @@ impl NetworkLoop {
         let now = Instant::now();
         NetworkLoop {
             mirror: Mirror::new(keys.clone(), &settings.node, net.policy()),
-            index: Index::new(net.conf.persistent_keepalive),
+            index: Index::new(net.conf.persistent_keepalive, net.conf.peering),
             verify_wanted: Arc::default(),
             network_dir,
             settings,
@@ -392,6 +392,7 @@ impl NetworkLoop {
             subnets: self.subnets.clone().unwrap_or_default(),
             mtu: mtu.unwrap_or(crate::host::FALLBACK_MTU),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            peering: self.net.conf.peering,
         }
     }
 

@@ -59,6 +59,26 @@ impl std::fmt::Display for PortRange {
     }
 }
 
+/// How a network's pods peer (`peering`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Peering {
+    /// Every pod peers with every pod of the network (O(pods) peers per link).
+    Mesh,
+    /// A pod link peers with its node gateway (and the static peers); gateways relay
+    /// between nodes. Toward a node in mesh mode a node behaves as mesh.
+    OnDemand,
+}
+
+impl Peering {
+    pub fn label(self) -> &'static str {
+        match self {
+            Peering::Mesh => "mesh",
+            Peering::OnDemand => "on-demand",
+        }
+    }
+}
+
 /// A peer from the config (an egress gateway, a VPN concentrator): every pod link gets it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaticPeer {
@@ -107,6 +127,7 @@ pub struct NetConf {
     /// `subnetLease`: the node agent leases this node's subnet from `clusterRange` through etcd
     /// (instead of the IPAM ranges naming it).
     pub subnet_lease: bool,
+    pub peering: Peering,
     pub prev_result: Option<Value>,
     pub valid_attachments: Option<Vec<Attachment>>,
     /// The config exactly as received, for delegation to IPAM.
@@ -272,6 +293,50 @@ impl NetConf {
             ));
         }
 
+        let peering = match fields.optional_str("peering")?.as_deref() {
+            None | Some("mesh") => Peering::Mesh,
+            Some("on-demand") => Peering::OnDemand,
+            Some(other) => {
+                return Err(Error::config(
+                    "peering",
+                    format!("\"{other}\" is not one of \"on-demand\", \"mesh\""),
+                ));
+            }
+        };
+        if peering == Peering::OnDemand {
+            if !host_gateway {
+                return Err(Error::config(
+                    "peering",
+                    "\"on-demand\" needs \"hostGateway\": true (the node gateways relay between pods)",
+                ));
+            }
+            if cluster_range.is_empty() {
+                return Err(Error::config(
+                    "peering",
+                    "\"on-demand\" needs \"clusterRange\" (gateways relay the whole pod range)",
+                ));
+            }
+            for (i, peer) in static_peers.iter().enumerate() {
+                let overlap = peer.allowed_ips.iter().find_map(|ip| {
+                    cluster_range
+                        .iter()
+                        .find(|r| {
+                            r.is_ipv4() == ip.is_ipv4()
+                                && (r.contains(ip.network()) || ip.contains(r.network()))
+                        })
+                        .map(|r| (ip, r))
+                });
+                if let Some((ip, range)) = overlap {
+                    return Err(Error::config(
+                        format!("peers[{i}].allowedIPs"),
+                        format!(
+                            "{ip} overlaps clusterRange {range}: with \"peering\": \"on-demand\" the pod range goes through the node gateways"
+                        ),
+                    ));
+                }
+            }
+        }
+
         let prev_result = match raw.get("prevResult") {
             None | Some(Value::Null) => None,
             Some(v @ Value::Object(_)) => Some(v.clone()),
@@ -303,6 +368,7 @@ impl NetConf {
             service_range,
             node_range,
             subnet_lease,
+            peering,
             prev_result,
             valid_attachments,
             raw,

@@ -7,7 +7,7 @@ pub mod error;
 pub mod result;
 pub mod version;
 
-pub use config::NetConf;
+pub use config::{NetConf, Peering};
 pub use env::{CniEnv, Command};
 pub use error::{Error, IoContext, Result};
 pub use result::CniResult;

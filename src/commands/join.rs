@@ -7,7 +7,7 @@
 //! this turns one message per link per ADD into one per link per batch.
 
 use super::context::{self, Context};
-use crate::cni::Result;
+use crate::cni::{Peering, Result};
 use crate::gateway;
 use crate::host::LinkSettings;
 use crate::netns::Netns;
@@ -88,7 +88,10 @@ impl<'a> Joining<'a, '_> {
         tracing::debug!(links = batch.len(), gateway_created, "joined the network");
         *record = batch[0].clone();
         let outside_batch = |r: &Record| !batch.iter().any(|b| is_same(r, b));
-        context::tell_local_pods(ctx, store, &view, outside_batch, &newcomers);
+        // On-demand, local pods reach each other through the gateway: only it learns of them.
+        if view.peering == Peering::Mesh {
+            context::tell_local_pods(ctx, store, &view, outside_batch, &newcomers);
+        }
         Ok(())
     }
 }

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::context::{self, Context};
-use crate::cni::Result;
+use crate::cni::{Peering, Result};
 use crate::ipam::{Ipam, Target};
 use crate::mesh;
 use crate::ports;
@@ -62,7 +62,9 @@ fn withdraw_key(ctx: &Context, store: &Store, view: &NetworkView, record: &Recor
     if let Ok(key) = mesh::public_key(record) {
         let gone = reconcile::gone(key);
         let others = |r: &Record| !r.is_attachment(&record.container_id, &record.ifname);
-        context::tell_local_pods(ctx, store, view, others, &gone);
+        if view.peering == Peering::Mesh {
+            context::tell_local_pods(ctx, store, view, others, &gone);
+        }
         if let Err(e) = reconcile::tell_gateway(&ctx.local(), view, &gone) {
             tracing::warn!(error = %e, "could not remove the peer from the node gateway");
         }

@@ -9,12 +9,16 @@ use wireguard_control::Key;
 
 use crate::wireguard::{Peer, Update};
 
-/// Whose peer it is: a remote pod's, or another node's gateway. Pod links peer with remote
-/// gateways only on a node that has a gateway of its own (the relay for everything else).
+/// Whose peer it is, which decides the links that get it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerKind {
+    /// A remote pod this node's pods peer with directly: every link.
     Pod,
+    /// Another node's gateway, for its own and its node's addresses: the gateway, and the pod
+    /// links of a node that has a gateway of its own.
     RemoteGateway,
+    /// Another on-demand node's gateway, for its whole subnets: this node's gateway only.
+    Relay,
 }
 
 /// A peer to add or rewrite.
@@ -60,14 +64,12 @@ impl PeerChanges {
                 moved: old.is_some_and(|(p, _)| p.endpoint != peer.endpoint),
             });
         }
+        let gateway = |kind: &PeerKind| *kind != PeerKind::Pod;
         for (key, (_, kind)) in before.iter().filter(|(key, _)| !after.contains_key(*key)) {
             changes.remove.push(key.clone());
-            changes.gateways_changed |= *kind == PeerKind::RemoteGateway;
+            changes.gateways_changed |= gateway(kind);
         }
-        changes.gateways_changed |= changes
-            .upsert
-            .iter()
-            .any(|u| u.kind == PeerKind::RemoteGateway);
+        changes.gateways_changed |= changes.upsert.iter().any(|u| gateway(&u.kind));
         changes
     }
 
@@ -90,7 +92,11 @@ impl PeerChanges {
     /// The update for one of this node's pod links; `has_gateway`: the node has a gateway,
     /// so its pods peer with the other nodes' gateways.
     pub fn for_pod_link(&self, has_gateway: bool) -> Update<'static> {
-        self.update(|kind| kind == PeerKind::Pod || has_gateway)
+        self.update(|kind| match kind {
+            PeerKind::Pod => true,
+            PeerKind::RemoteGateway => has_gateway,
+            PeerKind::Relay => false,
+        })
     }
 
     /// The update for this node's gateway (every remote pod and gateway is its peer).

@@ -19,12 +19,12 @@ const AT_ONCE: usize = 4;
 /// Below this many links a fan-out stays on the calling thread.
 const WORTH_THREADS: usize = 8;
 
-/// ADD's fan-out: the update that makes `newcomers` peers of another link (the same for
-/// every link of the network).
+/// ADD's fan-out: the update that makes `newcomers` (this node's) peers of the gateway and,
+/// in mesh mode, of the other local links (the same update for all of them).
 pub fn newcomers(view: &NetworkView, newcomers: &[Record]) -> Result<Update<'static>> {
     let peers = newcomers
         .iter()
-        .map(|r| mesh::peer_of(r, view.keepalive))
+        .map(|r| mesh::peer_of(r, view.session_keepalive()))
         .collect::<Result<_>>()?;
     Ok(Update {
         peers,

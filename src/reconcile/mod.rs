@@ -2,16 +2,16 @@
 //! network's settings, diffed against the live device and applied. ADD's fan-out, DEL, GC and
 //! CHECK all go through here, so every link of a network agrees on who its peers are.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use wireguard_control::Key;
 
-use crate::cni::{NetConf, Result};
+use crate::cni::{NetConf, Peering, Result};
 use crate::gateway;
 use crate::mesh;
 use crate::netns::Netns;
-use crate::store::{GatewayRecord, Record, State, Store};
+use crate::store::{GatewayRecord, Record, RemoteNode, State, Store};
 use crate::wireguard::{self, DeviceState, LinkRef, Peer, Update};
 
 mod changes;
@@ -23,10 +23,21 @@ pub use fan_out::{
     each_at_once, gone, local_pods, newcomers, tell_gateway, tell_gateway_link, tell_local_pods,
 };
 
+/// How long a relay session may stay silent: pods and their gateway, and gateways between
+/// on-demand nodes, keep their sessions up, so a first packet never waits for a handshake.
+pub const SESSION_KEEPALIVE: u16 = 25;
+
 /// What the peer sets of a network's links are computed from: read once per command.
 pub struct NetworkView {
-    /// Every record of the network, all nodes.
+    /// This node's name.
+    pub node: String,
+    /// How this node's pods peer.
+    pub peering: Peering,
+    /// The records the peer sets need: this node's, and those of every node whose pods are
+    /// direct peers here (all nodes in mesh mode; in on-demand mode the mesh-mode nodes').
     pub records: Vec<Record>,
+    /// The other nodes as the mirror describes them.
+    pub remote_nodes: BTreeMap<String, RemoteNode>,
     /// This node's gateway, when the network has one.
     pub gateway: Option<GatewayRecord>,
     /// The other nodes' gateways (mirrored by the agent).
@@ -54,8 +65,20 @@ impl NetworkView {
             tracing::warn!(error = %e, "static peers left out");
             Vec::new()
         });
+        let remote_nodes = store.remote_nodes()?;
+        let records = match conf.peering {
+            Peering::Mesh => store.all_records()?,
+            Peering::OnDemand => store.records_where(|node| {
+                remote_nodes
+                    .get(node)
+                    .is_none_or(|n| n.peering == Peering::Mesh)
+            })?,
+        };
         Ok(NetworkView {
-            records: store.all_records()?,
+            node: store.node_name().to_string(),
+            peering: conf.peering,
+            records,
+            remote_nodes,
             gateway: match conf.host_gateway {
                 true => store.gateway().ok().flatten(),
                 false => None,
@@ -85,15 +108,61 @@ impl NetworkView {
         }
     }
 
-    /// The peers the pod link of `me` should have: every other ready attachment, the static
-    /// peers, this node's gateway for whatever no more specific peer claims, and every other
-    /// node's gateway for that gateway's and that node's addresses.
+    /// Whether `node`'s pods are direct peers of this node's pods: every node's in mesh mode;
+    /// in on-demand mode only those of nodes in mesh mode (toward them a node behaves as mesh).
+    pub fn meshed_with(&self, node: &str) -> bool {
+        match self.peering {
+            Peering::Mesh => true,
+            Peering::OnDemand => {
+                node != self.node
+                    && self
+                        .remote_nodes
+                        .get(node)
+                        .is_none_or(|n| n.peering == Peering::Mesh)
+            }
+        }
+    }
+
+    /// Whether this node's gateway relays for `node` (both on-demand): it then peers with that
+    /// node's gateway for the node's whole subnets, and with none of its pods.
+    pub fn relays_to(&self, node: &str) -> bool {
+        self.peering == Peering::OnDemand && !self.meshed_with(node)
+    }
+
+    /// The keepalive of the peers between this node's gateway and its pods.
+    pub fn session_keepalive(&self) -> Option<u16> {
+        match self.peering {
+            Peering::Mesh => self.keepalive,
+            Peering::OnDemand => Some(self.keepalive.unwrap_or(SESSION_KEEPALIVE)),
+        }
+    }
+
+    /// The peers the pod link of `me` should have: the ready attachments of the nodes it is
+    /// meshed with (in mesh mode: every other one), the static peers, this node's gateway for
+    /// whatever no more specific peer claims, and the gateways of the meshed nodes for those
+    /// gateways' and nodes' addresses.
     pub fn desired_for_pod(&self, me: &Record) -> Result<Vec<Peer>> {
-        let mut peers = mesh::peers_of(&self.records, &me.container_id, &me.ifname, self.keepalive);
+        let mut peers: Vec<Peer> = self
+            .records
+            .iter()
+            .filter(|r| r.state == State::Ready && !r.is_attachment(&me.container_id, &me.ifname))
+            .filter(|r| self.meshed_with(&r.node))
+            .filter_map(|r| match mesh::peer_of(r, self.keepalive) {
+                Ok(peer) => Some(peer),
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping peer");
+                    None
+                }
+            })
+            .collect();
         peers.extend(self.static_peers.iter().cloned());
         if let Some(gw) = &self.gateway {
-            peers.push(gateway::peer_for_pods(gw, self.keepalive)?);
-            for remote in &self.remote_gateways {
+            peers.push(gateway::peer_for_pods(gw, self.session_keepalive())?);
+            for remote in self
+                .remote_gateways
+                .iter()
+                .filter(|g| self.meshed_with(&g.node))
+            {
                 match gateway::peer_for_remote_pods(remote, self.keepalive) {
                     Ok(peer) => peers.push(peer),
                     Err(e) => tracing::warn!(node = %remote.node, error = %e, "skipping a gateway"),
@@ -103,20 +172,31 @@ impl NetworkView {
         Ok(peers)
     }
 
-    /// The peers this node's gateway should have: every ready pod of the network, on any
-    /// node (traffic from the host to a remote pod goes straight to it, encrypted), and every
-    /// other node's gateway for that gateway's and that node's addresses (`node_paths`: a
+    /// The peers this node's gateway should have: this node's ready pods and those of the
+    /// nodes it is meshed with (traffic from the host to a remote pod goes straight to it,
+    /// encrypted); for each other node's gateway either the relay peer (both on-demand: that
+    /// node's subnets and addresses) or that gateway's and node's addresses (`node_paths`: a
     /// DNAT here to another node's address crosses encrypted and is answered back here).
     pub fn desired_for_gateway(&self) -> Vec<Peer> {
         let pods = self
             .records
             .iter()
             .filter(|r| r.state == State::Ready)
-            .filter_map(|r| mesh::peer_of(r, self.keepalive).ok());
-        let gateways = self
-            .remote_gateways
-            .iter()
-            .filter_map(|gw| gateway::peer_for_remote_pods(gw, self.keepalive).ok());
+            .filter_map(|r| match r.node == self.node {
+                true => mesh::peer_of(r, self.session_keepalive()).ok(),
+                false if self.meshed_with(&r.node) => mesh::peer_of(r, self.keepalive).ok(),
+                false => None,
+            });
+        let gateways = self.remote_gateways.iter().filter_map(|gw| {
+            match self
+                .remote_nodes
+                .get(&gw.node)
+                .filter(|_| self.relays_to(&gw.node))
+            {
+                Some(node) => gateway::peer_for_relay(gw, node, self.session_keepalive()).ok(),
+                None => gateway::peer_for_remote_pods(gw, self.keepalive).ok(),
+            }
+        });
         pods.chain(gateways).collect()
     }
 }

@@ -7,6 +7,7 @@
 
 mod cache;
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -18,7 +19,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::cni::{Error, IoContext, Result};
+use crate::cni::{Error, IoContext, Peering, Result};
 use crate::netns::Netns;
 use crate::wireguard::{BackendKind, LinkRef};
 use cache::{FileIdentity, RecordCache};
@@ -42,6 +43,8 @@ const TEMP_PREFIX: &str = ".tmp-";
 const ATTACHMENT_LOCK_PREFIX: &str = ".lock-";
 /// Never a pod record's name: those always hold a ':' between container ID and ifname.
 const GATEWAY_FILE: &str = "gateway.json";
+/// The agent's description of a remote node in its mirror directory.
+const NODE_FILE: &str = "node.json";
 /// Between container ID and ifname in a record's name: a character neither may contain.
 const SEPARATOR: char = ':';
 
@@ -149,6 +152,35 @@ impl Record {
             ..self.clone()
         }
     }
+}
+
+/// What this node's plugin needs of another node, from the mirror's `node.json` (written by
+/// the agent after the membership layer accepted it; see `agent::mirror::NodeFile`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteNode {
+    /// The node's addresses as accepted.
+    #[serde(default)]
+    pub endpoints: Vec<IpAddr>,
+    /// The subnets its claim owns.
+    #[serde(default)]
+    pub subnets: Vec<IpNetwork>,
+    #[serde(default = "mesh")]
+    pub peering: Peering,
+}
+
+impl Default for RemoteNode {
+    fn default() -> RemoteNode {
+        RemoteNode {
+            endpoints: Vec::new(),
+            subnets: Vec::new(),
+            peering: Peering::Mesh,
+        }
+    }
+}
+
+fn mesh() -> Peering {
+    Peering::Mesh
 }
 
 /// The public record of this node's gateway link for a network.
@@ -401,6 +433,43 @@ impl Store {
             }
         }
         Ok(records)
+    }
+
+    /// The records of the other nodes `which` selects, and this node's (one directory read per
+    /// selected node: an on-demand network reads no record of an on-demand node).
+    pub fn records_where(&self, which: impl Fn(&str) -> bool) -> Result<Vec<Record>> {
+        let mut records = Vec::new();
+        for node_dir in list_dir(&self.network_dir)? {
+            let Some(name) = node_dir.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let wanted = name == self.node || which(name);
+            if wanted && fs::symlink_metadata(&node_dir).is_ok_and(|m| m.is_dir()) {
+                records.extend(self.read_records(&node_dir)?.into_iter().map(|(_, r)| r));
+            }
+        }
+        Ok(records)
+    }
+
+    /// The other nodes as the agent's mirror describes them (`<node>/node.json`). A node
+    /// directory without a readable `node.json` (records written by hand, an older agent) is
+    /// a mesh node with nothing else known.
+    pub fn remote_nodes(&self) -> Result<BTreeMap<String, RemoteNode>> {
+        let mut nodes = BTreeMap::new();
+        for node_dir in list_dir(&self.network_dir)? {
+            let Some(name) = node_dir.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if name == self.node || !fs::symlink_metadata(&node_dir).is_ok_and(|m| m.is_dir()) {
+                continue;
+            }
+            let node = fs::read(node_dir.join(NODE_FILE))
+                .ok()
+                .and_then(|body| serde_json::from_slice::<RemoteNode>(&body).ok())
+                .unwrap_or_default();
+            nodes.insert(name.to_string(), node);
+        }
+        Ok(nodes)
     }
 
     /// The MTUs the other nodes publish (their node keys, mirrored by the agent into

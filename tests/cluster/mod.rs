@@ -33,6 +33,10 @@ pub struct Cluster {
     pub lease: bool,
     /// `mtu` per node's conflist (`None`: left to the plugin).
     pub mtus: Vec<Option<u32>>,
+    /// `peering` per node's conflist (`None`: left to the plugin): by default what
+    /// `WG_CNI_TEST_PEERING` says (`mesh`, `on-demand`, or `mixed`: node 1 on-demand, the
+    /// others mesh), else unset.
+    pub peerings: Vec<Option<&'static str>>,
     /// No `endpoint` in the conflists: nodes are reached at their default route's source
     /// address (each node gets a default route toward the bridge, where nothing answers).
     pub detect_endpoints: bool,
@@ -64,6 +68,7 @@ impl Cluster {
             nodes: Vec::new(),
             lease: false,
             mtus: vec![Some(1420); count],
+            peerings: (0..count).map(peering_from_env).collect(),
             detect_endpoints: false,
             agent_flags: [
                 "--lease-ttl",
@@ -256,6 +261,9 @@ impl Cluster {
         if self.detect_endpoints {
             plugin.as_object_mut().unwrap().remove("endpoint");
         }
+        if let Some(peering) = self.peerings[node.index - 1] {
+            plugin["peering"] = peering.into();
+        }
         if self.lease {
             plugin["subnetLease"] = true.into();
             plugin["ipam"]["ranges"] = json!([]);
@@ -420,6 +428,19 @@ impl Node {
         let mut full = vec!["netns", "exec", &self.netns];
         full.extend_from_slice(args);
         run(ip(), &full)
+    }
+}
+
+/// Node `index`'s `peering` as `WG_CNI_TEST_PEERING` asks.
+fn peering_from_env(index: usize) -> Option<&'static str> {
+    match std::env::var("WG_CNI_TEST_PEERING").as_deref() {
+        Ok("mesh") => Some("mesh"),
+        Ok("on-demand") => Some("on-demand"),
+        Ok("mixed") => Some(if index == 0 { "on-demand" } else { "mesh" }),
+        Ok(other) if !other.is_empty() => {
+            panic!("WG_CNI_TEST_PEERING={other}: use mesh, on-demand or mixed")
+        }
+        _ => None,
     }
 }
 

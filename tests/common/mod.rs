@@ -559,3 +559,59 @@ pub fn host_ping(address: &str) -> bool {
 pub fn nat_rules() -> String {
     run_ok("iptables", &["-t", "nat", "-S"])
 }
+
+/// Run `f` on a thread inside the namespace at `netns` (`None`: the host's).
+pub fn in_netns<T: Send + 'static>(
+    netns: Option<PathBuf>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        if let Some(path) = netns {
+            let file = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        }
+        f()
+    })
+}
+
+/// A TCP server in `netns` that answers one connection and reports the source it saw.
+/// It gives up after 15 s, so a failing test never hangs.
+pub fn serve_once(netns: &Path) -> (u16, std::thread::JoinHandle<Option<std::net::SocketAddr>>) {
+    use std::io::Write;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = in_netns(Some(netns.to_path_buf()), move || {
+        let listener = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+        tx.send(listener.local_addr().unwrap().port()).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut stream, peer)) => {
+                    let _ = stream.write_all(b"hello from wg-cni\n");
+                    return Some(peer);
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+        None
+    });
+    (rx.recv().unwrap(), handle)
+}
+
+/// Connect from `netns` (or the host) and read the greeting.
+pub fn fetch(netns: Option<&Path>, to: std::net::SocketAddr) -> Result<String, String> {
+    use std::io::Read;
+    let timeout = std::time::Duration::from_secs(4);
+    in_netns(netns.map(Path::to_path_buf), move || {
+        let mut stream = std::net::TcpStream::connect_timeout(&to, timeout)
+            .map_err(|e| format!("connect {to}: {e}"))?;
+        stream.set_read_timeout(Some(timeout)).unwrap();
+        let mut text = String::new();
+        stream
+            .read_to_string(&mut text)
+            .map_err(|e| format!("read from {to}: {e}"))?;
+        Ok(text)
+    })
+    .join()
+    .unwrap()
+}
