@@ -34,13 +34,19 @@ pub fn run(
             .map(|r| attachment(r, &kinds))
             .collect();
         let gateway = store.gateway()?.map(|gw| {
-            json!({
+            let live = gw.boot_id == boot_id && crate::gateway::is_live(&host, &gw);
+            let mut value = json!({
                 "link": gw.host_name,
                 "publicKey": gw.public_key,
                 "addresses": gw.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                 "routed": gw.routed().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-                "live": gw.boot_id == boot_id && crate::gateway::is_live(&host, &gw),
-            })
+                "live": live,
+            });
+            if live {
+                let device = wireguard::backend(gw.backend).read(&gw.link(&host));
+                add_peers(&mut value, device, &kinds);
+            }
+            value
         });
         let stale: Vec<&String> = kinds.stale_nodes.iter().collect();
         out.push(json!({
@@ -147,47 +153,61 @@ fn attachment(record: &Record, kinds: &PeerKinds) -> Value {
         "netns": record.netns,
     });
     let pod = record.live_netns(None);
-    match wireguard::backend(record.backend).read(&record.link(pod.as_ref())) {
-        Ok(device) => {
-            let now = SystemTime::now();
-            let peers: Vec<Value> = device
-                .peers
-                .iter()
-                .map(|p| {
-                    let handshake = p
-                        .stats
-                        .last_handshake_time
-                        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                        .map(|d| d.as_secs());
-                    let ago = p
-                        .stats
-                        .last_handshake_time
-                        .and_then(|t| now.duration_since(t).ok())
-                        .map(|d| d.as_secs());
-                    let key = p.config.public_key.to_base64();
-                    let label = kinds.label(&key);
-                    json!({
-                        "kind": label["kind"],
-                        "node": label.get("node"),
-                        "stale": label.get("stale"),
-                        "publicKey": key,
-                        "endpoint": p.config.endpoint.map(|e| e.to_string()),
-                        "allowedIps": p.config.allowed_ips.iter().map(|ip| format!("{}/{}", ip.address, ip.cidr)).collect::<Vec<_>>(),
-                        "latestHandshake": handshake,
-                        "latestHandshakeSecondsAgo": ago,
-                        "rxBytes": p.stats.rx_bytes,
-                        "txBytes": p.stats.tx_bytes,
-                    })
-                })
-                .collect();
-            value["peers"] = peers.into();
-        }
+    let device = wireguard::backend(record.backend).read(&record.link(pod.as_ref()));
+    add_peers(&mut value, device, kinds);
+    value
+}
+
+/// The link's peers, each labelled with what it is, or the error reading the link.
+fn add_peers(value: &mut Value, device: Result<wireguard::DeviceState>, kinds: &PeerKinds) {
+    let device = match device {
+        Ok(device) => device,
         Err(e) => {
             value["peers"] = json!([]);
             value["error"] = e.to_string().into();
+            return;
         }
-    }
-    value
+    };
+    let now = SystemTime::now();
+    let peers: Vec<Value> = device
+        .peers
+        .iter()
+        .map(|p| {
+            let handshake = p
+                .stats
+                .last_handshake_time
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs());
+            let ago = p
+                .stats
+                .last_handshake_time
+                .and_then(|t| now.duration_since(t).ok())
+                .map(|d| d.as_secs());
+            let key = p.config.public_key.to_base64();
+            let label = kinds.label(&key);
+            // A gateway peer that may speak for whole subnets is the on-demand relay.
+            let relays = p.config.allowed_ips.iter().any(|ip| {
+                ip.cidr < if ip.address.is_ipv4() { 32 } else { 128 } && ip.cidr > 0
+            });
+            let kind = match label["kind"].as_str() {
+                Some("remote gateway") if relays => json!("relay gateway"),
+                _ => label["kind"].clone(),
+            };
+            json!({
+                "kind": kind,
+                "node": label.get("node"),
+                "stale": label.get("stale"),
+                "publicKey": key,
+                "endpoint": p.config.endpoint.map(|e| e.to_string()),
+                "allowedIps": p.config.allowed_ips.iter().map(|ip| format!("{}/{}", ip.address, ip.cidr)).collect::<Vec<_>>(),
+                "latestHandshake": handshake,
+                "latestHandshakeSecondsAgo": ago,
+                "rxBytes": p.stats.rx_bytes,
+                "txBytes": p.stats.tx_bytes,
+            })
+        })
+        .collect();
+    value["peers"] = peers.into();
 }
 
 fn print_table(networks: &[Value]) {
@@ -212,6 +232,14 @@ fn print_table(networks: &[Value]) {
                 },
                 gw["publicKey"].as_str().unwrap_or(""),
             );
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+            for p in gw["peers"].as_array().into_iter().flatten() {
+                *counts.entry(p["kind"].as_str().unwrap_or("")).or_default() += 1;
+            }
+            if !counts.is_empty() {
+                let counts: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+                println!("    peers: {}", counts.join(", "));
+            }
         }
         for stale in network["staleNodes"].as_array().into_iter().flatten() {
             println!(

@@ -453,6 +453,14 @@ fn on_demand_pods_talk_through_the_gateway_relay() {
             relay.contains(&format!("{}/32", cluster.nodes[1 - node].addr)),
             "{relay}"
         );
+        let kinds: Vec<String> = show(&cluster, node)["gateway"]["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["kind"].as_str().unwrap_or_default().to_string())
+            .collect();
+        let relays = kinds.iter().filter(|k| *k == "relay gateway").count();
+        assert_eq!(relays, 1, "wg-cni show marks the relay: {kinds:?}");
     }
 
     // Relayed traffic keeps its source address, across nodes and on one node.
