@@ -243,6 +243,42 @@ fn every_bad_input_gets_its_code_names_the_problem_and_changes_nothing() {
             "hostGateway",
         ),
         case(
+            "an unknown peering",
+            with(&good, "peering", json!("full")),
+            7,
+            "peering",
+        ),
+        case(
+            "on-demand without the gateways that relay",
+            {
+                let mut c = good.clone();
+                c["peering"] = json!("on-demand");
+                c["clusterRange"] = json!("10.120.0.0/16");
+                c["hostGateway"] = json!(false);
+                c.to_string().into_bytes()
+            },
+            7,
+            "peering",
+        ),
+        case(
+            "on-demand without clusterRange",
+            with(&good, "peering", json!("on-demand")),
+            7,
+            "clusterRange",
+        ),
+        case(
+            "on-demand with a static peer in the pod range",
+            {
+                let mut c = good.clone();
+                c["peering"] = json!("on-demand");
+                c["clusterRange"] = json!("10.120.0.0/16");
+                c["peers"] = json!([{"publicKey": key, "allowedIPs": ["10.120.7.0/24"]}]);
+                c.to_string().into_bytes()
+            },
+            7,
+            "peers[0].allowedIPs",
+        ),
+        case(
             "ipMasq without gateway",
             {
                 let mut c = good.clone();

@@ -524,6 +524,28 @@ fn on_demand_pods_talk_through_the_gateway_relay() {
         .unwrap()
         .expect("the Service's backend saw the connection");
 
+    // A static peer holding node 2's address would take it from the relay: refused, and the
+    // ADD leaves nothing behind.
+    let mut conf = cluster.conf(0);
+    let key = wireguard_control::Key::generate_private()
+        .get_public()
+        .to_base64();
+    let node2 = format!("{}/32", cluster.nodes[1].addr);
+    conf["peers"] = serde_json::json!([{"publicKey": key, "allowedIPs": [node2]}]);
+    let refused = Pod::new();
+    let out = cluster.cni_with(0, "ADD", &refused, &conf);
+    assert_eq!(out.error_code(), 7, "{}", out.error_msg());
+    assert!(
+        out.error_msg().contains("peers[0].allowedIPs"),
+        "{}",
+        out.error_msg()
+    );
+    assert_eq!(
+        peer_keys(&cluster, 0).len(),
+        2,
+        "the refused ADD left a record"
+    );
+
     // An ADD on node 2: node 1's links stay exactly as they are.
     let before = link_dumps(&cluster, 0);
     let late = add(&cluster, 1);

@@ -16,7 +16,7 @@ use super::join::{self, Joining};
 use super::rollback::Rollback;
 use super::teardown;
 use crate::cni::result::{Interface, parse_dns};
-use crate::cni::{CniResult, Error, NetConf, Result};
+use crate::cni::{CniResult, Error, NetConf, Peering, Result};
 use crate::gateway;
 use crate::host::{self, LinkSettings};
 use crate::ipam::Ipam;
@@ -307,6 +307,7 @@ impl<'a> NewLink<'a> {
         let mut record = new_record(ctx, store, self.pod, self.settings, self.keypair, addresses);
         let mut view = NetworkView::read(store, conf)?;
         view.static_peers = mesh::static_peers(conf, &record.addresses)?;
+        check_static_peers_leave_nodes_to_the_relay(conf, &view)?;
         let peers = view.desired_for_pod(&record)?;
         record.daemon_pid = self.create(&mut record, &peers)?;
         Ok(Built {
@@ -446,4 +447,29 @@ fn no_free_port(settings: &LinkSettings) -> Error {
         "no free UDP port left in listenPorts {}: widen the range or delete pods",
         settings.ports
     ))
+}
+
+/// On-demand, node addresses are the gateways' (the relay carries them): a static peer whose
+/// allowed IPs hold another node's address would take that node's traffic.
+fn check_static_peers_leave_nodes_to_the_relay(conf: &NetConf, view: &NetworkView) -> Result<()> {
+    if conf.peering != Peering::OnDemand {
+        return Ok(());
+    }
+    for (i, peer) in conf.static_peers.iter().enumerate() {
+        for (node, remote) in &view.remote_nodes {
+            let taken = remote
+                .endpoints
+                .iter()
+                .find(|ip| peer.allowed_ips.iter().any(|net| net.contains(**ip)));
+            if let Some(ip) = taken {
+                return Err(Error::config(
+                    format!("peers[{i}].allowedIPs"),
+                    format!(
+                        "holds node {node}'s address {ip}: with \"peering\": \"on-demand\" node addresses go through the node gateways"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
