@@ -1,6 +1,7 @@
 //! Fault injection for the test suites: `WG_CNI_FAILPOINT=name[,name…]` makes the named
-//! point fail (an error, as the real failure would) or kill the process (as `kill -9` would,
-//! at an instant a test cannot hit reliably from outside). Unset, every point is a no-op.
+//! point fail (an error, as the real failure would), kill the process (as `kill -9` would,
+//! at an instant a test cannot hit reliably from outside), panic or pause once. Unset, every
+//! point is a no-op.
 
 use crate::cni::{Error, Result};
 
@@ -34,5 +35,16 @@ pub fn panic_once(name: &str) {
     static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if armed(name) && !FIRED.swap(true, std::sync::atomic::Ordering::Relaxed) {
         panic!("failpoint {name}");
+    }
+}
+
+/// Pause at `name` for `pause` when armed, the first time this process passes it (a window in
+/// which a test makes something happen that would otherwise race). Logged, so the test knows.
+pub fn pause_once(name: &str, pause: std::time::Duration) {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if armed(name) && !FIRED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(failpoint = name, ?pause, "failpoint: pausing");
+        std::thread::sleep(pause);
+        tracing::warn!(failpoint = name, "failpoint: going on");
     }
 }

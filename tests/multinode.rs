@@ -1178,6 +1178,55 @@ fn adds_racing_the_agents_reconcile_lose_nothing() {
     }
 }
 
+/// R1: the agent's resync lists this node's records, then brings each link to its peer set.
+/// A pod whose ADD joins in between (held open here by a failpoint in the resync) was told to
+/// every local link by its ADD; the resync must not prune it from them afterwards. Mesh: local
+/// pods peer with each other.
+#[test]
+fn a_resync_never_prunes_a_pod_that_joined_during_it() {
+    let mut cluster = Cluster::new(1);
+    cluster.peerings = vec![Some("mesh")];
+    cluster.agent_flags = ["--resync-interval", "3600"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    cluster.agent_env = vec![("WG_CNI_FAILPOINT".into(), "resync-pause".into())];
+    cluster.write_conflists();
+    let early = add(&cluster, 0);
+    // The agent's first resync (after its first sync) pauses once its listing is made.
+    cluster.start_agents();
+    let log = || std::fs::read_to_string(&cluster.nodes[0].agent_log).unwrap_or_default();
+    assert!(
+        wait_for(CONVERGE, || log().contains("failpoint: pausing")),
+        "the resync never reached the failpoint: {}",
+        log()
+    );
+    let late = add(&cluster, 0);
+    let late_key = public_key_of(&cluster, &late);
+    assert!(
+        !log().contains("failpoint: going on"),
+        "the ADD took longer than the pause: no race was staged"
+    );
+    assert!(wait_for(CONVERGE, || log().contains("failpoint: going on")));
+    // Let the resync finish its links (there is no other resync for an hour).
+    std::thread::sleep(Duration::from_secs(2));
+    let early_key = public_key_of(&cluster, &early);
+    let holds_late = peer_keys(&cluster, 0).iter().any(|a| {
+        a["publicKey"] == early_key.as_str()
+            && a["peers"]
+                .as_array()
+                .is_some_and(|peers| peers.iter().any(|p| p["publicKey"] == late_key.as_str()))
+    });
+    assert!(
+        holds_late,
+        "the resync pruned the pod that joined during it"
+    );
+    assert!(ping_once(&early.pod, &late.ip));
+    for p in [&early, &late] {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
+
 /// One MTU per network: a node whose conflist sets none takes the smallest another node
 /// publishes (here node 1's operator-set 1380 over its own default of 1420).
 #[test]

@@ -161,6 +161,7 @@ impl LinkSync {
             let _lock = store.lock()?;
             store.node_records()?
         };
+        crate::failpoint::pause_once("resync-pause", std::time::Duration::from_secs(3));
         for record in records {
             if record.state != State::Ready || record.boot_id != self.boot_id {
                 continue;

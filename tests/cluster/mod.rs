@@ -29,6 +29,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// Agent flags every node gets (TTL, grace period, resync).
     pub agent_flags: Vec<String>,
+    /// Environment every agent gets (e.g. `WG_CNI_FAILPOINT`).
+    pub agent_env: Vec<(String, String)>,
     /// Subnets leased by the agents from the cluster range instead of given per node.
     pub lease: bool,
     /// `mtu` per node's conflist (`None`: left to the plugin).
@@ -69,6 +71,7 @@ impl Cluster {
             lease: false,
             mtus: vec![Some(1420); count],
             peerings: (0..count).map(peering_from_env).collect(),
+            agent_env: Vec::new(),
             detect_endpoints: false,
             agent_flags: [
                 "--lease-ttl",
@@ -224,7 +227,8 @@ impl Cluster {
     pub fn start_agent(&mut self, i: usize) {
         let url = self.etcd_url();
         let flags = self.agent_flags.clone();
-        self.nodes[i].start_agent(&url, &flags);
+        let env = self.agent_env.clone();
+        self.nodes[i].start_agent(&url, &flags, &env);
     }
 
     /// The network's single-plugin config as node `i` runs it.
@@ -377,7 +381,7 @@ impl Node {
         format!("10.251.{}.0/24", self.index)
     }
 
-    fn start_agent(&mut self, etcd: &str, flags: &[String]) {
+    fn start_agent(&mut self, etcd: &str, flags: &[String], env: &[(String, String)]) {
         assert!(self.agent.is_none(), "agent of {} already runs", self.name);
         std::fs::create_dir_all(self.agent_log.parent().unwrap()).unwrap();
         let log = std::fs::OpenOptions::new()
@@ -395,6 +399,7 @@ impl Node {
             .arg(&self.conf_dir)
             .args(flags)
             .env("WG_CNI_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env_remove("CNI_COMMAND")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
