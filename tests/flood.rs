@@ -496,15 +496,18 @@ fn handshake_floods_with_a_valid_mac1() {
             "{name}: legitimate re-handshake {took:?}, bound {HANDSHAKE_BOUND:?}"
         );
     }
-    // ...and a flood from one address costs a peer elsewhere nothing, while a peer sharing the
-    // flood's address (a pod on the flooding node) is asked for a cookie and completes on
-    // WireGuard's retry, 5 s later: the known limitation the README states. (Rarely the
-    // peer's initiation is among the first 100 of its address in that second and passes.)
+    // ...and a flood from one address costs a peer elsewhere nothing. A peer sharing the flood's
+    // address (a pod on the flooding node) is asked for a cookie while the flood carries no
+    // mac2 and completes on WireGuard's retry, 5 s later (the limitation the README states;
+    // printed, not asserted: now and then its first initiation passes). A flood that echoes
+    // cookies is held by wg-cni-wgd to 20 initiations a second per source port, which keeps
+    // the address under gotatun's 100 a second: nobody is asked for a cookie and the peer's
+    // first initiation completes.
     assert!(outside.handshake.unwrap() < Duration::from_secs(2));
-    let retried = |f: &Figures| f.handshake.is_none_or(|d| d >= Duration::from_millis(4500));
+    let echoed_took = echoed.handshake.unwrap();
     assert!(
-        retried(&shared) || retried(&echoed),
-        "the shared address no longer costs a retry: update the README's threat model"
+        echoed_took < Duration::from_secs(2),
+        "(b) echo: {echoed_took:?}: does wg-cni-wgd still limit cookie-bearing initiations?"
     );
 }
 
