@@ -7,11 +7,10 @@
 //! UDP leaves from the node's address, the one every pod of that node shares, and the kernel
 //! answers cookie replies as WireGuard requires, so (b) runs once without and once with the
 //! cookies echoed. During each flood a legitimate peer whose session was cleared (on another
-//! node; in (b) the node the flood comes from) must handshake again within 10 s, except under
-//! the echoed flood, where the time is only reported (the known limitation the README states);
-//! the victim daemon's CPU and RSS are reported. Then a pod's SYN flood against a second pod on the same node while
-//! two other pods exchange pings and TCP, and a pod in a user namespace (`hostUsers: false`)
-//! that tries to change its link. Every flood is bounded in rate and time and stops by itself;
+//! node; in (b) the node the flood comes from) must handshake again within 10 s, under every
+//! flood; the victim daemon's CPU and RSS are reported. Then a pod's SYN flood against a second
+//! pod on the same node while two other pods exchange pings and TCP, and a pod in a user
+//! namespace (`hostUsers: false`) that tries to change its link. Every flood is bounded in rate and time and stops by itself;
 //! everything is removed on drop, also when a test fails. Figures are printed (`--nocapture`)
 //! and quoted in the README's threat model.
 
@@ -40,13 +39,16 @@ use serde_json::Value;
 /// Initiations per second: a ceiling the generator never exceeds (natively; the guest, where
 /// TCG emulates every instruction, gets a tenth: figures only, see `kernel`).
 const HANDSHAKE_RATE: u32 = 20_000;
-const FLOOD_TIME: Duration = Duration::from_secs(15);
 /// The flood runs this long before the legitimate peer's session is cleared.
 const WARM_UP: Duration = Duration::from_secs(2);
 /// The pass criterion: a cleared session handshakes again within this, under flood.
 const HANDSHAKE_BOUND: Duration = Duration::from_secs(10);
-/// How long a re-handshake is watched (beyond the bound, to report what happens).
-const HANDSHAKE_WATCH: Duration = Duration::from_secs(12);
+/// How long a re-handshake is watched: past the bound, so that a miss is measured (and
+/// printed) rather than cut off at the bound.
+const HANDSHAKE_WATCH: Duration = Duration::from_secs(15);
+/// Long enough that the flood still runs when the watch ends (warm-up, clearing the session,
+/// watch).
+const FLOOD_TIME: Duration = Duration::from_secs(18);
 /// The least a run must reach to count as a flood (for handshakes, 50 times the daemon's
 /// per-address limit).
 const MIN_RATE: f64 = 5_000.0;
@@ -485,29 +487,28 @@ fn handshake_floods_with_a_valid_mac1() {
     // An echoing flood is answered with a cookie only until it carries the cookie.
     assert!(echoed.stats.cookie_replies < shared.stats.cookie_replies / 10);
 
-    // The pass criterion: a cleared session handshakes again within 10 s under the floods from
-    // outside and under the one from its own node's address that does not echo cookies...
-    for (name, figures) in [("(a)", &outside), ("(a) spray", &sprayed), ("(b)", &shared)] {
+    // The pass criterion: a cleared session handshakes again within 10 s under every flood,
+    // the one from its own node's address that echoes cookies included...
+    for (name, figures) in all {
         let took = figures.handshake;
         assert!(
             took.is_some_and(|d| d <= HANDSHAKE_BOUND),
             "{name}: legitimate re-handshake {took:?}, bound {HANDSHAKE_BOUND:?}"
         );
     }
-    // ...and a flood from one address costs a peer elsewhere nothing, while a peer sharing the
-    // flood's address (a pod on the flooding node) is asked for a cookie and completes on
-    // WireGuard's retry, 5 s later: the known limitation the README states. (Rarely the
-    // peer's initiation is among the first 100 of its address in that second and passes.)
+    // ...and a flood from one address costs a peer elsewhere nothing. A peer sharing the flood's
+    // address (a pod on the flooding node) is asked for a cookie while the flood carries no
+    // mac2 and completes on WireGuard's retry, 5 s later (the limitation the README states;
+    // printed, not asserted: now and then its first initiation passes). A flood that echoes
+    // cookies is held by wg-cni-wgd to 20 initiations a second per source port, which keeps
+    // the address under gotatun's 100 a second: nobody is asked for a cookie and the peer's
+    // first initiation completes.
     assert!(outside.handshake.unwrap() < Duration::from_secs(2));
-    let retried = |f: &Figures| f.handshake.is_none_or(|d| d >= Duration::from_millis(4500));
+    let echoed_took = echoed.handshake.unwrap();
     assert!(
-        retried(&shared) || retried(&echoed),
-        "the shared address no longer costs a retry: update the README's threat model"
+        echoed_took < Duration::from_secs(2),
+        "(b) echo: {echoed_took:?}: does wg-cni-wgd still limit cookie-bearing initiations?"
     );
-    // Under the echoed flood the 10 s bound does NOT hold reliably, and the test does not claim
-    // it: every initiation costs the daemon an X25519, the node drops what its socket buffer
-    // cannot hold, and the peer's retry may be among it (each loss costs another 5 s). The
-    // README gives the figures; here they are printed above.
 }
 
 /// A thread in a pod's namespace serving TCP until stopped: echoes what it reads.

@@ -10,6 +10,7 @@
 //! its file descriptor. Private keys live only in memory; nothing about keys is logged.
 
 mod csum;
+mod limit;
 mod stats;
 mod tun;
 mod uapi;

@@ -1,6 +1,7 @@
 //! The UDP side: one dual-stack socket bound in the daemon's namespace, sendmmsg with UDP GSO
 //! (runs of same-size datagrams to one endpoint leave as one UDP_SEGMENT message), recvmmsg
-//! with UDP GRO, and large socket buffers.
+//! with UDP GRO, and large socket buffers. Received cookie-bearing handshake initiations pass
+//! through `limit` (per source address and port, under load) before the device sees them.
 //!
 //! Binding is done ahead of time for UAPI `listen_port`: a taken port is answered as
 //! `errno=98` (EADDRINUSE) without touching the running device; the socket bound there is
@@ -20,6 +21,7 @@ use gotatun::packet::{Packet, PacketBufPool};
 use gotatun::udp::{UdpRecv, UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
 use tokio::io::Interest;
 
+use crate::limit::Limiter;
 use crate::stats;
 
 const SOL_UDP: libc::c_int = 17;
@@ -234,9 +236,9 @@ pub fn bind_socket(port: u16, sockbuf: libc::c_int) -> io::Result<OwnedFd> {
 
 impl UdpTransportFactory for Factory {
     type Send = Udp;
-    type Recv = Udp;
+    type Recv = UdpRx;
 
-    async fn bind(&mut self, params: &UdpTransportFactoryParams) -> io::Result<(Udp, Udp)> {
+    async fn bind(&mut self, params: &UdpTransportFactoryParams) -> io::Result<(Udp, UdpRx)> {
         let fd = match self.socket_for(params.port) {
             Ok(fd) => fd,
             Err(e) => {
@@ -275,15 +277,26 @@ impl UdpTransportFactory for Factory {
             v6: local.is_ipv6(),
             shared: Arc::clone(&self.shared),
         };
-        Ok((udp.clone(), udp))
+        let rx = UdpRx {
+            sock: Arc::clone(&udp.sock),
+            limit: Limiter::new(),
+        };
+        Ok((udp, rx))
     }
 }
 
+/// The sending side (gotatun clones it for its tasks).
 #[derive(Clone)]
 pub struct Udp {
     sock: Arc<tokio::net::UdpSocket>,
     v6: bool,
     shared: Arc<Shared>,
+}
+
+/// The receiving side: one per socket, read by one task, so the limiter needs no lock.
+pub struct UdpRx {
+    sock: Arc<tokio::net::UdpSocket>,
+    limit: Limiter,
 }
 
 impl Udp {
@@ -612,14 +625,21 @@ fn push_datagram(
     out.push((p, src));
 }
 
-impl UdpRecv for Udp {
+impl UdpRecv for UdpRx {
     type RecvManyBuf = RecvBuf;
 
     async fn recv_from(&mut self, pool: &mut PacketBufPool) -> io::Result<(Packet, SocketAddr)> {
-        let mut p = pool.get();
-        let (n, src) = self.sock.recv_from(&mut p).await?;
-        p.truncate(n);
-        Ok((p, map_src(src)))
+        loop {
+            let mut p = pool.get();
+            let (n, src) = self.sock.recv_from(&mut p).await?;
+            p.truncate(n);
+            let src = map_src(src);
+            let now = self.limit.now();
+            if self.limit.admit(&p, src, now) {
+                return Ok((p, src));
+            }
+            stats::add(&stats::UDP_RECV_DROPPED, 1);
+        }
     }
 
     async fn recv_many_from(
@@ -652,6 +672,8 @@ impl UdpRecv for Udp {
             .await?;
         stats::add(&stats::UDP_RECVMMSG, 1);
         let before = packets.len();
+        let now = self.limit.now();
+        let mut dropped = 0;
         for k in 0..n {
             let len = (buf.msgs[k].msg_len as usize).min(RECV_SLOT);
             let Some(src) = from_storage(&buf.addrs[k]) else {
@@ -663,16 +685,24 @@ impl UdpRecv for Udp {
             unsafe { slot.set_len(len) };
             match gro {
                 Some(seg) if seg < len => {
+                    // A train of one source's same-size datagrams: a flood's initiations come
+                    // this way too, and are limited one by one.
                     let mut train = slot.split_to(len);
                     while !train.is_empty() {
                         let part = train.split_to(seg.min(train.len()));
-                        packets.push((Packet::from_bytes(part), src));
+                        if self.limit.admit(&part, src, now) {
+                            packets.push((Packet::from_bytes(part), src));
+                        } else {
+                            dropped += 1;
+                        }
                     }
                 }
-                _ => push_datagram(slot, src, pool, packets),
+                _ if self.limit.admit(slot, src, now) => push_datagram(slot, src, pool, packets),
+                _ => dropped += 1,
             }
         }
         stats::add(&stats::UDP_RECV_PKTS, packets.len() - before);
+        stats::add(&stats::UDP_RECV_DROPPED, dropped);
         Ok(())
     }
 }
