@@ -11,6 +11,7 @@
 //! the wrapper can end them if this process is killed.
 
 mod cleanup;
+mod cluster;
 mod cni;
 mod exec;
 mod latency;
@@ -23,6 +24,7 @@ mod report;
 mod scale;
 mod stats;
 mod throughput;
+mod uapi;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
