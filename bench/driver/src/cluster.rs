@@ -51,6 +51,7 @@ pub struct Node {
     pub network: String,
     pub agent: Option<Background>,
     pub agent_pid: Option<i32>,
+    pub agent_log: Option<PathBuf>,
 }
 
 impl Node {
@@ -197,6 +198,33 @@ pub fn b64(data: &[u8]) -> String {
     out
 }
 
+/// Standard base64 back to bytes (None: not base64).
+pub fn unb64(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let text = text.trim().trim_end_matches('=');
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes() {
+        acc = (acc << 6) | value(c)?;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
 pub fn random(n: usize) -> Res<Vec<u8>> {
     let mut buf = vec![0u8; n];
     File::open("/dev/urandom")
@@ -282,6 +310,11 @@ pub fn put_op(key: &str, value: &Value, lease: Option<&str>) -> Value {
     json!({"requestPut": p})
 }
 
+/// A delete in an etcd JSON-gateway transaction.
+pub fn delete_op(key: &str) -> Value {
+    json!({"requestDeleteRange": {"key": b64(key.as_bytes())}})
+}
+
 impl<'a> Cluster<'a> {
     pub fn new(ctx: &'a Ctx, layout: Layout) -> Res<Cluster<'a>> {
         let dir = ctx.work.join(layout.dir);
@@ -312,6 +345,7 @@ impl<'a> Cluster<'a> {
                 network: c.layout.network.to_string(),
                 agent: None,
                 agent_pid: None,
+                agent_log: None,
             };
             c.attach(&node.netns, &format!("n{index}"), &node.addr)?;
             std::fs::create_dir_all(node.conf_dir()).map_err(|e| e.to_string())?;
@@ -469,6 +503,7 @@ impl<'a> Cluster<'a> {
         let node = &mut self.nodes[i];
         node.agent_pid = Some(bg.pid());
         node.agent = Some(bg);
+        node.agent_log = Some(log);
         Ok(())
     }
 

@@ -334,6 +334,14 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             missed.push("cross-node reachability".into());
         }
     }
+    if let Some(a) = get("native", "agent").filter(|a| a["error"].is_null()) {
+        for (target, measured, ok, name) in crate::agent::targets(&a) {
+            let _ = writeln!(targets, "| {target} | {measured} | {} |", verdict(ok));
+            if ok == Some(false) {
+                missed.push(name);
+            }
+        }
+    }
     let _ = writeln!(targets);
     md.push_str(&targets);
 
@@ -833,6 +841,9 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     }
     if let Some(m) = get("native", "multinode") {
         md.push_str(&crate::multinode::report(&m));
+    }
+    if let Some(a) = get("native", "agent") {
+        md.push_str(&crate::agent::report(&a));
     }
     md.push_str(&findings(&get));
     if let Some(s) = ctx
