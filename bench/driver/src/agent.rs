@@ -296,6 +296,70 @@ fn split(
     ]
 }
 
+/// Samples of what the agent's threads are doing, by kind of thread (reconciler, handshake
+/// follow-ups, async runtime, other): waiting for a flock, waiting for a UAPI answer (a unix
+/// socket read), running, or waiting for something else (idle).
+#[derive(Default)]
+struct ThreadStates {
+    samples: u64,
+    /// kind → [flock, uapi, running, other, thread samples]
+    counts: BTreeMap<&'static str, [u64; 5]>,
+}
+
+impl ThreadStates {
+    fn sample(&mut self, pid: i32) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return;
+        };
+        self.samples += 1;
+        for task in tasks.flatten() {
+            let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+            let comm = read("comm");
+            let comm = comm.trim();
+            let wchan = read("wchan");
+            let stat = read("stat");
+            let running = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().next())
+                == Some("R");
+            let main = task.file_name().to_str() == Some(&pid.to_string());
+            let kind = match comm {
+                "reconciler" => "reconciler",
+                "handshakes" => "handshake follow-ups",
+                c if main || c.starts_with("tokio") => "async runtime",
+                _ => "other",
+            };
+            let state = if wchan.contains("locks_lock") {
+                0
+            } else if wchan.starts_with("unix_stream") {
+                1
+            } else if running {
+                2
+            } else {
+                3
+            };
+            let c = self.counts.entry(kind).or_default();
+            c[state] += 1;
+            c[4] += 1;
+        }
+    }
+
+    fn report(&self) -> Value {
+        let mut out = json!({ "samples": self.samples });
+        for (kind, c) in &self.counts {
+            let share = |i: usize| round(c[i] as f64 * 100.0 / c[4].max(1) as f64, 1);
+            out[*kind] = json!({
+                "threads_mean": round(c[4] as f64 / self.samples.max(1) as f64, 2),
+                "flock_wait_percent": share(0),
+                "uapi_wait_percent": share(1),
+                "running_percent": share(2),
+                "other_wait_percent": share(3),
+            });
+        }
+        out
+    }
+}
+
 /// The agent's /readyz figures: (reconciler jobs, the last one's ms, remote peers).
 fn readyz(c: &Cluster) -> Res<(u64, u64, u64)> {
     let (_, body) = c.agent_http(0, "/readyz")?;
@@ -980,7 +1044,7 @@ fn soak(
     let rss_max = std::sync::Mutex::new(0u64);
     let started = Instant::now();
     let ticks0 = cpu_ticks(pid).ok_or("agent gone")?;
-    let (events, health, lock, plugin, split_ms) = std::thread::scope(|s| {
+    let (events, health, lock, plugin, split_ms, states) = std::thread::scope(|s| {
         // Events: ADD n, DEL n - SOAK_LIVE, alternating; never faster than the rate.
         let ev = s.spawn(|| -> Res<Value> {
             let file = ns::open(&etcd_ns)?;
@@ -1093,6 +1157,15 @@ fn soak(
             }
             Ok(waits)
         });
+        // What the agent's threads are doing, every 10 ms.
+        let sp = s.spawn(|| {
+            let mut states = ThreadStates::default();
+            while started.elapsed() < soak_for && !stop.load(Ordering::Relaxed) {
+                states.sample(pid);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            states
+        });
         // Here: plugin ADDs spread over the soak, and where the agent's CPU goes.
         let mut adds = (Vec::new(), Vec::new(), Vec::new());
         let mut split_ms = [0.0f64; 3];
@@ -1140,6 +1213,7 @@ fn soak(
             lp.join().unwrap_or_else(|_| Err("probe panicked".into())),
             adds,
             split_ms,
+            sp.join().unwrap_or_default(),
         )
     });
     let soak_s = started.elapsed().as_secs_f64();
@@ -1199,6 +1273,7 @@ fn soak(
         "link_mismatches": mismatches.iter().take(5).collect::<Vec<_>>(),
         "link_mismatch_count": mismatches.len(),
         "live_soak_records_after": live,
+        "thread_states": states.report(),
     }))
 }
 
@@ -1479,6 +1554,41 @@ pub fn report(a: &Value) -> String {
             format!("**no**, {} links differ", s["link_mismatch_count"])
         },
     );
+    let ts = &s["thread_states"];
+    if ts["samples"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(
+            md,
+            "What the agent's threads did during the soak ({} samples, one every 10 ms; share \
+             of each kind's thread samples; a UAPI wait is a read of a daemon's answer):\n",
+            ts["samples"]
+        );
+        let _ = writeln!(
+            md,
+            "| threads | how many (mean) | waiting for the flock | waiting for a UAPI answer | running | waiting otherwise |"
+        );
+        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- |");
+        for kind in [
+            "reconciler",
+            "handshake follow-ups",
+            "async runtime",
+            "other",
+        ] {
+            let k = &ts[kind];
+            if k.is_null() {
+                continue;
+            }
+            let _ = writeln!(
+                md,
+                "| {kind} | {} | {} % | {} % | {} % | {} % |",
+                f(&k["threads_mean"], 1),
+                f(&k["flock_wait_percent"], 0),
+                f(&k["uapi_wait_percent"], 0),
+                f(&k["running_percent"], 0),
+                f(&k["other_wait_percent"], 0),
+            );
+        }
+        let _ = writeln!(md);
+    }
     let shaken = e["add"]["handshakes_done_links"]["p50"].as_f64();
     let pods = a["local_pods"].as_f64();
     if let (Some(h), Some(p)) = (shaken, pods) {
@@ -1492,15 +1602,24 @@ pub fn report(a: &Value) -> String {
                  kick (keep-alive 1 s, then at once back to 0) undoes itself: the second write \
                  drops the first one's due keep-alive, or the session the answer completed. \
                  Every pod link's follow-up then takes the network's lock, reads the whole \
-                 device ({} peers) and re-adds the peer, at 250 ms, 600 ms and 1.2 s: {} reads \
-                 one after another under one lock, which is the \"other\" CPU above, keeps the \
-                 agent busy for {} s (p50) after an ADD, and is what the reconciler and the \
-                 plugin wait for (the reconciler's job for one ADD: p50 {} ms, max {} ms).\n",
+                 device ({} peers) and re-adds the peer, at 250 ms, 600 ms and 1.2 s: up to {} \
+                 reads of a whole device per ADD, one after another under one lock. That is the \
+                 \"other\" CPU of an ADD above, and keeps the agent busy for {} s (p50) after \
+                 one ADD (the reconciler's own job: p50 {} ms, max {} ms). Under the soak's \
+                 stream of ADDs they fill the network's lock: of {} follow-up threads alive on \
+                 average, {} were waiting for the flock, and the reconciler waited for it {} % \
+                 of the time (thread states above); a plugin ADD waits behind them.\n",
                 st["peers_per_link"],
                 3 * a["local_pods"].as_u64().unwrap_or(0),
                 f(&e["add"]["settled_s"]["p50"], 1),
                 f(&e["add"]["agent_last_job_ms"]["p50"], 0),
                 f(&e["add"]["agent_last_job_ms"]["max"], 0),
+                f(&ts["handshake follow-ups"]["threads_mean"], 0),
+                ts["handshake follow-ups"]["threads_mean"]
+                    .as_f64()
+                    .zip(ts["handshake follow-ups"]["flock_wait_percent"].as_f64())
+                    .map_or("–".to_string(), |(n, p)| format!("{:.0}", n * p / 100.0)),
+                f(&ts["reconciler"]["flock_wait_percent"], 0),
             );
         }
     }
