@@ -120,7 +120,7 @@ cleanup() {
     while read -r pid; do
       # Only if that pid is still one of ours (an iperf3 server, a userspace WireGuard daemon,
       # or multinode's and agent's etcd and agents).
-      if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qE '^[^ ]*(iperf3|wireguard-go|wg-cni-wgd|etcd|wg-cni-agent|wg-cni agent) '; then
+      if [[ -r /proc/$pid/cmdline ]] && { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qE '^[^ ]*(iperf3|wireguard-go|wg-cni-wgd|etcd|wg-cni-agent|wg-cni agent) '; then
         kill -KILL "$pid" 2>/dev/null || true
       fi
     done <"$WORK/pids"
