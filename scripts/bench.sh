@@ -17,6 +17,12 @@
 #               (p50/p99/max over N pods; both pings start together, then a control where
 #               only node 1's pod pings first); plugin ADD with the agent running vs stopped; agent
 #               RSS, idle CPU and full resync time with 1,000 and 5,000 remote records
+#   agent       (native only) one node's agent with 100 local pods (101 links on wg-cni-wgd)
+#               mirroring 2,000 remote records of fake nodes put straight into etcd: per remote
+#               pod ADD/DEL and node key flap, the agent's CPU, the wall time until every link
+#               has (lost) the peer and the WireGuard writes read back from the links; agent
+#               RSS; a soak of 20 remote events/s probing /healthz, the network's flock and
+#               plugin ADDs, counting lost liveness leases (~10 minutes)
 #
 # multinode makes its own namespaces wgbench-mn-* (underlay bridge 10.253.0.0/24, etcd at
 # 10.253.0.2:23790 in a namespace of its own, pods in 10.252.0.0/16: none of the test suite's
@@ -27,6 +33,17 @@
 # (default: the agent's own defaults). Running only it:
 #   BENCH_NATIVE_PHASES=multinode BENCH_GUEST_PHASES= BENCH_OUT=/tmp/x scripts/bench.sh
 #
+# agent reuses that cluster (namespaces wgbench-ag-*, same addresses; the fake nodes at
+# 10.253.0.101.., the first one answered by wg-cni-wgd "responder" devices wgbagrNN in a
+# namespace of their own). 10,000 records do not fit: 101 wg-cni-wgd links keep ~26 KiB per
+# peer each. Knobs: --ag-records (2000), --ag-links (local pods, 100), --ag-remote-nodes (4,
+# at least one per 1,000 records), --ag-events (ADD+DEL pairs, 15: each ADD keeps the agent
+# busy ~6 s), --ag-silent-events (pairs whose pod never answers, 3), --ag-flaps (5),
+# --ag-soak-seconds (300), --ag-soak-rate (20), --ag-probe-ms (100), --ag-plugin-adds (6),
+# --ag-responders (20), --ag-agent-log (info), --ag-agent-flags (default "--resync-interval
+# 3600"), --ag-keep 1 (keep its work directory). Running only it:
+#   BENCH_NATIVE_PHASES=agent BENCH_GUEST_PHASES= BENCH_OUT=/tmp/x scripts/bench.sh
+#
 # Traffic stays between namespaces made here (tunnel endpoints 127.0.0.1). Everything made is
 # removed on exit, also on failure or interrupt: namespaces wgbench-*, the plugin's networks
 # (GC through the plugin, then gateway links and NAT rules by name), daemons and servers by
@@ -35,7 +52,9 @@
 # Environment: BENCH_QUICK=1 for a short smoke run (results are then not meant to be kept);
 # BENCH_OUT=DIR to write results elsewhere than bench/; BENCH_NATIVE_PHASES="latency scale"
 # and BENCH_GUEST_PHASES="latency,profile" to run only some phases (empty: none there);
-# BENCH_ARGS="--opt value ..." appended to the driver's options on both sides.
+# BENCH_ARGS="--opt value ..." appended to the driver's options on both sides. The report
+# merges: parts (phase results) this run did not measure are kept from $OUT/results.json, and
+# results.md says which run measured which (BENCH_MERGE=0: this run's parts only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -52,7 +71,9 @@ if ((QUICK)); then
                --parallel-n 20 --parallel-rounds 1 --tput-runs 1 --tput-seconds 2
                --profile-adds 2 --profile-live 3 --profile-remote 20
                --mn-pods 5 --mn-pods-sequential 3 --mn-add-iterations 5 --mn-records 100,300
-               --mn-idle-seconds 3)
+               --mn-idle-seconds 3
+               --ag-records 300 --ag-links 10 --ag-events 5 --ag-silent-events 2 --ag-flaps 2
+               --ag-soak-seconds 20 --ag-plugin-adds 2 --ag-responders 4)
   GUEST_ARGS=(--latency-iterations 6 --warmup 1 --scale-reps 2 --scale-points 1,20,100
               --tput-runs 1 --tput-seconds 2 --profile-adds 1 --profile-live 2 --profile-remote 0
               --latency-first-pod 0)
@@ -62,7 +83,9 @@ else
                --parallel-n 100 --parallel-rounds 2 --tput-runs 3 --tput-seconds 10
                --profile-adds 7 --profile-live 20 --profile-remote 50
                --mn-pods 30 --mn-pods-sequential 20 --mn-add-iterations 40 --mn-records 1000,5000
-               --mn-idle-seconds 10)
+               --mn-idle-seconds 10
+               --ag-records 2000 --ag-links 100 --ag-events 15 --ag-silent-events 3 --ag-flaps 5
+               --ag-soak-seconds 300 --ag-plugin-adds 6)
   GUEST_ARGS=(--latency-iterations 60 --warmup 2 --scale-reps 5 --scale-points 1,100,1000
               --tput-runs 3 --tput-seconds 10 --profile-adds 3 --profile-live 5 --profile-remote 0
               --latency-first-pod 0)
@@ -95,9 +118,9 @@ cleanup() {
   "$DRIVER" cleanup --work "$WORK/native" --wg "$WG" >/dev/null 2>&1 || true
   if [[ -f $WORK/pids ]]; then
     while read -r pid; do
-      # Only if that pid is still one of ours (an iperf3 server, a wireguard-go daemon, or
-      # multinode's etcd and agents).
-      if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qE '^[^ ]*(iperf3|wireguard-go|wg-cni-wgd|etcd|wg-cni-agent|wg-cni agent) '; then
+      # Only if that pid is still one of ours (an iperf3 server, a userspace WireGuard daemon,
+      # or multinode's and agent's etcd and agents).
+      if [[ -r /proc/$pid/cmdline ]] && { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qE '^[^ ]*(iperf3|wireguard-go|wg-cni-wgd|etcd|wg-cni-agent|wg-cni agent) '; then
         kill -KILL "$pid" 2>/dev/null || true
       fi
     done <"$WORK/pids"
@@ -106,6 +129,8 @@ cleanup() {
     ip netns del "$ns" 2>/dev/null || true
   done
   for link in wgbh1 wgbh2; do ip link del "$link" 2>/dev/null || true; done
+  # The agent phase's responder daemons, if killed above, left their UAPI sockets.
+  rm -f /var/run/wireguard/wgbagr[0-9][0-9].sock
   "$DRIVER" cleanup --work "$WORK/native" --wg "$WG" >/dev/null 2>&1 || true
   rm -rf "$WORK"
   if [[ $(cat /proc/sys/net/ipv4/ip_forward) != "$IPFWD" ]]; then
@@ -136,7 +161,7 @@ trap cleanup EXIT
 trap 'on_signal 130' INT
 trap 'on_signal 143' TERM HUP
 
-NATIVE_PHASES=${BENCH_NATIVE_PHASES-latency scale parallel throughput memory profile multinode}
+NATIVE_PHASES=${BENCH_NATIVE_PHASES-latency scale parallel throughput memory profile multinode agent}
 GUEST_PHASES=${BENCH_GUEST_PHASES-latency,scale,throughput,profile}
 read -r -a EXTRA_ARGS <<<"${BENCH_ARGS:-}"
 NATIVE_ARGS+=("${EXTRA_ARGS[@]}")
@@ -146,6 +171,7 @@ FAILED=()
 # ------------------------------------------------------------------ native
 for phase in $NATIVE_PHASES; do
   limit=420
+  if [[ $phase == agent ]]; then limit=900; fi   # about 10 minutes of its own (soak: 5)
   log "native: $phase"
   # timeout passes a TERM it receives on to the driver.
   if ! run_child timeout --kill-after=10 "$limit" "$DRIVER" "$phase" --label native --backend userspace \
@@ -224,7 +250,12 @@ jq -n \
     qemu: $qemu, guest_kernel: $guest_kernel, guest_cpus: "2", total: $total,
     total_seconds: ($total_s | tonumber), quick: ($quick == "1")}' >"$WORK/machine.json"
 mkdir -p "$OUT"
-"$DRIVER" report --parts "$PARTS" --machine "$WORK/machine.json" \
+MERGE=()
+if [[ ${BENCH_MERGE:-1} != 0 && -f $OUT/results.json ]]; then
+  cp "$OUT/results.json" "$WORK/previous.json"
+  MERGE=(--previous "$WORK/previous.json")
+fi
+"$DRIVER" report --parts "$PARTS" --machine "$WORK/machine.json" "${MERGE[@]}" \
   --out-md "$OUT/results.md" --out-json "$OUT/results.json"
 log "wrote $OUT/results.md and $OUT/results.json in $((elapsed / 60)) min $((elapsed % 60)) s"
 if ((${#FAILED[@]})); then

@@ -5,12 +5,14 @@
 //! QEMU guest has no shared folder: the host reads the console) and, with `--out-dir`, as
 //! `<dir>/<label>.<phase>.json`. `report` turns a directory of parts into results.md/.json.
 //!
-//! Phases: latency, scale, parallel, throughput, memory, profile, multinode, report.
+//! Phases: latency, scale, parallel, throughput, memory, profile, multinode, agent, report.
 //! Everything it creates (network namespaces `wgbench-*`, daemons, iperf3 servers) is removed
 //! when a phase ends, also on error; pids of long-lived children go to `--pids-file` so that
 //! the wrapper can end them if this process is killed.
 
+mod agent;
 mod cleanup;
+mod cluster;
 mod cni;
 mod exec;
 mod latency;
@@ -23,6 +25,7 @@ mod report;
 mod scale;
 mod stats;
 mod throughput;
+mod uapi;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -128,7 +131,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(phases) = args.first() else {
         eprintln!(
-            "usage: wg-cni-bench latency,scale,parallel,throughput,memory,profile,multinode|report [--opt value]..."
+            "usage: wg-cni-bench latency,scale,parallel,throughput,memory,profile,multinode,agent|report [--opt value]..."
         );
         std::process::exit(2);
     };
@@ -166,6 +169,7 @@ fn main() {
             "throughput" => throughput::run(&ctx),
             "memory" => memory::run(&ctx),
             "multinode" => multinode::run(&ctx),
+            "agent" => agent::run(&ctx),
             "profile" => profile::run(&ctx),
             "report" => report::run(&ctx),
             "cleanup" => cleanup::run(&ctx),

@@ -4,8 +4,6 @@
 //! keys, one /32 allowed IP each, written straight to the daemon's UAPI socket), and after a
 //! second of rest the daemon's VmRSS is read. DEL and the phase's cleanup remove everything.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -13,7 +11,7 @@ use serde_json::{json, Value};
 use crate::cni::{self, Plugin};
 use crate::scale::random_bytes;
 use crate::throughput::comm;
-use crate::{ns, Ctx, Res};
+use crate::{ns, uapi, Ctx, Res};
 
 /// (daemon, network, subnet, ports): ports 57700-57799 are used by nothing else in the bench.
 const SETUPS: [(&str, &str, &str, &str); 2] = [
@@ -48,34 +46,8 @@ fn rss_kb(pid: i32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// One UAPI exchange: send `request`, read the answer up to its blank line.
-fn uapi(host: &str, request: &str) -> Res<String> {
-    let path = format!("/var/run/wireguard/{host}.sock");
-    let mut s = UnixStream::connect(&path).map_err(|e| format!("{path}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(request.as_bytes())
-        .map_err(|e| format!("{path}: writing: {e}"))?;
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 65536];
-    while !answer.ends_with(b"\n\n") {
-        let n = s
-            .read(&mut buf)
-            .map_err(|e| format!("{path}: reading: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        answer.extend_from_slice(&buf[..n]);
-    }
-    Ok(String::from_utf8_lossy(&answer).into_owned())
-}
-
 fn peer_count(host: &str) -> Res<usize> {
-    let answer = uapi(host, "get=1\n\n")?;
+    let answer = uapi::get_text(host)?;
     Ok(answer
         .lines()
         .filter(|l| l.starts_with("public_key="))
@@ -87,23 +59,16 @@ fn add_peers(host: &str, from: usize, to: usize) -> Res<()> {
     let mut j = from;
     while j < to {
         let end = (j + BATCH).min(to);
-        let mut req = String::from("set=1\n");
+        let mut req = String::new();
         for k in j..end {
             req.push_str(&format!(
                 "public_key={}\nallowed_ip=10.204.{}.{}/32\n",
-                hex(&random_bytes::<32>()),
+                uapi::hex(&random_bytes::<32>()),
                 k / 250,
                 1 + k % 250
             ));
         }
-        req.push('\n');
-        let answer = uapi(host, &req)?;
-        if !answer.lines().any(|l| l == "errno=0") {
-            return Err(format!(
-                "UAPI set on {host}: answer {:?}",
-                answer.trim().chars().take(200).collect::<String>()
-            ));
-        }
+        uapi::set(host, &req)?;
         j = end;
     }
     Ok(())

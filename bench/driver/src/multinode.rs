@@ -12,548 +12,32 @@
 //! 2. ADD latency on node 1 with its agent running vs stopped (same node and network,
 //!    alternating, ABBA order);
 //! 3. agent idle RSS/CPU and full resync time with 1,000 and 5,000 remote records of a fake
-//!    node (valid records, node key on a lease, subnet claim), written straight into etcd through
-//!    its JSON gateway (`/v3/kv/txn`, batches of 500 puts).
+//!    node (valid records, node key on a lease, heartbeat, address and subnet claims), written
+//!    straight into etcd through its JSON gateway (`/v3/kv/txn`, batches of 500 puts).
 //!
-//! Layout (all in namespaces named `wgbench-mn-*`): an underlay namespace with bridge `br0`
-//! (10.253.0.0/24), etcd in its own namespace at 10.253.0.2:23790 (peer URL on that
-//! namespace's loopback), nodes at 10.253.0.11 and .12 owning 10.252.1.0/24 and 10.252.2.0/24
-//! of clusterRange 10.252.0.0/16; the fake node owns 10.252.32.0/19 with endpoint 10.253.0.99
-//! (no namespace answers there: handshakes toward it stay on the bridge). The plugin and the
-//! agents run inside the node namespace (setns before exec, as `ip netns exec` would, without
-//! its fork). Agents run with their default lease TTL and resync interval unless
-//! `--mn-agent-flags` says otherwise. Everything is stopped by pid and removed on drop.
+//! The cluster (bench/driver/src/cluster.rs) lives in namespaces named `wgbench-mn-*`: nodes
+//! at 10.253.0.11 and .12 owning 10.252.1.0/24 and 10.252.2.0/24 of clusterRange
+//! 10.252.0.0/16; the fake node owns 10.252.32.0/19 with endpoint 10.253.0.99 (no namespace
+//! answers there: handshakes toward it stay on the bridge). Agents run with their default lease
+//! TTL and resync interval unless `--mn-agent-flags` says otherwise.
 
-use std::fs::File;
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::cni::Plugin;
-use crate::exec::{self, Background, Spec};
+use crate::cluster::{clk_tck, proc_status_kb, proc_usage, wait_until, Cluster, FakeNode, Layout};
+use crate::exec;
 use crate::stats::{raw_ms, summary_ms};
 use crate::{ns, Ctx, Res};
 
 const NETWORK: &str = "wgbench-mn";
-const UNDERLAY: &str = "wgbench-mn-u";
-const ETCD_NS: &str = "wgbench-mn-e";
-const ETCD_ADDR: &str = "10.253.0.2";
-const ETCD_PORT: u16 = 23790;
-const CLUSTER_RANGE: &str = "10.252.0.0/16";
 const FAKE_NODE: &str = "mnode9";
 const FAKE_SUBNET: &str = "10.252.32.0/19";
 const FAKE_ENDPOINT: &str = "10.253.0.99";
-
-struct Node {
-    name: String,
-    netns: String,
-    addr: String,
-    index: usize,
-    dir: PathBuf,
-    agent: Option<Background>,
-    agent_pid: Option<i32>,
-}
-
-impl Node {
-    fn store(&self) -> PathBuf {
-        self.dir.join("store")
-    }
-    fn conf_dir(&self) -> PathBuf {
-        self.dir.join("net.d")
-    }
-    fn subnet(&self) -> String {
-        format!("10.252.{}.0/24", self.index)
-    }
-    fn plugin(&self) -> Value {
-        json!({
-            "type": "wg-cni",
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{"subnet": self.subnet()}]],
-                "dataDir": self.dir.join("ipam").display().to_string(),
-            },
-            "backend": "userspace",
-            "store": self.store().display().to_string(),
-            "nodeName": self.name,
-            "endpoint": self.addr,
-            "mtu": 1420,
-            "listenPorts": "55000-55999",
-            "clusterRange": CLUSTER_RANGE,
-        })
-    }
-    fn mirror_count(&self, of: &str) -> usize {
-        count_records(&self.store().join(NETWORK).join(of))
-    }
-}
-
-fn count_records(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .filter(|e| {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    n.ends_with(".json") && n.contains(':')
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
-
-struct Cluster<'a> {
-    ctx: &'a Ctx,
-    dir: PathBuf,
-    etcd: Option<Background>,
-    nodes: Vec<Node>,
-    agent_flags: Vec<String>,
-    /// Pod namespaces made (deleted with the cluster).
-    pods: Vec<String>,
-}
-
-/// Run `f` on a thread that has entered `netns` (setns affects only the calling thread).
-fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> Res<T> {
-    let file = ns::open(netns)?;
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: plain syscall on an open nsfs fd, this thread only.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(format!(
-                    "setns {netns}: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| "thread panicked".to_string())?
-    })
-}
-
-/// One HTTP/1.1 request (Connection: close), bounded by `limit`; (status, body).
-fn http(addr: &str, method: &str, path: &str, body: &str, limit: Duration) -> Res<(u16, String)> {
-    use std::net::{SocketAddr, TcpStream};
-    let sa: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-    let mut s = TcpStream::connect_timeout(&sa, limit).map_err(|e| format!("{addr}: {e}"))?;
-    s.set_read_timeout(Some(limit)).ok();
-    s.set_write_timeout(Some(limit)).ok();
-    let req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&resp).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-fn b64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-fn random(n: usize) -> Res<Vec<u8>> {
-    let mut buf = vec![0u8; n];
-    File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .map_err(|e| format!("/dev/urandom: {e}"))?;
-    Ok(buf)
-}
-
-fn wait_until(limit: Duration, step: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
-    let started = Instant::now();
-    loop {
-        if done() {
-            return Some(started.elapsed());
-        }
-        if started.elapsed() >= limit {
-            return None;
-        }
-        std::thread::sleep(step);
-    }
-}
-
-/// (VmRSS kB, utime+stime ticks) of a pid.
-fn proc_usage(pid: i32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After "(comm) ": state is field 3 → index 0; utime 14 → 11, stime 15 → 12.
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some((rss, ticks))
-}
-
-fn clk_tck() -> f64 {
-    // SAFETY: plain libc query.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-impl<'a> Cluster<'a> {
-    fn new(ctx: &'a Ctx) -> Res<Cluster<'a>> {
-        let dir = ctx.work.join("multinode");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("logs")).map_err(|e| e.to_string())?;
-        let flags = ctx.opts.str("mn-agent-flags", "");
-        let mut c = Cluster {
-            ctx,
-            dir,
-            etcd: None,
-            nodes: Vec::new(),
-            agent_flags: flags.split_whitespace().map(str::to_string).collect(),
-            pods: Vec::new(),
-        };
-        ns::add(ctx, UNDERLAY)?;
-        c.ip(&["-n", UNDERLAY, "link", "add", "br0", "type", "bridge"])?;
-        c.ip(&["-n", UNDERLAY, "link", "set", "br0", "up"])?;
-        c.attach(ETCD_NS, "e0", ETCD_ADDR)?;
-        for index in 1..=2 {
-            let node = Node {
-                name: format!("mnode{index}"),
-                netns: format!("wgbench-mn-n{index}"),
-                addr: format!("10.253.0.{}", 10 + index),
-                index,
-                dir: c.dir.join(format!("node{index}")),
-                agent: None,
-                agent_pid: None,
-            };
-            c.attach(&node.netns, &format!("n{index}"), &node.addr)?;
-            std::fs::create_dir_all(node.conf_dir()).map_err(|e| e.to_string())?;
-            let conflist =
-                json!({"cniVersion": "1.0.0", "name": NETWORK, "plugins": [node.plugin()]});
-            std::fs::write(node.conf_dir().join("10-wg.conflist"), conflist.to_string())
-                .map_err(|e| e.to_string())?;
-            c.nodes.push(node);
-        }
-        c.start_etcd()?;
-        Ok(c)
-    }
-
-    fn ip(&self, args: &[&str]) -> Res<String> {
-        exec::sh(&self.ctx.ip, args, None)
-    }
-
-    fn attach(&self, netns: &str, port: &str, addr: &str) -> Res<()> {
-        ns::add(self.ctx, netns)?;
-        self.ip(&[
-            "-n", UNDERLAY, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns",
-            netns,
-        ])?;
-        self.ip(&["-n", UNDERLAY, "link", "set", port, "master", "br0", "up"])?;
-        self.ip(&[
-            "-n",
-            netns,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        self.ip(&["-n", netns, "link", "set", "eth0", "up"])?;
-        self.ip(&["-n", netns, "link", "set", "lo", "up"])?;
-        Ok(())
-    }
-
-    fn etcd_http(&self, path: &str, body: &Value) -> Res<Value> {
-        let addr = format!("{ETCD_ADDR}:{ETCD_PORT}");
-        let body = body.to_string();
-        let (status, text) = in_netns(ETCD_NS, || {
-            http(&addr, "POST", path, &body, Duration::from_secs(20))
-        })??;
-        if status != 200 {
-            return Err(format!(
-                "etcd {path}: HTTP {status}: {}",
-                text.trim().chars().take(300).collect::<String>()
-            ));
-        }
-        serde_json::from_str(&text).map_err(|e| {
-            format!(
-                "etcd {path}: {e}: {}",
-                text.chars().take(300).collect::<String>()
-            )
-        })
-    }
-
-    fn start_etcd(&mut self) -> Res<()> {
-        let bin = PathBuf::from("/usr/bin/etcd");
-        let url = format!("http://{ETCD_ADDR}:{ETCD_PORT}");
-        let peer = "http://127.0.0.1:23800".to_string();
-        let args: Vec<String> = [
-            "--name",
-            "b",
-            "--data-dir",
-            &self.dir.join("etcd").display().to_string(),
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-            "--initial-cluster",
-            &format!("b={peer}"),
-            "--max-txn-ops",
-            "1000",
-            "--max-request-bytes",
-            "8388608",
-            "--quota-backend-bytes",
-            "1073741824",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let env = vec![(
-            "PATH".to_string(),
-            "/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-        )];
-        let fd = ns::open(ETCD_NS)?;
-        let log = self.dir.join("logs/etcd.log");
-        let mut spec = Spec::new(&bin, &args, &log);
-        spec.env = &env;
-        spec.netns = Some(fd.as_raw_fd());
-        self.etcd = Some(exec::spawn(&spec, self.ctx)?);
-        let ok = wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
-            self.etcd_http("/v3/kv/range", &json!({"key": b64(b"/")}))
-                .is_ok()
-        });
-        ok.map(|_| ())
-            .ok_or_else(|| "etcd did not answer in 20 s".to_string())
-    }
-
-    fn start_agent(&mut self, i: usize) -> Res<()> {
-        let node = &self.nodes[i];
-        let mut args: Vec<String> = vec![
-            "agent".into(),
-            "--etcd-endpoints".into(),
-            format!("http://{ETCD_ADDR}:{ETCD_PORT}"),
-            "--node".into(),
-            node.name.clone(),
-            "--store".into(),
-            node.store().display().to_string(),
-            "--cni-conf-dir".into(),
-            node.conf_dir().display().to_string(),
-        ];
-        args.extend(self.agent_flags.iter().cloned());
-        let env = vec![
-            (
-                "PATH".to_string(),
-                "/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-            ),
-            (
-                "WG_CNI_LOG".to_string(),
-                self.ctx.opts.str("mn-agent-log", "warn"),
-            ),
-        ];
-        let fd = ns::open(&node.netns)?;
-        let log = self
-            .dir
-            .join(format!("logs/agent{}-{}.log", i + 1, now_ms()));
-        let mut spec = Spec::new(&self.ctx.wg, &args, &log);
-        spec.env = &env;
-        spec.netns = Some(fd.as_raw_fd());
-        let bg = exec::spawn(&spec, self.ctx)?;
-        let node = &mut self.nodes[i];
-        node.agent_pid = Some(bg.pid());
-        node.agent = Some(bg);
-        Ok(())
-    }
-
-    fn stop_agent(&mut self, i: usize) {
-        let node = &mut self.nodes[i];
-        if let Some(bg) = node.agent.take() {
-            // SIGTERM first (a clean stop), SIGKILL after 5 s.
-            // SAFETY: our own unreaped child.
-            unsafe { libc::kill(bg.pid(), libc::SIGTERM) };
-            bg.finish(Duration::from_secs(5));
-        }
-        node.agent_pid = None;
-    }
-
-    /// Until the agent's /readyz answers 200 (first full sync, lease, subnet).
-    fn wait_ready(&self, i: usize, limit: Duration) -> Option<Duration> {
-        let netns = self.nodes[i].netns.clone();
-        wait_until(limit, Duration::from_millis(20), || {
-            in_netns(&netns, || {
-                http(
-                    "127.0.0.1:9765",
-                    "GET",
-                    "/readyz",
-                    "",
-                    Duration::from_secs(2),
-                )
-            })
-            .ok()
-            .and_then(|r| r.ok())
-            .is_some_and(|(s, _)| s == 200)
-        })
-    }
-
-    fn plugin(&self, i: usize) -> Plugin {
-        let mut conf = self.nodes[i].plugin();
-        conf["name"] = json!(NETWORK);
-        conf["cniVersion"] = json!("1.0.0");
-        Plugin {
-            kind: "wg-cni",
-            bin: self.ctx.wg.clone(),
-            conf,
-        }
-    }
-
-    /// A CNI command of node `i`'s plugin, exec'd inside the node's namespace.
-    fn cni(
-        &self,
-        i: usize,
-        command: &str,
-        cid: &str,
-        netns: &str,
-        prev: Option<&Value>,
-    ) -> Res<exec::Exec> {
-        let plugin = self.plugin(i);
-        let env = plugin.env(self.ctx, command, cid, &ns::path(netns));
-        let stdin = plugin.stdin(prev);
-        let args: Vec<String> = Vec::new();
-        let stderr = self.dir.join("logs/plugin.err");
-        let fd = ns::open(&self.nodes[i].netns)?;
-        let mut spec = Spec::new(&self.ctx.wg, &args, &stderr);
-        spec.env = &env;
-        spec.stdin = &stdin;
-        spec.netns = Some(fd.as_raw_fd());
-        exec::run(&spec)
-    }
-
-    fn pod_ns(&mut self, name: &str) -> Res<()> {
-        ns::add(self.ctx, name)?;
-        self.pods.push(name.to_string());
-        Ok(())
-    }
-
-    /// (daemon pid, link host name) of every record in our nodes' own directories.
-    fn recorded_daemons(&self) -> Vec<(u64, String)> {
-        let mut daemons = Vec::new();
-        for node in &self.nodes {
-            let dir = node.store().join(NETWORK).join(&node.name);
-            let Ok(files) = std::fs::read_dir(dir) else {
-                continue;
-            };
-            for file in files.flatten() {
-                let text = std::fs::read_to_string(file.path()).unwrap_or_default();
-                let record: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                if let Some(pid) = record["daemonPid"].as_u64() {
-                    let host = record["hostName"].as_str().unwrap_or("-").to_string();
-                    daemons.push((pid, host));
-                }
-            }
-        }
-        daemons
-    }
-
-    /// Stop every wireguard-go daemon a record of our stores names (by recorded pid, only if
-    /// that pid still runs wireguard-go for that link).
-    fn stop_daemons(&self) {
-        for (pid, host) in self.recorded_daemons() {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            if (cmdline.contains("wireguard-go") || cmdline.contains("wg-cni-wgd"))
-                && cmdline.contains(&host)
-            {
-                // SAFETY: a pid checked just above to be that link's daemon.
-                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            }
-        }
-    }
-
-    /// Hand every daemon pid our records name to the wrapper (its cleanup kills wireguard-go
-    /// daemons by pid if this process dies without running Drop).
-    fn note_daemons(&self) {
-        for (pid, _) in self.recorded_daemons() {
-            self.ctx.note_pid(pid as u32);
-        }
-    }
-
-    fn gateway_daemon(&self, i: usize) -> Option<i32> {
-        let path = self.nodes[i]
-            .store()
-            .join(NETWORK)
-            .join(&self.nodes[i].name)
-            .join("gateway.json");
-        let record: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-        record["daemonPid"].as_u64().map(|p| p as i32)
-    }
-}
-
-impl Drop for Cluster<'_> {
-    fn drop(&mut self) {
-        for i in 0..self.nodes.len() {
-            self.stop_agent(i);
-        }
-        if let Some(etcd) = self.etcd.take() {
-            etcd.finish(Duration::ZERO);
-        }
-        self.stop_daemons();
-        for p in std::mem::take(&mut self.pods) {
-            ns::del(self.ctx, &p);
-        }
-        for node in &self.nodes {
-            ns::del(self.ctx, &node.netns);
-        }
-        ns::del(self.ctx, ETCD_NS);
-        ns::del(self.ctx, UNDERLAY);
-        if self.ctx.opts.num("mn-keep", 0) == 0 {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-fn now_ms() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
-}
 
 /// `ping -c 1 -w DEADLINE -i 0.02 addr` from inside `netns`: exits 0 at the first reply.
 fn spawn_ping(netns: &str, addr: &str, deadline_s: u64) -> Res<Child> {
@@ -660,7 +144,16 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let idle_s = ctx.opts.num("mn-idle-seconds", 10) as u64;
-    let mut c = Cluster::new(ctx)?;
+    let mut c = Cluster::new(
+        ctx,
+        Layout {
+            tag: "mn",
+            network: NETWORK,
+            node_prefix: "mnode",
+            nodes: 2,
+            dir: "multinode",
+        },
+    )?;
     let mut out = json!({
         "backend": "userspace",
         "agent_flags": if c.agent_flags.is_empty() { "default flags: --lease-ttl 15, --resync-interval 30, --grace-period 3600".to_string() } else { c.agent_flags.join(" ") },
@@ -891,32 +384,9 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     }
 
     // ------------------------------------------------------------ 3: idle and resync
-    let boot = b64(&random(12)?);
-    let lease = c.etcd_http("/v3/lease/grant", &json!({"TTL": 7200}))?;
-    let lease_id = lease["ID"]
-        .as_str()
-        .map(str::to_string)
-        .or_else(|| lease["ID"].as_i64().map(|v| v.to_string()))
-        .ok_or("no lease ID")?;
-    let prefix = format!("/wg-cni/v1/{NETWORK}/");
-    let put = |key: &str, value: &Value, lease: Option<&str>| {
-        let mut p = json!({"key": b64(key.as_bytes()), "value": b64(value.to_string().as_bytes())});
-        if let Some(l) = lease {
-            p["lease"] = json!(l);
-        }
-        json!({"requestPut": p})
-    };
-    c.etcd_http(
-        "/v3/kv/txn",
-        &json!({"success": [
-            put(&format!("{prefix}subnets/{FAKE_NODE}/claim"), &json!({"subnets": [FAKE_SUBNET], "agent": "wgbench-fake"}), None),
-            put(&format!("{prefix}nodes/{FAKE_NODE}/info"), &json!({"endpoints": [FAKE_ENDPOINT], "bootId": boot, "subnets": [FAKE_SUBNET], "mtu": 1420, "agentVersion": "wgbench-fake"}), Some(&lease_id)),
-        ]}),
-    )?;
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let fake = FakeNode::new(NETWORK, FAKE_NODE, FAKE_SUBNET, FAKE_ENDPOINT)?;
+    let lease = c.grant_lease(7200)?;
+    fake.announce(&c, &lease, None)?;
     let mut written = 0usize;
     let mut points = Vec::new();
     let tck = clk_tck();
@@ -926,31 +396,8 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         }
         c.stop_agent(0);
         let load_started = Instant::now();
-        while written < size {
-            let batch: Vec<Value> = (written..size.min(written + 500))
-                .map(|j| {
-                    let cid = format!("fake{j:05}");
-                    let addr = format!("10.252.{}.{}/32", 32 + (j + 1) / 256, (j + 1) % 256);
-                    let key = random(32).map(|k| b64(&k)).unwrap_or_default();
-                    let record = json!({
-                        "schema": 1, "state": "ready", "network": NETWORK, "node": FAKE_NODE,
-                        "containerId": cid, "ifname": "eth0", "publicKey": key,
-                        "addresses": [addr], "endpoint": FAKE_ENDPOINT, "listenPort": 51820,
-                        "netns": "/var/run/netns/fake", "netnsInode": 1, "bootId": boot,
-                        "hostName": "wgfake", "backend": "userspace", "mtu": 1420,
-                        "createdAt": created,
-                    });
-                    put(
-                        &format!("{prefix}links/{FAKE_NODE}/{cid}:eth0"),
-                        &record,
-                        None,
-                    )
-                })
-                .collect();
-            let n = batch.len();
-            c.etcd_http("/v3/kv/txn", &json!({"success": batch}))?;
-            written += n;
-        }
+        fake.put_records(&c, written..size, 1, |j| format!("fake{j:05}"))?;
+        written = written.max(size);
         let load_s = load_started.elapsed().as_secs_f64();
         // A fresh agent and an empty mirror: the full resync.
         let mirror = c.nodes[0].store().join(NETWORK).join(FAKE_NODE);
@@ -979,22 +426,14 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         let a1 = proc_usage(pid);
         let g1 = gw.and_then(proc_usage);
         let dt = t0.elapsed().as_secs_f64();
-        let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                    l.split_whitespace()
-                        .nth(1)
-                        .and_then(|v| v.parse::<u64>().ok())
-                })
-            });
+        let hwm = proc_status_kb(pid, "VmHWM:");
         let cpu = |a: Option<(u64, u64)>, b: Option<(u64, u64)>| match (a, b) {
             (Some(a), Some(b)) => json!(((b.1 - a.1) as f64 / tck / dt * 1000.0).round() / 10.0),
             _ => Value::Null,
         };
         // Peers the agent gave the resident pod's link and the gateway (wg over UAPI).
         let peers = |file: &str| -> Option<usize> {
-            let path = c.nodes[0].store().join(NETWORK).join("mnode1").join(file);
+            let path = c.nodes[0].own_dir().join(file);
             let rec: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
             let wg = ctx.wgtool.display().to_string();
             let host = rec["hostName"].as_str()?;

@@ -66,13 +66,45 @@ fn load_parts(dir: &PathBuf) -> Res<BTreeMap<String, Value>> {
 
 pub fn run(ctx: &Ctx) -> Res<Value> {
     let dir = PathBuf::from(ctx.opts.str("parts", "parts"));
-    let parts = load_parts(&dir)?;
-    let machine: Value = ctx
+    let mut parts = load_parts(&dir)?;
+    let mut machine: Value = ctx
         .opts
         .opt("machine")
         .and_then(|p| std::fs::read_to_string(p).ok())
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(json!({}));
+    // Which run measured each part: this one, or (`--previous results.json`) an earlier one
+    // whose parts this run did not measure again.
+    let run_of = |m: &Value| json!({"commit": m["commit"], "date": m["date"], "total": m["total"]});
+    let mut provenance: BTreeMap<String, Value> = parts
+        .keys()
+        .map(|k| (k.clone(), run_of(&machine)))
+        .collect();
+    let previous: Option<Value> = ctx
+        .opts
+        .opt("previous")
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| serde_json::from_str(&t).ok());
+    if let Some(prev) = &previous {
+        for (k, v) in prev["parts"].as_object().into_iter().flatten() {
+            if parts.contains_key(k) {
+                continue;
+            }
+            parts.insert(k.clone(), v.clone());
+            let from = match &prev["provenance"][k] {
+                Value::Null => run_of(&prev["machine"]),
+                p => p.clone(),
+            };
+            provenance.insert(k.clone(), from);
+        }
+        // What this run could not see (no guest here: its kernel and QEMU) comes from there.
+        for field in ["qemu", "guest_kernel"] {
+            let unknown = machine[field].as_str().is_none_or(|v| v == "?");
+            if unknown && prev["machine"][field].is_string() {
+                machine[field] = prev["machine"][field].clone();
+            }
+        }
+    }
     let get = |env: &str, phase: &str| parts.get(&format!("{env}.{phase}")).cloned();
     let mut md = String::new();
     let m = &machine;
@@ -83,11 +115,45 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         m["date"].as_str().unwrap_or("?"),
         m["commit"].as_str().unwrap_or("?")
     );
+    let mut runs: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for (part, from) in &provenance {
+        let this = from["commit"] == m["commit"] && from["date"] == m["date"];
+        if !this {
+            let label = format!(
+                "at commit `{}` on {} (that whole `make bench`: {})",
+                from["commit"].as_str().unwrap_or("?"),
+                from["date"].as_str().unwrap_or("?"),
+                from["total"].as_str().unwrap_or("?")
+            );
+            runs.entry(label).or_default().push(part);
+        }
+    }
+    let this_run = if runs.is_empty() {
+        format!(
+            "**Whole `make bench`:** {}.",
+            m["total"].as_str().unwrap_or("(see the end of the run)")
+        )
+    } else {
+        let mine: Vec<&str> = provenance
+            .iter()
+            .filter(|(_, from)| from["commit"] == m["commit"] && from["date"] == m["date"])
+            .map(|(part, _)| part.as_str())
+            .collect();
+        let earlier: Vec<String> = runs
+            .iter()
+            .map(|(label, parts)| format!("{} {label}", parts.join(", ")))
+            .collect();
+        format!(
+            "**This run** measured {} in {}; the other parts are kept from earlier runs: {}.",
+            mine.join(", "),
+            m["total"].as_str().unwrap_or("?"),
+            earlier.join("; ")
+        )
+    };
     let _ = writeln!(
         md,
         "**Machine:** `nproc` = {}, {}, kernel {}, {} GiB RAM. **Guest:** QEMU {} (TCG: software \
-         emulation, {} vCPUs, no KVM), Debian kernel {} with `wireguard.ko`. \
-         **Whole `make bench`:** {}.\n",
+         emulation, {} vCPUs, no KVM), Debian kernel {} with `wireguard.ko`. {this_run}\n",
         m["nproc"].as_str().unwrap_or("?"),
         m["cpu"].as_str().unwrap_or("?"),
         m["kernel"].as_str().unwrap_or("?"),
@@ -95,7 +161,6 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         m["qemu"].as_str().unwrap_or("?"),
         m["guest_cpus"].as_str().unwrap_or("2"),
         m["guest_kernel"].as_str().unwrap_or("?"),
-        m["total"].as_str().unwrap_or("(see the end of the run)"),
     );
     let _ = writeln!(
         md,
@@ -332,6 +397,14 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         );
         if ok == Some(false) {
             missed.push("cross-node reachability".into());
+        }
+    }
+    if let Some(a) = get("native", "agent").filter(|a| a["error"].is_null()) {
+        for (target, measured, ok, name) in crate::agent::targets(&a) {
+            let _ = writeln!(targets, "| {target} | {measured} | {} |", verdict(ok));
+            if ok == Some(false) {
+                missed.push(name);
+            }
         }
     }
     let _ = writeln!(targets);
@@ -834,6 +907,9 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     if let Some(m) = get("native", "multinode") {
         md.push_str(&crate::multinode::report(&m));
     }
+    if let Some(a) = get("native", "agent") {
+        md.push_str(&crate::agent::report(&a));
+    }
     md.push_str(&findings(&get));
     if let Some(s) = ctx
         .opts
@@ -851,9 +927,13 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
          samples are in results.json."
     );
 
-    let mut all = json!({ "machine": machine, "missed_targets": missed, "parts": {} });
+    let mut all = json!({ "machine": machine, "missed_targets": missed, "parts": {},
+        "provenance": {} });
     for (k, v) in &parts {
         all["parts"][k] = v.clone();
+    }
+    for (k, v) in &provenance {
+        all["provenance"][k] = v.clone();
     }
     if let Some(out) = ctx.opts.opt("out-json") {
         std::fs::write(&out, serde_json::to_string_pretty(&all).unwrap())
