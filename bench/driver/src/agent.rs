@@ -1628,9 +1628,8 @@ pub fn report(a: &Value) -> String {
         let _ = writeln!(
             md,
             "Where the soak's CPU goes: a DEL costs the async runtime {r:.0} ms on average (the \
-             watch event, then `Mirror::evaluate` and the index diff, both over every key of the \
-             network at every event: each trusted record's JSON is parsed again to set its \
-             endpoint), so {} events/s cost about \
+             watch event, `Mirror::evaluate` of the node-level keys and of the records of the \
+             node the event touched, and the index diff of that node), so {} events/s cost about \
              {:.0} % of a core there; the soak measured {} % in the runtime threads.\n",
             f(&s["rate_target"], 0),
             r * s["rate_target"].as_f64().unwrap_or(0.0) / 10.0,
