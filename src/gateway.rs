@@ -408,9 +408,9 @@ fn nat_rules(gateway: &GatewayRecord) -> (Vec<nat::Rule>, Vec<nat::Rule>) {
         want.push(nat::forward(network, link, family, false));
     }
     for subnet in gateway.routed() {
-        want.push(nat::hairpin(&gateway.network, &gateway.host_name, subnet));
+        want.push(nat::hairpin(network, link, subnet));
         drop.push(nat::legacy_hairpin(network, link, subnet));
-        let masquerade = nat::masquerade(&gateway.network, &gateway.host_name, subnet);
+        let masquerade = nat::masquerade(network, link, subnet);
         match gateway.masquerade {
             true => want.push(masquerade),
             false => drop.push(masquerade),

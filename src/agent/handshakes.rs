@@ -12,7 +12,7 @@
 //! A peer with a handshake, or one the device no longer has, is never touched. Bounded per
 //! link: one follow-up at a time (peers kicked meanwhile join it), a few tries each.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -41,9 +41,9 @@ pub struct Followup {
 }
 
 /// Links with a follow-up running, and the peers kicked on them since it started.
-static RUNNING: Mutex<Option<HashMap<String, Vec<Key>>>> = Mutex::new(None);
+static RUNNING: Mutex<BTreeMap<String, Vec<Key>>> = Mutex::new(BTreeMap::new());
 
-fn running() -> std::sync::MutexGuard<'static, Option<HashMap<String, Vec<Key>>>> {
+fn running() -> std::sync::MutexGuard<'static, BTreeMap<String, Vec<Key>>> {
     RUNNING.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -53,7 +53,6 @@ pub fn follow_up(followup: Followup) {
     let id = followup.link_id();
     {
         let mut running = running();
-        let running = running.get_or_insert_with(HashMap::new);
         if let Some(joining) = running.get_mut(&id) {
             joining.extend(followup.peers);
             return;
@@ -65,9 +64,7 @@ pub fn follow_up(followup: Followup) {
         .spawn(move || followup.run());
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the handshake follow-up");
-        if let Some(running) = running().as_mut() {
-            running.remove(&id);
-        }
+        running().remove(&id);
     }
 }
 
@@ -80,9 +77,6 @@ impl Followup {
     fn take_joined(&mut self, done: bool) {
         let id = self.link_id();
         let mut running = running();
-        let Some(running) = running.as_mut() else {
-            return;
-        };
         let joined = match done {
             true => running.remove(&id),
             false => running.get_mut(&id).map(std::mem::take),

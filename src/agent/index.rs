@@ -90,21 +90,10 @@ impl Index {
             if self.contexts.get(&node) != Some(&context) {
                 // How this node is peered changed: every file of it counts as changed.
                 for (file, old) in std::mem::take(known) {
-                    keep(&mut before, &old.peer);
-                    if !files.contains_key(&file) {
-                        delta.files.push(FileChange {
-                            node: node.clone(),
-                            file,
-                            body: None,
-                        });
+                    if files.contains_key(&file) {
+                        keep(&mut before, &old.peer);
                     } else {
-                        known.insert(
-                            file,
-                            Indexed {
-                                body: Body::from(&[][..]),
-                                peer: None,
-                            },
-                        );
+                        removed(&mut before, &mut delta, &node, file, old);
                     }
                 }
                 self.contexts.insert(node.clone(), context.clone());

@@ -163,14 +163,11 @@ impl LinkSync {
         };
         crate::failpoint::pause_once("resync-pause", std::time::Duration::from_secs(3));
         for record in records {
-            if record.state != State::Ready || record.boot_id != self.boot_id {
+            if !self.is_live_here(&record) {
                 continue;
             }
             let _lock = store.lock()?;
-            let Some(current) = self.still_live(&store, &record)? else {
-                continue;
-            };
-            let Some(pod) = current.live_netns(None) else {
+            let Some((current, pod)) = self.still_live(&store, &record)? else {
                 continue;
             };
             view.records.truncate(remote);
@@ -250,14 +247,11 @@ impl LinkSync {
         let new_pods = changes.new_pods();
         let mut failed = 0;
         for record in records {
-            if record.state != State::Ready || record.boot_id != self.boot_id {
+            if !self.is_live_here(&record) {
                 continue;
             }
             let _lock = store.lock()?;
-            let Some(current) = self.still_live(&store, &record)? else {
-                continue;
-            };
-            let Some(pod) = current.live_netns(None) else {
+            let Some((current, pod)) = self.still_live(&store, &record)? else {
                 continue;
             };
             let link = current.link(Some(&pod));
@@ -294,11 +288,18 @@ impl LinkSync {
         Ok(())
     }
 
-    /// Under the lock: the record of `listed` if it is still there, still ready, still with
-    /// the same key (its namespace is checked by the caller).
-    fn still_live(&self, store: &Store, listed: &Record) -> Result<Option<Record>> {
+    /// A ready link of this boot, as listed (checked again under the lock: `still_live`).
+    fn is_live_here(&self, record: &Record) -> bool {
+        record.state == State::Ready && record.boot_id == self.boot_id
+    }
+
+    /// Under the lock: the record of `listed` and its pod's namespace, if it is still there,
+    /// still ready, still with the same key, and its namespace still the recorded one.
+    fn still_live(&self, store: &Store, listed: &Record) -> Result<Option<(Record, Netns)>> {
         let current = store.get(&listed.container_id, &listed.ifname)?;
-        Ok(current.filter(|c| c.state == State::Ready && c.public_key == listed.public_key))
+        Ok(current
+            .filter(|c| c.state == State::Ready && c.public_key == listed.public_key)
+            .and_then(|c| c.live_netns(None).map(|pod| (c, pod))))
     }
 
     /// A few new remote pods: start their handshakes now. Not a first sync of thousands of

@@ -36,7 +36,7 @@ pub struct NetworkView {
     /// The records the peer sets need: this node's, and those of every node whose pods are
     /// direct peers here (all nodes in mesh mode; in on-demand mode the mesh-mode nodes').
     pub records: Vec<Record>,
-    /// The other nodes as the mirror describes them.
+    /// The other nodes as the mirror describes them (on-demand only: mesh needs none).
     pub remote_nodes: BTreeMap<String, RemoteNode>,
     /// This node's gateway, when the network has one.
     pub gateway: Option<GatewayRecord>,
@@ -65,14 +65,16 @@ impl NetworkView {
             tracing::warn!(error = %e, "static peers left out");
             Vec::new()
         });
-        let remote_nodes = store.remote_nodes()?;
-        let records = match conf.peering {
-            Peering::Mesh => store.all_records()?,
-            Peering::OnDemand => store.records_where(|node| {
-                remote_nodes
-                    .get(node)
-                    .is_none_or(|n| n.peering == Peering::Mesh)
-            })?,
+        // Mesh peers with every node alike: only on-demand needs to know the others' modes.
+        let (remote_nodes, records) = match conf.peering {
+            Peering::Mesh => (BTreeMap::new(), store.all_records()?),
+            Peering::OnDemand => {
+                let nodes = store.remote_nodes()?;
+                let records = store.records_where(|node| {
+                    nodes.get(node).is_none_or(|n| n.peering == Peering::Mesh)
+                })?;
+                (nodes, records)
+            }
         };
         Ok(NetworkView {
             node: store.node_name().to_string(),
