@@ -192,41 +192,6 @@ fn memory_kib(pid: u32, field: &str) -> u64 {
 
 /// `wg ARGS` on a pod's link: over the daemon's socket (userspace, by the link's host name),
 /// or inside the pod on `eth0` (kernel).
-fn wg(pod: &Pod, host_name: &str, args: &[&str]) -> String {
-    let device = if kernel() { "eth0" } else { host_name };
-    let mut full = vec!["wg", args[0], device];
-    full.extend_from_slice(&args[1..]);
-    let out = if kernel() {
-        pod.exec(&full)
-    } else {
-        run(full[0], &full[1..])
-    };
-    assert!(
-        out.status.success(),
-        "{full:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `wg show DEVICE WHAT`: one `key value` pair per peer.
-fn wg_show(pod: &Pod, host_name: &str, what: &str) -> Vec<(String, String)> {
-    wg(pod, host_name, &["show", what])
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once('\t')?;
-            Some((k.to_string(), v.trim().to_string()))
-        })
-        .collect()
-}
-
-fn wg_value(pod: &Pod, host_name: &str, what: &str, peer: &str) -> Option<String> {
-    wg_show(pod, host_name, what)
-        .into_iter()
-        .find(|(k, _)| k == peer)
-        .map(|(_, v)| v)
-}
-
 /// Clear the session `from` holds with `to` (the peer is removed and added again with the
 /// same endpoint and allowed IPs), start pinging `to`, and time the new handshake: `None`
 /// when none completed within `HANDSHAKE_WATCH`.

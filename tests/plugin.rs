@@ -720,3 +720,85 @@ fn records_from_an_earlier_boot_are_reaped_with_their_reservation() {
     net.del(&first, Some(&r1)).ok();
     net.del(&second, Some(&r2)).ok();
 }
+
+/// The agent rewrites whole peers (each resync) and turns a new remote peer's keepalive on and
+/// off again to start its handshake at once. Both must behave as the kernel's `wg set` does,
+/// on every backend: turning keepalive on sends right away, and rewriting a peer with a live
+/// session keeps the session (a daemon that re-creates the peer drops its keys, counters and
+/// handshake, and the next packet waits for a new one).
+#[test]
+fn a_rewritten_peer_keeps_its_session_and_keepalive_on_starts_a_handshake() {
+    let net = Net::new("10.74.0.0/24");
+    let (a, b) = (Pod::new(), Pod::new());
+    let ra = net.add(&a).ok().json();
+    let rb = net.add(&b).ok().json();
+    let host_a = net.record_of(&a).unwrap()["hostName"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let key_b = net.record_of(&b).unwrap()["publicKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let handshake = || wg_value(&a, &host_a, "latest-handshakes", &key_b).expect("a has b");
+    assert_eq!(handshake(), "0", "no traffic yet, no handshake");
+
+    wg(
+        &a,
+        &host_a,
+        &["set", "peer", &key_b, "persistent-keepalive", "1"],
+    );
+    wg(
+        &a,
+        &host_a,
+        &["set", "peer", &key_b, "persistent-keepalive", "0"],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while handshake() == "0" && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_ne!(
+        handshake(),
+        "0",
+        "turning keepalive on started no handshake within 5 s"
+    );
+
+    assert!(a.ping(&address_of(&rb, false)));
+    let (shook, transfer) = (
+        handshake(),
+        wg_value(&a, &host_a, "transfer", &key_b).unwrap(),
+    );
+    let allowed = wg_value(&a, &host_a, "allowed-ips", &key_b)
+        .unwrap()
+        .replace(' ', ",");
+    let endpoint = wg_value(&a, &host_a, "endpoints", &key_b).unwrap();
+    wg(
+        &a,
+        &host_a,
+        &[
+            "set",
+            "peer",
+            &key_b,
+            "endpoint",
+            &endpoint,
+            "allowed-ips",
+            &allowed,
+            "persistent-keepalive",
+            "0",
+        ],
+    );
+    assert_eq!(handshake(), shook, "the rewrite dropped the session");
+    assert_eq!(
+        wg_value(&a, &host_a, "transfer", &key_b).unwrap(),
+        transfer,
+        "the rewrite reset the peer's counters"
+    );
+    assert!(a.ping(&address_of(&rb, false)));
+    assert_eq!(
+        handshake(),
+        shook,
+        "traffic after the rewrite needed a new handshake"
+    );
+    net.del(&a, Some(&ra)).ok();
+    net.del(&b, Some(&rb)).ok();
+}

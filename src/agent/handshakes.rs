@@ -5,8 +5,9 @@
 //! (its first packet). The two initiations then cross: each side answers the other's and
 //! drops the answer to its own, so neither has a confirmed session and traffic waits for the
 //! retry (measured by `make bench`: ~5 s for a few pods in 30). A follow-up looks a moment
-//! later and, for each peer still without a handshake, starts over from a clean slate: under
-//! the network lock, a peer the device still has, with no handshake, is removed and added
+//! later (first without the network lock: usually every handshake has completed, and then no
+//! ADD waits behind the read) and, for each peer still without a handshake, starts over from
+//! a clean slate: under the lock, a peer the device still has, with no handshake, is removed and added
 //! again exactly as the device had it (dropping the half-done handshake state) and kicked once
 //! more; at growing, jittered intervals so that two agents doing the same do not cross again.
 //! A peer with a handshake, or one the device no longer has, is never touched. Bounded per
@@ -19,9 +20,10 @@ use std::time::{Duration, Instant};
 use wireguard_control::Key;
 
 use crate::cni::{NetConf, Result};
+use crate::netns::Netns;
 use crate::reconcile;
-use crate::store::{State, Store};
-use crate::wireguard::{self, Peer, PresharedKey, Update};
+use crate::store::{Record, State, Store};
+use crate::wireguard::{self, LinkRef, Peer, PresharedKey, Update};
 
 /// When to look again, after the kick (the jitter is added to each).
 const LOOKS: [Duration; 3] = [
@@ -122,33 +124,28 @@ impl Followup {
         else {
             return Ok(0);
         };
-        let _lock = store.lock()?;
-        let Some(record) = store.get(&self.container_id, &self.ifname)? else {
+        // A first look without the lock: usually every handshake has completed by now, and
+        // then no ADD waits behind this read of the whole device.
+        let Some((record, pod)) = self.ready_link(&store)? else {
             return Ok(0);
         };
-        let Some(pod) = record.live_netns(None) else {
-            return Ok(0);
-        };
-        if record.state != State::Ready {
+        if self.silent(&record, &record.link(Some(&pod)))?.is_empty() {
+            self.peers.clear();
             return Ok(0);
         }
+        let _lock = store.lock()?;
+        // Again under the lock, right before the rewrite: a handshake completed since the
+        // first look keeps its peer out of it.
+        let Some((record, pod)) = self.ready_link(&store)? else {
+            return Ok(0);
+        };
         let link = record.link(Some(&pod));
-        let backend = wireguard::backend(record.backend);
-        // Read under the lock, right before the rewrite: a handshake completed since the last
-        // look keeps its peer out of it.
-        let device = backend.read(&link)?;
-        let followed: HashSet<&Key> = self.peers.iter().collect();
-        let again: Vec<Peer> = device
-            .peers
-            .iter()
-            .filter(|p| followed.contains(&p.config.public_key))
-            .filter(|p| p.stats.last_handshake_time.is_none())
-            .map(|p| as_configured(&p.config))
-            .collect();
+        let again = self.silent(&record, &link)?;
         self.peers = again.iter().map(|p| p.public_key.clone()).collect();
         if again.is_empty() {
             return Ok(0);
         }
+        let backend = wireguard::backend(record.backend);
         backend.apply(
             &link,
             &Update {
@@ -165,6 +162,30 @@ impl Followup {
         )?;
         reconcile::start_handshakes(record.backend, &link, &again)?;
         Ok(again.len())
+    }
+
+    /// The followed link's record and pod, while it is ready.
+    fn ready_link(&self, store: &Store) -> Result<Option<(Record, Netns)>> {
+        let Some(record) = store.get(&self.container_id, &self.ifname)? else {
+            return Ok(None);
+        };
+        if record.state != State::Ready {
+            return Ok(None);
+        }
+        Ok(record.live_netns(None).map(|pod| (record, pod)))
+    }
+
+    /// The followed peers the link still has without a handshake, as configured.
+    fn silent(&self, record: &Record, link: &LinkRef) -> Result<Vec<Peer>> {
+        let device = wireguard::backend(record.backend).read(link)?;
+        let followed: HashSet<&Key> = self.peers.iter().collect();
+        Ok(device
+            .peers
+            .iter()
+            .filter(|p| followed.contains(&p.config.public_key))
+            .filter(|p| p.stats.last_handshake_time.is_none())
+            .map(|p| as_configured(&p.config))
+            .collect())
     }
 }
 

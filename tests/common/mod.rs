@@ -91,6 +91,45 @@ pub fn run_ok(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `wg ARGS[0] DEVICE ARGS[1..]` on a pod's link: `eth0` inside the pod with the kernel
+/// backend, the daemon's UAPI name `host_name` (its record's `hostName`) in the host with the
+/// userspace one.
+pub fn wg(pod: &Pod, host_name: &str, args: &[&str]) -> String {
+    let kernel = expected_backend() == "kernel";
+    let device = if kernel { "eth0" } else { host_name };
+    let mut full = vec!["wg", args[0], device];
+    full.extend_from_slice(&args[1..]);
+    let out = if kernel {
+        pod.exec(&full)
+    } else {
+        run(full[0], &full[1..])
+    };
+    assert!(
+        out.status.success(),
+        "{full:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `wg show DEVICE WHAT`: one `key value` pair per peer.
+pub fn wg_show(pod: &Pod, host_name: &str, what: &str) -> Vec<(String, String)> {
+    wg(pod, host_name, &["show", what])
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once('\t')?;
+            Some((k.to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+pub fn wg_value(pod: &Pod, host_name: &str, what: &str, peer: &str) -> Option<String> {
+    wg_show(pod, host_name, what)
+        .into_iter()
+        .find(|(k, _)| k == peer)
+        .map(|(_, v)| v)
+}
+
 /// A network namespace standing in for a pod; deleted on drop.
 pub struct Pod {
     pub name: String,

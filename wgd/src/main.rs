@@ -10,6 +10,7 @@
 //! its file descriptor. Private keys live only in memory; nothing about keys is logged.
 
 mod csum;
+mod in_place;
 mod limit;
 mod stats;
 mod tun;
@@ -146,7 +147,13 @@ async fn run(name: &str) -> i32 {
         }
     };
     let socket = uapi::socket_path(name);
-    tokio::spawn(uapi::serve(listener, client, Arc::clone(&shared)));
+    let device = Arc::new(device);
+    let handlers = uapi::Handlers {
+        client,
+        device: Arc::downgrade(&device),
+        shared: Arc::clone(&shared),
+    };
+    let serving = tokio::spawn(uapi::serve(listener, handlers));
 
     let code = tokio::select! {
         _ = term.recv() => 0,
@@ -160,6 +167,11 @@ async fn run(name: &str) -> i32 {
     if std::env::var("WGD_STATS").is_ok_and(|v| v == "1") {
         stats::print();
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), device.stop()).await;
+    serving.abort();
+    // A request or handshake in flight may hold the device a moment: then dropping it stops
+    // it (and the process exits right after either way).
+    if let Ok(device) = Arc::try_unwrap(device) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), device.stop()).await;
+    }
     code
 }

@@ -10,14 +10,16 @@ use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use gotatun::device::uapi::UapiClient;
 use gotatun::device::uapi::command::{Request, Response};
+use gotatun::device::{Device, DeviceTransports};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use zeroize::Zeroizing;
 
+use crate::in_place;
 use crate::udp::Shared;
 
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
@@ -55,15 +57,32 @@ pub fn listen(name: &str) -> io::Result<UnixListener> {
     UnixListener::from_std(listener)
 }
 
-pub async fn serve(listener: UnixListener, client: UapiClient, shared: Arc<Shared>) {
+/// What a connection answers with: gotatun's UAPI handler, and the device itself for peer
+/// changes applied in place (`in_place`). Weak: the daemon's shutdown owns the device.
+pub struct Handlers<T: DeviceTransports> {
+    pub client: UapiClient,
+    pub device: Weak<Device<T>>,
+    pub shared: Arc<Shared>,
+}
+
+impl<T: DeviceTransports> Clone for Handlers<T> {
+    fn clone(&self) -> Self {
+        Handlers {
+            client: self.client.clone(),
+            device: Weak::clone(&self.device),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+pub async fn serve<T: DeviceTransports>(listener: UnixListener, handlers: Handlers<T>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let client = client.clone();
-        let shared = Arc::clone(&shared);
+        let handlers = handlers.clone();
         tokio::spawn(async move {
-            let _ = connection(stream, client, shared).await;
+            let _ = connection(stream, handlers).await;
         });
     }
 }
@@ -80,10 +99,9 @@ fn append(buf: &mut Zeroizing<Vec<u8>>, data: &[u8]) {
     buf.extend_from_slice(data);
 }
 
-async fn connection(
+async fn connection<T: DeviceTransports>(
     mut stream: UnixStream,
-    client: UapiClient,
-    shared: Arc<Shared>,
+    handlers: Handlers<T>,
 ) -> io::Result<()> {
     let mut pending = Zeroizing::new(Vec::with_capacity(4096));
     let mut chunk = Zeroizing::new([0u8; 4096]);
@@ -95,7 +113,7 @@ async fn connection(
             let mut next = Zeroizing::new(Vec::with_capacity(rest.len().max(4096)));
             next.extend_from_slice(&rest);
             pending = next;
-            let answer = handle(&request, &client, &shared).await;
+            let answer = handle(&request, &handlers).await;
             stream.write_all(answer.as_bytes()).await?;
         }
         let n = stream.read(&mut chunk[..]).await?;
@@ -119,7 +137,8 @@ fn errno_answer(errno: i32) -> Zeroizing<String> {
     Zeroizing::new(format!("errno={errno}\n\n"))
 }
 
-async fn handle(request: &[u8], client: &UapiClient, shared: &Shared) -> Zeroizing<String> {
+async fn handle<T: DeviceTransports>(request: &[u8], handlers: &Handlers<T>) -> Zeroizing<String> {
+    let Handlers { client, shared, .. } = handlers;
     let Ok(text) = std::str::from_utf8(request) else {
         return errno_answer(libc::EPROTO);
     };
@@ -149,6 +168,12 @@ async fn handle(request: &[u8], client: &UapiClient, shared: &Shared) -> Zeroizi
     {
         return errno_answer(e.raw_os_error().unwrap_or(libc::EADDRINUSE));
     }
+    let request = match request {
+        Request::Set(set) if in_place::applies(&set) => {
+            return errno_answer(in_place::apply(set, &handlers.device).await);
+        }
+        request => request,
+    };
     let Ok(response) = client.send(request).await else {
         return errno_answer(libc::EIO);
     };
