@@ -536,7 +536,8 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         return Err("native only (userspace backend: per-pod daemons)".into());
     }
     std::fs::create_dir_all(ctx.work.join("logs")).map_err(|e| e.to_string())?;
-    let reps = ctx.opts.num("odm-reps", 30);
+    let reps = ctx.opts.num("odm-reps", 100);
+    let mesh_reps = ctx.opts.num("odm-mesh-reps", 20);
     let live = ctx.opts.num("odm-live", 100).clamp(1, 250);
     let nodes = ctx.opts.num("odm-nodes", 99).min(254);
     let per_node = ctx.opts.num("odm-per-node", 100).clamp(1, 250);
@@ -545,6 +546,7 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     let mut out = json!({
         "backend": ctx.backend,
         "reps": reps,
+        "mesh_reps": mesh_reps,
         "live": live,
         "per_node": per_node,
         "points": [],
@@ -604,7 +606,7 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             nodes: mesh_nodes,
             per_node,
         };
-        points.push(run_point(ctx, &point, &mesh_base, &t, &node, reps)?);
+        points.push(run_point(ctx, &point, &mesh_base, &t, &node, mesh_reps)?);
         Ok(())
     })();
     del_pods(ctx, &mesh_base, &mut anchors);
@@ -626,7 +628,7 @@ pub fn targets(v: &Value) -> Vec<(String, String, Option<bool>, String)> {
     out.push((
         format!(
             "ADD p50 at {} attachments, on-demand ({} live local pods + {} simulated nodes × {}), ≤ 1.2× a steady ADD into a network holding one pod (native)",
-            od["attachments"], od["live"], od["nodes"], od["per_node"]
+            count(&od["attachments"]), od["live"], od["nodes"], od["per_node"]
         ),
         format!(
             "{}× ({} vs {} ms; p99 {} vs {} ms)",
@@ -644,7 +646,7 @@ pub fn targets(v: &Value) -> Vec<(String, String, Option<bool>, String)> {
     out.push((
         format!(
             "pod daemon RSS ≤ 4 MB at {} cluster pods, on-demand (native)",
-            od["attachments"]
+            count(&od["attachments"])
         ),
         format!(
             "{} MiB p50, {} MiB max of {} pods ({} peer each); gateway daemon {} MiB with {} peers",
@@ -658,6 +660,22 @@ pub fn targets(v: &Value) -> Vec<(String, String, Option<bool>, String)> {
         pod_max.map(|x| x * 1024.0 * 1024.0 <= 4_000_000.0),
         "on-demand pod daemon RSS (native)".into(),
     ));
+    out
+}
+
+/// An integer with thousands separators (10,000).
+fn count(v: &Value) -> String {
+    let Some(n) = v.as_u64() else {
+        return "–".into();
+    };
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
     out
 }
 
@@ -681,9 +699,13 @@ fn ppp(s: &Value, digits: usize) -> String {
 pub fn report(v: &Value) -> String {
     use std::fmt::Write as _;
     let mut md = String::new();
+    let pods = v["points"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["label"] == "on-demand"))
+        .map_or("–".to_string(), |p| count(&p["attachments"]));
     let _ = writeln!(
         md,
-        "## Scale with on-demand peering: ADD in a 10,000-pod cluster (native)\n"
+        "## Scale with on-demand peering: ADD in a cluster of {pods} pods (native)\n"
     );
     if let Some(e) = v["error"].as_str() {
         let _ = writeln!(md, "The phase failed: {e}\n");
@@ -697,12 +719,14 @@ pub fn report(v: &Value) -> String {
          the node's mode, address and /24, `gateway.json`, one record per pod), written before \
          the first live ADD so that every link starts with the peers an agent would keep it at. \
          Each network has its own `clusterRange`; **one-pod** is a network of the same mode \
-         holding one anchor pod and no other node. {} probe ADD+DEL per row, each interleaved \
-         with one into the one-pod network (alternating which goes first); fresh netns each.\n",
+         holding one anchor pod and no other node. {} probe ADD+DEL per on-demand row and {} in \
+         mesh, each interleaved with one into the one-pod network (alternating which goes \
+         first); fresh netns each.\n",
         v["phase_seconds"].as_f64().unwrap_or(0.0),
         v["live"],
         v["per_node"],
-        v["reps"]
+        v["reps"],
+        v["mesh_reps"]
     );
     let _ = writeln!(
         md,
@@ -713,7 +737,7 @@ pub fn report(v: &Value) -> String {
             md,
             "| {} | {} | {} + {} × {} | {} | {} | {} / {} / {} | {} | {} | {} | {} |",
             p["label"].as_str().unwrap_or("?"),
-            p["attachments"],
+            count(&p["attachments"]),
             p["live"],
             p["nodes"],
             p["per_node"],
