@@ -305,7 +305,7 @@ impl<'a> NewLink<'a> {
         }
         let addresses = ipam_result.ips.iter().map(|ip| ip.address).collect();
         let mut record = new_record(ctx, store, self.pod, self.settings, self.keypair, addresses);
-        let mut view = NetworkView::read(store, conf)?;
+        let mut view = NetworkView::read_for_new_link(store, conf)?;
         view.static_peers = mesh::static_peers(conf, &record.addresses)?;
         check_static_peers_leave_nodes_to_the_relay(conf, &view)?;
         let peers = view.desired_for_pod(&record)?;

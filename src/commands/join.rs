@@ -78,7 +78,10 @@ impl<'a> Joining<'a, '_> {
         let newcomers = reconcile::newcomers(&view, &batch)?;
         match gateway_created {
             // A new gateway starts from this node's pods: it needs the whole network.
-            true => reconcile::gateway(&ctx.local(), &view, Prune::Nothing)?,
+            true => {
+                view.read_all_gateways(store)?;
+                reconcile::gateway(&ctx.local(), &view, Prune::Nothing)?
+            }
             false => reconcile::tell_gateway(&ctx.local(), &view, &newcomers)?,
         }
         for joined in &mut batch {

@@ -27,21 +27,27 @@ pub use fan_out::{
 /// on-demand nodes, keep their sessions up, so a first packet never waits for a handshake.
 pub const SESSION_KEEPALIVE: u16 = 25;
 
-/// What the peer sets of a network's links are computed from: read once per command.
+/// What the peer sets of a network's links are computed from: read once per command, and no
+/// more of the network than its caller's peer sets need (see the constructors).
 pub struct NetworkView {
     /// This node's name.
     pub node: String,
     /// How this node's pods peer.
     pub peering: Peering,
-    /// The records the peer sets need: this node's, and those of every node whose pods are
-    /// direct peers here (all nodes in mesh mode; in on-demand mode the mesh-mode nodes').
+    /// The records the peer sets need: this node's (unless `read_for_new_link` left them
+    /// out), and those of every node whose pods are direct peers here (all nodes in mesh mode;
+    /// in on-demand mode the mesh-mode nodes').
     pub records: Vec<Record>,
     /// The other nodes as the mirror describes them (on-demand only: mesh needs none).
     pub remote_nodes: BTreeMap<String, RemoteNode>,
     /// This node's gateway, when the network has one.
     pub gateway: Option<GatewayRecord>,
-    /// The other nodes' gateways (mirrored by the agent).
+    /// The other nodes' gateways (mirrored by the agent): in on-demand mode, only those of the
+    /// nodes this node's pods are meshed with, unless the view was read for the node gateway
+    /// (`read_complete`, `read_all_gateways`), which relays to the others.
     pub remote_gateways: Vec<GatewayRecord>,
+    /// Whether `remote_gateways` holds every other node's gateway.
+    all_gateways: bool,
     /// The config's static peers (already validated against the pod range).
     pub static_peers: Vec<Peer>,
     pub keepalive: Option<u16>,
@@ -58,26 +64,73 @@ pub struct Node<'a> {
 }
 
 impl NetworkView {
-    /// Every record of the network, this node's gateway, the static peers. A static peer that
-    /// no longer validates is left out (logged): it must not stop a DEL or a reconcile.
+    /// What this node's pod links need: this node's records, the other nodes' modes, the
+    /// records and gateways of the nodes its pods are meshed with (every node in mesh mode:
+    /// on-demand, the mesh-mode ones; an on-demand node costs no read of its own files), this
+    /// node's gateway, the static peers. A static peer that no longer validates is left out
+    /// (logged): it must not stop a DEL or a reconcile.
     pub fn read(store: &Store, conf: &NetConf) -> Result<NetworkView> {
+        NetworkView::read_parts(store, conf, true, false)
+    }
+
+    /// `read` without this node's own records where a new pod link does not peer with them
+    /// (on-demand: they are the gateway's peers): what ADD builds its link with.
+    pub fn read_for_new_link(store: &Store, conf: &NetConf) -> Result<NetworkView> {
+        NetworkView::read_parts(store, conf, false, false)
+    }
+
+    /// `read`, and every other node's gateway (the node gateway's relay peers), for a caller
+    /// that will remove every peer it cannot account for (the agent's `Prune::Everything`):
+    /// an unreadable gateway record is an error here, never "no gateway", which would remove
+    /// every pod's default route.
+    pub fn read_complete(store: &Store, conf: &NetConf) -> Result<NetworkView> {
+        if conf.host_gateway {
+            store.gateway()?;
+        }
+        NetworkView::read_parts(store, conf, true, true)
+    }
+
+    /// Add the other nodes' gateways `read` left out, before the node gateway's peer set is
+    /// computed from this view (`desired_for_gateway`).
+    pub fn read_all_gateways(&mut self, store: &Store) -> Result<()> {
+        if !self.all_gateways {
+            self.remote_gateways = store.remote_gateways()?;
+            self.all_gateways = true;
+        }
+        Ok(())
+    }
+
+    fn read_parts(
+        store: &Store,
+        conf: &NetConf,
+        own_records: bool,
+        all_gateways: bool,
+    ) -> Result<NetworkView> {
         let static_peers = mesh::static_peers(conf, &[]).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "static peers left out");
             Vec::new()
         });
+        let own = store.node_name();
         // Mesh peers with every node alike: only on-demand needs to know the others' modes.
-        let (remote_nodes, records) = match conf.peering {
-            Peering::Mesh => (BTreeMap::new(), store.all_records()?),
+        let (remote_nodes, records, remote_gateways) = match conf.peering {
+            Peering::Mesh => (
+                BTreeMap::new(),
+                store.all_records()?,
+                store.remote_gateways()?,
+            ),
             Peering::OnDemand => {
                 let nodes = store.remote_nodes()?;
-                let records = store.records_where(|node| {
-                    nodes.get(node).is_none_or(|n| n.peering == Peering::Mesh)
-                })?;
-                (nodes, records)
+                let meshed = |node: &str| {
+                    node != own && nodes.get(node).is_none_or(|n| n.peering == Peering::Mesh)
+                };
+                let records =
+                    store.records_where(|node| meshed(node) || own_records && node == own)?;
+                let gateways = store.remote_gateways_where(|node| all_gateways || meshed(node))?;
+                (nodes, records, gateways)
             }
         };
         Ok(NetworkView {
-            node: store.node_name().to_string(),
+            node: own.to_string(),
             peering: conf.peering,
             records,
             remote_nodes,
@@ -85,21 +138,12 @@ impl NetworkView {
                 true => store.gateway().ok().flatten(),
                 false => None,
             },
-            remote_gateways: store.remote_gateways()?,
+            remote_gateways,
+            all_gateways: all_gateways || conf.peering == Peering::Mesh,
             static_peers,
             keepalive: conf.persistent_keepalive,
             moved: Vec::new(),
         })
-    }
-
-    /// `read`, for a caller that will remove every peer it cannot account for (the agent's
-    /// `Prune::Everything`): an unreadable gateway record is an error here, never "no gateway",
-    /// which would remove every pod's default route.
-    pub fn read_complete(store: &Store, conf: &NetConf) -> Result<NetworkView> {
-        if conf.host_gateway {
-            store.gateway()?;
-        }
-        NetworkView::read(store, conf)
     }
 
     /// Count the records `which` picks as ready (a batch joining together: each member's peer
@@ -179,7 +223,12 @@ impl NetworkView {
     /// encrypted); for each other node's gateway either the relay peer (both on-demand: that
     /// node's subnets and addresses) or that gateway's and node's addresses (`node_paths`: a
     /// DNAT here to another node's address crosses encrypted and is answered back here).
+    /// The view must hold every gateway (`read_complete`, `read_all_gateways`).
     pub fn desired_for_gateway(&self) -> Vec<Peer> {
+        debug_assert!(
+            self.all_gateways,
+            "the node gateway's peer set needs every other node's gateway"
+        );
         let pods = self
             .records
             .iter()
@@ -537,5 +586,196 @@ mod tests {
             vec![a],
             "a silent peer gets the record's endpoint back"
         );
+    }
+}
+
+/// What a view reads of the store: an on-demand node costs a command no file of its own.
+#[cfg(test)]
+mod reading {
+    use std::path::Path;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::keys::KeyPair;
+    use crate::store::tests::files_read;
+
+    fn key() -> String {
+        KeyPair::generate().public().to_base64()
+    }
+
+    fn write(path: &Path, value: &serde_json::Value) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, value.to_string()).unwrap();
+    }
+
+    /// A node directory as the agent mirrors it: one ready pod, a gateway, and `node.json`
+    /// unless `node_file` is None.
+    fn node(net: &Path, name: &str, octet: u8, node_file: Option<&str>) {
+        let dir = net.join(name);
+        write(
+            &dir.join(format!("p-{name}:eth0.json")),
+            &json!({"schema": 1, "state": "ready", "network": "net", "node": name,
+                "containerId": format!("p-{name}"), "ifname": "eth0", "publicKey": key(),
+                "addresses": [format!("10.9.{octet}.2/32")], "endpoint": format!("192.0.2.{octet}"),
+                "listenPort": 52000, "bootId": "b", "hostName": "wgc0", "backend": "userspace",
+                "mtu": 1420, "createdAt": 1}),
+        );
+        write(
+            &dir.join("gateway.json"),
+            &json!({"schema": 1, "network": "net", "node": name, "publicKey": key(),
+                "addresses": [format!("10.9.{octet}.1/32")], "subnets": [format!("10.9.{octet}.0/24")],
+                "endpoint": format!("192.0.2.{octet}"), "listenPort": 51000, "hostName": "wgg0",
+                "backend": "userspace", "bootId": "b", "mtu": 1420, "masquerade": false,
+                "createdAt": 1}),
+        );
+        if let Some(peering) = node_file {
+            write(&dir.join("node.json"), &node_json(name, octet, peering));
+        }
+    }
+
+    fn node_json(name: &str, octet: u8, peering: &str) -> serde_json::Value {
+        json!({"schema": 1, "node": name, "endpoints": [format!("192.0.2.{octet}")],
+            "subnets": [format!("10.9.{octet}.0/24")], "mtu": 1400 + u32::from(octet),
+            "stale": false, "peering": peering})
+    }
+
+    fn conf(root: &Path) -> NetConf {
+        let text = json!({"cniVersion": "1.0.0", "name": "net", "type": "wg-cni",
+            "peering": "on-demand", "clusterRange": "10.9.0.0/16", "store": root,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.9.1.0/24"}]]}});
+        NetConf::parse(text.to_string().as_bytes()).unwrap()
+    }
+
+    fn under<'a>(read: &'a [std::path::PathBuf], dir: &Path) -> Vec<&'a std::path::PathBuf> {
+        read.iter().filter(|p| p.starts_with(dir)).collect()
+    }
+
+    fn nodes_of<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        let mut nodes: Vec<String> = names.into_iter().map(str::to_string).collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    }
+
+    /// The nodes whose records the view holds.
+    fn record_nodes(view: &NetworkView) -> Vec<String> {
+        nodes_of(view.records.iter().map(|r| r.node.as_str()))
+    }
+
+    /// The nodes whose gateways the view holds.
+    fn gateway_nodes(view: &NetworkView) -> Vec<String> {
+        nodes_of(view.remote_gateways.iter().map(|g| g.node.as_str()))
+    }
+
+    #[test]
+    fn an_on_demand_view_reads_no_file_of_an_on_demand_node() {
+        let root = tempfile::tempdir().unwrap();
+        let net = root.path().join("net");
+        node(&net, "me", 1, None);
+        // Named by nodes.json: on-demand (its own node.json would say mesh: never read), and
+        // a mesh-mode node whose pods and gateway are direct peers.
+        node(&net, "od", 2, Some("mesh"));
+        node(&net, "m", 3, Some("mesh"));
+        // Not named by it: an on-demand node mirrored a moment ago, and records put there by
+        // hand (no node.json: mesh).
+        node(&net, "new", 4, Some("on-demand"));
+        node(&net, "hand", 5, None);
+        let summary = json!({"schema": 1, "nodes": {
+            "od": node_json("od", 2, "on-demand"), "m": node_json("m", 3, "mesh"),
+            "gone": node_json("gone", 6, "mesh")}});
+        write(&net.join("nodes.json"), &summary);
+        let store = Store::open(root.path(), "net", "me").unwrap();
+        let conf = conf(root.path());
+
+        files_read();
+        let view = NetworkView::read(&store, &conf).unwrap();
+        let read = files_read();
+        assert_eq!(
+            under(&read, &net.join("od")),
+            Vec::<&std::path::PathBuf>::new()
+        );
+        assert_eq!(
+            under(&read, &net.join("new")),
+            vec![&net.join("new/node.json")]
+        );
+        assert!(read.contains(&net.join("m/gateway.json")), "{read:?}");
+        assert_eq!(record_nodes(&view), ["hand", "m", "me"]);
+        assert_eq!(gateway_nodes(&view), ["hand", "m"]);
+        let modes: Vec<_> = view
+            .remote_nodes
+            .iter()
+            .map(|(name, n)| (name.as_str(), n.peering))
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                ("hand", Peering::Mesh),
+                ("m", Peering::Mesh),
+                ("new", Peering::OnDemand),
+                ("od", Peering::OnDemand)
+            ],
+            "a node without a directory is none"
+        );
+        assert_eq!(store.published_mtus(), [1403, 1404, 1402]);
+
+        // A new link needs no record of this node (they are its gateway's peers) ...
+        files_read();
+        let view = NetworkView::read_for_new_link(&store, &conf).unwrap();
+        let read = files_read();
+        assert_eq!(
+            under(&read, &net.join("me")),
+            vec![&net.join("me/gateway.json")]
+        );
+        assert_eq!(record_nodes(&view), ["hand", "m"]);
+
+        // ... and the node gateway, which relays to every on-demand node, needs every gateway.
+        let all = ["hand", "m", "new", "od"];
+        let complete = NetworkView::read_complete(&store, &conf).unwrap();
+        assert_eq!(gateway_nodes(&complete), all);
+        let mut view = NetworkView::read(&store, &conf).unwrap();
+        view.read_all_gateways(&store).unwrap();
+        assert_eq!(gateway_nodes(&view), all);
+        assert_eq!(
+            view.desired_for_gateway().len(),
+            3 + 4,
+            "pods of me, m, hand; gateways"
+        );
+    }
+
+    #[test]
+    fn without_nodes_json_every_node_json_is_read_and_a_bad_one_changes_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let net = root.path().join("net");
+        node(&net, "me", 1, None);
+        node(&net, "od", 2, Some("on-demand"));
+        node(&net, "m", 3, Some("mesh"));
+        let store = Store::open(root.path(), "net", "me").unwrap();
+        let conf = conf(root.path());
+        let read = || record_nodes(&NetworkView::read(&store, &conf).unwrap());
+        assert_eq!(read(), ["m", "me"]);
+
+        std::fs::write(net.join("nodes.json"), "{not json").unwrap();
+        assert_eq!(read(), ["m", "me"]);
+
+        // A summary that changes is read again (a new file, as the agent renames it in).
+        let replace = |m: &str| {
+            let temp = net.join(".tmp-nodes.json");
+            write(
+                &temp,
+                &json!({"schema": 1, "nodes": {"m": node_json("m", 3, m)}}),
+            );
+            std::fs::rename(&temp, net.join("nodes.json")).unwrap();
+        };
+        replace("mesh");
+        assert_eq!(read(), ["m", "me"]);
+        files_read();
+        assert_eq!(read(), ["m", "me"]);
+        assert!(
+            !files_read().contains(&net.join("nodes.json")),
+            "parsed once"
+        );
+        replace("on-demand");
+        assert_eq!(read(), ["me"]);
     }
 }

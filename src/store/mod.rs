@@ -45,6 +45,13 @@ const ATTACHMENT_LOCK_PREFIX: &str = ".lock-";
 const GATEWAY_FILE: &str = "gateway.json";
 /// The agent's description of a remote node in its mirror directory.
 const NODE_FILE: &str = "node.json";
+/// In the network's directory: every mirrored node's `node.json` in one file (`NodesFile`),
+/// written by the agent beside the mirror directories.
+pub const NODES_FILE: &str = "nodes.json";
+/// The most a record file may hold.
+const RECORD_LIMIT: u64 = 64 * 1024;
+/// The most `NODES_FILE` may hold (a node takes ~250 bytes).
+const NODES_FILE_LIMIT: u64 = 16 * 1024 * 1024;
 /// Between container ID and ifname in a record's name: a character neither may contain.
 const SEPARATOR: char = ':';
 
@@ -167,6 +174,9 @@ pub struct RemoteNode {
     pub subnets: Vec<IpNetwork>,
     #[serde(default = "mesh")]
     pub peering: Peering,
+    /// The MTU it publishes (the network's links agree on the smallest).
+    #[serde(default)]
+    pub mtu: Option<u32>,
 }
 
 impl Default for RemoteNode {
@@ -175,8 +185,21 @@ impl Default for RemoteNode {
             endpoints: Vec::new(),
             subnets: Vec::new(),
             peering: Peering::Mesh,
+            mtu: None,
         }
     }
+}
+
+/// `<network>/nodes.json`: the `node.json` of every node the agent mirrors, by node name, in
+/// one file, so that a command learns every node's mode and addresses with one read instead
+/// of one per node. Written by the agent's mirror writer (`agent::mirror_files`) right after
+/// the `node.json` files themselves, atomically. A node directory it does not name (an older
+/// agent, records written by hand, a node mirrored a moment ago) is read from its own
+/// `node.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodesFile<T> {
+    pub schema: u32,
+    pub nodes: BTreeMap<String, T>,
 }
 
 fn mesh() -> Peering {
@@ -426,64 +449,80 @@ impl Store {
     /// Every record of the network, all nodes. Unreadable or foreign files are skipped with a
     /// warning: one bad file from a sync agent must not take the network down.
     pub fn all_records(&self) -> Result<Vec<Record>> {
-        let mut records = Vec::new();
-        for node_dir in list_dir(&self.network_dir)? {
-            if fs::symlink_metadata(&node_dir).is_ok_and(|m| m.is_dir()) {
-                records.extend(self.read_records(&node_dir)?.into_iter().map(|(_, r)| r));
-            }
-        }
-        Ok(records)
+        self.records_where(|_| true)
     }
 
-    /// The records of the other nodes `which` selects, and this node's (one directory read per
-    /// selected node: an on-demand network reads no record of an on-demand node).
+    /// The records of the nodes `which` selects by name, this node's included (one directory
+    /// read per selected node: an on-demand network reads no record of an on-demand node).
     pub fn records_where(&self, which: impl Fn(&str) -> bool) -> Result<Vec<Record>> {
         let mut records = Vec::new();
-        for node_dir in list_dir(&self.network_dir)? {
-            let Some(name) = node_dir.file_name().and_then(|n| n.to_str()) else {
-                continue;
-            };
-            let wanted = name == self.node || which(name);
-            if wanted && fs::symlink_metadata(&node_dir).is_ok_and(|m| m.is_dir()) {
-                records.extend(self.read_records(&node_dir)?.into_iter().map(|(_, r)| r));
+        for (name, dir) in node_dirs(&self.network_dir)? {
+            if which(&name) {
+                records.extend(self.read_records(&dir)?.into_iter().map(|(_, r)| r));
             }
         }
         Ok(records)
     }
 
-    /// The other nodes as the agent's mirror describes them (`<node>/node.json`). A node
-    /// directory without a readable `node.json` (records written by hand, an older agent) is
-    /// a mesh node with nothing else known.
+    /// The other nodes as the agent's mirror describes them: from the network's `nodes.json`
+    /// (one read for all of them), and for a node directory it does not name, from that
+    /// directory's `node.json`. A node directory with neither (records written by hand, an
+    /// older agent) is a mesh node with nothing else known.
     pub fn remote_nodes(&self) -> Result<BTreeMap<String, RemoteNode>> {
+        let summary = self.nodes_file();
         let mut nodes = BTreeMap::new();
-        for node_dir in list_dir(&self.network_dir)? {
-            let Some(name) = node_dir.file_name().and_then(|n| n.to_str()) else {
-                continue;
-            };
-            if name == self.node || !fs::symlink_metadata(&node_dir).is_ok_and(|m| m.is_dir()) {
+        for (name, dir) in node_dirs(&self.network_dir)? {
+            if name == self.node {
                 continue;
             }
-            let node = fs::read(node_dir.join(NODE_FILE))
-                .ok()
-                .and_then(|body| serde_json::from_slice::<RemoteNode>(&body).ok())
-                .unwrap_or_default();
-            nodes.insert(name.to_string(), node);
+            let node = match summary.as_ref().and_then(|s| s.get(&name)) {
+                Some(node) => node.clone(),
+                None => read_file(&dir.join(NODE_FILE), RECORD_LIMIT)
+                    .ok()
+                    .and_then(|(body, _)| serde_json::from_slice::<RemoteNode>(&body).ok())
+                    .unwrap_or_default(),
+            };
+            nodes.insert(name, node);
         }
         Ok(nodes)
     }
 
-    /// The MTUs the other nodes publish (their node keys, mirrored by the agent into
-    /// `<node>/node.json`).
+    /// The nodes `nodes.json` describes (parsed once per version of the file); `None` when
+    /// there is none (an agent before it, or none) or it is unreadable (logged).
+    fn nodes_file(&self) -> Option<cache::RemoteNodes> {
+        let path = self.network_dir.join(NODES_FILE);
+        if self.cache.nodes_identity().is_some()
+            && let Ok(meta) = fs::symlink_metadata(&path)
+            && let Some(nodes) = self.cache.nodes(FileIdentity::from(&meta))
+        {
+            return Some(nodes);
+        }
+        let parsed = read_file(&path, NODES_FILE_LIMIT).and_then(|(body, meta)| {
+            let file: NodesFile<RemoteNode> =
+                serde_json::from_slice(&body).map_err(|e| ReadError::Invalid(e.to_string()))?;
+            if !is_readable_schema(file.schema) {
+                return Err(ReadError::Invalid(format!("schema {}", file.schema)));
+            }
+            Ok((std::sync::Arc::new(file.nodes), meta))
+        });
+        match parsed {
+            Ok((nodes, meta)) => {
+                self.cache.insert_nodes(FileIdentity::from(&meta), &nodes);
+                Some(nodes)
+            }
+            Err(ReadError::Missing) => None,
+            Err(ReadError::Invalid(reason)) => {
+                tracing::warn!(path = %path.display(), %reason, "reading every node's node.json instead of an unreadable summary");
+                None
+            }
+        }
+    }
+
+    /// The MTUs the other nodes publish (their node keys, mirrored by the agent).
     pub fn published_mtus(&self) -> Vec<u32> {
-        let Ok(dirs) = list_dir(&self.network_dir) else {
-            return Vec::new();
-        };
-        dirs.iter()
-            .filter(|d| d.file_name().and_then(|n| n.to_str()) != Some(self.node.as_str()))
-            .filter_map(|d| fs::read(d.join("node.json")).ok())
-            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .filter_map(|v| v["mtu"].as_u64().and_then(|m| u32::try_from(m).ok()))
-            .collect()
+        self.remote_nodes()
+            .map(|nodes| nodes.values().filter_map(|n| n.mtu).collect())
+            .unwrap_or_default()
     }
 
     /// Whether the node agent wrote this node's subnet (it serves the network here).
@@ -493,18 +532,24 @@ impl Store {
 
     /// The gateway records of the other nodes (mirrored by the node agent).
     pub fn remote_gateways(&self) -> Result<Vec<GatewayRecord>> {
+        self.remote_gateways_where(|_| true)
+    }
+
+    /// The gateway records of the other nodes `which` selects by name.
+    pub fn remote_gateways_where(
+        &self,
+        which: impl Fn(&str) -> bool,
+    ) -> Result<Vec<GatewayRecord>> {
         let mut gateways = Vec::new();
-        for node_dir in list_dir(&self.network_dir)? {
-            let is_other_node = fs::symlink_metadata(&node_dir).is_ok_and(|m| m.is_dir())
-                && node_dir.file_name().and_then(|n| n.to_str()) != Some(self.node.as_str());
-            if !is_other_node {
+        for (name, dir) in node_dirs(&self.network_dir)? {
+            if name == self.node || !which(&name) {
                 continue;
             }
-            match read_json::<GatewayRecord>(&node_dir.join(GATEWAY_FILE)) {
+            match read_json::<GatewayRecord>(&dir.join(GATEWAY_FILE)) {
                 Ok(gateway) => gateways.push(gateway),
                 Err(ReadError::Missing) => {}
                 Err(ReadError::Invalid(reason)) => {
-                    tracing::warn!(dir = %node_dir.display(), %reason, "skipping an unreadable gateway record");
+                    tracing::warn!(dir = %dir.display(), %reason, "skipping an unreadable gateway record");
                 }
             }
         }
@@ -598,7 +643,8 @@ impl Store {
 
     /// One record file, parsed once per version (see `cache`).
     fn read_record_file(&self, path: &Path) -> std::result::Result<Record, ReadError> {
-        if let Ok(meta) = fs::symlink_metadata(path)
+        if self.cache.knows(path)
+            && let Ok(meta) = fs::symlink_metadata(path)
             && let Some(record) = self.cache.get(path, FileIdentity::from(&meta))
         {
             return Ok(record);
@@ -805,14 +851,30 @@ fn libc_o_nofollow() -> i32 {
 }
 
 fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(list_entries(dir)?.into_iter().map(|e| e.path()).collect())
+}
+
+fn list_entries(dir: &Path) -> Result<Vec<fs::DirEntry>> {
+    #[cfg(test)]
+    tests::note_read(dir);
     match fs::read_dir(dir) {
-        Ok(entries) => Ok(entries.filter_map(|e| e.ok()).map(|e| e.path()).collect()),
+        Ok(entries) => Ok(entries.filter_map(|e| e.ok()).collect()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(Error::Io {
             context: format!("listing {}", dir.display()),
             source: e,
         }),
     }
+}
+
+/// The node directories in a network's directory, by name: its subdirectories, never a
+/// symbolic link (the type comes with the listing: no stat per entry).
+fn node_dirs(network_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    Ok(list_entries(network_dir)?
+        .into_iter()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+        .collect())
 }
 
 fn file_name_of(path: &Path) -> Option<&str> {
@@ -890,28 +952,7 @@ fn read_json<T: DeserializeOwned + Versioned>(path: &Path) -> std::result::Resul
 fn read_json_with_meta<T: DeserializeOwned + Versioned>(
     path: &Path,
 ) -> std::result::Result<(T, fs::Metadata), ReadError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc_o_nofollow())
-        .open(path);
-    let file = match file {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ReadError::Missing),
-        Err(e) => return Err(ReadError::Invalid(e.to_string())),
-    };
-    let meta = file
-        .metadata()
-        .map_err(|e| ReadError::Invalid(e.to_string()))?;
-    if !meta.is_file() || meta.len() > 64 * 1024 {
-        return Err(ReadError::Invalid(
-            "not a regular file of at most 64 KiB".into(),
-        ));
-    }
-    // Read whole, then parse: serde_json's reader on a bare File reads a byte per syscall.
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    let mut file = file;
-    file.read_to_end(&mut bytes)
-        .map_err(|e| ReadError::Invalid(e.to_string()))?;
+    let (bytes, meta) = read_file(path, RECORD_LIMIT)?;
     let record: T =
         serde_json::from_slice(&bytes).map_err(|e| ReadError::Invalid(e.to_string()))?;
     if !is_readable_schema(record.schema()) {
@@ -924,9 +965,64 @@ fn read_json_with_meta<T: DeserializeOwned + Versioned>(
     Ok((record, meta))
 }
 
+/// A regular file of at most `limit` bytes, whole, without following symlinks, and the
+/// metadata of the very file read. Four system calls (open, stat, read, close): the read stops
+/// at the size the stat gave, as every writer of the store replaces a file by a rename rather
+/// than changing it (a file written in place meanwhile reads as a part, which fails to parse
+/// like any half-written file). A network of thousands of records reads thousands of files.
+fn read_file(path: &Path, limit: u64) -> std::result::Result<(Vec<u8>, fs::Metadata), ReadError> {
+    #[cfg(test)]
+    tests::note_read(path);
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_o_nofollow())
+        .open(path);
+    let mut file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ReadError::Missing),
+        Err(e) => return Err(ReadError::Invalid(e.to_string())),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| ReadError::Invalid(e.to_string()))?;
+    if !meta.is_file() || meta.len() > limit {
+        return Err(ReadError::Invalid(format!(
+            "not a regular file of at most {} KiB",
+            limit / 1024
+        )));
+    }
+    let mut bytes = vec![0; meta.len() as usize];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        match file.read(&mut bytes[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ReadError::Invalid(e.to_string())),
+        }
+    }
+    bytes.truncate(filled);
+    Ok((bytes, meta))
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// The files and directories this thread's store calls opened (`files_read`).
+        static READ: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(crate) fn note_read(path: &Path) {
+        READ.with(|read| read.borrow_mut().push(path.to_path_buf()));
+    }
+
+    /// What this thread's store calls opened since the last call (test code only).
+    pub(crate) fn files_read() -> Vec<PathBuf> {
+        READ.with(|read| std::mem::take(&mut *read.borrow_mut()))
+    }
 
     fn record(id: &str, node: &str) -> Record {
         Record {
