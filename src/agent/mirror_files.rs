@@ -4,8 +4,11 @@
 //! that joins after a change sees its files, one that joined before is among the links told.
 //! This node's own directory is never touched; a directory is only written or swept if it
 //! holds the marker file this agent wrote there.
+//! Beside the directories, `<store>/<net>/nodes.json` holds every mirrored `node.json` in one
+//! file (`store::NodesFile`), rewritten right after them: a plugin command learns every
+//! node's mode and addresses with one read instead of one per node.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use super::index::{Body, FileChange, Snapshot};
@@ -13,12 +16,18 @@ use super::keys::LinkName;
 use super::mirror::{MARKER_FILE, NODE_FILE};
 use super::publish::read_small;
 use super::subnet::write_atomic;
+use crate::store::{NODES_FILE, NodesFile};
 
 pub struct MirrorFiles {
     own_node: String,
     network_dir: PathBuf,
     /// A write failed: the next job reads the directories back.
     needs_verify: bool,
+    /// Each mirror directory's `node.json` as written: what `nodes.json` says (`None` until
+    /// read from the directories, at the first change of one or the first read-back).
+    nodes: Option<BTreeMap<String, serde_json::Value>>,
+    /// `nodes.json` as this agent last wrote it.
+    summary: Option<Vec<u8>>,
 }
 
 impl MirrorFiles {
@@ -27,6 +36,8 @@ impl MirrorFiles {
             own_node: own_node.to_string(),
             network_dir,
             needs_verify: false,
+            nodes: None,
+            summary: None,
         }
     }
 
@@ -39,11 +50,12 @@ impl MirrorFiles {
     pub fn apply(&mut self, changes: &[FileChange]) -> bool {
         let mut outcome = Outcome::default();
         let mut ready: BTreeSet<&str> = BTreeSet::new();
+        let mut node_files = Vec::new();
         for change in changes {
             let Some(dir) = self.usable_dir(&change.node) else {
                 continue;
             };
-            match &change.body {
+            let done = match &change.body {
                 Some(body) => {
                     if !ready.contains(change.node.as_str()) {
                         if !self.mark(&dir) {
@@ -51,17 +63,36 @@ impl MirrorFiles {
                         }
                         ready.insert(&change.node);
                     }
-                    write_one(&dir, &change.file, body, &mut outcome);
+                    write_one(&dir, &change.file, body, &mut outcome)
                 }
                 None => remove_one(&dir.join(&change.file), &mut outcome),
+            };
+            if done && change.file == NODE_FILE {
+                node_files.push(change);
             }
+        }
+        if !node_files.is_empty() {
+            match &mut self.nodes {
+                Some(nodes) => {
+                    for change in node_files {
+                        match change.body.as_deref().and_then(parse_node) {
+                            Some(node) => nodes.insert(change.node.clone(), node),
+                            None => nodes.remove(&change.node),
+                        };
+                    }
+                }
+                // Read back whole, the files just written included.
+                None => self.nodes = Some(self.read_node_files()),
+            }
+            outcome.changed |= self.write_summary(false);
         }
         self.needs_verify |= outcome.failed;
         outcome.changed
     }
 
     /// Make the mirror directories say exactly `trusted`, reading each back (mark and sweep:
-    /// after a full sync and every resync interval); answers whether a file changed.
+    /// after a full sync and every resync interval), and `nodes.json` what their `node.json`
+    /// files say; answers whether a file changed.
     pub fn verify(&mut self, trusted: &Snapshot) -> bool {
         self.needs_verify = false;
         let mut outcome = Outcome::default();
@@ -78,8 +109,51 @@ impl MirrorFiles {
             }
             sync_dir(&dir, wanted, &mut outcome);
         }
+        self.nodes = Some(self.read_node_files());
+        outcome.changed |= self.write_summary(true);
         self.needs_verify |= outcome.failed;
         outcome.changed
+    }
+
+    /// The `node.json` of every mirror directory, by node.
+    fn read_node_files(&self) -> BTreeMap<String, serde_json::Value> {
+        self.marked_dirs()
+            .into_iter()
+            .filter(|node| self.usable_dir(node).is_some())
+            .filter_map(|node| {
+                let body = read_small(&self.network_dir.join(&node).join(NODE_FILE))?;
+                Some((node, parse_node(&body)?))
+            })
+            .collect()
+    }
+
+    /// Write `nodes.json` if it would say something else than it does (as last written, or
+    /// as read back when `read_back`); answers whether it was written. A failure is retried
+    /// at the next read-back.
+    fn write_summary(&mut self, read_back: bool) -> bool {
+        let file = NodesFile {
+            schema: 1,
+            nodes: self.nodes.clone().unwrap_or_default(),
+        };
+        let body = serde_json::to_vec(&file).expect("JSON values always serialize");
+        if read_back {
+            self.summary = std::fs::read(self.network_dir.join(NODES_FILE)).ok();
+        }
+        if self.summary.as_ref() == Some(&body) {
+            return false;
+        }
+        match write_atomic(&self.network_dir, NODES_FILE, &body) {
+            Ok(()) => {
+                self.summary = Some(body);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "writing the mirror's nodes.json");
+                self.summary = None;
+                self.needs_verify = true;
+                false
+            }
+        }
     }
 
     /// A remote node's mirror directory, unless it is this node's own or a symbolic link.
@@ -163,23 +237,41 @@ fn sync_dir(dir: &Path, wanted: &std::collections::BTreeMap<String, Body>, outco
     }
 }
 
-fn write_one(dir: &Path, file: &str, body: &[u8], outcome: &mut Outcome) {
+/// A `node.json` body as `nodes.json` holds it (one that is no JSON object is left out: the
+/// plugin then reads that node's own file, as it would without `nodes.json`).
+fn parse_node(body: &[u8]) -> Option<serde_json::Value> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .filter(|v| v.is_object())
+}
+
+/// Answers whether the file now holds `body`.
+fn write_one(dir: &Path, file: &str, body: &[u8], outcome: &mut Outcome) -> bool {
     match write_atomic(dir, file, body) {
-        Ok(()) => outcome.changed = true,
+        Ok(()) => {
+            outcome.changed = true;
+            true
+        }
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "writing a mirror record");
             outcome.failed = true;
+            false
         }
     }
 }
 
-fn remove_one(path: &Path, outcome: &mut Outcome) {
+/// Answers whether the file is gone.
+fn remove_one(path: &Path, outcome: &mut Outcome) -> bool {
     match std::fs::remove_file(path) {
-        Ok(()) => outcome.changed = true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Ok(()) => {
+            outcome.changed = true;
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "removing a mirror record");
             outcome.failed = true;
+            false
         }
     }
 }
@@ -263,5 +355,54 @@ mod tests {
         trusted.insert("s".to_string(), files(&[("z:eth0.json", "Z")]));
         mirror.verify(&trusted);
         assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn nodes_json_says_what_the_node_files_say() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = dir.path().join("net");
+        let mut mirror = MirrorFiles::new("me", net.clone());
+        let summary = || -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(net.join(NODES_FILE)).unwrap()).unwrap()
+        };
+        let node = |peering: &str| format!(r#"{{"schema":1,"peering":"{peering}"}}"#);
+        let change = |node: &str, file: &str, body: Option<&str>| FileChange {
+            node: node.to_string(),
+            file: file.to_string(),
+            body: body.map(|b| Body::from(b.as_bytes())),
+        };
+
+        // A record alone changes no node: no summary yet.
+        assert!(mirror.apply(&[change("a", "x:eth0.json", Some("X"))]));
+        assert!(!net.join(NODES_FILE).exists());
+        // The first node.json written: the summary is read from every directory.
+        std::fs::write(net.join("a").join(NODE_FILE), node("mesh")).unwrap();
+        assert!(mirror.apply(&[change("b", NODE_FILE, Some(&node("on-demand")))]));
+        assert_eq!(
+            summary(),
+            serde_json::json!({"schema": 1, "nodes": {
+                "a": {"schema": 1, "peering": "mesh"},
+                "b": {"schema": 1, "peering": "on-demand"}}})
+        );
+        // Then kept from the changes; this node's own and unreadable bodies never count.
+        assert!(mirror.apply(&[
+            change("a", NODE_FILE, None),
+            change("me", NODE_FILE, Some(&node("mesh"))),
+            change("c", NODE_FILE, Some("[]")),
+        ]));
+        assert_eq!(summary()["nodes"].as_object().unwrap().len(), 1);
+        assert_eq!(summary()["nodes"]["b"]["peering"], "on-demand");
+
+        // A read-back makes it say the directories again, and writes only when it differs.
+        std::fs::remove_file(net.join(NODES_FILE)).unwrap();
+        let mut trusted = BTreeMap::new();
+        trusted.insert("b".to_string(), files(&[(NODE_FILE, &node("mesh"))]));
+        assert!(mirror.verify(&trusted));
+        assert_eq!(summary()["nodes"]["b"]["peering"], "mesh");
+        assert_eq!(summary()["nodes"].as_object().unwrap().len(), 1, "c swept");
+        assert!(!mirror.verify(&trusted));
+        trusted.clear();
+        assert!(mirror.verify(&trusted));
+        assert_eq!(summary()["nodes"], serde_json::json!({}));
     }
 }
