@@ -7,8 +7,9 @@
 //! simulated other nodes, written into the store as the agent mirrors an accepted node:
 //! `<store>/<network>/<node>/node.json` (the node's mode, address, subnet, MTU),
 //! `<node>/gateway.json` (its gateway's public record, a copy of this node's with another key,
-//! address, subnet and endpoint) and one record per pod (a copy of a real record likewise).
-//! They are written before the first live ADD, so every link starts with the peer set an
+//! address, subnet and endpoint) and one record per pod (a copy of a real record likewise),
+//! and the network's `nodes.json` (every node's `node.json` in one file, which the agent's
+//! mirror writer keeps beside them). They are written before the first live ADD, so every link starts with the peer set an
 //! agent would keep: the node gateway is built with the local pods and, on demand, one relay
 //! peer per remote gateway (in mesh: every pod and gateway of the cluster), each pod link with
 //! its gateway (in mesh: every other pod and every gateway). Each network has a `clusterRange`
@@ -117,27 +118,26 @@ fn write_json(path: &Path, value: &Value) -> Res<()> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Simulated node `j` (1..=254) of `net` with `pods` pod records, as the agent mirrors it.
-fn write_node(ctx: &Ctx, net: &Net, t: &Templates, j: usize, pods: usize) -> Res<()> {
+/// Simulated node `j` (1..=254) of `net` with `pods` pod records, as the agent mirrors it;
+/// answers its `node.json` (for the network's `nodes.json`).
+fn write_node(ctx: &Ctx, net: &Net, t: &Templates, j: usize, pods: usize) -> Res<(String, Value)> {
     let o = net.octet;
     let node = format!("bench-node-{j:03}");
     let dir = node_dir(ctx, net.name, &node)?;
     let endpoint = format!("127.0.2.{j}");
     let boot_id = uuid();
     let subnet = format!("10.{o}.{j}.0/24");
-    write_json(
-        &dir.join("node.json"),
-        &json!({
-            "schema": 1,
-            "node": node,
-            "endpoints": [endpoint],
-            "bootId": boot_id,
-            "subnets": [subnet],
-            "mtu": 1420,
-            "stale": false,
-            "peering": net.peering,
-        }),
-    )?;
+    let node_file = json!({
+        "schema": 1,
+        "node": node,
+        "endpoints": [endpoint],
+        "bootId": boot_id,
+        "subnets": [subnet],
+        "mtu": 1420,
+        "stale": false,
+        "peering": net.peering,
+    });
+    write_json(&dir.join("node.json"), &node_file)?;
     let mut g = t.gateway.clone();
     g["network"] = json!(net.name);
     g["node"] = json!(node);
@@ -176,7 +176,14 @@ fn write_node(ctx: &Ctx, net: &Net, t: &Templates, j: usize, pods: usize) -> Res
         }
         write_json(&dir.join(format!("{cid}:eth0.json")), &r)?;
     }
-    Ok(())
+    Ok((node, node_file))
+}
+
+/// `<store>/<network>/nodes.json`: every simulated node's `node.json` in one file, as the
+/// agent's mirror writer keeps it beside the node directories (`store::NodesFile`).
+fn write_nodes_file(ctx: &Ctx, network: &str, nodes: serde_json::Map<String, Value>) -> Res<()> {
+    let path = cni::store_root(ctx).join(network).join("nodes.json");
+    write_json(&path, &json!({ "schema": 1, "nodes": nodes }))
 }
 
 /// This node's gateway record of `network`.
@@ -307,8 +314,13 @@ fn run_point(
 ) -> Res<Value> {
     let big = plugin(ctx, point.net);
     let started = Instant::now();
+    let mut nodes = serde_json::Map::new();
     for j in 1..=point.nodes {
-        write_node(ctx, point.net, t, j, point.per_node)?;
+        let (name, node_file) = write_node(ctx, point.net, t, j, point.per_node)?;
+        nodes.insert(name, node_file);
+    }
+    if point.nodes > 0 {
+        write_nodes_file(ctx, point.net.name, nodes)?;
     }
     let write_s = started.elapsed().as_secs_f64();
     let mut live: Vec<Pod> = Vec::new();
@@ -469,6 +481,7 @@ fn traced_files(ctx: &Ctx, p: &Plugin, node: &str, cid: &str) -> Res<Value> {
         };
         let (owner, file) = rest.split_once('/').unwrap_or((rest, ""));
         let kind = match (owner == node, file) {
+            (_, "") if owner == "nodes.json" => "the network's nodes.json",
             (_, "") => "network directory",
             (true, _) => "this node's files",
             (false, "node.json") => "other nodes' node.json",
@@ -716,7 +729,8 @@ pub fn report(v: &Value) -> String {
         "Phase `scale-ondemand` (bench/driver/src/ondemand.rs; {:.0} s). A cluster = {} live \
          pods on this node (real ADDs, wg-cni-wgd daemons) + simulated other nodes of {} pods \
          each, mirrored into the store as the agent mirrors an accepted node (`node.json` with \
-         the node's mode, address and /24, `gateway.json`, one record per pod), written before \
+         the node's mode, address and /24, `gateway.json`, one record per pod; and the \
+         network's `nodes.json`, every `node.json` in one file), written before \
          the first live ADD so that every link starts with the peers an agent would keep it at. \
          Each network has its own `clusterRange`; **one-pod** is a network of the same mode \
          holding one anchor pod and no other node. {} probe ADD+DEL per on-demand row and {} in \
@@ -792,7 +806,7 @@ pub fn report(v: &Value) -> String {
         );
         let _ = writeln!(
             md,
-            "| cluster | syscalls | openat | stat calls | read | this node's store files | other nodes' node.json / gateway.json / pod records | one-pod network: syscalls / openat / stat calls |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
+            "| cluster | syscalls | openat | stat calls | read | this node's store files | the network's nodes.json; other nodes' node.json / gateway.json / pod records | one-pod network: syscalls / openat / stat calls |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
         );
         for p in traced {
             let c = &p["traced_add"]["cluster"];
@@ -801,13 +815,14 @@ pub fn report(v: &Value) -> String {
             let n = |k: &str| o[k].as_u64().unwrap_or(0);
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} / {} / {} | {} / {} / {} |",
+                "| {} | {} | {} | {} | {} | {} | {}; {} / {} / {} | {} / {} / {} |",
                 p["label"].as_str().unwrap_or("?"),
                 c["syscalls"],
                 c["openat"],
                 c["stat"],
                 c["read"],
                 n("this node's files"),
+                n("the network's nodes.json"),
                 n("other nodes' node.json"),
                 n("other nodes' gateway.json"),
                 n("other nodes' pod records"),
