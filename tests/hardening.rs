@@ -80,6 +80,16 @@ fn pretend_earlier_boot(net: &Net) {
             serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
         record["bootId"] = "00000000-0000-0000-0000-000000000000".into();
         std::fs::write(&file, record.to_string()).unwrap();
+        note_cleared_boot_before(file.parent().unwrap());
+    }
+}
+
+/// The note of the boot whose ADDs found no record of an earlier boot left, as a reboot
+/// leaves it: of the boot before (records of an earlier boot appear here without one).
+fn note_cleared_boot_before(node_dir: &std::path::Path) {
+    let note = node_dir.join(".cleared-boot.json");
+    if note.exists() {
+        std::fs::write(note, "\"00000000-0000-0000-0000-000000000000\"").unwrap();
     }
 }
 
@@ -293,6 +303,7 @@ fn bad_records_are_skipped_not_fatal() {
     bad_key["publicKey"] = "not-a-key".into();
     bad_key["bootId"] = "00000000-0000-0000-0000-000000000000".into();
     std::fs::write(node_dir.join("badkey:eth0.json"), bad_key.to_string()).unwrap();
+    note_cleared_boot_before(&node_dir);
     let mut bad_address = good.clone();
     bad_address["containerId"] = "badaddr".into();
     bad_address["addresses"] = json!(["300.1.2.3/24"]);

@@ -702,13 +702,18 @@ fn records_from_an_earlier_boot_are_reaped_with_their_reservation() {
     record["publicKey"] = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=".into();
     record["addresses"] = json!([format!("{ghost_ip}/24")]);
     let node = record["node"].as_str().unwrap().to_string();
-    let file = net
-        .store()
-        .join(&net.name)
-        .join(node)
-        // Filed under the name versions before 0.2 used: an upgrade must still reap it.
-        .join("ghost-eth0.json");
+    let node_dir = net.store().join(&net.name).join(node);
+    // Filed under the name versions before 0.2 used: an upgrade must still reap it.
+    let file = node_dir.join("ghost-eth0.json");
     std::fs::write(&file, record.to_string()).unwrap();
+    // ADD looks for records of an earlier boot until one of this boot found none; it noted so,
+    // and a reboot leaves that note of the boot before.
+    let note = node_dir.join(".cleared-boot.json");
+    assert!(
+        note.exists(),
+        "the first ADD noted that no earlier boot is left"
+    );
+    std::fs::write(&note, "\"an-earlier-boot\"").unwrap();
 
     let r2 = net.add(&second).ok().json();
     assert!(!file.exists(), "the earlier boot's record was not reaped");

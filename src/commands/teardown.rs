@@ -147,13 +147,17 @@ pub fn reap_earlier_boots(ctx: &Context, store: &Store, ipam: &Ipam) -> Result<u
 /// Before ADD builds a link: the records of an earlier boot (their addresses go back to IPAM
 /// first), and a leftover of an earlier attempt at this very attachment (its interface is not
 /// in the pod, ADD checked), each under the network lock, which is taken only when there is
-/// something to clear. (The records read here are parsed once: ADD's later reads of the
-/// network find them in the store's cache.)
+/// something to clear. Every record is read to look for an earlier boot's until one ADD of this
+/// boot found none (noted in the store: none can come back).
 pub fn clear_leftovers(ctx: &Context, store: &Store, ipam: &Ipam) -> Result<()> {
-    let of_earlier_boot = |r: &Record| r.boot_id != ctx.boot_id;
-    if store.node_records()?.iter().any(of_earlier_boot) {
-        let _lock = store.lock()?;
-        reap_earlier_boots(ctx, store, ipam)?;
+    if !store.earlier_boots_cleared(&ctx.boot_id) {
+        let of_earlier_boot = |r: &Record| r.boot_id != ctx.boot_id;
+        if store.node_records()?.iter().any(of_earlier_boot) {
+            let _lock = store.lock()?;
+            reap_earlier_boots(ctx, store, ipam)?;
+        } else if let Err(e) = store.note_earlier_boots_cleared(&ctx.boot_id) {
+            tracing::warn!(error = %e, "could not note that no record of an earlier boot is left");
+        }
     }
     let (container_id, ifname) = (&ctx.env.container_id, &ctx.env.ifname);
     if store.get(container_id, ifname)?.is_some() {

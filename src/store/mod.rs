@@ -37,6 +37,9 @@ const LOCK_FILE: &str = ".lock";
 const ADDING_FILE: &str = ".adding";
 /// In a node's directory: the local links a fan-out could not update (see `note_out_of_step`).
 const OUT_OF_STEP_FILE: &str = ".out-of-step.json";
+/// In a node's directory: the boot in which no record of an earlier boot was left
+/// (`note_earlier_boots_cleared`).
+const CLEARED_BOOT_FILE: &str = ".cleared-boot.json";
 const TEMP_PREFIX: &str = ".tmp-";
 /// An attachment's lock file: `.lock-<containerID>:<ifname>`, never `.json` (a lock is no
 /// record). Releases before this name added a record's `.json`; GC removes those.
@@ -452,14 +455,31 @@ impl Store {
         self.records_where(|_| true)
     }
 
+    /// The names of the network's node directories, this node's included: one listing, for
+    /// the `…_in` readers (a network directory is listed once per look at the network).
+    pub fn node_names(&self) -> Result<Vec<String>> {
+        Ok(node_dirs(&self.network_dir)?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect())
+    }
+
     /// The records of the nodes `which` selects by name, this node's included (one directory
     /// read per selected node: an on-demand network reads no record of an on-demand node).
     pub fn records_where(&self, which: impl Fn(&str) -> bool) -> Result<Vec<Record>> {
+        self.records_in(&self.node_names()?, which)
+    }
+
+    /// `records_where` among `nodes` (`node_names`).
+    pub fn records_in(
+        &self,
+        nodes: &[String],
+        which: impl Fn(&str) -> bool,
+    ) -> Result<Vec<Record>> {
         let mut records = Vec::new();
-        for (name, dir) in node_dirs(&self.network_dir)? {
-            if which(&name) {
-                records.extend(self.read_records(&dir)?.into_iter().map(|(_, r)| r));
-            }
+        for name in nodes.iter().filter(|n| which(n)) {
+            let dir = self.network_dir.join(name);
+            records.extend(self.read_records(&dir)?.into_iter().map(|(_, r)| r));
         }
         Ok(records)
     }
@@ -469,22 +489,24 @@ impl Store {
     /// directory's `node.json`. A node directory with neither (records written by hand, an
     /// older agent) is a mesh node with nothing else known.
     pub fn remote_nodes(&self) -> Result<BTreeMap<String, RemoteNode>> {
+        Ok(self.remote_nodes_in(&self.node_names()?))
+    }
+
+    /// `remote_nodes` among `nodes` (`node_names`).
+    pub fn remote_nodes_in(&self, nodes: &[String]) -> BTreeMap<String, RemoteNode> {
         let summary = self.nodes_file();
-        let mut nodes = BTreeMap::new();
-        for (name, dir) in node_dirs(&self.network_dir)? {
-            if name == self.node {
-                continue;
-            }
-            let node = match summary.as_ref().and_then(|s| s.get(&name)) {
+        let mut remote = BTreeMap::new();
+        for name in nodes.iter().filter(|n| **n != self.node) {
+            let node = match summary.as_ref().and_then(|s| s.get(name)) {
                 Some(node) => node.clone(),
-                None => read_file(&dir.join(NODE_FILE), RECORD_LIMIT)
+                None => read_file(&self.network_dir.join(name).join(NODE_FILE), RECORD_LIMIT)
                     .ok()
                     .and_then(|(body, _)| serde_json::from_slice::<RemoteNode>(&body).ok())
                     .unwrap_or_default(),
             };
-            nodes.insert(name, node);
+            remote.insert(name.clone(), node);
         }
-        Ok(nodes)
+        remote
     }
 
     /// The nodes `nodes.json` describes (parsed once per version of the file); `None` when
@@ -540,11 +562,18 @@ impl Store {
         &self,
         which: impl Fn(&str) -> bool,
     ) -> Result<Vec<GatewayRecord>> {
+        Ok(self.remote_gateways_in(&self.node_names()?, which))
+    }
+
+    /// `remote_gateways_where` among `nodes` (`node_names`).
+    pub fn remote_gateways_in(
+        &self,
+        nodes: &[String],
+        which: impl Fn(&str) -> bool,
+    ) -> Vec<GatewayRecord> {
         let mut gateways = Vec::new();
-        for (name, dir) in node_dirs(&self.network_dir)? {
-            if name == self.node || !which(&name) {
-                continue;
-            }
+        for name in nodes.iter().filter(|n| **n != self.node && which(n)) {
+            let dir = self.network_dir.join(name);
             match read_json::<GatewayRecord>(&dir.join(GATEWAY_FILE)) {
                 Ok(gateway) => gateways.push(gateway),
                 Err(ReadError::Missing) => {}
@@ -553,7 +582,41 @@ impl Store {
                 }
             }
         }
-        Ok(gateways)
+        gateways
+    }
+
+    /// This node's records of the attachments whose ADD or DEL is under way (or was killed):
+    /// those whose attachment lock file is there (`attachment_lock`), one listing and a read
+    /// per such attachment. A link waiting to join the network is among them: its ADD holds
+    /// the lock from before its record is written until after it is ready.
+    pub fn records_in_flight(&self) -> Result<Vec<Record>> {
+        let mut records = Vec::new();
+        for path in list_dir(&self.node_dir())? {
+            let attachment =
+                file_name_of(&path).and_then(|n| n.strip_prefix(ATTACHMENT_LOCK_PREFIX));
+            let Some((container_id, ifname)) = attachment.and_then(|a| a.split_once(SEPARATOR))
+            else {
+                continue;
+            };
+            records.extend(self.get(container_id, ifname)?);
+        }
+        Ok(records)
+    }
+
+    /// Whether a command of boot `boot_id` found no record of an earlier boot left in this
+    /// node's directory (`note_earlier_boots_cleared`): then none can come back, as every
+    /// record is written with the boot of its writer, and ADD need not read every record to
+    /// look for them.
+    pub fn earlier_boots_cleared(&self, boot_id: &str) -> bool {
+        read_file(&self.node_dir().join(CLEARED_BOOT_FILE), 1024)
+            .ok()
+            .and_then(|(body, _)| serde_json::from_slice::<String>(&body).ok())
+            .is_some_and(|cleared| cleared == boot_id)
+    }
+
+    /// Note that this node's directory holds no record of a boot before `boot_id`.
+    pub fn note_earlier_boots_cleared(&self, boot_id: &str) -> Result<()> {
+        self.write_json(CLEARED_BOOT_FILE, &boot_id)
     }
 
     /// This node's records only. Legacy-named files are migrated on the way (callers that
@@ -1083,6 +1146,33 @@ pub(crate) mod tests {
         let _held = store.attachment_lock("c", "eth0").unwrap().unwrap();
         assert_eq!(store.remove_orphan_temp_files().unwrap(), 1);
         assert_eq!(files(), [".lock-c:eth0"]);
+    }
+
+    #[test]
+    fn a_cleared_boot_is_noted_beside_the_records_and_is_none_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "net", "n1").unwrap();
+        store.put(&record("a", "n1")).unwrap();
+        assert!(!store.earlier_boots_cleared("b"));
+        store.note_earlier_boots_cleared("b").unwrap();
+        assert!(store.earlier_boots_cleared("b"));
+        assert!(!store.earlier_boots_cleared("after-a-reboot"));
+        assert_eq!(store.node_records().unwrap().len(), 1);
+        assert_eq!(store.remove_orphan_temp_files().unwrap(), 0);
+    }
+
+    #[test]
+    fn records_in_flight_are_those_whose_attachment_is_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "net", "n1").unwrap();
+        store.put(&record("a", "n1")).unwrap();
+        store.put(&record("b", "n1")).unwrap();
+        assert!(store.records_in_flight().unwrap().is_empty());
+        let held = store.attachment_lock("b", "eth0").unwrap().unwrap();
+        let _no_record = store.attachment_lock("c", "eth0").unwrap().unwrap();
+        assert_eq!(store.records_in_flight().unwrap(), vec![record("b", "n1")]);
+        drop(held);
+        assert!(store.records_in_flight().unwrap().is_empty());
     }
 
     #[test]
