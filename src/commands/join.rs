@@ -46,14 +46,22 @@ impl<'a> Joining<'a, '_> {
             tracing::debug!("an earlier batch joined this link to the network");
             return Ok(());
         }
-        let mut view = NetworkView::read(store, ctx.conf)?;
+        let mut view = NetworkView::read_for_join(store, ctx.conf)?;
         view.static_peers = self.static_peers;
-        context::resync_out_of_step(ctx, store, &view);
+        if store.has_out_of_step() {
+            view.read_own_records(store)?;
+            context::resync_out_of_step(ctx, store, &view);
+        }
         let mut gateway_created = self.gateway_created;
         if let Some(plan) = self.gateway_plan {
             let (gateway, created) = ensure_gateway(ctx, store, self.settings, plan)?;
             view.gateway = Some(gateway);
             gateway_created = created || self.gateway_created;
+        }
+        if gateway_created {
+            // A new gateway starts from this node's pods: it needs the whole network.
+            view.read_own_records(store)?;
+            view.read_all_gateways(store)?;
         }
 
         // Everyone in the batch counts as ready for the others' peer sets.
@@ -77,11 +85,7 @@ impl<'a> Joining<'a, '_> {
 
         let newcomers = reconcile::newcomers(&view, &batch)?;
         match gateway_created {
-            // A new gateway starts from this node's pods: it needs the whole network.
-            true => {
-                view.read_all_gateways(store)?;
-                reconcile::gateway(&ctx.local(), &view, Prune::Nothing)?
-            }
+            true => reconcile::gateway(&ctx.local(), &view, Prune::Nothing)?,
             false => reconcile::tell_gateway(&ctx.local(), &view, &newcomers)?,
         }
         for joined in &mut batch {

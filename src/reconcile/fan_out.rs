@@ -99,6 +99,10 @@ fn ready_local<'v>(
     view: &'v NetworkView,
     which: impl Fn(&Record) -> bool,
 ) -> Vec<&'v Record> {
+    debug_assert!(
+        view.all_own,
+        "a fan-out to this node's links needs their records"
+    );
     view.records
         .iter()
         .filter(|r| r.node == node.name && r.state == State::Ready && r.boot_id == node.boot_id)

@@ -34,10 +34,12 @@ pub struct NetworkView {
     pub node: String,
     /// How this node's pods peer.
     pub peering: Peering,
-    /// The records the peer sets need: this node's (unless `read_for_new_link` left them
-    /// out), and those of every node whose pods are direct peers here (all nodes in mesh mode;
-    /// in on-demand mode the mesh-mode nodes').
+    /// The records the peer sets need: this node's (unless `read_for_new_link` or
+    /// `read_for_join` left some out), and those of every node whose pods are direct peers
+    /// here (all nodes in mesh mode; in on-demand mode the mesh-mode nodes').
     pub records: Vec<Record>,
+    /// Whether `records` holds every record of this node.
+    all_own: bool,
     /// The other nodes as the mirror describes them (on-demand only: mesh needs none).
     pub remote_nodes: BTreeMap<String, RemoteNode>,
     /// This node's gateway, when the network has one.
@@ -56,6 +58,15 @@ pub struct NetworkView {
     pub moved: Vec<Key>,
 }
 
+/// Which of this node's records a view reads (on-demand: mesh reads all).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Own {
+    All,
+    /// Those of the attachments an ADD or DEL holds now.
+    InFlight,
+    None,
+}
+
 /// The node whose links a reconcile touches: its name, boot and host namespace.
 pub struct Node<'a> {
     pub name: &'a str,
@@ -70,13 +81,22 @@ impl NetworkView {
     /// node's gateway, the static peers. A static peer that no longer validates is left out
     /// (logged): it must not stop a DEL or a reconcile.
     pub fn read(store: &Store, conf: &NetConf) -> Result<NetworkView> {
-        NetworkView::read_parts(store, conf, true, false)
+        NetworkView::read_parts(store, conf, Own::All, false)
     }
 
     /// `read` without this node's own records where a new pod link does not peer with them
     /// (on-demand: they are the gateway's peers): what ADD builds its link with.
     pub fn read_for_new_link(store: &Store, conf: &NetConf) -> Result<NetworkView> {
-        NetworkView::read_parts(store, conf, false, false)
+        NetworkView::read_parts(store, conf, Own::None, false)
+    }
+
+    /// What ADD joins its link with, under the lock: `read_for_new_link`, and of this node's
+    /// records on-demand only those of the attachments an ADD or DEL holds now
+    /// (`Store::records_in_flight`: the links waiting to join are among them). The peer sets
+    /// of pod links need no more; the node gateway's and the other local links' do
+    /// (`read_own_records`).
+    pub fn read_for_join(store: &Store, conf: &NetConf) -> Result<NetworkView> {
+        NetworkView::read_parts(store, conf, Own::InFlight, false)
     }
 
     /// `read`, and every other node's gateway (the node gateway's relay peers), for a caller
@@ -87,7 +107,7 @@ impl NetworkView {
         if conf.host_gateway {
             store.gateway()?;
         }
-        NetworkView::read_parts(store, conf, true, true)
+        NetworkView::read_parts(store, conf, Own::All, true)
     }
 
     /// Add the other nodes' gateways `read` left out, before the node gateway's peer set is
@@ -100,46 +120,65 @@ impl NetworkView {
         Ok(())
     }
 
+    /// Read every record of this node, where `read_for_new_link` or `read_for_join` left some
+    /// out, before the node gateway's peer set or a fan-out to this node's links is computed
+    /// from this view. (Before `treat_as_ready`: the records are read anew.)
+    pub fn read_own_records(&mut self, store: &Store) -> Result<()> {
+        if !self.all_own {
+            self.records.retain(|r| r.node != self.node);
+            self.records.extend(store.node_records()?);
+            self.all_own = true;
+        }
+        Ok(())
+    }
+
     fn read_parts(
         store: &Store,
         conf: &NetConf,
-        own_records: bool,
+        own: Own,
         all_gateways: bool,
     ) -> Result<NetworkView> {
         let static_peers = mesh::static_peers(conf, &[]).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "static peers left out");
             Vec::new()
         });
-        let own = store.node_name();
+        let me = store.node_name();
+        let names = store.node_names()?;
         // Mesh peers with every node alike: only on-demand needs to know the others' modes.
         let (remote_nodes, records, remote_gateways) = match conf.peering {
             Peering::Mesh => (
                 BTreeMap::new(),
-                store.all_records()?,
-                store.remote_gateways()?,
+                store.records_in(&names, |_| true)?,
+                store.remote_gateways_in(&names, |_| true),
             ),
             Peering::OnDemand => {
-                let nodes = store.remote_nodes()?;
+                let nodes = store.remote_nodes_in(&names);
                 let meshed = |node: &str| {
-                    node != own && nodes.get(node).is_none_or(|n| n.peering == Peering::Mesh)
+                    node != me && nodes.get(node).is_none_or(|n| n.peering == Peering::Mesh)
                 };
-                let records =
-                    store.records_where(|node| meshed(node) || own_records && node == own)?;
-                let gateways = store.remote_gateways_where(|node| all_gateways || meshed(node))?;
+                let mut records = store
+                    .records_in(&names, |node| meshed(node) || own == Own::All && node == me)?;
+                if own == Own::InFlight {
+                    records.extend(store.records_in_flight()?);
+                }
+                let gateways =
+                    store.remote_gateways_in(&names, |node| all_gateways || meshed(node));
                 (nodes, records, gateways)
             }
         };
+        let mesh = conf.peering == Peering::Mesh;
         Ok(NetworkView {
-            node: own.to_string(),
+            node: me.to_string(),
             peering: conf.peering,
             records,
+            all_own: own == Own::All || mesh,
             remote_nodes,
             gateway: match conf.host_gateway {
                 true => store.gateway().ok().flatten(),
                 false => None,
             },
             remote_gateways,
-            all_gateways: all_gateways || conf.peering == Peering::Mesh,
+            all_gateways: all_gateways || mesh,
             static_peers,
             keepalive: conf.persistent_keepalive,
             moved: Vec::new(),
@@ -223,11 +262,12 @@ impl NetworkView {
     /// encrypted); for each other node's gateway either the relay peer (both on-demand: that
     /// node's subnets and addresses) or that gateway's and node's addresses (`node_paths`: a
     /// DNAT here to another node's address crosses encrypted and is answered back here).
-    /// The view must hold every gateway (`read_complete`, `read_all_gateways`).
+    /// The view must hold every gateway and this node's records (`read_complete`, or
+    /// `read_all_gateways` and `read_own_records`).
     pub fn desired_for_gateway(&self) -> Vec<Peer> {
         debug_assert!(
-            self.all_gateways,
-            "the node gateway's peer set needs every other node's gateway"
+            self.all_gateways && self.all_own,
+            "the node gateway's peer set needs every other node's gateway and this node's pods"
         );
         let pods = self
             .records
@@ -673,6 +713,9 @@ mod reading {
         let root = tempfile::tempdir().unwrap();
         let net = root.path().join("net");
         node(&net, "me", 1, None);
+        let other = std::fs::read_to_string(net.join("me/p-me:eth0.json")).unwrap();
+        let other = other.replace("\"p-me\"", "\"p-other\"");
+        std::fs::write(net.join("me/p-other:eth0.json"), other).unwrap();
         // Named by nodes.json: on-demand (its own node.json would say mesh: never read), and
         // a mesh-mode node whose pods and gateway are direct peers.
         node(&net, "od", 2, Some("mesh"));
@@ -729,6 +772,21 @@ mod reading {
         );
         assert_eq!(record_nodes(&view), ["hand", "m"]);
 
+        // ... and joins with those of this node's records whose ADD or DEL is under way.
+        let joining = Store::open(root.path(), "net", "me").unwrap();
+        let _adding = joining.attachment_lock("p-me", "eth0").unwrap().unwrap();
+        files_read();
+        let view = NetworkView::read_for_join(&store, &conf).unwrap();
+        let read = files_read();
+        assert_eq!(record_nodes(&view), ["hand", "m", "me"]);
+        assert!(
+            !read.contains(&net.join("me/p-other:eth0.json")),
+            "{read:?}"
+        );
+        let mut view = view;
+        view.read_own_records(&store).unwrap();
+        assert_eq!(view.records.len(), 4, "no record twice");
+
         // ... and the node gateway, which relays to every on-demand node, needs every gateway.
         let all = ["hand", "m", "new", "od"];
         let complete = NetworkView::read_complete(&store, &conf).unwrap();
@@ -738,8 +796,8 @@ mod reading {
         assert_eq!(gateway_nodes(&view), all);
         assert_eq!(
             view.desired_for_gateway().len(),
-            3 + 4,
-            "pods of me, m, hand; gateways"
+            4 + 4,
+            "pods of me (2), m, hand; gateways"
         );
     }
 
