@@ -6,6 +6,7 @@ pub mod agent;
 pub mod cni;
 pub mod commands;
 pub mod failpoint;
+pub mod flows;
 pub mod gateway;
 pub mod host;
 pub mod ipam;
