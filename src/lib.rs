@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod cni;
 pub mod commands;
+pub mod conntrack;
 pub mod failpoint;
 pub mod flows;
 pub mod gateway;
