@@ -208,7 +208,16 @@ pub struct GatewayRecord {
     pub boot_id: String,
     pub mtu: u32,
     pub masquerade: bool,
+    /// The network's peering: an on-demand gateway also logs relayed flows for the agent
+    /// (`nat::relay_watch_rules`). Records written before it read as mesh; the next ensure
+    /// brings the gateway in line.
+    #[serde(default = "mesh", skip_serializing_if = "is_mesh")]
+    pub peering: Peering,
     pub created_at: u64,
+}
+
+fn is_mesh(peering: &Peering) -> bool {
+    *peering == Peering::Mesh
 }
 
 impl GatewayRecord {
