@@ -167,6 +167,9 @@ pub struct RemoteNode {
     pub subnets: Vec<IpNetwork>,
     #[serde(default = "mesh")]
     pub peering: Peering,
+    /// Its agent is silent (its records stay for the grace period).
+    #[serde(default)]
+    pub stale: bool,
 }
 
 impl Default for RemoteNode {
@@ -175,6 +178,7 @@ impl Default for RemoteNode {
             endpoints: Vec::new(),
             subnets: Vec::new(),
             peering: Peering::Mesh,
+            stale: false,
         }
     }
 }
