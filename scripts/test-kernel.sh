@@ -52,9 +52,10 @@ for exe in "$target_dir"/wg-cni "$target_dir"/wg-cni-agent "${suites[@]}"; do
 done
 export VM_MEMORY=${VM_MEMORY:-1536}
 export VM_BINARIES="$(echo "$bins"/*) /usr/bin/tcpdump /usr/bin/ping /usr/bin/etcd /usr/bin/etcdctl /usr/sbin/xtables-nft-multi $(echo "$stage"/*.so)"
-# xt_NFLOG, nfnetlink_log, xt_hashlimit: the relay watch of on-demand gateways (nat.rs);
+# xt_NFLOG (nft_log: iptables-nft turns -j NFLOG into an nft log expression), nfnetlink_log,
+# xt_hashlimit: the relay watch of on-demand gateways (nat.rs);
 # nf_conntrack_netlink: conntrack::forget_pair (tests/flows.rs).
-export VM_EXTRA_MODULES="bridge nf_tables nft_compat nft_chain_nat nf_nat nf_conntrack xt_comment xt_conntrack xt_MASQUERADE xt_nat xt_tcpudp xt_NFLOG nfnetlink_log xt_hashlimit nf_conntrack_netlink"
+export VM_EXTRA_MODULES="bridge nf_tables nft_compat nft_chain_nat nf_nat nf_conntrack xt_comment xt_conntrack xt_MASQUERADE xt_nat xt_tcpudp xt_NFLOG nft_log nfnetlink_log xt_hashlimit nf_conntrack_netlink"
 export VM_ENV="WG_CNI_BIN=/opt/wgcni/bin/wg-cni CNI_PLUGIN_DIR=/usr/lib/cni RUST_BACKTRACE=1"
 
 # counted_run BACKEND SUITE [ENV=VALUE...] [-- TEST...]: one guest run of SUITE's executable
