@@ -40,7 +40,7 @@ pub struct RelayedFlow {
 }
 
 /// The listener of one NFLOG group in one network namespace (the one the thread that opened
-/// it was in). Only one socket may bind a group: a second `open` fails with EBUSY. Dropping
+/// it was in). Only one socket may bind a group: a second `open` fails (EPERM). Dropping
 /// it closes the socket, which releases the group.
 pub struct FlowWatch {
     socket: Socket,
