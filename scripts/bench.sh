@@ -6,6 +6,14 @@
 # Phases (bench/driver, a small Rust program; in the guest the same binary):
 #   latency     ADD/CHECK/DEL exec time and peak RSS, wg-cni vs ptp interleaved, fresh netns each
 #   scale       ADD with 1..1000 attachments (live pods + simulated remote records) vs empty net
+#   scale-ondemand (native only) ADD in a 10,000-pod cluster with `peering: "on-demand"` (100
+#               live local pods + 99 simulated nodes of 100 pods, mirrored as the agent does)
+#               vs a network holding one pod, interleaved; the same in mesh at 2,000 pods (what
+#               fits in memory: every mesh link keeps ~26 KiB per peer); pod and gateway daemon
+#               RSS. Knobs: --odm-reps (100), --odm-mesh-reps (20), --odm-live (100),
+#               --odm-nodes (99), --odm-per-node (100), --odm-mesh-nodes (19), --odm-local-point
+#               0|1 (1: also a cluster of this node's pods only). Alone, ~2.5 minutes:
+#                 BENCH_NATIVE_PHASES=scale-ondemand BENCH_GUEST_PHASES= scripts/bench.sh
 #   parallel    100 concurrent ADDs on one network, then 100 DELs (native only)
 #   throughput  iperf3 TCP 10 s x3: wg-cni vs hand-configured WireGuard vs ptp (natively also
 #               wg-cni on wireguard-go; CPU-seconds per Gbit of the pods' daemons)
@@ -70,6 +78,7 @@ if ((QUICK)); then
   NATIVE_ARGS=(--latency-iterations 12 --warmup 1 --scale-reps 3 --scale-points 1,20,100
                --parallel-n 20 --parallel-rounds 1 --tput-runs 1 --tput-seconds 2
                --profile-adds 2 --profile-live 3 --profile-remote 20
+               --odm-reps 3 --odm-mesh-reps 2 --odm-live 10 --odm-nodes 9 --odm-per-node 20 --odm-mesh-nodes 4
                --mn-pods 5 --mn-pods-sequential 3 --mn-add-iterations 5 --mn-records 100,300
                --mn-idle-seconds 3
                --ag-records 300 --ag-links 10 --ag-events 5 --ag-silent-events 2 --ag-flaps 2
@@ -82,6 +91,7 @@ else
   NATIVE_ARGS=(--latency-iterations 200 --warmup 3 --scale-reps 20 --scale-points 1,5,20,100,500,1000
                --parallel-n 100 --parallel-rounds 2 --tput-runs 3 --tput-seconds 10
                --profile-adds 7 --profile-live 20 --profile-remote 50
+               --odm-reps 100 --odm-mesh-reps 20 --odm-live 100 --odm-nodes 99 --odm-per-node 100 --odm-mesh-nodes 19
                --mn-pods 30 --mn-pods-sequential 20 --mn-add-iterations 40 --mn-records 1000,5000
                --mn-idle-seconds 10
                --ag-records 2000 --ag-links 100 --ag-events 15 --ag-silent-events 3 --ag-flaps 5
@@ -161,7 +171,7 @@ trap cleanup EXIT
 trap 'on_signal 130' INT
 trap 'on_signal 143' TERM HUP
 
-NATIVE_PHASES=${BENCH_NATIVE_PHASES-latency scale parallel throughput memory profile multinode agent}
+NATIVE_PHASES=${BENCH_NATIVE_PHASES-latency scale scale-ondemand parallel throughput memory profile multinode agent}
 GUEST_PHASES=${BENCH_GUEST_PHASES-latency,scale,throughput,profile}
 read -r -a EXTRA_ARGS <<<"${BENCH_ARGS:-}"
 NATIVE_ARGS+=("${EXTRA_ARGS[@]}")

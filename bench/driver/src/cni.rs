@@ -73,7 +73,7 @@ pub fn wg_daemon(ctx: &Ctx, network: &str, subnet: &str, ports: &str, daemon: &s
 }
 
 /// Remembered on disk, so that `cleanup` (also from another process) can GC the network.
-fn remember(ctx: &Ctx, plugin: &Plugin) {
+pub fn remember(ctx: &Ctx, plugin: &Plugin) {
     let network = plugin.conf["name"].as_str().unwrap_or_default();
     let dir = ctx.work.join("confs");
     let _ = std::fs::create_dir_all(&dir);

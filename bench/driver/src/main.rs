@@ -5,7 +5,7 @@
 //! QEMU guest has no shared folder: the host reads the console) and, with `--out-dir`, as
 //! `<dir>/<label>.<phase>.json`. `report` turns a directory of parts into results.md/.json.
 //!
-//! Phases: latency, scale, parallel, throughput, memory, profile, multinode, agent, report.
+//! Phases: latency, scale, scale-ondemand, parallel, throughput, memory, profile, multinode, agent, report.
 //! Everything it creates (network namespaces `wgbench-*`, daemons, iperf3 servers) is removed
 //! when a phase ends, also on error; pids of long-lived children go to `--pids-file` so that
 //! the wrapper can end them if this process is killed.
@@ -19,6 +19,7 @@ mod latency;
 mod memory;
 mod multinode;
 mod ns;
+mod ondemand;
 mod parallel;
 mod profile;
 mod report;
@@ -131,7 +132,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(phases) = args.first() else {
         eprintln!(
-            "usage: wg-cni-bench latency,scale,parallel,throughput,memory,profile,multinode,agent|report [--opt value]..."
+            "usage: wg-cni-bench latency,scale,scale-ondemand,parallel,throughput,memory,profile,multinode,agent|report [--opt value]..."
         );
         std::process::exit(2);
     };
@@ -165,6 +166,7 @@ fn main() {
         let result = match phase {
             "latency" => latency::run(&ctx),
             "scale" => scale::run(&ctx),
+            "scale-ondemand" => ondemand::run(&ctx),
             "parallel" => parallel::run(&ctx),
             "throughput" => throughput::run(&ctx),
             "memory" => memory::run(&ctx),

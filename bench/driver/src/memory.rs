@@ -32,7 +32,7 @@ const SETUPS: [(&str, &str, &str, &str); 2] = [
 const BATCH: usize = 200;
 
 /// VmRSS and VmHWM of a process, in KiB.
-fn rss_kb(pid: i32) -> Option<(u64, u64)> {
+pub fn rss_kb(pid: i32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| -> Option<u64> {
         status

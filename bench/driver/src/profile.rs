@@ -443,6 +443,23 @@ fn traced_add(
     Ok((parse(&text), wall, result))
 }
 
+/// Syscalls as (name, arguments).
+pub type Calls = Vec<(String, String)>;
+
+/// One ADD under strace (children detached at exec): each of its syscalls as (name, arguments)
+/// and the ADD's result.
+pub fn traced_calls(
+    ctx: &Ctx,
+    strace: &std::path::Path,
+    plugin: &Plugin,
+    cid: &str,
+    nsname: &str,
+) -> Res<(Calls, Option<Value>)> {
+    let (trace, _, result) = traced_add(ctx, strace, plugin, cid, nsname, 900)?;
+    let calls = trace.calls.into_iter().map(|c| (c.name, c.args)).collect();
+    Ok((calls, result))
+}
+
 /// The temporary (creation) name of the newcomer's userspace link, as the plugin derives it.
 fn temp_link_name(container_id: &str, ifname: &str) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;

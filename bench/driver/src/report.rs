@@ -407,6 +407,14 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             }
         }
     }
+    if let Some(o) = get("native", "scale-ondemand").filter(|o| o["error"].is_null()) {
+        for (target, measured, ok, name) in crate::ondemand::targets(&o) {
+            let _ = writeln!(targets, "| {target} | {measured} | {} |", verdict(ok));
+            if ok == Some(false) {
+                missed.push(name);
+            }
+        }
+    }
     let _ = writeln!(targets);
     md.push_str(&targets);
 
@@ -647,6 +655,10 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             );
         }
         let _ = writeln!(md);
+    }
+
+    if let Some(o) = get("native", "scale-ondemand") {
+        md.push_str(&crate::ondemand::report(&o));
     }
 
     // ---------------------------------------------------------------- parallel

@@ -50,7 +50,7 @@ pub fn base64(bytes: &[u8]) -> String {
     s
 }
 
-fn uuid() -> String {
+pub fn uuid() -> String {
     let b: [u8; 16] = random_bytes();
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
     format!(
