@@ -306,6 +306,9 @@ impl NetConf {
         }
 
         let peering = match fields.optional_str("peering")?.as_deref() {
+            // Agent-served networks (a cluster range the gateways can relay) scale by default;
+            // networks without the gateway or the range keep the full mesh they need.
+            None if host_gateway && !cluster_range.is_empty() => Peering::OnDemand,
             None | Some("mesh") => Peering::Mesh,
             Some("on-demand") => Peering::OnDemand,
             Some(other) => {
@@ -342,7 +345,7 @@ impl NetConf {
                     return Err(Error::config(
                         format!("peers[{i}].allowedIPs"),
                         format!(
-                            "{ip} overlaps clusterRange {range}: with \"peering\": \"on-demand\" the pod range goes through the node gateways"
+                            "{ip} overlaps clusterRange {range}: with \"peering\": \"on-demand\" (the default where clusterRange is set) the pod range goes through the node gateways; set \"peering\": \"mesh\" to keep such a peer"
                         ),
                     ));
                 }
@@ -697,6 +700,19 @@ mod tests {
         let mut v = base();
         v[field] = value;
         parse(&v).unwrap_err()
+    }
+
+    #[test]
+    fn peering_defaults_to_on_demand_where_the_gateways_can_relay() {
+        let mut v = base();
+        assert_eq!(parse(&v).unwrap().peering, Peering::Mesh, "no clusterRange");
+        v["clusterRange"] = json!("10.66.0.0/16");
+        assert_eq!(parse(&v).unwrap().peering, Peering::OnDemand);
+        v["hostGateway"] = json!(false);
+        assert_eq!(parse(&v).unwrap().peering, Peering::Mesh, "no gateway");
+        v["hostGateway"] = json!(true);
+        v["peering"] = json!("mesh");
+        assert_eq!(parse(&v).unwrap().peering, Peering::Mesh, "asked for");
     }
 
     #[test]

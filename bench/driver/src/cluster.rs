@@ -83,6 +83,9 @@ impl Node {
             "mtu": 1420,
             "listenPorts": "55000-55999",
             "clusterRange": CLUSTER_RANGE,
+            // The phases on these nodes measure the full mesh (pod to pod across nodes, the
+            // agent's writes per event); on-demand has a phase of its own (`scale-ondemand`).
+            "peering": "mesh",
         })
     }
     /// Records of node `of` in this node's mirror.

@@ -200,7 +200,12 @@ impl Promoter {
         };
         let src = self.local(&network, &flow.src, now);
         let dst = self.local(&network, &flow.dst, now);
-        tracing::trace!(?flow, local_src = src.is_some(), local_dst = dst.is_some(), "relayed flow");
+        tracing::trace!(
+            ?flow,
+            local_src = src.is_some(),
+            local_dst = dst.is_some(),
+            "relayed flow"
+        );
         match (src, dst) {
             (Some(a), Some(b)) => {
                 self.relayed(&a, b.as_target.clone(), now);
