@@ -43,8 +43,10 @@ const SWEEP: Duration = Duration::from_secs(5);
 /// Node-wide promotions per second, and the burst allowed.
 const PROMOTIONS_PER_SECOND: f64 = 20.0;
 const PROMOTION_BURST: f64 = 40.0;
-/// This node's pods are read again at most this often on an unknown address.
-const LOCALS_REREAD: Duration = Duration::from_millis(250);
+/// A flow of an unknown gateway or pod reads the networks again at most this often.
+const REREAD: Duration = Duration::from_millis(50);
+/// Flows kept for after that read.
+const DEFERRED_MAX: usize = 1024;
 
 /// A relayed flow seen by one of this node's gateways.
 #[derive(Debug, Clone)]
@@ -114,6 +116,7 @@ pub struct Promoter {
     directories: Arc<Directories>,
     networks: HashMap<String, Network>,
     networks_read: Instant,
+    deferred: Vec<Flow>,
     pairs: HashMap<(LinkId, Key), PairState>,
     tokens: f64,
     tokens_at: Instant,
@@ -136,6 +139,7 @@ pub fn spawn(
         directories,
         networks: HashMap::new(),
         networks_read: now,
+        deferred: Vec::new(),
         pairs: HashMap::new(),
         tokens: PROMOTION_BURST,
         tokens_at: now,
@@ -155,10 +159,16 @@ pub fn spawn(
 impl Promoter {
     fn run(mut self, flows: Receiver<Flow>) {
         loop {
-            let wake = match self.pairs.values().any(|p| p.pair.is_pending()) {
+            let mut wake = match self.pairs.values().any(|p| p.pair.is_pending()) {
                 true => Instant::now() + PENDING_POLL,
                 false => self.next_activity.min(self.next_sweep),
             };
+            if !self.deferred.is_empty() {
+                wake = wake.min(self.networks_read + REREAD);
+            }
+            if let Some(switch) = self.pairs.values().filter_map(|p| p.pair.route_at()).min() {
+                wake = wake.min(switch);
+            }
             match flows.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                 Ok(flow) => {
                     self.on_flow(flow);
@@ -174,6 +184,7 @@ impl Promoter {
     }
 
     fn tick(&mut self, now: Instant) {
+        self.replay_deferred(now);
         if now >= self.next_sweep {
             self.sweep(now);
             self.next_sweep = now + SWEEP;
@@ -188,18 +199,19 @@ impl Promoter {
 
     fn on_flow(&mut self, flow: Flow) {
         let now = Instant::now();
-        let mut network = self.network_of(&flow.gateway);
-        if network.is_none() && now.duration_since(self.networks_read) >= LOCALS_REREAD {
-            // A gateway made since the last read (the agent makes it after the first sync).
-            self.read_networks(now);
-            network = self.network_of(&flow.gateway);
+        if !self.resolve(&flow, now) && self.deferred.len() < DEFERRED_MAX {
+            // A gateway or a pod this thread has not read yet (made a moment ago).
+            self.deferred.push(flow);
         }
-        let Some(network) = network else {
-            tracing::debug!(?flow, "relayed flow of no on-demand network served here");
-            return;
+    }
+
+    /// Promote the pair of `flow`; false when its network or this node's end is unknown.
+    fn resolve(&mut self, flow: &Flow, now: Instant) -> bool {
+        let Some(network) = self.network_of(&flow.gateway) else {
+            return false;
         };
-        let src = self.local(&network, &flow.src, now);
-        let dst = self.local(&network, &flow.dst, now);
+        let src = self.local(&network, &flow.src);
+        let dst = self.local(&network, &flow.dst);
         tracing::trace!(
             ?flow,
             local_src = src.is_some(),
@@ -221,7 +233,22 @@ impl Promoter {
                     self.relayed(&local, target, now);
                 }
             }
-            (None, None) => {}
+            (None, None) => return false,
+        }
+        true
+    }
+
+    /// Flows that could not be resolved: read the networks and this node's pods again (at
+    /// most every `REREAD`) and try them once more.
+    fn replay_deferred(&mut self, now: Instant) {
+        if self.deferred.is_empty() || now.duration_since(self.networks_read) < REREAD {
+            return;
+        }
+        self.read_networks(now);
+        for flow in std::mem::take(&mut self.deferred) {
+            if !self.resolve(&flow, now) {
+                tracing::debug!(?flow, "relayed flow of no pod of an on-demand network here");
+            }
         }
     }
 
@@ -244,17 +271,8 @@ impl Promoter {
         })
     }
 
-    /// This node's pod at `ip`; an unknown address reads the node's records again (a pod that
-    /// just joined), at most every `LOCALS_REREAD`.
-    fn local(&mut self, network: &str, ip: &IpAddr, now: Instant) -> Option<Arc<Local>> {
-        let net = self.networks.get(network)?;
-        if let Some(local) = net.locals.get(ip) {
-            return Some(Arc::clone(local));
-        }
-        if now.duration_since(net.locals_read) < LOCALS_REREAD {
-            return None;
-        }
-        self.read_locals(network, now);
+    /// This node's pod at `ip`, as last read.
+    fn local(&self, network: &str, ip: &IpAddr) -> Option<Arc<Local>> {
         self.networks.get(network)?.locals.get(ip).cloned()
     }
 

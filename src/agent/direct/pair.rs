@@ -26,6 +26,14 @@ pub const BACKOFF: Duration = Duration::from_secs(30);
 pub const SWITCH_GRACE: Duration = Duration::from_secs(2);
 /// How long a demoted peer's key stays (longest: shorter idle timeouts shorten it).
 pub const COOLDOWN: Duration = Duration::from_secs(15);
+/// Both ends give the pair its addresses this long after their own handshake: the two
+/// handshake times lie half a round trip apart (each read off its own device, so no clock is
+/// compared between nodes), and so do the two switches, however the polls fall. WireGuard
+/// drops a packet whose source belongs to another peer: whatever is sent between the two
+/// switches is lost. Longer than a pending poll and its read.
+pub const SWITCH_DELAY: Duration = Duration::from_millis(40);
+/// A switch due this soon is done now.
+const SWITCH_SLACK: Duration = Duration::from_millis(1);
 /// A session this young is live: WireGuard rekeys every two minutes while data flows.
 pub const SESSION_ALIVE: Duration = Duration::from_secs(120);
 /// When the initiating end starts the handshake over, counted from the promotion.
@@ -68,6 +76,8 @@ pub enum Phase {
     Pending {
         since: Instant,
         restarts: usize,
+        /// When to switch, once the handshake is seen.
+        route_at: Option<Instant>,
     },
     Direct {
         since: Instant,
@@ -104,6 +114,7 @@ impl Pair {
             phase: Phase::Pending {
                 since: now,
                 restarts: 0,
+                route_at: None,
             },
             initiator,
         };
@@ -136,6 +147,14 @@ impl Pair {
         matches!(self.phase, Phase::Pending { .. })
     }
 
+    /// When a pending pair with its handshake done switches (the promoter looks then).
+    pub fn route_at(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Pending { route_at, .. } => route_at,
+            _ => None,
+        }
+    }
+
     /// Relayed traffic between the two pods passed this node's gateway.
     pub fn relayed(&mut self, now: Instant) -> Vec<Action> {
         match self.phase {
@@ -149,6 +168,7 @@ impl Pair {
                 self.phase = Phase::Pending {
                     since: now,
                     restarts: 0,
+                    route_at: None,
                 };
                 match self.initiator {
                     true => vec![Action::Kick],
@@ -182,8 +202,21 @@ impl Pair {
             return Vec::new();
         };
         match self.phase {
-            Phase::Pending { since, restarts } => {
-                if seen.handshake_age.is_some_and(|age| age < SESSION_ALIVE) {
+            Phase::Pending {
+                since, restarts, ..
+            } => {
+                if let Some(age) = seen.handshake_age.filter(|age| *age < SESSION_ALIVE) {
+                    let route_at = now
+                        .checked_sub(age)
+                        .map_or(now, |shook| shook + SWITCH_DELAY);
+                    if route_at > now + SWITCH_SLACK {
+                        self.phase = Phase::Pending {
+                            since,
+                            restarts,
+                            route_at: Some(route_at),
+                        };
+                        return Vec::new();
+                    }
                     self.phase = Phase::Direct {
                         since: now,
                         last_active: now,
@@ -203,6 +236,7 @@ impl Pair {
                     self.phase = Phase::Pending {
                         since,
                         restarts: restarts + 1,
+                        route_at: None,
                     };
                     return vec![Action::Restart];
                 }
@@ -307,8 +341,18 @@ mod tests {
         let t0 = Instant::now();
         let (mut pair, _) = Pair::promote(t0, false);
         let t1 = t0 + Duration::from_millis(30);
+        assert!(
+            pair.observe(t1, seen(Some(5), 148, 92), IDLE, false)
+                .is_empty(),
+            "the switch waits for SWITCH_DELAY after the handshake"
+        );
         assert_eq!(
-            pair.observe(t1, seen(Some(5), 148, 92), IDLE, false),
+            pair.route_at(),
+            Some(t1 - Duration::from_millis(5) + SWITCH_DELAY)
+        );
+        let t1 = t1 + SWITCH_DELAY;
+        assert_eq!(
+            pair.observe(t1, seen(Some(45), 148, 92), IDLE, false),
             [Action::Route, Action::ForgetConntrack]
         );
         let busy = t1 + Duration::from_secs(200);
@@ -348,7 +392,7 @@ mod tests {
     fn relayed_traffic_while_direct_unroutes_after_the_switch_grace() {
         let t0 = Instant::now();
         let (mut pair, _) = Pair::promote(t0, true);
-        pair.observe(t0, seen(Some(1), 0, 0), IDLE, false);
+        pair.observe(t0, seen(Some(50), 0, 0), IDLE, false);
         assert!(pair.relayed(t0 + Duration::from_millis(500)).is_empty());
         let late = t0 + SWITCH_GRACE + Duration::from_millis(1);
         assert_eq!(
