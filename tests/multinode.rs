@@ -21,6 +21,8 @@ struct PodOn {
     pod: Pod,
     node: usize,
     ip: String,
+    /// What ADD answered (CHECK's prevResult).
+    result: Value,
 }
 
 struct PodRef<'a> {
@@ -83,7 +85,12 @@ fn add(cluster: &Cluster, node: usize) -> PodOn {
     let pod = Pod::new();
     let result = cluster.cni(node, "ADD", &pod).ok().json();
     let ip = address_of(&result, false);
-    PodOn { pod, node, ip }
+    PodOn {
+        pod,
+        node,
+        ip,
+        result,
+    }
 }
 
 fn all_pairs_ping<P: AsPod>(pods: &[P]) -> Vec<(String, String)> {
@@ -899,6 +906,7 @@ fn a_peer_that_roams_keeps_its_new_endpoint() {
         ip: address_of(&a_result, false),
         pod: a_pod,
         node: 0,
+        result: a_result.clone(),
     };
     let b = add(&cluster, 1);
     converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
@@ -991,6 +999,7 @@ fn a_reused_pod_address_ends_with_the_new_key_everywhere() {
         pod: fresh,
         node: 1,
         ip: old.ip.clone(),
+        result,
     };
     let new_key = public_key_of(&cluster, &fresh);
     cluster.start_agent(0);
@@ -1786,6 +1795,12 @@ fn on_demand_pairs_go_direct_when_traffic_flows_and_back_when_idle() {
             pod_peers(&cluster, y)
         );
         assert!(ping_once(&x.pod, &y.ip) && ping_once(&y.pod, &x.ip));
+    }
+    // CHECK takes direct peers of current pods for what they are.
+    for pod in [&a, &a2, &b] {
+        let mut conf = cluster.conf(pod.node);
+        conf["prevResult"] = pod.result.clone();
+        cluster.cni_with(pod.node, "CHECK", &pod.pod, &conf).ok();
     }
 
     // a loses its direct peer for b (as after a restart without its state): a's packets go

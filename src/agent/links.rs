@@ -175,6 +175,8 @@ impl LinkSync {
             if !self.is_live_here(&record) {
                 continue;
             }
+            // Before the flock (a plugin command never waits behind a follow-up's read).
+            let _followups = handshakes::exclude_followups();
             let _lock = store.lock()?;
             let Some((current, pod)) = self.still_live(&store, &record)? else {
                 continue;
@@ -259,6 +261,7 @@ impl LinkSync {
             if !self.is_live_here(&record) {
                 continue;
             }
+            let _followups = handshakes::exclude_followups();
             let _lock = store.lock()?;
             let Some((current, pod)) = self.still_live(&store, &record)? else {
                 continue;

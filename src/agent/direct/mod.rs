@@ -105,7 +105,6 @@ struct Network {
     gateway: Option<String>,
     /// This node's ready pods by address.
     locals: HashMap<IpAddr, Arc<Local>>,
-    locals_read: Instant,
 }
 
 pub struct Promoter {
@@ -276,11 +275,10 @@ impl Promoter {
         self.networks.get(network)?.locals.get(ip).cloned()
     }
 
-    fn read_locals(&mut self, network: &str, now: Instant) {
+    fn read_locals(&mut self, network: &str) {
         let Some(net) = self.networks.get_mut(network) else {
             return;
         };
-        net.locals_read = now;
         let store = Store::open_existing(&net.conf.store, &net.conf.name, &self.node);
         let (records, gateway) = match store {
             Ok(Some(store)) => (
@@ -567,10 +565,9 @@ impl Promoter {
                     conf: network.conf.clone(),
                     gateway: None,
                     locals: HashMap::new(),
-                    locals_read: now,
                 });
             entry.conf = network.conf;
-            self.read_locals(&network.name, now);
+            self.read_locals(&network.name);
         }
         self.pairs
             .retain(|(link, _), _| self.networks.contains_key(&link.network));
