@@ -591,6 +591,14 @@ fn killing_an_agent_does_not_cut_its_pods_off() {
     let mut cluster = running(2);
     let pods = vec![add(&cluster, 0), add(&cluster, 1)];
     converge_all_pairs(&pods);
+    // On-demand, the pings promoted the pair: the kill finds the promotion done (one the
+    // dead agent cannot finish is another case: the other end hands the pair back to the
+    // relay, `on_demand_pairs_go_direct_when_traffic_flows_and_back_when_idle`).
+    let settled = wait_for(direct_within() * 2, || {
+        pods.iter()
+            .all(|p| pod_peers(&cluster, p).values().all(|path| path == "direct"))
+    });
+    assert!(settled, "promotions still pending");
     cluster.nodes[0].kill_agent();
     // Past the lease TTL (3 s): node 1's key has lapsed and node 2 sees it stale.
     assert!(

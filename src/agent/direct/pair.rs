@@ -14,7 +14,9 @@
 //!   pair stays cut off.
 //! - **Cooling**: key kept without addresses for `COOLDOWN`, so the other end, which trims a
 //!   little later or not at all yet, is still understood: data from it restores the route.
-//!   Relayed traffic promotes again (a live session routes at once). Then the peer is removed.
+//!   Relayed traffic promotes again (a live session routes at once), but after a demotion for
+//!   relayed traffic only once `BACKOFF` passed: the other end's agent may be gone in the
+//!   middle of a promotion, and the pair must not flap. Then the peer is removed.
 
 use std::time::{Duration, Instant};
 
@@ -88,6 +90,9 @@ pub enum Phase {
     Cooling {
         since: Instant,
         rx: u64,
+        /// Relayed traffic does not promote the pair again before this (set when the other
+        /// end was seen not direct: its agent may be gone mid-promotion).
+        hold_until: Option<Instant>,
     },
     Backoff {
         until: Instant,
@@ -133,6 +138,7 @@ impl Pair {
             false => Phase::Cooling {
                 since: now,
                 rx: seen.rx,
+                hold_until: None,
             },
         };
         Pair { phase, initiator }
@@ -161,9 +167,17 @@ impl Pair {
             Phase::Pending { .. } => Vec::new(),
             Phase::Direct { since, .. } if now.duration_since(since) < SWITCH_GRACE => Vec::new(),
             Phase::Direct { rx, .. } => {
-                self.phase = Phase::Cooling { since: now, rx };
+                self.phase = Phase::Cooling {
+                    since: now,
+                    rx,
+                    hold_until: Some(now + BACKOFF),
+                };
                 vec![Action::Unroute, Action::ForgetConntrack]
             }
+            Phase::Cooling {
+                hold_until: Some(until),
+                ..
+            } if now < until => Vec::new(),
             Phase::Cooling { .. } => {
                 self.phase = Phase::Pending {
                     since: now,
@@ -262,12 +276,17 @@ impl Pair {
                     self.phase = Phase::Cooling {
                         since: now,
                         rx: seen.rx,
+                        hold_until: None,
                     };
                     return vec![Action::Unroute, Action::ForgetConntrack];
                 }
                 Vec::new()
             }
-            Phase::Cooling { since, rx } => {
+            Phase::Cooling {
+                since,
+                rx,
+                hold_until,
+            } => {
                 if seen.rx != rx && seen.handshake_age.is_some_and(|age| age < SESSION_ALIVE) {
                     // The other end still sends directly: take it back before its data is lost.
                     self.phase = Phase::Direct {
@@ -279,7 +298,10 @@ impl Pair {
                     return vec![Action::Route, Action::ForgetConntrack];
                 }
                 if now.duration_since(since) >= COOLDOWN.min(idle_timeout) {
-                    self.phase = Phase::Done;
+                    self.phase = match hold_until {
+                        Some(until) if until > now => Phase::Backoff { until },
+                        _ => Phase::Done,
+                    };
                     return vec![Action::Remove];
                 }
                 Vec::new()
@@ -399,8 +421,12 @@ mod tests {
             pair.relayed(late),
             [Action::Unroute, Action::ForgetConntrack]
         );
+        assert!(
+            pair.relayed(late + BACKOFF / 2).is_empty(),
+            "the other end may be gone mid-promotion: no flapping"
+        );
         assert_eq!(
-            pair.relayed(late),
+            pair.relayed(late + BACKOFF),
             [Action::Kick],
             "cooling: promoted again"
         );
