@@ -36,8 +36,11 @@ use pair::{Action, Pair, Seen};
 
 /// How often links with a pending peer are read (the two ends' switches land this close).
 const PENDING_POLL: Duration = Duration::from_millis(10);
-/// How often direct peers' counters are read (idleness, data while cooling).
+/// How often direct peers' counters are read (idleness).
 const ACTIVITY_POLL: Duration = Duration::from_secs(1);
+/// How often a cooling peer's counters are read: data from the other end, which still sends
+/// directly, is dropped until the route is back.
+const COOLING_POLL: Duration = Duration::from_millis(50);
 /// How often gone records and links are swept, confs re-read, peers on links adopted.
 const SWEEP: Duration = Duration::from_secs(5);
 /// Node-wide promotions per second, and the burst allowed.
@@ -120,6 +123,7 @@ pub struct Promoter {
     tokens: f64,
     tokens_at: Instant,
     next_activity: Instant,
+    last_cooling_poll: Instant,
     next_sweep: Instant,
 }
 
@@ -143,6 +147,7 @@ pub fn spawn(
         tokens: PROMOTION_BURST,
         tokens_at: now,
         next_activity: now,
+        last_cooling_poll: now,
         next_sweep: now,
     };
     std::thread::Builder::new()
@@ -162,6 +167,9 @@ impl Promoter {
                 true => Instant::now() + PENDING_POLL,
                 false => self.next_activity.min(self.next_sweep),
             };
+            if self.pairs.values().any(|p| p.pair.is_cooling()) {
+                wake = wake.min(self.last_cooling_poll + COOLING_POLL);
+            }
             if !self.deferred.is_empty() {
                 wake = wake.min(self.networks_read + REREAD);
             }
@@ -192,7 +200,11 @@ impl Promoter {
         if all {
             self.next_activity = now + ACTIVITY_POLL;
         }
-        self.poll(now, all);
+        let cooling = now >= self.last_cooling_poll + COOLING_POLL;
+        if cooling {
+            self.last_cooling_poll = now;
+        }
+        self.poll(now, all, cooling);
         self.pairs.retain(|_, p| !p.pair.is_over(now));
     }
 
@@ -342,12 +354,12 @@ impl Promoter {
         true
     }
 
-    /// Read the links that hold pairs (only those with a pending pair unless `all`) and tell
-    /// each pair what its peer looks like.
-    fn poll(&mut self, now: Instant, all: bool) {
+    /// Read the links that hold pairs (unless `all`: only those with a pending pair, and a
+    /// cooling one if `cooling`) and tell each pair what its peer looks like.
+    fn poll(&mut self, now: Instant, all: bool, cooling: bool) {
         let mut links: HashMap<LinkId, Vec<Key>> = HashMap::new();
         for ((link, key), state) in &self.pairs {
-            if all || state.pair.is_pending() {
+            if all || state.pair.is_pending() || (cooling && state.pair.is_cooling()) {
                 links.entry(link.clone()).or_default().push(key.clone());
             }
         }

@@ -153,6 +153,10 @@ impl Pair {
         matches!(self.phase, Phase::Pending { .. })
     }
 
+    pub fn is_cooling(&self) -> bool {
+        matches!(self.phase, Phase::Cooling { .. })
+    }
+
     /// When a pending pair with its handshake done switches (the promoter looks then).
     pub fn route_at(&self) -> Option<Instant> {
         match self.phase {
