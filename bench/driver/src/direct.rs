@@ -100,6 +100,8 @@ impl Hold {
 struct PeerInfo {
     allowed: Vec<String>,
     handshake_sec: u64,
+    rx: u64,
+    tx: u64,
 }
 
 fn read_peers(host: &str) -> Res<HashMap<String, PeerInfo>> {
@@ -122,6 +124,16 @@ fn read_peers(host: &str) -> Res<HashMap<String, PeerInfo>> {
                     p.allowed.push(value.to_string());
                 }
             }
+            "rx_bytes" => {
+                if let Some((_, p)) = current.as_mut() {
+                    p.rx = value.parse().unwrap_or(0);
+                }
+            }
+            "tx_bytes" => {
+                if let Some((_, p)) = current.as_mut() {
+                    p.tx = value.parse().unwrap_or(0);
+                }
+            }
             "last_handshake_time_sec" => {
                 if let Some((_, p)) = current.as_mut() {
                     p.handshake_sec = value.parse().unwrap_or(0);
@@ -139,13 +151,28 @@ fn read_peers(host: &str) -> Res<HashMap<String, PeerInfo>> {
 
 /// What `holder`'s link holds for `other`.
 fn hold(holder: &Pod, other: &Pod) -> Hold {
+    look(holder, other).0
+}
+
+/// What `holder`'s link holds for `other`, and the byte counters (rx, tx) of that peer and of
+/// the gateway peer (the one with the default route).
+fn look(holder: &Pod, other: &Pod) -> (Hold, [u64; 4]) {
     match read_peers(&holder.host) {
-        Err(_) => Hold::Unknown,
-        Ok(peers) => match peers.get(&other.key_hex) {
-            None => Hold::Absent,
-            Some(p) if p.allowed.iter().any(|a| *a == format!("{}/32", other.ip)) => Hold::Routed,
-            Some(_) => Hold::Unrouted,
-        },
+        Err(_) => (Hold::Unknown, [0; 4]),
+        Ok(peers) => {
+            let gw = peers
+                .values()
+                .find(|p| p.allowed.iter().any(|a| a == "0.0.0.0/0"))
+                .map_or((0, 0), |p| (p.rx, p.tx));
+            let (hold, direct) = match peers.get(&other.key_hex) {
+                None => (Hold::Absent, (0, 0)),
+                Some(p) if p.allowed.iter().any(|a| *a == format!("{}/32", other.ip)) => {
+                    (Hold::Routed, (p.rx, p.tx))
+                }
+                Some(p) => (Hold::Unrouted, (p.rx, p.tx)),
+            };
+            (hold, [direct.0, direct.1, gw.0, gw.1])
+        }
     }
 }
 
@@ -177,16 +204,34 @@ fn gateway_session(pod: &Pod) -> bool {
 struct Timeline {
     ends: [Vec<(f64, Hold)>; 2],
     samples: usize,
+    /// With `--dir-diagnose 1`: each end's byte counters when they changed (direct peer rx,
+    /// tx, gateway peer rx, tx).
+    counters: Option<[Vec<Counted>; 2]>,
 }
 
+/// A time and the byte counters seen then.
+type Counted = (f64, [u64; 4]);
+
 impl Timeline {
+    fn new(diagnose: bool) -> Timeline {
+        Timeline {
+            counters: diagnose.then(Default::default),
+            ..Timeline::default()
+        }
+    }
     fn sample(&mut self, pods: [&Pod; 2]) -> [Hold; 2] {
-        let states = [hold(pods[0], pods[1]), hold(pods[1], pods[0])];
+        let looks = [look(pods[0], pods[1]), look(pods[1], pods[0])];
+        let states = [looks[0].0, looks[1].0];
         let t = now();
         self.samples += 1;
         for (e, state) in states.iter().enumerate() {
             if self.ends[e].last().map(|(_, s)| s) != Some(state) {
                 self.ends[e].push((t, *state));
+            }
+            if let Some(counters) = self.counters.as_mut() {
+                if counters[e].last().map(|(_, c)| c) != Some(&looks[e].1) {
+                    counters[e].push((t, looks[e].1));
+                }
             }
         }
         states
@@ -197,6 +242,15 @@ impl Timeline {
             .iter()
             .find(|(t, s)| *t >= after && *s == state)
             .map(|(t, _)| *t)
+    }
+    /// The spells `end` spent in `state`: (first seen, first seen otherwise or None).
+    fn spells(&self, end: usize, state: Hold) -> Vec<(f64, Option<f64>)> {
+        let e = &self.ends[end];
+        e.iter()
+            .enumerate()
+            .filter(|(_, (_, s))| *s == state)
+            .map(|(i, (t, _))| (*t, e.get(i + 1).map(|(t, _)| *t)))
+            .collect()
     }
     /// The first time at or after `after` that `end` was seen other than `state`.
     fn first_not(&self, end: usize, state: Hold, after: f64) -> Option<f64> {
@@ -212,7 +266,18 @@ impl Timeline {
                 .map(|(t, s)| json!([ms(t - since), s.name()]))
                 .collect::<Vec<_>>())
         };
-        json!({"node1_pod": end(0), "node2_pod": end(1), "samples": self.samples})
+        let mut v = json!({"node1_pod": end(0), "node2_pod": end(1), "samples": self.samples});
+        if let Some(counters) = &self.counters {
+            let c = |e: usize| -> Value {
+                json!(counters[e]
+                    .iter()
+                    .map(|(t, c)| json!([ms(t - since), c]))
+                    .collect::<Vec<_>>())
+            };
+            v["counters_direct_rx_tx_gateway_rx_tx"] =
+                json!({"node1_pod": c(0), "node2_pod": c(1)});
+        }
+        v
     }
 }
 
@@ -265,30 +330,59 @@ impl PingOut {
     fn rtt(&self, seq: u32) -> Option<f64> {
         self.replies.get(&seq).map(|r| r.1)
     }
-    /// When echo request `seq` left: from its reply, else between its answered neighbours.
-    fn sent_at(&self, seq: u32) -> f64 {
-        let at = |s: u32| self.replies.get(&s).map(|(t, rtt)| t - rtt / 1000.0);
-        if let Some(t) = at(seq) {
-            return t;
-        }
-        let below = self.replies.range(..seq).next_back().map(|(s, _)| *s);
-        let above = self.replies.range(seq..).next().map(|(s, _)| *s);
-        match (below, above) {
-            (Some(b), Some(a)) => {
-                let (tb, ta) = (at(b).unwrap_or(0.0), at(a).unwrap_or(0.0));
-                tb + (ta - tb) * f64::from(seq - b) / f64::from(a - b)
+    /// When an answered echo request left.
+    fn answered_at(&self, seq: u32) -> Option<f64> {
+        self.replies.get(&seq).map(|(t, rtt)| t - rtt / 1000.0)
+    }
+    /// The mean time between two echo requests (s), from the answered ones (`-i 0.01` asks
+    /// for 0.01; they leave less often).
+    fn spacing(&self) -> f64 {
+        let first = self.replies.keys().next().copied();
+        let last = self.replies.keys().last().copied();
+        match (first, last) {
+            (Some(f), Some(l)) if l > f => {
+                let (tf, tl) = (
+                    self.answered_at(f).unwrap_or(0.0),
+                    self.answered_at(l).unwrap_or(0.0),
+                );
+                (tl - tf) / f64::from(l - f)
             }
-            (Some(b), None) => at(b).unwrap_or(0.0) + f64::from(seq - b) * self.interval,
-            (None, Some(a)) => at(a).unwrap_or(0.0) - f64::from(a - seq) * self.interval,
-            (None, None) => self.spawned + f64::from(seq - 1) * self.interval,
+            _ => self.interval,
         }
     }
-    /// The mean time between two echo requests (ms): `-i 0.01` asks for 10.
+    /// When echo request `seq` left: from its reply, else between its answered neighbours (the
+    /// first request, unanswered, left when ping started), else at the measured spacing.
+    fn sent_at(&self, seq: u32) -> f64 {
+        if let Some(t) = self.answered_at(seq) {
+            return t;
+        }
+        if seq == 1 {
+            return self.spawned;
+        }
+        let spacing = self.spacing();
+        let below = self
+            .replies
+            .range(..seq)
+            .next_back()
+            .and_then(|(s, _)| Some((*s, self.answered_at(*s)?)))
+            .or(Some((1, self.spawned)));
+        let above = self
+            .replies
+            .range(seq..)
+            .next()
+            .and_then(|(s, _)| Some((*s, self.answered_at(*s)?)));
+        match (below, above) {
+            (Some((b, tb)), Some((a, ta))) => {
+                tb + (ta - tb) * f64::from(seq - b) / f64::from(a - b)
+            }
+            (Some((b, tb)), None) => tb + f64::from(seq - b) * spacing,
+            (None, Some((a, ta))) => ta - f64::from(a - seq) * spacing,
+            (None, None) => self.spawned + f64::from(seq - 1) * spacing,
+        }
+    }
+    /// The mean time between two echo requests (ms).
     fn spacing_ms(&self) -> Option<f64> {
-        let first = *self.replies.keys().next()?;
-        let last = *self.replies.keys().last()?;
-        (last > first)
-            .then(|| ms((self.sent_at(last) - self.sent_at(first)) / f64::from(last - first)))
+        (self.replies.len() > 1).then(|| ms(self.spacing()))
     }
     /// RTTs (ms) of the echo requests sent after `after`.
     fn rtts_after(&self, after: f64) -> Vec<f64> {
@@ -348,6 +442,7 @@ struct Phase<'a, 'c> {
     interval: f64,
     next_pod: usize,
     logs: PathBuf,
+    diagnose: bool,
 }
 
 impl Phase<'_, '_> {
@@ -671,6 +766,13 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     let n_pairs = ctx.opts.num("dir-pairs", 30);
     let n_at_once = ctx.opts.num("dir-at-once-pairs", 10);
     let n_trims = ctx.opts.num("dir-trims", 12);
+    let trim_kinds: Vec<usize> = ctx
+        .opts
+        .str("dir-trim-kinds", "0,1,2")
+        .split(',')
+        .filter_map(|k| k.trim().parse().ok())
+        .filter(|k| *k < TRIM_KINDS.len())
+        .collect();
     let ping_count = ctx.opts.num("dir-ping-count", 150);
     let trim_count = ctx.opts.num("dir-trim-count", 200);
     let idle_timeout = ctx.opts.num("dir-idle-timeout", 3) as u64;
@@ -692,7 +794,12 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     )?;
     c.set_plugin_fields(&json!({"idlePeerTimeout": idle_timeout}))?;
     let logs = c.dir.join("logs");
+    // Agents on two hosts never start in the same millisecond: started together, their
+    // promoters' timers (a sweep every 5 s, counters read every second) would stay in step.
     c.start_agent(0)?;
+    std::thread::sleep(Duration::from_millis(
+        ctx.opts.num("dir-agent-offset-ms", 1370) as u64,
+    ));
     c.start_agent(1)?;
     for i in 0..2 {
         c.wait_ready(i, Duration::from_secs(60))
@@ -718,6 +825,7 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         interval,
         next_pod: 0,
         logs,
+        diagnose: ctx.opts.num("dir-diagnose", 0) == 1,
     };
     let result = measure(
         &mut ph,
@@ -726,6 +834,7 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             n_pairs,
             n_at_once,
             n_trims,
+            trim_kinds,
             ping_count,
             trim_count,
             idle_timeout,
@@ -765,6 +874,8 @@ struct Params {
     n_pairs: usize,
     n_at_once: usize,
     n_trims: usize,
+    /// Which kinds of trim runs, in turn (`TRIM_KINDS`).
+    trim_kinds: Vec<usize>,
     ping_count: usize,
     trim_count: usize,
     idle_timeout: u64,
@@ -789,7 +900,7 @@ fn measure(ph: &mut Phase, out: &mut Value, p: Params) -> Res<()> {
         let (a, b) = ph.pair()?;
         let (from, to) = if k % 2 == 0 { (&a, &b) } else { (&b, &a) };
         let sessions = [gateway_session(&a), gateway_session(&b)];
-        let mut tl = Timeline::default();
+        let mut tl = Timeline::new(ph.diagnose);
         let run = ph.ping_watch(from, to, p.ping_count, [&a, &b], &mut tl, |s| {
             s != [Hold::Routed, Hold::Routed]
         })?;
@@ -802,8 +913,9 @@ fn measure(ph: &mut Phase, out: &mut Value, p: Params) -> Res<()> {
             r["lost"]
         ));
         mirrored.push(r);
-        if k < p.n_trims {
-            trims.push(trim(ph, &a, &b, k % 3, p.trim_count, p.idle_timeout)?);
+        if k < p.n_trims && !p.trim_kinds.is_empty() {
+            let kind = p.trim_kinds[k % p.trim_kinds.len()];
+            trims.push(trim(ph, &a, &b, kind, p.trim_count, p.idle_timeout)?);
         }
         ph.del_pod(a);
         ph.del_pod(b);
@@ -821,7 +933,7 @@ fn measure(ph: &mut Phase, out: &mut Value, p: Params) -> Res<()> {
         let b = ph.add_pod(1)?;
         // The new pod (b) pings first in even runs, the older one in odd runs.
         let (from, to) = if k % 2 == 0 { (&b, &a) } else { (&a, &b) };
-        let mut tl = Timeline::default();
+        let mut tl = Timeline::new(ph.diagnose);
         let run = ph.ping_watch(from, to, p.ping_count, [&a, &b], &mut tl, |s| {
             s != [Hold::Routed, Hold::Routed]
         })?;
@@ -840,10 +952,14 @@ fn measure(ph: &mut Phase, out: &mut Value, p: Params) -> Res<()> {
     out["first_packet_at_once"] = promotions(&at_once);
 
     // ------------------------------------------------------------ 4: iperf3
-    out["throughput"] = throughput(ph, p.tput_s, &log)?;
+    if p.tput_s > 0 {
+        out["throughput"] = throughput(ph, p.tput_s, &log)?;
+    }
 
     // ------------------------------------------------------------ 3: idle
-    out["idle"] = idle(ph, &p, &log)?;
+    if p.idle_pairs > 0 {
+        out["idle"] = idle(ph, &p, &log)?;
+    }
     Ok(())
 }
 
@@ -876,7 +992,7 @@ const TRIM_KINDS: [&str; 3] = [
 /// node-1 pod).
 fn trim(ph: &Phase, a: &Pod, b: &Pod, kind: usize, count: usize, idle: u64) -> Res<Value> {
     let pods = [a, b];
-    let mut tl = Timeline::default();
+    let mut tl = Timeline::new(ph.diagnose);
     let idle_from = now();
     let limit = Duration::from_secs(idle + 20);
     let started = Instant::now();
@@ -908,7 +1024,28 @@ fn trim(ph: &Phase, a: &Pod, b: &Pod, kind: usize, count: usize, idle: u64) -> R
         _ => None,
     };
     let lost = run.lost();
+    let rtts: Value = match ph.diagnose {
+        true => json!((1..=run.sent)
+            .map(|s| json!([ms(run.sent_at(s) - t0), run.rtt(s)]))
+            .collect::<Vec<_>>()),
+        false => Value::Null,
+    };
+    // The last lost request and the spell of an end holding the pair unrouted around it: the
+    // losses of a switch end when that end routes the pair again.
+    let last_lost = lost.last().map(|s| run.sent_at(*s));
+    let spell = last_lost.and_then(|at| {
+        (0..2).find_map(|e| {
+            tl.spells(e, Hold::Unrouted)
+                .into_iter()
+                .find(|(from, to)| *from <= at + 0.05 && to.is_none_or(|to| to >= at - 0.05))
+                .map(|(from, to)| (e, from, to))
+        })
+    });
     Ok(json!({
+        "last_lost_ms": last_lost.map(|t| ms(t - t0)),
+        "unrouted_end_at_last_loss": spell.map(|(e, _, _)| if e == 0 { "node1" } else { "node2" }),
+        "unrouted_spell_ms": spell.map(|(_, from, to)| json!([ms(from - t0), to.map(|t| ms(t - t0))])),
+        "rtts_ms": rtts,
         "kind": TRIM_KINDS[kind],
         "kind_index": kind,
         "first_trim": if end == 0 { "node1" } else { "node2" },
@@ -943,7 +1080,27 @@ fn trim_summary(trims: &[Value]) -> Value {
             "over_3": runs.iter().filter(|r| r["lost"].as_u64().is_some_and(|l| l > 3)).count(),
         }));
     }
-    json!({"switches": trims.len(), "by_kind": by_kind, "lost": summary_of(trims, "lost", 0), "runs": trims})
+    // Switches that lost more than 3: how long the end that held the pair unrouted did so, and
+    // how far the last loss was from its routing the pair again.
+    let over: Vec<&Value> = trims
+        .iter()
+        .filter(|r| r["lost"].as_u64().is_some_and(|l| l > 3))
+        .collect();
+    let mut held = Vec::new();
+    let mut gap = Vec::new();
+    for r in &over {
+        let spell = &r["unrouted_spell_ms"];
+        if let (Some(from), Some(to)) = (spell[0].as_f64(), spell[1].as_f64()) {
+            held.push(to - from);
+            if let Some(last) = r["last_lost_ms"].as_f64() {
+                gap.push(to - last);
+            }
+        }
+    }
+    json!({"switches": trims.len(), "by_kind": by_kind, "lost": summary_of(trims, "lost", 0),
+        "over_3": {"switches": over.len(), "unrouted_ms": summary(&held, 1),
+            "reroute_after_last_loss_ms": summary(&gap, 1)},
+        "runs": trims})
 }
 
 /// CPU ticks of the given processes, summed (None: one is gone).
@@ -968,7 +1125,7 @@ fn throughput(ph: &mut Phase, seconds: usize, log: &dyn Fn(String)) -> Res<Value
                 .ok_or("agent not ready after the conflist changed")?;
         }
         let (a, b) = ph.pair()?;
-        let mut tl = Timeline::default();
+        let mut tl = Timeline::new(ph.diagnose);
         // 100 echo requests: promoted (direct) or kept on the relay (relay).
         let pre = ph.ping_watch(&a, &b, 100, [&a, &b], &mut tl, |s| {
             path == "direct" && s != [Hold::Routed, Hold::Routed]
@@ -1030,7 +1187,7 @@ fn idle(ph: &mut Phase, p: &Params, log: &dyn Fn(String)) -> Res<Value> {
     // Trimmed kind: direct under the short timeout, then trimmed and removed on both ends.
     for _ in 0..p.idle_pairs {
         let (a, b) = ph.pair()?;
-        let mut tl = Timeline::default();
+        let mut tl = Timeline::new(ph.diagnose);
         ph.ping_watch(&a, &b, 50, [&a, &b], &mut tl, |s| {
             s != [Hold::Routed, Hold::Routed]
         })?;
@@ -1052,12 +1209,16 @@ fn idle(ph: &mut Phase, p: &Params, log: &dyn Fn(String)) -> Res<Value> {
     }
     for _ in 0..p.idle_pairs {
         let (a, b) = ph.pair()?;
-        let mut tl = Timeline::default();
+        let mut tl = Timeline::new(ph.diagnose);
         ph.ping_watch(&a, &b, 50, [&a, &b], &mut tl, |s| {
             s != [Hold::Routed, Hold::Routed]
         })?;
         pairs.push(("direct", a, b));
     }
+    let at_start: Vec<[Hold; 2]> = pairs
+        .iter()
+        .map(|(_, a, b)| [hold(a, b), hold(b, a)])
+        .collect();
     let quiet_from = Instant::now();
     let agents: Vec<i32> = ph.c.nodes.iter().filter_map(|n| n.agent_pid).collect();
     let cpu0 = ticks(&agents);
@@ -1074,11 +1235,12 @@ fn idle(ph: &mut Phase, p: &Params, log: &dyn Fn(String)) -> Res<Value> {
             .filter(|s| *s > 0)
             .map(|s| crate::cluster::now_unix().saturating_sub(s));
         let (from, to) = if k % 2 == 0 { (a, b) } else { (b, a) };
-        let mut tl = Timeline::default();
+        let mut tl = Timeline::new(ph.diagnose);
         let run = ph.ping_watch(from, to, 5, [a, b], &mut tl, |_| false)?;
         runs.push(json!({
             "kind": kind,
             "from": if from.node == 0 { "node1" } else { "node2" },
+            "held_at_idle_start": [at_start[k][0].name(), at_start[k][1].name()],
             "held_before": [before[0].name(), before[1].name()],
             "direct_session_age_s": handshake_age,
             "first_rtt_ms": run.rtt(1),
@@ -1315,10 +1477,37 @@ pub fn report(v: &Value) -> String {
         })
         .collect();
     if !slow.is_empty() {
+        let all: Vec<&Value> = fp["runs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(
+                v["first_packet_at_once"]["runs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten(),
+            )
+            .filter(|r| r["both_direct_ms"].as_f64().is_none_or(|t| t > 500.0))
+            .collect();
+        let late_seen = all
+            .iter()
+            .filter(|r| (0..2).any(|e| r["peer_seen_ms"][e].as_f64().is_some_and(|t| t > 900.0)))
+            .count();
+        let waited = all
+            .iter()
+            .filter(|r| {
+                let seen = (0..2)
+                    .filter_map(|e| r["peer_seen_ms"][e].as_f64())
+                    .reduce(f64::max);
+                let routed = r["both_direct_ms"].as_f64();
+                matches!((seen, routed), (Some(s), Some(t)) if t - s > 100.0)
+            })
+            .count();
         let _ = writeln!(
             md,
-            "\nPairs not direct within 500 ms (both series): {}.",
-            slow.join("; ")
+            "\nPairs not direct within 500 ms (both series): {}. In {late_seen} of these {} an end took the peer only ~1 s after the first packet: the relay watch logs a pair at most once a second, so a first log the agent could not place (a pod of its own node not yet read, the gateway of a network not yet read, or the other pod not yet in its directory) waits for the next one; in {waited} the last end to take the peer routed it more than 100 ms later, at the initiator's next handshake restart.",
+            slow.join("; "),
+            all.len()
         );
     }
     let tr = &v["trims"];
@@ -1368,13 +1557,26 @@ pub fn report(v: &Value) -> String {
             f(&k["direct_again_ms"]["max"], 0),
         );
     }
+    let o = &tr["over_3"];
+    if o["switches"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(
+            md,
+            "\nIn the {} switches that lost more than 3, one end held the pair **unrouted** (its key without the other's address: every direct packet from the other end dropped) for p50 {} / max {} ms, and the losses ended p50 {} ms before it routed the pair again. An end learns that the other still sends directly from its direct peer's byte counters, which its agent reads once a second while cooling; relayed traffic is what tells the other end to switch, and a pod whose packets are dropped sends none.",
+            o["switches"],
+            f(&o["unrouted_ms"]["p50"], 0),
+            f(&o["unrouted_ms"]["max"], 0),
+            f(&o["reroute_after_last_loss_ms"]["p50"], 0),
+        );
+    }
     let _ = writeln!(
         md,
         "\n**First packet after {:.0} s of idle** (the whole cluster quiet; pairs made direct \
          just before; *trimmed*: `idlePeerTimeout` {} s, so the pair went back to the relay \
          long before, whose sessions the 25 s keepalive keeps; *direct*: the default 300 s, so \
-         the pair is still direct, on a session without keepalive that expired after 180 s). \
-         Agents' CPU while idle: {} % of a core (both).\n",
+         the pair is still direct, its session without keepalive: the kernel's would have \
+         expired after 180 s; wg-cni-wgd (gotatun) re-keys an initiator's session once, on a \
+         timer, 120 s after it started, even without traffic, so its age is shown). Agents' CPU \
+         while idle: {} % of a core (both).\n",
         idle["idle_seconds"].as_f64().unwrap_or(0.0),
         idle["idle_timeouts_s"]["trimmed"],
         f(&idle["agents_cpu_percent_while_idle"], 2),
@@ -1459,4 +1661,41 @@ pub fn report(v: &Value) -> String {
         agents.join("; ")
     );
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_output_is_read_and_lost_requests_are_placed_between_answered_ones() {
+        let text = "PING 10.252.2.2 (10.252.2.2) 56(84) bytes of data.\n\
+            [100.0210] 64 bytes from 10.252.2.2: icmp_seq=3 ttl=62 time=1.00 ms\n\
+            [100.0410] 64 bytes from 10.252.2.2: icmp_seq=5 ttl=62 time=1.00 ms\n\
+            [100.0510] 64 bytes from 10.252.2.2: icmp_seq=6 ttl=62 time=1.00 ms\n\
+            [100.0520] 64 bytes from 10.252.2.2: icmp_seq=6 ttl=62 time=2.00 ms (DUP!)\n\
+            \n--- 10.252.2.2 ping statistics ---\n\
+            7 packets transmitted, 3 received, 57.1429% packet loss, time 60ms\n";
+        let p = PingOut::parse(text, 100.0, 0.01);
+        assert_eq!(p.sent, 7);
+        assert_eq!(p.received(), 3);
+        assert_eq!(p.lost(), [1, 2, 4, 7]);
+        assert_eq!(p.rtt(6), Some(1.0));
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+        assert!(close(p.spacing(), 0.01));
+        assert!(
+            close(p.sent_at(1), 100.0),
+            "the first request left at the start"
+        );
+        assert!(
+            close(p.sent_at(2), 100.01),
+            "between the start and request 3"
+        );
+        assert!(close(p.sent_at(4), 100.03));
+        assert!(
+            close(p.sent_at(7), 100.06),
+            "after the last answer, at the spacing"
+        );
+        assert!(close(p.start(), 100.0));
+    }
 }
