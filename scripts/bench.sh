@@ -51,8 +51,11 @@
 # `peering: "on-demand"` and `idlePeerTimeout` 3 s (--dir-idle-timeout). Knobs: --dir-pairs (30),
 # --dir-at-once-pairs (10), --dir-trims (12), --dir-ping-count (150), --dir-trim-count (200),
 # --dir-idle-seconds (200), --dir-idle-pairs (2 of each kind), --dir-tput-seconds (10),
-# --dir-poll-ms (5), --dr-agent-log (warn; e.g. "warn,wg_cni::agent::direct=debug"), --dr-keep 1
-# (keep its work directory, agent logs included). Running only it:
+# --dir-poll-ms (5), --dir-trim-kinds (0,1,2), --dir-agent-offset-ms (1370: agent 2 starts that
+# much later), --dir-diagnose 1 (byte counters and RTTs in the timelines), --dr-agent-log (warn;
+# e.g. "warn,wg_cni::agent::direct=trace"), --dr-keep 1 (keep its work directory, agent logs
+# included: run the driver itself then, as this script removes its work directory). 0 pairs,
+# trims, --dir-tput-seconds or --dir-idle-pairs skip that part. Running only it:
 #   BENCH_NATIVE_PHASES=direct BENCH_GUEST_PHASES= scripts/bench.sh
 #
 # agent reuses that cluster (namespaces wgbench-ag-*, same addresses; the fake nodes at
