@@ -35,15 +35,17 @@ test-unit:
 
 # Serial: the tests compare host-wide snapshots (links, daemons, UDP ports). agent_etcd runs
 # agents against etcd in anonymous namespaces; multinode runs simulated nodes with agents;
-# flood runs bounded handshake and SYN floods between namespaces of its own (~1.5 min).
+# flood runs bounded handshake and SYN floods between namespaces of its own (~1.5 min);
+# flows runs the relay watch (NFLOG) and conntrack deletion on a router of namespaces of its own.
 # Tests of the kernel backend only (tests/backend-only.txt) are skipped here, and say so.
 test-integration: deps
 	skips=$$(scripts/backend-skips.sh userspace) && \
 	WG_CNI_TEST_BACKEND=userspace cargo test --test plugin --test gateway --test hardening --test bad_input \
-		--test security --test abuse --test agent_etcd --test multinode --test flood -- --test-threads=1 --exact $$skips
-	# The cross-node suite again with every node on-demand, then with node 1 on-demand and the
-	# others mesh (tests about mesh peer sets pin mesh themselves).
-	skips=$$(scripts/backend-skips.sh userspace multinode) && for peering in on-demand mixed; do \
+		--test security --test abuse --test agent_etcd --test multinode --test flood --test flows -- --test-threads=1 --exact $$skips
+	# The cross-node suite again with every node in mesh mode (the first run takes the default:
+	# on-demand, the cluster has a clusterRange), then with node 1 on-demand and the others mesh
+	# (tests about mesh peer sets pin mesh themselves).
+	skips=$$(scripts/backend-skips.sh userspace multinode) && for peering in mesh mixed; do \
 		WG_CNI_TEST_PEERING=$$peering WG_CNI_TEST_BACKEND=userspace \
 			cargo test --test multinode -- --test-threads=1 --exact $$skips || exit 1; done
 

@@ -25,6 +25,12 @@
 #               (p50/p99/max over N pods; both pings start together, then a control where
 #               only node 1's pod pings first); plugin ADD with the agent running vs stopped; agent
 #               RSS, idle CPU and full resync time with 1,000 and 5,000 remote records
+#   direct      (native only) on-demand peering on two simulated nodes with their agents (as
+#               multinode): for fresh pod pairs the first packet's RTT through the relay, the
+#               time from it until both ends hold a direct peer (p50/p99) and the RTT then;
+#               echo requests lost (`ping -i 0.01`) per relay -> direct and direct -> relay
+#               switch; the first packet after 200 s of idle; iperf3 relay (maxDirectPeers 0)
+#               vs direct; the agents' RSS. About 8 minutes, 200 s of it the idle
 #   agent       (native only) one node's agent with 100 local pods (101 links on wg-cni-wgd)
 #               mirroring 2,000 remote records of fake nodes put straight into etcd: per remote
 #               pod ADD/DEL and node key flap, the agent's CPU, the wall time until every link
@@ -40,6 +46,17 @@
 # --mn-add-iterations, --mn-records 1000,5000, --mn-idle-seconds, --mn-agent-flags "..."
 # (default: the agent's own defaults). Running only it:
 #   BENCH_NATIVE_PHASES=multinode BENCH_GUEST_PHASES= BENCH_OUT=/tmp/x scripts/bench.sh
+#
+# direct reuses that cluster too (namespaces wgbench-dr-*, same addresses), with
+# `peering: "on-demand"` and `idlePeerTimeout` 3 s (--dir-idle-timeout). Knobs: --dir-pairs (30),
+# --dir-at-once-pairs (10), --dir-trims (12), --dir-ping-count (150), --dir-trim-count (200),
+# --dir-idle-seconds (200), --dir-idle-pairs (2 of each kind), --dir-tput-seconds (10),
+# --dir-poll-ms (5), --dir-trim-kinds (0,1,2), --dir-agent-offset-ms (1370: agent 2 starts that
+# much later), --dir-diagnose 1 (byte counters and RTTs in the timelines), --dr-agent-log (warn;
+# e.g. "warn,wg_cni::agent::direct=trace"), --dr-keep 1 (keep its work directory, agent logs
+# included: run the driver itself then, as this script removes its work directory). 0 pairs,
+# trims, --dir-tput-seconds or --dir-idle-pairs skip that part. Running only it:
+#   BENCH_NATIVE_PHASES=direct BENCH_GUEST_PHASES= scripts/bench.sh
 #
 # agent reuses that cluster (namespaces wgbench-ag-*, same addresses; the fake nodes at
 # 10.253.0.101.., the first one answered by wg-cni-wgd "responder" devices wgbagrNN in a
@@ -81,6 +98,8 @@ if ((QUICK)); then
                --odm-reps 3 --odm-mesh-reps 2 --odm-live 10 --odm-nodes 9 --odm-per-node 20 --odm-mesh-nodes 4
                --mn-pods 5 --mn-pods-sequential 3 --mn-add-iterations 5 --mn-records 100,300
                --mn-idle-seconds 3
+               --dir-pairs 4 --dir-at-once-pairs 2 --dir-trims 3 --dir-idle-seconds 20
+               --dir-idle-pairs 1 --dir-tput-seconds 2
                --ag-records 300 --ag-links 10 --ag-events 5 --ag-silent-events 2 --ag-flaps 2
                --ag-soak-seconds 20 --ag-plugin-adds 2 --ag-responders 4)
   GUEST_ARGS=(--latency-iterations 6 --warmup 1 --scale-reps 2 --scale-points 1,20,100
@@ -94,6 +113,8 @@ else
                --odm-reps 100 --odm-mesh-reps 20 --odm-live 100 --odm-nodes 99 --odm-per-node 100 --odm-mesh-nodes 19
                --mn-pods 30 --mn-pods-sequential 20 --mn-add-iterations 40 --mn-records 1000,5000
                --mn-idle-seconds 10
+               --dir-pairs 30 --dir-at-once-pairs 10 --dir-trims 12 --dir-idle-seconds 200
+               --dir-idle-pairs 2 --dir-tput-seconds 10
                --ag-records 2000 --ag-links 100 --ag-events 15 --ag-silent-events 3 --ag-flaps 5
                --ag-soak-seconds 300 --ag-plugin-adds 6)
   GUEST_ARGS=(--latency-iterations 60 --warmup 2 --scale-reps 5 --scale-points 1,100,1000
@@ -171,7 +192,7 @@ trap cleanup EXIT
 trap 'on_signal 130' INT
 trap 'on_signal 143' TERM HUP
 
-NATIVE_PHASES=${BENCH_NATIVE_PHASES-latency scale scale-ondemand parallel throughput memory profile multinode agent}
+NATIVE_PHASES=${BENCH_NATIVE_PHASES-latency scale scale-ondemand parallel throughput memory profile multinode direct agent}
 GUEST_PHASES=${BENCH_GUEST_PHASES-latency,scale,throughput,profile}
 read -r -a EXTRA_ARGS <<<"${BENCH_ARGS:-}"
 NATIVE_ARGS+=("${EXTRA_ARGS[@]}")
@@ -182,6 +203,7 @@ FAILED=()
 for phase in $NATIVE_PHASES; do
   limit=420
   if [[ $phase == agent ]]; then limit=900; fi   # about 10 minutes of its own (soak: 5)
+  if [[ $phase == direct ]]; then limit=900; fi  # about 8 minutes (200 s of idle)
   log "native: $phase"
   # timeout passes a TERM it receives on to the driver.
   if ! run_child timeout --kill-after=10 "$limit" "$DRIVER" "$phase" --label native --backend userspace \

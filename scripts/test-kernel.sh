@@ -2,7 +2,8 @@
 # Runs the integration suites inside a QEMU guest booted from Debian's kernel, which has the
 # wireguard module this host lacks. Backend "kernel" runs every suite (plugin, gateway,
 # hardening, bad input, security, the kill -9 part of abuse at a tenth of its rounds (TCG is
-# slow), and five cross-node tests of multinode with etcd inside the guest); backend "auto"
+# slow), six cross-node tests of multinode with etcd inside the guest, and flows: NFLOG and
+# ctnetlink on Debian's kernel); backend "auto"
 # (which must pick the kernel there) runs plugin and gateway.
 # The same test executables as on the host; only WG_CNI_TEST_BACKEND differs. Tests of the
 # userspace backend only (tests/backend-only.txt) are skipped, and say so. Every run is counted:
@@ -18,7 +19,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --quiet
 # WG_CNI_VM_SUITES="a b" runs only those suites (while working on them); WG_CNI_VM_DRY_RUN=1
 # below shows what the guest would run.
-read -r -a names <<<"${WG_CNI_VM_SUITES:-plugin gateway hardening bad_input security abuse multinode}"
+read -r -a names <<<"${WG_CNI_VM_SUITES:-plugin gateway hardening bad_input security abuse multinode flows}"
 args=()
 for name in "${names[@]}"; do args+=(--test "$name"); done
 mapfile -t suites < <(cargo test "${args[@]}" --no-run --message-format=json 2>/dev/null |
@@ -51,7 +52,10 @@ for exe in "$target_dir"/wg-cni "$target_dir"/wg-cni-agent "${suites[@]}"; do
 done
 export VM_MEMORY=${VM_MEMORY:-1536}
 export VM_BINARIES="$(echo "$bins"/*) /usr/bin/tcpdump /usr/bin/ping /usr/bin/etcd /usr/bin/etcdctl /usr/sbin/xtables-nft-multi $(echo "$stage"/*.so)"
-export VM_EXTRA_MODULES="bridge nf_tables nft_compat nft_chain_nat nf_nat nf_conntrack xt_comment xt_conntrack xt_MASQUERADE xt_nat xt_tcpudp"
+# xt_NFLOG (nft_log: iptables-nft turns -j NFLOG into an nft log expression), nfnetlink_log,
+# xt_hashlimit: the relay watch of on-demand gateways (nat.rs);
+# nf_conntrack_netlink: conntrack::forget_pair (tests/flows.rs).
+export VM_EXTRA_MODULES="bridge nf_tables nft_compat nft_chain_nat nf_nat nf_conntrack xt_comment xt_conntrack xt_MASQUERADE xt_nat xt_tcpudp xt_NFLOG nft_log nfnetlink_log xt_hashlimit nf_conntrack_netlink"
 export VM_ENV="WG_CNI_BIN=/opt/wgcni/bin/wg-cni CNI_PLUGIN_DIR=/usr/lib/cni RUST_BACKTRACE=1"
 
 # counted_run BACKEND SUITE [ENV=VALUE...] [-- TEST...]: one guest run of SUITE's executable
@@ -90,7 +94,8 @@ for name in "${names[@]}"; do
     multinode) counted_run kernel multinode -- pods_on_three_nodes_talk_and_follow_adds_and_dels \
       killing_an_agent_does_not_cut_its_pods_off pods_without_a_host_gateway_reach_pods_on_other_nodes \
       the_agents_memory_holds_no_pod_private_key_after_10_resyncs \
-      on_demand_pods_talk_through_the_gateway_relay ;;
+      on_demand_pods_talk_through_the_gateway_relay \
+      on_demand_pairs_go_direct_when_traffic_flows_and_back_when_idle ;;
     # Not in the default list (WG_CNI_VM_SUITES=flood): the handshake floods scaled down,
     # figures only, printed (libtest's RUST_TEST_NOCAPTURE): the figures are the point.
     flood) counted_run kernel flood RUST_TEST_NOCAPTURE=1 -- handshake_floods_with_a_valid_mac1 ;;

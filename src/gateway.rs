@@ -8,7 +8,7 @@
 use ipnetwork::IpNetwork;
 use wireguard_control::Key;
 
-use crate::cni::{CniResult, Error, NetConf, Result};
+use crate::cni::{CniResult, Error, NetConf, Peering, Result};
 use crate::host::{self, LinkSettings};
 use crate::keys::KeyPair;
 use crate::link::Netlink;
@@ -245,7 +245,8 @@ pub fn ensure(host: &Netns, store: &Store, wanted: &Wanted) -> Result<Ensured> {
         if existing.boot_id == boot_id && is_running(host, &existing) {
             let serves_plan = plan.subnets.iter().all(|s| existing.subnets.contains(s))
                 && existing.cluster_ranges == plan.cluster_ranges
-                && existing.masquerade == masquerade;
+                && existing.masquerade == masquerade
+                && existing.peering == settings.peering;
             if serves_plan {
                 return Ok(Ensured {
                     record: existing,
@@ -253,10 +254,11 @@ pub fn ensure(host: &Netns, store: &Store, wanted: &Wanted) -> Result<Ensured> {
                     created: false,
                 });
             }
-            // A range was added or ipMasq changed: rebuild around the same key.
+            // A range was added, ipMasq or peering changed: rebuild around the same key.
             let mut grown = existing.clone();
             merge_plan(&mut grown, plan);
             grown.masquerade = masquerade;
+            grown.peering = settings.peering;
             configure_host_side(host, &grown)?;
             store.put_gateway(&grown)?;
             return Ok(Ensured {
@@ -303,6 +305,7 @@ pub fn ensure(host: &Netns, store: &Store, wanted: &Wanted) -> Result<Ensured> {
         boot_id: boot_id.to_string(),
         mtu: settings.mtu,
         masquerade,
+        peering: settings.peering,
         created_at: host::now_unix(),
     };
     merge_plan(&mut record, plan);
@@ -393,7 +396,33 @@ fn configure_link(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
 fn forwarding_and_nat(gateway: &GatewayRecord) -> Result<()> {
     nat::enable_forwarding(gateway.routed())?;
     let (want, drop) = nat_rules(gateway);
-    nat::converge(&want, &drop)
+    nat::converge(&want, &drop)?;
+    let watch = relay_watch_rules(gateway);
+    match gateway.peering {
+        Peering::OnDemand => converge_relay_watch(gateway, &watch, &[]),
+        Peering::Mesh => converge_relay_watch(gateway, &[], &watch),
+    }
+    Ok(())
+}
+
+/// The relay watch of an on-demand gateway (`nat::relay_watch_rules`): NFLOG of the relayed
+/// flows, from which the agent promotes pairs to direct peers.
+fn relay_watch_rules(gateway: &GatewayRecord) -> Vec<nat::Rule> {
+    let (network, link) = (&gateway.network, &gateway.host_name);
+    nat::relay_watch_rules(network, link, gateway.routed(), nat::RELAY_NFLOG_GROUP)
+}
+
+/// The relay carries every packet without the watch, only never promotes: a host that cannot
+/// have these rules (no xt_NFLOG or xt_hashlimit) gets a warning, not a failed gateway.
+fn converge_relay_watch(gateway: &GatewayRecord, want: &[nat::Rule], drop: &[nat::Rule]) {
+    if let Err(e) = nat::converge(want, drop) {
+        tracing::warn!(
+            network = %gateway.network,
+            link = %gateway.host_name,
+            error = %e,
+            "the relay watch rules (NFLOG of relayed flows) could not be set: pairs stay relayed (modprobe xt_NFLOG xt_hashlimit nfnetlink_log)"
+        );
+    }
 }
 
 /// The gateway's NAT rules: those it wants, and those to drop (`ipMasq` turned off).
@@ -425,6 +454,7 @@ fn nat_rules(gateway: &GatewayRecord) -> (Vec<nat::Rule>, Vec<nat::Rule>) {
 pub fn destroy(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
     let (want, drop) = nat_rules(gateway);
     nat::converge(&[], &[want, drop].concat())?;
+    converge_relay_watch(gateway, &[], &relay_watch_rules(gateway));
     node_paths::remove_rules(host, &gateway.host_name)?;
     let key = key_of(&gateway.public_key)?;
     wireguard::backend(gateway.backend).destroy(&gateway.link(host), &key, host)

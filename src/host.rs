@@ -56,13 +56,15 @@ fn is_link_local(ip: &IpAddr) -> bool {
     }
 }
 
-/// Settings a link needs that may come from the host rather than the config.
+/// Settings a link needs that may come from the host rather than the config (and the
+/// network's peering, which decides the gateway link's rules).
 pub struct LinkSettings {
     pub mtu: u32,
     pub endpoint: IpAddr,
     pub ports: crate::cni::config::PortRange,
     pub backend: crate::wireguard::BackendKind,
     pub userspace_daemon: crate::cni::config::UserspaceDaemon,
+    pub peering: crate::cni::Peering,
 }
 
 pub fn boot_id() -> Result<String> {
@@ -177,6 +179,7 @@ pub fn resolve_link_settings(conf: &NetConf) -> Result<LinkSettings> {
         ports,
         backend: choose_backend(conf.backend)?,
         userspace_daemon: conf.userspace_daemon,
+        peering: conf.peering,
     })
 }
 

@@ -5,7 +5,9 @@
 pub mod agent;
 pub mod cni;
 pub mod commands;
+pub mod conntrack;
 pub mod failpoint;
+pub mod flows;
 pub mod gateway;
 pub mod host;
 pub mod ipam;

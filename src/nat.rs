@@ -3,9 +3,10 @@
 //! reached through a Service sees the gateway as source and answers through it; relayed
 //! pod-to-pod traffic keeps its source), the optional `ipMasq` masquerade of pod traffic
 //! leaving the host, and FORWARD accepts for the gateway's traffic (hosts whose FORWARD
-//! policy is DROP exist: Docker, hardened images). Every rule carries a comment naming the
-//! network and the gateway link, so removal finds exactly ours. A gateway's rules are
-//! converged in one `iptables-save` and at most one `iptables-restore` per family and table.
+//! policy is DROP exist: Docker, hardened images), and, for on-demand peering, the relay
+//! watch (NFLOG of relayed pod-to-pod flows, read by `flows`). Every rule carries a comment
+//! naming the network and the gateway link, so removal finds exactly ours. A gateway's rules
+//! are converged in one `iptables-save` and at most one `iptables-restore` per family and table.
 
 use std::process::Command;
 
@@ -112,16 +113,89 @@ pub fn to_other_nodes(network: &str, gateway: &str, range: &IpNetwork) -> Rule {
     Rule::new(range, args)
 }
 
+/// The NFLOG group the relay watch logs to (`flows::FlowWatch::open` binds it). NFLOG groups
+/// are per network namespace and one listener holds a group: any fixed number no other tool
+/// on the node uses will do (ulogd defaults to 0, Calico's policy logs use 1 and 2).
+pub const RELAY_NFLOG_GROUP: u16 = 30567;
+
+/// Bytes of each logged packet the kernel copies: the IPv6 header (the IPv4 header's addresses
+/// end at byte 20). `flows` reads the two addresses and nothing else.
+pub const RELAY_COPY_BYTES: u16 = 40;
+
+/// The relay watch: pod-to-pod traffic the host sends back out of the gateway link (on-demand
+/// peering relays every pair without a direct peer that way, on both nodes) is logged to NFLOG
+/// `group`, at most once a second per (source, destination), with the gateway link's name as
+/// the prefix; the node agent promotes pairs it sees to direct peers.
+///
+/// In mangle POSTROUTING, because that hook runs after every filter hook: a packet the host
+/// drops in FORWARD (a network policy) never gets here, so a pair the host forbids is never
+/// promoted. DNATed flows (Services) are left out: their ends are not the pair that talks.
+/// Host-originated packets to pods (kubelet probes from the gateway address) pass here too;
+/// their source is not a pod, and the agent ignores flows whose ends are not pod records.
+/// hashlimit's table is named after the gateway link (at most 15 bytes, as hashlimit wants;
+/// the kernel keeps one table per name and family), and capped in size and entry life: a full
+/// table drops the packets of new pairs.
+pub fn relay_watch_rules(
+    network: &str,
+    gateway: &str,
+    cluster_range: &[IpNetwork],
+    group: u16,
+) -> Vec<Rule> {
+    cluster_range
+        .iter()
+        .map(|range| {
+            let range_text = range.to_string();
+            let mut args: Vec<String> = ["-s", &range_text, "-d", &range_text, "-o", gateway]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            args.extend(["-m", "conntrack", "!", "--ctstate", "DNAT"].map(String::from));
+            args.extend(
+                [
+                    "-m",
+                    "hashlimit",
+                    "--hashlimit-upto",
+                    "1/sec",
+                    "--hashlimit-burst",
+                    "1",
+                    "--hashlimit-mode",
+                    "srcip,dstip",
+                    "--hashlimit-name",
+                    gateway,
+                    "--hashlimit-htable-max",
+                    "131072",
+                    "--hashlimit-htable-expire",
+                    "5000",
+                ]
+                .map(String::from),
+            );
+            args.extend(comment("relay-watch", network, gateway));
+            args.extend(["-j", "NFLOG", "--nflog-group"].map(String::from));
+            args.push(group.to_string());
+            args.extend(["--nflog-prefix".to_string(), gateway.to_string()]);
+            args.extend(["--nflog-size".to_string(), RELAY_COPY_BYTES.to_string()]);
+            Rule {
+                ipv6: range.is_ipv6(),
+                table: "mangle",
+                chain: "POSTROUTING",
+                args,
+            }
+        })
+        .collect()
+}
+
 /// Make a gateway's rules what `want` says and remove the `drop` ones, in one pass per family:
-/// one `iptables-save -t nat` to see which are there, then one `iptables-restore --noflush`
+/// one `iptables-save -t TABLE` to see which are there, then one `iptables-restore --noflush`
 /// for whatever differs (nothing when all is in place). A rule counts as there when a line
 /// carries its comment (kind, network, gateway link) and its source range.
 pub fn converge(want: &[Rule], drop: &[Rule]) -> Result<()> {
     for (ipv6, table) in [
         (false, "nat"),
         (false, "filter"),
+        (false, "mangle"),
         (true, "nat"),
         (true, "filter"),
+        (true, "mangle"),
     ] {
         let ours = |r: &&Rule| r.ipv6 == ipv6 && r.table == table;
         let want: Vec<&Rule> = want.iter().filter(ours).collect();
@@ -309,6 +383,44 @@ mod tests {
         assert!(
             forward("wgnet", "wgg0123", &v4, true)
                 .saved_line(filter)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn relay_watch_rules_log_pod_pairs_out_of_the_gateway_per_family() {
+        let ranges: Vec<IpNetwork> = vec![
+            "10.66.0.0/16".parse().unwrap(),
+            "fd66::/48".parse().unwrap(),
+        ];
+        let rules = relay_watch_rules("wgnet", "wgg0123", &ranges, RELAY_NFLOG_GROUP);
+        assert_eq!(rules.len(), 2);
+        assert!(!rules[0].ipv6 && rules[1].ipv6);
+        assert!(
+            rules
+                .iter()
+                .all(|r| r.table == "mangle" && r.chain == "POSTROUTING")
+        );
+        assert_eq!(
+            rules[0].restore_args(),
+            "-s 10.66.0.0/16 -d 10.66.0.0/16 -o wgg0123 -m conntrack ! --ctstate DNAT \
+             -m hashlimit --hashlimit-upto 1/sec --hashlimit-burst 1 --hashlimit-mode srcip,dstip \
+             --hashlimit-name wgg0123 --hashlimit-htable-max 131072 --hashlimit-htable-expire 5000 \
+             -m comment --comment \"wg-cni relay-watch wgnet wgg0123\" \
+             -j NFLOG --nflog-group 30567 --nflog-prefix wgg0123 --nflog-size 40"
+        );
+        assert!(
+            rules[1]
+                .args
+                .join(" ")
+                .starts_with("-s fd66::/48 -d fd66::/48 -o wgg0123")
+        );
+        // As ip6tables-save prints it back (the NFLOG options in its own order).
+        let saved = "*mangle\n-A POSTROUTING -s fd66::/48 -d fd66::/48 -o wgg0123 -m conntrack ! --ctstate DNAT -m hashlimit --hashlimit-upto 1/sec --hashlimit-burst 1 --hashlimit-mode srcip,dstip --hashlimit-name wgg0123 --hashlimit-htable-max 131072 --hashlimit-htable-expire 5000 -m comment --comment \"wg-cni relay-watch wgnet wgg0123\" -j NFLOG --nflog-prefix wgg0123 --nflog-group 30567 --nflog-size 40\n";
+        assert!(rules[1].saved_line(saved).is_some());
+        assert!(
+            relay_watch_rules("other", "wgg0123", &ranges, RELAY_NFLOG_GROUP)[1]
+                .saved_line(saved)
                 .is_none()
         );
     }

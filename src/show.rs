@@ -193,8 +193,18 @@ fn add_peers(value: &mut Value, device: Result<wireguard::DeviceState>, kinds: &
                 Some("remote gateway") if relays => json!("relay gateway"),
                 _ => label["kind"].clone(),
             };
+            // A pod peer without addresses is an on-demand direct peer not (or no longer)
+            // carrying the pair's traffic: waiting for its handshake, or cooling after idling.
+            let path = match label["kind"].as_str() {
+                Some("local pod" | "remote pod") if p.config.allowed_ips.is_empty() => {
+                    json!("pending")
+                }
+                Some("local pod" | "remote pod") => json!("direct"),
+                _ => Value::Null,
+            };
             json!({
                 "kind": kind,
+                "path": path,
                 "node": label.get("node"),
                 "stale": label.get("stale"),
                 "publicKey": key,
@@ -289,6 +299,10 @@ fn print_table(networks: &[Value]) {
                     }
                     (Some(kind), _) => kind.to_string(),
                     _ => String::new(),
+                };
+                let kind = match p["path"].as_str() {
+                    Some("pending") => format!("{kind}, pending"),
+                    _ => kind,
                 };
                 println!(
                     "    peer {} ({kind})  endpoint {}  allowed ips {}  latest handshake: {}  transfer: {} B received, {} B sent",

@@ -357,6 +357,9 @@ fn flood_phase(
 #[test]
 fn handshake_floods_with_a_valid_mac1() {
     let mut cluster = Cluster::new(2);
+    // The legitimate peer must stay a peer of the victim's link for the whole test: in mesh
+    // it always is (on-demand would make the pair's promoter add and remove it as well).
+    cluster.peerings = vec![Some("mesh"); 2];
     cluster.write_conflists();
     cluster.start_agents();
     let outsider = Netns(unique("wga"));

@@ -367,3 +367,52 @@ fn without_the_gateway_pods_have_only_each_other() {
     net.del(&a, Some(&ra)).ok();
     net.del(&b, Some(&rb)).ok();
 }
+
+/// An on-demand network's gateway logs relayed flows (the relay watch: an NFLOG rule per
+/// family in mangle POSTROUTING, named after network and link; tests/flows.rs tests what it
+/// logs), and its rules go with the gateway; a mesh network's gateway has none.
+#[test]
+fn an_on_demand_gateway_watches_the_relay_and_its_rules_go_with_it() {
+    let watch = |v6: bool| {
+        let tool = if v6 { "ip6tables" } else { "iptables" };
+        run_ok(tool, &["-t", "mangle", "-S", "POSTROUTING"])
+    };
+    let mut net =
+        Net::with_ranges(json!([[{"subnet": "10.98.1.0/24"}], [{"subnet": "fd98:0:0:1::/64"}]]));
+    net.extra = json!({"clusterRange": ["10.98.0.0/16", "fd98::/48"], "peering": "on-demand"});
+    let pod = Pod::new();
+    let r = net.add(&pod).ok().json();
+    let gateway = net.gateway_record().unwrap();
+    assert_eq!(gateway["peering"], "on-demand");
+    let link = gateway["hostName"].as_str().unwrap();
+    let comment = format!("wg-cni relay-watch {} {link}", net.name);
+    for (v6, range) in [(false, "10.98.0.0/16"), (true, "fd98::/48")] {
+        let rules = watch(v6);
+        let rule = rules
+            .lines()
+            .find(|l| l.contains(&comment))
+            .unwrap_or_else(|| panic!("no relay watch (IPv6: {v6}): {rules}"));
+        for part in [
+            format!("-s {range} -d {range} -o {link}"),
+            "! --ctstate DNAT".to_string(),
+            format!("--hashlimit-name {link}"),
+            format!("--nflog-prefix {link}"),
+            "--nflog-group 30567".to_string(),
+        ] {
+            assert!(rule.contains(&part), "{part} missing: {rule}");
+        }
+    }
+    net.del(&pod, Some(&r)).ok();
+    assert!(net.gateway_record().is_none());
+    assert!(!watch(false).contains(&net.name) && !watch(true).contains(&net.name));
+
+    let mesh = Net::new("10.98.2.0/24");
+    let pod = Pod::new();
+    let r = mesh.add(&pod).ok().json();
+    assert!(mesh.gateway_record().unwrap().get("peering").is_none());
+    assert!(
+        !watch(false).contains(&mesh.name),
+        "a mesh gateway watches the relay"
+    );
+    mesh.del(&pod, Some(&r)).ok();
+}

@@ -6,6 +6,7 @@ mod cluster;
 mod common;
 mod etcd_filler;
 
+use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -20,6 +21,8 @@ struct PodOn {
     pod: Pod,
     node: usize,
     ip: String,
+    /// What ADD answered (CHECK's prevResult).
+    result: Value,
 }
 
 struct PodRef<'a> {
@@ -82,7 +85,12 @@ fn add(cluster: &Cluster, node: usize) -> PodOn {
     let pod = Pod::new();
     let result = cluster.cni(node, "ADD", &pod).ok().json();
     let ip = address_of(&result, false);
-    PodOn { pod, node, ip }
+    PodOn {
+        pod,
+        node,
+        ip,
+        result,
+    }
 }
 
 fn all_pairs_ping<P: AsPod>(pods: &[P]) -> Vec<(String, String)> {
@@ -179,10 +187,23 @@ fn pods_on_three_nodes_talk_and_follow_adds_and_dels() {
     converge_all_pairs(&pods);
     // `wg-cni show` tells what each peer is.
     let shown = peer_keys(&cluster, 0);
+    // Unset: the default, on-demand (the cluster has a clusterRange).
+    let on_demand = |i: usize| cluster.peerings[i] != Some("mesh");
+    let node_index = |name: &str| cluster.nodes.iter().position(|n| n.name == name);
     let kinds: std::collections::BTreeSet<String> = shown[0]["peers"]
         .as_array()
         .unwrap()
         .iter()
+        // The pings made direct peers between on-demand pods: the promoter's, not the mesh's.
+        .filter(|p| {
+            let promoted = p["path"].is_string()
+                && on_demand(0)
+                && p["node"]
+                    .as_str()
+                    .and_then(node_index)
+                    .is_some_and(on_demand);
+            !promoted
+        })
         .map(|p| {
             format!(
                 "{} {}",
@@ -192,7 +213,6 @@ fn pods_on_three_nodes_talk_and_follow_adds_and_dels() {
         })
         .collect();
     // Mesh: every pod and gateway; on-demand: the own gateway, and toward mesh nodes as mesh.
-    let on_demand = |i: usize| cluster.peerings[i] == Some("on-demand");
     let mut want = std::collections::BTreeSet::from(["local gateway node1".to_string()]);
     if !on_demand(0) {
         want.insert("local pod node1".to_string());
@@ -403,6 +423,8 @@ fn remote_changes_write_only_the_peers_they_concern() {
 fn on_demand_pods_talk_through_the_gateway_relay() {
     let mut cluster = Cluster::new(2);
     cluster.peerings = vec![Some("on-demand"); 2];
+    // Everything stays relayed: this test is about the relay (direct peers have their own).
+    cluster.extra.insert("maxDirectPeers".into(), 0.into());
     cluster.agent_flags = ["--lease-ttl", "3", "--resync-interval", "3600"]
         .iter()
         .map(|s| s.to_string())
@@ -569,6 +591,14 @@ fn killing_an_agent_does_not_cut_its_pods_off() {
     let mut cluster = running(2);
     let pods = vec![add(&cluster, 0), add(&cluster, 1)];
     converge_all_pairs(&pods);
+    // On-demand, the pings promoted the pair: the kill finds the promotion done (one the
+    // dead agent cannot finish is another case: the other end hands the pair back to the
+    // relay, `on_demand_pairs_go_direct_when_traffic_flows_and_back_when_idle`).
+    let settled = wait_for(direct_within() * 2, || {
+        pods.iter()
+            .all(|p| pod_peers(&cluster, p).values().all(|path| path == "direct"))
+    });
+    assert!(settled, "promotions still pending");
     cluster.nodes[0].kill_agent();
     // Past the lease TTL (3 s): node 1's key has lapsed and node 2 sees it stale.
     assert!(
@@ -884,6 +914,7 @@ fn a_peer_that_roams_keeps_its_new_endpoint() {
         ip: address_of(&a_result, false),
         pod: a_pod,
         node: 0,
+        result: a_result.clone(),
     };
     let b = add(&cluster, 1);
     converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
@@ -976,6 +1007,7 @@ fn a_reused_pod_address_ends_with_the_new_key_everywhere() {
         pod: fresh,
         node: 1,
         ip: old.ip.clone(),
+        result,
     };
     let new_key = public_key_of(&cluster, &fresh);
     cluster.start_agent(0);
@@ -1647,5 +1679,301 @@ fn the_agents_memory_holds_no_pod_private_key_after_10_resyncs() {
     }
     for p in &pods {
         cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
+
+/// How long until both ends of a pair that exchanged a packet hold direct peers (the guest
+/// emulates every instruction: ten times looser there).
+fn direct_within() -> Duration {
+    match expected_backend() {
+        "kernel" => Duration::from_secs(30),
+        _ => Duration::from_secs(5),
+    }
+}
+
+/// The peers `pod`'s link holds for other pods, by key, with their path ("direct" or
+/// "pending") as `wg-cni show` reports them.
+fn pod_peers(cluster: &Cluster, pod: &PodOn) -> BTreeMap<String, String> {
+    show(cluster, pod.node)["attachments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["containerId"] == pod.pod.id.as_str())
+        .flat_map(|a| a["peers"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| {
+            let path = p["path"].as_str()?.to_string();
+            Some((p["publicKey"].as_str()?.to_string(), path))
+        })
+        .collect()
+}
+
+fn holds_direct(cluster: &Cluster, pod: &PodOn, other: &PodOn) -> bool {
+    pod_peers(cluster, pod)
+        .get(&public_key_of(cluster, other))
+        .map(String::as_str)
+        == Some("direct")
+}
+
+/// A cluster of `n` on-demand nodes whose hosts drop what FORWARD does not accept and, like
+/// kube-proxy, every packet conntrack calls INVALID; idle direct peers go after `idle` s.
+fn on_demand_cluster(n: usize, idle: u64) -> Cluster {
+    let mut cluster = Cluster::new(n);
+    cluster.peerings = vec![Some("on-demand"); n];
+    cluster.extra.insert("idlePeerTimeout".into(), idle.into());
+    cluster.agent_flags = ["--lease-ttl", "3", "--resync-interval", "3600"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for node in &cluster.nodes {
+        for rule in [
+            &["iptables", "-P", "FORWARD", "DROP"][..],
+            &[
+                "iptables",
+                "-I",
+                "FORWARD",
+                "1",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "INVALID",
+                "-j",
+                "DROP",
+            ],
+        ] {
+            assert!(node.exec(rule).status.success(), "{rule:?}");
+        }
+    }
+    cluster.write_conflists();
+    cluster.start_agents();
+    cluster
+}
+
+/// Both gateways relay (each has its relay peer with a live session): the first packet
+/// between two pods then needs nothing else.
+fn wait_for_relays(cluster: &Cluster) {
+    let ready = wait_for(CONVERGE, || {
+        (0..cluster.nodes.len()).all(|node| {
+            show(cluster, node)["gateway"]["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["kind"] == "relay gateway")
+                .filter(|p| p["latestHandshakeSecondsAgo"].is_u64())
+                .count()
+                == cluster.nodes.len() - 1
+        })
+    });
+    assert!(ready, "the relays have no sessions after {CONVERGE:?}");
+}
+
+/// Issue 21's direct path: the first ping to a never-contacted pod is answered through the
+/// relay; both ends then hold direct peers (across nodes and on one node); a pair whose one
+/// end lost its direct peer is not cut off (the other end sees the relayed traffic and gives
+/// the pair back to the relay); idle direct peers go and traffic resumes through the relay.
+#[test]
+fn on_demand_pairs_go_direct_when_traffic_flows_and_back_when_idle() {
+    let idle = 6;
+    let cluster = on_demand_cluster(2, idle);
+    let (a, a2, b) = (add(&cluster, 0), add(&cluster, 0), add(&cluster, 1));
+    wait_for_relays(&cluster);
+    for pod in [&a, &a2, &b] {
+        assert!(
+            pod_peers(&cluster, pod).is_empty(),
+            "no pod peer before any traffic"
+        );
+    }
+
+    for (x, y) in [(&a, &a2), (&a, &b)] {
+        assert!(
+            ping_once(&x.pod, &y.ip),
+            "the first ping {} -> {} went unanswered",
+            x.ip,
+            y.ip
+        );
+        let direct = wait_for(direct_within(), || {
+            holds_direct(&cluster, x, y) && holds_direct(&cluster, y, x)
+        });
+        assert!(
+            direct,
+            "{} and {} hold no direct peers {:?} after a ping: {:?} / {:?}",
+            x.ip,
+            y.ip,
+            direct_within(),
+            pod_peers(&cluster, x),
+            pod_peers(&cluster, y)
+        );
+        assert!(ping_once(&x.pod, &y.ip) && ping_once(&y.pod, &x.ip));
+    }
+    // CHECK takes direct peers of current pods for what they are.
+    for pod in [&a, &a2, &b] {
+        let mut conf = cluster.conf(pod.node);
+        conf["prevResult"] = pod.result.clone();
+        cluster.cni_with(pod.node, "CHECK", &pod.pod, &conf).ok();
+    }
+
+    // a loses its direct peer for b (as after a restart without its state): a's packets go
+    // through the relay again, b's node sees them and takes b's direct route back at once.
+    let host_a = show(&cluster, 0)["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["containerId"] == a.pod.id.as_str())
+        .unwrap()["link"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let key_b = public_key_of(&cluster, &b);
+    assert!(holds_direct(&cluster, &b, &a));
+    let removed = if expected_backend() == "kernel" {
+        a.pod.exec(&["wg", "set", "eth0", "peer", &key_b, "remove"])
+    } else {
+        cluster.nodes[0].exec(&["wg", "set", &host_a, "peer", &key_b, "remove"])
+    };
+    assert!(removed.status.success());
+    let answered = wait_for(direct_within(), || ping_once(&a.pod, &b.ip));
+    assert!(answered, "a pair with one direct end stayed cut off");
+
+    // Idle: both ends' direct peers go, then the relay carries the pair again.
+    let quiet = Duration::from_secs(idle) + direct_within() * 3;
+    let trimmed = wait_for(quiet, || {
+        [&a, &a2, &b]
+            .iter()
+            .all(|pod| pod_peers(&cluster, pod).is_empty())
+    });
+    assert!(
+        trimmed,
+        "direct peers still there {quiet:?} after the traffic stopped: {:?} {:?} {:?}",
+        pod_peers(&cluster, &a),
+        pod_peers(&cluster, &a2),
+        pod_peers(&cluster, &b)
+    );
+    assert!(ping_once(&a.pod, &b.ip), "no relay after the trim");
+}
+
+/// A TCP stream between two pods on two nodes across every switch: it starts on the relay,
+/// goes direct while it runs (no gap in received bytes over 200 ms, natively), carries
+/// 100 MB direct, idles until both direct peers are gone, and goes on through the relay with
+/// the hosts' FORWARD policy DROP and kube-proxy's INVALID drop in place (the switches delete
+/// the pair's conntrack entries: a stale window would make the returning stream INVALID).
+#[test]
+fn a_stream_crosses_relay_direct_idle_relay_without_a_gap() {
+    use std::io::{Read, Write};
+    use std::time::Instant;
+    let idle = 4;
+    let cluster = on_demand_cluster(2, idle);
+    let (a, b) = (add(&cluster, 0), add(&cluster, 1));
+    wait_for_relays(&cluster);
+
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let server = in_netns(Some(b.pod.path.clone()), move || {
+        let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        port_tx.send(listener.local_addr().unwrap().port()).unwrap();
+        let (mut stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut reads: Vec<(Instant, usize)> = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => reads.push((Instant::now(), n)),
+            }
+        }
+        let total: usize = reads.iter().map(|(_, n)| n).sum();
+        let _ = stream.write_all(total.to_string().as_bytes());
+        reads
+    });
+    let port = port_rx.recv().unwrap();
+    let to: std::net::SocketAddr = format!("{}:{port}", b.ip).parse().unwrap();
+    let mut stream = in_netns(Some(a.pod.path.clone()), move || {
+        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap()
+    })
+    .join()
+    .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let chunk = vec![7u8; 16 << 10];
+    let mut sent = 0usize;
+
+    // Relay, then the switch: a steady trickle (16 KiB every 10 ms) until both ends are direct.
+    let switch_started = Instant::now();
+    let mut direct_at = None;
+    let mut round = 0;
+    while switch_started.elapsed() < direct_within() + Duration::from_secs(2) {
+        stream.write_all(&chunk).unwrap();
+        sent += chunk.len();
+        std::thread::sleep(Duration::from_millis(10));
+        round += 1;
+        // Looked at every 100 ms: `wg-cni show` takes a while, and the trickle must go on.
+        if direct_at.is_none()
+            && round % 10 == 0
+            && holds_direct(&cluster, &a, &b)
+            && holds_direct(&cluster, &b, &a)
+        {
+            direct_at = Some(switch_started.elapsed());
+        }
+        if direct_at.is_some_and(|at| switch_started.elapsed() > at + Duration::from_secs(1)) {
+            break;
+        }
+    }
+    let switch_phase = switch_started.elapsed();
+    assert!(
+        direct_at.is_some(),
+        "the stream never went direct within {:?}",
+        direct_within()
+    );
+
+    // 100 MB direct.
+    let big = vec![9u8; 1 << 20];
+    for _ in 0..100 {
+        stream.write_all(&big).unwrap();
+        sent += big.len();
+    }
+    // Idle until both direct peers are gone, then on through the relay.
+    let quiet = Duration::from_secs(idle) + direct_within() * 3;
+    let trimmed = wait_for(quiet, || {
+        pod_peers(&cluster, &a).is_empty() && pod_peers(&cluster, &b).is_empty()
+    });
+    assert!(
+        trimmed,
+        "direct peers still there {quiet:?} after the stream paused"
+    );
+    for _ in 0..4 {
+        stream.write_all(&big).unwrap();
+        sent += big.len();
+    }
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let reads = server.join().unwrap();
+    assert_eq!(
+        answer,
+        sent.to_string(),
+        "the server did not receive every byte"
+    );
+
+    // The longest stretch without received bytes while the stream switched to direct.
+    let first = reads[0].0;
+    let gap = reads
+        .windows(2)
+        .filter(|w| w[1].0.duration_since(first) < switch_phase)
+        .map(|w| w[1].0.duration_since(w[0].0))
+        .max()
+        .unwrap_or_default();
+    println!(
+        "stream: direct after {:?}, longest gap while switching {gap:?}, {} bytes",
+        direct_at.unwrap(),
+        sent
+    );
+    if expected_backend() != "kernel" {
+        assert!(
+            gap < Duration::from_millis(200),
+            "the switch to direct stalled the stream for {gap:?}"
+        );
     }
 }

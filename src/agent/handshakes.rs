@@ -5,13 +5,16 @@
 //! (its first packet). The two initiations then cross: each side answers the other's and
 //! drops the answer to its own, so neither has a confirmed session and traffic waits for the
 //! retry (measured by `make bench`: ~5 s for a few pods in 30). A follow-up looks a moment
-//! later (first without the network lock: usually every handshake has completed, and then no
-//! ADD waits behind the read) and, for each peer still without a handshake, starts over from
-//! a clean slate: under the lock, a peer the device still has, with no handshake, is removed and added
-//! again exactly as the device had it (dropping the half-done handshake state) and kicked once
+//! later and, for each peer still without a handshake, starts over from a clean slate: a peer
+//! the device still has, with no handshake, is removed and added again exactly as the device
+//! had it (dropping the half-done handshake state) and kicked once
 //! more; at growing, jittered intervals so that two agents doing the same do not cross again.
 //! A peer with a handshake, or one the device no longer has, is never touched. Bounded per
 //! link: one follow-up at a time (peers kicked meanwhile join it), a few tries each.
+//! Never under the network's flock, so no ADD waits behind a follow-up's read of a whole
+//! device: the reconciler thread (which removes remote peers) is excluded instead, and a
+//! plugin command that writes a remote pod's peer writes it as the store has it, which is
+//! what the follow-up writes back.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
@@ -40,6 +43,14 @@ pub struct Followup {
     pub container_id: String,
     pub ifname: String,
     pub peers: Vec<Key>,
+}
+
+/// Held by a follow-up around its read and rewrite of a link, and by the reconciler thread
+/// around each link write (taken before the network's flock, never inside it).
+static REMOTE_PEER_WRITES: Mutex<()> = Mutex::new(());
+
+pub fn exclude_followups() -> std::sync::MutexGuard<'static, ()> {
+    REMOTE_PEER_WRITES.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Links with a follow-up running, and the peers kicked on them since it started.
@@ -133,9 +144,10 @@ impl Followup {
             self.peers.clear();
             return Ok(0);
         }
-        let _lock = store.lock()?;
-        // Again under the lock, right before the rewrite: a handshake completed since the
-        // first look keeps its peer out of it.
+        // Not the network's flock (see the module's doc).
+        let _reconciler = exclude_followups();
+        // Again, right before the rewrite: a handshake completed since the first look keeps
+        // its peer out of it, and a peer the reconciler removed meanwhile stays removed.
         let Some((record, pod)) = self.ready_link(&store)? else {
             return Ok(0);
         };

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use wireguard_control::Key;
 
+use super::directory::{Directory, RemotePod, SharedDirectory};
 use super::mirror::NODE_FILE;
 use crate::cni::Peering;
 use crate::gateway;
@@ -47,6 +48,8 @@ impl Delta {
 struct Indexed {
     body: Body,
     peer: Option<(Peer, PeerKind)>,
+    /// The key under which the file's pod is in the directory.
+    pod: Option<Key>,
 }
 
 /// What the peers of a node's files depend on besides the files themselves: how this node
@@ -60,19 +63,27 @@ struct Context {
 pub struct Index {
     keepalive: Option<u16>,
     peering: Peering,
+    /// Remote pods by address and key, for the promoter.
+    directory: SharedDirectory,
     nodes: BTreeMap<String, BTreeMap<String, Indexed>>,
     contexts: BTreeMap<String, Context>,
+    /// Nodes whose node.json says stale.
+    stale: std::collections::BTreeSet<String>,
     /// How many files give a peer.
     peers: usize,
 }
 
 impl Index {
-    pub fn new(keepalive: Option<u16>, peering: Peering) -> Index {
+    /// An empty index; `directory` is emptied with it (a restarted loop lists anew).
+    pub fn new(keepalive: Option<u16>, peering: Peering, directory: SharedDirectory) -> Index {
+        *directory.write().unwrap_or_else(|p| p.into_inner()) = Directory::default();
         Index {
             keepalive,
             peering,
+            directory,
             nodes: BTreeMap::new(),
             contexts: BTreeMap::new(),
+            stale: Default::default(),
             peers: 0,
         }
     }
@@ -84,12 +95,24 @@ impl Index {
         let mut delta = Delta::default();
         let mut before = Peers::new();
         let mut after = Peers::new();
+        let mut pods = PodChanges::default();
         for (node, files) in trusted {
-            let context = self.context(&files);
+            let mut context = self.context(&files);
+            // Staleness changes no peer (a stale node's pods stay for the grace period): only
+            // the directory hears of it.
+            let stale = std::mem::take(&mut context.node.stale) && !files.is_empty();
+            if stale != self.stale.contains(&node) {
+                match stale {
+                    true => self.stale.insert(node.clone()),
+                    false => self.stale.remove(&node),
+                };
+                pods.stale.push((node.clone(), stale));
+            }
             let known = self.nodes.entry(node.clone()).or_default();
             if self.contexts.get(&node) != Some(&context) {
                 // How this node is peered changed: every file of it counts as changed.
                 for (file, old) in std::mem::take(known) {
+                    pods.gone(&old);
                     if files.contains_key(&file) {
                         keep(&mut before, &old.peer);
                     } else {
@@ -105,6 +128,7 @@ impl Index {
                 .collect();
             for file in unwanted {
                 let old = known.remove(&file).expect("listed");
+                pods.gone(&old);
                 removed(&mut before, &mut delta, &node, file, old);
             }
             for (file, body) in files {
@@ -112,14 +136,18 @@ impl Index {
                     continue;
                 }
                 let body: Body = body.into();
+                let pod = remote_pod(&file, &body, &node, &context);
                 let indexed = Indexed {
                     peer: peer_of(&file, &body, &context, self.keepalive),
+                    pod: pod.as_ref().map(|p| p.peer.public_key.clone()),
                     body: body.clone(),
                 };
                 keep(&mut after, &indexed.peer);
                 if let Some(old) = known.insert(file.clone(), indexed) {
+                    pods.gone(&old);
                     keep(&mut before, &old.peer);
                 }
+                pods.came.extend(pod);
                 delta.files.push(FileChange {
                     node: node.clone(),
                     file,
@@ -130,6 +158,7 @@ impl Index {
         self.nodes.retain(|_, files| !files.is_empty());
         let nodes = &self.nodes;
         self.contexts.retain(|node, _| nodes.contains_key(node));
+        pods.apply(&self.directory);
         self.peers = (self.peers + after.len()).saturating_sub(before.len());
         delta.peers = PeerChanges::between(&before, &after);
         delta
@@ -156,6 +185,36 @@ impl Index {
 }
 
 type Peers = HashMap<Key, (Peer, PeerKind)>;
+
+/// What one update changes in the directory, applied under one write lock at its end.
+#[derive(Default)]
+struct PodChanges {
+    gone: Vec<Key>,
+    came: Vec<RemotePod>,
+    stale: Vec<(String, bool)>,
+}
+
+impl PodChanges {
+    fn gone(&mut self, old: &Indexed) {
+        self.gone.extend(old.pod.clone());
+    }
+
+    fn apply(self, directory: &SharedDirectory) {
+        if self.gone.is_empty() && self.came.is_empty() && self.stale.is_empty() {
+            return;
+        }
+        let mut directory = directory.write().unwrap_or_else(|p| p.into_inner());
+        for key in &self.gone {
+            directory.remove(key);
+        }
+        for pod in self.came {
+            directory.insert(pod);
+        }
+        for (node, stale) in &self.stale {
+            directory.set_stale(node, *stale);
+        }
+    }
+}
 
 impl Index {
     /// A node's context from its trusted files (its `node.json`; none: a mesh node).
@@ -185,6 +244,22 @@ fn keep(peers: &mut Peers, peer: &Option<(Peer, PeerKind)>) {
     if let Some((peer, kind)) = peer {
         peers.insert(peer.public_key.clone(), (peer.clone(), *kind));
     }
+}
+
+/// The ready pod a mirror file describes, as the directory holds it.
+fn remote_pod(file: &str, body: &[u8], node: &str, context: &Context) -> Option<RemotePod> {
+    if file == NODE_FILE || file == GATEWAY_FILE {
+        return None;
+    }
+    let record: Record = serde_json::from_slice(body).ok()?;
+    if record.state != State::Ready {
+        return None;
+    }
+    Some(RemotePod {
+        node: node.to_string(),
+        peer: mesh::peer_of(&record, None).ok()?,
+        relayed: context.relayed,
+    })
 }
 
 /// The peer a mirror file gives this node's links, the way `NetworkView` computes it: a
@@ -263,7 +338,7 @@ mod tests {
 
     #[test]
     fn one_event_is_one_peer_and_a_rewrite_is_none() {
-        let mut index = Index::new(None, Peering::Mesh);
+        let mut index = Index::new(None, Peering::Mesh, SharedDirectory::default());
         let a = record("n2", "a", "10.0.2.2/32", "192.0.2.2");
         let b = record("n2", "b", "10.0.2.3/32", "192.0.2.2");
         let c = record("n3", "c", "10.0.3.2/32", "192.0.2.3");
@@ -299,7 +374,7 @@ mod tests {
 
     #[test]
     fn a_node_file_moves_no_peer_and_a_moved_record_is_moved() {
-        let mut index = Index::new(None, Peering::Mesh);
+        let mut index = Index::new(None, Peering::Mesh, SharedDirectory::default());
         let key = KeyPair::generate().public().to_base64();
         let a = record_with_key("n2", "a", "10.0.2.2/32", "192.0.2.2", &key);
         let node_file = |stale: bool| {
@@ -317,6 +392,65 @@ mod tests {
         let delta = index.update(trusted(&[("n2", &moved), ("n2", &node_file(true))]));
         assert_eq!(delta.peers.upsert.len(), 1);
         assert!(delta.peers.upsert[0].moved && !delta.peers.upsert[0].new);
+    }
+}
+
+#[cfg(test)]
+mod directory_tests {
+    use super::*;
+    use crate::keys::KeyPair;
+
+    fn file(name: &str, body: serde_json::Value) -> (String, Vec<u8>) {
+        (name.to_string(), serde_json::to_vec(&body).unwrap())
+    }
+
+    fn pod(id: &str, address: &str) -> (String, Vec<u8>) {
+        let key = KeyPair::generate().public().to_base64();
+        file(
+            &format!("{id}:eth0.json"),
+            serde_json::json!({"schema": 1, "state": "ready", "network": "n", "node": "n2",
+                "containerId": id, "ifname": "eth0", "publicKey": key,
+                "addresses": [address], "endpoint": "192.0.2.2", "listenPort": 52000,
+                "bootId": "b", "hostName": "wgc0", "backend": "userspace", "mtu": 1420,
+                "createdAt": 1}),
+        )
+    }
+
+    fn set(files: &[&(String, Vec<u8>)]) -> BTreeMap<String, BTreeMap<String, Vec<u8>>> {
+        let files = files.iter().map(|(f, b)| (f.clone(), b.clone())).collect();
+        BTreeMap::from([("n2".to_string(), files)])
+    }
+
+    #[test]
+    fn the_directory_follows_on_demand_pods_and_stale_nodes() {
+        let directory = SharedDirectory::default();
+        let mut index = Index::new(None, Peering::OnDemand, directory.clone());
+        let node = |stale: bool| {
+            file(
+                NODE_FILE,
+                serde_json::json!({"peering": "on-demand", "stale": stale}),
+            )
+        };
+        let a = pod("a", "10.0.2.2/32");
+        let ip: std::net::IpAddr = "10.0.2.2".parse().unwrap();
+        let delta = index.update(set(&[&a, &node(false)]));
+        assert!(delta.peers.is_empty(), "an on-demand node's pod is no peer");
+        {
+            let d = directory.read().unwrap();
+            let found = d.by_address(&ip).expect("a by address");
+            assert!(found.relayed && found.node == "n2");
+            assert!(d.by_key(&found.peer.public_key).is_some());
+            assert!(!d.is_stale("n2"));
+        }
+        index.update(set(&[&a, &node(true)]));
+        assert!(directory.read().unwrap().is_stale("n2"));
+        index.update(set(&[&node(true)]));
+        assert!(
+            directory.read().unwrap().by_address(&ip).is_none(),
+            "a left"
+        );
+        index.update(BTreeMap::from([("n2".to_string(), BTreeMap::new())]));
+        assert!(!directory.read().unwrap().is_stale("n2"), "the node left");
     }
 }
 
@@ -381,7 +515,7 @@ mod cost {
             }
         }
         mirror.replace_all(entries, rev);
-        let mut index = Index::new(None, Peering::Mesh);
+        let mut index = Index::new(None, Peering::Mesh, SharedDirectory::default());
         let start = std::time::Instant::now();
         let evaluation = mirror.evaluate(1, std::time::Duration::from_secs(60));
         let first = index.update(evaluation.trusted);

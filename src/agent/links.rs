@@ -16,13 +16,13 @@ use wireguard_control::Key;
 
 use ipnetwork::IpNetwork;
 
-use crate::cni::{NetConf, Result};
+use crate::cni::{NetConf, Peering, Result};
 use crate::gateway;
 use crate::host;
 use crate::lease;
 use crate::netns::Netns;
 use crate::node_paths;
-use crate::reconcile::{self, NetworkView, PeerChanges, Prune};
+use crate::reconcile::{self, DirectCandidates, NetworkView, PeerChanges, Prune};
 use crate::store::{Record, State, Store};
 use crate::wireguard;
 
@@ -155,6 +155,15 @@ impl LinkSync {
         let mut view = NetworkView::read_complete(&store, conf)?;
         view.records.retain(|r| r.node != self.node);
         let remote = view.records.len();
+        // On-demand: the promoter's direct peers stay as they are (it removes them itself
+        // when their record goes). Read once: the network's every record.
+        let direct = match conf.peering {
+            Peering::OnDemand => Some(DirectCandidates::of(&store.all_records()?)),
+            Peering::Mesh => None,
+        };
+        let keep_direct = |peer: &wireguard_control::PeerInfo| {
+            direct.as_ref().is_some_and(|d| d.accepts(&peer.config))
+        };
         // Listed under the lock, as every writer writes: a record half-way through a join (or
         // a legacy name being migrated) is seen in one state, never between two.
         let records = {
@@ -166,6 +175,8 @@ impl LinkSync {
             if !self.is_live_here(&record) {
                 continue;
             }
+            // Before the flock (a plugin command never waits behind a follow-up's read).
+            let _followups = handshakes::exclude_followups();
             let _lock = store.lock()?;
             let Some((current, pod)) = self.still_live(&store, &record)? else {
                 continue;
@@ -183,7 +194,7 @@ impl LinkSync {
                     current.backend,
                     &link,
                     &desired,
-                    Prune::Everything,
+                    Prune::EverythingBut(&keep_direct),
                     &moved,
                 )?;
                 if let Some(added) = &added {
@@ -250,6 +261,7 @@ impl LinkSync {
             if !self.is_live_here(&record) {
                 continue;
             }
+            let _followups = handshakes::exclude_followups();
             let _lock = store.lock()?;
             let Some((current, pod)) = self.still_live(&store, &record)? else {
                 continue;

@@ -8,6 +8,8 @@ pub mod cli;
 pub mod config;
 mod datastore;
 mod dir_watch;
+pub mod direct;
+mod directory;
 mod etcd;
 pub mod forget;
 mod handshakes;
@@ -34,6 +36,10 @@ use crate::reconcile;
 
 pub use config::Settings;
 pub use health::AgentStatus;
+
+/// Relayed flows waiting for the promoter (beyond, new ones are dropped: the packet log
+/// repeats a live flow every second).
+const FLOW_QUEUE: usize = 4096;
 
 /// Applies a network's peers to this node's live WireGuard links. The agent calls it on its
 /// reconciler thread (calls never overlap), only after the network's first complete sync
@@ -93,6 +99,47 @@ pub fn run_until(
     result
 }
 
+/// Feed the promoter what the gateways' relay watch logs (`nat::relay_watch_rules`), on a
+/// thread of its own in this namespace. Without the log (the group taken, no nfnetlink_log)
+/// pairs stay relayed: said in the log, tried again.
+fn watch_relayed_flows(flows: std::sync::mpsc::SyncSender<direct::Flow>) -> Result<()> {
+    std::thread::Builder::new()
+        .name("relay-watch".into())
+        .spawn(move || {
+            loop {
+                let mut watch = match crate::flows::FlowWatch::open(crate::nat::RELAY_NFLOG_GROUP) {
+                    Ok(watch) => watch,
+                    Err(e) => {
+                        tracing::warn!(error = %e, group = crate::nat::RELAY_NFLOG_GROUP, "cannot watch relayed flows: on-demand pairs stay relayed; trying again in 10 s");
+                        std::thread::sleep(Duration::from_secs(10));
+                        continue;
+                    }
+                };
+                loop {
+                    match watch.recv() {
+                        Ok(flow) => {
+                            let flow = direct::Flow {
+                                gateway: flow.prefix,
+                                src: flow.src,
+                                dst: flow.dst,
+                            };
+                            match flows.try_send(flow) {
+                                Ok(()) | Err(std::sync::mpsc::TrySendError::Full(_)) => {}
+                                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading relayed flows failed; listening again");
+                            std::thread::sleep(Duration::from_secs(1));
+                            break;
+                        }
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
 async fn run_async(
     settings: Arc<Settings>,
     reconciler: Arc<dyn LinkReconciler>,
@@ -118,12 +165,17 @@ async fn run_async(
 
     let reconciler =
         reconciler::Reconciler::spawn(settings.node.clone(), reconciler, status.clone())?;
+    let directories = Arc::new(directory::Directories::default());
+    let (flows, relayed) = std::sync::mpsc::sync_channel(FLOW_QUEUE);
+    direct::spawn(&settings, directories.clone(), relayed)?;
+    watch_relayed_flows(flows)?;
     let mut supervisor = supervisor::Supervisor::new(
         settings.clone(),
         client,
         boot_id,
         status.clone(),
         reconciler,
+        directories.clone(),
     );
     let (tx, mut conf_changed) = tokio::sync::mpsc::channel::<()>(1);
     let _watcher = dir_watch::watch_dir(&settings.cni_conf_dir, "CNI conf dir", tx);

@@ -14,6 +14,7 @@ use ipnetwork::IpNetwork;
 
 use super::config::{Network, Settings};
 use super::datastore::{Datastore, EtcdStore, EtcdWatch, Watch, Watched};
+use super::directory::SharedDirectory;
 use super::health::AgentStatus;
 use super::index::Index;
 use super::keys::Keys;
@@ -75,6 +76,7 @@ impl NetworkLoop {
         boot_id: String,
         status: Arc<AgentStatus>,
         reconciler: Reconciler,
+        directory: SharedDirectory,
     ) -> NetworkLoop {
         let keys = Keys::new(&net.name);
         let network_dir = settings.store.join(&net.name);
@@ -82,7 +84,7 @@ impl NetworkLoop {
         let now = Instant::now();
         NetworkLoop {
             mirror: Mirror::new(keys.clone(), &settings.node, net.policy()),
-            index: Index::new(net.conf.persistent_keepalive, net.conf.peering),
+            index: Index::new(net.conf.persistent_keepalive, net.conf.peering, directory),
             verify_wanted: Arc::default(),
             network_dir,
             settings,

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::config::{self, Network, Settings};
+use super::directory::Directories;
 use super::health::AgentStatus;
 use super::network::NetworkLoop;
 use super::reconciler::Reconciler;
@@ -41,6 +42,7 @@ pub struct Supervisor {
     boot_id: String,
     status: Arc<AgentStatus>,
     reconciler: Reconciler,
+    directories: Arc<Directories>,
     served: BTreeMap<String, Served>,
     warned_empty: bool,
 }
@@ -52,6 +54,7 @@ impl Supervisor {
         boot_id: String,
         status: Arc<AgentStatus>,
         reconciler: Reconciler,
+        directories: Arc<Directories>,
     ) -> Supervisor {
         Supervisor {
             settings,
@@ -59,6 +62,7 @@ impl Supervisor {
             boot_id,
             status,
             reconciler,
+            directories,
             served: BTreeMap::new(),
             warned_empty: false,
         }
@@ -74,6 +78,7 @@ impl Supervisor {
             self.boot_id.clone(),
             self.status.clone(),
             self.reconciler.clone(),
+            self.directories.of(&network.name),
         );
         (tokio::spawn(worker.run(stopped)), stop)
     }

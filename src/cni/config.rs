@@ -59,6 +59,12 @@ impl std::fmt::Display for PortRange {
     }
 }
 
+/// `maxDirectPeers` when unset.
+pub const DEFAULT_MAX_DIRECT_PEERS: usize = 64;
+const MAX_DIRECT_PEERS_LIMIT: u64 = 4096;
+/// `idlePeerTimeout` when unset (Tailscale trims idle peers after the same).
+pub const DEFAULT_IDLE_PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// How a network's pods peer (`peering`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -128,6 +134,12 @@ pub struct NetConf {
     /// (instead of the IPAM ranges naming it).
     pub subnet_lease: bool,
     pub peering: Peering,
+    /// `maxDirectPeers` (on-demand): direct peers a pod link holds at most; traffic to any
+    /// further pod stays relayed.
+    pub max_direct_peers: usize,
+    /// `idlePeerTimeout` (on-demand, seconds): a direct peer with no data in either direction
+    /// for this long goes back to the relay.
+    pub idle_peer_timeout: std::time::Duration,
     pub prev_result: Option<Value>,
     pub valid_attachments: Option<Vec<Attachment>>,
     /// The config exactly as received, for delegation to IPAM.
@@ -294,6 +306,9 @@ impl NetConf {
         }
 
         let peering = match fields.optional_str("peering")?.as_deref() {
+            // Agent-served networks (a cluster range the gateways can relay) scale by default;
+            // networks without the gateway or the range keep the full mesh they need.
+            None if host_gateway && !cluster_range.is_empty() => Peering::OnDemand,
             None | Some("mesh") => Peering::Mesh,
             Some("on-demand") => Peering::OnDemand,
             Some(other) => {
@@ -330,12 +345,35 @@ impl NetConf {
                     return Err(Error::config(
                         format!("peers[{i}].allowedIPs"),
                         format!(
-                            "{ip} overlaps clusterRange {range}: with \"peering\": \"on-demand\" the pod range goes through the node gateways"
+                            "{ip} overlaps clusterRange {range}: with \"peering\": \"on-demand\" (the default where clusterRange is set) the pod range goes through the node gateways; set \"peering\": \"mesh\" to keep such a peer"
                         ),
                     ));
                 }
             }
         }
+
+        let max_direct_peers = fields
+            .optional_uint("maxDirectPeers")?
+            .map(|n| match n {
+                0..=MAX_DIRECT_PEERS_LIMIT => Ok(n as usize),
+                _ => Err(Error::config(
+                    "maxDirectPeers",
+                    format!("must be between 0 and {MAX_DIRECT_PEERS_LIMIT}"),
+                )),
+            })
+            .transpose()?
+            .unwrap_or(DEFAULT_MAX_DIRECT_PEERS);
+        let idle_peer_timeout = fields
+            .optional_uint("idlePeerTimeout")?
+            .map(|secs| match secs {
+                1..=86_400 => Ok(std::time::Duration::from_secs(secs)),
+                _ => Err(Error::config(
+                    "idlePeerTimeout",
+                    "must be between 1 and 86400 seconds",
+                )),
+            })
+            .transpose()?
+            .unwrap_or(DEFAULT_IDLE_PEER_TIMEOUT);
 
         let prev_result = match raw.get("prevResult") {
             None | Some(Value::Null) => None,
@@ -369,6 +407,8 @@ impl NetConf {
             node_range,
             subnet_lease,
             peering,
+            max_direct_peers,
+            idle_peer_timeout,
             prev_result,
             valid_attachments,
             raw,
@@ -660,6 +700,42 @@ mod tests {
         let mut v = base();
         v[field] = value;
         parse(&v).unwrap_err()
+    }
+
+    #[test]
+    fn peering_defaults_to_on_demand_where_the_gateways_can_relay() {
+        let mut v = base();
+        assert_eq!(parse(&v).unwrap().peering, Peering::Mesh, "no clusterRange");
+        v["clusterRange"] = json!("10.66.0.0/16");
+        assert_eq!(parse(&v).unwrap().peering, Peering::OnDemand);
+        v["hostGateway"] = json!(false);
+        assert_eq!(parse(&v).unwrap().peering, Peering::Mesh, "no gateway");
+        v["hostGateway"] = json!(true);
+        v["peering"] = json!("mesh");
+        assert_eq!(parse(&v).unwrap().peering, Peering::Mesh, "asked for");
+    }
+
+    #[test]
+    fn direct_peer_limits_default_and_are_bounded() {
+        let c = parse(&base()).unwrap();
+        assert_eq!(c.max_direct_peers, DEFAULT_MAX_DIRECT_PEERS);
+        assert_eq!(c.idle_peer_timeout, DEFAULT_IDLE_PEER_TIMEOUT);
+        let mut v = base();
+        v["maxDirectPeers"] = json!(0);
+        v["idlePeerTimeout"] = json!(30);
+        let c = parse(&v).unwrap();
+        assert_eq!(c.max_direct_peers, 0, "0: every pair stays relayed");
+        assert_eq!(c.idle_peer_timeout, std::time::Duration::from_secs(30));
+        for (field, value) in [
+            ("maxDirectPeers", json!(5000)),
+            ("maxDirectPeers", json!(-1)),
+            ("idlePeerTimeout", json!(0)),
+            ("idlePeerTimeout", json!("5m")),
+        ] {
+            let e = field_error(field, value.clone());
+            assert_eq!(e.code(), 7, "{field}={value}");
+            assert!(e.to_string().contains(field), "{e}");
+        }
     }
 
     #[test]

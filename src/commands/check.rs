@@ -6,12 +6,12 @@ use std::collections::HashSet;
 use wireguard_control::Key;
 
 use super::context::{self, Context};
-use crate::cni::{CniResult, Error, NetConf, Result, Version};
+use crate::cni::{CniResult, Error, NetConf, Peering, Result, Version};
 use crate::gateway;
 use crate::link::Netlink;
 use crate::mesh;
 use crate::netns::Netns;
-use crate::reconcile::{self, NetworkView, Prune};
+use crate::reconcile::{self, DirectCandidates, NetworkView, Prune};
 use crate::store::{Record, Store};
 use crate::wireguard::{self, BackendKind, DeviceState};
 
@@ -145,7 +145,13 @@ fn check_peers(
         .into_iter()
         .filter(|p| !remote.contains(p.public_key.to_base64().as_str()) || on_device(&p.public_key))
         .collect();
-    let update = reconcile::diff(device, &desired, Prune::Everything, &[]);
+    let mut update = reconcile::diff(device, &desired, Prune::Everything, &[]);
+    if !update.remove_peers.is_empty() && view.peering == Peering::OnDemand {
+        // Peers beyond the desired set: on-demand, direct peers of current pods are right.
+        let direct = DirectCandidates::of(&ctx.store()?.all_records()?);
+        let keep = |peer: &wireguard_control::PeerInfo| direct.accepts(&peer.config);
+        update = reconcile::diff(device, &desired, Prune::EverythingBut(&keep), &[]);
+    }
     if update.changes_no_peer() {
         return Ok(());
     }

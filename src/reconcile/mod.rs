@@ -15,9 +15,11 @@ use crate::store::{GatewayRecord, Record, RemoteNode, State, Store};
 use crate::wireguard::{self, DeviceState, LinkRef, Peer, Update};
 
 mod changes;
+mod direct;
 mod fan_out;
 
 pub use changes::{PeerChanges, PeerKind, Upsert};
+pub use direct::DirectCandidates;
 
 pub use fan_out::{
     each_at_once, gone, local_pods, newcomers, tell_gateway, tell_gateway_link, tell_local_pods,
@@ -303,6 +305,9 @@ pub enum Prune<'a> {
     /// Make the device's peer set exactly the desired one: the node agent, once its view of
     /// the network is complete (every peer is then accounted for by a record or the config).
     Everything,
+    /// `Everything` but the peers this says to keep (and to leave as they are): on-demand,
+    /// the promoter's direct peers (`DirectCandidates`).
+    EverythingBut(&'a (dyn Fn(&wireguard_control::PeerInfo) -> bool + Sync)),
 }
 
 /// Endpoints the caller knows were re-addressed since it last applied them (a node that moved).
@@ -341,14 +346,15 @@ pub fn diff(device: &DeviceState, desired: &[Peer], prune: Prune, moved: Moved) 
         .collect();
     let wanted: HashSet<&Key> = desired.iter().map(|p| &p.public_key).collect();
     let remove_peers = have
-        .keys()
-        .filter(|key| !wanted.contains(*key))
-        .filter(|key| match prune {
+        .iter()
+        .filter(|(key, _)| !wanted.contains(*key))
+        .filter(|(key, info)| match prune {
             Prune::Nothing => false,
             Prune::Only(keys) => keys.contains(key),
             Prune::Everything => true,
+            Prune::EverythingBut(keep) => !keep(info),
         })
-        .map(|key| (*key).clone())
+        .map(|(key, _)| (*key).clone())
         .collect();
     Update {
         peers,

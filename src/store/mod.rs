@@ -180,6 +180,9 @@ pub struct RemoteNode {
     /// The MTU it publishes (the network's links agree on the smallest).
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// Its agent is silent (its records stay for the grace period).
+    #[serde(default)]
+    pub stale: bool,
 }
 
 impl Default for RemoteNode {
@@ -189,6 +192,7 @@ impl Default for RemoteNode {
             subnets: Vec::new(),
             peering: Peering::Mesh,
             mtu: None,
+            stale: false,
         }
     }
 }
@@ -234,7 +238,16 @@ pub struct GatewayRecord {
     pub boot_id: String,
     pub mtu: u32,
     pub masquerade: bool,
+    /// The network's peering: an on-demand gateway also logs relayed flows for the agent
+    /// (`nat::relay_watch_rules`). Records written before it read as mesh; the next ensure
+    /// brings the gateway in line.
+    #[serde(default = "mesh", skip_serializing_if = "is_mesh")]
+    pub peering: Peering,
     pub created_at: u64,
+}
+
+fn is_mesh(peering: &Peering) -> bool {
+    *peering == Peering::Mesh
 }
 
 impl GatewayRecord {

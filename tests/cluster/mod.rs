@@ -42,6 +42,8 @@ pub struct Cluster {
     /// No `endpoint` in the conflists: nodes are reached at their default route's source
     /// address (each node gets a default route toward the bridge, where nothing answers).
     pub detect_endpoints: bool,
+    /// Further fields of every node's plugin config (e.g. `idlePeerTimeout`).
+    pub extra: serde_json::Map<String, Value>,
 }
 
 pub struct Node {
@@ -73,6 +75,7 @@ impl Cluster {
             peerings: (0..count).map(peering_from_env).collect(),
             agent_env: Vec::new(),
             detect_endpoints: false,
+            extra: serde_json::Map::new(),
             agent_flags: [
                 "--lease-ttl",
                 "3",
@@ -272,6 +275,9 @@ impl Cluster {
             plugin["subnetLease"] = true.into();
             plugin["ipam"]["ranges"] = json!([]);
         }
+        for (field, value) in &self.extra {
+            plugin[field] = value.clone();
+        }
         plugin
     }
 
@@ -398,7 +404,10 @@ impl Node {
             .arg("--cni-conf-dir")
             .arg(&self.conf_dir)
             .args(flags)
-            .env("WG_CNI_LOG", "info")
+            .env(
+                "WG_CNI_LOG",
+                std::env::var("WG_CNI_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env_remove("CNI_COMMAND")
             .stdin(Stdio::null())
@@ -453,6 +462,15 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {
             node.kill_agent();
+        }
+        // A failing test shows what the agents said last (WG_CNI_TEST_AGENT_LOG=debug: more).
+        if std::thread::panicking() {
+            for node in &self.nodes {
+                let log = std::fs::read_to_string(&node.agent_log).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                eprintln!("--- last lines of {}'s agent log:\n{tail}", node.name);
+            }
         }
         self.kill_etcd();
         // Pods are the tests' own (deleted with their namespaces, which destroys their links

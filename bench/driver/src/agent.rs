@@ -647,6 +647,7 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             node_prefix: "agnode",
             nodes: 1,
             dir: "agent",
+            peering: "mesh",
         },
     )?;
     if c.agent_flags.is_empty() {

@@ -1,4 +1,4 @@
-//! The simulated cluster of the `multinode` and `agent` phases: nodes with `wg-cni agent` and a
+//! The simulated cluster of the `multinode`, `agent` and `direct` phases: nodes with `wg-cni agent` and a
 //! real etcd (Debian's `etcd-server`), as tests/cluster/mod.rs builds them, and fake nodes
 //! whose claims, node keys, heartbeats and records are written straight into etcd.
 //!
@@ -40,6 +40,10 @@ pub struct Layout {
     pub nodes: usize,
     /// Under the work directory.
     pub dir: &'static str,
+    /// The network's `peering`: `"mesh"` (the `multinode` and `agent` phases measure the full
+    /// mesh: pod to pod across nodes, the agent's writes per event) or `"on-demand"` (the
+    /// `direct` phase).
+    pub peering: &'static str,
 }
 
 pub struct Node {
@@ -52,6 +56,9 @@ pub struct Node {
     pub agent: Option<Background>,
     pub agent_pid: Option<i32>,
     pub agent_log: Option<PathBuf>,
+    pub peering: String,
+    /// More fields of the plugin's config (`idlePeerTimeout`, `maxDirectPeers`...).
+    pub extra: serde_json::Map<String, Value>,
 }
 
 impl Node {
@@ -69,7 +76,7 @@ impl Node {
         format!("10.252.{}.0/24", self.index)
     }
     fn plugin(&self) -> Value {
-        json!({
+        let mut plugin = json!({
             "type": "wg-cni",
             "ipam": {
                 "type": "host-local",
@@ -83,7 +90,24 @@ impl Node {
             "mtu": 1420,
             "listenPorts": "55000-55999",
             "clusterRange": CLUSTER_RANGE,
-        })
+            "peering": self.peering,
+        });
+        for (field, value) in &self.extra {
+            plugin[field] = value.clone();
+        }
+        plugin
+    }
+
+    /// The node's conflist, written as an installer would (temp file, rename: the agent
+    /// never reads half of it).
+    fn write_conflist(&self) -> Res<()> {
+        let conflist = json!({"cniVersion": "1.0.0", "name": self.network,
+            "plugins": [self.plugin()]});
+        let path = self.conf_dir().join("10-wg.conflist");
+        let tmp = self.conf_dir().join(".10-wg.conflist.tmp");
+        std::fs::write(&tmp, conflist.to_string())
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
     }
     /// Records of node `of` in this node's mirror.
     pub fn mirror_count(&self, of: &str) -> usize {
@@ -346,17 +370,31 @@ impl<'a> Cluster<'a> {
                 agent: None,
                 agent_pid: None,
                 agent_log: None,
+                peering: c.layout.peering.to_string(),
+                extra: serde_json::Map::new(),
             };
             c.attach(&node.netns, &format!("n{index}"), &node.addr)?;
             std::fs::create_dir_all(node.conf_dir()).map_err(|e| e.to_string())?;
-            let conflist = json!({"cniVersion": "1.0.0", "name": c.layout.network,
-                "plugins": [node.plugin()]});
-            std::fs::write(node.conf_dir().join("10-wg.conflist"), conflist.to_string())
-                .map_err(|e| e.to_string())?;
+            node.write_conflist()?;
             c.nodes.push(node);
         }
         c.start_etcd()?;
         Ok(c)
+    }
+
+    /// Set (or, with `null`, remove) fields of every node's plugin config and rewrite the
+    /// conflists: the agents follow their conf dir, the plugin calls of `cni` use them too.
+    pub fn set_plugin_fields(&mut self, fields: &Value) -> Res<()> {
+        for node in &mut self.nodes {
+            for (field, value) in fields.as_object().into_iter().flatten() {
+                match value {
+                    Value::Null => node.extra.remove(field),
+                    v => node.extra.insert(field.clone(), v.clone()),
+                };
+            }
+            node.write_conflist()?;
+        }
+        Ok(())
     }
 
     pub fn underlay(&self) -> String {

@@ -5,7 +5,8 @@
 //! QEMU guest has no shared folder: the host reads the console) and, with `--out-dir`, as
 //! `<dir>/<label>.<phase>.json`. `report` turns a directory of parts into results.md/.json.
 //!
-//! Phases: latency, scale, scale-ondemand, parallel, throughput, memory, profile, multinode, agent, report.
+//! Phases: latency, scale, scale-ondemand, parallel, throughput, memory, profile, multinode,
+//! direct, agent, report.
 //! Everything it creates (network namespaces `wgbench-*`, daemons, iperf3 servers) is removed
 //! when a phase ends, also on error; pids of long-lived children go to `--pids-file` so that
 //! the wrapper can end them if this process is killed.
@@ -14,6 +15,7 @@ mod agent;
 mod cleanup;
 mod cluster;
 mod cni;
+mod direct;
 mod exec;
 mod latency;
 mod memory;
@@ -132,7 +134,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(phases) = args.first() else {
         eprintln!(
-            "usage: wg-cni-bench latency,scale,scale-ondemand,parallel,throughput,memory,profile,multinode,agent|report [--opt value]..."
+            "usage: wg-cni-bench latency,scale,scale-ondemand,parallel,throughput,memory,profile,multinode,direct,agent|report [--opt value]..."
         );
         std::process::exit(2);
     };
@@ -171,6 +173,7 @@ fn main() {
             "throughput" => throughput::run(&ctx),
             "memory" => memory::run(&ctx),
             "multinode" => multinode::run(&ctx),
+            "direct" => direct::run(&ctx),
             "agent" => agent::run(&ctx),
             "profile" => profile::run(&ctx),
             "report" => report::run(&ctx),

@@ -152,6 +152,7 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             node_prefix: "mnode",
             nodes: 2,
             dir: "multinode",
+            peering: "mesh",
         },
     )?;
     let mut out = json!({

@@ -415,6 +415,14 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             }
         }
     }
+    if let Some(d) = get("native", "direct").filter(|d| d["error"].is_null()) {
+        for (target, measured, ok, name) in crate::direct::targets(&d) {
+            let _ = writeln!(targets, "| {target} | {measured} | {} |", verdict(ok));
+            if ok == Some(false) {
+                missed.push(name);
+            }
+        }
+    }
     let _ = writeln!(targets);
     md.push_str(&targets);
 
@@ -918,6 +926,9 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     }
     if let Some(m) = get("native", "multinode") {
         md.push_str(&crate::multinode::report(&m));
+    }
+    if let Some(d) = get("native", "direct") {
+        md.push_str(&crate::direct::report(&d));
     }
     if let Some(a) = get("native", "agent") {
         md.push_str(&crate::agent::report(&a));

@@ -1,0 +1,132 @@
+//! Remote pods by address and by key, for one network: where the promoter looks up the ends
+//! of a relayed flow and checks that a direct peer is still a current record. The network's
+//! index keeps it in step with the trusted records (so nothing a node publishes reaches it
+//! unvalidated); the promoter thread reads it.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+
+use wireguard_control::Key;
+
+use crate::wireguard::Peer;
+
+/// A ready pod of another node, as a direct peer would be written: its key, its node's
+/// endpoint and port, its addresses as allowed IPs, no keepalive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemotePod {
+    pub node: String,
+    pub peer: Peer,
+    /// Its node is on-demand too (traffic to it is relayed until promoted); otherwise the pod
+    /// is a mesh peer of every link already and never promoted.
+    pub relayed: bool,
+}
+
+#[derive(Default)]
+pub struct Directory {
+    by_address: HashMap<IpAddr, Arc<RemotePod>>,
+    by_key: HashMap<Key, Arc<RemotePod>>,
+    /// Nodes whose agent is silent (inside the grace period): their direct peers are kept.
+    stale: HashSet<String>,
+}
+
+pub type SharedDirectory = Arc<RwLock<Directory>>;
+
+impl Directory {
+    pub fn by_address(&self, address: &IpAddr) -> Option<Arc<RemotePod>> {
+        self.by_address.get(address).cloned()
+    }
+
+    pub fn by_key(&self, key: &Key) -> Option<Arc<RemotePod>> {
+        self.by_key.get(key).cloned()
+    }
+
+    pub fn is_stale(&self, node: &str) -> bool {
+        self.stale.contains(node)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn insert(&mut self, pod: RemotePod) {
+        self.remove(&pod.peer.public_key);
+        let pod = Arc::new(pod);
+        for ip in &pod.peer.allowed_ips {
+            self.by_address.insert(ip.ip(), Arc::clone(&pod));
+        }
+        self.by_key.insert(pod.peer.public_key.clone(), pod);
+    }
+
+    pub fn remove(&mut self, key: &Key) {
+        let Some(pod) = self.by_key.remove(key) else {
+            return;
+        };
+        for ip in &pod.peer.allowed_ips {
+            // Only if the address still names this pod (a newer record may hold it).
+            if self
+                .by_address
+                .get(&ip.ip())
+                .is_some_and(|p| Arc::ptr_eq(p, &pod))
+            {
+                self.by_address.remove(&ip.ip());
+            }
+        }
+    }
+
+    pub fn set_stale(&mut self, node: &str, stale: bool) {
+        match stale {
+            true => self.stale.insert(node.to_string()),
+            false => self.stale.remove(node),
+        };
+    }
+}
+
+/// Every served network's directory, shared by the network loops (writers) and the promoter.
+#[derive(Default)]
+pub struct Directories(Mutex<HashMap<String, SharedDirectory>>);
+
+impl Directories {
+    pub fn of(&self, network: &str) -> SharedDirectory {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(all.entry(network.to_string()).or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::KeyPair;
+
+    fn pod(node: &str, address: &str) -> RemotePod {
+        RemotePod {
+            node: node.into(),
+            peer: Peer {
+                public_key: Key::from_base64(&KeyPair::generate().public().to_base64()).unwrap(),
+                endpoint: Some("192.0.2.2:52000".parse().unwrap()),
+                allowed_ips: vec![address.parse().unwrap()],
+                keepalive: None,
+                preshared_key: None,
+            },
+            relayed: true,
+        }
+    }
+
+    #[test]
+    fn an_address_taken_over_by_a_newer_record_stays_with_it() {
+        let mut directory = Directory::default();
+        let old = pod("n2", "10.0.2.5/32");
+        let new = pod("n2", "10.0.2.5/32");
+        directory.insert(old.clone());
+        directory.insert(new.clone());
+        directory.remove(&old.peer.public_key);
+        let ip: IpAddr = "10.0.2.5".parse().unwrap();
+        assert_eq!(
+            directory.by_address(&ip).map(|p| p.peer.public_key.clone()),
+            Some(new.peer.public_key.clone())
+        );
+        directory.remove(&new.peer.public_key);
+        assert!(directory.by_address(&ip).is_none());
+        assert_eq!(directory.len(), 0);
+    }
+}
