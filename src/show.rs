@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::cni::Result;
 use crate::host;
-use crate::store::{Record, Store};
+use crate::store::{self, DirectActivity, PeerActivity, Record, Store};
 use crate::wireguard;
 
 pub fn run(
@@ -28,10 +28,11 @@ pub fn run(
             continue;
         };
         let kinds = PeerKinds::read(&store, store_root, &name, &node)?;
+        let activity = store.direct_activity();
         let attachments: Vec<Value> = store
             .node_records()?
             .iter()
-            .map(|r| attachment(r, &kinds))
+            .map(|r| attachment(r, &kinds, &activity))
             .collect();
         let gateway = store.gateway()?.map(|gw| {
             let live = gw.boot_id == boot_id && crate::gateway::is_live(&host, &gw);
@@ -44,7 +45,7 @@ pub fn run(
             });
             if live {
                 let device = wireguard::backend(gw.backend).read(&gw.link(&host));
-                add_peers(&mut value, device, &kinds);
+                add_peers(&mut value, device, &kinds, None);
             }
             value
         });
@@ -138,7 +139,7 @@ impl PeerKinds {
     }
 }
 
-fn attachment(record: &Record, kinds: &PeerKinds) -> Value {
+fn attachment(record: &Record, kinds: &PeerKinds, activity: &DirectActivity) -> Value {
     let mut value = json!({
         "containerId": record.container_id,
         "ifname": record.ifname,
@@ -154,12 +155,19 @@ fn attachment(record: &Record, kinds: &PeerKinds) -> Value {
     });
     let pod = record.live_netns(None);
     let device = wireguard::backend(record.backend).read(&record.link(pod.as_ref()));
-    add_peers(&mut value, device, kinds);
+    let activity = activity.get(&store::attachment_id(&record.container_id, &record.ifname));
+    add_peers(&mut value, device, kinds, activity);
     value
 }
 
-/// The link's peers, each labelled with what it is, or the error reading the link.
-fn add_peers(value: &mut Value, device: Result<wireguard::DeviceState>, kinds: &PeerKinds) {
+/// The link's peers, each labelled with what it is, or the error reading the link; a direct
+/// peer with its idle time as the agent last saw it (`activity`).
+fn add_peers(
+    value: &mut Value,
+    device: Result<wireguard::DeviceState>,
+    kinds: &PeerKinds,
+    activity: Option<&BTreeMap<String, PeerActivity>>,
+) {
     let device = match device {
         Ok(device) => device,
         Err(e) => {
@@ -202,6 +210,12 @@ fn add_peers(value: &mut Value, device: Result<wireguard::DeviceState>, kinds: &
                 Some("local pod" | "remote pod") => json!("direct"),
                 _ => Value::Null,
             };
+            let idle = match path.as_str() {
+                Some("direct") => activity
+                    .and_then(|a| a.get(&key))
+                    .map(|seen| idle_seconds(seen, p.stats.rx_bytes, p.stats.tx_bytes, now)),
+                _ => None,
+            };
             json!({
                 "kind": kind,
                 "path": path,
@@ -212,12 +226,23 @@ fn add_peers(value: &mut Value, device: Result<wireguard::DeviceState>, kinds: &
                 "allowedIps": p.config.allowed_ips.iter().map(|ip| format!("{}/{}", ip.address, ip.cidr)).collect::<Vec<_>>(),
                 "latestHandshake": handshake,
                 "latestHandshakeSecondsAgo": ago,
+                "idleSeconds": idle,
                 "rxBytes": p.stats.rx_bytes,
                 "txBytes": p.stats.tx_bytes,
             })
         })
         .collect();
     value["peers"] = peers.into();
+}
+
+/// Seconds since the peer last carried data: since the agent saw its counters move, or 0
+/// when they moved after the agent's last look (it writes what it saw every few seconds).
+fn idle_seconds(seen: &PeerActivity, rx: u64, tx: u64, now: SystemTime) -> u64 {
+    if (rx, tx) != (seen.rx, seen.tx) {
+        return 0;
+    }
+    let active = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seen.last_active);
+    now.duration_since(active).map_or(0, |d| d.as_secs())
 }
 
 fn print_table(networks: &[Value]) {
@@ -300,8 +325,11 @@ fn print_table(networks: &[Value]) {
                     (Some(kind), _) => kind.to_string(),
                     _ => String::new(),
                 };
-                let kind = match p["path"].as_str() {
-                    Some("pending") => format!("{kind}, pending"),
+                let kind = match (p["path"].as_str(), p["idleSeconds"].as_u64()) {
+                    (Some("pending"), _) => format!("{kind}, pending"),
+                    (Some("direct"), Some(0)) => format!("{kind}, direct, active"),
+                    (Some("direct"), Some(idle)) => format!("{kind}, direct, idle {idle} s"),
+                    (Some("direct"), None) => format!("{kind}, direct"),
                     _ => kind,
                 };
                 println!(

@@ -1766,24 +1766,30 @@ fn wait_for_relays(cluster: &Cluster) {
     assert!(ready, "the relays have no sessions after {CONVERGE:?}");
 }
 
-/// Issue 21's direct path: the first ping to a never-contacted pod is answered through the
-/// relay; both ends then hold direct peers (across nodes and on one node); a pair whose one
-/// end lost its direct peer is not cut off (the other end sees the relayed traffic and gives
-/// the pair back to the relay); idle direct peers go and traffic resumes through the relay.
+/// Issue 21's direct path on three nodes: the first ping to a never-contacted pod is answered
+/// through the relay; both ends then hold direct peers (on one node, across two, and between
+/// the two other nodes); a pair whose one end lost its direct peer is not cut off (the other
+/// end sees the relayed traffic and gives the pair back to the relay); `wg-cni show` counts a
+/// quiet direct peer's idle time; idle direct peers go and traffic resumes through the relay.
 #[test]
 fn on_demand_pairs_go_direct_when_traffic_flows_and_back_when_idle() {
-    let idle = 6;
-    let cluster = on_demand_cluster(2, idle);
-    let (a, a2, b) = (add(&cluster, 0), add(&cluster, 0), add(&cluster, 1));
+    let idle = 10;
+    let cluster = on_demand_cluster(3, idle);
+    let (a, a2, b, c) = (
+        add(&cluster, 0),
+        add(&cluster, 0),
+        add(&cluster, 1),
+        add(&cluster, 2),
+    );
     wait_for_relays(&cluster);
-    for pod in [&a, &a2, &b] {
+    for pod in [&a, &a2, &b, &c] {
         assert!(
             pod_peers(&cluster, pod).is_empty(),
             "no pod peer before any traffic"
         );
     }
 
-    for (x, y) in [(&a, &a2), (&a, &b)] {
+    for (x, y) in [(&a, &a2), (&a, &b), (&b, &c)] {
         assert!(
             ping_once(&x.pod, &y.ip),
             "the first ping {} -> {} went unanswered",
@@ -1805,11 +1811,22 @@ fn on_demand_pairs_go_direct_when_traffic_flows_and_back_when_idle() {
         assert!(ping_once(&x.pod, &y.ip) && ping_once(&y.pod, &x.ip));
     }
     // CHECK takes direct peers of current pods for what they are.
-    for pod in [&a, &a2, &b] {
+    for pod in [&a, &a2, &b, &c] {
         let mut conf = cluster.conf(pod.node);
         conf["prevResult"] = pod.result.clone();
         cluster.cni_with(pod.node, "CHECK", &pod.pod, &conf).ok();
     }
+
+    // c's DEL takes b's direct peer for c along at once (c's address may be a new pod's
+    // soon), not at the promoter's next sweep.
+    let key_c = public_key_of(&cluster, &c);
+    cluster.cni(c.node, "DEL", &c.pod).ok();
+    let within = direct_within() / 2;
+    let forgotten = wait_for(within, || !pod_peers(&cluster, &b).contains_key(&key_c));
+    assert!(
+        forgotten,
+        "b still holds a peer for c {within:?} after c's DEL"
+    );
 
     // a loses its direct peer for b (as after a restart without its state): a's packets go
     // through the relay again, b's node sees them and takes b's direct route back at once.
@@ -1833,9 +1850,22 @@ fn on_demand_pairs_go_direct_when_traffic_flows_and_back_when_idle() {
     let answered = wait_for(direct_within(), || ping_once(&a.pod, &b.ip));
     assert!(answered, "a pair with one direct end stayed cut off");
 
-    // Idle: both ends' direct peers go, then the relay carries the pair again.
+    // Idle: show counts the quiet direct peers' idle time, then both ends' direct peers go
+    // and the relay carries the pairs again.
     let quiet = Duration::from_secs(idle) + direct_within() * 3;
+    let mut longest_idle = 0;
     let trimmed = wait_for(quiet, || {
+        for node in 0..3 {
+            for a in show(&cluster, node)["attachments"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                for p in a["peers"].as_array().into_iter().flatten() {
+                    longest_idle = longest_idle.max(p["idleSeconds"].as_u64().unwrap_or(0));
+                }
+            }
+        }
         [&a, &a2, &b]
             .iter()
             .all(|pod| pod_peers(&cluster, pod).is_empty())
@@ -1847,7 +1877,146 @@ fn on_demand_pairs_go_direct_when_traffic_flows_and_back_when_idle() {
         pod_peers(&cluster, &a2),
         pod_peers(&cluster, &b)
     );
+    assert!(
+        longest_idle >= 3,
+        "show never reported a quiet direct peer idle for 3 s (longest: {longest_idle} s)"
+    );
     assert!(ping_once(&a.pod, &b.ip), "no relay after the trim");
+}
+
+/// Datagrams received since `since`: the first one's delay and the longest gap between two
+/// (from `since` on).
+fn arrivals_after(
+    arrivals: &std::sync::Mutex<Vec<std::time::Instant>>,
+    since: std::time::Instant,
+) -> Option<(Duration, Duration)> {
+    let arrivals = arrivals.lock().unwrap();
+    let after: Vec<_> = arrivals.iter().filter(|t| **t >= since).collect();
+    let first = after.first()?.duration_since(since);
+    let gap = after
+        .windows(2)
+        .map(|w| w[1].duration_since(*w[0]))
+        .max()
+        .unwrap_or_default();
+    Some((first, gap.max(first)))
+}
+
+/// A one-way UDP flow between pods on two nodes (no answer ever helps the pair along): it
+/// goes direct, pauses until both direct peers are trimmed and resumes through the relay
+/// within 5 s; direct again, the sender's end loses its direct peer while the flow runs (as
+/// after a restart without its state) and the receiver's node, seeing the flow relayed, gives
+/// its pod the relay back: no gap over 5 s.
+#[test]
+fn a_one_way_udp_flow_recovers_within_5_s_across_trims() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    let recover = Duration::from_secs(5);
+    let idle = 4;
+    let cluster = on_demand_cluster(2, idle);
+    let (a, b) = (add(&cluster, 0), add(&cluster, 1));
+    wait_for_relays(&cluster);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sending = Arc::new(AtomicBool::new(true));
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let receiver = {
+        let (stop, arrivals) = (stop.clone(), arrivals.clone());
+        in_netns(Some(b.pod.path.clone()), move || {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            port_tx.send(socket.local_addr().unwrap().port()).unwrap();
+            let mut buf = [0u8; 64];
+            while !stop.load(Ordering::Relaxed) {
+                if socket.recv(&mut buf).is_ok() {
+                    arrivals.lock().unwrap().push(Instant::now());
+                }
+            }
+        })
+    };
+    let to: std::net::SocketAddr = format!("{}:{}", b.ip, port_rx.recv().unwrap())
+        .parse()
+        .unwrap();
+    let sender = {
+        let (stop, sending) = (stop.clone(), sending.clone());
+        in_netns(Some(a.pod.path.clone()), move || {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                if sending.load(Ordering::Relaxed) {
+                    let _ = socket.send_to(b"one way", to);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let both_direct = || holds_direct(&cluster, &a, &b) && holds_direct(&cluster, &b, &a);
+    let outcome = (|| -> Result<(), String> {
+        if !wait_for(direct_within() + Duration::from_secs(2), both_direct) {
+            return Err("the one-way flow never went direct".into());
+        }
+        sending.store(false, Ordering::Relaxed);
+        let quiet = Duration::from_secs(idle) + direct_within() * 3;
+        let trimmed = wait_for(quiet, || {
+            pod_peers(&cluster, &a).is_empty() && pod_peers(&cluster, &b).is_empty()
+        });
+        if !trimmed {
+            return Err(format!(
+                "direct peers still there {quiet:?} after the flow paused"
+            ));
+        }
+        let resumed = Instant::now();
+        sending.store(true, Ordering::Relaxed);
+        std::thread::sleep(recover + Duration::from_secs(1));
+        match arrivals_after(&arrivals, resumed) {
+            Some((first, _)) if first <= recover => {
+                println!("resumed after the trim: first datagram after {first:?}")
+            }
+            other => return Err(format!("resumed after the trim: {other:?} (first, gap)")),
+        }
+
+        if !wait_for(direct_within() + Duration::from_secs(2), both_direct) {
+            return Err("the resumed flow never went direct again".into());
+        }
+        let host_a = show(&cluster, 0)["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["containerId"] == a.pod.id.as_str())
+            .unwrap()["link"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let key_b = public_key_of(&cluster, &b);
+        let cut = Instant::now();
+        let removed = if expected_backend() == "kernel" {
+            a.pod.exec(&["wg", "set", "eth0", "peer", &key_b, "remove"])
+        } else {
+            cluster.nodes[0].exec(&["wg", "set", &host_a, "peer", &key_b, "remove"])
+        };
+        assert!(removed.status.success());
+        std::thread::sleep(recover + Duration::from_secs(1));
+        match arrivals_after(&arrivals, cut) {
+            Some((first, gap)) if gap <= recover => println!(
+                "sender's direct peer removed: first datagram after {first:?}, longest gap {gap:?}"
+            ),
+            other => {
+                return Err(format!(
+                    "sender's direct peer removed: {other:?} (first, gap)"
+                ));
+            }
+        }
+        Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    sender.join().unwrap();
+    receiver.join().unwrap();
+    for p in [&a, &b] {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+    outcome.unwrap();
 }
 
 /// A TCP stream between two pods on two nodes across every switch: it starts on the relay,

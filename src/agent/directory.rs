@@ -28,7 +28,18 @@ pub struct Directory {
     by_key: HashMap<Key, Arc<RemotePod>>,
     /// Nodes whose agent is silent (inside the grace period): their direct peers are kept.
     stale: HashSet<String>,
+    /// Filled from a complete list of the network: until then a pod missing here may only
+    /// not be listed yet, and no direct peer is removed for it.
+    complete: bool,
+    /// Keys removed or rewritten since the promoter last took them (`take_changed`), so a
+    /// pod's DEL or new address reaches its direct peers at once, not at the next sweep.
+    changed: Vec<Key>,
+    /// More changes than `CHANGED_MAX` came: the promoter checks every pair instead.
+    changed_overflow: bool,
 }
+
+/// Changed keys kept for the promoter; beyond, it checks all its pairs.
+const CHANGED_MAX: usize = 4096;
 
 pub type SharedDirectory = Arc<RwLock<Directory>>;
 
@@ -43,6 +54,24 @@ impl Directory {
 
     pub fn is_stale(&self, node: &str) -> bool {
         self.stale.contains(node)
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// The network's records were listed in full (the index holds them all).
+    pub fn mark_complete(&mut self) {
+        self.complete = true;
+    }
+
+    /// The keys changed since the last call, or `None` when too many did to keep (check all).
+    pub fn take_changed(&mut self) -> Option<Vec<Key>> {
+        if std::mem::take(&mut self.changed_overflow) {
+            self.changed.clear();
+            return None;
+        }
+        Some(std::mem::take(&mut self.changed))
     }
 
     pub fn len(&self) -> usize {
@@ -62,6 +91,10 @@ impl Directory {
         let Some(pod) = self.by_key.remove(key) else {
             return;
         };
+        match self.changed.len() < CHANGED_MAX {
+            true => self.changed.push(key.clone()),
+            false => self.changed_overflow = true,
+        }
         for ip in &pod.peer.allowed_ips {
             // Only if the address still names this pod (a newer record may hold it).
             if self
@@ -110,6 +143,31 @@ mod tests {
             },
             relayed: true,
         }
+    }
+
+    #[test]
+    fn removed_keys_wait_for_the_promoter_and_too_many_ask_for_a_full_check() {
+        let mut directory = Directory::default();
+        let gone = pod("n2", "10.0.2.5/32");
+        directory.insert(gone.clone());
+        assert_eq!(
+            directory.take_changed(),
+            Some(vec![]),
+            "an insert is no change"
+        );
+        directory.remove(&gone.peer.public_key);
+        assert_eq!(
+            directory.take_changed(),
+            Some(vec![gone.peer.public_key.clone()])
+        );
+        assert_eq!(directory.take_changed(), Some(vec![]), "taken once");
+        for _ in 0..=CHANGED_MAX {
+            let p = pod("n2", "10.0.2.6/32");
+            directory.insert(p.clone());
+            directory.remove(&p.peer.public_key);
+        }
+        assert_eq!(directory.take_changed(), None);
+        assert_eq!(directory.take_changed(), Some(vec![]));
     }
 
     #[test]

@@ -74,6 +74,14 @@ pub struct Index {
 }
 
 impl Index {
+    /// The network was listed in full and the index took it in: the directory is complete.
+    pub fn mark_complete(&self) {
+        self.directory
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .mark_complete();
+    }
+
     /// An empty index; `directory` is emptied with it (a restarted loop lists anew).
     pub fn new(keepalive: Option<u16>, peering: Peering, directory: SharedDirectory) -> Index {
         *directory.write().unwrap_or_else(|p| p.into_inner()) = Directory::default();

@@ -652,6 +652,7 @@ impl NetworkLoop {
         if !self.synced || !self.status.first_sync_done(&self.net.name) {
             return;
         }
+        self.index.mark_complete();
         let (files, work) = if full {
             self.next_reconcile = Instant::now() + self.settings.resync_interval;
             (Files::Verify(self.index.snapshot()), Work::Resync)

@@ -40,6 +40,9 @@ const OUT_OF_STEP_FILE: &str = ".out-of-step.json";
 /// In a node's directory: the boot in which no record of an earlier boot was left
 /// (`note_earlier_boots_cleared`).
 const CLEARED_BOOT_FILE: &str = ".cleared-boot.json";
+/// In a node's directory: when the agent last saw data on each on-demand direct peer
+/// (`DirectActivity`), for `wg-cni show`.
+const DIRECT_ACTIVITY_FILE: &str = ".direct-activity.json";
 const TEMP_PREFIX: &str = ".tmp-";
 /// An attachment's lock file: `.lock-<containerID>:<ifname>`, never `.json` (a lock is no
 /// record). Releases before this name added a record's `.json`; GC removes those.
@@ -207,6 +210,25 @@ impl Default for RemoteNode {
 pub struct NodesFile<T> {
     pub schema: u32,
     pub nodes: BTreeMap<String, T>,
+}
+
+/// What the agent last saw of a direct peer's traffic: the counters as they were when they
+/// last moved, and when (Unix seconds). Counters still equal to these mean the peer has been
+/// idle since `last_active`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerActivity {
+    pub last_active: u64,
+    pub rx: u64,
+    pub tx: u64,
+}
+
+/// Direct peers' activity by attachment (`attachment_id`), then peer public key.
+pub type DirectActivity = BTreeMap<String, BTreeMap<String, PeerActivity>>;
+
+/// An attachment's name in `DirectActivity`: `<containerID>:<ifname>`.
+pub fn attachment_id(container_id: &str, ifname: &str) -> String {
+    format!("{container_id}{SEPARATOR}{ifname}")
 }
 
 fn mesh() -> Peering {
@@ -759,6 +781,19 @@ impl Store {
 
     fn out_of_step(&self) -> Vec<(String, String)> {
         fs::read(self.node_dir().join(OUT_OF_STEP_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    /// Replace what the agent saw of direct peers' activity (see `DirectActivity`).
+    pub fn put_direct_activity(&self, activity: &DirectActivity) -> Result<()> {
+        self.write_json(DIRECT_ACTIVITY_FILE, activity)
+    }
+
+    /// What the agent last wrote of direct peers' activity; empty without a readable file.
+    pub fn direct_activity(&self) -> DirectActivity {
+        fs::read(self.node_dir().join(DIRECT_ACTIVITY_FILE))
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default()

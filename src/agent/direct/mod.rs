@@ -27,7 +27,7 @@ use wireguard_control::Key;
 use crate::cni::{NetConf, Peering, Result};
 use crate::mesh;
 use crate::reconcile;
-use crate::store::{Record, State, Store};
+use crate::store::{self, DirectActivity, PeerActivity, Record, State, Store};
 use crate::wireguard::{self, Peer, Update};
 
 use super::Settings;
@@ -41,6 +41,8 @@ const ACTIVITY_POLL: Duration = Duration::from_secs(1);
 /// How often a cooling peer's counters are read: data from the other end, which still sends
 /// directly, is dropped until the route is back.
 const COOLING_POLL: Duration = Duration::from_millis(50);
+/// How often, at most, the direct peers' activity is written for `wg-cni show`.
+const ACTIVITY_WRITE: Duration = Duration::from_secs(5);
 /// How often gone records and links are swept, confs re-read, peers on links adopted.
 const SWEEP: Duration = Duration::from_secs(5);
 /// Node-wide promotions per second, and the burst allowed.
@@ -125,6 +127,9 @@ pub struct Promoter {
     next_activity: Instant,
     last_cooling_poll: Instant,
     next_sweep: Instant,
+    /// The activity last written per network, and when the next write may be.
+    activity_written: HashMap<String, DirectActivity>,
+    next_activity_write: Instant,
 }
 
 /// Start the promoter thread; it ends when `flows` closes.
@@ -149,6 +154,8 @@ pub fn spawn(
         next_activity: now,
         last_cooling_poll: now,
         next_sweep: now,
+        activity_written: HashMap::new(),
+        next_activity_write: now,
     };
     std::thread::Builder::new()
         .name("promoter".into())
@@ -192,6 +199,7 @@ impl Promoter {
 
     fn tick(&mut self, now: Instant) {
         self.replay_deferred(now);
+        self.follow_directories();
         if now >= self.next_sweep {
             self.sweep(now);
             self.next_sweep = now + SWEEP;
@@ -206,6 +214,72 @@ impl Promoter {
         }
         self.poll(now, all, cooling);
         self.pairs.retain(|_, p| !p.pair.is_over(now));
+        if all && now >= self.next_activity_write {
+            self.write_activity(now);
+            self.next_activity_write = now + ACTIVITY_WRITE;
+        }
+    }
+
+    /// Write each network's direct peers' activity where it changed (the file is `wg-cni
+    /// show`'s only source of idle times: the devices keep no time of the last data).
+    fn write_activity(&mut self, now: Instant) {
+        let wall = std::time::SystemTime::now();
+        let mut activity: HashMap<String, DirectActivity> = self
+            .networks
+            .keys()
+            .map(|network| (network.clone(), DirectActivity::new()))
+            .collect();
+        for ((link, key), state) in &self.pairs {
+            let pair::Phase::Direct {
+                last_active,
+                rx,
+                tx,
+                ..
+            } = state.pair.phase
+            else {
+                continue;
+            };
+            let last_active = wall - now.duration_since(last_active);
+            let last_active = last_active
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            activity
+                .entry(link.network.clone())
+                .or_default()
+                .entry(store::attachment_id(&link.container_id, &link.ifname))
+                .or_default()
+                .insert(
+                    key.to_base64(),
+                    PeerActivity {
+                        last_active,
+                        rx,
+                        tx,
+                    },
+                );
+        }
+        for (network, activity) in activity {
+            if self.activity_written.get(&network) == Some(&activity) {
+                continue;
+            }
+            let Some(conf) = self.networks.get(&network).map(|n| &n.conf) else {
+                continue;
+            };
+            let written =
+                Store::open_existing(&conf.store, &conf.name, &self.node).and_then(|store| {
+                    match store {
+                        Some(store) => store.put_direct_activity(&activity),
+                        None => Ok(()),
+                    }
+                });
+            match written {
+                Ok(()) => {
+                    self.activity_written.insert(network, activity);
+                }
+                Err(e) => {
+                    tracing::debug!(%network, error = %e, "cannot write direct peers' activity")
+                }
+            }
+        }
     }
 
     fn on_flow(&mut self, flow: Flow) {
@@ -528,13 +602,18 @@ impl Promoter {
             })
             .map(|(id, _)| id.clone())
             .collect();
-        for id in gone {
+        self.remove_pairs(gone);
+        self.adopt(now);
+    }
+
+    /// Forget these pairs, removing their peers from the links still there.
+    fn remove_pairs(&mut self, pairs: Vec<(LinkId, Key)>) {
+        for id in pairs {
             if let Some(state) = self.pairs.remove(&id) {
                 let addresses = self.addresses_of(&id.0).unwrap_or_default();
                 self.execute(&id.0, &addresses, &state.target, &[Action::Remove]);
             }
         }
-        self.adopt(now);
     }
 
     fn addresses_of(&self, link: &LinkId) -> Option<Vec<IpNetwork>> {
@@ -555,7 +634,42 @@ impl Promoter {
         }
         let directory = self.directories.of(network);
         let directory = directory.read().unwrap_or_else(|p| p.into_inner());
-        directory.by_key(key).is_some_and(|p| p.relayed)
+        // Until the network was listed in full, a missing pod may only be unlisted yet.
+        !directory.is_complete()
+            || directory
+                .by_key(key)
+                .is_some_and(|p| p.relayed && p.peer == target.peer)
+    }
+
+    /// Remove at once the pairs whose remote pod left or changed (a DEL, a new address or
+    /// endpoint) since the last look: a removed pod's address may be another pod's soon.
+    fn follow_directories(&mut self) {
+        let networks: Vec<String> = self.networks.keys().cloned().collect();
+        for network in networks {
+            let changed = self
+                .directories
+                .of(&network)
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .take_changed();
+            if changed.as_ref().is_some_and(Vec::is_empty) {
+                continue;
+            }
+            let changed: Option<HashSet<Key>> = changed.map(|keys| keys.into_iter().collect());
+            let gone: Vec<(LinkId, Key)> = self
+                .pairs
+                .iter()
+                .filter(|((link, key), state)| {
+                    link.network == network
+                        && state.pair.holds_a_peer()
+                        && state.target.node != self.node
+                        && changed.as_ref().is_none_or(|c| c.contains(key))
+                        && !self.is_current(&network, key, &state.target)
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            self.remove_pairs(gone);
+        }
     }
 
     fn read_networks(&mut self, now: Instant) {
