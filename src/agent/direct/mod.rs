@@ -108,8 +108,15 @@ struct Network {
     conf: NetConf,
     /// This node's gateway link of the network (its relayed flows are this network's).
     gateway: Option<String>,
-    /// This node's ready pods by address.
-    locals: HashMap<IpAddr, Arc<Local>>,
+    locals: Locals,
+}
+
+/// This node's ready pods of a network, by address, by link and by key.
+#[derive(Default)]
+struct Locals {
+    by_address: HashMap<IpAddr, Arc<Local>>,
+    by_link: HashMap<LinkId, Arc<Local>>,
+    by_key: HashMap<Key, Arc<Local>>,
 }
 
 pub struct Promoter {
@@ -358,7 +365,12 @@ impl Promoter {
 
     /// This node's pod at `ip`, as last read.
     fn local(&self, network: &str, ip: &IpAddr) -> Option<Arc<Local>> {
-        self.networks.get(network)?.locals.get(ip).cloned()
+        self.networks
+            .get(network)?
+            .locals
+            .by_address
+            .get(ip)
+            .cloned()
     }
 
     fn read_locals(&mut self, network: &str) {
@@ -376,7 +388,7 @@ impl Promoter {
         net.gateway = gateway
             .filter(|g| g.boot_id == self.boot_id)
             .map(|g| g.host_name);
-        net.locals = locals_by_address(network, &self.node, &self.boot_id, records);
+        net.locals = Locals::of(network, &self.node, &self.boot_id, records);
     }
 
     /// Relayed traffic between `local` and `target`: promote the pair, or tell it.
@@ -442,12 +454,7 @@ impl Promoter {
                 continue;
             };
             let idle = net.conf.idle_peer_timeout;
-            let Some(addresses) = net
-                .locals
-                .values()
-                .find(|l| l.id == link)
-                .map(|l| l.addresses.clone())
-            else {
+            let Some(addresses) = net.locals.by_link.get(&link).map(|l| l.addresses.clone()) else {
                 // The pod went: its link with it.
                 for key in keys {
                     self.pairs.remove(&(link.clone(), key));
@@ -618,10 +625,7 @@ impl Promoter {
 
     fn addresses_of(&self, link: &LinkId) -> Option<Vec<IpNetwork>> {
         let net = self.networks.get(&link.network)?;
-        net.locals
-            .values()
-            .find(|l| l.id == *link)
-            .map(|l| l.addresses.clone())
+        net.locals.by_link.get(link).map(|l| l.addresses.clone())
     }
 
     /// The pair's remote end is still a current record (a stale node's are, for its grace).
@@ -630,7 +634,7 @@ impl Promoter {
             return self
                 .networks
                 .get(network)
-                .is_some_and(|n| n.locals.values().any(|l| l.as_target.key() == key));
+                .is_some_and(|n| n.locals.by_key.contains_key(key));
         }
         let directory = self.directories.of(network);
         let directory = directory.read().unwrap_or_else(|p| p.into_inner());
@@ -690,7 +694,7 @@ impl Promoter {
                 .or_insert_with(|| Network {
                     conf: network.conf.clone(),
                     gateway: None,
-                    locals: HashMap::new(),
+                    locals: Locals::default(),
                 });
             entry.conf = network.conf;
             self.read_locals(&network.name);
@@ -706,12 +710,10 @@ impl Promoter {
             .networks
             .iter()
             .flat_map(|(name, n)| {
-                let unique: HashMap<LinkId, Arc<Local>> = n
-                    .locals
+                n.locals
+                    .by_link
                     .values()
-                    .map(|l| (l.id.clone(), Arc::clone(l)))
-                    .collect();
-                unique.into_values().map(move |l| (name.clone(), l))
+                    .map(move |l| (name.clone(), Arc::clone(l)))
             })
             .collect();
         for (network, local) in links {
@@ -743,13 +745,7 @@ impl Promoter {
 
     /// A pod of this network by key: another on-demand node's (directory) or this node's.
     fn target_by_key(&self, network: &str, key: &Key) -> Option<Target> {
-        if let Some(local) = self
-            .networks
-            .get(network)?
-            .locals
-            .values()
-            .find(|l| l.as_target.key() == key)
-        {
+        if let Some(local) = self.networks.get(network)?.locals.by_key.get(key) {
             return Some(local.as_target.clone());
         }
         let directory = self.directories.of(network);
@@ -762,38 +758,37 @@ impl Promoter {
     }
 }
 
-/// This node's ready pods of this boot, by each of their addresses.
-fn locals_by_address(
-    network: &str,
-    node: &str,
-    boot_id: &str,
-    records: Vec<Record>,
-) -> HashMap<IpAddr, Arc<Local>> {
-    let mut locals = HashMap::new();
-    for record in records
-        .into_iter()
-        .filter(|r| r.state == State::Ready && r.boot_id == boot_id)
-    {
-        let Ok(peer) = mesh::peer_of(&record, None) else {
-            continue;
-        };
-        let local = Arc::new(Local {
-            id: LinkId {
-                network: network.to_string(),
-                container_id: record.container_id.clone(),
-                ifname: record.ifname.clone(),
-            },
-            as_target: Target {
-                node: node.to_string(),
-                peer,
-            },
-            addresses: record.addresses.clone(),
-        });
-        for address in &record.addresses {
-            locals.insert(address.ip(), Arc::clone(&local));
+impl Locals {
+    /// This node's ready pods of this boot among `records`.
+    fn of(network: &str, node: &str, boot_id: &str, records: Vec<Record>) -> Locals {
+        let mut locals = Locals::default();
+        for record in records
+            .into_iter()
+            .filter(|r| r.state == State::Ready && r.boot_id == boot_id)
+        {
+            let Ok(peer) = mesh::peer_of(&record, None) else {
+                continue;
+            };
+            let local = Arc::new(Local {
+                id: LinkId {
+                    network: network.to_string(),
+                    container_id: record.container_id.clone(),
+                    ifname: record.ifname.clone(),
+                },
+                as_target: Target {
+                    node: node.to_string(),
+                    peer,
+                },
+                addresses: record.addresses.clone(),
+            });
+            for address in &record.addresses {
+                locals.by_address.insert(address.ip(), Arc::clone(&local));
+            }
+            locals.by_link.insert(local.id.clone(), Arc::clone(&local));
+            locals.by_key.insert(local.as_target.key().clone(), local);
         }
+        locals
     }
-    locals
 }
 
 /// The pair's conntrack entries on this node, every family both ends have: the path of its

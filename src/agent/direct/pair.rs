@@ -101,6 +101,18 @@ pub enum Phase {
     Done,
 }
 
+impl Phase {
+    /// Direct from `now` on, the counters as `seen`.
+    fn direct(now: Instant, seen: Seen) -> Phase {
+        Phase::Direct {
+            since: now,
+            last_active: now,
+            rx: seen.rx,
+            tx: seen.tx,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Pair {
     pub phase: Phase,
@@ -129,12 +141,7 @@ impl Pair {
     /// A peer found on the link (after a restart of the agent): taken as it is.
     pub fn adopt(now: Instant, initiator: bool, routed: bool, seen: Seen) -> Pair {
         let phase = match routed {
-            true => Phase::Direct {
-                since: now,
-                last_active: now,
-                rx: seen.rx,
-                tx: seen.tx,
-            },
+            true => Phase::direct(now, seen),
             false => Phase::Cooling {
                 since: now,
                 rx: seen.rx,
@@ -235,12 +242,7 @@ impl Pair {
                         };
                         return Vec::new();
                     }
-                    self.phase = Phase::Direct {
-                        since: now,
-                        last_active: now,
-                        rx: seen.rx,
-                        tx: seen.tx,
-                    };
+                    self.phase = Phase::direct(now, seen);
                     return vec![Action::Route, Action::ForgetConntrack];
                 }
                 let waited = now.duration_since(since);
@@ -293,12 +295,7 @@ impl Pair {
             } => {
                 if seen.rx != rx && seen.handshake_age.is_some_and(|age| age < SESSION_ALIVE) {
                     // The other end still sends directly: take it back before its data is lost.
-                    self.phase = Phase::Direct {
-                        since: now,
-                        last_active: now,
-                        rx: seen.rx,
-                        tx: seen.tx,
-                    };
+                    self.phase = Phase::direct(now, seen);
                     return vec![Action::Route, Action::ForgetConntrack];
                 }
                 if now.duration_since(since) >= COOLDOWN.min(idle_timeout) {
