@@ -20,6 +20,7 @@ pub mod nat;
 pub mod netns;
 pub mod node_paths;
 pub mod ports;
+pub mod readiness;
 pub mod reconcile;
 pub mod show;
 pub mod store;

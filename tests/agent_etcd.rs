@@ -1299,6 +1299,74 @@ fn plugin_status(node: &Node) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// Item 5 of issue 22: STATUS answers 50, naming the agent, until the agent serving the
+/// network has synced in this boot; then 0, and still 0 once the agent and etcd are gone (ADD
+/// works from the mirror). A marker of an earlier boot does not count.
+#[test]
+fn status_waits_for_the_agents_first_sync_in_this_boot_and_not_after() {
+    in_netns(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Node::new(dir.path(), "a", 0, Subnet::Operator("10.10.1.0/24"), &[]);
+        let status_of = |node: &Node| -> (i64, String) {
+            let out = plugin_status(node);
+            if out.status.success() {
+                return (0, String::new());
+            }
+            let body: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            let msg = body["msg"].as_str().unwrap_or_default().to_string();
+            (body["code"].as_i64().unwrap_or(-1), msg)
+        };
+        let (code, msg) = status_of(&a);
+        assert_eq!(code, 50, "{msg}");
+        assert!(
+            msg.contains("no node agent") && msg.contains("--node a"),
+            "{msg}"
+        );
+
+        // The agent runs but etcd is not there: not synced, still 50.
+        a.start(&format!("http://127.0.0.1:{CLIENT_PORT}"));
+        wait_for("/healthz 200", WAIT, || a.http("/healthz") == 200);
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(status_of(&a).0, 50);
+        assert_eq!(a.http("/readyz"), 503);
+
+        let mut etcd = Etcd::start(dir.path(), None);
+        wait_for(
+            "STATUS 0 after the first sync",
+            Duration::from_secs(20),
+            || status_of(&a).0 == 0,
+        );
+        assert_eq!(a.http("/readyz"), 200, "STATUS went green before /readyz");
+        let marker: Value = serde_json::from_str(
+            &fs::read_to_string(a.dir_of("a").join(".agent-ready.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(marker["bootId"], json!(boot_id()));
+        assert_eq!(marker["subnets"], json!(["10.10.1.0/24"]));
+
+        // An outage of the agent, then of etcd, changes nothing.
+        a.kill();
+        assert_eq!(status_of(&a), (0, String::new()));
+        etcd.kill();
+        assert_eq!(status_of(&a), (0, String::new()));
+
+        // After a reboot (a marker of another boot), 50 until the agent has synced again.
+        let mut earlier = marker.clone();
+        earlier["bootId"] = json!("an-earlier-boot");
+        fs::write(a.dir_of("a").join(".agent-ready.json"), earlier.to_string()).unwrap();
+        let (code, msg) = status_of(&a);
+        assert_eq!(code, 50, "{msg}");
+        assert!(msg.contains("since this host booted"), "{msg}");
+        etcd.restart();
+        a.start(&etcd.url());
+        wait_for("STATUS 0 after a new sync", Duration::from_secs(20), || {
+            status_of(&a).0 == 0
+        });
+        a.kill();
+        drop(etcd);
+    });
+}
+
 /// L3: a leased claim that disappears comes back as the subnet `subnet.json` names (the node's
 /// pods have addresses there), not as the lowest free one. If another node took it meanwhile:
 /// with live pods the node says so (ADD 11, STATUS 50, /readyz naming the conflict); without,

@@ -673,7 +673,11 @@ fn leased_subnets_come_from_the_agent() {
         })
     });
     assert!(leased, "the agents leased no subnets");
-    cluster.cni_with(0, "STATUS", &early, &status_conf).ok();
+    // STATUS turns green once the agent has also synced (its readiness marker).
+    let ready = wait_for(CONVERGE, || {
+        cluster.cni_with(0, "STATUS", &early, &status_conf).code == 0
+    });
+    assert!(ready, "STATUS stayed red after the agent leased its subnet");
     let pods = vec![add(&cluster, 0), add(&cluster, 1)];
     let prefix = |ip: &str| ip.rsplit_once('.').unwrap().0.to_string();
     assert_ne!(

@@ -37,7 +37,7 @@ pub struct NetStatus {
 
 impl NetStatus {
     /// Why the network is not ready, if it is not.
-    fn not_ready(&self) -> Option<String> {
+    pub fn not_ready(&self) -> Option<String> {
         if let Some(e) = &self.subnet_error {
             return Some(e.clone());
         }
@@ -102,7 +102,6 @@ impl AgentStatus {
         self.get(network).is_some_and(|s| s.first_sync_done)
     }
 
-    #[allow(dead_code)] // for the reconciler and `show`
     pub fn get(&self, network: &str) -> Option<NetStatus> {
         self.networks.lock().unwrap().get(network).cloned()
     }

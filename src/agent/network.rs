@@ -56,6 +56,8 @@ pub(super) struct NetworkLoop {
     lease: Option<Lease>,
     watch: Option<EtcdWatch>,
     synced: bool,
+    /// The readiness marker for the plugin's STATUS is written (once per loop).
+    ready_marked: bool,
     next_subnet_try: Instant,
     next_lease_try: Instant,
     next_heartbeat: Instant,
@@ -105,6 +107,7 @@ impl NetworkLoop {
             lease: None,
             watch: None,
             synced: false,
+            ready_marked: false,
             next_subnet_try: now,
             next_lease_try: now,
             next_heartbeat: now,
@@ -215,10 +218,41 @@ impl NetworkLoop {
             // Stale nodes cross the grace period on the clock, not on an event.
             self.mirror_changed(false).await;
         }
+        if !self.ready_marked {
+            self.mark_ready();
+        }
         let verify = self.verify_wanted.swap(false, Ordering::Relaxed);
         if self.synced && (now >= self.next_reconcile || verify) {
             // Periodically: read the mirror back (someone may have touched it) and resync.
             self.mirror_changed(true).await;
+        }
+    }
+
+    /// Once the network is ready as `/readyz` says (subnet known, lease held, first full sync
+    /// done), tell the plugin: its STATUS answers 50 until this boot has the marker.
+    fn mark_ready(&mut self) {
+        let Some(status) = self.status.get(&self.net.name) else {
+            return;
+        };
+        let (Some(subnets), None) = (status.subnets.as_ref(), status.not_ready()) else {
+            return;
+        };
+        if crate::readiness::read(&self.node_dir).is_some_and(|m| m.boot_id == self.boot_id) {
+            self.ready_marked = true;
+            return;
+        }
+        let marker = crate::readiness::Marker::new(&self.boot_id, subnets, crate::host::now_unix());
+        let written = serde_json::to_vec_pretty(&marker)
+            .map_err(anyhow::Error::from)
+            .and_then(|body| {
+                subnet::write_atomic(&self.node_dir, crate::readiness::READY_FILE, &body)
+            });
+        match written {
+            Ok(()) => {
+                tracing::info!(network = %self.net.name, "ready: pods may be added (readiness marker written)");
+                self.ready_marked = true;
+            }
+            Err(e) => self.failed("writing the readiness marker", &e),
         }
     }
 
