@@ -1276,9 +1276,13 @@ fn forget_node_removes_a_dead_nodes_keys_everywhere_and_refuses_a_live_one() {
 
 /// Run the plugin's STATUS (CNI 1.1) for node `node`'s network config.
 fn plugin_status(node: &Node) -> Output {
+    plugin_status_from(node, "10-wg.conflist")
+}
+
+/// Run the plugin's STATUS (CNI 1.1) for the conflist `file` in node `node`'s conf dir.
+fn plugin_status_from(node: &Node, file: &str) -> Output {
     let list: Value =
-        serde_json::from_str(&fs::read_to_string(node.conf_dir.join("10-wg.conflist")).unwrap())
-            .unwrap();
+        serde_json::from_str(&fs::read_to_string(node.conf_dir.join(file)).unwrap()).unwrap();
     let mut conf = list["plugins"][0].clone();
     conf["name"] = json!(NET);
     conf["cniVersion"] = json!("1.1.0");
@@ -1363,6 +1367,109 @@ fn status_waits_for_the_agents_first_sync_in_this_boot_and_not_after() {
             status_of(&a).0 == 0
         });
         a.kill();
+        drop(etcd);
+    });
+}
+
+/// Item 4 of issue 22: the agent serves the network of its conflist template from the start
+/// and writes the conflist rendered for the node (nodeName from --node, endpoint from HOST_IP,
+/// clusterRange from a flag, both spec versions) into the conf dir only once the network is
+/// ready; a stopping agent leaves it. A template that does not render stops the agent at once.
+#[test]
+fn the_conflist_is_written_from_the_template_only_once_the_network_is_ready() {
+    in_netns(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Node::new(dir.path(), "a", 0, Subnet::Lease("10.10.0.0/16"), &[]);
+        let hand_written = a.conf_dir.join("10-wg.conflist");
+        let mut template: Value =
+            serde_json::from_str(&fs::read_to_string(&hand_written).unwrap()).unwrap();
+        fs::remove_file(&hand_written).unwrap();
+        let plugin = template["plugins"][0].as_object_mut().unwrap();
+        for field in ["nodeName", "endpoint", "clusterRange"] {
+            plugin.remove(field);
+        }
+        template["plugins"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "portmap", "capabilities": {"portMappings": true}}));
+        let template_path = dir.path().join("template.conflist");
+        fs::write(&template_path, template.to_string()).unwrap();
+
+        // Bad input first: a template that is not there, or not a conflist.
+        let refuse = |template: &Path, says: &str| {
+            let out = Command::new(env!("CARGO_BIN_EXE_wg-cni-agent"))
+                .args(["--etcd-endpoints", "http://127.0.0.1:1", "--node", "a"])
+                .arg("--store")
+                .arg(&a.store)
+                .arg("--conflist-template")
+                .arg(template)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{stderr}");
+            assert!(stderr.contains(says), "{stderr}");
+        };
+        refuse(&dir.path().join("nope.conflist"), "nope.conflist");
+        let not_a_list = dir.path().join("bad.conflist");
+        fs::write(
+            &not_a_list,
+            json!({"name": NET, "type": "wg-cni"}).to_string(),
+        )
+        .unwrap();
+        refuse(&not_a_list, "must be a conflist");
+
+        a.extra = vec![
+            "--conflist-template".into(),
+            template_path.display().to_string(),
+            "--cluster-range".into(),
+            "10.10.0.0/16".into(),
+        ];
+        a.env = vec![("HOST_IP".into(), "192.0.2.10".into())];
+        let out = a.conf_dir.join("10-wg-cni.conflist");
+        a.start(&format!("http://127.0.0.1:{CLIENT_PORT}"));
+        wait_for("/healthz 200", WAIT, || a.http("/healthz") == 200);
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(!out.exists(), "written before the network was ready");
+        assert_eq!(a.http("/readyz"), 503);
+
+        let etcd = Etcd::start(dir.path(), None);
+        wait_for("the conflist", Duration::from_secs(20), || out.exists());
+        assert_eq!(a.http("/readyz"), 200, "written before /readyz said ready");
+        assert_eq!(a.subnets(), Some(vec!["10.10.0.0/24".to_string()]));
+        let conflist: Value = serde_json::from_str(&fs::read_to_string(&out).unwrap()).unwrap();
+        assert_eq!(conflist["cniVersion"], json!("1.0.0"));
+        assert_eq!(conflist["cniVersions"], json!(["1.0.0", "1.1.0"]));
+        let plugin = &conflist["plugins"][0];
+        assert_eq!(plugin["nodeName"], json!("a"));
+        assert_eq!(plugin["endpoint"], json!("192.0.2.10"));
+        assert_eq!(plugin["clusterRange"], json!("10.10.0.0/16"));
+        assert_eq!(
+            plugin["serviceRange"],
+            json!(SERVICE_RANGE),
+            "the template's stays"
+        );
+        assert_eq!(conflist["plugins"][1]["type"], json!("portmap"));
+        let names: Vec<String> = fs::read_dir(&a.conf_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["10-wg-cni.conflist"], "no temp file left");
+        // The plugin takes the rendered conflist, and the node is ready for it.
+        let status = plugin_status_from(&a, "10-wg-cni.conflist");
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stdout)
+        );
+
+        // SIGTERM: the agent leaves the conflist (and everything else) as it is.
+        let before = fs::read(&out).unwrap();
+        kill(a.pid(), Signal::SIGTERM).unwrap();
+        let mut child = a.child.take().unwrap();
+        wait_for("the agent to exit on SIGTERM", WAIT, || {
+            child.try_wait().unwrap().is_some()
+        });
+        assert_eq!(fs::read(&out).unwrap(), before);
         drop(etcd);
     });
 }

@@ -24,8 +24,9 @@ pub struct AgentArgs {
     /// The key store root (the conflist's "store"); only networks with this store are served.
     #[arg(long, value_name = "DIR", default_value = cni::config::DEFAULT_STORE)]
     store: PathBuf,
-    /// This node's name (the conflist's "nodeName"; default: host name).
-    #[arg(long, value_name = "NAME")]
+    /// This node's name (the conflist's "nodeName"; default: host name). In Kubernetes, the
+    /// downward API's spec.nodeName in NODE_NAME.
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     node: Option<String>,
     /// Where the runtime's conflists are.
     #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
@@ -61,6 +62,35 @@ pub struct AgentArgs {
     /// Where /healthz and /readyz answer.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9765")]
     health_listen: std::net::SocketAddr,
+    /// A conflist template (one wg-cni plugin entry): its network is served from the start,
+    /// and the conflist rendered for this node is written to --conflist-out once the network
+    /// is ready (subnet claimed, lease held, first sync done).
+    #[arg(long, value_name = "FILE")]
+    conflist_template: Option<PathBuf>,
+    /// Where the rendered conflist goes (default: 10-wg-cni.conflist in --cni-conf-dir).
+    #[arg(long, value_name = "FILE", requires = "conflist_template")]
+    conflist_out: Option<PathBuf>,
+    /// This node's address other nodes reach it at, rendered as the template's "endpoint"
+    /// (in Kubernetes: status.hostIP in HOST_IP). Without it the template's value stays
+    /// (none: the plugin takes the default route's source address). Used only with a template.
+    #[arg(long, value_name = "IP", env = "HOST_IP")]
+    endpoint: Option<std::net::IpAddr>,
+    /// Rendered as the template's "clusterRange" (one CIDR, or one per family).
+    #[arg(
+        long,
+        value_name = "CIDR[,CIDR]",
+        value_delimiter = ',',
+        requires = "conflist_template"
+    )]
+    cluster_range: Option<Vec<ipnetwork::IpNetwork>>,
+    /// Rendered as the template's "serviceRange" (one CIDR, or one per family).
+    #[arg(
+        long,
+        value_name = "CIDR[,CIDR]",
+        value_delimiter = ',',
+        requires = "conflist_template"
+    )]
+    service_range: Option<Vec<ipnetwork::IpNetwork>>,
 }
 
 #[derive(clap::Subcommand)]
@@ -105,6 +135,32 @@ pub fn run(args: AgentArgs) -> cni::Result<()> {
             format!("\"{node}\" {}", cni::IDENTIFIER_RULE),
         ));
     }
+    let template = args
+        .conflist_template
+        .clone()
+        .map(|path| agent::template::Template {
+            path,
+            out: args
+                .conflist_out
+                .clone()
+                .unwrap_or_else(|| args.cni_conf_dir.join(DEFAULT_CONFLIST)),
+            values: agent::template::Values {
+                node: node.clone(),
+                endpoint: args.endpoint,
+                cluster_range: args.cluster_range.as_ref().map(|r| strings(r)),
+                service_range: args.service_range.as_ref().map(|r| strings(r)),
+            },
+        });
+    if let Some(template) = &template {
+        // A template that does not render is an operator's mistake: say so and stop, rather
+        // than run an agent that never makes the node ready.
+        template
+            .render(&args.store)
+            .map_err(|e| cni::Error::Decode {
+                context: "cannot serve the template's network".into(),
+                reason: format!("{e:#}"),
+            })?;
+    }
     let settings = agent::Settings {
         etcd_endpoints: args.etcd_endpoints,
         store: args.store,
@@ -120,6 +176,7 @@ pub fn run(args: AgentArgs) -> cni::Result<()> {
         subnet_lease_ttl: Duration::from_secs(args.subnet_lease_ttl),
         resync_interval: Duration::from_secs(args.resync_interval),
         health_listen: args.health_listen,
+        template,
     };
     let status = std::sync::Arc::new(agent::AgentStatus::default());
     let links = std::sync::Arc::new(agent::links::LinkSync::new(&settings)?);
@@ -127,6 +184,13 @@ pub fn run(args: AgentArgs) -> cni::Result<()> {
         context: format!("{e:#}"),
         source: std::io::Error::other("agent stopped"),
     })
+}
+
+/// The conflist the agent writes from its template unless --conflist-out says otherwise.
+const DEFAULT_CONFLIST: &str = "10-wg-cni.conflist";
+
+fn strings(ranges: &[ipnetwork::IpNetwork]) -> Vec<String> {
+    ranges.iter().map(ToString::to_string).collect()
 }
 
 fn forget_node(

@@ -29,6 +29,8 @@ pub struct Settings {
     pub subnet_lease_ttl: Duration,
     pub resync_interval: Duration,
     pub health_listen: SocketAddr,
+    /// Render this conflist template for this node and write it to `out` once ready.
+    pub template: Option<super::template::Template>,
 }
 
 /// One wg-cni network this agent serves.
@@ -73,7 +75,12 @@ pub fn read_networks(dir: &Path, store: &Path) -> Result<Vec<Network>> {
 fn network_in_file(file: &Path) -> Result<Option<Network>> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let value: Value = serde_json::from_slice(&bytes).context("not JSON")?;
-    let Some(plugin) = wg_cni_plugin(&value) else {
+    network_in(&value, file)
+}
+
+/// The wg-cni network a conflist (or `.conf`) holds, if any, checked as the agent needs it.
+pub fn network_in(value: &Value, file: &Path) -> Result<Option<Network>> {
+    let Some(plugin) = wg_cni_plugin(value) else {
         return Ok(None);
     };
     let conf = NetConf::parse(plugin.to_string().as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;

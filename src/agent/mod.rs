@@ -26,6 +26,7 @@ mod publish;
 mod reconciler;
 pub mod subnet;
 mod supervisor;
+pub mod template;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -187,6 +188,7 @@ async fn run_async(
             next_read = tokio::time::Instant::now() + supervisor::CONF_POLL;
         }
         supervisor.restart_ended_loops();
+        supervisor.write_conflist_when_ready();
         status.supervisor_alive();
         tokio::select! {
             Some(()) = conf_changed.recv() => {

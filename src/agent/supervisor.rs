@@ -3,7 +3,9 @@
 //! config changes gets a new loop (the old one is dropped without revoking anything: the new
 //! one re-announces on a lease of its own); one that disappears has its loop stopped, which
 //! revokes its liveness lease and keeps its subnet claim. A loop that ends (a panic) is
-//! restarted with backoff.
+//! restarted with backoff. With a conflist template, its network is served from the start
+//! (the template wins the network's name over the conf dir), and the rendered conflist is
+//! written into the conf dir once that network is ready.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use super::directory::Directories;
 use super::health::AgentStatus;
 use super::network::NetworkLoop;
 use super::reconciler::Reconciler;
+use super::template;
 
 /// The conf dir is re-read at least this often (inotify may be unavailable).
 pub const CONF_POLL: Duration = Duration::from_secs(10);
@@ -45,6 +48,8 @@ pub struct Supervisor {
     directories: Arc<Directories>,
     served: BTreeMap<String, Served>,
     warned_empty: bool,
+    /// The template as last rendered successfully (a later bad edit keeps this one).
+    rendered: Option<template::Rendered>,
 }
 
 impl Supervisor {
@@ -65,6 +70,7 @@ impl Supervisor {
             directories,
             served: BTreeMap::new(),
             warned_empty: false,
+            rendered: None,
         }
     }
 
@@ -94,8 +100,11 @@ impl Supervisor {
                     return;
                 }
             };
-        let wanted: BTreeMap<String, Network> =
+        let mut wanted: BTreeMap<String, Network> =
             networks.into_iter().map(|n| (n.name.clone(), n)).collect();
+        if let Some(rendered) = self.render_template() {
+            wanted.insert(rendered.network.name.clone(), rendered.network.clone());
+        }
         let gone: Vec<String> = self
             .served
             .keys()
@@ -139,6 +148,44 @@ impl Supervisor {
             tracing::warn!(dir = %self.settings.cni_conf_dir.display(), store = %self.settings.store.display(), "no wg-cni network for this store in the CNI conf dir");
         }
         self.warned_empty = self.served.is_empty();
+    }
+
+    /// The template rendered now, or as last rendered when it cannot be read now.
+    fn render_template(&mut self) -> Option<&template::Rendered> {
+        let template = self.settings.template.as_ref()?;
+        match template.render(&self.settings.store) {
+            Ok(rendered) => self.rendered = Some(rendered),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot render the conflist template: serving it as last rendered");
+            }
+        }
+        self.rendered.as_ref()
+    }
+
+    /// Write the rendered conflist once its network is ready (and again when the template
+    /// changed). Never removed: a stopping or failing agent leaves the node as it is.
+    pub fn write_conflist_when_ready(&self) {
+        let (Some(template), Some(rendered)) = (&self.settings.template, &self.rendered) else {
+            return;
+        };
+        let ready = self
+            .status
+            .get(&rendered.network.name)
+            .is_some_and(|s| s.not_ready().is_none());
+        if !ready {
+            return;
+        }
+        match template::write_if_changed(&template.out, &rendered.text) {
+            Ok(true) => {
+                tracing::info!(network = %rendered.network.name, conflist = %template.out.display(), "network ready: conflist written")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                let text = format!("writing the conflist: {e:#}");
+                tracing::warn!(network = %rendered.network.name, error = %text, "retrying");
+                self.status.error(&rendered.network.name, text);
+            }
+        }
     }
 
     /// A loop only ends by panicking: note it, and start it again after its backoff.
