@@ -41,7 +41,7 @@ test-unit:
 test-integration: deps
 	skips=$$(scripts/backend-skips.sh userspace) && \
 	WG_CNI_TEST_BACKEND=userspace cargo test --test plugin --test gateway --test hardening --test bad_input \
-		--test security --test abuse --test agent_etcd --test multinode --test flood --test flows -- --test-threads=1 --exact $$skips
+		--test security --test abuse --test agent_etcd --test multinode --test flood --test flows --test install -- --test-threads=1 --exact $$skips
 	# The cross-node suite again with every node in mesh mode (the first run takes the default:
 	# on-demand, the cluster has a clusterRange), then with node 1 on-demand and the others mesh
 	# (tests about mesh peer sets pin mesh themselves).

@@ -10,6 +10,7 @@ pub mod failpoint;
 pub mod flows;
 pub mod gateway;
 pub mod host;
+pub mod install;
 pub mod ipam;
 pub mod keys;
 pub mod lease;

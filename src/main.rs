@@ -41,6 +41,14 @@ enum CliCommand {
         #[arg(long)]
         node: Option<String>,
     },
+    /// Copy this binary, and wg-cni-wgd where it sits beside it, into the host's CNI bin dir:
+    /// a temp file in that dir, fsynced, renamed over the old one. Identical ones stay as they
+    /// are, so running it again changes nothing.
+    Install {
+        /// The container runtime's CNI bin dir (host-local must be there too).
+        #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+    },
     /// Run the node agent (the `wg-cni-agent` binary beside this one; `wg-cni agent --help`).
     #[command(disable_help_flag = true)]
     Agent {
@@ -65,6 +73,26 @@ fn exec_agent(args: Vec<std::ffi::OsString>) -> cni::Result<()> {
     })
 }
 
+fn install(bin_dir: &std::path::Path) -> cni::Result<()> {
+    let me = std::env::current_exe().map_err(|e| cni::Error::Io {
+        context: "finding this binary".into(),
+        source: e,
+    })?;
+    let from = me.parent().unwrap_or(std::path::Path::new("/"));
+    for (name, outcome) in wg_cni::install::install(from, bin_dir)? {
+        let target = bin_dir.join(&name);
+        match outcome {
+            wg_cni::install::Outcome::Installed => println!("installed {}", target.display()),
+            wg_cni::install::Outcome::UpToDate => println!("{} is up to date", target.display()),
+            wg_cni::install::Outcome::NotFound => println!(
+                "{name} is not beside {}: not installed (userspace links then need wireguard-go, or the kernel backend)",
+                me.display()
+            ),
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     logging::init();
     if std::env::var_os("CNI_COMMAND").is_some() {
@@ -78,6 +106,7 @@ fn main() -> ExitCode {
             network,
             node,
         } => show::run(&store, node.as_deref(), network.as_deref(), json),
+        CliCommand::Install { cni_bin_dir } => install(&cni_bin_dir),
         CliCommand::Agent { args } => exec_agent(args),
     };
     match result {
