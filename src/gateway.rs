@@ -476,6 +476,28 @@ pub fn remove_if_unused(host: &Netns, store: &Store) -> Result<()> {
     clear_leftovers(host, &link_name(store))
 }
 
+/// Uninstall: the network's gateway on this node goes whether or not pods remain: its link or
+/// daemon, policy rules, NAT, FORWARD and relay-watch rules, record and port. A failure on
+/// the recorded gateway does not stop the sweep by name that follows. `Ok(true)` when there
+/// was something to remove.
+pub fn remove_for_uninstall(host: &Netns, store: &Store) -> Result<bool> {
+    let name = link_name(store);
+    let mut found = false;
+    if let Some(gateway) = store.gateway()? {
+        if let Err(e) = destroy(host, &gateway) {
+            tracing::warn!(gateway = %gateway.host_name, error = %e, "removing the recorded gateway; sweeping by name");
+        }
+        store.remove_gateway()?;
+        ports::release(&gateway.host_name);
+        found = true;
+    }
+    found |= host.run(|| Netlink::open()?.link_by_name(&name))?.is_some();
+    found |= wireguard::userspace::has_socket(&name);
+    clear_leftovers(host, &name)?;
+    found |= nat::remove_naming(&name)? > 0;
+    Ok(found)
+}
+
 /// A gateway whose creation was killed before its record was written still holds the
 /// network's gateway name (a name only wg-cni derives): remove it so it can be made again.
 fn clear_leftovers(host: &Netns, name: &str) -> Result<()> {

@@ -25,6 +25,7 @@ pub mod readiness;
 pub mod reconcile;
 pub mod show;
 pub mod store;
+pub mod uninstall;
 pub mod wireguard;
 
 #[cfg(test)]

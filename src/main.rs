@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use wg_cni::{cni, commands, logging, show};
+use wg_cni::{cni, commands, logging, show, uninstall};
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +48,30 @@ enum CliCommand {
         /// The container runtime's CNI bin dir (host-local must be there too).
         #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
         cni_bin_dir: PathBuf,
+    },
+    /// Remove wg-cni from this host (run it after stopping the agent): every network's node
+    /// gateway (link, daemon, policy rules, routing table, iptables rules), the agent's
+    /// readiness marker, the store's conflists; once no pod remains here, the binaries and the
+    /// runtime dir. Pods' links, the store, ip_forward and etcd are left (see the output).
+    Uninstall {
+        /// The key store root (the conflist's "store").
+        #[arg(long, value_name = "DIR", default_value = cni::config::DEFAULT_STORE)]
+        store: PathBuf,
+        /// Where the runtime's conflists are: those running wg-cni on --store are removed.
+        #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        /// The CNI bin dir `install` copied the binaries to.
+        #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        /// wg-cni's runtime dir (port ledger, IPAM version cache).
+        #[arg(long, value_name = "DIR", default_value = "/run/wg-cni")]
+        run_dir: PathBuf,
+        /// Only this network (the binaries and the runtime dir then stay).
+        #[arg(long)]
+        network: Option<String>,
+        /// The node name records are filed under (the conflist's "nodeName"; default: host name).
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Run the node agent (the `wg-cni-agent` binary beside this one; `wg-cni agent --help`).
     #[command(disable_help_flag = true)]
@@ -93,6 +117,42 @@ fn install(bin_dir: &std::path::Path) -> cni::Result<()> {
     Ok(())
 }
 
+fn uninstall(mut options: uninstall::Options) -> cni::Result<()> {
+    let configured = Some(options.node.as_str()).filter(|n| !n.is_empty());
+    options.node = wg_cni::host::node_name(configured)?;
+    for (flag, name) in [
+        ("--node", Some(&options.node)),
+        ("--network", options.network.as_ref()),
+    ] {
+        if let Some(name) = name.filter(|n| !wg_cni::agent::keys::is_node_name(n)) {
+            return Err(cni::Error::config(
+                flag,
+                format!("\"{name}\" {}", cni::IDENTIFIER_RULE),
+            ));
+        }
+    }
+    let host = wg_cni::netns::Netns::host()?;
+    let report = uninstall::run(&host, &options)?;
+    if report.removed.is_empty() {
+        println!("nothing of wg-cni left to remove on node {}", options.node);
+    }
+    for line in &report.removed {
+        println!("removed {line}");
+    }
+    for line in &report.kept {
+        println!("kept {line}");
+    }
+    println!(
+        "left as they are: ip_forward (other software may rely on it), the store {} (pod records, the agent's id)",
+        options.store.display()
+    );
+    println!(
+        "etcd: once this node is gone for good, run `wg-cni-agent forget-node {} --etcd-endpoints URL` with administrator credentials",
+        options.node
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     logging::init();
     if std::env::var_os("CNI_COMMAND").is_some() {
@@ -107,6 +167,21 @@ fn main() -> ExitCode {
             node,
         } => show::run(&store, node.as_deref(), network.as_deref(), json),
         CliCommand::Install { cni_bin_dir } => install(&cni_bin_dir),
+        CliCommand::Uninstall {
+            store,
+            cni_conf_dir,
+            cni_bin_dir,
+            run_dir,
+            network,
+            node,
+        } => uninstall(uninstall::Options {
+            store,
+            cni_conf_dir,
+            cni_bin_dir,
+            run_dir,
+            network,
+            node: node.unwrap_or_default(),
+        }),
         CliCommand::Agent { args } => exec_agent(args),
     };
     match result {

@@ -229,6 +229,51 @@ pub fn converge(want: &[Rule], drop: &[Rule]) -> Result<()> {
     Ok(())
 }
 
+/// Uninstall: delete every rule whose comment names this gateway link (any kind, any network:
+/// the link's name is scoped to store, network and node, and rules of older releases carry it
+/// too), in every table and family. Returns how many went.
+pub fn remove_naming(gateway: &str) -> Result<usize> {
+    let mut removed = 0;
+    for ipv6 in [false, true] {
+        let tool = if ipv6 { "ip6tables" } else { "iptables" };
+        for table in ["nat", "filter", "mangle"] {
+            let saved = run_tool(&format!("{tool}-save"), &["-t", table], None)?;
+            let lines = lines_naming(&saved, gateway);
+            if lines.is_empty() {
+                continue;
+            }
+            let mut batch = format!("*{table}\n");
+            for line in &lines {
+                batch.push_str(&format!("-D{}\n", &line["-A".len()..]));
+            }
+            batch.push_str("COMMIT\n");
+            run_tool(
+                &format!("{tool}-restore"),
+                &["--noflush", "-w", "5"],
+                Some(&batch),
+            )?;
+            removed += lines.len();
+        }
+    }
+    Ok(removed)
+}
+
+/// The `-A` lines of `iptables-save` output whose comment is `wg-cni … <gateway>`.
+fn lines_naming<'a>(saved: &'a str, gateway: &str) -> Vec<&'a str> {
+    let suffix = format!(" {gateway}");
+    saved
+        .lines()
+        .filter(|line| line.starts_with("-A "))
+        .filter(|line| {
+            line.split_once("--comment \"")
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .is_some_and(|(comment, _)| {
+                    comment.starts_with("wg-cni ") && comment.ends_with(&suffix)
+                })
+        })
+        .collect()
+}
+
 impl Rule {
     /// The line of `iptables-save` output that is this rule, if any.
     fn saved_line<'a>(&self, saved: &'a str) -> Option<&'a str> {
@@ -327,6 +372,20 @@ pub fn enable_forwarding(subnets: &[IpNetwork]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uninstall_finds_every_rule_naming_the_gateway_and_no_other() {
+        let saved = "*nat\n\
+            -A POSTROUTING -s 10.66.0.0/24 -d 10.66.0.0/24 -o wgg0123 -m conntrack --ctstate DNAT -m comment --comment \"wg-cni hairpin-dnat wgnet wgg0123\" -j MASQUERADE\n\
+            -A POSTROUTING -s 10.66.0.0/24 -o wgg0123 -m comment --comment \"wg-cni hairpin wgnet wgg0123\" -j MASQUERADE\n\
+            -A POSTROUTING -s 10.67.0.0/24 -o wgg01234 -m comment --comment \"wg-cni hairpin wgnet wgg01234\" -j MASQUERADE\n\
+            -A POSTROUTING -o wgg0123 -m comment --comment \"someone else wgg0123\" -j MASQUERADE\n\
+            -A POSTROUTING -o wgg0123 -j MASQUERADE\n\
+            COMMIT\n";
+        let found = lines_naming(saved, "wgg0123");
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found.iter().all(|l| l.contains("wgnet wgg0123\"")));
+    }
 
     #[test]
     fn rules_name_the_network_and_pick_the_family() {

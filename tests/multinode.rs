@@ -2150,3 +2150,172 @@ fn a_stream_crosses_relay_direct_idle_relay_without_a_gap() {
         );
     }
 }
+
+/// What a node's host namespace holds that wg-cni may have put there: links, policy rules,
+/// routes of every table, and iptables rules of every table and family (`-A` lines only:
+/// chain counters move).
+fn node_host_objects(cluster: &Cluster, i: usize) -> BTreeMap<&'static str, Vec<String>> {
+    let node = &cluster.nodes[i];
+    let lines = |args: &[&str]| -> Vec<String> {
+        let out = node.exec(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    };
+    let rules_only = |mut v: Vec<String>| {
+        v.retain(|l| l.starts_with("-A "));
+        v
+    };
+    BTreeMap::from([
+        (
+            "links",
+            lines(&["ip", "-o", "link", "show"])
+                .iter()
+                .map(|l| {
+                    l.split(':')
+                        .nth(1)
+                        .unwrap_or_default()
+                        .trim()
+                        .split('@')
+                        .next()
+                        .unwrap()
+                        .to_string()
+                })
+                .collect(),
+        ),
+        ("rules4", lines(&["ip", "-4", "rule", "show"])),
+        ("rules6", lines(&["ip", "-6", "rule", "show"])),
+        (
+            "routes4",
+            lines(&["ip", "-4", "route", "show", "table", "all"]),
+        ),
+        ("iptables", rules_only(lines(&["iptables-save"]))),
+        ("ip6tables", rules_only(lines(&["ip6tables-save"]))),
+    ])
+}
+
+/// Item 7 of issue 22: `wg-cni uninstall` on a node whose agent is stopped removes the node
+/// gateway (link, daemon, policy rules, table routes, iptables rules), the readiness marker
+/// and the conflist, keeps the binaries and the runtime dir while a pod remains (saying so),
+/// removes them once it is gone; the node's host namespace is then as before wg-cni, and a
+/// third run finds nothing. The runtime dir here is a stand-in (`--run-dir`): the real
+/// /run/wg-cni is shared by every simulated node and other tests on this machine.
+#[test]
+fn uninstall_leaves_no_trace_on_the_node_and_keeps_binaries_while_pods_remain() {
+    let mut cluster = Cluster::new(2);
+    let before = node_host_objects(&cluster, 0);
+    let node = &cluster.nodes[0];
+    let (bin_dir, run_dir) = (
+        node.store.with_file_name("bin"),
+        node.store.with_file_name("run"),
+    );
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    std::fs::create_dir_all(&run_dir).unwrap();
+    std::fs::write(run_dir.join("ports.json"), "{}").unwrap();
+    let installed = run(
+        binary().to_str().unwrap(),
+        &["install", "--cni-bin-dir", bin_dir.to_str().unwrap()],
+    );
+    assert!(installed.status.success(), "{installed:?}");
+    cluster.write_conflists();
+    cluster.start_agents();
+    let pods = vec![add(&cluster, 0), add(&cluster, 1)];
+    converge_all_pairs(&pods);
+    let store0 = cluster.nodes[0]
+        .store
+        .join(&cluster.network)
+        .join(&cluster.nodes[0].name);
+    let gateway: Value =
+        serde_json::from_str(&std::fs::read_to_string(store0.join("gateway.json")).unwrap())
+            .unwrap();
+    let gateway_link = gateway["hostName"].as_str().unwrap().to_string();
+    let during = node_host_objects(&cluster, 0);
+    assert!(during["links"].contains(&gateway_link));
+    assert!(during["iptables"].iter().any(|l| l.contains("wg-cni")));
+    assert_ne!(
+        during["rules4"], before["rules4"],
+        "the gateway's policy rule"
+    );
+    assert!(store0.join(".agent-ready.json").exists());
+
+    cluster.nodes[0].kill_agent();
+    let uninstall = |args: &[&str]| -> (i32, String) {
+        let node = &cluster.nodes[0];
+        let mut full = vec![
+            binary().to_str().unwrap().to_string(),
+            "uninstall".into(),
+            "--store".into(),
+            node.store.display().to_string(),
+            "--cni-conf-dir".into(),
+            node.conf_dir.display().to_string(),
+            "--cni-bin-dir".into(),
+            bin_dir.display().to_string(),
+            "--run-dir".into(),
+            run_dir.display().to_string(),
+            "--node".into(),
+            node.name.clone(),
+        ];
+        full.extend(args.iter().map(|s| s.to_string()));
+        let out = node.exec(&full.iter().map(String::as_str).collect::<Vec<_>>());
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let (code, text) = uninstall(&["--network", "no/such"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("--network"), "{text}");
+
+    // The agent went first (the DaemonSet is deleted); a pod remains.
+    let (code, text) = uninstall(&[]);
+    assert_eq!(code, 0, "{text}");
+    for says in [
+        "removed network",
+        "node gateway",
+        "readiness marker",
+        "10-wg.conflist",
+        "kept 1 pod attachment(s) remain",
+        "forget-node node1",
+        "ip_forward",
+    ] {
+        assert!(text.contains(says), "no {says:?} in:\n{text}");
+    }
+    assert!(
+        bin_dir.join("wg-cni").exists() && run_dir.exists(),
+        "{text}"
+    );
+    let after_first = node_host_objects(&cluster, 0);
+    assert_eq!(after_first, before, "{text}");
+    assert_eq!(daemons_named(&gateway_link), 0, "the gateway's daemon");
+    assert!(!cluster.nodes[0].conf_dir.join("10-wg.conflist").exists());
+    assert!(!store0.join(".agent-ready.json").exists());
+    // The pod's own link is its DEL's: it is still there, and DEL works.
+    cluster.cni(0, "DEL", &pods[0].pod).ok();
+
+    let (code, text) = uninstall(&[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!(
+            "removed binary {}",
+            bin_dir.join("wg-cni").display()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("removed runtime dir"), "{text}");
+    assert!(!bin_dir.join("wg-cni").exists() && !run_dir.exists());
+    let (code, text) = uninstall(&[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("nothing of wg-cni left to remove on node node1"),
+        "{text}"
+    );
+    assert!(!text.contains("removed "), "{text}");
+    assert_eq!(node_host_objects(&cluster, 0), before);
+    cluster.cni(1, "DEL", &pods[1].pod).ok();
+}

@@ -162,6 +162,11 @@ fn is_our_daemon(pid: u32, name: &str) -> bool {
 
 /// Stop whatever daemon serves `name` (a deterministic name only wg-cni uses), without
 /// asking for a key: for leftovers of a crash that left no record.
+/// Whether a daemon's UAPI socket for `name` is there (both daemons make it at start).
+pub fn has_socket(name: &str) -> bool {
+    uapi::socket_path(name).exists()
+}
+
 pub fn stop_daemon_named(name: &str) {
     // Without its socket there is no daemon to stop (both daemons make it at start): spare
     // the /proc scan on the common path (every gateway creation and removal).
