@@ -2319,3 +2319,135 @@ fn uninstall_leaves_no_trace_on_the_node_and_keeps_binaries_while_pods_remain() 
     assert_eq!(node_host_objects(&cluster, 0), before);
     cluster.cni(1, "DEL", &pods[1].pod).ok();
 }
+
+/// Two cgroups of this test's own under a cgroup v2 mount (no controller enabled, so nothing
+/// is accounted differently): `agent` stands for the agent's container, `host` for the host's
+/// root cgroup. Every process left in them is killed, and they are removed, on drop.
+struct TestCgroups {
+    base: std::path::PathBuf,
+}
+
+impl TestCgroups {
+    fn make() -> TestCgroups {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mount = mountinfo
+            .lines()
+            .find(|l| {
+                l.split(" - ")
+                    .nth(1)
+                    .is_some_and(|t| t.starts_with("cgroup2 "))
+            })
+            .and_then(|l| l.split_whitespace().nth(4))
+            .expect("no cgroup v2 mount on this host");
+        let base = std::path::Path::new(mount).join(format!("wgcni-itest-{}", std::process::id()));
+        for dir in ["agent", "host"] {
+            std::fs::create_dir_all(base.join(dir)).unwrap();
+        }
+        TestCgroups { base }
+    }
+
+    fn dir(&self, which: &str) -> std::path::PathBuf {
+        self.base.join(which)
+    }
+
+    fn pids(&self, which: &str) -> Vec<u32> {
+        std::fs::read_to_string(self.dir(which).join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for TestCgroups {
+    fn drop(&mut self) {
+        // A killed process holds its cgroup until it is reaped: rmdir until it goes.
+        for which in ["agent", "host"] {
+            let _ = std::fs::write(self.dir(which).join("cgroup.kill"), "1");
+            wait_for(Duration::from_secs(10), || {
+                std::fs::remove_dir(self.dir(which)).is_ok() || !self.dir(which).exists()
+            });
+        }
+        if std::fs::remove_dir(&self.base).is_err() {
+            eprintln!("could not remove the test cgroup {}", self.base.display());
+        }
+    }
+}
+
+/// Item 6 of issue 22: with `--daemon-cgroup`, the node gateway's daemon joins that cgroup
+/// before it runs, so killing the agent's whole cgroup (what a runtime does when the agent's
+/// pod stops for an upgrade) leaves the gateway serving: the host still reaches its pod.
+#[test]
+fn the_gateway_daemon_outlives_the_agents_cgroup() {
+    if backend() == "kernel" {
+        eprintln!("skipped: the kernel backend's gateway has no daemon");
+        return;
+    }
+    let cgroups = TestCgroups::make();
+    let mut cluster = Cluster::new(1);
+    // `ip netns exec` mounts a sysfs of the node's namespace over /sys: the agent reaches
+    // the cgroup through this process's root, as a DaemonSet's agent reaches the host's
+    // through /proc/1/root.
+    cluster.agent_flags.push("--daemon-cgroup".into());
+    cluster.agent_flags.push(format!(
+        "/proc/{}/root{}",
+        std::process::id(),
+        cgroups.dir("host").display()
+    ));
+    cluster.write_conflists();
+    cluster.start_agents();
+    // Into the "container" at once: the agent connects to etcd and claims its subnet before
+    // it makes the gateway.
+    let agent = cluster.nodes[0].agent_pid().unwrap();
+    std::fs::write(cgroups.dir("agent").join("cgroup.procs"), agent.to_string()).unwrap();
+    // The agent makes the gateway of a node with a subnet (before any pod: the plugin's
+    // daemons stay in the runtime's cgroup).
+    let gateway_file = cluster.nodes[0]
+        .store
+        .join(&cluster.network)
+        .join(&cluster.nodes[0].name)
+        .join("gateway.json");
+    assert!(
+        wait_for(CONVERGE, || gateway_file.exists()),
+        "the agent made no gateway"
+    );
+    let gateway: Value =
+        serde_json::from_str(&std::fs::read_to_string(&gateway_file).unwrap()).unwrap();
+    let daemon = gateway["daemonPid"].as_u64().expect("a userspace gateway") as u32;
+    assert_eq!(
+        cgroups.pids("agent"),
+        vec![agent],
+        "only the agent in its cgroup"
+    );
+    assert!(
+        cgroups.pids("host").contains(&daemon),
+        "the gateway daemon {daemon} is not in --daemon-cgroup: {:?}",
+        cgroups.pids("host")
+    );
+    let pod = add(&cluster, 0);
+    let host_reaches = |cluster: &Cluster, ip: &str| {
+        cluster.nodes[0]
+            .exec(&["ping", "-c", "1", "-W", "2", ip])
+            .status
+            .success()
+    };
+    assert!(
+        wait_for(CONVERGE, || host_reaches(&cluster, &pod.ip)),
+        "host → pod before"
+    );
+
+    std::fs::write(cgroups.dir("agent").join("cgroup.kill"), "1").unwrap();
+    assert!(wait_for(Duration::from_secs(5), || cgroups
+        .pids("agent")
+        .is_empty()));
+    cluster.nodes[0].kill_agent(); // reaps it
+    assert!(
+        std::path::Path::new(&format!("/proc/{daemon}")).exists(),
+        "the gateway daemon died with the agent's cgroup"
+    );
+    assert!(
+        host_reaches(&cluster, &pod.ip),
+        "host → pod after the agent's cgroup was killed"
+    );
+    cluster.cni(0, "DEL", &pod.pod).ok();
+}

@@ -62,6 +62,11 @@ pub struct AgentArgs {
     /// Where /healthz and /readyz answer.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9765")]
     health_listen: std::net::SocketAddr,
+    /// A cgroup v2 directory the node gateway's userspace daemons join before they run, so
+    /// that stopping the agent's container (an upgrade) leaves them running. In a DaemonSet
+    /// with host PID: /proc/1/root/sys/fs/cgroup (the host's root cgroup).
+    #[arg(long, value_name = "DIR")]
+    daemon_cgroup: Option<PathBuf>,
     /// A conflist template (one wg-cni plugin entry): its network is served from the start,
     /// and the conflist rendered for this node is written to --conflist-out once the network
     /// is ready (subnet claimed, lease held, first sync done).
@@ -134,6 +139,9 @@ pub fn run(args: AgentArgs) -> cni::Result<()> {
             "--node",
             format!("\"{node}\" {}", cni::IDENTIFIER_RULE),
         ));
+    }
+    if let Some(dir) = &args.daemon_cgroup {
+        crate::wireguard::cgroup::move_daemons_to(dir)?;
     }
     let template = args
         .conflist_template

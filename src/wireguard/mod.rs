@@ -2,6 +2,7 @@
 //! Debian's wireguard-go (a daemon per link, configured over its UAPI socket). Either way the
 //! link ends up in the pod as `CNI_IFNAME` while its UDP socket stays in the host namespace.
 
+pub mod cgroup;
 pub mod genl;
 pub mod kernel;
 mod tun;

@@ -100,11 +100,13 @@ fn start_daemon(name: &str, binary: &Path, tun: Option<OwnedFd>) -> Result<u32> 
     if tun_fd.is_some() {
         command.env("WG_TUN_FD", TUN_FD.to_string());
     }
-    // SAFETY: setsid, dup2, fcntl and close_range are async-signal-safe. setsid detaches the daemon from
+    // SAFETY: setsid, dup2, fcntl and close_range are async-signal-safe, and so is what
+    // cgroup::enter_in_child does (setns, open, write, close). setsid detaches the daemon from
     // the runtime's session; the TUN lands on descriptor 3 without close-on-exec.
     unsafe {
         command.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
+            super::cgroup::enter_in_child();
             if let Some(fd) = tun_fd {
                 if fd != TUN_FD && nix::libc::dup2(fd, TUN_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -126,6 +128,7 @@ fn start_daemon(name: &str, binary: &Path, tun: Option<OwnedFd>) -> Result<u32> 
     let mut child =
         spawned.map_err(|e| Error::wireguard(format!("starting {}", binary.display()), e))?;
     let pid = child.id();
+    super::cgroup::check_moved(pid, name);
     let socket = uapi::socket_path(name);
     let started = Instant::now();
     while started.elapsed() < SOCKET_WAIT {
@@ -160,13 +163,13 @@ fn is_our_daemon(pid: u32, name: &str) -> bool {
     is_daemon && args.any(|a| a == name.as_bytes())
 }
 
-/// Stop whatever daemon serves `name` (a deterministic name only wg-cni uses), without
-/// asking for a key: for leftovers of a crash that left no record.
 /// Whether a daemon's UAPI socket for `name` is there (both daemons make it at start).
 pub fn has_socket(name: &str) -> bool {
     uapi::socket_path(name).exists()
 }
 
+/// Stop whatever daemon serves `name` (a deterministic name only wg-cni uses), without
+/// asking for a key: for leftovers of a crash that left no record.
 pub fn stop_daemon_named(name: &str) {
     // Without its socket there is no daemon to stop (both daemons make it at start): spare
     // the /proc scan on the common path (every gateway creation and removal).
