@@ -2379,10 +2379,7 @@ impl Drop for TestCgroups {
 /// pod stops for an upgrade) leaves the gateway serving: the host still reaches its pod.
 #[test]
 fn the_gateway_daemon_outlives_the_agents_cgroup() {
-    if backend() == "kernel" {
-        eprintln!("skipped: the kernel backend's gateway has no daemon");
-        return;
-    }
+    only_on("userspace");
     let cgroups = TestCgroups::make();
     let mut cluster = Cluster::new(1);
     // `ip netns exec` mounts a sysfs of the node's namespace over /sys: the agent reaches
