@@ -58,6 +58,7 @@ pub(super) struct NetworkLoop {
     synced: bool,
     /// The readiness marker for the plugin's STATUS is written (once per loop).
     ready_marked: bool,
+    next_ready_try: Instant,
     next_subnet_try: Instant,
     next_lease_try: Instant,
     next_heartbeat: Instant,
@@ -108,6 +109,7 @@ impl NetworkLoop {
             watch: None,
             synced: false,
             ready_marked: false,
+            next_ready_try: now,
             next_subnet_try: now,
             next_lease_try: now,
             next_heartbeat: now,
@@ -218,7 +220,7 @@ impl NetworkLoop {
             // Stale nodes cross the grace period on the clock, not on an event.
             self.mirror_changed(false).await;
         }
-        if !self.ready_marked {
+        if !self.ready_marked && now >= self.next_ready_try {
             self.mark_ready();
         }
         let verify = self.verify_wanted.swap(false, Ordering::Relaxed);
@@ -252,7 +254,10 @@ impl NetworkLoop {
                 tracing::info!(network = %self.net.name, "ready: pods may be added (readiness marker written)");
                 self.ready_marked = true;
             }
-            Err(e) => self.failed("writing the readiness marker", &e),
+            Err(e) => {
+                self.failed("writing the readiness marker", &e);
+                self.next_ready_try = Instant::now() + Duration::from_secs(5);
+            }
         }
     }
 
