@@ -266,5 +266,27 @@ mod tests {
             matches!(args.command, Some(AgentCommand::ForgetNode { ref name, .. }) if name == "n1")
         );
         assert_eq!(args.etcd_endpoints, ["http://192.0.2.1:2379"]);
+        // The DaemonSet passes the node's name and address through the downward API.
+        let command = AgentArgs::command();
+        let env_of = |id: &str| {
+            command
+                .get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_env())
+                .map(|e| e.to_string_lossy().into_owned())
+        };
+        assert_eq!(env_of("node").as_deref(), Some("NODE_NAME"));
+        assert_eq!(env_of("endpoint").as_deref(), Some("HOST_IP"));
+        // Template flags without a template are a usage error (exit code 2), not ignored.
+        for flag in ["--conflist-out", "--cluster-range", "--service-range"] {
+            let refused = AgentArgs::try_parse_from([
+                "wg-cni-agent",
+                "--etcd-endpoints",
+                "http://192.0.2.1:2379",
+                flag,
+                "10.0.0.0/16",
+            ]);
+            assert_eq!(refused.err().map(|e| e.exit_code()), Some(2), "{flag}");
+        }
     }
 }
