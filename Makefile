@@ -43,11 +43,12 @@ test-integration: deps
 	WG_CNI_TEST_BACKEND=userspace cargo test --test plugin --test gateway --test hardening --test bad_input \
 		--test security --test abuse --test agent_etcd --test multinode --test flood --test flows -- --test-threads=1 --exact $$skips
 	# The cross-node suite again with every node in mesh mode (the first run takes the default:
-	# on-demand, the cluster has a clusterRange), then with node 1 on-demand and the others mesh
-	# (tests about mesh peer sets pin mesh themselves).
-	skips=$$(scripts/backend-skips.sh userspace multinode) && for peering in mesh mixed; do \
+	# on-demand, the cluster has a clusterRange), then with node 1 on-demand and the others mesh;
+	# the tests that set their own peering ran in the first pass and are skipped (and say so).
+	skips=$$(scripts/backend-skips.sh userspace multinode) && pinned=$$(scripts/pinned-peering.sh) && \
+		for peering in mesh mixed; do \
 		WG_CNI_TEST_PEERING=$$peering WG_CNI_TEST_BACKEND=userspace \
-			cargo test --test multinode -- --test-threads=1 --exact $$skips || exit 1; done
+			cargo test --test multinode -- --test-threads=1 --exact $$skips $$pinned || exit 1; done
 
 # libcni (cnitool), podman 4.3 (CNI backend) and containerd 1.6 (CRI) drive the built plugin;
 # installs what they need. See scripts/clients/README.md.
