@@ -38,11 +38,18 @@ pub const SWITCH_DELAY: Duration = Duration::from_millis(40);
 const SWITCH_SLACK: Duration = Duration::from_millis(1);
 /// A session this young is live: WireGuard rekeys every two minutes while data flows.
 pub const SESSION_ALIVE: Duration = Duration::from_secs(120);
-/// When the initiating end starts the handshake over, counted from the promotion.
-const RESTARTS: [Duration; 4] = [
+/// When the initiating end starts the handshake over, counted from the promotion: every
+/// 250 ms or less in the first second (the other end's agent may hear of the pair up to a
+/// second later, when the relay watch logs the pair again, and drops every initiation until
+/// then), then less often.
+const RESTARTS: [Duration; 8] = [
     Duration::from_millis(150),
+    Duration::from_millis(300),
     Duration::from_millis(500),
+    Duration::from_millis(750),
+    Duration::from_millis(1000),
     Duration::from_millis(1500),
+    Duration::from_millis(2500),
     Duration::from_millis(4000),
 ];
 
