@@ -4,6 +4,7 @@
 
 pub mod genl;
 pub mod kernel;
+pub mod traffic;
 mod tun;
 mod uapi;
 pub mod userspace;

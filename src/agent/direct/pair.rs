@@ -20,6 +20,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::wireguard::traffic::carried_data;
+
 /// A pending peer without a handshake for this long is removed.
 pub const PENDING_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a pending peer timed out, relayed traffic does not promote the pair for this long.
@@ -275,7 +277,7 @@ impl Pair {
                 rx,
                 tx,
             } => {
-                let last_active = match (seen.rx, seen.tx) != (rx, tx) {
+                let last_active = match carried_data(rx, seen.rx) || carried_data(tx, seen.tx) {
                     true => now,
                     false => last_active,
                 };
@@ -300,7 +302,9 @@ impl Pair {
                 rx,
                 hold_until,
             } => {
-                if seen.rx != rx && seen.handshake_age.is_some_and(|age| age < SESSION_ALIVE) {
+                if carried_data(rx, seen.rx)
+                    && seen.handshake_age.is_some_and(|age| age < SESSION_ALIVE)
+                {
                     // The other end still sends directly: take it back before its data is lost.
                     self.phase = Phase::direct(now, seen);
                     return vec![Action::Route, Action::ForgetConntrack];
