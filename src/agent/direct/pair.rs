@@ -98,7 +98,10 @@ pub enum Phase {
     },
     Cooling {
         since: Instant,
-        rx: u64,
+        /// The received bytes counted when cooling began (`None`: read at the next look; the
+        /// promoter's last reading may be a second old, and data received since then would
+        /// read as the other end still sending directly).
+        rx: Option<u64>,
         /// Relayed traffic does not promote the pair again before this (set when the other
         /// end was seen not direct: its agent may be gone mid-promotion).
         hold_until: Option<Instant>,
@@ -153,7 +156,7 @@ impl Pair {
             true => Phase::direct(now, seen),
             false => Phase::Cooling {
                 since: now,
-                rx: seen.rx,
+                rx: Some(seen.rx),
                 hold_until: None,
             },
         };
@@ -186,10 +189,10 @@ impl Pair {
         match self.phase {
             Phase::Pending { .. } => Vec::new(),
             Phase::Direct { since, .. } if now.duration_since(since) < SWITCH_GRACE => Vec::new(),
-            Phase::Direct { rx, .. } => {
+            Phase::Direct { .. } => {
                 self.phase = Phase::Cooling {
                     since: now,
-                    rx,
+                    rx: None,
                     hold_until: Some(now + BACKOFF),
                 };
                 vec![Action::Unroute, Action::ForgetConntrack]
@@ -290,7 +293,7 @@ impl Pair {
                 if !stale_remote && now.duration_since(last_active) >= idle_timeout {
                     self.phase = Phase::Cooling {
                         since: now,
-                        rx: seen.rx,
+                        rx: Some(seen.rx),
                         hold_until: None,
                     };
                     return vec![Action::Unroute, Action::ForgetConntrack];
@@ -299,7 +302,19 @@ impl Pair {
             }
             Phase::Cooling {
                 since,
-                rx,
+                rx: None,
+                hold_until,
+            } => {
+                self.phase = Phase::Cooling {
+                    since,
+                    rx: Some(seen.rx),
+                    hold_until,
+                };
+                Vec::new()
+            }
+            Phase::Cooling {
+                since,
+                rx: Some(rx),
                 hold_until,
             } => {
                 if carried_data(rx, seen.rx)
@@ -443,6 +458,36 @@ mod tests {
             "cooling: promoted again"
         );
         assert!(pair.is_pending());
+    }
+
+    #[test]
+    fn data_read_after_a_relay_demotion_counts_only_from_the_next_look() {
+        let t0 = Instant::now();
+        let (mut pair, _) = Pair::promote(t0, true);
+        pair.observe(t0, seen(Some(50), 0, 0), IDLE, false);
+        pair.observe(t0, seen(Some(50), 1000, 1000), IDLE, false);
+        let late = t0 + SWITCH_GRACE + Duration::from_millis(1);
+        assert_eq!(
+            pair.relayed(late),
+            [Action::Unroute, Action::ForgetConntrack]
+        );
+        // Received directly before the other end went to the relay, after the last reading.
+        let look = late + Duration::from_millis(50);
+        assert!(
+            pair.observe(look, seen(Some(50), 5000, 1000), IDLE, false)
+                .is_empty(),
+            "data from before the demotion is no sign the other end still sends directly"
+        );
+        assert_eq!(
+            pair.observe(
+                look + Duration::from_millis(50),
+                seen(Some(50), 5096, 1000),
+                IDLE,
+                false
+            ),
+            [Action::Route, Action::ForgetConntrack],
+            "data after it is"
+        );
     }
 
     #[test]
