@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build deps demo test lint test-unit test-integration test-clients test-kernel bench clean
+.PHONY: all build deps demo test lint test-manifests test-unit test-integration test-clients test-kernel bench clean
 
 all: build
 
@@ -20,7 +20,7 @@ demo:
 # Everything CI runs: lint, unit tests, integration tests on this host (userspace backend),
 # real CNI clients (libcni, podman, containerd CRI) on this host, and the same integration tests
 # inside a QEMU guest with kernel WireGuard.
-test: deps lint test-unit test-integration test-clients test-kernel
+test: deps lint test-manifests test-unit test-integration test-clients test-kernel
 
 # The daemon (wgd/) is a package of its own (own lock file, a static build for an explicit
 # target): linted and unit-tested from inside its folder.
@@ -28,6 +28,12 @@ lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cd wgd && cargo fmt --check && cargo clippy --all-targets --locked -- -D warnings
+
+# deploy/kubernetes/*.yaml against the API schemas of Kubernetes 1.36 and 1.37, strictly and
+# offline (kubernetes-validate from PyPI, in target/k8s-venv), plus cross-references; broken
+# copies must be refused. A few seconds.
+test-manifests:
+	scripts/test-manifests.sh
 
 test-unit:
 	cargo test --lib --bins
