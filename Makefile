@@ -43,7 +43,7 @@ test-manifests:
 
 # The image: its contents (no keys, no build leftovers, size budget), its binaries run under
 # podman, its iptables wrapper picks the backend that holds the rules. ~20 s after the build.
-test-image: deps image
+test-image: deps test-manifests image
 	scripts/test-image.sh
 
 test-unit:

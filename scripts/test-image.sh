@@ -3,14 +3,16 @@
 #   1. its contents, read from the archive: the tag is localhost/wg-cni:<crate version>, the
 #      binaries and iptables are there, and nothing else is: no private key, no build or package
 #      leftovers (sources, cargo or apt files, dpkg database), no set-uid file, no device node;
-#      and it stays small (compressed layer under a budget);
+#      and it stays small (compressed layer under a budget); and the conflist template of
+#      deploy/kubernetes/wg-cni.yaml is a config the built plugin accepts;
 #   2. it runs, with podman: `wg-cni --version`, `wg-cni-agent --version` and
 #      `wg-cni-wgd --version` print the crate's version;
 #   3. its iptables wrapper picks the host's backend: podman runs `iptables -V` in network
 #      namespaces of our own that hold rules in one backend (legacy, nft) or kubelet's hint
 #      chain, and once with the WG_CNI_IPTABLES_MODE override.
-# Parts 2 and 3 make network namespaces (deleted on exit); `--contents-only` runs part 1 alone.
-# ~15 s.
+# Parts 2 and 3 make network namespaces (deleted on exit); `--no-podman` runs part 1 alone
+# (no podman, no namespace). podman runs with private storage and configuration, as in
+# scripts/clients. ~10 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,7 +83,27 @@ if problems:
 print(f"{len(names)} entries, layer {layer_member.size / 1e6:.1f} MB compressed")
 EOF
 pass "image contents: tag $image, binaries and iptables present, no keys or build leftovers"
-if [ "${1:-}" = --contents-only ]; then
+# The conflist template of the manifest's ConfigMap, as a runtime hands it to the plugin once
+# the agent rendered it (nodeName added): accepted (STATUS says 50, no subnet leased yet), not
+# refused as a bad config (7). Read-only: the store is a temp dir, no link is made.
+conf_dir=$(mktemp -d)
+target/k8s-venv/bin/python - "$conf_dir" >"$conf_dir/conf.json" <<'EOF'
+import json, sys, yaml
+for doc in yaml.safe_load_all(open("deploy/kubernetes/wg-cni.yaml")):
+    if doc and doc["kind"] == "ConfigMap" and "10-wg-cni.conflist" in doc.get("data", {}):
+        conf = json.loads(doc["data"]["10-wg-cni.conflist"])
+plugin = conf["plugins"][0]
+plugin.update(name=conf["name"], cniVersion="1.1.0", store=sys.argv[1], nodeName="node-1")
+print(json.dumps(plugin))
+EOF
+status=$(CNI_COMMAND=STATUS CNI_PATH=/usr/lib/cni target/x86_64-unknown-linux-gnu/release/wg-cni \
+  <"$conf_dir/conf.json" 2>/dev/null || true)
+rm -rf "$conf_dir"
+case $status in
+  *'"code":50'*) pass "the ConfigMap's conflist template is a valid wg-cni config (STATUS: $status)" ;;
+  *) fail "the ConfigMap's conflist template: STATUS answered $status, expected code 50" ;;
+esac
+if [ "${1:-}" = --no-podman ]; then
   echo "$passed passed, 0 failed"
   exit 0
 fi
