@@ -10,7 +10,8 @@
 #      `wg-cni-wgd --version` print the crate's version;
 #   3. its iptables wrapper picks the host's backend: podman runs `iptables -V` in network
 #      namespaces of our own that hold rules in one backend (legacy, nft) or kubelet's hint
-#      chain, and once with the WG_CNI_IPTABLES_MODE override.
+#      chain, and once with the WG_CNI_IPTABLES_MODE override; a rule the image's
+#      iptables-restore writes is seen by the host's iptables-<that backend>-save.
 # Parts 2 and 3 make network namespaces (deleted on exit); `--no-podman` runs part 1 alone
 # (no podman, no namespace). podman runs with private storage and configuration, as in
 # scripts/clients. ~10 s.
@@ -233,9 +234,16 @@ backend_case() { # NAME WANT SETUP [ENV...]
     *"($want)"*) pass "iptables backend, $label: $(echo "$out" | grep -m1 "^ip6*tables v")" ;;
     *) fail "$label: expected the $want backend, got: $out" ;;
   esac
-  # ip6tables-save goes through the same choice, and works.
-  podman run --rm --privileged --network "ns:/run/netns/$ns" "$@" "$image" ip6tables-save >/dev/null 2>&1 ||
-    fail "$label: ip6tables-save failed in the image"
+  # A fresh container's first call reads its stdin (iptables-restore, as the agent calls it),
+  # and the rule lands where the host's own tools of that backend see it; ip6tables too.
+  local host_save=iptables-legacy-save
+  [ "$want" = legacy ] || host_save=iptables-nft-save
+  printf '*filter\n-A FORWARD -m comment --comment wg-cni-image-test-restore -j ACCEPT\nCOMMIT\n' |
+    podman run --rm -i --privileged --network "ns:/run/netns/$ns" "$@" "$image" \
+      sh -c 'iptables-restore --noflush -w 5 && ip6tables-save >/dev/null' >/dev/null 2>&1 ||
+    fail "$label: iptables-restore or ip6tables-save failed in the image"
+  ip netns exec "$ns" "$host_save" -t filter 2>/dev/null | grep -q wg-cni-image-test-restore ||
+    fail "$label: the image's iptables-restore did not write to the host's $want tables"
 }
 backend_case "legacy rules only" legacy \
   'iptables-legacy -A INPUT -m comment --comment wg-cni-image-test -j ACCEPT'
@@ -244,6 +252,10 @@ backend_case "nft rules only" nf_tables \
 backend_case "more legacy rules, kubelet's hint chain in nft" nf_tables \
   'iptables-legacy -A INPUT -j ACCEPT; iptables-legacy -A OUTPUT -j ACCEPT; iptables-nft -t mangle -N KUBE-IPTABLES-HINT'
 backend_case "no rules at all" nf_tables 'true'
+# Deciding there read no legacy table, so it made none (only nft's restore above ran).
+[ -z "$(ip netns exec "${namespaces[-1]}" cat /proc/net/ip_tables_names)" ] ||
+  fail "the wrapper created legacy tables where there were none"
+pass "the wrapper's choice created no legacy table"
 backend_case "WG_CNI_IPTABLES_MODE=legacy over nft rules" legacy \
   'iptables-nft -A INPUT -j ACCEPT' -e WG_CNI_IPTABLES_MODE=legacy
 
