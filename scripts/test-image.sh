@@ -34,6 +34,8 @@ fail() {
   exit 1
 }
 [ -f "$archive" ] || fail "$archive is missing: run make image"
+# The venv with PyPI's PyYAML that reads the manifests (made by make test-manifests).
+[ -x target/k8s-venv/bin/python ] || scripts/test-manifests.sh >/dev/null
 
 # 1. Contents.
 python3 - "$archive" "$image" "$budget_mb" <<'EOF' || fail "image contents (above)"
