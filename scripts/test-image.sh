@@ -55,7 +55,7 @@ with tarfile.open(archive) as outer:
     layer = tarfile.open(fileobj=io.BytesIO(outer.extractfile(layer_member).read()))
     names = {}
     for m in layer.getmembers():
-        names[m.name.lstrip("./")] = m
+        names[m.name.removeprefix("./")] = m
     need = ["usr/local/bin/wg-cni", "usr/local/bin/wg-cni-agent", "usr/local/bin/wg-cni-wgd",
             "usr/sbin/xtables-legacy-multi", "usr/sbin/xtables-nft-multi",
             "usr/sbin/iptables-wrapper", "bin/busybox", "bin/sh", "etc/protocols"]
