@@ -4,9 +4,9 @@
     oci-archive.py ROOTFS OUT.tar NAME:TAG VERSION CMD_JSON
 
 The archive is both an OCI image layout (oci-layout, index.json, blobs/) and a docker-archive
-(manifest.json naming the same blobs), as `docker save` writes since Docker 25: `podman load`,
-`ctr images import` (and so ../shared/k8s's `cluster.sh load-image`) and `docker load` all take
-it and tag it NAME:TAG. The layer is gzip-compressed. Every entry is owned by root with mtime 0
+(manifest.json naming the same blobs), as `docker save` writes since Docker 25: `podman load`
+and `ctr images import` (and so ../shared/k8s's `cluster.sh load-image`) take it and tag it
+NAME:TAG (both tested with Debian 12's podman 4.3 and containerd 1.6). The layer is gzip-compressed. Every entry is owned by root with mtime 0
 and the layer is gzipped without a timestamp, so the same inputs give the same image id.
 Stdlib only.
 """
