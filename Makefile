@@ -2,12 +2,18 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build deps demo test lint test-unit test-integration test-clients test-kernel bench clean
+.PHONY: all build image deps demo test lint test-manifests test-image test-unit test-integration test-clients test-kernel bench clean
 
 all: build
 
 build:
 	cargo build --release
+
+# The container image for Kubernetes (deploy/kubernetes/), built offline: the static binaries,
+# Debian's iptables and busybox, one layer FROM nothing. target/image/wg-cni.tar (OCI layout
+# and docker-archive in one), tagged localhost/wg-cni:<version>; ~12 MB.
+image:
+	deploy/kubernetes/image/build.sh
 
 # Packages, then wg-cni's userspace daemon (wgd/) built and installed as /usr/local/bin/wg-cni-wgd.
 deps:
@@ -20,7 +26,7 @@ demo:
 # Everything CI runs: lint, unit tests, integration tests on this host (userspace backend),
 # real CNI clients (libcni, podman, containerd CRI) on this host, and the same integration tests
 # inside a QEMU guest with kernel WireGuard.
-test: deps lint test-unit test-integration test-clients test-kernel
+test: deps lint test-manifests test-image test-unit test-integration test-clients test-kernel
 
 # The daemon (wgd/) is a package of its own (own lock file, a static build for an explicit
 # target): linted and unit-tested from inside its folder.
@@ -28,6 +34,17 @@ lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cd wgd && cargo fmt --check && cargo clippy --all-targets --locked -- -D warnings
+
+# deploy/kubernetes/*.yaml against the API schemas of Kubernetes 1.36 and 1.37, strictly and
+# offline (kubernetes-validate from PyPI, in target/k8s-venv), plus cross-references; broken
+# copies must be refused. A few seconds.
+test-manifests:
+	scripts/test-manifests.sh
+
+# The image: its contents (no keys, no build leftovers, size budget), its binaries run under
+# podman, its iptables wrapper picks the backend that holds the rules. ~20 s after the build.
+test-image: deps test-manifests image
+	scripts/test-image.sh
 
 test-unit:
 	cargo test --lib --bins
