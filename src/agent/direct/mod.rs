@@ -34,7 +34,8 @@ use super::Settings;
 use super::directory::Directories;
 use pair::{Action, Pair, Seen};
 
-/// How often links with a pending peer are read (the two ends' switches land this close).
+/// How often links with a pending peer (or one just demoted for relayed traffic) are read (the
+/// two ends' switches land this close).
 const PENDING_POLL: Duration = Duration::from_millis(10);
 /// How often direct peers' counters are read (idleness).
 const ACTIVITY_POLL: Duration = Duration::from_secs(1);
@@ -191,8 +192,9 @@ pub fn spawn(
 impl Promoter {
     fn run(mut self, flows: Receiver<Flow>) {
         loop {
-            let mut wake = match self.pairs.values().any(|p| p.pair.is_pending()) {
-                true => Instant::now() + PENDING_POLL,
+            let now = Instant::now();
+            let mut wake = match self.pairs.values().any(|p| p.pair.wants_fast_reads(now)) {
+                true => now + PENDING_POLL,
                 false => self.next_activity.min(self.next_sweep),
             };
             if self.pairs.values().any(|p| p.pair.is_cooling()) {
@@ -467,7 +469,7 @@ impl Promoter {
     fn poll(&mut self, now: Instant, all: bool, cooling: bool) {
         let mut links: HashMap<LinkId, Vec<Key>> = HashMap::new();
         for ((link, key), state) in &self.pairs {
-            if all || state.pair.is_pending() || (cooling && state.pair.is_cooling()) {
+            if all || state.pair.wants_fast_reads(now) || (cooling && state.pair.is_cooling()) {
                 links.entry(link.clone()).or_default().push(key.clone());
             }
         }

@@ -36,6 +36,8 @@ pub const COOLDOWN: Duration = Duration::from_secs(15);
 /// drops a packet whose source belongs to another peer: whatever is sent between the two
 /// switches is lost. Longer than a pending poll and its read.
 pub const SWITCH_DELAY: Duration = Duration::from_millis(40);
+/// How long after a demotion for relayed traffic the peer is read as often as a pending one.
+const FAST_COOLING: Duration = Duration::from_millis(500);
 /// A switch due this soon is done now.
 const SWITCH_SLACK: Duration = Duration::from_millis(1);
 /// A session this young is live: WireGuard rekeys every two minutes while data flows.
@@ -174,6 +176,21 @@ impl Pair {
 
     pub fn is_cooling(&self) -> bool {
         matches!(self.phase, Phase::Cooling { .. })
+    }
+
+    /// Whether the promoter should read the peer as often as it can: waiting for a handshake,
+    /// or just demoted for relayed traffic (the other end, which sent it, commonly goes direct
+    /// again at once, and whatever it sends directly is dropped here until this end routes).
+    pub fn wants_fast_reads(&self, now: Instant) -> bool {
+        match self.phase {
+            Phase::Pending { .. } => true,
+            Phase::Cooling {
+                since,
+                rx,
+                hold_until,
+            } => rx.is_none() || (hold_until.is_some() && now.duration_since(since) < FAST_COOLING),
+            _ => false,
+        }
     }
 
     /// When a pending pair with its handshake done switches (the promoter looks then).
