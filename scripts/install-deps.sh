@@ -5,7 +5,8 @@ set -euo pipefail
 
 "$(dirname "$0")/apt-install.sh" containernetworking-plugins wireguard-go wireguard-tools iproute2 \
   etcd-server etcd-client protobuf-compiler openssl \
-  iptables iputils-ping procps jq tcpdump conntrack
+  iptables iputils-ping procps jq tcpdump conntrack \
+  python3-venv
 
 # Debian's rustc (1.63) is too old for rtnetlink and clap: rustup's stable >= 1.85 is required.
 export PATH="$HOME/.cargo/bin:$PATH"

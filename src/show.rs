@@ -238,7 +238,8 @@ fn add_peers(
 /// Seconds since the peer last carried data: since the agent saw its counters move, or 0
 /// when they moved after the agent's last look (it writes what it saw every few seconds).
 fn idle_seconds(seen: &PeerActivity, rx: u64, tx: u64, now: SystemTime) -> u64 {
-    if (rx, tx) != (seen.rx, seen.tx) {
+    use crate::wireguard::traffic::carried_data;
+    if carried_data(seen.rx, rx) || carried_data(seen.tx, tx) {
         return 0;
     }
     let active = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seen.last_active);

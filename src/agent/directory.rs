@@ -74,6 +74,10 @@ impl Directory {
         Some(std::mem::take(&mut self.changed))
     }
 
+    pub fn pods(&self) -> impl Iterator<Item = &RemotePod> {
+        self.by_key.values().map(|p| p.as_ref())
+    }
+
     pub fn len(&self) -> usize {
         self.by_key.len()
     }

@@ -74,6 +74,10 @@ pub struct Index {
 }
 
 impl Index {
+    pub fn directory(&self) -> SharedDirectory {
+        self.directory.clone()
+    }
+
     /// The network was listed in full and the index took it in: the directory is complete.
     pub fn mark_complete(&self) {
         self.directory

@@ -27,6 +27,7 @@ use crate::store::{Record, State, Store};
 use crate::wireguard;
 
 use super::LinkReconciler;
+use super::directory::SharedDirectory;
 use super::handshakes;
 
 /// At most this many peers added to one link in one reconcile get an immediate handshake.
@@ -137,7 +138,7 @@ impl LinkSync {
     /// read once; per link, under the lock, this node's own records are read again (an ADD
     /// that joined meanwhile has told every link of its pod, and must not be pruned), the
     /// device is read and the difference written.
-    fn resync(&self, conf: &NetConf) -> Result<()> {
+    fn resync(&self, conf: &NetConf, directory: &SharedDirectory) -> Result<()> {
         let Some(store) = Store::open_existing(&conf.store, &conf.name, &self.node)? else {
             return Ok(());
         };
@@ -156,9 +157,9 @@ impl LinkSync {
         view.records.retain(|r| r.node != self.node);
         let remote = view.records.len();
         // On-demand: the promoter's direct peers stay as they are (it removes them itself
-        // when their record goes). Read once: the network's every record.
+        // when their record goes): this node's pods and the directory's.
         let direct = match conf.peering {
-            Peering::OnDemand => Some(DirectCandidates::of(&store.all_records()?)),
+            Peering::OnDemand => Some(direct_candidates(&store, directory)?),
             Peering::Mesh => None,
         };
         let keep_direct = |peer: &wireguard_control::PeerInfo| {
@@ -378,11 +379,11 @@ impl LinkSync {
 }
 
 impl LinkReconciler for LinkSync {
-    fn resync(&self, network: &str) {
+    fn resync(&self, network: &str, directory: &SharedDirectory) {
         let Some(conf) = self.conf_of(network) else {
             return;
         };
-        if let Err(e) = self.resync(&conf) {
+        if let Err(e) = self.resync(&conf, directory) {
             tracing::warn!(network, error = %e, "resync failed");
         }
     }
@@ -400,4 +401,18 @@ impl LinkReconciler for LinkSync {
 /// The subnet's first host address (`.1`), where host-local puts the gateway by default.
 fn first_host(subnet: &IpNetwork) -> Option<std::net::IpAddr> {
     subnet.iter().nth(1)
+}
+
+/// The pods a direct peer may be for: this node's and the directory's relayed remote pods
+/// (every record of the network, read from the store, while the directory is not complete).
+fn direct_candidates(store: &Store, directory: &SharedDirectory) -> Result<DirectCandidates> {
+    let directory = directory.read().unwrap_or_else(|p| p.into_inner());
+    if !directory.is_complete() {
+        return Ok(DirectCandidates::of(&store.all_records()?));
+    }
+    let mut candidates = DirectCandidates::of(&store.node_records()?);
+    for pod in directory.pods().filter(|p| p.relayed) {
+        candidates.add(&pod.peer);
+    }
+    Ok(candidates)
 }

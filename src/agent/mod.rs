@@ -49,7 +49,8 @@ const FLOW_QUEUE: usize = 4096;
 pub trait LinkReconciler: Send + Sync {
     /// Bring every link to its whole desired peer set, from the store (this node's records
     /// and the mirrored ones): after the first complete sync and every resync interval.
-    fn resync(&self, network: &str);
+    /// On-demand, the promoter's direct peers for `directory`'s pods (and this node's) stay.
+    fn resync(&self, network: &str, directory: &directory::SharedDirectory);
     /// Write these one-peer changes (a remote pod or gateway came, went or moved) to the links
     /// they concern, without reading the devices.
     fn apply(&self, network: &str, changes: &reconcile::PeerChanges);

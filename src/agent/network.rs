@@ -706,6 +706,7 @@ impl NetworkLoop {
             files,
             work,
             verify_wanted: self.verify_wanted.clone(),
+            directory: self.index.directory(),
         });
     }
 }

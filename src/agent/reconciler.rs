@@ -12,6 +12,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use super::LinkReconciler;
+use super::directory::SharedDirectory;
 use super::health::AgentStatus;
 use super::index::{FileChange, Snapshot};
 use super::mirror_files::MirrorFiles;
@@ -40,6 +41,8 @@ pub struct Job {
     pub work: Work,
     /// Set by the thread when a mirror write failed: the network loop then sends a resync.
     pub verify_wanted: Arc<AtomicBool>,
+    /// The network's remote pods (a resync keeps the promoter's direct peers for them).
+    pub directory: SharedDirectory,
 }
 
 /// The sending end: cheap to clone, never blocks.
@@ -124,7 +127,7 @@ impl Thread {
         match &job.work {
             Work::Changes(changes) if changes.is_empty() => {}
             Work::Changes(changes) => self.links.apply(&job.network, changes),
-            Work::Resync => self.links.resync(&job.network),
+            Work::Resync => self.links.resync(&job.network, &job.directory),
         }
     }
 }
@@ -175,6 +178,7 @@ mod tests {
             },
             work,
             verify_wanted: Arc::default(),
+            directory: SharedDirectory::default(),
         }
     }
 

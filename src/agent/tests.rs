@@ -59,7 +59,7 @@ struct Recording {
 }
 
 impl LinkReconciler for Recording {
-    fn resync(&self, network: &str) {
+    fn resync(&self, network: &str, _: &super::directory::SharedDirectory) {
         self.record(network, None);
     }
 

@@ -29,6 +29,14 @@ impl DirectCandidates {
         )
     }
 
+    /// A pod known as the peer it is when direct (its addresses as allowed IPs).
+    pub fn add(&mut self, peer: &crate::wireguard::Peer) {
+        self.0.insert(
+            peer.public_key.clone(),
+            peer.allowed_ips.iter().copied().collect(),
+        );
+    }
+
     pub fn accepts(&self, peer: &PeerConfig) -> bool {
         if peer.persistent_keepalive_interval.is_some_and(|s| s > 0) {
             return false;

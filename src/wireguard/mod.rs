@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod genl;
 pub mod kernel;
+pub mod traffic;
 mod tun;
 mod uapi;
 pub mod userspace;

@@ -34,7 +34,8 @@ use super::Settings;
 use super::directory::Directories;
 use pair::{Action, Pair, Seen};
 
-/// How often links with a pending peer are read (the two ends' switches land this close).
+/// How often links with a pending peer (or one just demoted for relayed traffic) are read (the
+/// two ends' switches land this close).
 const PENDING_POLL: Duration = Duration::from_millis(10);
 /// How often direct peers' counters are read (idleness).
 const ACTIVITY_POLL: Duration = Duration::from_secs(1);
@@ -52,6 +53,18 @@ const PROMOTION_BURST: f64 = 40.0;
 const REREAD: Duration = Duration::from_millis(50);
 /// Flows kept for after that read.
 const DEFERRED_MAX: usize = 1024;
+/// How long an unplaced flow is tried again: the relay watch logs the pair again a second
+/// later anyway.
+const DEFERRED_FOR: Duration = Duration::from_secs(1);
+
+/// Why a relayed flow could not be placed yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unplaced {
+    /// Its gateway or this node's pod is not read yet (made a moment ago).
+    Local,
+    /// The other pod is not in the directory yet (its record is on its way through etcd).
+    Remote,
+}
 
 /// A relayed flow seen by one of this node's gateways.
 #[derive(Debug, Clone)]
@@ -126,8 +139,10 @@ pub struct Promoter {
     store: PathBuf,
     directories: Arc<Directories>,
     networks: HashMap<String, Network>,
-    networks_read: Instant,
-    deferred: Vec<Flow>,
+    /// When deferred flows were last tried again.
+    replayed_at: Instant,
+    /// Flows not placed yet, with when they came.
+    deferred: Vec<(Flow, Instant, Unplaced)>,
     pairs: HashMap<(LinkId, Key), PairState>,
     tokens: f64,
     tokens_at: Instant,
@@ -153,7 +168,7 @@ pub fn spawn(
         store: settings.store.clone(),
         directories,
         networks: HashMap::new(),
-        networks_read: now,
+        replayed_at: now,
         deferred: Vec::new(),
         pairs: HashMap::new(),
         tokens: PROMOTION_BURST,
@@ -177,15 +192,16 @@ pub fn spawn(
 impl Promoter {
     fn run(mut self, flows: Receiver<Flow>) {
         loop {
-            let mut wake = match self.pairs.values().any(|p| p.pair.is_pending()) {
-                true => Instant::now() + PENDING_POLL,
+            let now = Instant::now();
+            let mut wake = match self.pairs.values().any(|p| p.pair.wants_fast_reads(now)) {
+                true => now + PENDING_POLL,
                 false => self.next_activity.min(self.next_sweep),
             };
             if self.pairs.values().any(|p| p.pair.is_cooling()) {
                 wake = wake.min(self.last_cooling_poll + COOLING_POLL);
             }
             if !self.deferred.is_empty() {
-                wake = wake.min(self.networks_read + REREAD);
+                wake = wake.min(self.replayed_at + REREAD);
             }
             if let Some(switch) = self.pairs.values().filter_map(|p| p.pair.route_at()).min() {
                 wake = wake.min(switch);
@@ -291,16 +307,17 @@ impl Promoter {
 
     fn on_flow(&mut self, flow: Flow) {
         let now = Instant::now();
-        if !self.resolve(&flow, now) && self.deferred.len() < DEFERRED_MAX {
-            // A gateway or a pod this thread has not read yet (made a moment ago).
-            self.deferred.push(flow);
+        if let Err(unplaced) = self.resolve(&flow, now)
+            && self.deferred.len() < DEFERRED_MAX
+        {
+            self.deferred.push((flow, now, unplaced));
         }
     }
 
-    /// Promote the pair of `flow`; false when its network or this node's end is unknown.
-    fn resolve(&mut self, flow: &Flow, now: Instant) -> bool {
+    /// Promote the pair of `flow`, or say which end is not known yet.
+    fn resolve(&mut self, flow: &Flow, now: Instant) -> std::result::Result<(), Unplaced> {
         let Some(network) = self.network_of(&flow.gateway) else {
-            return false;
+            return Err(Unplaced::Local);
         };
         let src = self.local(&network, &flow.src);
         let dst = self.local(&network, &flow.dst);
@@ -315,31 +332,38 @@ impl Promoter {
                 self.relayed(&a, b.as_target.clone(), now);
                 self.relayed(&b, a.as_target.clone(), now);
             }
-            (Some(local), None) => {
-                if let Some(target) = self.remote(&network, &flow.dst) {
-                    self.relayed(&local, target, now);
-                }
-            }
-            (None, Some(local)) => {
-                if let Some(target) = self.remote(&network, &flow.src) {
-                    self.relayed(&local, target, now);
-                }
-            }
-            (None, None) => return false,
+            (Some(local), None) => match self.remote(&network, &flow.dst) {
+                Some(target) => self.relayed(&local, target, now),
+                None => return Err(Unplaced::Remote),
+            },
+            (None, Some(local)) => match self.remote(&network, &flow.src) {
+                Some(target) => self.relayed(&local, target, now),
+                None => return Err(Unplaced::Remote),
+            },
+            (None, None) => return Err(Unplaced::Local),
         }
-        true
+        Ok(())
     }
 
-    /// Flows that could not be resolved: read the networks and this node's pods again (at
-    /// most every `REREAD`) and try them once more.
+    /// Flows that could not be resolved, tried again every `REREAD` for `DEFERRED_FOR` (the
+    /// networks and this node's pods read again first when this node's end was unknown).
     fn replay_deferred(&mut self, now: Instant) {
-        if self.deferred.is_empty() || now.duration_since(self.networks_read) < REREAD {
+        if self.deferred.is_empty() || now.duration_since(self.replayed_at) < REREAD {
             return;
         }
-        self.read_networks(now);
-        for flow in std::mem::take(&mut self.deferred) {
-            if !self.resolve(&flow, now) {
-                tracing::debug!(?flow, "relayed flow of no pod of an on-demand network here");
+        self.replayed_at = now;
+        if self.deferred.iter().any(|(.., u)| *u == Unplaced::Local) {
+            self.read_networks();
+        }
+        for (flow, came, _) in std::mem::take(&mut self.deferred) {
+            let Err(unplaced) = self.resolve(&flow, now) else {
+                continue;
+            };
+            match now.duration_since(came) < DEFERRED_FOR {
+                true => self.deferred.push((flow, came, unplaced)),
+                false => {
+                    tracing::debug!(?flow, "relayed flow of no pod of an on-demand network here")
+                }
             }
         }
     }
@@ -445,7 +469,7 @@ impl Promoter {
     fn poll(&mut self, now: Instant, all: bool, cooling: bool) {
         let mut links: HashMap<LinkId, Vec<Key>> = HashMap::new();
         for ((link, key), state) in &self.pairs {
-            if all || state.pair.is_pending() || (cooling && state.pair.is_cooling()) {
+            if all || state.pair.wants_fast_reads(now) || (cooling && state.pair.is_cooling()) {
                 links.entry(link.clone()).or_default().push(key.clone());
             }
         }
@@ -600,7 +624,7 @@ impl Promoter {
     /// peer when the link is still there); adopt direct peers found on links (after a restart
     /// of the agent: they stay, so the pods' traffic never waits for this thread).
     fn sweep(&mut self, now: Instant) {
-        self.read_networks(now);
+        self.read_networks();
         let gone: Vec<(LinkId, Key)> = self
             .pairs
             .iter()
@@ -676,8 +700,7 @@ impl Promoter {
         }
     }
 
-    fn read_networks(&mut self, now: Instant) {
-        self.networks_read = now;
+    fn read_networks(&mut self) {
         let Ok(networks) = super::config::read_networks(&self.cni_conf_dir, &self.store) else {
             return;
         };

@@ -20,6 +20,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::wireguard::traffic::carried_data;
+
 /// A pending peer without a handshake for this long is removed.
 pub const PENDING_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a pending peer timed out, relayed traffic does not promote the pair for this long.
@@ -34,15 +36,24 @@ pub const COOLDOWN: Duration = Duration::from_secs(15);
 /// drops a packet whose source belongs to another peer: whatever is sent between the two
 /// switches is lost. Longer than a pending poll and its read.
 pub const SWITCH_DELAY: Duration = Duration::from_millis(40);
+/// How long after a demotion for relayed traffic the peer is read as often as a pending one.
+const FAST_COOLING: Duration = Duration::from_millis(500);
 /// A switch due this soon is done now.
 const SWITCH_SLACK: Duration = Duration::from_millis(1);
 /// A session this young is live: WireGuard rekeys every two minutes while data flows.
 pub const SESSION_ALIVE: Duration = Duration::from_secs(120);
-/// When the initiating end starts the handshake over, counted from the promotion.
-const RESTARTS: [Duration; 4] = [
+/// When the initiating end starts the handshake over, counted from the promotion: every
+/// 250 ms or less in the first second (the other end's agent may hear of the pair up to a
+/// second later, when the relay watch logs the pair again, and drops every initiation until
+/// then), then less often.
+const RESTARTS: [Duration; 8] = [
     Duration::from_millis(150),
+    Duration::from_millis(300),
     Duration::from_millis(500),
+    Duration::from_millis(750),
+    Duration::from_millis(1000),
     Duration::from_millis(1500),
+    Duration::from_millis(2500),
     Duration::from_millis(4000),
 ];
 
@@ -89,7 +100,10 @@ pub enum Phase {
     },
     Cooling {
         since: Instant,
-        rx: u64,
+        /// The received bytes counted when cooling began (`None`: read at the next look; the
+        /// promoter's last reading may be a second old, and data received since then would
+        /// read as the other end still sending directly).
+        rx: Option<u64>,
         /// Relayed traffic does not promote the pair again before this (set when the other
         /// end was seen not direct: its agent may be gone mid-promotion).
         hold_until: Option<Instant>,
@@ -144,7 +158,7 @@ impl Pair {
             true => Phase::direct(now, seen),
             false => Phase::Cooling {
                 since: now,
-                rx: seen.rx,
+                rx: Some(seen.rx),
                 hold_until: None,
             },
         };
@@ -164,6 +178,21 @@ impl Pair {
         matches!(self.phase, Phase::Cooling { .. })
     }
 
+    /// Whether the promoter should read the peer as often as it can: waiting for a handshake,
+    /// or just demoted for relayed traffic (the other end, which sent it, commonly goes direct
+    /// again at once, and whatever it sends directly is dropped here until this end routes).
+    pub fn wants_fast_reads(&self, now: Instant) -> bool {
+        match self.phase {
+            Phase::Pending { .. } => true,
+            Phase::Cooling {
+                since,
+                rx,
+                hold_until,
+            } => rx.is_none() || (hold_until.is_some() && now.duration_since(since) < FAST_COOLING),
+            _ => false,
+        }
+    }
+
     /// When a pending pair with its handshake done switches (the promoter looks then).
     pub fn route_at(&self) -> Option<Instant> {
         match self.phase {
@@ -177,10 +206,10 @@ impl Pair {
         match self.phase {
             Phase::Pending { .. } => Vec::new(),
             Phase::Direct { since, .. } if now.duration_since(since) < SWITCH_GRACE => Vec::new(),
-            Phase::Direct { rx, .. } => {
+            Phase::Direct { .. } => {
                 self.phase = Phase::Cooling {
                     since: now,
-                    rx,
+                    rx: None,
                     hold_until: Some(now + BACKOFF),
                 };
                 vec![Action::Unroute, Action::ForgetConntrack]
@@ -268,7 +297,7 @@ impl Pair {
                 rx,
                 tx,
             } => {
-                let last_active = match (seen.rx, seen.tx) != (rx, tx) {
+                let last_active = match carried_data(rx, seen.rx) || carried_data(tx, seen.tx) {
                     true => now,
                     false => last_active,
                 };
@@ -281,7 +310,7 @@ impl Pair {
                 if !stale_remote && now.duration_since(last_active) >= idle_timeout {
                     self.phase = Phase::Cooling {
                         since: now,
-                        rx: seen.rx,
+                        rx: Some(seen.rx),
                         hold_until: None,
                     };
                     return vec![Action::Unroute, Action::ForgetConntrack];
@@ -290,10 +319,24 @@ impl Pair {
             }
             Phase::Cooling {
                 since,
-                rx,
+                rx: None,
                 hold_until,
             } => {
-                if seen.rx != rx && seen.handshake_age.is_some_and(|age| age < SESSION_ALIVE) {
+                self.phase = Phase::Cooling {
+                    since,
+                    rx: Some(seen.rx),
+                    hold_until,
+                };
+                Vec::new()
+            }
+            Phase::Cooling {
+                since,
+                rx: Some(rx),
+                hold_until,
+            } => {
+                if carried_data(rx, seen.rx)
+                    && seen.handshake_age.is_some_and(|age| age < SESSION_ALIVE)
+                {
                     // The other end still sends directly: take it back before its data is lost.
                     self.phase = Phase::direct(now, seen);
                     return vec![Action::Route, Action::ForgetConntrack];
@@ -432,6 +475,36 @@ mod tests {
             "cooling: promoted again"
         );
         assert!(pair.is_pending());
+    }
+
+    #[test]
+    fn data_read_after_a_relay_demotion_counts_only_from_the_next_look() {
+        let t0 = Instant::now();
+        let (mut pair, _) = Pair::promote(t0, true);
+        pair.observe(t0, seen(Some(50), 0, 0), IDLE, false);
+        pair.observe(t0, seen(Some(50), 1000, 1000), IDLE, false);
+        let late = t0 + SWITCH_GRACE + Duration::from_millis(1);
+        assert_eq!(
+            pair.relayed(late),
+            [Action::Unroute, Action::ForgetConntrack]
+        );
+        // Received directly before the other end went to the relay, after the last reading.
+        let look = late + Duration::from_millis(50);
+        assert!(
+            pair.observe(look, seen(Some(50), 5000, 1000), IDLE, false)
+                .is_empty(),
+            "data from before the demotion is no sign the other end still sends directly"
+        );
+        assert_eq!(
+            pair.observe(
+                look + Duration::from_millis(50),
+                seen(Some(50), 5096, 1000),
+                IDLE,
+                false
+            ),
+            [Action::Route, Action::ForgetConntrack],
+            "data after it is"
+        );
     }
 
     #[test]
