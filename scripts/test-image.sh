@@ -108,13 +108,6 @@ case $status in
   *) fail "the ConfigMap's conflist template: STATUS answered $status, expected code 50" ;;
 esac
 # Every command line in the manifests names a subcommand and flags the built binaries have.
-# PENDING: what issue 22's Rust side adds (the install and uninstall subcommands, the agent's
-# --conflist-template); a pending name missing from this build is only noted. Once both sides
-# are merged, empty PENDING: then every name must exist.
-PENDING="wg-cni:install wg-cni:uninstall wg-cni:uninstall:--cni-bin-dir wg-cni:uninstall:--cni-conf-dir
-wg-cni:uninstall:--store wg-cni:uninstall:--node wg-cni:install:--cni-bin-dir
-wg-cni-agent:--conflist-template"
-pending=" $(echo $PENDING) " # one line, each name between spaces
 release=target/x86_64-unknown-linux-gnu/release
 help_of() { # BINARY [SUBCOMMAND]: the flags its --help names
   "$release/$1" "${@:2}" --help 2>/dev/null | grep -o -- '--[a-z][a-z0-9-]*' | sort -u
@@ -125,10 +118,7 @@ while read -r binary sub args; do
   if [ "$sub" != - ]; then
     key=$binary:$sub
     if ! "$release/$binary" --help | grep -qE "^  $sub( |$)"; then
-      case $pending in
-        *" $key "*) echo "note: $binary has no subcommand $sub in this build yet (issue 22)" ;;
-        *) missing="$missing $key" ;;
-      esac
+      missing="$missing $key"
       continue
     fi
     flags=$(help_of "$binary" "$sub")
@@ -138,10 +128,7 @@ while read -r binary sub args; do
   for arg in $args; do
     flag=${arg%%=*}
     echo "$flags" | grep -qx -- "$flag" && continue
-    case $pending in
-      *" $key:$flag "*) echo "note: $key has no $flag in this build yet (issue 22)" ;;
-      *) missing="$missing $key:$flag" ;;
-    esac
+    missing="$missing $key:$flag"
   done
 done < <(target/k8s-venv/bin/python - <<'EOF'
 import yaml

@@ -64,7 +64,8 @@ pub struct AgentArgs {
     health_listen: std::net::SocketAddr,
     /// A cgroup v2 directory the node gateway's userspace daemons join before they run, so
     /// that stopping the agent's container (an upgrade) leaves them running. In a DaemonSet
-    /// with host PID: /proc/1/root/sys/fs/cgroup (the host's root cgroup).
+    /// with host PID: /proc/1/root/sys/fs/cgroup (the host's root cgroup). On a cgroup v1
+    /// host only a warning: daemons stay in the agent's cgroup.
     #[arg(long, value_name = "DIR")]
     daemon_cgroup: Option<PathBuf>,
     /// A conflist template (one wg-cni plugin entry): its network is served from the start,
