@@ -1711,6 +1711,26 @@ fn pod_peers(cluster: &Cluster, pod: &PodOn) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Remove `pod`'s peer for `other` behind its agent's back (as after a restart that lost it).
+fn drop_direct_peer(cluster: &Cluster, pod: &PodOn, other: &PodOn) {
+    let key = public_key_of(cluster, other);
+    let removed = if expected_backend() == "kernel" {
+        pod.pod.exec(&["wg", "set", "eth0", "peer", &key, "remove"])
+    } else {
+        let link = show(cluster, pod.node)["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["containerId"] == pod.pod.id.as_str())
+            .unwrap()["link"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        cluster.nodes[pod.node].exec(&["wg", "set", &link, "peer", &key, "remove"])
+    };
+    assert!(removed.status.success());
+}
+
 fn holds_direct(cluster: &Cluster, pod: &PodOn, other: &PodOn) -> bool {
     pod_peers(cluster, pod)
         .get(&public_key_of(cluster, other))
@@ -1834,23 +1854,8 @@ fn on_demand_pairs_go_direct_when_traffic_flows_and_back_when_idle() {
 
     // a loses its direct peer for b (as after a restart without its state): a's packets go
     // through the relay again, b's node sees them and takes b's direct route back at once.
-    let host_a = show(&cluster, 0)["attachments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["containerId"] == a.pod.id.as_str())
-        .unwrap()["link"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let key_b = public_key_of(&cluster, &b);
     assert!(holds_direct(&cluster, &b, &a));
-    let removed = if expected_backend() == "kernel" {
-        a.pod.exec(&["wg", "set", "eth0", "peer", &key_b, "remove"])
-    } else {
-        cluster.nodes[0].exec(&["wg", "set", &host_a, "peer", &key_b, "remove"])
-    };
-    assert!(removed.status.success());
+    drop_direct_peer(&cluster, &a, &b);
     let answered = wait_for(direct_within(), || ping_once(&a.pod, &b.ip));
     assert!(answered, "a pair with one direct end stayed cut off");
 
@@ -1984,23 +1989,8 @@ fn a_one_way_udp_flow_recovers_within_5_s_across_trims() {
         if !wait_for(direct_within() + Duration::from_secs(2), both_direct) {
             return Err("the resumed flow never went direct again".into());
         }
-        let host_a = show(&cluster, 0)["attachments"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["containerId"] == a.pod.id.as_str())
-            .unwrap()["link"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let key_b = public_key_of(&cluster, &b);
         let cut = Instant::now();
-        let removed = if expected_backend() == "kernel" {
-            a.pod.exec(&["wg", "set", "eth0", "peer", &key_b, "remove"])
-        } else {
-            cluster.nodes[0].exec(&["wg", "set", &host_a, "peer", &key_b, "remove"])
-        };
-        assert!(removed.status.success());
+        drop_direct_peer(&cluster, &a, &b);
         std::thread::sleep(recover + Duration::from_secs(1));
         match arrivals_after(&arrivals, cut) {
             Some((first, gap)) if gap <= recover => println!(
