@@ -219,13 +219,19 @@ pub fn converge(want: &[Rule], drop: &[Rule]) -> Result<()> {
         if batch.lines().count() == 1 {
             continue;
         }
-        batch.push_str("COMMIT\n");
-        run_tool(
-            &format!("{tool}-restore"),
-            &["--noflush", "-w", "5"],
-            Some(&batch),
-        )?;
+        restore(tool, batch)?;
     }
+    Ok(())
+}
+
+/// Apply a batch of `-A`/`-D` lines for one table (opened by `*TABLE`), leaving the rest.
+fn restore(tool: &str, mut batch: String) -> Result<()> {
+    batch.push_str("COMMIT\n");
+    run_tool(
+        &format!("{tool}-restore"),
+        &["--noflush", "-w", "5"],
+        Some(&batch),
+    )?;
     Ok(())
 }
 
@@ -246,12 +252,7 @@ pub fn remove_naming(gateway: &str) -> Result<usize> {
             for line in &lines {
                 batch.push_str(&format!("-D{}\n", &line["-A".len()..]));
             }
-            batch.push_str("COMMIT\n");
-            run_tool(
-                &format!("{tool}-restore"),
-                &["--noflush", "-w", "5"],
-                Some(&batch),
-            )?;
+            restore(tool, batch)?;
             removed += lines.len();
         }
     }
