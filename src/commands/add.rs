@@ -44,7 +44,7 @@ pub fn run(ctx: &Context) -> Result<Value> {
     let store = ctx.store()?;
     settings.agree_mtu(conf, &store);
     let _adding = store.adding()?;
-    teardown::clear_leftovers(ctx, &store, &ipam)?;
+    let earlier_boots = teardown::clear_leftovers(ctx, &store, &ipam)?;
 
     let backend = wireguard::backend(settings.backend);
     let keypair = KeyPair::generate();
@@ -105,6 +105,7 @@ pub fn run(ctx: &Context) -> Result<Value> {
     drop(lock);
     rollback.disarm();
     drop(attachment);
+    earlier_boots.note(ctx, &store);
     Ok(result_for(ctx, &settings, built.ipam_result))
 }
 

@@ -148,15 +148,17 @@ pub fn reap_earlier_boots(ctx: &Context, store: &Store, ipam: &Ipam) -> Result<u
 /// first), and a leftover of an earlier attempt at this very attachment (its interface is not
 /// in the pod, ADD checked), each under the network lock, which is taken only when there is
 /// something to clear. Every record is read to look for an earlier boot's until one ADD of this
-/// boot found none (noted in the store: none can come back).
-pub fn clear_leftovers(ctx: &Context, store: &Store, ipam: &Ipam) -> Result<()> {
+/// boot found none (`Cleared::NoteIt`: the ADD notes it in the store once it succeeded, so a
+/// failed ADD leaves no file; none can come back).
+pub fn clear_leftovers(ctx: &Context, store: &Store, ipam: &Ipam) -> Result<Cleared> {
+    let mut cleared = Cleared::Noted;
     if !store.earlier_boots_cleared(&ctx.boot_id) {
         let of_earlier_boot = |r: &Record| r.boot_id != ctx.boot_id;
         if store.node_records()?.iter().any(of_earlier_boot) {
             let _lock = store.lock()?;
             reap_earlier_boots(ctx, store, ipam)?;
-        } else if let Err(e) = store.note_earlier_boots_cleared(&ctx.boot_id) {
-            tracing::warn!(error = %e, "could not note that no record of an earlier boot is left");
+        } else {
+            cleared = Cleared::NoteIt;
         }
     }
     let (container_id, ifname) = (&ctx.env.container_id, &ctx.env.ifname);
@@ -166,5 +168,22 @@ pub fn clear_leftovers(ctx: &Context, store: &Store, ipam: &Ipam) -> Result<()> 
             teardown(ctx, store, ipam, &stale, None)?;
         }
     }
-    Ok(())
+    Ok(cleared)
+}
+
+/// Whether the store says already that no record of an earlier boot is left.
+pub enum Cleared {
+    Noted,
+    /// None was found: note it once the ADD succeeded.
+    NoteIt,
+}
+
+impl Cleared {
+    pub fn note(self, ctx: &Context, store: &Store) {
+        if let Cleared::NoteIt = self
+            && let Err(e) = store.note_earlier_boots_cleared(&ctx.boot_id)
+        {
+            tracing::warn!(error = %e, "could not note that no record of an earlier boot is left");
+        }
+    }
 }
