@@ -588,7 +588,9 @@ fn every_bad_input_gets_its_code_names_the_problem_and_changes_nothing() {
     println!("{} bad-input cases", cases.len());
 }
 
-/// The files in this network's node directories of the store (records, locks, temp files).
+/// The files in this network's node directories of the store (records, locks, temp files),
+/// but for the node's note that no record of an earlier boot is left (a successful ADD writes
+/// it once per boot: no attachment's).
 fn node_dir_files(net: &Net) -> Vec<String> {
     let mut files = Vec::new();
     let Ok(nodes) = std::fs::read_dir(net.store().join(&net.name)) else {
@@ -598,6 +600,7 @@ fn node_dir_files(net: &Net) -> Vec<String> {
         for file in std::fs::read_dir(node.path())
             .unwrap()
             .filter_map(|e| e.ok())
+            .filter(|e| e.file_name() != ".cleared-boot.json")
         {
             files.push(format!(
                 "{}/{}",
