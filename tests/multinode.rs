@@ -595,8 +595,7 @@ fn killing_an_agent_does_not_cut_its_pods_off() {
     // dead agent cannot finish is another case: the other end hands the pair back to the
     // relay, `on_demand_pairs_go_direct_when_traffic_flows_and_back_when_idle`).
     let settled = wait_for(direct_within() * 2, || {
-        pods.iter()
-            .all(|p| pod_peers(&cluster, p).values().all(|path| path == "direct"))
+        holds_direct(&cluster, &pods[0], &pods[1]) && holds_direct(&cluster, &pods[1], &pods[0])
     });
     assert!(settled, "promotions still pending");
     cluster.nodes[0].kill_agent();

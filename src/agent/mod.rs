@@ -124,6 +124,7 @@ fn watch_relayed_flows(flows: std::sync::mpsc::SyncSender<direct::Flow>) -> Resu
                                 gateway: flow.prefix,
                                 src: flow.src,
                                 dst: flow.dst,
+                                seen: std::time::Instant::now(),
                             };
                             match flows.try_send(flow) {
                                 Ok(()) | Err(std::sync::mpsc::TrySendError::Full(_)) => {}

@@ -73,6 +73,10 @@ pub struct Flow {
     pub gateway: String,
     pub src: IpAddr,
     pub dst: IpAddr,
+    /// When the relay watch read it: a pair judges relayed traffic by when it was relayed,
+    /// not by when this thread got to it (a log read before the pair switched to direct and
+    /// handled after `SWITCH_GRACE` must not demote the pair).
+    pub seen: Instant,
 }
 
 /// One pod link of this node.
@@ -141,8 +145,8 @@ pub struct Promoter {
     networks: HashMap<String, Network>,
     /// When deferred flows were last tried again.
     replayed_at: Instant,
-    /// Flows not placed yet, with when they came.
-    deferred: Vec<(Flow, Instant, Unplaced)>,
+    /// Flows not placed yet.
+    deferred: Vec<(Flow, Unplaced)>,
     pairs: HashMap<(LinkId, Key), PairState>,
     tokens: f64,
     tokens_at: Instant,
@@ -306,16 +310,15 @@ impl Promoter {
     }
 
     fn on_flow(&mut self, flow: Flow) {
-        let now = Instant::now();
-        if let Err(unplaced) = self.resolve(&flow, now)
+        if let Err(unplaced) = self.resolve(&flow)
             && self.deferred.len() < DEFERRED_MAX
         {
-            self.deferred.push((flow, now, unplaced));
+            self.deferred.push((flow, unplaced));
         }
     }
 
     /// Promote the pair of `flow`, or say which end is not known yet.
-    fn resolve(&mut self, flow: &Flow, now: Instant) -> std::result::Result<(), Unplaced> {
+    fn resolve(&mut self, flow: &Flow) -> std::result::Result<(), Unplaced> {
         let Some(network) = self.network_of(&flow.gateway) else {
             return Err(Unplaced::Local);
         };
@@ -329,15 +332,15 @@ impl Promoter {
         );
         match (src, dst) {
             (Some(a), Some(b)) => {
-                self.relayed(&a, b.as_target.clone(), now);
-                self.relayed(&b, a.as_target.clone(), now);
+                self.relayed(&a, b.as_target.clone(), flow.seen);
+                self.relayed(&b, a.as_target.clone(), flow.seen);
             }
             (Some(local), None) => match self.remote(&network, &flow.dst) {
-                Some(target) => self.relayed(&local, target, now),
+                Some(target) => self.relayed(&local, target, flow.seen),
                 None => return Err(Unplaced::Remote),
             },
             (None, Some(local)) => match self.remote(&network, &flow.src) {
-                Some(target) => self.relayed(&local, target, now),
+                Some(target) => self.relayed(&local, target, flow.seen),
                 None => return Err(Unplaced::Remote),
             },
             (None, None) => return Err(Unplaced::Local),
@@ -352,15 +355,15 @@ impl Promoter {
             return;
         }
         self.replayed_at = now;
-        if self.deferred.iter().any(|(.., u)| *u == Unplaced::Local) {
+        if self.deferred.iter().any(|(_, u)| *u == Unplaced::Local) {
             self.read_networks();
         }
-        for (flow, came, _) in std::mem::take(&mut self.deferred) {
-            let Err(unplaced) = self.resolve(&flow, now) else {
+        for (flow, _) in std::mem::take(&mut self.deferred) {
+            let Err(unplaced) = self.resolve(&flow) else {
                 continue;
             };
-            match now.duration_since(came) < DEFERRED_FOR {
-                true => self.deferred.push((flow, came, unplaced)),
+            match now.duration_since(flow.seen) < DEFERRED_FOR {
+                true => self.deferred.push((flow, unplaced)),
                 false => {
                     tracing::debug!(?flow, "relayed flow of no pod of an on-demand network here")
                 }
@@ -416,13 +419,14 @@ impl Promoter {
     }
 
     /// Relayed traffic between `local` and `target`: promote the pair, or tell it.
-    fn relayed(&mut self, local: &Local, target: Target, now: Instant) {
+    fn relayed(&mut self, local: &Local, target: Target, seen: Instant) {
         if target.key() == local.as_target.key() {
             return;
         }
+        let now = Instant::now();
         let id = (local.id.clone(), target.key().clone());
         let actions = match self.pairs.get_mut(&id) {
-            Some(state) => state.pair.relayed(now),
+            Some(state) => state.pair.relayed(seen),
             None => {
                 let Some(conf) = self.networks.get(&local.id.network).map(|n| &n.conf) else {
                     return;
