@@ -10,11 +10,16 @@
 //! - **Direct**: the handshake completed; the pod's addresses moved to the peer. Idle (no data
 //!   in either direction) for the network's `idlePeerTimeout`: the addresses go back to the
 //!   gateway. Relayed traffic seen for the pair after `SWITCH_GRACE` means the other end does
-//!   not send directly (it trimmed, restarted, timed out): the addresses go back at once, so no
-//!   pair stays cut off.
+//!   not send directly (it trimmed, restarted, timed out). An end that trimmed with its session
+//!   live routes again the moment it sees its pair relayed, so the pair is first *in doubt*
+//!   for `DOUBT`: data received directly in that time keeps it direct (whatever this end sent
+//!   to the relay meanwhile would only be dropped twice); none, and the addresses go back, so
+//!   no pair stays cut off.
 //! - **Cooling**: key kept without addresses for `COOLDOWN`, so the other end, which trims a
 //!   little later or not at all yet, is still understood: data from it restores the route.
-//!   Relayed traffic promotes again (a live session routes at once), but after a demotion for
+//!   Relayed traffic promotes again (a live session routes at once, without waiting for a
+//!   read of the device: the other end, still direct, drops what the relay brings it until
+//!   then), but after a demotion for
 //!   relayed traffic only once `BACKOFF` passed: the other end's agent may be gone in the
 //!   middle of a promotion, and the pair must not flap. Then the peer is removed.
 
@@ -38,6 +43,10 @@ pub const COOLDOWN: Duration = Duration::from_secs(15);
 pub const SWITCH_DELAY: Duration = Duration::from_millis(40);
 /// How long after a demotion for relayed traffic the peer is read as often as a pending one.
 const FAST_COOLING: Duration = Duration::from_millis(500);
+/// How long a direct pair seen relayed waits for data from the other end before it goes back
+/// to the relay: the other end, if it trimmed with a live session, routes again on seeing the
+/// same flow, within a pending poll or two of its relay watch.
+pub const DOUBT: Duration = Duration::from_millis(100);
 /// A switch due this soon is done now.
 const SWITCH_SLACK: Duration = Duration::from_millis(1);
 /// A session this young is live: WireGuard rekeys every two minutes while data flows.
@@ -97,9 +106,13 @@ pub enum Phase {
         last_active: Instant,
         rx: u64,
         tx: u64,
+        /// Relayed traffic was seen: the other end may not send directly any more.
+        doubt: Option<Doubt>,
     },
     Cooling {
         since: Instant,
+        /// When the session last shook hands, as last read (`None`: not read yet).
+        shook: Option<Instant>,
         /// The received bytes counted when cooling began (`None`: read at the next look; the
         /// promoter's last reading may be a second old, and data received since then would
         /// read as the other end still sending directly).
@@ -115,6 +128,15 @@ pub enum Phase {
     Done,
 }
 
+/// A direct pair's wait for data from the other end after relayed traffic was seen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Doubt {
+    until: Instant,
+    /// The received bytes when the doubt began (`None`: read at the next look; the last
+    /// reading may be a second old).
+    rx: Option<u64>,
+}
+
 impl Phase {
     /// Direct from `now` on, the counters as `seen`.
     fn direct(now: Instant, seen: Seen) -> Phase {
@@ -123,8 +145,26 @@ impl Phase {
             last_active: now,
             rx: seen.rx,
             tx: seen.tx,
+            doubt: None,
         }
     }
+
+    /// Cooling from `now` on, the device as `seen`.
+    fn cooling(now: Instant, seen: Seen) -> Phase {
+        Phase::Cooling {
+            since: now,
+            shook: shook(now, seen),
+            rx: Some(seen.rx),
+            hold_until: None,
+        }
+    }
+}
+
+/// When the peer's session shook hands, if it is live.
+fn shook(now: Instant, seen: Seen) -> Option<Instant> {
+    seen.handshake_age
+        .filter(|age| *age < SESSION_ALIVE)
+        .and_then(|age| now.checked_sub(age))
 }
 
 #[derive(Debug, Clone)]
@@ -156,11 +196,7 @@ impl Pair {
     pub fn adopt(now: Instant, initiator: bool, routed: bool, seen: Seen) -> Pair {
         let phase = match routed {
             true => Phase::direct(now, seen),
-            false => Phase::Cooling {
-                since: now,
-                rx: Some(seen.rx),
-                hold_until: None,
-            },
+            false => Phase::cooling(now, seen),
         };
         Pair { phase, initiator }
     }
@@ -179,15 +215,18 @@ impl Pair {
     }
 
     /// Whether the promoter should read the peer as often as it can: waiting for a handshake,
-    /// or just demoted for relayed traffic (the other end, which sent it, commonly goes direct
-    /// again at once, and whatever it sends directly is dropped here until this end routes).
+    /// in doubt after relayed traffic, or just demoted for it (the other end, which sent it,
+    /// commonly goes direct again at once, and whatever it sends directly is dropped here
+    /// until this end routes).
     pub fn wants_fast_reads(&self, now: Instant) -> bool {
         match self.phase {
             Phase::Pending { .. } => true,
+            Phase::Direct { doubt, .. } => doubt.is_some(),
             Phase::Cooling {
                 since,
                 rx,
                 hold_until,
+                ..
             } => rx.is_none() || (hold_until.is_some() && now.duration_since(since) < FAST_COOLING),
             _ => false,
         }
@@ -201,23 +240,52 @@ impl Pair {
         }
     }
 
-    /// Relayed traffic between the two pods passed this node's gateway.
+    /// Relayed traffic between the two pods passed this node's gateway at `now`.
     pub fn relayed(&mut self, now: Instant) -> Vec<Action> {
         match self.phase {
             Phase::Pending { .. } => Vec::new(),
             Phase::Direct { since, .. } if now.duration_since(since) < SWITCH_GRACE => Vec::new(),
-            Phase::Direct { .. } => {
-                self.phase = Phase::Cooling {
-                    since: now,
-                    rx: None,
-                    hold_until: Some(now + BACKOFF),
+            Phase::Direct { doubt: Some(_), .. } => Vec::new(),
+            Phase::Direct {
+                since,
+                last_active,
+                rx,
+                tx,
+                doubt: None,
+            } => {
+                self.phase = Phase::Direct {
+                    since,
+                    last_active,
+                    rx,
+                    tx,
+                    doubt: Some(Doubt {
+                        until: now + DOUBT,
+                        rx: None,
+                    }),
                 };
-                vec![Action::Unroute, Action::ForgetConntrack]
+                Vec::new()
             }
             Phase::Cooling {
                 hold_until: Some(until),
                 ..
             } if now < until => Vec::new(),
+            // Read before this end trimmed: the other end's, which was not direct then.
+            Phase::Cooling { since, .. } if now < since => Vec::new(),
+            Phase::Cooling {
+                shook: Some(shook),
+                rx,
+                ..
+            } if now.duration_since(shook) < SESSION_ALIVE => {
+                let rx = rx.unwrap_or_default();
+                self.phase = Phase::Direct {
+                    since: now,
+                    last_active: now,
+                    rx,
+                    tx: 0,
+                    doubt: None,
+                };
+                vec![Action::Route, Action::ForgetConntrack]
+            }
             Phase::Cooling { .. } => {
                 self.phase = Phase::Pending {
                     since: now,
@@ -296,23 +364,39 @@ impl Pair {
                 last_active,
                 rx,
                 tx,
+                doubt,
             } => {
                 let last_active = match carried_data(rx, seen.rx) || carried_data(tx, seen.tx) {
                     true => now,
                     false => last_active,
+                };
+                let doubt = match doubt {
+                    Some(Doubt { rx: None, until }) => Some(Doubt {
+                        until,
+                        rx: Some(seen.rx),
+                    }),
+                    // The other end sends directly.
+                    Some(Doubt { rx: Some(rx), .. }) if carried_data(rx, seen.rx) => None,
+                    Some(Doubt { until, .. }) if now >= until => {
+                        self.phase = Phase::Cooling {
+                            since: now,
+                            shook: None,
+                            rx: None,
+                            hold_until: Some(now + BACKOFF),
+                        };
+                        return vec![Action::Unroute, Action::ForgetConntrack];
+                    }
+                    doubt => doubt,
                 };
                 self.phase = Phase::Direct {
                     since,
                     last_active,
                     rx: seen.rx,
                     tx: seen.tx,
+                    doubt,
                 };
                 if !stale_remote && now.duration_since(last_active) >= idle_timeout {
-                    self.phase = Phase::Cooling {
-                        since: now,
-                        rx: Some(seen.rx),
-                        hold_until: None,
-                    };
+                    self.phase = Phase::cooling(now, seen);
                     return vec![Action::Unroute, Action::ForgetConntrack];
                 }
                 Vec::new()
@@ -321,9 +405,11 @@ impl Pair {
                 since,
                 rx: None,
                 hold_until,
+                ..
             } => {
                 self.phase = Phase::Cooling {
                     since,
+                    shook: shook(now, seen),
                     rx: Some(seen.rx),
                     hold_until,
                 };
@@ -333,10 +419,10 @@ impl Pair {
                 since,
                 rx: Some(rx),
                 hold_until,
+                ..
             } => {
-                if carried_data(rx, seen.rx)
-                    && seen.handshake_age.is_some_and(|age| age < SESSION_ALIVE)
-                {
+                let shook = shook(now, seen);
+                if carried_data(rx, seen.rx) && shook.is_some() {
                     // The other end still sends directly: take it back before its data is lost.
                     self.phase = Phase::direct(now, seen);
                     return vec![Action::Route, Action::ForgetConntrack];
@@ -348,6 +434,12 @@ impl Pair {
                     };
                     return vec![Action::Remove];
                 }
+                self.phase = Phase::Cooling {
+                    since,
+                    shook,
+                    rx: Some(rx),
+                    hold_until,
+                };
                 Vec::new()
             }
             Phase::Backoff { .. } | Phase::Done => Vec::new(),
@@ -454,17 +546,38 @@ mod tests {
         );
     }
 
-    #[test]
-    fn relayed_traffic_while_direct_unroutes_after_the_switch_grace() {
-        let t0 = Instant::now();
+    /// Direct from `t0`, the counters at zero.
+    fn direct_pair(t0: Instant) -> Pair {
         let (mut pair, _) = Pair::promote(t0, true);
         pair.observe(t0, seen(Some(50), 0, 0), IDLE, false);
+        assert!(matches!(pair.phase, Phase::Direct { .. }));
+        pair
+    }
+
+    #[test]
+    fn relayed_traffic_while_direct_unroutes_after_the_switch_grace_and_a_doubt() {
+        let t0 = Instant::now();
+        let mut pair = direct_pair(t0);
         assert!(pair.relayed(t0 + Duration::from_millis(500)).is_empty());
+        assert!(!pair.wants_fast_reads(t0));
         let late = t0 + SWITCH_GRACE + Duration::from_millis(1);
+        assert!(pair.relayed(late).is_empty(), "in doubt first");
+        assert!(pair.wants_fast_reads(late), "read while in doubt");
+        let look = late + Duration::from_millis(10);
+        assert!(
+            pair.observe(look, seen(Some(50), 0, 96), IDLE, false)
+                .is_empty()
+        );
+        assert!(
+            pair.observe(look + DOUBT / 2, seen(Some(50), 0, 192), IDLE, false)
+                .is_empty(),
+            "sent, nothing received: still in doubt"
+        );
         assert_eq!(
-            pair.relayed(late),
+            pair.observe(late + DOUBT, seen(Some(50), 0, 288), IDLE, false),
             [Action::Unroute, Action::ForgetConntrack]
         );
+        let late = late + DOUBT;
         assert!(
             pair.relayed(late + BACKOFF / 2).is_empty(),
             "the other end may be gone mid-promotion: no flapping"
@@ -472,24 +585,81 @@ mod tests {
         assert_eq!(
             pair.relayed(late + BACKOFF),
             [Action::Kick],
-            "cooling: promoted again"
+            "cooling, no session read: promoted again"
         );
         assert!(pair.is_pending());
     }
 
     #[test]
+    fn data_from_the_other_end_ends_the_doubt() {
+        let t0 = Instant::now();
+        let mut pair = direct_pair(t0);
+        let late = t0 + SWITCH_GRACE + Duration::from_millis(1);
+        assert!(pair.relayed(late).is_empty());
+        let look = late + Duration::from_millis(10);
+        pair.observe(look, seen(Some(50), 1000, 0), IDLE, false);
+        assert!(
+            pair.observe(
+                look + Duration::from_millis(10),
+                seen(Some(50), 1096, 0),
+                IDLE,
+                false
+            )
+            .is_empty()
+        );
+        assert!(!pair.wants_fast_reads(look), "no doubt left");
+        assert!(
+            pair.observe(late + DOUBT * 2, seen(Some(50), 1096, 0), IDLE, false)
+                .is_empty(),
+            "stays direct past the doubt"
+        );
+        assert!(matches!(pair.phase, Phase::Direct { .. }));
+    }
+
+    #[test]
+    fn an_end_that_trimmed_with_a_live_session_routes_at_once_when_traffic_resumes() {
+        let t0 = Instant::now();
+        let mut pair = direct_pair(t0);
+        let idle = t0 + IDLE;
+        assert_eq!(
+            pair.observe(idle, seen(Some(1000), 0, 0), IDLE, false),
+            [Action::Unroute, Action::ForgetConntrack]
+        );
+        assert!(
+            pair.relayed(idle - Duration::from_millis(5)).is_empty(),
+            "read before the trim: the other end's"
+        );
+        assert_eq!(
+            pair.relayed(idle + Duration::from_millis(5)),
+            [Action::Route, Action::ForgetConntrack],
+            "no read of the device first"
+        );
+        assert!(matches!(pair.phase, Phase::Direct { .. }));
+
+        let mut pair = direct_pair(t0);
+        let old = SESSION_ALIVE + Duration::from_secs(1);
+        pair.observe(idle, seen(Some(old.as_millis() as u64), 0, 0), IDLE, false);
+        assert_eq!(
+            pair.relayed(idle + Duration::from_millis(5)),
+            [Action::Kick],
+            "a dead session needs a handshake"
+        );
+    }
+
+    #[test]
     fn data_read_after_a_relay_demotion_counts_only_from_the_next_look() {
         let t0 = Instant::now();
-        let (mut pair, _) = Pair::promote(t0, true);
-        pair.observe(t0, seen(Some(50), 0, 0), IDLE, false);
+        let mut pair = direct_pair(t0);
         pair.observe(t0, seen(Some(50), 1000, 1000), IDLE, false);
         let late = t0 + SWITCH_GRACE + Duration::from_millis(1);
+        assert!(pair.relayed(late).is_empty());
+        pair.observe(late, seen(Some(50), 1000, 1000), IDLE, false);
         assert_eq!(
-            pair.relayed(late),
+            pair.observe(late + DOUBT, seen(Some(50), 1000, 1000), IDLE, false),
             [Action::Unroute, Action::ForgetConntrack]
         );
         // Received directly before the other end went to the relay, after the last reading.
-        let look = late + Duration::from_millis(50);
+        let look = late + DOUBT + Duration::from_millis(50);
         assert!(
             pair.observe(look, seen(Some(50), 5000, 1000), IDLE, false)
                 .is_empty(),
