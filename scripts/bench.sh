@@ -30,7 +30,8 @@
 #               time from it until both ends hold a direct peer (p50/p99) and the RTT then;
 #               echo requests lost (`ping -i 0.01`) per relay -> direct and direct -> relay
 #               switch; the first packet after 200 s of idle; iperf3 relay (maxDirectPeers 0)
-#               vs direct; the agents' RSS. About 8 minutes, 200 s of it the idle
+#               vs direct; the agents' RSS, and theirs and the daemons' once 10,000 pods of
+#               100 nodes are mirrored. About 9 minutes, 200 s of it the idle
 #   agent       (native only) one node's agent with 100 local pods (101 links on wg-cni-wgd)
 #               mirroring 2,000 remote records of fake nodes put straight into etcd: per remote
 #               pod ADD/DEL and node key flap, the agent's CPU, the wall time until every link
@@ -51,7 +52,8 @@
 # `peering: "on-demand"` and `idlePeerTimeout` 3 s (--dir-idle-timeout). Knobs: --dir-pairs (30),
 # --dir-at-once-pairs (10), --dir-trims (12), --dir-ping-count (150), --dir-trim-count (200),
 # --dir-idle-seconds (200), --dir-idle-pairs (2 of each kind), --dir-tput-seconds (10),
-# --dir-poll-ms (5), --dir-trim-kinds (0,1,2), --dir-agent-offset-ms (1370: agent 2 starts that
+# --dir-poll-ms (5), --dir-cluster-pods (10000; 0 skips it), --dir-cluster-nodes (100),
+# --dir-trim-kinds (0,1,2), --dir-agent-offset-ms (1370: agent 2 starts that
 # much later), --dir-diagnose 1 (byte counters and RTTs in the timelines), --dr-agent-log (warn;
 # e.g. "warn,wg_cni::agent::direct=trace"), --dr-keep 1 (keep its work directory, agent logs
 # included: run the driver itself then, as this script removes its work directory). 0 pairs,

@@ -715,6 +715,8 @@ pub struct FakeNode {
     /// The node's address (its node key's endpoint; every record's endpoint).
     pub endpoint: String,
     pub boot: String,
+    /// Its node key's `peering` (`mesh` unless set).
+    pub peering: &'static str,
 }
 
 impl FakeNode {
@@ -725,6 +727,7 @@ impl FakeNode {
             subnet: subnet.to_string(),
             endpoint: endpoint.to_string(),
             boot: b64(&random(12)?),
+            peering: "mesh",
         })
     }
 
@@ -745,7 +748,8 @@ impl FakeNode {
         put_op(
             &self.info_key(),
             &json!({"endpoints": [self.endpoint], "bootId": self.boot,
-                "subnets": [self.subnet], "mtu": 1420, "agentVersion": "wgbench-fake"}),
+                "subnets": [self.subnet], "mtu": 1420, "agentVersion": "wgbench-fake",
+                "peering": self.peering}),
             Some(lease),
         )
     }

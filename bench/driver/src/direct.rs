@@ -25,6 +25,10 @@
 //!    written into the conflists, so nothing is promoted) vs direct (a pair made direct first).
 //!    CPU of the four WireGuard daemons on the path (two pods, two gateways).
 //! 5. **The agents' RSS** sampled every 500 ms through the phase (and their CPU).
+//! 6. **A cluster of `--dir-cluster-pods` (10,000) pods** on `--dir-cluster-nodes` (100): the
+//!    other nodes fake, on-demand, put straight into etcd (as in phase `agent`); once both
+//!    agents mirror every record: their RSS, the gateway daemons' (a relay peer per node), and
+//!    a new pair's promotion and pod daemons' RSS.
 //!
 //! Namespaces `wgbench-dr-*`, addresses as the `multinode` phase's (one runs at a time).
 
@@ -39,7 +43,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::cluster::{clk_tck, cpu_ticks, proc_status_kb, unb64, wait_until, Cluster, Layout};
+use crate::cluster::{
+    b64, clk_tck, cpu_ticks, proc_status_kb, random, unb64, wait_until, Cluster, FakeNode, Layout,
+};
 use crate::exec::{self, Spec};
 use crate::stats::{percentile, summary};
 use crate::{ns, uapi, Ctx, Res};
@@ -779,6 +785,8 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
     let idle_s = ctx.opts.num("dir-idle-seconds", 200) as u64;
     let idle_pairs = ctx.opts.num("dir-idle-pairs", 2);
     let tput_s = ctx.opts.num("dir-tput-seconds", 10);
+    let cluster_pods = ctx.opts.num("dir-cluster-pods", 10_000);
+    let cluster_nodes = ctx.opts.num("dir-cluster-nodes", 100).clamp(3, 100);
     let poll = Duration::from_millis(ctx.opts.num("dir-poll-ms", 5) as u64);
     let interval = 0.01;
     let mut c = Cluster::new(
@@ -841,6 +849,8 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             idle_s,
             idle_pairs,
             tput_s,
+            cluster_pods,
+            cluster_nodes,
         },
     );
     let elapsed = started.elapsed().as_secs_f64();
@@ -882,6 +892,10 @@ struct Params {
     idle_s: u64,
     idle_pairs: usize,
     tput_s: usize,
+    /// Pods of the big cluster (5), all nodes' together; 0: not measured.
+    cluster_pods: usize,
+    /// Nodes of it, the two real ones included.
+    cluster_nodes: usize,
 }
 
 fn measure(ph: &mut Phase, out: &mut Value, p: Params) -> Res<()> {
@@ -960,18 +974,120 @@ fn measure(ph: &mut Phase, out: &mut Value, p: Params) -> Res<()> {
     if p.idle_pairs > 0 {
         out["idle"] = idle(ph, &p, &log)?;
     }
+
+    // ------------------------------------------------------------ 5: a big cluster
+    if p.cluster_pods > 0 {
+        out["cluster"] = big_cluster(ph, &p, &log)?;
+    }
     Ok(())
+}
+
+/// Step 5: the two agents in a cluster of `cluster_pods` pods on `cluster_nodes` nodes: the
+/// other nodes are fake (on-demand node keys, claims, gateways and pod records put straight
+/// into etcd, as in phase `agent`; their endpoints answer nothing). Measured once every
+/// record is mirrored on both nodes: each agent's RSS, the gateway daemon's (one relay peer
+/// per node) and a new pair's pod daemons' (gateway + one direct peer), and that pair's
+/// promotion.
+fn big_cluster(ph: &mut Phase, p: &Params, log: &dyn Fn(String)) -> Res<Value> {
+    let fakes: Vec<FakeNode> = (0..p.cluster_nodes - 2)
+        .map(|k| {
+            let mut fake = FakeNode::new(
+                NETWORK,
+                &format!("drfake{k}"),
+                &format!("10.252.{}.0/24", 10 + k),
+                &format!("10.253.0.{}", 101 + k),
+            )?;
+            fake.peering = "on-demand";
+            Ok(fake)
+        })
+        .collect::<Res<_>>()?;
+    let remote = p.cluster_pods.saturating_sub(2);
+    let lease = ph.c.grant_lease(3600)?;
+    let started = Instant::now();
+    for (k, fake) in fakes.iter().enumerate() {
+        fake.announce(ph.c, &lease, Some(&b64(&random(32)?)))?;
+        let n = remote / fakes.len() + usize::from(k < remote % fakes.len());
+        fake.put_records(ph.c, 0..n, 2, |j| format!("drrec{k}x{j:03}"))?;
+    }
+    let put_s = started.elapsed().as_secs_f64();
+    let expected = |k: usize| remote / fakes.len() + usize::from(k < remote % fakes.len());
+    let mirrored = |i: usize| {
+        fakes
+            .iter()
+            .enumerate()
+            .all(|(k, fake)| ph.c.nodes[i].mirror_count(&fake.name) >= expected(k))
+    };
+    wait_until(Duration::from_secs(300), Duration::from_secs(1), || {
+        mirrored(0) && mirrored(1)
+    })
+    .ok_or("the fake nodes' records were not mirrored on both nodes in 300 s")?;
+    let mirrored_s = started.elapsed().as_secs_f64();
+    log(format!(
+        "{remote} records of {} fake nodes mirrored on both nodes after {mirrored_s:.1} s",
+        fakes.len()
+    ));
+    // Settled: the mirror writes done, the relay peers configured.
+    std::thread::sleep(Duration::from_secs(5));
+    let mib = |kb: Option<u64>| kb.map(|kb| (kb as f64 / 102.4).round() / 10.0);
+    let agents: Vec<Value> =
+        ph.c.nodes
+            .iter()
+            .map(|n| {
+                let pid = n.agent_pid.unwrap_or(0);
+                json!({"rss_mib": mib(proc_status_kb(pid, "VmRSS:")),
+                "hwm_mib": mib(proc_status_kb(pid, "VmHWM:"))})
+            })
+            .collect();
+    let gateways: Vec<Value> = (0..2)
+        .map(|i| {
+            let pid = ph.c.gateway_daemon(i).unwrap_or(0);
+            let peers = gateway_host(ph.c, i)
+                .and_then(|h| uapi::get_text(&h).ok())
+                .map(|t| t.matches("public_key=").count());
+            json!({"rss_mib": mib(proc_status_kb(pid, "VmRSS:")), "peers": peers})
+        })
+        .collect();
+    let (a, b) = ph.pair()?;
+    let mut tl = Timeline::new(ph.diagnose);
+    let run = ph.ping_watch(&a, &b, p.ping_count, [&a, &b], &mut tl, |s| {
+        s != [Hold::Routed, Hold::Routed]
+    })?;
+    let promotion = analyse_promotion(&run, &tl, &a, &b, &a);
+    let pods: Vec<Option<f64>> = [&a, &b]
+        .iter()
+        .map(|pod| mib(pod.daemon.and_then(|pid| proc_status_kb(pid, "VmRSS:"))))
+        .collect();
+    log(format!(
+        "at {} pods: agents {agents:?}, gateways {gateways:?}, pair both direct after {:?} ms",
+        p.cluster_pods,
+        promotion["both_direct_ms"].as_f64()
+    ));
+    ph.del_pod(a);
+    ph.del_pod(b);
+    Ok(json!({
+        "pods": p.cluster_pods,
+        "nodes": p.cluster_nodes,
+        "fake_nodes": fakes.len(),
+        "records_put_seconds": (put_s * 10.0).round() / 10.0,
+        "mirrored_on_both_seconds": (mirrored_s * 10.0).round() / 10.0,
+        "agents": agents,
+        "gateways": gateways,
+        "pair_pod_daemons_rss_mib": pods,
+        "pair": promotion,
+    }))
+}
+
+/// Node `i`'s gateway link (its host-side name).
+fn gateway_host(c: &Cluster, i: usize) -> Option<String> {
+    let path = c.nodes[i].own_dir().join("gateway.json");
+    let record: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    record["hostName"].as_str().map(str::to_string)
 }
 
 /// Node `i`'s gateway holds the other node's gateway with its subnet and a handshake.
 fn relay_up(c: &Cluster, i: usize) -> bool {
     let other = c.nodes[1 - i].subnet();
-    let path = c.nodes[i].own_dir().join("gateway.json");
-    let Some(host) = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|r| r["hostName"].as_str().map(str::to_string))
-    else {
+    let Some(host) = gateway_host(c, i) else {
         return false;
     };
     read_peers(&host).is_ok_and(|peers| {
@@ -1660,6 +1776,50 @@ pub fn report(v: &Value) -> String {
         "**Agents** through the phase (sampled every 500 ms): {}.\n",
         agents.join("; ")
     );
+    let big = &v["cluster"];
+    if big.is_object() {
+        let each = |key: &str, what: &dyn Fn(&Value) -> String| -> String {
+            big[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, x)| format!("node {}: {}", i + 1, what(x)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let _ = writeln!(
+            md,
+            "**At {} cluster pods** ({} nodes: the two real ones and {} fake on-demand nodes whose \
+             keys, claims, gateways and pod records were put straight into etcd: {} s to put, on \
+             both nodes' mirrors after {} s): agents {}; gateway daemons {}; the pod daemons of a \
+             new pair, once direct, {} MiB; that pair both direct after {} ms (first packet {} ms).\n",
+            big["pods"],
+            big["nodes"],
+            big["fake_nodes"],
+            f(&big["records_put_seconds"], 1),
+            f(&big["mirrored_on_both_seconds"], 1),
+            each("agents", &|a| format!(
+                "VmRSS {} MiB (VmHWM {})",
+                f(&a["rss_mib"], 1),
+                f(&a["hwm_mib"], 1)
+            )),
+            each("gateways", &|g| format!(
+                "{} MiB with {} peers",
+                f(&g["rss_mib"], 1),
+                g["peers"]
+            )),
+            big["pair_pod_daemons_rss_mib"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| f(x, 2))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            f(&big["pair"]["both_direct_ms"], 0),
+            f(&big["pair"]["first_rtt_ms"], 2),
+        );
+    }
     md
 }
 
