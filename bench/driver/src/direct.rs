@@ -1542,7 +1542,7 @@ pub fn report(v: &Value) -> String {
          agent puts the peer on its pod's link (**seen**: the relay-watch logged the flow, \
          the promoter placed both pods) and routes it once the handshake completed \
          (**routed**); the end with the lower key starts the handshake (initiator) and starts \
-         it over 150, 500, 1,500 and 4,000 ms after its promotion.\n"
+         it over at 150, 300, 500, 750 ms, 1, 1.5, 2.5 and 4 s after its promotion.\n"
     );
     let _ = writeln!(
         md,
