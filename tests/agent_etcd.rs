@@ -1701,33 +1701,68 @@ fn per_node_credentials_write_only_their_own_keys() {
         let dir = tempfile::tempdir().unwrap();
         let mut etcd = Etcd::start(dir.path(), None);
         let prefix = format!("/wg-cni/v1/{NET}/");
-        for (user, role, node) in [("a", "node-a", "a"), ("b", "node-b", "b")] {
-            etcd.ok(&["role", "add", role]);
-            for kind in ["nodes", "links", "subnets"] {
-                etcd.ok(&[
-                    "role",
-                    "grant-permission",
-                    role,
-                    "readwrite",
-                    &format!("{prefix}{kind}/{node}/"),
-                    "--prefix=true",
-                ]);
-            }
-            etcd.ok(&[
-                "role",
-                "grant-permission",
-                role,
-                "read",
-                "/wg-cni/v1/",
-                "--prefix=true",
-            ]);
-            etcd.ok(&["user", "add", &format!("{user}:pw-{user}")]);
-            etcd.ok(&["user", "grant-role", user, role]);
+        // Roles and users as the README says: `wg-cni-agent grant-node` per node.
+        let url = etcd.url();
+        let grant = |node: &str, extra: &[&str]| {
+            let out = Command::new(env!("CARGO_BIN_EXE_wg-cni-agent"))
+                .args(["--etcd-endpoints", &url])
+                .args(["grant-node", node, "--network", NET])
+                .args(extra)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "grant-node {node}: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout
+        };
+        for node in ["a", "b"] {
+            let pw = dir.path().join(format!("{node}.pw"));
+            fs::write(&pw, format!("pw-{node}\n")).unwrap();
+            let with_password = ["--password-file", pw.to_str().unwrap()];
+            let said = grant(node, &with_password);
+            assert!(said.contains(&format!("{prefix}links/{node}/")), "{said}");
+            assert!(!said.contains("already there"), "{said}");
+            assert!(
+                !said.contains(&format!("pw-{node}")),
+                "the password is never printed"
+            );
+            let said = grant(node, &with_password);
+            assert!(
+                said.contains("already there"),
+                "a second run adds nothing: {said}"
+            );
         }
+        // A node that logs in with a client certificate: a user without a password.
+        grant("c", &[]);
+        let user = etcd.ok(&["user", "get", "c"]);
+        assert!(user.contains("Roles: c"), "{user}");
         etcd.ok(&["user", "add", "root:rootpw"]);
         etcd.ok(&["user", "grant-role", "root", "root"]);
         etcd.ok(&["auth", "enable"]);
         etcd.auth = Some("root:rootpw".into());
+        let root_pw = dir.path().join("root.pw");
+        fs::write(&root_pw, "rootpw\n").unwrap();
+        let said = grant(
+            "a",
+            &[
+                "--etcd-user",
+                "root",
+                "--etcd-password-file",
+                root_pw.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            said.contains("already there"),
+            "under auth, as root: {said}"
+        );
+        let refused = Command::new(env!("CARGO_BIN_EXE_wg-cni-agent"))
+            .args(["--etcd-endpoints", &url, "grant-node", "d"])
+            .output()
+            .unwrap();
+        assert!(!refused.status.success(), "--network is required");
 
         let denied = etcd.ctl_as(Some("b:pw-b"), &["put", &link_key("a", "x"), "{}"]);
         assert!(!denied.status.success());
@@ -1782,6 +1817,57 @@ fn per_node_credentials_write_only_their_own_keys() {
             Duration::from_secs(20),
             || nodes[1].mirrors("a", "p2"),
         );
+        const UNCONFINED: &str = "may write other nodes' keys";
+        for n in &nodes {
+            assert!(!n.log().contains(UNCONFINED), "{}", n.log());
+        }
+
+        // The credential rotated: new password in etcd, then in a's file. After the next etcd
+        // restart only the new one authenticates, and a still publishes.
+        let new_pw = dir.path().join("a-new.pw");
+        fs::write(&new_pw, "pw-a-2\n").unwrap();
+        let said = grant(
+            "a",
+            &[
+                "--password-file",
+                new_pw.to_str().unwrap(),
+                "--etcd-user",
+                "root",
+                "--etcd-password-file",
+                root_pw.to_str().unwrap(),
+            ],
+        );
+        assert!(said.contains("already there"), "{said}");
+        fs::write(dir.path().join("a.pw"), "pw-a-2\n").unwrap();
+        wait_for(
+            "a to connect again with the new password file",
+            Duration::from_secs(25),
+            || {
+                nodes[0]
+                    .log()
+                    .contains("etcd credential files changed: connected again")
+            },
+        );
+        etcd.restart();
+        nodes[0].write_record("p3", "10.10.1.7/24", "ready");
+        wait_for(
+            "b to mirror p3, published with a's new password",
+            Duration::from_secs(20),
+            || nodes[1].mirrors("a", "p3"),
+        );
+
+        // An administrator's credential works, and the agent says what it voids.
+        nodes[1].kill();
+        nodes[1].extra = vec![
+            "--etcd-user".to_string(),
+            "root".to_string(),
+            "--etcd-password-file".to_string(),
+            root_pw.display().to_string(),
+        ];
+        nodes[1].start(&etcd.url());
+        wait_for("b warns of its unconfined credential", WAIT, || {
+            nodes[1].log().contains(UNCONFINED)
+        });
         drop(nodes);
         drop(etcd);
     });

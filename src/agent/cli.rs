@@ -115,6 +115,20 @@ enum AgentCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Create the etcd role and user of a node (run once per node, with an administrator's
+    /// credentials or before etcd's auth is enabled): the node may then write only its own
+    /// keys of the given networks and read the rest. Running it again adds what is missing.
+    GrantNode {
+        /// The node's name, as its agent's --node (also the role's and the user's name).
+        name: String,
+        /// A network the node serves (repeat for each).
+        #[arg(long = "network", value_name = "NETWORK", required = true)]
+        networks: Vec<String>,
+        /// The user's password, read from this file (else the user has none and logs in with
+        /// a TLS client certificate whose common name is NAME).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
 }
 
 pub fn run(args: AgentArgs) -> cni::Result<()> {
@@ -133,6 +147,14 @@ pub fn run(args: AgentArgs) -> cni::Result<()> {
     }) = &args.command
     {
         return forget_node(&args, name, network.as_deref(), *force);
+    }
+    if let Some(AgentCommand::GrantNode {
+        name,
+        networks,
+        password_file,
+    }) = &args.command
+    {
+        return grant_node(&args, name, networks, password_file.as_deref());
     }
     let node = host::node_name(args.node.as_deref())?;
     if !agent::keys::is_node_name(&node) {
@@ -214,24 +236,92 @@ fn forget_node(
             format!("\"{name}\" {}", cni::IDENTIFIER_RULE),
         ));
     }
-    let connection = agent::forget::Connection {
+    let forgotten =
+        agent::forget::forget_node(&connection(args), name, network, force).map_err(|e| {
+            cni::Error::Io {
+                context: format!("{e:#}"),
+                source: std::io::Error::other("forget-node failed"),
+            }
+        })?;
+    for (network, keys) in forgotten {
+        println!("network {network}: deleted {keys} keys of node {name}");
+    }
+    Ok(())
+}
+
+fn grant_node(
+    args: &AgentArgs,
+    name: &str,
+    networks: &[String],
+    password_file: Option<&std::path::Path>,
+) -> cni::Result<()> {
+    if !agent::keys::is_node_name(name) {
+        return Err(cni::Error::config(
+            "NAME",
+            format!("\"{name}\" {}", cni::IDENTIFIER_RULE),
+        ));
+    }
+    if let Some(bad) = networks.iter().find(|n| !agent::keys::is_node_name(n)) {
+        return Err(cni::Error::config(
+            "--network",
+            format!("\"{bad}\" {}", cni::IDENTIFIER_RULE),
+        ));
+    }
+    let login = match password_file {
+        Some(path) => {
+            let text =
+                zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+                    cni::Error::Io {
+                        context: format!("reading --password-file {}", path.display()),
+                        source,
+                    }
+                })?);
+            let password = text.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                return Err(cni::Error::config(
+                    "--password-file",
+                    format!("{} is empty", path.display()),
+                ));
+            }
+            agent::grant::Login::Password(zeroize::Zeroizing::new(password.to_string()))
+        }
+        None => agent::grant::Login::Certificate,
+    };
+    let certificate = matches!(login, agent::grant::Login::Certificate);
+    let granted =
+        agent::grant::grant_node(&connection(args), name, networks, login).map_err(|e| {
+            cni::Error::Io {
+                context: format!("{e:#}"),
+                source: std::io::Error::other("grant-node failed"),
+            }
+        })?;
+    let made = |created: bool| if created { "created" } else { "already there" };
+    println!("role {name} ({}) may write:", made(granted.role_created));
+    for prefix in &granted.writes {
+        println!("  {prefix}");
+    }
+    println!("and read {}", agent::keys::ROOT);
+    println!(
+        "user {name} ({}), role {name} granted; it logs in with {}",
+        made(granted.user_created),
+        match certificate {
+            true => format!("a client certificate whose common name is {name} (no password)"),
+            false => "the password of --password-file".to_string(),
+        }
+    );
+    Ok(())
+}
+
+/// How to reach etcd, from the global flags.
+fn connection(args: &AgentArgs) -> agent::forget::Connection {
+    agent::forget::Connection {
         endpoints: args.etcd_endpoints.clone(),
         ca: args.etcd_ca.clone(),
         cert: args.etcd_cert.clone(),
         key: args.etcd_key.clone(),
         user: args.etcd_user.clone(),
         password_file: args.etcd_password_file.clone(),
-    };
-    let forgotten = agent::forget::forget_node(&connection, name, network, force).map_err(|e| {
-        cni::Error::Io {
-            context: format!("{e:#}"),
-            source: std::io::Error::other("forget-node failed"),
-        }
-    })?;
-    for (network, keys) in forgotten {
-        println!("network {network}: deleted {keys} keys of node {name}");
     }
-    Ok(())
 }
 
 /// The agent binary's entry point: logs on stderr, then run until SIGTERM.

@@ -81,6 +81,23 @@ pub fn options(settings: &Settings) -> Result<ConnectOptions> {
     Ok(options)
 }
 
+/// Whether this connection may write keys outside any node's own prefixes: etcd's auth is off,
+/// or the credential is shared or an administrator's. Either way a node could speak for every
+/// other. Asked with a transaction whose put never runs (its compare is never true): etcd
+/// checks the permissions of both branches before it evaluates the compare.
+pub async fn writes_beyond_own_keys(client: &mut Client) -> Result<bool> {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let probe = format!("{}.permission-probe", super::keys::ROOT);
+    let txn = Txn::new()
+        .when([Compare::version(probe.clone(), CompareOp::Less, 0)])
+        .and_then([TxnOp::put(probe, "", None)]);
+    match bounded(client.txn(txn)).await {
+        Ok(_) => Ok(true),
+        Err(e) if format!("{e:#}").contains("permission denied") => Ok(false),
+        Err(e) => Err(e.context("probing this credential's write permissions")),
+    }
+}
+
 /// Connect (bounded); the caller retries with backoff.
 pub async fn connect(settings: &Settings, options: ConnectOptions) -> Result<Client> {
     let connect = Client::connect(settings.etcd_endpoints.clone(), Some(options));

@@ -24,7 +24,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn settings(&self) -> Settings {
+    pub(super) fn settings(&self) -> Settings {
         Settings {
             etcd_endpoints: self.endpoints.clone(),
             etcd_ca: self.ca.clone(),

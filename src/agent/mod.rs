@@ -6,12 +6,14 @@
 
 pub mod cli;
 pub mod config;
+mod credentials;
 mod datastore;
 mod dir_watch;
 pub mod direct;
 mod directory;
 mod etcd;
 pub mod forget;
+mod grant;
 mod handshakes;
 pub mod health;
 mod index;
@@ -165,6 +167,9 @@ async fn run_async(
         }
     };
     tracing::info!(node = %settings.node, endpoints = ?settings.etcd_endpoints, "agent started");
+    warn_if_unconfined(client.clone());
+    let mut credentials = credentials::Fingerprint::of(&settings);
+    let mut next_credentials_look = tokio::time::Instant::now() + credentials::POLL;
 
     let reconciler =
         reconciler::Reconciler::spawn(settings.node.clone(), reconciler, status.clone())?;
@@ -189,6 +194,25 @@ async fn run_async(
             supervisor.follow_conf_dir();
             next_read = tokio::time::Instant::now() + supervisor::CONF_POLL;
         }
+        if tokio::time::Instant::now() >= next_credentials_look {
+            next_credentials_look = tokio::time::Instant::now() + credentials::POLL;
+            let now = credentials::Fingerprint::of(&settings);
+            if now != credentials {
+                match reconnect(&settings).await {
+                    Ok(client) => {
+                        tracing::info!("etcd credential files changed: connected again with them");
+                        credentials = now;
+                        warn_if_unconfined(client.clone());
+                        supervisor.use_client(client);
+                    }
+                    // Half-replaced files, or a credential etcd refuses: the old connection
+                    // stays, and the next look tries again.
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "etcd credential files changed, but connecting with them failed; keeping the current connection")
+                    }
+                }
+            }
+        }
         supervisor.restart_ended_loops();
         supervisor.write_conflist_when_ready();
         status.supervisor_alive();
@@ -202,6 +226,30 @@ async fn run_async(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
+}
+
+/// A connection with the credential files as they are now.
+async fn reconnect(settings: &Settings) -> Result<etcd_client::Client> {
+    let options = etcd::options(settings)?;
+    etcd::connect(settings, options).await
+}
+
+/// Warn (once per connection) when this credential could write other nodes' keys: the
+/// per-node trust of the README's "Per-node credentials" needs etcd's auth and one role per node.
+fn warn_if_unconfined(mut client: etcd_client::Client) {
+    tokio::spawn(async move {
+        match etcd::writes_beyond_own_keys(&mut client).await {
+            Ok(true) => tracing::warn!(
+                "this node's etcd credential may write other nodes' keys (etcd's auth is off, or \
+                 the credential is shared or an administrator's): any node holding it can speak \
+                 for every other; give each node its own user (wg-cni-agent grant-node)"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "cannot tell this credential's reach")
+            }
+        }
+    });
 }
 
 #[cfg(test)]

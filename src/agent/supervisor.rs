@@ -188,6 +188,23 @@ impl Supervisor {
         }
     }
 
+    /// Serve every network through `client` from now on (the credentials changed): each loop
+    /// starts again, as after a change of its config.
+    pub fn use_client(&mut self, client: Client) {
+        self.client = client;
+        let names: Vec<String> = self.served.keys().cloned().collect();
+        for name in names {
+            self.served[&name].handle.abort();
+            let network = self.served[&name].network.clone();
+            let (handle, stop) = self.start(&network);
+            let served = self.served.get_mut(&name).expect("listed");
+            served.handle = handle;
+            served.stop = Some(stop);
+            served.restart_at = None;
+            tracing::info!(network = %name, "network loop restarted with the new etcd connection");
+        }
+    }
+
     /// A loop only ends by panicking: note it, and start it again after its backoff.
     pub fn restart_ended_loops(&mut self) {
         let now = Instant::now();
