@@ -3,6 +3,7 @@
 //! `wg-cni-agent` (the agent, with the etcd client and an async runtime the plugin never links).
 
 pub mod agent;
+pub mod agent_presence;
 pub mod cni;
 pub mod commands;
 pub mod conntrack;

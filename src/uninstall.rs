@@ -1,5 +1,5 @@
 //! `wg-cni uninstall`: remove what wg-cni put on this host, for an operator who is done with
-//! it (run it after the agent is stopped: a running agent makes its node's gateway again).
+//! it (refused while an agent runs on the store: it would make its node's gateway again).
 //! Per network of the store: the node gateway (link or daemon, its policy rules and routing
 //! table, NAT, FORWARD and relay-watch rules) and the agent's readiness marker; the conflists
 //! of the store's networks in the conf dir. Then, only when no pod attachment remains on this
@@ -36,6 +36,16 @@ pub struct Report {
 }
 
 pub fn run(host: &Netns, options: &Options) -> Result<Report> {
+    if crate::agent_presence::agent_runs(&options.store)? {
+        return Err(Error::TryAgainLater(format!(
+            "a wg-cni agent runs on this node (it holds {}): stop it first (in Kubernetes, delete \
+             the wg-cni DaemonSet and wait for its pod to go), or it makes the node gateway again",
+            options
+                .store
+                .join(crate::agent_presence::LOCK_FILE)
+                .display()
+        )));
+    }
     let mut report = Report::default();
     let networks = match &options.network {
         Some(name) => vec![name.clone()],

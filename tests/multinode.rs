@@ -2231,9 +2231,7 @@ fn uninstall_leaves_no_trace_on_the_node_and_keeps_binaries_while_pods_remain() 
     );
     assert!(store0.join(".agent-ready.json").exists());
 
-    cluster.nodes[0].kill_agent();
-    let uninstall = |args: &[&str]| -> (i32, String) {
-        let node = &cluster.nodes[0];
+    let uninstall = |node: &cluster::Node, args: &[&str]| -> (i32, String) {
         let mut full = vec![
             binary().to_str().unwrap().to_string(),
             "uninstall".into(),
@@ -2257,12 +2255,20 @@ fn uninstall_leaves_no_trace_on_the_node_and_keeps_binaries_while_pods_remain() 
         );
         (out.status.code().unwrap_or(-1), text)
     };
-    let (code, text) = uninstall(&["--network", "no/such"]);
+    let (code, text) = uninstall(&cluster.nodes[0], &[]);
+    assert_eq!(code, 1, "refused while the agent runs: {text}");
+    assert!(text.contains("agent runs on this node"), "{text}");
+    assert!(
+        store0.join(".agent-ready.json").exists(),
+        "nothing removed while the agent runs"
+    );
+    cluster.nodes[0].kill_agent();
+    let (code, text) = uninstall(&cluster.nodes[0], &["--network", "no/such"]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("--network"), "{text}");
 
     // The agent went first (the DaemonSet is deleted); a pod remains.
-    let (code, text) = uninstall(&[]);
+    let (code, text) = uninstall(&cluster.nodes[0], &[]);
     assert_eq!(code, 0, "{text}");
     for says in [
         "removed network",
@@ -2287,7 +2293,7 @@ fn uninstall_leaves_no_trace_on_the_node_and_keeps_binaries_while_pods_remain() 
     // The pod's own link is its DEL's: it is still there, and DEL works.
     cluster.cni(0, "DEL", &pods[0].pod).ok();
 
-    let (code, text) = uninstall(&[]);
+    let (code, text) = uninstall(&cluster.nodes[0], &[]);
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains(&format!(
@@ -2298,7 +2304,7 @@ fn uninstall_leaves_no_trace_on_the_node_and_keeps_binaries_while_pods_remain() 
     );
     assert!(text.contains("removed runtime dir"), "{text}");
     assert!(!bin_dir.join("wg-cni").exists() && !run_dir.exists());
-    let (code, text) = uninstall(&[]);
+    let (code, text) = uninstall(&cluster.nodes[0], &[]);
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains("nothing of wg-cni left to remove on node node1"),

@@ -209,6 +209,8 @@ pub fn run(args: AgentArgs) -> cni::Result<()> {
         health_listen: args.health_listen,
         template,
     };
+    // One agent per store; held until the process ends (uninstall tests it).
+    let _presence = crate::agent_presence::hold(&settings.store)?;
     let status = std::sync::Arc::new(agent::AgentStatus::default());
     let links = std::sync::Arc::new(agent::links::LinkSync::new(&settings)?);
     agent::run(settings, links, status).map_err(|e| cni::Error::Io {
