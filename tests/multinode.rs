@@ -1415,6 +1415,229 @@ fn a_poison_record_in_etcd_never_becomes_a_peer() {
     }
 }
 
+/// One sample of a scrape, as the Prometheus client's parser read it.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// The Python with the Prometheus client (`make deps`: scripts/install-deps.sh makes it).
+fn metrics_python() -> std::path::PathBuf {
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/metrics-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `make deps` (scripts/install-deps.sh makes the venv with prometheus-client)",
+        python.display()
+    );
+    python
+}
+
+/// Node `node`'s `/metrics` (its agent's default --metrics-listen, on the node's loopback),
+/// parsed by the Prometheus client's parser (tests/tools/scrape.py): a text it cannot parse,
+/// a wrong Content-Type or a duplicate series fails the test.
+fn scrape(cluster: &Cluster, node: usize) -> Vec<Sample> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/scrape.py");
+    let python = metrics_python();
+    let out = cluster.nodes[node].exec(&[
+        python.to_str().unwrap(),
+        script.to_str().unwrap(),
+        "http://127.0.0.1:9766/metrics",
+    ]);
+    assert!(
+        out.status.success(),
+        "scraping node {node}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parsed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    parsed
+        .into_iter()
+        .map(|s| Sample {
+            name: s["name"].as_str().unwrap().to_string(),
+            labels: serde_json::from_value(s["labels"].clone()).unwrap(),
+            value: s["value"].as_f64().unwrap(),
+        })
+        .collect()
+}
+
+/// The samples named `name` whose labels include `labels`, summed (`None`: there is none).
+fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let matching: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .collect();
+    (!matching.is_empty()).then(|| matching.iter().sum())
+}
+
+/// Issue 23: `/metrics` of a running agent, parsed by the Prometheus client, follows reality
+/// on two mesh nodes: a pod link's peers by kind, its bytes (and per peer, with
+/// `--metrics-per-peer`) grow by at least the pings sent, its newest handshake is a recent
+/// timestamp, the mirror counts the other node's records, and a poison record put into etcd is
+/// counted as refused. `/healthz` still answers on its own port. (A rotation counter test
+/// comes with key rotation.)
+#[test]
+fn metrics_follow_traffic_refusals_and_peer_kinds() {
+    let mut cluster = Cluster::new(2);
+    cluster.peerings = vec![Some("mesh"); 2];
+    cluster.agent_flags.push("--metrics-per-peer".into());
+    cluster.write_conflists();
+    cluster.start_agents();
+    let a = add(&cluster, 0);
+    let b = add(&cluster, 1);
+    converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
+    let net = cluster.network.clone();
+    let link_a = [("network", net.as_str()), ("container", a.pod.id.as_str())];
+    let b_key = public_key_of(&cluster, &b);
+
+    let before = scrape(&cluster, 0);
+    assert_eq!(metric(&before, "wgcni_link_up", &link_a), Some(1.0));
+    let mut info = link_a.to_vec();
+    info.extend([("role", "pod"), ("backend", expected_backend())]);
+    assert_eq!(metric(&before, "wgcni_link_info", &info), Some(1.0));
+    // Mesh: pod B directly, its own gateway and node 2's.
+    for (kind, count) in [
+        ("direct", 1.0),
+        ("gateway", 2.0),
+        ("pending", 0.0),
+        ("relay", 0.0),
+        ("static", 0.0),
+    ] {
+        let mut labels = link_a.to_vec();
+        labels.push(("kind", kind));
+        assert_eq!(
+            metric(&before, "wgcni_link_peers", &labels),
+            Some(count),
+            "{kind} peers of A's link"
+        );
+    }
+    let gateway = [("network", net.as_str()), ("role", "gateway")];
+    assert_eq!(
+        metric(&before, "wgcni_link_info", &gateway),
+        Some(1.0),
+        "the node gateway's link"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let handshake = metric(&before, "wgcni_link_latest_handshake_seconds", &link_a).unwrap();
+    assert!(
+        handshake > now - 300.0 && handshake <= now + 1.0,
+        "handshake at {handshake}, now {now}"
+    );
+    let per_net = [("network", net.as_str())];
+    assert_eq!(metric(&before, "wgcni_network_ready", &per_net), Some(1.0));
+    assert_eq!(
+        metric(&before, "wgcni_records_mirrored", &per_net),
+        Some(2.0),
+        "pod B and node 2's gateway"
+    );
+    assert!(metric(&before, "wgcni_watch_events_total", &per_net).unwrap() > 0.0);
+    assert!(metric(&before, "wgcni_reconcile_duration_seconds_count", &per_net).unwrap() > 0.0);
+    assert!(metric(&before, "wgcni_last_sync_age_seconds", &per_net).is_some());
+    assert_eq!(
+        metric(&before, "wgcni_lease_losses_total", &per_net),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&before, "wgcni_key_rotations_observed_total", &per_net),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&before, "wgcni_records_refused_total", &per_net),
+        None,
+        "nothing refused yet"
+    );
+
+    // Bytes follow a ping: 5 echo requests out, 5 replies in, each > 84 bytes encrypted.
+    let pinged = a
+        .pod
+        .exec(&["ping", "-c", "5", "-i", "0.2", "-W", "2", &b.ip]);
+    assert!(pinged.status.success(), "A cannot ping B");
+    let after = scrape(&cluster, 0);
+    let grew = |name: &str, labels: &[(&str, &str)]| {
+        metric(&after, name, labels).unwrap() - metric(&before, name, labels).unwrap()
+    };
+    for name in [
+        "wgcni_link_sent_bytes_total",
+        "wgcni_link_received_bytes_total",
+    ] {
+        assert!(
+            grew(name, &link_a) >= 5.0 * 84.0,
+            "{name} grew by {}",
+            grew(name, &link_a)
+        );
+    }
+    let mut peer_b = link_a.to_vec();
+    peer_b.push(("public_key", b_key.as_str()));
+    for name in [
+        "wireguard_sent_bytes_total",
+        "wireguard_received_bytes_total",
+    ] {
+        assert!(
+            grew(name, &peer_b) >= 5.0 * 84.0,
+            "{name} of peer B grew by {}",
+            grew(name, &peer_b)
+        );
+    }
+    assert!(metric(&after, "wireguard_latest_handshake_seconds", &peer_b).unwrap() > 0.0);
+
+    // A poison record under node 2's name claiming pod A's address: refused, and counted.
+    let b_file = cluster.nodes[1]
+        .store
+        .join(&net)
+        .join("node2")
+        .join(format!("{}:eth0.json", b.pod.id));
+    let mut poison: Value =
+        serde_json::from_str(&std::fs::read_to_string(b_file).unwrap()).unwrap();
+    poison["containerId"] = "poison".into();
+    poison["publicKey"] = run_ok("sh", &["-c", "wg genkey | wg pubkey"]).trim().into();
+    poison["addresses"] = serde_json::json!([format!("{}/24", a.ip)]);
+    let put = cluster.etcdctl(&[
+        "put",
+        &format!("/wg-cni/v1/{net}/links/node2/poison:eth0"),
+        &poison.to_string(),
+    ]);
+    assert!(put.status.success(), "etcdctl put");
+    let mut refused = None;
+    let counted = wait_for(CONVERGE, || {
+        refused = metric(
+            &scrape(&cluster, 0),
+            "wgcni_records_refused_total",
+            &per_net,
+        );
+        refused.is_some_and(|n| n >= 1.0)
+    });
+    assert!(
+        counted,
+        "the poison record was not counted as refused: {refused:?}"
+    );
+    assert_eq!(
+        metric(&scrape(&cluster, 0), "wgcni_records_mirrored", &per_net),
+        Some(2.0),
+        "the poison record is not mirrored"
+    );
+
+    // The health endpoints stay where they were.
+    let healthz = cluster.nodes[0].exec(&[
+        metrics_python().to_str().unwrap(),
+        "-c",
+        "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9765/healthz', timeout=5).status)",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&healthz.stdout).trim(), "200");
+    for p in [&a, &b] {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
+
 /// R3: an unreadable `gateway.json` (a torn write by hand, a full disk) does not make the agent
 /// remove the gateway, every pod's default route, from the node's pod links: a reconcile that
 /// cannot account for every peer removes none.
