@@ -2012,6 +2012,104 @@ fn wait_for_relays(cluster: &Cluster) {
     assert!(ready, "the relays have no sessions after {CONVERGE:?}");
 }
 
+/// Issue 23, on-demand: before any traffic a pod link holds only its gateway and the node
+/// gateway holds the other node's as its relay (`/metrics` says so, parsed by the Prometheus
+/// client); a relayed ping promotes the pair: the pod link holds the other pod direct and the
+/// promotion is counted; idle, the direct peer is trimmed and counted too.
+#[test]
+fn metrics_count_relays_promotions_and_trims_on_demand() {
+    let idle = 10;
+    let cluster = on_demand_cluster(2, idle);
+    let (a, b) = (add(&cluster, 0), add(&cluster, 1));
+    wait_for_relays(&cluster);
+    let net = cluster.network.clone();
+    let per_net = [("network", net.as_str())];
+    let kinds_of_a = |samples: &[Sample]| -> Vec<(String, f64)> {
+        ["direct", "pending", "gateway", "relay", "static"]
+            .iter()
+            .map(|kind| {
+                let labels = [
+                    ("network", net.as_str()),
+                    ("container", a.pod.id.as_str()),
+                    ("kind", kind),
+                ];
+                (
+                    kind.to_string(),
+                    metric(samples, "wgcni_link_peers", &labels).unwrap_or(-1.0),
+                )
+            })
+            .collect()
+    };
+    let only = |pairs: &[(&str, f64)]| -> Vec<(String, f64)> {
+        ["direct", "pending", "gateway", "relay", "static"]
+            .iter()
+            .map(|kind| {
+                let n = pairs
+                    .iter()
+                    .find(|(k, _)| k == kind)
+                    .map_or(0.0, |(_, n)| *n);
+                (kind.to_string(), n)
+            })
+            .collect()
+    };
+
+    let quiet = scrape(&cluster, 0);
+    assert_eq!(
+        kinds_of_a(&quiet),
+        only(&[("gateway", 1.0)]),
+        "A's link before traffic"
+    );
+    let relay = [("network", net.as_str()), ("role", "gateway")];
+    let gateway_link = quiet
+        .iter()
+        .find(|s| {
+            s.name == "wgcni_link_info"
+                && relay
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .expect("the gateway's link")
+        .labels["interface"]
+        .clone();
+    let relays = [("interface", gateway_link.as_str()), ("kind", "relay")];
+    assert_eq!(
+        metric(&quiet, "wgcni_link_peers", &relays),
+        Some(1.0),
+        "node 2's gateway relays"
+    );
+    assert_eq!(
+        metric(&quiet, "wgcni_direct_peers_promoted_total", &per_net),
+        Some(0.0)
+    );
+
+    assert!(ping_once(&a.pod, &b.ip), "the first ping went unanswered");
+    assert!(
+        wait_for(direct_within(), || holds_direct(&cluster, &a, &b)),
+        "A holds no direct peer for B after a ping"
+    );
+    let direct = scrape(&cluster, 0);
+    assert_eq!(
+        kinds_of_a(&direct),
+        only(&[("gateway", 1.0), ("direct", 1.0)]),
+        "A's link once direct"
+    );
+    assert!(metric(&direct, "wgcni_direct_peers_promoted_total", &per_net).unwrap() >= 1.0);
+
+    let mut trimmed = None;
+    let went = wait_for(Duration::from_secs(idle) + direct_within() * 3, || {
+        let samples = scrape(&cluster, 0);
+        trimmed = metric(&samples, "wgcni_direct_peers_trimmed_total", &per_net);
+        trimmed.is_some_and(|n| n >= 1.0) && kinds_of_a(&samples) == only(&[("gateway", 1.0)])
+    });
+    assert!(
+        went,
+        "the idle direct peer was not trimmed and counted: {trimmed:?}"
+    );
+    for p in [&a, &b] {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
+
 /// Issue 21's direct path on three nodes: the first ping to a never-contacted pod is answered
 /// through the relay; both ends then hold direct peers (on one node, across two, and between
 /// the two other nodes); a pair whose one end lost its direct peer is not cut off (the other
