@@ -1872,12 +1872,37 @@ fn private_key_forms(cluster: &Cluster, pod: &PodOn) -> Vec<Vec<u8>> {
     vec![base64.into_bytes(), hex.into_bytes(), key.0.to_vec()]
 }
 
-/// The agent reads every local link's device at every resync, and a device read carries the
-/// link's private key (the kernel always sends it; the UAPI answers it): after more than 10
-/// resyncs the agent's writable memory holds no pod's private key in any form. The same scan
-/// of this test process, which holds the keys, finds them (the scan works).
+/// `GET path` from node `node`'s agent on its loopback port, from a thread of this process in
+/// the node's namespace (no client program needed: the kernel guest has no python); the raw
+/// answer, head and body.
+fn http_in_node(cluster: &Cluster, node: usize, port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let netns = std::fs::File::open(format!("/run/netns/{}", cluster.nodes[node].netns)).unwrap();
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .expect("reading the answer");
+        answer
+    })
+    .join()
+    .unwrap()
+}
+
+/// The agent reads every local link's device at every resync and at every `/metrics` scrape,
+/// and a device read carries the link's private key (the kernel always sends it; the UAPI
+/// answers it): after more than 10 resyncs and 10 scrapes the agent's writable memory holds no
+/// pod's private key in any form. The same scan of this test process, which holds the keys,
+/// finds them (the scan works).
 #[test]
-fn the_agents_memory_holds_no_pod_private_key_after_10_resyncs() {
+fn the_agents_memory_holds_no_pod_private_key_after_10_resyncs_and_scrapes() {
     let mut cluster = Cluster::new(1);
     cluster.agent_flags = ["--lease-ttl", "3", "--resync-interval", "1"]
         .iter()
@@ -1891,8 +1916,18 @@ fn the_agents_memory_holds_no_pod_private_key_after_10_resyncs() {
         .iter()
         .flat_map(|p| private_key_forms(&cluster, p))
         .collect();
-    // One resync a second: past 10 of them.
+    // One resync a second: past 10 of them, and 10 scrapes reading both pods' links and the
+    // gateway's.
     std::thread::sleep(Duration::from_secs(13));
+    for _ in 0..10 {
+        let answer = http_in_node(&cluster, 0, 9766, "/metrics");
+        let read = answer
+            .lines()
+            .filter(|l| l.starts_with("wgcni_link_up{") && l.ends_with(" 1"))
+            .count();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(read, 3, "links read in a scrape:\n{answer}");
+    }
     let agent = cluster.nodes[0].agent_pid().expect("the agent runs");
     let me = std::process::id();
     for key in &keys {
