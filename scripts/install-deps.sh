@@ -19,3 +19,13 @@ if [ "$(printf '%s\n1.85.0\n' "$version" | sort -V | head -1)" != "1.85.0" ]; th
   echo "rustc $version is too old: wg-cni needs >= 1.85 (rustup update stable)" >&2
   exit 1
 fi
+
+# The Prometheus Python client, whose parser the multinode suite reads the agent's /metrics
+# with (tests/tools/scrape.py): a venv under target/, made once (from PyPI, ~5 s).
+metrics_pin=prometheus-client==0.26.0
+venv="$(dirname "$0")/../target/metrics-venv"
+if [ "$("$venv/bin/pip" show prometheus-client 2>/dev/null | sed -n 's/^Version: //p')" != "${metrics_pin#*==}" ]; then
+  mkdir -p "$(dirname "$venv")"
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "$metrics_pin"
+fi

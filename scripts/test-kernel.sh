@@ -93,7 +93,7 @@ for name in "${names[@]}"; do
     # Cross-node tests that need no python (for TCP servers) nor conntrack, absent here.
     multinode) counted_run kernel multinode -- pods_on_three_nodes_talk_and_follow_adds_and_dels \
       killing_an_agent_does_not_cut_its_pods_off pods_without_a_host_gateway_reach_pods_on_other_nodes \
-      the_agents_memory_holds_no_pod_private_key_after_10_resyncs \
+      the_agents_memory_holds_no_pod_private_key_after_10_resyncs_and_scrapes \
       on_demand_pods_talk_through_the_gateway_relay \
       on_demand_pairs_go_direct_when_traffic_flows_and_back_when_idle ;;
     # Not in the default list (WG_CNI_VM_SUITES=flood): the handshake floods scaled down,

@@ -356,6 +356,9 @@ impl Node {
             .args([
                 "--health-listen",
                 &format!("127.0.0.1:{}", self.health_port),
+                // Agents share this namespace: the default metrics port is another's health port.
+                "--metrics-listen",
+                &format!("127.0.0.1:{}", self.health_port + 100),
             ])
             .args(&self.extra)
             .env("WG_CNI_LOG", "info")

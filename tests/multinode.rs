@@ -1415,6 +1415,229 @@ fn a_poison_record_in_etcd_never_becomes_a_peer() {
     }
 }
 
+/// One sample of a scrape, as the Prometheus client's parser read it.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// The Python with the Prometheus client (`make deps`: scripts/install-deps.sh makes it).
+fn metrics_python() -> std::path::PathBuf {
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/metrics-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `make deps` (scripts/install-deps.sh makes the venv with prometheus-client)",
+        python.display()
+    );
+    python
+}
+
+/// Node `node`'s `/metrics` (its agent's default --metrics-listen, on the node's loopback),
+/// parsed by the Prometheus client's parser (tests/tools/scrape.py): a text it cannot parse,
+/// a wrong Content-Type or a duplicate series fails the test.
+fn scrape(cluster: &Cluster, node: usize) -> Vec<Sample> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/scrape.py");
+    let python = metrics_python();
+    let out = cluster.nodes[node].exec(&[
+        python.to_str().unwrap(),
+        script.to_str().unwrap(),
+        "http://127.0.0.1:9766/metrics",
+    ]);
+    assert!(
+        out.status.success(),
+        "scraping node {node}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parsed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    parsed
+        .into_iter()
+        .map(|s| Sample {
+            name: s["name"].as_str().unwrap().to_string(),
+            labels: serde_json::from_value(s["labels"].clone()).unwrap(),
+            value: s["value"].as_f64().unwrap(),
+        })
+        .collect()
+}
+
+/// The samples named `name` whose labels include `labels`, summed (`None`: there is none).
+fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let matching: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .collect();
+    (!matching.is_empty()).then(|| matching.iter().sum())
+}
+
+/// Issue 23: `/metrics` of a running agent, parsed by the Prometheus client, follows reality
+/// on two mesh nodes: a pod link's peers by kind, its bytes (and per peer, with
+/// `--metrics-per-peer`) grow by at least the pings sent, its newest handshake is a recent
+/// timestamp, the mirror counts the other node's records, and a poison record put into etcd is
+/// counted as refused. `/healthz` still answers on its own port. (A rotation counter test
+/// comes with key rotation.)
+#[test]
+fn metrics_follow_traffic_refusals_and_peer_kinds() {
+    let mut cluster = Cluster::new(2);
+    cluster.peerings = vec![Some("mesh"); 2];
+    cluster.agent_flags.push("--metrics-per-peer".into());
+    cluster.write_conflists();
+    cluster.start_agents();
+    let a = add(&cluster, 0);
+    let b = add(&cluster, 1);
+    converge_all_pairs(&[add_marker(&a), add_marker(&b)]);
+    let net = cluster.network.clone();
+    let link_a = [("network", net.as_str()), ("container", a.pod.id.as_str())];
+    let b_key = public_key_of(&cluster, &b);
+
+    let before = scrape(&cluster, 0);
+    assert_eq!(metric(&before, "wgcni_link_up", &link_a), Some(1.0));
+    let mut info = link_a.to_vec();
+    info.extend([("role", "pod"), ("backend", expected_backend())]);
+    assert_eq!(metric(&before, "wgcni_link_info", &info), Some(1.0));
+    // Mesh: pod B directly, its own gateway and node 2's.
+    for (kind, count) in [
+        ("direct", 1.0),
+        ("gateway", 2.0),
+        ("pending", 0.0),
+        ("relay", 0.0),
+        ("static", 0.0),
+    ] {
+        let mut labels = link_a.to_vec();
+        labels.push(("kind", kind));
+        assert_eq!(
+            metric(&before, "wgcni_link_peers", &labels),
+            Some(count),
+            "{kind} peers of A's link"
+        );
+    }
+    let gateway = [("network", net.as_str()), ("role", "gateway")];
+    assert_eq!(
+        metric(&before, "wgcni_link_info", &gateway),
+        Some(1.0),
+        "the node gateway's link"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let handshake = metric(&before, "wgcni_link_latest_handshake_seconds", &link_a).unwrap();
+    assert!(
+        handshake > now - 300.0 && handshake <= now + 1.0,
+        "handshake at {handshake}, now {now}"
+    );
+    let per_net = [("network", net.as_str())];
+    assert_eq!(metric(&before, "wgcni_network_ready", &per_net), Some(1.0));
+    assert_eq!(
+        metric(&before, "wgcni_records_mirrored", &per_net),
+        Some(2.0),
+        "pod B and node 2's gateway"
+    );
+    assert!(metric(&before, "wgcni_watch_events_total", &per_net).unwrap() > 0.0);
+    assert!(metric(&before, "wgcni_reconcile_duration_seconds_count", &per_net).unwrap() > 0.0);
+    assert!(metric(&before, "wgcni_last_sync_age_seconds", &per_net).is_some());
+    assert_eq!(
+        metric(&before, "wgcni_lease_losses_total", &per_net),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&before, "wgcni_key_rotations_observed_total", &per_net),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&before, "wgcni_records_refused_total", &per_net),
+        None,
+        "nothing refused yet"
+    );
+
+    // Bytes follow a ping: 5 echo requests out, 5 replies in, each > 84 bytes encrypted.
+    let pinged = a
+        .pod
+        .exec(&["ping", "-c", "5", "-i", "0.2", "-W", "2", &b.ip]);
+    assert!(pinged.status.success(), "A cannot ping B");
+    let after = scrape(&cluster, 0);
+    let grew = |name: &str, labels: &[(&str, &str)]| {
+        metric(&after, name, labels).unwrap() - metric(&before, name, labels).unwrap()
+    };
+    for name in [
+        "wgcni_link_sent_bytes_total",
+        "wgcni_link_received_bytes_total",
+    ] {
+        assert!(
+            grew(name, &link_a) >= 5.0 * 84.0,
+            "{name} grew by {}",
+            grew(name, &link_a)
+        );
+    }
+    let mut peer_b = link_a.to_vec();
+    peer_b.push(("public_key", b_key.as_str()));
+    for name in [
+        "wireguard_sent_bytes_total",
+        "wireguard_received_bytes_total",
+    ] {
+        assert!(
+            grew(name, &peer_b) >= 5.0 * 84.0,
+            "{name} of peer B grew by {}",
+            grew(name, &peer_b)
+        );
+    }
+    assert!(metric(&after, "wireguard_latest_handshake_seconds", &peer_b).unwrap() > 0.0);
+
+    // A poison record under node 2's name claiming pod A's address: refused, and counted.
+    let b_file = cluster.nodes[1]
+        .store
+        .join(&net)
+        .join("node2")
+        .join(format!("{}:eth0.json", b.pod.id));
+    let mut poison: Value =
+        serde_json::from_str(&std::fs::read_to_string(b_file).unwrap()).unwrap();
+    poison["containerId"] = "poison".into();
+    poison["publicKey"] = run_ok("sh", &["-c", "wg genkey | wg pubkey"]).trim().into();
+    poison["addresses"] = serde_json::json!([format!("{}/24", a.ip)]);
+    let put = cluster.etcdctl(&[
+        "put",
+        &format!("/wg-cni/v1/{net}/links/node2/poison:eth0"),
+        &poison.to_string(),
+    ]);
+    assert!(put.status.success(), "etcdctl put");
+    let mut refused = None;
+    let counted = wait_for(CONVERGE, || {
+        refused = metric(
+            &scrape(&cluster, 0),
+            "wgcni_records_refused_total",
+            &per_net,
+        );
+        refused.is_some_and(|n| n >= 1.0)
+    });
+    assert!(
+        counted,
+        "the poison record was not counted as refused: {refused:?}"
+    );
+    assert_eq!(
+        metric(&scrape(&cluster, 0), "wgcni_records_mirrored", &per_net),
+        Some(2.0),
+        "the poison record is not mirrored"
+    );
+
+    // The health endpoints stay where they were.
+    let healthz = cluster.nodes[0].exec(&[
+        metrics_python().to_str().unwrap(),
+        "-c",
+        "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9765/healthz', timeout=5).status)",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&healthz.stdout).trim(), "200");
+    for p in [&a, &b] {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
+}
+
 /// R3: an unreadable `gateway.json` (a torn write by hand, a full disk) does not make the agent
 /// remove the gateway, every pod's default route, from the node's pod links: a reconcile that
 /// cannot account for every peer removes none.
@@ -1649,12 +1872,37 @@ fn private_key_forms(cluster: &Cluster, pod: &PodOn) -> Vec<Vec<u8>> {
     vec![base64.into_bytes(), hex.into_bytes(), key.0.to_vec()]
 }
 
-/// The agent reads every local link's device at every resync, and a device read carries the
-/// link's private key (the kernel always sends it; the UAPI answers it): after more than 10
-/// resyncs the agent's writable memory holds no pod's private key in any form. The same scan
-/// of this test process, which holds the keys, finds them (the scan works).
+/// `GET path` from node `node`'s agent on its loopback port, from a thread of this process in
+/// the node's namespace (no client program needed: the kernel guest has no python); the raw
+/// answer, head and body.
+fn http_in_node(cluster: &Cluster, node: usize, port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let netns = std::fs::File::open(format!("/run/netns/{}", cluster.nodes[node].netns)).unwrap();
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .expect("reading the answer");
+        answer
+    })
+    .join()
+    .unwrap()
+}
+
+/// The agent reads every local link's device at every resync and at every `/metrics` scrape,
+/// and a device read carries the link's private key (the kernel always sends it; the UAPI
+/// answers it): after more than 10 resyncs and 10 scrapes the agent's writable memory holds no
+/// pod's private key in any form. The same scan of this test process, which holds the keys,
+/// finds them (the scan works).
 #[test]
-fn the_agents_memory_holds_no_pod_private_key_after_10_resyncs() {
+fn the_agents_memory_holds_no_pod_private_key_after_10_resyncs_and_scrapes() {
     let mut cluster = Cluster::new(1);
     cluster.agent_flags = ["--lease-ttl", "3", "--resync-interval", "1"]
         .iter()
@@ -1668,8 +1916,18 @@ fn the_agents_memory_holds_no_pod_private_key_after_10_resyncs() {
         .iter()
         .flat_map(|p| private_key_forms(&cluster, p))
         .collect();
-    // One resync a second: past 10 of them.
+    // One resync a second: past 10 of them, and 10 scrapes reading both pods' links and the
+    // gateway's.
     std::thread::sleep(Duration::from_secs(13));
+    for _ in 0..10 {
+        let answer = http_in_node(&cluster, 0, 9766, "/metrics");
+        let read = answer
+            .lines()
+            .filter(|l| l.starts_with("wgcni_link_up{") && l.ends_with(" 1"))
+            .count();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(read, 3, "links read in a scrape:\n{answer}");
+    }
     let agent = cluster.nodes[0].agent_pid().expect("the agent runs");
     let me = std::process::id();
     for key in &keys {
@@ -1787,6 +2045,104 @@ fn wait_for_relays(cluster: &Cluster) {
         })
     });
     assert!(ready, "the relays have no sessions after {CONVERGE:?}");
+}
+
+/// Issue 23, on-demand: before any traffic a pod link holds only its gateway and the node
+/// gateway holds the other node's as its relay (`/metrics` says so, parsed by the Prometheus
+/// client); a relayed ping promotes the pair: the pod link holds the other pod direct and the
+/// promotion is counted; idle, the direct peer is trimmed and counted too.
+#[test]
+fn metrics_count_relays_promotions_and_trims_on_demand() {
+    let idle = 10;
+    let cluster = on_demand_cluster(2, idle);
+    let (a, b) = (add(&cluster, 0), add(&cluster, 1));
+    wait_for_relays(&cluster);
+    let net = cluster.network.clone();
+    let per_net = [("network", net.as_str())];
+    let kinds_of_a = |samples: &[Sample]| -> Vec<(String, f64)> {
+        ["direct", "pending", "gateway", "relay", "static"]
+            .iter()
+            .map(|kind| {
+                let labels = [
+                    ("network", net.as_str()),
+                    ("container", a.pod.id.as_str()),
+                    ("kind", kind),
+                ];
+                (
+                    kind.to_string(),
+                    metric(samples, "wgcni_link_peers", &labels).unwrap_or(-1.0),
+                )
+            })
+            .collect()
+    };
+    let only = |pairs: &[(&str, f64)]| -> Vec<(String, f64)> {
+        ["direct", "pending", "gateway", "relay", "static"]
+            .iter()
+            .map(|kind| {
+                let n = pairs
+                    .iter()
+                    .find(|(k, _)| k == kind)
+                    .map_or(0.0, |(_, n)| *n);
+                (kind.to_string(), n)
+            })
+            .collect()
+    };
+
+    let quiet = scrape(&cluster, 0);
+    assert_eq!(
+        kinds_of_a(&quiet),
+        only(&[("gateway", 1.0)]),
+        "A's link before traffic"
+    );
+    let relay = [("network", net.as_str()), ("role", "gateway")];
+    let gateway_link = quiet
+        .iter()
+        .find(|s| {
+            s.name == "wgcni_link_info"
+                && relay
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .expect("the gateway's link")
+        .labels["interface"]
+        .clone();
+    let relays = [("interface", gateway_link.as_str()), ("kind", "relay")];
+    assert_eq!(
+        metric(&quiet, "wgcni_link_peers", &relays),
+        Some(1.0),
+        "node 2's gateway relays"
+    );
+    assert_eq!(
+        metric(&quiet, "wgcni_direct_peers_promoted_total", &per_net),
+        Some(0.0)
+    );
+
+    assert!(ping_once(&a.pod, &b.ip), "the first ping went unanswered");
+    assert!(
+        wait_for(direct_within(), || holds_direct(&cluster, &a, &b)),
+        "A holds no direct peer for B after a ping"
+    );
+    let direct = scrape(&cluster, 0);
+    assert_eq!(
+        kinds_of_a(&direct),
+        only(&[("gateway", 1.0), ("direct", 1.0)]),
+        "A's link once direct"
+    );
+    assert!(metric(&direct, "wgcni_direct_peers_promoted_total", &per_net).unwrap() >= 1.0);
+
+    let mut trimmed = None;
+    let went = wait_for(Duration::from_secs(idle) + direct_within() * 3, || {
+        let samples = scrape(&cluster, 0);
+        trimmed = metric(&samples, "wgcni_direct_peers_trimmed_total", &per_net);
+        trimmed.is_some_and(|n| n >= 1.0) && kinds_of_a(&samples) == only(&[("gateway", 1.0)])
+    });
+    assert!(
+        went,
+        "the idle direct peer was not trimmed and counted: {trimmed:?}"
+    );
+    for p in [&a, &b] {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
 }
 
 /// Issue 21's direct path on three nodes: the first ping to a never-contacted pod is answered

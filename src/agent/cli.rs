@@ -62,6 +62,15 @@ pub struct AgentArgs {
     /// Where /healthz and /readyz answer.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9765")]
     health_listen: std::net::SocketAddr,
+    /// Where /metrics answers (Prometheus text format), or "off". Keep it on 127.0.0.1 or
+    /// behind a policy: pods reach their node's addresses, and the series name every pod and
+    /// public key of the node. The same address as --health-listen: one listener serves both.
+    #[arg(long, value_name = "ADDR:PORT|off", default_value = "127.0.0.1:9766", value_parser = parse_listen)]
+    metrics_listen: Listen,
+    /// Also export per-peer series (wireguard_*_bytes_total, wireguard_latest_handshake_seconds):
+    /// one per peer of every link, which grows with pods² in a mesh.
+    #[arg(long)]
+    metrics_per_peer: bool,
     /// A cgroup v2 directory the node gateway's userspace daemons join before they run, so
     /// that stopping the agent's container (an upgrade) leaves them running. In a DaemonSet
     /// with host PID: /proc/1/root/sys/fs/cgroup (the host's root cgroup). On a cgroup v1
@@ -207,6 +216,8 @@ pub fn run(args: AgentArgs) -> cni::Result<()> {
         subnet_lease_ttl: Duration::from_secs(args.subnet_lease_ttl),
         resync_interval: Duration::from_secs(args.resync_interval),
         health_listen: args.health_listen,
+        metrics_listen: args.metrics_listen.0,
+        metrics_per_peer: args.metrics_per_peer,
         template,
     };
     // One agent per store; held until the process ends (uninstall tests it).
@@ -217,6 +228,20 @@ pub fn run(args: AgentArgs) -> cni::Result<()> {
         context: format!("{e:#}"),
         source: std::io::Error::other("agent stopped"),
     })
+}
+
+/// A listen address, or none ("off").
+#[derive(Debug, Clone, Copy)]
+struct Listen(Option<std::net::SocketAddr>);
+
+fn parse_listen(value: &str) -> Result<Listen, String> {
+    match value {
+        "off" => Ok(Listen(None)),
+        _ => value
+            .parse()
+            .map(|addr| Listen(Some(addr)))
+            .map_err(|e| format!("{e}: give ADDR:PORT (e.g. 127.0.0.1:9766) or off")),
+    }
 }
 
 /// The conflist the agent writes from its template unless --conflist-out says otherwise.
@@ -359,6 +384,36 @@ mod tests {
             matches!(args.command, Some(AgentCommand::ForgetNode { ref name, .. }) if name == "n1")
         );
         assert_eq!(args.etcd_endpoints, ["http://192.0.2.1:2379"]);
+        // /metrics: on loopback unless told, and "off" turns it off.
+        assert_eq!(
+            args.metrics_listen.0,
+            Some("127.0.0.1:9766".parse().unwrap())
+        );
+        let off = [
+            "wg-cni-agent",
+            "--etcd-endpoints",
+            "http://192.0.2.1:2379",
+            "--metrics-listen",
+            "off",
+        ];
+        assert!(
+            AgentArgs::try_parse_from(off)
+                .unwrap()
+                .metrics_listen
+                .0
+                .is_none()
+        );
+        let bad = [
+            "wg-cni-agent",
+            "--etcd-endpoints",
+            "http://192.0.2.1:2379",
+            "--metrics-listen",
+            "9766",
+        ];
+        assert_eq!(
+            AgentArgs::try_parse_from(bad).err().map(|e| e.exit_code()),
+            Some(2)
+        );
         // The DaemonSet passes the node's name and address through the downward API.
         let command = AgentArgs::command();
         let env_of = |id: &str| {

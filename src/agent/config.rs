@@ -29,6 +29,10 @@ pub struct Settings {
     pub subnet_lease_ttl: Duration,
     pub resync_interval: Duration,
     pub health_listen: SocketAddr,
+    /// Where `/metrics` answers (`None`: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Series per peer besides per link (they grow with pods²).
+    pub metrics_per_peer: bool,
     /// Render this conflist template for this node and write it to `out` once ready.
     pub template: Option<super::template::Template>,
 }

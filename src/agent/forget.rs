@@ -40,6 +40,8 @@ impl Connection {
             subnet_lease_ttl: Duration::ZERO,
             resync_interval: Duration::ZERO,
             health_listen: "127.0.0.1:0".parse().expect("valid"),
+            metrics_listen: None,
+            metrics_per_peer: false,
             template: None,
         }
     }

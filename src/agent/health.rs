@@ -1,17 +1,13 @@
-//! `/healthz` and `/readyz` over a minimal HTTP/1.1 server (GET only, one response per
-//! connection), and the shared status they report: `/healthz` says the agent's supervisor is
-//! alive (it restarts failed network loops); `/readyz` says, per network, whether the node
-//! holds its lease and claim and has synced, with the last sync and the last error.
+//! The agent's shared status and what `/healthz` and `/readyz` answer from it (`server` serves
+//! them): `/healthz` says the agent's supervisor is alive (it restarts failed network loops);
+//! `/readyz` says, per network, whether the node holds its lease and claim and has synced,
+//! with the last sync and the last error. The status also carries the counters `/metrics`
+//! reports (`metrics::Counters`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
 
-use anyhow::{Context, Result};
 use ipnetwork::IpNetwork;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 /// One network's state as the health endpoints and the reconciler see it.
 #[derive(Debug, Clone, Default)]
@@ -90,6 +86,8 @@ pub struct AgentStatus {
     networks: Mutex<BTreeMap<String, NetStatus>>,
     /// When the supervisor last went round (unix seconds); 0 before it started.
     supervisor_seen: std::sync::atomic::AtomicU64,
+    /// What the agent's parts count as they work (`/metrics`).
+    pub counters: super::metrics::Counters,
 }
 
 /// The supervisor goes round every second: silent this long, it is stuck or gone.
@@ -100,6 +98,16 @@ impl AgentStatus {
     /// mirror may lack records, so no peer may be removed on its evidence.
     pub fn first_sync_done(&self, network: &str) -> bool {
         self.get(network).is_some_and(|s| s.first_sync_done)
+    }
+
+    /// Every served network's status, by name.
+    pub fn networks(&self) -> Vec<(String, NetStatus)> {
+        self.networks
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(name, s)| (name.clone(), s.clone()))
+            .collect()
     }
 
     pub fn get(&self, network: &str) -> Option<NetStatus> {
@@ -170,70 +178,17 @@ impl AgentStatus {
     }
 }
 
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listening on --health-listen {addr}"))
-}
-
-/// Serve until the task is dropped.
-pub async fn serve(listener: TcpListener, status: Arc<AgentStatus>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let status = status.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            let mut len = 0;
-            // Read the request head, bounded in size and time.
-            let read = tokio::time::timeout(Duration::from_secs(2), async {
-                while len < buf.len() && !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf[len..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => len += n,
-                    }
-                }
-            })
-            .await;
-            if read.is_err() {
-                return;
-            }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let (code, body) = respond(head.lines().next().unwrap_or_default(), &status);
-            let reason = match code {
-                200 => "OK",
-                404 => "Not Found",
-                405 => "Method Not Allowed",
-                _ => "Service Unavailable",
-            };
-            let response = format!(
-                "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
-    }
-}
-
-fn respond(request_line: &str, status: &AgentStatus) -> (u16, String) {
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "GET" {
-        return (405, "only GET\n".into());
-    }
+/// The answer to a GET of `/healthz` or `/readyz` (`server` routes them here).
+pub fn respond(path: &str, status: &AgentStatus) -> (u16, String) {
     match path {
         "/healthz" => match status.liveness() {
             Ok(()) => (200, "ok\n".into()),
             Err(reason) => (503, format!("{reason}\n")),
         },
-        "/readyz" => match status.readiness() {
+        _ => match status.readiness() {
             Ok(lines) => (200, lines),
             Err(lines) => (503, lines),
         },
-        _ => (404, "try /healthz or /readyz\n".into()),
     }
 }
 
@@ -244,41 +199,39 @@ mod tests {
     #[test]
     fn ready_only_when_synced_leased_and_subnet_known() {
         let s = AgentStatus::default();
-        assert_eq!(respond("GET /healthz HTTP/1.1", &s).0, 200);
-        assert_eq!(respond("GET /readyz HTTP/1.1", &s).0, 503);
+        assert_eq!(respond("/healthz", &s).0, 200);
+        assert_eq!(respond("/readyz", &s).0, 503);
         s.update("net", |n| {
             n.subnets = Some(vec!["10.0.0.0/24".parse().unwrap()])
         });
         s.update("net", |n| n.lease_held = true);
-        let (code, body) = respond("GET /readyz HTTP/1.1", &s);
+        let (code, body) = respond("/readyz", &s);
         assert_eq!(code, 503);
         assert!(body.contains("first sync"), "{body}");
         assert!(!s.first_sync_done("net"));
         s.update("net", |n| n.first_sync_done = true);
         assert!(s.first_sync_done("net"));
-        let (code, body) = respond("GET /readyz HTTP/1.1", &s);
+        let (code, body) = respond("/readyz", &s);
         assert_eq!(code, 200);
         assert!(body.starts_with("network net: ready; subnets"), "{body}");
         s.error("net", "etcd unreachable".into());
-        let (_, body) = respond("GET /readyz HTTP/1.1", &s);
+        let (_, body) = respond("/readyz", &s);
         assert!(
             body.contains("last error 0s ago: etcd unreachable"),
             "{body}"
         );
         // A second network not ready yet: not ready as a whole, both named.
         s.update("other", |_| {});
-        let (code, body) = respond("GET /readyz HTTP/1.1", &s);
+        let (code, body) = respond("/readyz", &s);
         assert_eq!(code, 503);
         assert!(body.contains("network net: ready") && body.contains("network other: not ready"));
         s.forget("other");
-        assert_eq!(respond("GET /readyz HTTP/1.1", &s).0, 200);
+        assert_eq!(respond("/readyz", &s).0, 200);
         // Liveness: the supervisor going round.
         s.supervisor_alive();
-        assert_eq!(respond("GET /healthz HTTP/1.1", &s).0, 200);
+        assert_eq!(respond("/healthz", &s).0, 200);
         s.supervisor_seen
             .store(1, std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(respond("GET /healthz HTTP/1.1", &s).0, 503);
-        assert_eq!(respond("POST /readyz HTTP/1.1", &s).0, 405);
-        assert_eq!(respond("GET /x HTTP/1.1", &s).0, 404);
+        assert_eq!(respond("/healthz", &s).0, 503);
     }
 }

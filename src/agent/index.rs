@@ -37,6 +37,8 @@ pub struct FileChange {
 pub struct Delta {
     pub files: Vec<FileChange>,
     pub peers: PeerChanges,
+    /// Remote attachments whose file now names another public key (a rotation, seen).
+    pub keys_changed: usize,
 }
 
 impl Delta {
@@ -155,7 +157,11 @@ impl Index {
                     body: body.clone(),
                 };
                 keep(&mut after, &indexed.peer);
+                let key = indexed.pod.clone();
                 if let Some(old) = known.insert(file.clone(), indexed) {
+                    if old.pod.is_some() && key.is_some() && old.pod != key {
+                        delta.keys_changed += 1;
+                    }
                     pods.gone(&old);
                     keep(&mut before, &old.peer);
                 }
@@ -404,6 +410,14 @@ mod tests {
         let delta = index.update(trusted(&[("n2", &moved), ("n2", &node_file(true))]));
         assert_eq!(delta.peers.upsert.len(), 1);
         assert!(delta.peers.upsert[0].moved && !delta.peers.upsert[0].new);
+        assert_eq!(delta.keys_changed, 0, "moved, same key");
+
+        // The same attachment with a new key: a rotation seen (and the new key a new peer).
+        let rotated = KeyPair::generate().public().to_base64();
+        let a2 = record_with_key("n2", "a", "10.0.2.2/32", "192.0.2.7", &rotated);
+        let delta = index.update(trusted(&[("n2", &a2), ("n2", &node_file(true))]));
+        assert_eq!(delta.keys_changed, 1);
+        assert_eq!(delta.peers.remove.len(), 1);
     }
 }
 

@@ -80,6 +80,7 @@ impl Keeper {
             tokio::time::sleep(self.interval()).await;
             if !self.renew().await {
                 self.status.update(&self.network, |s| s.lease_held = false);
+                self.status.counters.lease_lost(&self.network);
                 let _ = lost.send(());
                 return;
             }

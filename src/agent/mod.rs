@@ -21,11 +21,13 @@ pub mod keys;
 pub mod links;
 mod liveness;
 pub mod membership;
+pub mod metrics;
 pub mod mirror;
 mod mirror_files;
 mod network;
 mod publish;
 mod reconciler;
+mod server;
 pub mod subnet;
 mod supervisor;
 pub mod template;
@@ -145,13 +147,29 @@ fn watch_relayed_flows(flows: std::sync::mpsc::SyncSender<direct::Flow>) -> Resu
     Ok(())
 }
 
+/// Bind the HTTP endpoints' listeners (a taken address fails the start) and serve them.
+async fn serve_http(settings: &Settings, status: &Arc<AgentStatus>) -> Result<()> {
+    let links = match settings.metrics_listen {
+        Some(_) => Some(metrics::LinkReader::new(settings).map_err(|e| anyhow::anyhow!("{e}"))?),
+        None => None,
+    };
+    let shared = Arc::new(server::Shared {
+        status: status.clone(),
+        links,
+    });
+    for (addr, routes) in server::plan(settings.health_listen, settings.metrics_listen) {
+        let listener = server::bind(addr, routes).await?;
+        tokio::spawn(server::serve(listener, routes, shared.clone()));
+    }
+    Ok(())
+}
+
 async fn run_async(
     settings: Arc<Settings>,
     reconciler: Arc<dyn LinkReconciler>,
     status: Arc<AgentStatus>,
 ) -> Result<()> {
-    let listener = health::bind(settings.health_listen).await?;
-    tokio::spawn(health::serve(listener, status.clone()));
+    serve_http(&settings, &status).await?;
     let boot_id = crate::host::boot_id().map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let options = etcd::options(&settings)?;
@@ -175,7 +193,12 @@ async fn run_async(
         reconciler::Reconciler::spawn(settings.node.clone(), reconciler, status.clone())?;
     let directories = Arc::new(directory::Directories::default());
     let (flows, relayed) = std::sync::mpsc::sync_channel(FLOW_QUEUE);
-    direct::spawn(&settings, directories.clone(), relayed)?;
+    direct::spawn(
+        &settings,
+        directories.clone(),
+        relayed,
+        status.counters.clone(),
+    )?;
     watch_relayed_flows(flows)?;
     let mut supervisor = supervisor::Supervisor::new(
         settings.clone(),

@@ -19,6 +19,7 @@ use super::health::AgentStatus;
 use super::index::Index;
 use super::keys::Keys;
 use super::liveness::Lease;
+use super::metrics::{KeyWatch, Scope};
 use super::mirror::{Mirror, NodeInfo};
 use super::reconciler::{Files, Job, Reconciler, Work};
 use super::{etcd, publish, subnet};
@@ -37,6 +38,8 @@ pub(super) struct NetworkLoop {
     mirror: Mirror,
     /// The trusted remote records as last sent to the reconciler thread.
     index: Index,
+    /// This node's attachments' keys as last published (rotations seen).
+    local_keys: KeyWatch,
     /// The reconciler thread could not write a mirror file: read them all back.
     verify_wanted: Arc<AtomicBool>,
     subnets: Option<Vec<IpNetwork>>,
@@ -82,12 +85,14 @@ impl NetworkLoop {
         directory: SharedDirectory,
     ) -> NetworkLoop {
         let keys = Keys::new(&net.name);
+        status.counters.network_served(&net.name);
         let network_dir = settings.store.join(&net.name);
         let node_dir = network_dir.join(&settings.node);
         let now = Instant::now();
         NetworkLoop {
             mirror: Mirror::new(keys.clone(), &settings.node, net.policy()),
             index: Index::new(net.conf.persistent_keepalive, net.conf.peering, directory),
+            local_keys: KeyWatch::default(),
             verify_wanted: Arc::default(),
             network_dir,
             settings,
@@ -523,6 +528,10 @@ impl NetworkLoop {
             return;
         }
         let local = self.local();
+        let changed = self.local_keys.observe(publish::pod_keys(&local));
+        self.status
+            .counters
+            .keys_changed(&self.net.name, Scope::Local, changed);
         match publish::publish(&mut self.client, &self.keys, &self.settings.node, &local).await {
             Ok(0) => {}
             Ok(n) => {
@@ -613,6 +622,9 @@ impl NetworkLoop {
                     self.next_sync_try = Instant::now();
                 }
                 Watched::Changes { revision, changes } => {
+                    self.status
+                        .counters
+                        .watch_events(&self.net.name, changes.len());
                     changed |= self.mirror.apply(revision, &changes);
                     self.status.update(&self.net.name, |s| {
                         s.last_sync = Some(crate::host::now_unix())
@@ -651,6 +663,9 @@ impl NetworkLoop {
             .mirror
             .evaluate(crate::host::now_unix(), self.settings.grace_period);
         let delta = self.index.update(std::mem::take(&mut evaluation.trusted));
+        self.status
+            .counters
+            .keys_changed(&self.net.name, Scope::Remote, delta.keys_changed);
         let stale = evaluation.stale.clone();
         let refused = self.mirror.refusals().clone();
         let peers = self.index.peers();

@@ -64,6 +64,24 @@ pub fn scan_local(node_dir: &Path, network: &str, node: &str, boot_id: &str) -> 
     local
 }
 
+/// Each pod attachment's public key in `local` (`Local` holds them as JSON).
+pub fn pod_keys(local: &Local) -> impl Iterator<Item = (String, String)> + '_ {
+    local.iter().filter_map(|(name, body)| {
+        let LinkName::Pod {
+            container_id,
+            ifname,
+        } = name
+        else {
+            return None;
+        };
+        let record: Record = serde_json::from_slice(body).ok()?;
+        Some((
+            crate::store::attachment_id(container_id, ifname),
+            record.public_key,
+        ))
+    })
+}
+
 /// A regular file of at most 64 KiB, never through a symlink.
 pub fn read_small(path: &Path) -> Option<Vec<u8>> {
     use std::io::Read;

@@ -92,6 +92,7 @@ impl Thread {
             batch.extend(queue.try_iter());
             for job in coalesce(batch) {
                 let network = job.network.clone();
+                let resync = matches!(job.work, Work::Resync);
                 let started = Instant::now();
                 let ran =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_job(job)));
@@ -100,10 +101,12 @@ impl Thread {
                     self.status
                         .error(&network, "a reconcile job panicked".to_string());
                 }
+                let took = started.elapsed();
                 self.status.update(&network, |s| {
                     s.reconciles += 1;
-                    s.last_reconcile_ms = started.elapsed().as_millis() as u64;
+                    s.last_reconcile_ms = took.as_millis() as u64;
                 });
+                self.status.counters.reconciled(&network, resync, took);
             }
         }
     }

@@ -112,6 +112,8 @@ fn settings(dir: &Path) -> Settings {
         subnet_lease_ttl: Duration::from_secs(3600),
         resync_interval: Duration::from_secs(30),
         health_listen: "127.0.0.1:9765".parse().unwrap(),
+        metrics_listen: None,
+        metrics_per_peer: false,
         template: None,
     }
 }

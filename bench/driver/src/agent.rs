@@ -360,6 +360,53 @@ impl ThreadStates {
     }
 }
 
+/// The agent's default `--metrics-listen`.
+const METRICS: &str = "127.0.0.1:9766";
+/// Scrapes timed, one after the other, with the agent otherwise idle.
+const SCRAPES: usize = 20;
+
+struct Scrapes {
+    ms: Vec<f64>,
+    bytes: usize,
+    links: usize,
+    /// The fewest links a scrape read in time (`wgcni_link_up 1`).
+    read: usize,
+}
+
+/// The links a scrape reads: every pod link listed, and the gateway.
+fn links_expected(hosts: &[String]) -> usize {
+    hosts.len()
+}
+
+/// Time `SCRAPES` scrapes of the agent's `/metrics` (each lists the store and reads every
+/// link's device); each must answer 200. Counts the links each read in time.
+fn scrape_metrics(c: &Cluster, links: usize) -> Res<Scrapes> {
+    let mut out = Scrapes {
+        ms: Vec::new(),
+        bytes: 0,
+        links,
+        read: links,
+    };
+    for _ in 0..SCRAPES {
+        let t = Instant::now();
+        let (status, body) = cluster::in_netns(&c.nodes[0].netns, || {
+            cluster::http(METRICS, "GET", "/metrics", "", Duration::from_secs(10))
+        })??;
+        out.ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        let up = body
+            .lines()
+            .filter(|l| l.starts_with("wgcni_link_up{") && l.ends_with(" 1"))
+            .count();
+        if status != 200 {
+            return Err(format!("/metrics answered {status}"));
+        }
+        // A link not read within the scrape's bounds is a figure, not a failure.
+        out.read = out.read.min(up);
+        out.bytes = body.len();
+    }
+    Ok(out)
+}
+
 /// The agent's /readyz figures: (reconciler jobs, the last one's ms, remote peers).
 fn readyz(c: &Cluster) -> Res<(u64, u64, u64)> {
     let (_, body) = c.agent_http(0, "/readyz")?;
@@ -756,6 +803,7 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         .map(|kb| kb as f64 / 1024.0)
         .collect();
     let (_, _, remote_peers) = readyz(&c)?;
+    let scrapes = scrape_metrics(&c, links_expected(&hosts))?;
     out["steady"] = json!({
         "local_pod_add_ms": summary(&add_ms, 1),
         "records_put_seconds": round(put_s, 2),
@@ -769,6 +817,10 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         "daemons": daemons.len(),
         "daemon_rss_mib": summary(&daemons, 1),
         "daemons_rss_gib_total": round(daemons.iter().sum::<f64>() / 1024.0, 2),
+        "metrics_scrape_ms": summary(&scrapes.ms, 1),
+        "metrics_scrape_kib": round(scrapes.bytes as f64 / 1024.0, 1),
+        "metrics_links": scrapes.links,
+        "metrics_links_read_min": scrapes.read,
     });
 
     // ------------------------------------------------------------ events
@@ -1464,6 +1516,18 @@ pub fn report(a: &Value) -> String {
         f(&st["records_put_seconds"], 1),
         f(&st["records_on_every_link_seconds"], 1),
         f(&st["local_pod_add_ms"]["p50"], 0),
+    );
+    let _ = writeln!(
+        md,
+        "**`/metrics`** at {} links (every local pod's and the gateway's, read in each scrape; \
+         per link only): a scrape took p50 {} ms, p99 {} ms ({} scrapes, {} KiB each; the \
+         fewest links one read in time: {}).\n",
+        st["metrics_links"],
+        f(&st["metrics_scrape_ms"]["p50"], 1),
+        f(&st["metrics_scrape_ms"]["p99"], 1),
+        st["metrics_scrape_ms"]["n"],
+        f(&st["metrics_scrape_kib"], 1),
+        st["metrics_links_read_min"],
     );
     let s = &a["soak"];
     let ev = &s["events"];

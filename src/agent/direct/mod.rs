@@ -32,6 +32,7 @@ use crate::wireguard::{self, Peer, Update};
 
 use super::Settings;
 use super::directory::Directories;
+use super::metrics::Counters;
 use pair::{Action, Pair, Seen};
 
 /// How often links with a pending peer (or one just demoted for relayed traffic) are read (the
@@ -156,6 +157,7 @@ pub struct Promoter {
     /// The activity last written per network, and when the next write may be.
     activity_written: HashMap<String, DirectActivity>,
     next_activity_write: Instant,
+    counters: Counters,
 }
 
 /// Start the promoter thread; it ends when `flows` closes.
@@ -163,6 +165,7 @@ pub fn spawn(
     settings: &Settings,
     directories: Arc<Directories>,
     flows: Receiver<Flow>,
+    counters: Counters,
 ) -> Result<()> {
     let now = Instant::now();
     let promoter = Promoter {
@@ -182,6 +185,7 @@ pub fn spawn(
         next_sweep: now,
         activity_written: HashMap::new(),
         next_activity_write: now,
+        counters,
     };
     std::thread::Builder::new()
         .name("promoter".into())
@@ -616,6 +620,13 @@ impl Promoter {
         })();
         match written {
             Ok(()) => {
+                for action in actions {
+                    match action {
+                        Action::Route => self.counters.direct_promoted(&link.network),
+                        Action::Remove => self.counters.direct_trimmed(&link.network),
+                        _ => {}
+                    }
+                }
                 tracing::debug!(container = %link.container_id, peer = %target.key().to_base64(), ?actions, "direct peer")
             }
             Err(e) => {
