@@ -803,6 +803,8 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         .map(|kb| kb as f64 / 1024.0)
         .collect();
     let (_, _, remote_peers) = readyz(&c)?;
+    let rss_before_scrapes = proc_status_kb(pid, "VmRSS:");
+    let threads_before_scrapes = proc_status_kb(pid, "Threads:");
     let scrapes = scrape_metrics(&c, links_expected(&hosts))?;
     out["steady"] = json!({
         "local_pod_add_ms": summary(&add_ms, 1),
@@ -810,9 +812,10 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         "records_on_every_link_seconds": round(load_s, 1),
         "peers_per_link": per_link,
         "agent_remote_peers": remote_peers,
-        "agent_rss_mib": mib(proc_status_kb(pid, "VmRSS:")),
+        "agent_rss_mib": mib(rss_before_scrapes),
+        "agent_threads": threads_before_scrapes,
+        "agent_rss_after_scrapes_mib": mib(proc_status_kb(pid, "VmRSS:")),
         "agent_hwm_mib": mib(proc_status_kb(pid, "VmHWM:")),
-        "agent_threads": proc_status_kb(pid, "Threads:"),
         "agent_cpu_idle_percent": round(idle_cpu, 2),
         "daemons": daemons.len(),
         "daemon_rss_mib": summary(&daemons, 1),
@@ -1502,12 +1505,11 @@ pub fn report(a: &Value) -> String {
     );
     let _ = writeln!(
         md,
-        "**Memory** with every record mirrored: agent VmRSS {} MiB (VmHWM {} MiB, {} threads), \
-         idle CPU {} %; the {} links' daemons hold p50 {} MiB each, {} GiB together. Records \
-         put in {} s; on every link {} s after the first put (the local pods were added \
-         before, {} ms p50 each).\n",
+        "**Memory** with every record mirrored: agent VmRSS {} MiB ({} threads; before the \
+         scrapes below), idle CPU {} %; the {} links' daemons hold p50 {} MiB each, {} GiB \
+         together. Records put in {} s; on every link {} s after the first put (the local pods \
+         were added before, {} ms p50 each).\n",
         f(&st["agent_rss_mib"], 1),
-        f(&st["agent_hwm_mib"], 1),
         st["agent_threads"],
         f(&st["agent_cpu_idle_percent"], 2),
         st["daemons"],
@@ -1521,13 +1523,16 @@ pub fn report(a: &Value) -> String {
         md,
         "**`/metrics`** at {} links (every local pod's and the gateway's, read in each scrape; \
          per link only): a scrape took p50 {} ms, p99 {} ms ({} scrapes, {} KiB each; the \
-         fewest links one read in time: {}).\n",
+         fewest links one read in time: {}); the agent's VmRSS after them {} MiB (VmHWM {} \
+         MiB).\n",
         st["metrics_links"],
         f(&st["metrics_scrape_ms"]["p50"], 1),
         f(&st["metrics_scrape_ms"]["p99"], 1),
         st["metrics_scrape_ms"]["n"],
         f(&st["metrics_scrape_kib"], 1),
         st["metrics_links_read_min"],
+        f(&st["agent_rss_after_scrapes_mib"], 1),
+        f(&st["agent_hwm_mib"], 1),
     );
     let s = &a["soak"];
     let ev = &s["events"];
