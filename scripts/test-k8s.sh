@@ -108,7 +108,7 @@ cleanup() {
     kubectl get pods -A -o jsonpath='{range .items[*]}{.metadata.name}: {.status.containerStatuses[*].state.waiting.message}{"\n"}{end}'
     # The host's side, for the diagnosis only (the checks go through Kubernetes).
     echo "--- host: wg-cni show, routes, rules, forwarding, iptables"
-    "$release/wg-cni" show 2>&1 | head -40
+    "$release/wg-cni" show --node "$node" 2>&1 | head -60
     ip route
     ip rule
     sysctl net.ipv4.ip_forward
