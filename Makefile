@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build image deps demo test lint test-manifests test-image test-unit test-integration test-clients test-kernel bench clean
+.PHONY: all build image deps demo test lint test-manifests test-image test-unit test-integration test-clients test-kernel test-k8s bench clean
 
 all: build
 
@@ -78,6 +78,14 @@ test-clients: deps
 
 test-kernel: deps
 	scripts/test-kernel.sh
+
+# wg-cni on a real one-node Kubernetes (../shared/k8s beside the repository; skipped, and says
+# so, without it): the README's install, the node Ready only after the agent, pods by a
+# Deployment talking over wg-cni, a DaemonSet rolling restart under a 100 ms ping, pods deleted
+# through kubelet's sandbox GC, the documented uninstall. Not part of `test`: .ci/run runs it
+# after. ~4 min, under /tmp/wgcni-itest.lock.
+test-k8s:
+	scripts/test-k8s.sh
 
 # Benchmarks (not part of `test`): wg-cni vs the reference ptp plugin, natively (userspace
 # backend) and in a QEMU guest (kernel backend). Writes bench/results.md and results.json.

@@ -74,7 +74,7 @@ pub struct AgentArgs {
     /// A cgroup v2 directory the node gateway's userspace daemons join before they run, so
     /// that stopping the agent's container (an upgrade) leaves them running. In a DaemonSet
     /// with host PID: /proc/1/root/sys/fs/cgroup (the host's root cgroup). On a cgroup v1
-    /// host only a warning: daemons stay in the agent's cgroup.
+    /// host, or one that denies the path, only a warning: daemons stay in the agent's cgroup.
     #[arg(long, value_name = "DIR")]
     daemon_cgroup: Option<PathBuf>,
     /// A conflist template (one wg-cni plugin entry): its network is served from the start,

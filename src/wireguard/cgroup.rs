@@ -33,7 +33,20 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 pub fn move_daemons_to(dir: &Path) -> Result<()> {
     let bad = |reason: String| Error::config("--daemon-cgroup", reason);
     let procs = dir.join("cgroup.procs");
-    let fs = nix::sys::statfs::statfs(dir).map_err(|e| bad(format!("{}: {e}", dir.display())))?;
+    let fs = match nix::sys::statfs::statfs(dir) {
+        Ok(fs) => fs,
+        Err(e) if closed_to_us(e) => {
+            // A host fact as well: a sandboxed host may close pid 1's root even to a
+            // privileged container with host PID. The agent still serves the node.
+            tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "--daemon-cgroup cannot be reached (the host denies it): gateway daemons stay in the agent's cgroup and stop with its container"
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(bad(format!("{}: {e}", dir.display()))),
+    };
     if fs.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC || !procs.is_file() {
         // A host fact, not a mistake in the flag: one DaemonSet serves cgroup v1 and v2 hosts.
         tracing::warn!(
@@ -56,6 +69,12 @@ pub fn move_daemons_to(dir: &Path) -> Result<()> {
         tracing::warn!("--daemon-cgroup was set already; keeping the first");
     }
     Ok(())
+}
+
+/// Whether `statfs` failed because the host denies the path (not because it is wrong): the
+/// kernel's ptrace check on `/proc/1/root` answers EACCES, a security module EPERM.
+fn closed_to_us(e: nix::errno::Errno) -> bool {
+    matches!(e, nix::errno::Errno::EACCES | nix::errno::Errno::EPERM)
 }
 
 /// Pid 1's cgroup namespace, open, when it differs from ours.
@@ -120,5 +139,12 @@ mod tests {
             .to_string();
         assert!(e.contains("--daemon-cgroup"), "{e}");
         assert!(TARGET.get().is_none());
+    }
+
+    #[test]
+    fn a_path_the_host_denies_is_a_host_fact_a_wrong_one_a_mistake() {
+        use nix::errno::Errno;
+        assert!(closed_to_us(Errno::EACCES) && closed_to_us(Errno::EPERM));
+        assert!(!closed_to_us(Errno::ENOENT) && !closed_to_us(Errno::ENOTDIR));
     }
 }
