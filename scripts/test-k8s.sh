@@ -120,6 +120,11 @@ cleanup() {
       }
     done
   fi
+  if [ $rc != 0 ] && [ -n "${WG_CNI_K8S_HOLD_ON_FAILURE:-}" ]; then
+    # For a person diagnosing: the cluster stays up this long (seconds), then goes as always.
+    echo "--- holding the failed cluster for $WG_CNI_K8S_HOLD_ON_FAILURE s (KUBE_DIR=$KUBE_DIR)"
+    sleep "$WG_CNI_K8S_HOLD_ON_FAILURE"
+  fi
   step "cleanup: cluster down, etcd, wg-cni's host objects"
   [ -f "$KUBE_DIR/state/config.env" ] && cluster down
   if [ -n "$etcd_pid" ] && kill -0 "$etcd_pid" 2>/dev/null; then
@@ -185,6 +190,14 @@ for b in host-local loopback; do
 done
 
 step "cluster up ($k8s/cluster.sh, KUBE_DIR=$KUBE_DIR)"
+# This cluster's containerd keeps pods' network namespaces under its state dir
+# (netns_mounts_under_state_dir), not in /run/netns: as the README says for such a runtime, that
+# directory is a shared mount of itself, and the agent mounts it too (edit below). cluster.sh's
+# down unmounts everything under KUBE_DIR, this with it.
+cri_netns=$KUBE_DIR/containerd/state/io.containerd.grpc.v1.cri/netns
+mkdir -p "$cri_netns"
+mount --bind "$cri_netns" "$cri_netns"
+mount --make-shared "$cri_netns"
 cluster up
 # shellcheck disable=SC1091
 . "$KUBE_DIR/env.sh"
@@ -250,9 +263,9 @@ pass "etcd with TLS, client-cert auth and the node's user and role; credential i
 step "kubectl apply -f wg-cni.yaml (a copy with the Secret and the template's serviceRange edited)"
 # README: "edit the Secret wg-cni-etcd in wg-cni.yaml (etcd's endpoints and CA) and the
 # template's clusterRange and serviceRange". Each edit must match exactly once.
-python3 - deploy/kubernetes/wg-cni.yaml "$work/wg-cni.yaml" "$etcd_url" "$pki/ca.crt" "$service_cidr" "$cluster_range" <<'EOF'
+python3 - deploy/kubernetes/wg-cni.yaml "$work/wg-cni.yaml" "$etcd_url" "$pki/ca.crt" "$service_cidr" "$cluster_range" "$cri_netns" <<'EOF'
 import sys
-src, dst, endpoints, ca, service, cluster = sys.argv[1:]
+src, dst, endpoints, ca, service, cluster, cri_netns = sys.argv[1:]
 text = open(src).read()
 pem = "".join("    " + line + "\n" for line in open(ca).read().strip().splitlines())
 edits = [
@@ -260,6 +273,15 @@ edits = [
     ("    -----BEGIN CERTIFICATE-----\n    (replace: the PEM of the CA that signed etcd's server certificate)\n    -----END CERTIFICATE-----\n", pem),
     ('"serviceRange": "10.96.0.0/12"', f'"serviceRange": "{service}"'),
     (f'"clusterRange": "{cluster}"', f'"clusterRange": "{cluster}"'),
+    # README: a runtime that keeps pods' network namespaces elsewhere than /run/netns: mount
+    # that directory too, at its own path.
+    ("              mountPath: /var/run/netns\n              mountPropagation: HostToContainer\n",
+     "              mountPath: /var/run/netns\n              mountPropagation: HostToContainer\n"
+     f"            - name: runtime-netns\n              mountPath: {cri_netns}\n"
+     "              mountPropagation: HostToContainer\n"),
+    ("        - name: netns\n          hostPath:\n            path: /run/netns\n            type: DirectoryOrCreate\n",
+     "        - name: netns\n          hostPath:\n            path: /run/netns\n            type: DirectoryOrCreate\n"
+     f"        - name: runtime-netns\n          hostPath:\n            path: {cri_netns}\n            type: Directory\n"),
 ]
 for old, new in edits:
     if text.count(old) != 1:
@@ -357,8 +379,9 @@ spec:
     image: localhost/busybox:1
     imagePullPolicy: Never
     env: [{name: PEERS, value: "${ips[*]}"}]
-    # Each peer: the first try's time since the container started, then up to 20 s of tries.
-    command: [sh, -c, 'for ip in \$PEERS; do n=1; until page=\$(wget -q -T 2 -O- http://\$ip:8080/index.html); do [ \$n -ge 20 ] && break; n=\$((n+1)); sleep 1; done; echo "http \$ip: \$page"; echo "tries \$ip: \$n"; ping -c 2 -W 2 \$ip >/dev/null && echo "ping \$ip: ok"; done; echo checks done; exec ping -i 0.1 \${PEERS%% *}']
+    # Each peer: up to 20 s of tries. HTTP by hand over nc: Debian's busybox-static wget
+    # segfaults (on the host as well).
+    command: [sh, -c, 'for ip in \$PEERS; do n=1; until page=\$(printf "GET /index.html HTTP/1.0\r\n\r\n" | nc -w 2 \$ip 8080 | tail -n 1) && [ -n "\$page" ]; do [ \$n -ge 20 ] && break; n=\$((n+1)); sleep 1; done; echo "http \$ip: \$page"; echo "tries \$ip: \$n"; ping -c 2 -W 2 \$ip >/dev/null && echo "ping \$ip: ok"; done; echo checks done; exec ping -i 0.1 \${PEERS%% *}']
 EOF
 kubectl wait --for=condition=Ready pod/pinger --timeout=60s
 pinger_done() { podlog default pinger pinger | grep -q 'checks done'; }
