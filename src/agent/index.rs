@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use wireguard_control::Key;
 
-use super::directory::{Directory, RemotePod, SharedDirectory};
+use super::directory::{RemotePod, SharedDirectory};
 use super::mirror::NODE_FILE;
 use crate::cni::Peering;
 use crate::gateway;
@@ -88,7 +88,7 @@ impl Index {
 
     /// An empty index; `directory` is emptied with it (a restarted loop lists anew).
     pub fn new(keepalive: Option<u16>, peering: Peering, directory: SharedDirectory) -> Index {
-        *directory.write().unwrap_or_else(|p| p.into_inner()) = Directory::default();
+        directory.write().unwrap_or_else(|p| p.into_inner()).clear();
         Index {
             keepalive,
             peering,
@@ -225,6 +225,7 @@ impl PodChanges {
         for (node, stale) in &self.stale {
             directory.set_stale(node, *stale);
         }
+        directory.wake_if_changed();
     }
 }
 
