@@ -81,6 +81,11 @@ pub fn rotate(node: &Node, conf: &NetConf, container_id: &str, ifname: &str) -> 
     failpoint::crash("rotate-locked");
     let view = NetworkView::read(&store, conf)?;
     let old_key = record.public_key.clone();
+    // A next key of a rotation killed before its switch: its holders drop it at the end.
+    let abandoned = match carried {
+        Carried::Current => record.next_public_key.clone(),
+        Carried::Next => None,
+    };
     let switched = match carried {
         Carried::Current => {
             let keypair = KeyPair::generate();
@@ -101,7 +106,7 @@ pub fn rotate(node: &Node, conf: &NetConf, container_id: &str, ifname: &str) -> 
         // A rotation killed after its switch: the link has the next key already.
         Carried::Next => record,
     };
-    let rotated = finish(node, &store, &view, switched, &pod)?;
+    let rotated = finish(node, &store, &view, switched, abandoned, &pod)?;
     tracing::info!(container = container_id, ifname, old = %old_key, new = %rotated.public_key, "key rotated");
     Ok(Rotated {
         container_id: container_id.to_string(),
@@ -212,22 +217,24 @@ fn switch_link(
 }
 
 /// Steps 4 and 5: the record names the new key, the local holders route to it and drop the
-/// old ones, the pod starts handshakes with them.
+/// old ones (and `abandoned`, a dead rotation's next key), the pod starts handshakes with them.
 fn finish(
     node: &Node,
     store: &Store,
     view: &NetworkView,
     switched: Record,
+    abandoned: Option<String>,
     pod: &Netns,
 ) -> Result<Record> {
     let new_key = switched
         .next_public_key
         .clone()
         .expect("a switched record names its next key");
-    // What the holders may still hold: the key replaced now, and one an earlier rotation
-    // killed before step 5 left.
+    // What the holders may still hold: the key replaced now, one an earlier rotation killed
+    // before step 5 left, and the next key of one killed before its switch.
     let stale: Vec<Key> = std::iter::once(switched.public_key.as_str())
         .chain(switched.previous_public_key.as_deref())
+        .chain(abandoned.as_deref())
         .filter_map(|k| Key::from_base64(k).ok())
         .collect();
     let rotated = Record {

@@ -2724,3 +2724,143 @@ fn a_rotation_of_a_direct_on_demand_pair_keeps_traffic_flowing() {
     }
     a_rotation_under_traffic(cluster, true);
 }
+
+/// Whether `pod`'s link has gone from its namespace (only `lo` left).
+fn has_no_link(pod: &PodOn) -> bool {
+    pod.pod.links().iter().all(|l| l == "lo")
+}
+
+/// The keys `pod`'s record names (current, next, previous).
+fn recorded_keys(cluster: &Cluster, pod: &PodOn) -> Vec<String> {
+    let record = record_of(cluster, pod);
+    ["publicKey", "nextPublicKey", "previousPublicKey"]
+        .iter()
+        .filter_map(|field| record[*field].as_str().map(str::to_string))
+        .collect()
+}
+
+/// After a killed rotation of `pod`: a rotation again succeeds, the pod reaches and is
+/// reached by `other`, and none of the keys it had before is on any link.
+fn rotates_again_and_is_reachable(
+    cluster: &Cluster,
+    pod: &PodOn,
+    other: &PodOn,
+    before: &[String],
+) {
+    let again = cluster.rotate(pod.node, &pod.pod, &[]);
+    assert!(
+        again.status.success(),
+        "rotate after a killed one failed: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let pair = [pod, other].map(|p| PodRef {
+        pod: &p.pod,
+        ip: &p.ip,
+    });
+    converge_all_pairs(&pair);
+    let current = public_key_of(cluster, pod);
+    let stale = wait_for(event_path_limit(), || {
+        let on_links = keys_on_links(cluster);
+        !before.iter().any(|k| *k != current && on_links.contains(k))
+    });
+    assert!(stale, "a key of before the rotations is still on a link");
+    assert!(keys_on_links(cluster).contains(&current));
+}
+
+/// After a killed rotation of `pod`: DEL succeeds, the link, the record and every key the
+/// record named are gone from every link of the cluster.
+fn is_cleanly_deleted(cluster: &Cluster, pod: &PodOn, keys: &[String]) {
+    cluster.cni(pod.node, "DEL", &pod.pod).ok();
+    let file = cluster.nodes[pod.node]
+        .store
+        .join(&cluster.network)
+        .join(&cluster.nodes[pod.node].name)
+        .join(format!("{}:eth0.json", pod.pod.id));
+    assert!(!file.exists(), "DEL left the record");
+    assert!(has_no_link(pod), "DEL left the link: {:?}", pod.pod.links());
+    let gone = wait_for(event_path_limit(), || {
+        let on_links = keys_on_links(cluster);
+        !keys.iter().any(|k| on_links.contains(k))
+    });
+    assert!(gone, "a key of the deleted pod is still on a link");
+}
+
+/// Issue 23: `wg-cni rotate` killed (SIGKILL) at every step of its sequence, and at random
+/// instants from outside: the pod stays deletable (DEL removes link, record and every key it
+/// had from every link), and a rotation run again finishes or starts afresh and leaves the
+/// pod reachable without any of its earlier keys on a link.
+#[test]
+fn a_rotation_killed_anywhere_leaves_the_pod_reachable_or_cleanly_deletable() {
+    use std::os::unix::process::ExitStatusExt;
+    let cluster = running(2);
+    let other = add(&cluster, 1);
+    for point in [
+        "rotate-locked",
+        "rotate-next-recorded",
+        "rotate-prepared",
+        "rotate-switched",
+        "rotate-recorded",
+        "rotate-told",
+    ] {
+        let (kept, deleted) = (add(&cluster, 0), add(&cluster, 0));
+        converge_all_pairs(&[&kept, &deleted, &other].map(|p| PodRef {
+            pod: &p.pod,
+            ip: &p.ip,
+        }));
+        let mut before = recorded_keys(&cluster, &kept);
+        for pod in [&kept, &deleted] {
+            let killed = cluster.rotate(0, &pod.pod, &[("WG_CNI_FAILPOINT", point)]);
+            assert_eq!(killed.status.signal(), Some(9), "{point}: not killed");
+        }
+        // With the next key the killed rotation recorded (and may have given holders).
+        before.extend(recorded_keys(&cluster, &kept));
+        let reachable = ping_once(&other.pod, &kept.ip);
+        println!("killed at {point}: reachable at once: {reachable}");
+        rotates_again_and_is_reachable(&cluster, &kept, &other, &before);
+        let keys = recorded_keys(&cluster, &deleted);
+        is_cleanly_deleted(&cluster, &deleted, &keys);
+        cluster.cni(0, "DEL", &kept.pod).ok();
+    }
+
+    // From outside, at random instants of a rotation (it takes milliseconds natively).
+    let pod = add(&cluster, 0);
+    converge_all_pairs(&[&pod, &other].map(|p| PodRef {
+        pod: &p.pod,
+        ip: &p.ip,
+    }));
+    let before = recorded_keys(&cluster, &pod);
+    let node = &cluster.nodes[0];
+    for round in 0..8u64 {
+        let mut child = Command::new(ip())
+            .args(["netns", "exec", &node.netns])
+            .arg(binary())
+            .args([
+                "rotate",
+                "--network",
+                &cluster.network,
+                "--node",
+                &node.name,
+            ])
+            .args(["--container", &pod.pod.id, "--ifname", "eth0"])
+            .arg("--store")
+            .arg(&node.store)
+            .arg("--cni-conf-dir")
+            .arg(&node.conf_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Spread over the rotation's few milliseconds and the process start before it.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
+        std::thread::sleep(Duration::from_micros((nanos ^ (round * 7919)) % 40_000));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    rotates_again_and_is_reachable(&cluster, &pod, &other, &before);
+    let keys = recorded_keys(&cluster, &pod);
+    is_cleanly_deleted(&cluster, &pod, &keys);
+    cluster.cni(1, "DEL", &other.pod).ok();
+}
