@@ -40,6 +40,9 @@ enum CliCommand {
         /// The node name records are filed under (the conflist's "nodeName"; default: host name).
         #[arg(long)]
         node: Option<String>,
+        /// Where the runtime's conflists are (for each network's `keyRotation`).
+        #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
     },
     /// Give a running pod link a fresh key without restarting the pod: the private key is made
     /// here from the OS RNG and handed to the link only; this node's links move to the new key
@@ -254,7 +257,14 @@ fn main() -> ExitCode {
             store,
             network,
             node,
-        } => show::run(&store, node.as_deref(), network.as_deref(), json),
+            cni_conf_dir,
+        } => show::run(
+            &store,
+            node.as_deref(),
+            network.as_deref(),
+            json,
+            &cni_conf_dir,
+        ),
         CliCommand::Rotate {
             store,
             network,

@@ -200,4 +200,29 @@ mod tests {
         let records = vec![record("a", "10.0.0.2/24", State::Ready), bad];
         assert!(peers_of(&records, "a", "eth0", None).is_empty());
     }
+
+    #[test]
+    fn a_rotations_keys_are_all_checked_and_never_published() {
+        let mut r = record("a", "10.0.0.2/32", State::Ready);
+        let next = KeyPair::generate().public().to_base64();
+        assert!(next_peer_of(&r, None).is_none());
+        r.next_public_key = Some(next.clone());
+        r.previous_public_key = Some(KeyPair::generate().public().to_base64());
+        assert_eq!(keys(&r).unwrap().len(), 3);
+        let prepared = next_peer_of(&r, Some(25)).unwrap();
+        assert_eq!(prepared.public_key.to_base64(), next);
+        assert!(
+            prepared.allowed_ips.is_empty(),
+            "the next key gets no address"
+        );
+        assert_eq!(prepared.endpoint, Some(r.endpoint_addr()));
+        let public = r.public();
+        assert!(public.next_public_key.is_none() && public.previous_public_key.is_none());
+        r.next_public_key = Some("not a key".into());
+        assert!(
+            keys(&r).is_err(),
+            "a bad second key makes the keys unreadable"
+        );
+        assert!(next_peer_of(&r, None).is_none());
+    }
 }

@@ -65,6 +65,50 @@ impl Node<'_> {
 
 /// Rotate the key of one attachment of this node.
 pub fn rotate(node: &Node, conf: &NetConf, container_id: &str, ifname: &str) -> Result<Rotated> {
+    let rotated = rotate_if(node, conf, container_id, ifname, |_| true)?;
+    Ok(rotated.expect("asked unconditionally"))
+}
+
+/// Finish the rotation a killed `wg-cni rotate` left (the record names a next key), or do
+/// nothing when none is left by the time the locks are held (the agent's repair: it must not
+/// rotate again a key a rotation it waited for just replaced).
+pub fn finish_killed(
+    node: &Node,
+    conf: &NetConf,
+    container_id: &str,
+    ifname: &str,
+) -> Result<Option<Rotated>> {
+    rotate_if(node, conf, container_id, ifname, |r| {
+        r.next_public_key.is_some()
+    })
+}
+
+/// When `record`'s key is due for rotation under `keyRotation` = `period` (Unix seconds): its
+/// age reaches the period less a spread of up to a tenth of it, fixed per attachment, so the
+/// pods of a node added together (or all rotated at one start) do not come due together.
+pub fn due_at(record: &Record, period: Duration) -> u64 {
+    let period = period.as_secs();
+    let spread = fnv1a(&[&record.container_id, ":", &record.ifname]) % (period / 10).max(1);
+    record.key_since() + period - spread
+}
+
+/// FNV-1a: a hash that stays the same across builds and processes (`show` and the agent
+/// compute the same due time).
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in parts.iter().flat_map(|p| p.bytes()) {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+fn rotate_if(
+    node: &Node,
+    conf: &NetConf,
+    container_id: &str,
+    ifname: &str,
+    wanted: impl Fn(&Record) -> bool,
+) -> Result<Option<Rotated>> {
     let started = std::time::Instant::now();
     let unknown = || {
         Error::UnknownContainer(format!(
@@ -77,6 +121,9 @@ pub fn rotate(node: &Node, conf: &NetConf, container_id: &str, ifname: &str) -> 
     let _attachment = store.attachment_lock(container_id, ifname)?;
     let _lock = store.lock()?;
     let record = store.get(container_id, ifname)?.ok_or_else(unknown)?;
+    if !wanted(&record) {
+        return Ok(None);
+    }
     let (pod, carried) = live_key(node, &record)?;
     failpoint::crash("rotate-locked");
     let view = NetworkView::read(&store, conf)?;
@@ -108,13 +155,13 @@ pub fn rotate(node: &Node, conf: &NetConf, container_id: &str, ifname: &str) -> 
     };
     let rotated = finish(node, &store, &view, switched, abandoned, &pod)?;
     tracing::info!(container = container_id, ifname, old = %old_key, new = %rotated.public_key, "key rotated");
-    Ok(Rotated {
+    Ok(Some(Rotated {
         container_id: container_id.to_string(),
         ifname: ifname.to_string(),
         old_key,
         new_key: rotated.public_key,
         took: started.elapsed(),
-    })
+    }))
 }
 
 /// Rotate every ready attachment of this node in the network, one after the other (each
@@ -290,5 +337,45 @@ fn tell_holders(node: &Node, store: &Store, view: &NetworkView, record: &Record,
     }
     if let Err(e) = reconcile::tell_gateway(&node.local(), view, update) {
         tracing::warn!(error = %e, "could not move the node gateway to the rotated key");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_times_spread_over_a_tenth_of_the_period_and_stay_put() {
+        let template: Record = serde_json::from_value(serde_json::json!({"schema": 1,
+            "state": "ready", "network": "n", "node": "a", "containerId": "c0",
+            "ifname": "eth0", "publicKey": "k", "addresses": ["10.0.0.2/32"],
+            "endpoint": "192.0.2.1", "listenPort": 52000, "bootId": "b", "hostName": "h",
+            "backend": "userspace", "mtu": 1420, "createdAt": 1000}))
+        .unwrap();
+        let day = Duration::from_secs(86_400);
+        let dues: Vec<u64> = (0..100)
+            .map(|i| {
+                let r = Record {
+                    container_id: format!("c{i}"),
+                    ..template.clone()
+                };
+                assert_eq!(due_at(&r, day), due_at(&r, day), "stable");
+                due_at(&r, day)
+            })
+            .collect();
+        assert!(
+            dues.iter()
+                .all(|d| (1000 + 86_400 - 8640..=1000 + 86_400).contains(d))
+        );
+        let distinct: std::collections::BTreeSet<_> = dues.iter().collect();
+        assert!(distinct.len() > 90, "pods added together come due apart");
+        let rotated = Record {
+            key_created_at: Some(5000),
+            ..template
+        };
+        assert!(
+            due_at(&rotated, day) > 5000 + 86_400 - 8640,
+            "counted from the key's time"
+        );
     }
 }

@@ -148,6 +148,8 @@ fn show(cluster: &Cluster, node: usize) -> Value {
         n.store.to_str().unwrap(),
         "--node",
         &n.name,
+        "--cni-conf-dir",
+        n.conf_dir.to_str().unwrap(),
     ]);
     let shown: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     shown["networks"][0].clone()
@@ -2863,4 +2865,53 @@ fn a_rotation_killed_anywhere_leaves_the_pod_reachable_or_cleanly_deletable() {
     let keys = recorded_keys(&cluster, &pod);
     is_cleanly_deleted(&cluster, &pod, &keys);
     cluster.cni(1, "DEL", &other.pod).ok();
+}
+
+/// Issue 23's `keyRotation`: the agent gives each pod a fresh key once its key is due (here
+/// every 10 s), the pods of one node at least a second apart; `wg-cni show` tells each key's
+/// age and next rotation; traffic goes on and the old keys leave every link.
+#[test]
+fn the_agent_rotates_keys_as_they_come_due() {
+    let mut cluster = Cluster::new(2);
+    cluster.peerings = vec![Some("mesh"); 2];
+    cluster
+        .extra
+        .insert("keyRotation".into(), Value::from("10s"));
+    cluster.write_conflists();
+    cluster.start_agents();
+    let pods = [add(&cluster, 0), add(&cluster, 0), add(&cluster, 1)];
+    let refs = pods.each_ref().map(|p| PodRef {
+        pod: &p.pod,
+        ip: &p.ip,
+    });
+    converge_all_pairs(&refs);
+    let first: Vec<String> = pods.iter().map(|p| public_key_of(&cluster, p)).collect();
+    let shown = peer_keys(&cluster, 0);
+    for a in &shown {
+        let (age, next) = (a["keyAgeSeconds"].as_u64(), a["nextRotation"].as_u64());
+        let since = a["keyCreatedAt"].as_u64().unwrap();
+        assert!(age.is_some_and(|age| age < 15), "{a}");
+        assert_eq!(next, Some(since + 10), "{a}");
+    }
+    let limit = Duration::from_secs(10) + event_path_limit() * 2;
+    let rotated = wait_for(limit, || {
+        pods.iter()
+            .zip(&first)
+            .all(|(p, key)| public_key_of(&cluster, p) != *key)
+    });
+    assert!(rotated, "not every key was rotated within {limit:?}");
+    let since: Vec<u64> = pods[..2]
+        .iter()
+        .map(|p| record_of(&cluster, p)["keyCreatedAt"].as_u64().unwrap())
+        .collect();
+    assert_ne!(since[0], since[1], "two pods of a node rotated at once");
+    converge_all_pairs(&refs);
+    let gone = wait_for(event_path_limit(), || {
+        let on_links = keys_on_links(&cluster);
+        !first.iter().any(|k| on_links.contains(k))
+    });
+    assert!(gone, "a key of before the rotations is still on a link");
+    for p in &pods {
+        cluster.cni(p.node, "DEL", &p.pod).ok();
+    }
 }

@@ -406,6 +406,35 @@ mod tests {
         assert_eq!(delta.peers.upsert.len(), 1);
         assert!(delta.peers.upsert[0].moved && !delta.peers.upsert[0].new);
     }
+
+    #[test]
+    fn a_second_key_in_a_remote_record_plants_nothing() {
+        // A rotation's next key is local only (never published): a node that writes one
+        // naming another pod's key gets no peer for it, and the victim's peer stays as it is.
+        let mut index = Index::new(None, Peering::Mesh, SharedDirectory::default());
+        let victim_key = KeyPair::generate().public().to_base64();
+        let victim = record_with_key("n2", "v", "10.0.2.2/32", "192.0.2.2", &victim_key);
+        index.update(trusted(&[("n2", &victim)]));
+        let (file, body) = record("n3", "x", "10.0.3.2/32", "192.0.2.3");
+        let mut forged: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        forged["nextPublicKey"] = victim_key.clone().into();
+        forged["previousPublicKey"] = victim_key.clone().into();
+        let forged = (file, serde_json::to_vec(&forged).unwrap());
+        let delta = index.update(trusted(&[("n3", &forged)]));
+        assert_eq!(
+            delta.peers.upsert.len(),
+            1,
+            "the forged record's own key only"
+        );
+        let upsert = &delta.peers.upsert[0].peer;
+        assert_ne!(upsert.public_key.to_base64(), victim_key);
+        assert_eq!(upsert.allowed_ips, vec!["10.0.3.2/32".parse().unwrap()]);
+        assert!(delta.peers.remove.is_empty());
+        let directory = index.directory();
+        let directory = directory.read().unwrap();
+        let key = Key::from_base64(&victim_key).unwrap();
+        assert_eq!(directory.by_key(&key).unwrap().node, "n2");
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ mod mirror_files;
 mod network;
 mod publish;
 mod reconciler;
+mod rotator;
 pub mod subnet;
 mod supervisor;
 pub mod template;
@@ -171,6 +172,7 @@ async fn run_async(
     let (flows, relayed) = std::sync::mpsc::sync_channel(FLOW_QUEUE);
     let directories = Arc::new(directory::Directories::new(flows.clone()));
     direct::spawn(&settings, directories.clone(), relayed)?;
+    rotator::spawn(&settings)?;
     watch_relayed_flows(flows)?;
     let mut supervisor = supervisor::Supervisor::new(
         settings.clone(),

@@ -425,8 +425,8 @@ impl NetConf {
 }
 
 /// The shortest `keyRotation`: a rotation costs every holder of the key a write, and remote
-/// holders learn the new key through etcd.
-const MIN_KEY_ROTATION: std::time::Duration = std::time::Duration::from_secs(60);
+/// holders learn the new key through etcd (which takes well under a second).
+const MIN_KEY_ROTATION: std::time::Duration = std::time::Duration::from_secs(10);
 /// The longest: a year.
 const MAX_KEY_ROTATION: std::time::Duration = std::time::Duration::from_secs(366 * 86_400);
 
@@ -455,7 +455,7 @@ fn parse_key_rotation(text: &str, cluster_range: &[IpNetwork]) -> Result<std::ti
         .ok_or_else(|| {
             Error::config(
                 "keyRotation",
-                format!("\"{text}\" must be a period between 1m and 366d: a number and s, m, h or d, e.g. \"24h\""),
+                format!("\"{text}\" must be a period between 10s and 366d: a number and s, m, h or d, e.g. \"24h\""),
             )
         })?;
     if cluster_range.is_empty() {
@@ -787,6 +787,42 @@ mod tests {
             assert_eq!(e.code(), 7, "{field}={value}");
             assert!(e.to_string().contains(field), "{e}");
         }
+    }
+
+    #[test]
+    fn key_rotation_is_a_period_of_the_agents_networks() {
+        let mut v = base();
+        v["clusterRange"] = "10.66.0.0/16".into();
+        assert_eq!(parse(&v).unwrap().key_rotation, None, "off by default");
+        for (text, seconds) in [("24h", 86_400), ("10s", 10), ("90m", 5400), ("7d", 604_800)] {
+            v["keyRotation"] = text.into();
+            let period = parse(&v).unwrap().key_rotation;
+            assert_eq!(
+                period,
+                Some(std::time::Duration::from_secs(seconds)),
+                "{text}"
+            );
+        }
+        for bad in [
+            json!("9s"),
+            json!("367d"),
+            json!("24"),
+            json!("h"),
+            json!("1.5h"),
+            json!(24),
+        ] {
+            v["keyRotation"] = bad.clone();
+            let e = parse(&v).unwrap_err();
+            assert_eq!(e.code(), 7, "{bad}");
+            assert!(e.to_string().contains("keyRotation"), "{e}");
+        }
+        // Without clusterRange no agent serves the network: nobody would rotate.
+        let e = field_error("keyRotation", "24h".into());
+        assert_eq!(e.code(), 7);
+        assert!(
+            e.to_string().contains("keyRotation") && e.to_string().contains("clusterRange"),
+            "{e}"
+        );
     }
 
     #[test]
