@@ -2638,7 +2638,7 @@ fn a_rotation_under_traffic(cluster: Cluster, on_demand: bool) {
         String::from_utf8_lossy(&rotated.stderr)
     );
     let took = started.elapsed();
-    std::thread::sleep(rotation_gap_limit() * 6);
+    std::thread::sleep(rotation_gap_limit() * 2 + Duration::from_secs(2));
     let (ping_gap, stream_gap) = traffic.stop(started - Duration::from_millis(500));
     let record = record_of(&cluster, &a);
     let new_key = record["publicKey"].as_str().unwrap().to_string();

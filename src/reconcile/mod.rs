@@ -242,6 +242,7 @@ impl NetworkView {
                 }
             })
             .collect();
+        // Mesh: the other local pods' next keys (on-demand, local pods meet at the gateway).
         peers.extend(self.next_keys(|r| {
             self.meshed_with(&r.node) && !r.is_attachment(&me.container_id, &me.ifname)
         }));
@@ -293,8 +294,10 @@ impl NetworkView {
                 None => gateway::peer_for_remote_pods(gw, self.keepalive).ok(),
             }
         });
-        let next_keys = self.next_keys(|r| r.node == self.node || self.meshed_with(&r.node));
-        pods.chain(next_keys).chain(gateways).collect()
+        // The gateway holds every local pod: it learns their next keys too.
+        pods.chain(self.next_keys(|_| true))
+            .chain(gateways)
+            .collect()
     }
 
     /// The next keys of this node's ready pods that `which` selects, while `wg-cni rotate`
