@@ -322,13 +322,24 @@ fn is_local_peer(view: &NetworkView, key: &Key) -> bool {
             .any(|r| r.node == view.node && r.public_key == text)
 }
 
-/// Send `update` to this node's holders of `record`'s key: the node gateway, and in mesh mode
-/// the other local pod links. A link that refuses is noted for the next command's resync (as
-/// ADD's and DEL's fan-outs do); the gateway's refusal is logged (the agent's resync repairs it).
+/// Send `update` to this node's holders of `record`'s key: the node gateway, and the other
+/// local pod links: in mesh mode all of it; on-demand only its removals (a local pod that held
+/// the pod as a direct peer drops the old key, its pair goes back to the relay and is promoted
+/// again under the new key; one that did not hold it ignores the removal). A link that refuses
+/// is noted for the next command's resync (as ADD's and DEL's fan-outs do); the gateway's
+/// refusal is logged (the agent's resync repairs it).
 fn tell_holders(node: &Node, store: &Store, view: &NetworkView, record: &Record, update: &Update) {
-    if view.peering == Peering::Mesh {
+    let removals = Update {
+        remove_peers: update.remove_peers.clone(),
+        ..Update::default()
+    };
+    let to_pods = match view.peering {
+        Peering::Mesh => Some(update),
+        Peering::OnDemand => Some(&removals).filter(|u| !u.remove_peers.is_empty()),
+    };
+    if let Some(to_pods) = to_pods {
         let others = |r: &Record| !r.is_attachment(&record.container_id, &record.ifname);
-        let refused = reconcile::tell_local_pods(&node.local(), view, others, update);
+        let refused = reconcile::tell_local_pods(&node.local(), view, others, to_pods);
         if !refused.is_empty()
             && let Err(e) = store.note_out_of_step(&refused)
         {
