@@ -14,8 +14,9 @@
 //!    both agents promote it again under the new key when traffic flows);
 //! 4. the record names the new key (`publicKey`, `previousPublicKey` = the old one); the node
 //!    agent publishes it, and other nodes move their links to it as for any record change;
-//! 5. the local holders route the pod's addresses to the new key and drop the old one; the pod
-//!    starts handshakes with them at once.
+//! 5. the local holders route the pod's addresses to the new key and drop the old one (on-demand:
+//!    the gateway, and the local pods that held it as a direct peer drop it); the pod starts
+//!    handshakes with them at once.
 //!
 //! Killed anywhere (`kill -9`), the pod stays deletable (DEL and GC accept either key and
 //! withdraw all of them), and reachable unless the kill fell between 3 and 5; running the
