@@ -70,9 +70,10 @@ pub fn rotate(node: &Node, conf: &NetConf, container_id: &str, ifname: &str) -> 
     Ok(rotated.expect("asked unconditionally"))
 }
 
-/// Finish the rotation a killed `wg-cni rotate` left (the record names a next key), or do
-/// nothing when none is left by the time the locks are held (the agent's repair: it must not
-/// rotate again a key a rotation it waited for just replaced).
+/// Finish the rotation a killed `wg-cni rotate` left (the record names a next key): one killed
+/// after its switch is completed, one killed before it is done afresh (its next key died with
+/// it). Nothing when no next key is left by the time the locks are held (the agent's repair:
+/// it must not rotate again a key that a rotation it waited for just replaced).
 pub fn finish_killed(
     node: &Node,
     conf: &NetConf,
