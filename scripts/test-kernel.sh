@@ -2,7 +2,7 @@
 # Runs the integration suites inside a QEMU guest booted from Debian's kernel, which has the
 # wireguard module this host lacks. Backend "kernel" runs every suite (plugin, gateway,
 # hardening, bad input, security, the kill -9 part of abuse at a tenth of its rounds (TCG is
-# slow), six cross-node tests of multinode with etcd inside the guest, and flows: NFLOG and
+# slow), ten cross-node tests of multinode with etcd inside the guest, and flows: NFLOG and
 # ctnetlink on Debian's kernel); backend "auto"
 # (which must pick the kernel there) runs plugin and gateway.
 # The same test executables as on the host; only WG_CNI_TEST_BACKEND differs. Tests of the
