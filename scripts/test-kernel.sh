@@ -2,7 +2,7 @@
 # Runs the integration suites inside a QEMU guest booted from Debian's kernel, which has the
 # wireguard module this host lacks. Backend "kernel" runs every suite (plugin, gateway,
 # hardening, bad input, security, the kill -9 part of abuse at a tenth of its rounds (TCG is
-# slow), six cross-node tests of multinode with etcd inside the guest, and flows: NFLOG and
+# slow), ten cross-node tests of multinode with etcd inside the guest, and flows: NFLOG and
 # ctnetlink on Debian's kernel); backend "auto"
 # (which must pick the kernel there) runs plugin and gateway.
 # The same test executables as on the host; only WG_CNI_TEST_BACKEND differs. Tests of the
@@ -95,7 +95,11 @@ for name in "${names[@]}"; do
       killing_an_agent_does_not_cut_its_pods_off pods_without_a_host_gateway_reach_pods_on_other_nodes \
       the_agents_memory_holds_no_pod_private_key_after_10_resyncs_and_scrapes \
       on_demand_pods_talk_through_the_gateway_relay \
-      on_demand_pairs_go_direct_when_traffic_flows_and_back_when_idle ;;
+      on_demand_pairs_go_direct_when_traffic_flows_and_back_when_idle \
+      a_rotation_in_mesh_mode_keeps_traffic_flowing \
+      a_rotation_of_a_direct_on_demand_pair_keeps_traffic_flowing \
+      a_rotation_killed_anywhere_leaves_the_pod_reachable_or_cleanly_deletable \
+      the_agent_rotates_keys_as_they_come_due ;;
     # Not in the default list (WG_CNI_VM_SUITES=flood): the handshake floods scaled down,
     # figures only, printed (libtest's RUST_TEST_NOCAPTURE): the figures are the point.
     flood) counted_run kernel flood RUST_TEST_NOCAPTURE=1 -- handshake_floods_with_a_valid_mac1 ;;

@@ -457,7 +457,7 @@ pub fn destroy(host: &Netns, gateway: &GatewayRecord) -> Result<()> {
     converge_relay_watch(gateway, &[], &relay_watch_rules(gateway));
     node_paths::remove_rules(host, &gateway.host_name)?;
     let key = key_of(&gateway.public_key)?;
-    wireguard::backend(gateway.backend).destroy(&gateway.link(host), &key, host)
+    wireguard::backend(gateway.backend).destroy(&gateway.link(host), &[key], host)
 }
 
 /// The network's last local attachment is gone: so is the gateway, unless the node agent

@@ -24,6 +24,7 @@ pub mod node_paths;
 pub mod ports;
 pub mod readiness;
 pub mod reconcile;
+pub mod rotate;
 pub mod show;
 pub mod store;
 pub mod uninstall;

@@ -40,6 +40,36 @@ enum CliCommand {
         /// The node name records are filed under (the conflist's "nodeName"; default: host name).
         #[arg(long)]
         node: Option<String>,
+        /// Where the runtime's conflists are (for each network's `keyRotation`).
+        #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+    },
+    /// Give a running pod link a fresh key without restarting the pod: the private key is made
+    /// here from the OS RNG and handed to the link only; this node's links move to the new key
+    /// at once, other nodes' through their agents. Prints the old and new public keys.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["container", "all"])))]
+    Rotate {
+        /// The key store root (the conflist's "store").
+        #[arg(long, value_name = "DIR", default_value = cni::config::DEFAULT_STORE)]
+        store: PathBuf,
+        /// The network (its conflist, in --cni-conf-dir, says how its pods peer).
+        #[arg(long)]
+        network: String,
+        /// The node name records are filed under (the conflist's "nodeName"; default: host name).
+        #[arg(long)]
+        node: Option<String>,
+        /// The attachment's container ID (as `wg-cni show` lists it).
+        #[arg(long, requires = "ifname")]
+        container: Option<String>,
+        /// The attachment's interface name in the pod.
+        #[arg(long)]
+        ifname: Option<String>,
+        /// Every ready attachment of the network on this node, one after the other.
+        #[arg(long, conflicts_with_all = ["container", "ifname"])]
+        all: bool,
+        /// Where the runtime's conflists are.
+        #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
     },
     /// Copy this binary, and wg-cni-wgd where it sits beside it, into the host's CNI bin dir:
     /// a temp file in that dir, fsynced, renamed over the old one. Identical ones stay as they
@@ -95,6 +125,68 @@ fn exec_agent(args: Vec<std::ffi::OsString>) -> cni::Result<()> {
         context: format!("running {} (install it beside wg-cni)", agent.display()),
         source: error,
     })
+}
+
+struct RotateArgs {
+    store: PathBuf,
+    network: String,
+    node: Option<String>,
+    /// (container ID, ifname); `None`: every attachment of the node.
+    attachment: Option<(String, String)>,
+    cni_conf_dir: PathBuf,
+}
+
+/// `wg-cni rotate`: the network's conflist says how its pods peer; one line per attachment
+/// with its old and new public keys (public keys only).
+fn rotate(args: RotateArgs) -> cni::Result<()> {
+    let networks = wg_cni::agent::config::read_networks(&args.cni_conf_dir, &args.store)
+        .map_err(|e| cni::Error::config("--cni-conf-dir", format!("{e:#}")))?;
+    let conf = networks
+        .into_iter()
+        .find(|n| n.name == args.network)
+        .map(|n| n.conf)
+        .ok_or_else(|| {
+            cni::Error::config(
+                "--network",
+                format!(
+                    "no conflist in {} names network \"{}\" with store {}",
+                    args.cni_conf_dir.display(),
+                    args.network,
+                    args.store.display()
+                ),
+            )
+        })?;
+    let name = wg_cni::host::node_name(args.node.as_deref().or(conf.node_name.as_deref()))?;
+    let boot_id = wg_cni::host::boot_id()?;
+    let host = wg_cni::netns::Netns::host()?;
+    let node = wg_cni::rotate::Node {
+        name: &name,
+        boot_id: &boot_id,
+        host: &host,
+    };
+    let outcomes = match &args.attachment {
+        Some((container, ifname)) => {
+            let rotated = wg_cni::rotate::rotate(&node, &conf, container, ifname);
+            vec![(container.clone(), ifname.clone(), rotated)]
+        }
+        None => wg_cni::rotate::rotate_all(&node, &conf),
+    };
+    let mut failed = None;
+    for (container, ifname, outcome) in outcomes {
+        match outcome {
+            Ok(r) => println!(
+                "rotated {container}/{ifname}: {} -> {} ({} ms)",
+                r.old_key,
+                r.new_key,
+                r.took.as_millis()
+            ),
+            Err(e) => {
+                eprintln!("wg-cni: {container}/{ifname} not rotated: {e}");
+                failed = Some(e);
+            }
+        }
+    }
+    failed.map_or(Ok(()), Err)
 }
 
 fn install(bin_dir: &std::path::Path) -> cni::Result<()> {
@@ -165,7 +257,29 @@ fn main() -> ExitCode {
             store,
             network,
             node,
-        } => show::run(&store, node.as_deref(), network.as_deref(), json),
+            cni_conf_dir,
+        } => show::run(
+            &store,
+            node.as_deref(),
+            network.as_deref(),
+            json,
+            &cni_conf_dir,
+        ),
+        CliCommand::Rotate {
+            store,
+            network,
+            node,
+            container,
+            ifname,
+            all,
+            cni_conf_dir,
+        } => rotate(RotateArgs {
+            store,
+            network,
+            node,
+            attachment: container.zip(ifname).filter(|_| !all),
+            cni_conf_dir,
+        }),
         CliCommand::Install { cni_bin_dir } => install(&cni_bin_dir),
         CliCommand::Uninstall {
             store,

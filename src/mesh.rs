@@ -18,6 +18,38 @@ pub fn public_key(record: &Record) -> Result<Key> {
     })
 }
 
+/// Every key of `record` (`Record::keys`: the current one, and a rotation's next or previous
+/// one), each checked like the first: one that is not a WireGuard key makes the record's keys
+/// unreadable, so nothing is proven by it.
+pub fn keys(record: &Record) -> Result<Vec<Key>> {
+    record
+        .keys()
+        .map(|text| {
+            Key::from_base64(text).map_err(|_| {
+                Error::decode(
+                    format!("store record of {}/{}", record.container_id, record.ifname),
+                    "a key (\"publicKey\", \"nextPublicKey\" or \"previousPublicKey\") is not a base64 WireGuard key",
+                )
+            })
+        })
+        .collect()
+}
+
+/// The peer other local links hold for `record`'s next key while a rotation is under way:
+/// key and endpoint, no addresses (the pod's addresses stay with its current key until the
+/// switch), so the pod's first handshake under the new key is answered at once. `None`
+/// without a (readable, distinct) next key.
+pub fn next_peer_of(record: &Record, keepalive: Option<u16>) -> Option<Peer> {
+    let next = Key::from_base64(record.next_public_key.as_deref()?).ok()?;
+    (next.to_base64() != record.public_key).then(|| Peer {
+        public_key: next,
+        endpoint: Some(record.endpoint_addr()),
+        allowed_ips: Vec::new(),
+        keepalive,
+        preshared_key: None,
+    })
+}
+
 pub fn peer_of(record: &Record, keepalive: Option<u16>) -> Result<Peer> {
     Ok(Peer {
         public_key: public_key(record)?,
@@ -128,6 +160,9 @@ mod tests {
             ifname: "eth0".into(),
             pod: None,
             public_key: KeyPair::generate().public().to_base64(),
+            next_public_key: None,
+            previous_public_key: None,
+            key_created_at: None,
             addresses: vec![ip.parse().unwrap()],
             endpoint: "127.0.0.1".parse().unwrap(),
             listen_port: 52000,
@@ -164,5 +199,30 @@ mod tests {
         bad.public_key = "garbage".into();
         let records = vec![record("a", "10.0.0.2/24", State::Ready), bad];
         assert!(peers_of(&records, "a", "eth0", None).is_empty());
+    }
+
+    #[test]
+    fn a_rotations_keys_are_all_checked_and_never_published() {
+        let mut r = record("a", "10.0.0.2/32", State::Ready);
+        let next = KeyPair::generate().public().to_base64();
+        assert!(next_peer_of(&r, None).is_none());
+        r.next_public_key = Some(next.clone());
+        r.previous_public_key = Some(KeyPair::generate().public().to_base64());
+        assert_eq!(keys(&r).unwrap().len(), 3);
+        let prepared = next_peer_of(&r, Some(25)).unwrap();
+        assert_eq!(prepared.public_key.to_base64(), next);
+        assert!(
+            prepared.allowed_ips.is_empty(),
+            "the next key gets no address"
+        );
+        assert_eq!(prepared.endpoint, Some(r.endpoint_addr()));
+        let public = r.public();
+        assert!(public.next_public_key.is_none() && public.previous_public_key.is_none());
+        r.next_public_key = Some("not a key".into());
+        assert!(
+            keys(&r).is_err(),
+            "a bad second key makes the keys unreadable"
+        );
+        assert!(next_peer_of(&r, None).is_none());
     }
 }

@@ -12,16 +12,25 @@ use crate::host;
 use crate::store::{self, DirectActivity, PeerActivity, Record, Store};
 use crate::wireguard;
 
+/// `cni_conf_dir`: where the networks' conflists are, for their `keyRotation` (next rotation
+/// times); unreadable, no next rotation is shown.
 pub fn run(
     store_root: &Path,
     node: Option<&str>,
     network: Option<&str>,
     as_json: bool,
+    cni_conf_dir: &Path,
 ) -> Result<()> {
     let node = host::node_name(node)?;
     let boot_id = host::boot_id()?;
     let host = crate::netns::Netns::host()?;
     let networks = list_networks(store_root, network);
+    let rotations: BTreeMap<String, std::time::Duration> =
+        crate::agent::config::read_networks(cni_conf_dir, store_root)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|n| Some((n.name, n.conf.key_rotation?)))
+            .collect();
     let mut out = Vec::new();
     for name in networks {
         let Some(store) = Store::open_existing(store_root, &name, &node)? else {
@@ -32,7 +41,7 @@ pub fn run(
         let attachments: Vec<Value> = store
             .node_records()?
             .iter()
-            .map(|r| attachment(r, &kinds, &activity))
+            .map(|r| attachment(r, &kinds, &activity, rotations.get(&name).copied()))
             .collect();
         let gateway = store.gateway()?.map(|gw| {
             let live = gw.boot_id == boot_id && crate::gateway::is_live(&host, &gw);
@@ -139,7 +148,12 @@ impl PeerKinds {
     }
 }
 
-fn attachment(record: &Record, kinds: &PeerKinds, activity: &DirectActivity) -> Value {
+fn attachment(
+    record: &Record,
+    kinds: &PeerKinds,
+    activity: &DirectActivity,
+    key_rotation: Option<std::time::Duration>,
+) -> Value {
     let mut value = json!({
         "containerId": record.container_id,
         "ifname": record.ifname,
@@ -148,6 +162,12 @@ fn attachment(record: &Record, kinds: &PeerKinds, activity: &DirectActivity) -> 
         "state": record.state,
         "addresses": record.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "publicKey": record.public_key,
+        "keyCreatedAt": record.key_since(),
+        "keyAgeSeconds": host::now_unix().saturating_sub(record.key_since()),
+        // Unix seconds, when the network has `keyRotation` (the agent rotates then).
+        "nextRotation": key_rotation.map(|period| crate::rotate::due_at(record, period)),
+        // A rotation is under way, or was killed midway (`wg-cni rotate` finishes it).
+        "rotating": record.next_public_key.is_some(),
         "listenPort": record.listen_port,
         "endpoint": record.endpoint.to_string(),
         "backend": record.backend,
@@ -303,7 +323,22 @@ fn print_table(networks: &[Value]) {
                 a["backend"].as_str().unwrap_or(""),
                 a["state"].as_str().unwrap_or(""),
             );
-            println!("    public key: {}", a["publicKey"].as_str().unwrap_or(""));
+            let next = match a["nextRotation"].as_u64() {
+                Some(at) => format!(
+                    "next rotation in {}",
+                    human_seconds(at.saturating_sub(host::now_unix()))
+                ),
+                None => "no keyRotation".into(),
+            };
+            let rotating = match a["rotating"] == true {
+                true => "  ROTATING (a rotation under way, or killed: `wg-cni rotate` finishes it)",
+                false => "",
+            };
+            println!(
+                "    public key: {}  key age {}, {next}{rotating}",
+                a["publicKey"].as_str().unwrap_or(""),
+                human_seconds(a["keyAgeSeconds"].as_u64().unwrap_or(0)),
+            );
             if let Some(error) = a["error"].as_str() {
                 println!("    link: {error}");
             }
@@ -344,5 +379,24 @@ fn print_table(networks: &[Value]) {
                 );
             }
         }
+    }
+}
+
+/// `90061` → `1d 1h 1m 1s`, leaving out zero parts (`0s` for zero).
+fn human_seconds(seconds: u64) -> String {
+    let parts = [
+        (seconds / 86_400, "d"),
+        (seconds % 86_400 / 3600, "h"),
+        (seconds % 3600 / 60, "m"),
+        (seconds % 60, "s"),
+    ];
+    let shown: Vec<String> = parts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect();
+    match shown.is_empty() {
+        true => "0s".into(),
+        false => shown.join(" "),
     }
 }

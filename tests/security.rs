@@ -27,33 +27,6 @@ fn private_key_of(pod: Option<&Pod>, host_name: &str) -> String {
     key
 }
 
-fn forms_of(base64_key: &str) -> Vec<Vec<u8>> {
-    let key = wireguard_control::Key::from_base64(base64_key).unwrap();
-    let hex: String = key.0.iter().map(|b| format!("{b:02x}")).collect();
-    vec![
-        base64_key.as_bytes().to_vec(),
-        hex.into_bytes(),
-        key.0.to_vec(),
-    ]
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if entry.file_type().unwrap().is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
 fn call_traced(command: &str, pod: &Pod, conf: &Value) -> CniOutput {
     let path = plugin_dir();
     cni_raw(

@@ -36,7 +36,14 @@ pub struct Directory {
     changed: Vec<Key>,
     /// More changes than `CHANGED_MAX` came: the promoter checks every pair instead.
     changed_overflow: bool,
+    /// Wakes the promoter when keys changed (`wake_if_changed`): a direct peer whose remote
+    /// pod left or took a new key (a rotation) must go at once, not at the promoter's next
+    /// poll up to a second later, while the pair's packets are dropped.
+    waker: Option<Waker>,
 }
+
+/// What wakes the promoter thread (its event channel).
+pub type Waker = std::sync::mpsc::SyncSender<crate::agent::direct::Event>;
 
 /// Changed keys kept for the promoter; beyond, it checks all its pairs.
 const CHANGED_MAX: usize = 4096;
@@ -63,6 +70,25 @@ impl Directory {
     /// The network's records were listed in full (the index holds them all).
     pub fn mark_complete(&mut self) {
         self.complete = true;
+    }
+
+    /// Empty again (a restarted network loop lists anew), still waking the same promoter.
+    pub fn clear(&mut self) {
+        let waker = self.waker.take();
+        *self = Directory {
+            waker,
+            ..Directory::default()
+        };
+    }
+
+    /// Wake the promoter if keys changed since it last took them.
+    pub fn wake_if_changed(&self) {
+        if let Some(waker) = &self.waker
+            && (self.changed_overflow || !self.changed.is_empty())
+        {
+            // Full: it is awake already, and takes every change when it looks.
+            let _ = waker.try_send(crate::agent::direct::Event::DirectoryChanged);
+        }
     }
 
     /// The keys changed since the last call, or `None` when too many did to keep (check all).
@@ -119,14 +145,31 @@ impl Directory {
     }
 }
 
-/// Every served network's directory, shared by the network loops (writers) and the promoter.
+/// Every served network's directory, shared by the network loops (writers) and the promoter,
+/// which each directory wakes when it changed.
 #[derive(Default)]
-pub struct Directories(Mutex<HashMap<String, SharedDirectory>>);
+pub struct Directories {
+    all: Mutex<HashMap<String, SharedDirectory>>,
+    waker: Option<Waker>,
+}
 
 impl Directories {
+    pub fn new(waker: Waker) -> Directories {
+        Directories {
+            all: Mutex::default(),
+            waker: Some(waker),
+        }
+    }
+
     pub fn of(&self, network: &str) -> SharedDirectory {
-        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(all.entry(network.to_string()).or_default())
+        let mut all = self.all.lock().unwrap_or_else(|p| p.into_inner());
+        let directory = all.entry(network.to_string()).or_insert_with(|| {
+            Arc::new(RwLock::new(Directory {
+                waker: self.waker.clone(),
+                ..Directory::default()
+            }))
+        });
+        Arc::clone(directory)
     }
 }
 

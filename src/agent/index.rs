@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use wireguard_control::Key;
 
-use super::directory::{Directory, RemotePod, SharedDirectory};
+use super::directory::{RemotePod, SharedDirectory};
 use super::mirror::NODE_FILE;
 use crate::cni::Peering;
 use crate::gateway;
@@ -90,7 +90,7 @@ impl Index {
 
     /// An empty index; `directory` is emptied with it (a restarted loop lists anew).
     pub fn new(keepalive: Option<u16>, peering: Peering, directory: SharedDirectory) -> Index {
-        *directory.write().unwrap_or_else(|p| p.into_inner()) = Directory::default();
+        directory.write().unwrap_or_else(|p| p.into_inner()).clear();
         Index {
             keepalive,
             peering,
@@ -231,6 +231,7 @@ impl PodChanges {
         for (node, stale) in &self.stale {
             directory.set_stale(node, *stale);
         }
+        directory.wake_if_changed();
     }
 }
 
@@ -418,6 +419,35 @@ mod tests {
         let delta = index.update(trusted(&[("n2", &a2), ("n2", &node_file(true))]));
         assert_eq!(delta.keys_changed, 1);
         assert_eq!(delta.peers.remove.len(), 1);
+    }
+
+    #[test]
+    fn a_second_key_in_a_remote_record_plants_nothing() {
+        // A rotation's next key is local only (never published): a node that writes one
+        // naming another pod's key gets no peer for it, and the victim's peer stays as it is.
+        let mut index = Index::new(None, Peering::Mesh, SharedDirectory::default());
+        let victim_key = KeyPair::generate().public().to_base64();
+        let victim = record_with_key("n2", "v", "10.0.2.2/32", "192.0.2.2", &victim_key);
+        index.update(trusted(&[("n2", &victim)]));
+        let (file, body) = record("n3", "x", "10.0.3.2/32", "192.0.2.3");
+        let mut forged: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        forged["nextPublicKey"] = victim_key.clone().into();
+        forged["previousPublicKey"] = victim_key.clone().into();
+        let forged = (file, serde_json::to_vec(&forged).unwrap());
+        let delta = index.update(trusted(&[("n3", &forged)]));
+        assert_eq!(
+            delta.peers.upsert.len(),
+            1,
+            "the forged record's own key only"
+        );
+        let upsert = &delta.peers.upsert[0].peer;
+        assert_ne!(upsert.public_key.to_base64(), victim_key);
+        assert_eq!(upsert.allowed_ips, vec!["10.0.3.2/32".parse().unwrap()]);
+        assert!(delta.peers.remove.is_empty());
+        let directory = index.directory();
+        let directory = directory.read().unwrap();
+        let key = Key::from_base64(&victim_key).unwrap();
+        assert_eq!(directory.by_key(&key).unwrap().node, "n2");
     }
 }
 

@@ -307,11 +307,12 @@ impl LinkSync {
     }
 
     /// Under the lock: the record of `listed` and its pod's namespace, if it is still there,
-    /// still ready, still with the same key, and its namespace still the recorded one.
+    /// still ready, still the same link (the same key, or one a rotation replaced it with
+    /// meanwhile: a rotation changes no peer), and its namespace still the recorded one.
     fn still_live(&self, store: &Store, listed: &Record) -> Result<Option<(Record, Netns)>> {
         let current = store.get(&listed.container_id, &listed.ifname)?;
         Ok(current
-            .filter(|c| c.state == State::Ready && c.public_key == listed.public_key)
+            .filter(|c| c.state == State::Ready && c.keys().any(|k| k == listed.public_key))
             .and_then(|c| c.live_netns(None).map(|pod| (c, pod))))
     }
 

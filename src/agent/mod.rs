@@ -27,6 +27,7 @@ mod mirror_files;
 mod network;
 mod publish;
 mod reconciler;
+mod rotator;
 mod server;
 pub mod subnet;
 mod supervisor;
@@ -108,7 +109,7 @@ pub fn run_until(
 /// Feed the promoter what the gateways' relay watch logs (`nat::relay_watch_rules`), on a
 /// thread of its own in this namespace. Without the log (the group taken, no nfnetlink_log)
 /// pairs stay relayed: said in the log, tried again.
-fn watch_relayed_flows(flows: std::sync::mpsc::SyncSender<direct::Flow>) -> Result<()> {
+fn watch_relayed_flows(flows: std::sync::mpsc::SyncSender<direct::Event>) -> Result<()> {
     std::thread::Builder::new()
         .name("relay-watch".into())
         .spawn(move || {
@@ -124,12 +125,12 @@ fn watch_relayed_flows(flows: std::sync::mpsc::SyncSender<direct::Flow>) -> Resu
                 loop {
                     match watch.recv() {
                         Ok(flow) => {
-                            let flow = direct::Flow {
+                            let flow = direct::Event::Flow(direct::Flow {
                                 gateway: flow.prefix,
                                 src: flow.src,
                                 dst: flow.dst,
                                 seen: std::time::Instant::now(),
-                            };
+                            });
                             match flows.try_send(flow) {
                                 Ok(()) | Err(std::sync::mpsc::TrySendError::Full(_)) => {}
                                 Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
@@ -191,14 +192,15 @@ async fn run_async(
 
     let reconciler =
         reconciler::Reconciler::spawn(settings.node.clone(), reconciler, status.clone())?;
-    let directories = Arc::new(directory::Directories::default());
     let (flows, relayed) = std::sync::mpsc::sync_channel(FLOW_QUEUE);
+    let directories = Arc::new(directory::Directories::new(flows.clone()));
     direct::spawn(
         &settings,
         directories.clone(),
         relayed,
         status.counters.clone(),
     )?;
+    rotator::spawn(&settings)?;
     watch_relayed_flows(flows)?;
     let mut supervisor = supervisor::Supervisor::new(
         settings.clone(),

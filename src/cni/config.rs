@@ -140,6 +140,9 @@ pub struct NetConf {
     /// `idlePeerTimeout` (on-demand, seconds): a direct peer with no data in either direction
     /// for this long goes back to the relay.
     pub idle_peer_timeout: std::time::Duration,
+    /// `keyRotation` (e.g. `"24h"`): the node agent gives each pod a fresh key once its key is
+    /// this old (`crate::rotate`); off when unset. Needs the agent (`clusterRange`).
+    pub key_rotation: Option<std::time::Duration>,
     pub prev_result: Option<Value>,
     pub valid_attachments: Option<Vec<Attachment>>,
     /// The config exactly as received, for delegation to IPAM.
@@ -374,6 +377,10 @@ impl NetConf {
             })
             .transpose()?
             .unwrap_or(DEFAULT_IDLE_PEER_TIMEOUT);
+        let key_rotation = fields
+            .optional_str("keyRotation")?
+            .map(|text| parse_key_rotation(&text, &cluster_range))
+            .transpose()?;
 
         let prev_result = match raw.get("prevResult") {
             None | Some(Value::Null) => None,
@@ -409,11 +416,55 @@ impl NetConf {
             peering,
             max_direct_peers,
             idle_peer_timeout,
+            key_rotation,
             prev_result,
             valid_attachments,
             raw,
         })
     }
+}
+
+/// The shortest `keyRotation`: a rotation costs every holder of the key a write, and remote
+/// holders learn the new key through etcd (which takes well under a second).
+const MIN_KEY_ROTATION: std::time::Duration = std::time::Duration::from_secs(10);
+/// The longest: a year.
+const MAX_KEY_ROTATION: std::time::Duration = std::time::Duration::from_secs(366 * 86_400);
+
+/// `keyRotation`: a number and a unit (`s`, `m`, `h`, `d`), e.g. `"24h"`, between a minute and
+/// a year. The node agent rotates the keys, so the network must be one it serves
+/// (`clusterRange`).
+fn parse_key_rotation(text: &str, cluster_range: &[IpNetwork]) -> Result<std::time::Duration> {
+    let unit_at = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(unit_at);
+    let seconds_per = match unit {
+        "s" => Some(1),
+        "m" => Some(60),
+        "h" => Some(3600),
+        "d" => Some(86_400),
+        _ => None,
+    };
+    let period = number
+        .parse::<u64>()
+        .ok()
+        .zip(seconds_per)
+        .and_then(|(n, per)| n.checked_mul(per))
+        .map(std::time::Duration::from_secs)
+        .filter(|p| (MIN_KEY_ROTATION..=MAX_KEY_ROTATION).contains(p))
+        .ok_or_else(|| {
+            Error::config(
+                "keyRotation",
+                format!("\"{text}\" must be a period between 10s and 366d: a number and s, m, h or d, e.g. \"24h\""),
+            )
+        })?;
+    if cluster_range.is_empty() {
+        return Err(Error::config(
+            "keyRotation",
+            "needs the node agent, which serves networks with \"clusterRange\": set it, or rotate keys with `wg-cni rotate`",
+        ));
+    }
+    Ok(period)
 }
 
 /// Names become directory names in the store: keep them to the spec's network-name alphabet.
@@ -736,6 +787,42 @@ mod tests {
             assert_eq!(e.code(), 7, "{field}={value}");
             assert!(e.to_string().contains(field), "{e}");
         }
+    }
+
+    #[test]
+    fn key_rotation_is_a_period_of_the_agents_networks() {
+        let mut v = base();
+        v["clusterRange"] = "10.66.0.0/16".into();
+        assert_eq!(parse(&v).unwrap().key_rotation, None, "off by default");
+        for (text, seconds) in [("24h", 86_400), ("10s", 10), ("90m", 5400), ("7d", 604_800)] {
+            v["keyRotation"] = text.into();
+            let period = parse(&v).unwrap().key_rotation;
+            assert_eq!(
+                period,
+                Some(std::time::Duration::from_secs(seconds)),
+                "{text}"
+            );
+        }
+        for bad in [
+            json!("9s"),
+            json!("367d"),
+            json!("24"),
+            json!("h"),
+            json!("1.5h"),
+            json!(24),
+        ] {
+            v["keyRotation"] = bad.clone();
+            let e = parse(&v).unwrap_err();
+            assert_eq!(e.code(), 7, "{bad}");
+            assert!(e.to_string().contains("keyRotation"), "{e}");
+        }
+        // Without clusterRange no agent serves the network: nobody would rotate.
+        let e = field_error("keyRotation", "24h".into());
+        assert_eq!(e.code(), 7);
+        assert!(
+            e.to_string().contains("keyRotation") && e.to_string().contains("clusterRange"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::io;
 /// fails only when ADD could not work (see commands/status.rs).
 pub mod code {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const UNKNOWN_CONTAINER: u32 = 3;
     pub const INVALID_ENV: u32 = 4;
     pub const IO: u32 = 5;
     pub const DECODE: u32 = 6;
@@ -23,6 +24,9 @@ pub mod code {
 pub enum Error {
     #[error("{0}")]
     IncompatibleVersion(String),
+    /// No such attachment here (`wg-cni rotate` of a container the store does not know).
+    #[error("{0}")]
+    UnknownContainer(String),
     #[error("environment variable {var}: {reason}")]
     InvalidEnv { var: &'static str, reason: String },
     #[error("{context}: {reason}")]
@@ -67,6 +71,7 @@ impl Error {
     pub fn code(&self) -> u32 {
         match self {
             Error::IncompatibleVersion(_) => code::INCOMPATIBLE_VERSION,
+            Error::UnknownContainer(_) => code::UNKNOWN_CONTAINER,
             Error::InvalidEnv { .. } => code::INVALID_ENV,
             Error::Decode { .. } => code::DECODE,
             Error::InvalidConfig { .. } => code::INVALID_CONFIG,

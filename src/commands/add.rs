@@ -127,7 +127,7 @@ fn undo_link<'a>(rollback: &mut Rollback<'a>, link: &NewLink<'a>, record: &Recor
             pod: Some(pod),
             daemon_pid,
         };
-        backend.destroy(&link, &key, &ctx.host)
+        backend.destroy(&link, &[key], &ctx.host)
     });
 }
 
@@ -211,6 +211,9 @@ fn new_record(
         ifname: env.ifname.clone(),
         pod: pod_name(env),
         public_key: keypair.public().to_base64(),
+        next_public_key: None,
+        previous_public_key: None,
+        key_created_at: None,
         addresses,
         endpoint: settings.endpoint,
         listen_port: 0,

@@ -72,9 +72,13 @@ pub fn run(ctx: &Context) -> Result<()> {
 /// The key and port ADD gave the link, and no fwmark.
 fn check_device(conf: &NetConf, record: &Record, device: &DeviceState) -> Result<()> {
     let ifname = &record.ifname;
-    if device.public_key.as_ref().map(|k| k.to_base64()).as_deref()
-        != Some(record.public_key.as_str())
-    {
+    let key = device.public_key.as_ref().map(|k| k.to_base64());
+    if key.is_some() && key == record.next_public_key {
+        return Err(Error::Check(format!(
+            "{ifname} carries its next key, but the rotation that gave it did not finish: run `wg-cni rotate` for it again"
+        )));
+    }
+    if key.as_deref() != Some(record.public_key.as_str()) {
         return Err(Error::Check(format!(
             "{ifname}'s public key is not the one recorded at ADD"
         )));

@@ -59,8 +59,11 @@ pub fn take_apart(
 /// fan-out missed are brought in step.
 fn withdraw_key(ctx: &Context, store: &Store, view: &NetworkView, record: &Record) {
     context::resync_out_of_step(ctx, store, view);
-    if let Ok(key) = mesh::public_key(record) {
-        let gone = reconcile::gone(key);
+    if let Ok(keys) = mesh::keys(record) {
+        let gone = wireguard::Update {
+            remove_peers: keys,
+            ..wireguard::Update::default()
+        };
         let others = |r: &Record| !r.is_attachment(&record.container_id, &record.ifname);
         if view.peering == Peering::Mesh {
             context::tell_local_pods(ctx, store, view, others, &gone);
@@ -77,8 +80,8 @@ fn withdraw_key(ctx: &Context, store: &Store, view: &NetworkView, record: &Recor
 fn destroy_link(ctx: &Context, record: &Record, netns_hint: Option<&Path>) -> Result<()> {
     let pod = record.live_netns(netns_hint);
     let link = record.link(pod.as_ref());
-    let destroyed = match mesh::public_key(record) {
-        Ok(key) => wireguard::backend(record.backend).destroy(&link, &key, &ctx.host),
+    let destroyed = match mesh::keys(record) {
+        Ok(keys) => wireguard::backend(record.backend).destroy(&link, &keys, &ctx.host),
         Err(e) => {
             tracing::warn!(container = %record.container_id, error = %e, "cannot prove the link ours: left alone");
             Ok(())

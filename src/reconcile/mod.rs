@@ -242,6 +242,10 @@ impl NetworkView {
                 }
             })
             .collect();
+        // Mesh: the other local pods' next keys (on-demand, local pods meet at the gateway).
+        peers.extend(self.next_keys(|r| {
+            self.meshed_with(&r.node) && !r.is_attachment(&me.container_id, &me.ifname)
+        }));
         peers.extend(self.static_peers.iter().cloned());
         if let Some(gw) = &self.gateway {
             peers.push(gateway::peer_for_pods(gw, self.session_keepalive())?);
@@ -290,7 +294,24 @@ impl NetworkView {
                 None => gateway::peer_for_remote_pods(gw, self.keepalive).ok(),
             }
         });
-        pods.chain(gateways).collect()
+        // The gateway holds every local pod: it learns their next keys too.
+        pods.chain(self.next_keys(|_| true))
+            .chain(gateways)
+            .collect()
+    }
+
+    /// The next keys of this node's ready pods that `which` selects, while `wg-cni rotate`
+    /// replaces their keys (`mesh::next_peer_of`: unrouted). Only this node's records are read
+    /// for them: the field is never published, and another node must not plant keys here.
+    fn next_keys<'v>(
+        &'v self,
+        which: impl Fn(&Record) -> bool + 'v,
+    ) -> impl Iterator<Item = Peer> + 'v {
+        self.records
+            .iter()
+            .filter(|r| r.node == self.node && r.state == State::Ready)
+            .filter(move |r| which(r))
+            .filter_map(|r| mesh::next_peer_of(r, self.session_keepalive()))
     }
 }
 

@@ -89,6 +89,20 @@ pub struct Record {
     pub pod: Option<String>,
     /// base64, as `wg show` prints it.
     pub public_key: String,
+    /// While `wg-cni rotate` replaces the key: the key the link is about to get (the link
+    /// carries one of the two). Local only (`Record::public` drops it), so another node can
+    /// never plant a key through it; only this node's records are read for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<String>,
+    /// The key the last rotation replaced, until the next one: the other local links drop it
+    /// (a rotation killed before it told them all leaves it there). Local only, like
+    /// `next_public_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_public_key: Option<String>,
+    /// When the link got `public_key` (Unix seconds), when a rotation gave it; else
+    /// `created_at` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_created_at: Option<u64>,
     pub addresses: Vec<IpNetwork>,
     /// The node address peers send this pod's UDP to.
     pub endpoint: IpAddr,
@@ -150,6 +164,20 @@ impl Record {
         None
     }
 
+    /// Every key the attachment's link may carry or other links may still hold for it: the
+    /// current one, and while or after a rotation the next or the previous one. DEL and GC
+    /// prove a link ours by any of them and withdraw all of them.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.public_key.as_str())
+            .chain(self.next_public_key.as_deref())
+            .chain(self.previous_public_key.as_deref())
+    }
+
+    /// When the link got its current key (Unix seconds).
+    pub fn key_since(&self) -> u64 {
+        self.key_created_at.unwrap_or(self.created_at)
+    }
+
     pub fn is_attachment(&self, container_id: &str, ifname: &str) -> bool {
         self.container_id == container_id && self.ifname == ifname
     }
@@ -162,6 +190,8 @@ impl Record {
             netns: PathBuf::new(),
             netns_inode: 0,
             daemon_pid: None,
+            next_public_key: None,
+            previous_public_key: None,
             ..self.clone()
         }
     }
@@ -1145,6 +1175,9 @@ pub(crate) mod tests {
             ifname: "eth0".into(),
             pod: None,
             public_key: "x".into(),
+            next_public_key: None,
+            previous_public_key: None,
+            key_created_at: None,
             addresses: vec!["10.0.0.2/24".parse().unwrap()],
             endpoint: "127.0.0.1".parse().unwrap(),
             listen_port: 52000,

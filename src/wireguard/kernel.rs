@@ -103,7 +103,7 @@ impl Backend for Kernel {
             .is_ok_and(|found| found.is_some_and(|l| l.kind.as_deref() == Some("wireguard")))
     }
 
-    fn destroy(&self, link: &LinkRef, public_key: &Key, _host: &Netns) -> Result<()> {
+    fn destroy(&self, link: &LinkRef, keys: &[Key], _host: &Netns) -> Result<()> {
         let Some(pod) = link.pod else {
             // The namespace is gone, and a kernel link dies with it.
             return Ok(());
@@ -128,7 +128,7 @@ impl Backend for Kernel {
             // proves otherwise. No key yet is an ADD killed between creating and keying it.
             let device = read_here(name);
             match device {
-                Ok(d) if d.public_key.as_ref().is_none_or(|k| k == public_key) => {
+                Ok(d) if d.public_key.as_ref().is_none_or(|k| keys.contains(k)) => {
                     remove_peers_first(&interface_name(name)?, &d);
                     netlink.delete(found.index)
                 }

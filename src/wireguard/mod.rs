@@ -165,9 +165,10 @@ pub trait Backend {
     /// for every ADD. `read` proves more (the key).
     fn is_running(&self, link: &LinkRef) -> bool;
 
-    /// Destroy the link (and its daemon) if, and only if, it carries `public_key`:
-    /// a link we cannot prove is ours is left alone. Gone already is success.
-    fn destroy(&self, link: &LinkRef, public_key: &Key, host: &Netns) -> Result<()>;
+    /// Destroy the link (and its daemon) if, and only if, it carries one of `keys` (a
+    /// rotation killed midway leaves the link with either of two): a link we cannot prove is
+    /// ours is left alone. Gone already is success.
+    fn destroy(&self, link: &LinkRef, keys: &[Key], host: &Netns) -> Result<()>;
 }
 
 pub fn backend(kind: BackendKind) -> Box<dyn Backend> {

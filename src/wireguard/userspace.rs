@@ -311,7 +311,7 @@ impl Backend for Userspace {
                 .is_some_and(|pid| is_our_daemon(pid, link.host_name))
     }
 
-    fn destroy(&self, link: &LinkRef, public_key: &Key, _host: &Netns) -> Result<()> {
+    fn destroy(&self, link: &LinkRef, keys: &[Key], _host: &Netns) -> Result<()> {
         // The pid the record names, still serving this attachment's name: ours, whatever key
         // it holds now (a pod with CAP_NET_ADMIN may have changed it; left running, a daemon
         // whose TUN was made in the pod would keep that namespace alive).
@@ -330,7 +330,7 @@ impl Backend for Userspace {
                 // key yet, or cannot answer, is an ADD that died early.
                 let ours = self
                     .read(link)
-                    .map(|d| d.public_key.as_ref().is_none_or(|k| k == public_key))
+                    .map(|d| d.public_key.as_ref().is_none_or(|k| keys.contains(k)))
                     .unwrap_or(true);
                 if !ours {
                     tracing::warn!(

@@ -347,6 +347,27 @@ impl Cluster {
         }
     }
 
+    /// `wg-cni rotate` of `pod`'s attachment on node `i`, inside the node's namespace, with
+    /// `env` (e.g. `WG_CNI_FAILPOINT`); trace logs on stderr (searched for keys).
+    pub fn rotate(&self, i: usize, pod: &Pod, env: &[(&str, &str)]) -> Output {
+        let node = &self.nodes[i];
+        Command::new(ip())
+            .args(["netns", "exec", &node.netns])
+            .arg(binary())
+            .args(["rotate", "--network", &self.network, "--node", &node.name])
+            .args(["--container", &pod.id, "--ifname", "eth0"])
+            .arg("--store")
+            .arg(&node.store)
+            .arg("--cni-conf-dir")
+            .arg(&node.conf_dir)
+            .env("WG_CNI_LOG", "trace")
+            .envs(env.iter().copied())
+            .env_remove("CNI_COMMAND")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
     /// Files the agent of node `i` mirrored for node `j`.
     pub fn mirror_of(&self, i: usize, j: usize) -> Vec<String> {
         let dir = self.nodes[i]

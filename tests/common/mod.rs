@@ -654,3 +654,33 @@ pub fn fetch(netns: Option<&Path>, to: std::net::SocketAddr) -> Result<String, S
     .join()
     .unwrap()
 }
+
+/// A key in the forms a leak would take: base64, hex and raw bytes (the leak search).
+pub fn forms_of(base64_key: &str) -> Vec<Vec<u8>> {
+    let key = wireguard_control::Key::from_base64(base64_key).unwrap();
+    let hex: String = key.0.iter().map(|b| format!("{b:02x}")).collect();
+    vec![
+        base64_key.as_bytes().to_vec(),
+        hex.into_bytes(),
+        key.0.to_vec(),
+    ]
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if entry.file_type().unwrap().is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

@@ -16,6 +16,8 @@
 //!    seconds), then `ping -i 0.01` for `--dir-trim-count` packets starts at once: from the end
 //!    that trimmed first, from the end still direct, or (third kind) only after both trimmed.
 //!    Traffic brings the pair back to direct: the run spans that switch too.
+//!    Then (2b) `--dir-rotations` key rotations of a pod direct with one on node 2, each
+//!    after the pair went direct again (`crate::rotation`).
 //! 3. **First packet after `--dir-idle-seconds` (200) of idle**: pairs made direct before the
 //!    idle; `--dir-idle-pairs` of them with the short `idlePeerTimeout` (trimmed long before:
 //!    the relay carries the packet, its sessions kept by the 25 s keepalive), as many with the
@@ -512,6 +514,31 @@ impl Phase<'_, '_> {
     }
 
     /// A pod on each node, each mirrored on the other node.
+    /// `pod` with its key as its record says now (after a rotation).
+    fn reread(&self, pod: &Pod) -> Res<Pod> {
+        let path = self.c.nodes[pod.node]
+            .own_dir()
+            .join(format!("{}:eth0.json", pod.cid));
+        let record: Value = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .ok_or_else(|| format!("{}: no record", path.display()))?;
+        let key = record["publicKey"]
+            .as_str()
+            .and_then(unb64)
+            .ok_or("record without a public key")?;
+        Ok(Pod {
+            node: pod.node,
+            cid: pod.cid.clone(),
+            netns: pod.netns.clone(),
+            ip: pod.ip.clone(),
+            host: pod.host.clone(),
+            key_hex: uapi::hex(&key),
+            daemon: pod.daemon,
+            result: pod.result.clone(),
+        })
+    }
+
     fn pair(&mut self) -> Res<(Pod, Pod)> {
         let a = self.add_pod(0)?;
         let b = self.add_pod(1)?;
@@ -851,6 +878,7 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
             tput_s,
             cluster_pods,
             cluster_nodes,
+            rotations: ctx.opts.num("dir-rotations", 5),
         },
     );
     let elapsed = started.elapsed().as_secs_f64();
@@ -896,6 +924,40 @@ struct Params {
     cluster_pods: usize,
     /// Nodes of it, the two real ones included.
     cluster_nodes: usize,
+    /// Key rotations of a pod direct with one on the other node (2b).
+    rotations: usize,
+}
+
+/// Step 2b: `n` key rotations of a pod on node 1 whose pair with a pod on node 2 is direct
+/// (made so again before each), both that pod and one of node 1 pinging it.
+fn rotation(ph: &mut Phase, n: usize) -> Res<Value> {
+    let (a, b) = ph.pair()?;
+    let local = ph.add_pod(0)?;
+    let pingers = [
+        ("same_node", local.netns.as_str()),
+        ("other_node", b.netns.as_str()),
+    ];
+    let target = crate::rotation::Target {
+        node: 0,
+        cid: &a.cid,
+        ip: &a.ip,
+        pingers: &pingers,
+    };
+    let ph_ref = &*ph;
+    let direct_again = || {
+        // The rotated key: the driver's view of `a` is refreshed from its record.
+        let a = ph_ref.reread(&a)?;
+        let mut tl = Timeline::new(false);
+        ph_ref.ping_watch(&b, &a, 300, [&a, &b], &mut tl, |s| {
+            s != [Hold::Routed, Hold::Routed]
+        })?;
+        Ok(())
+    };
+    let measured = crate::rotation::measure(ph.ctx, ph.c, &target, n, direct_again);
+    ph.del_pod(local);
+    ph.del_pod(a);
+    ph.del_pod(b);
+    measured
 }
 
 fn measure(ph: &mut Phase, out: &mut Value, p: Params) -> Res<()> {
@@ -964,6 +1026,12 @@ fn measure(ph: &mut Phase, out: &mut Value, p: Params) -> Res<()> {
         ph.del_pod(b);
     }
     out["first_packet_at_once"] = promotions(&at_once);
+
+    // ------------------------------------------------------------ 2b: key rotation
+    if p.rotations > 0 {
+        out["rotation"] = rotation(ph, p.rotations).unwrap_or_else(|e| json!({"error": e}));
+        log("key rotation measured".into());
+    }
 
     // ------------------------------------------------------------ 4: iperf3
     if p.tput_s > 0 {
@@ -1819,6 +1887,13 @@ pub fn report(v: &Value) -> String {
             f(&big["pair"]["both_direct_ms"], 0),
             f(&big["pair"]["first_rtt_ms"], 2),
         );
+    }
+    if !v["rotation"].is_null() {
+        md.push('\n');
+        md.push_str(&crate::rotation::report(
+            &v["rotation"],
+            "on-demand, the rotated pod direct with the other node's pinger before each rotation",
+        ));
     }
     md
 }

@@ -25,6 +25,7 @@ mod ondemand;
 mod parallel;
 mod profile;
 mod report;
+mod rotation;
 mod scale;
 mod stats;
 mod throughput;

@@ -9,6 +9,7 @@
 //!    ~20 ms plus one exec); then, as a control, `--mn-pods-sequential` more pods where node 1
 //!    pings first and the new pod only after that answered (one side starts the handshake);
 //!    `--mn-diagnose 1` logs both links' `wg show dump` for every pod slower than 1 s;
+//!    then (1b) `--mn-rotations` key rotations of the resident pod (`crate::rotation`);
 //! 2. ADD latency on node 1 with its agent running vs stopped (same node and network,
 //!    alternating, ABBA order);
 //! 3. agent idle RSS/CPU and full resync time with 1,000 and 5,000 remote records of a fake
@@ -320,6 +321,42 @@ pub fn run(ctx: &Ctx) -> Res<Value> {
         },
         "method": "both pings start when ADD returns; ping -c1 -i0.02 -w10 (first reply ends it)",
     });
+
+    // ------------------------------------------------------------ 1b: key rotation
+    // The resident pod's key, rotated while a pod of its node and one of node 2 ping it.
+    let rotations = ctx.opts.num("mn-rotations", 5);
+    if rotations > 0 {
+        c.pod_ns("wgbench-mn-rl")?;
+        let local = c.cni(0, "ADD", "mn-rot-local", "wgbench-mn-rl", None)?;
+        if !local.ok() {
+            return Err(format!("ADD mn-rot-local on node 1: {}", local.why()));
+        }
+        c.note_daemons();
+        let remote = added
+            .first()
+            .map(|(_, pns, _)| pns.clone())
+            .ok_or("no pod on node 2")?;
+        let pingers = [
+            ("same_node", "wgbench-mn-rl"),
+            ("other_node", remote.as_str()),
+        ];
+        let target = crate::rotation::Target {
+            node: 0,
+            cid: "mn-resident",
+            ip: &res_ip,
+            pingers: &pingers,
+        };
+        out["rotation"] = crate::rotation::measure(ctx, &c, &target, rotations, || Ok(()))
+            .unwrap_or_else(|e| json!({"error": e}));
+        let _ = c.cni(
+            0,
+            "DEL",
+            "mn-rot-local",
+            "wgbench-mn-rl",
+            local.json().as_ref(),
+        );
+        crate::log(format!("[{}] multinode: key rotation measured", ctx.label));
+    }
 
     // ------------------------------------------------------------ 2: ADD with/without agent
     let mut with = Vec::new();
@@ -668,5 +705,9 @@ pub fn report(m: &Value) -> String {
         );
     }
     let _ = writeln!(md);
+    if !m["rotation"].is_null() {
+        md.push('\n');
+        md.push_str(&crate::rotation::report(&m["rotation"], "mesh"));
+    }
     md
 }

@@ -80,6 +80,14 @@ pub struct Flow {
     pub seen: Instant,
 }
 
+/// What wakes the promoter: a relayed flow, or remote pods that left or changed (their
+/// directory wakes it: `directory::Directory::wake_if_changed`).
+#[derive(Debug)]
+pub enum Event {
+    Flow(Flow),
+    DirectoryChanged,
+}
+
 /// One pod link of this node.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct LinkId {
@@ -160,11 +168,11 @@ pub struct Promoter {
     counters: Counters,
 }
 
-/// Start the promoter thread; it ends when `flows` closes.
+/// Start the promoter thread; it ends when `events` closes.
 pub fn spawn(
     settings: &Settings,
     directories: Arc<Directories>,
-    flows: Receiver<Flow>,
+    events: Receiver<Event>,
     counters: Counters,
 ) -> Result<()> {
     let now = Instant::now();
@@ -189,7 +197,7 @@ pub fn spawn(
     };
     std::thread::Builder::new()
         .name("promoter".into())
-        .spawn(move || promoter.run(flows))
+        .spawn(move || promoter.run(events))
         .map_err(|source| crate::cni::Error::Io {
             context: "starting the promoter thread".into(),
             source,
@@ -198,7 +206,7 @@ pub fn spawn(
 }
 
 impl Promoter {
-    fn run(mut self, flows: Receiver<Flow>) {
+    fn run(mut self, events: Receiver<Event>) {
         loop {
             let now = Instant::now();
             let mut wake = match self.pairs.values().any(|p| p.pair.wants_fast_reads(now)) {
@@ -214,17 +222,24 @@ impl Promoter {
             if let Some(switch) = self.pairs.values().filter_map(|p| p.pair.route_at()).min() {
                 wake = wake.min(switch);
             }
-            match flows.recv_timeout(wake.saturating_duration_since(Instant::now())) {
-                Ok(flow) => {
-                    self.on_flow(flow);
-                    while let Ok(flow) = flows.try_recv() {
-                        self.on_flow(flow);
+            match events.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+                Ok(event) => {
+                    self.on_event(event);
+                    while let Ok(event) = events.try_recv() {
+                        self.on_event(event);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             self.tick(Instant::now());
+        }
+    }
+
+    /// A flow is placed now; a directory change is taken by the tick that follows.
+    fn on_event(&mut self, event: Event) {
+        if let Event::Flow(flow) = event {
+            self.on_flow(flow);
         }
     }
 
