@@ -33,7 +33,19 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 pub fn move_daemons_to(dir: &Path) -> Result<()> {
     let bad = |reason: String| Error::config("--daemon-cgroup", reason);
     let procs = dir.join("cgroup.procs");
-    let fs = nix::sys::statfs::statfs(dir).map_err(|e| bad(format!("{}: {e}", dir.display())))?;
+    let fs = match nix::sys::statfs::statfs(dir) {
+        Ok(fs) => fs,
+        // A host fact too: `/proc/1/root` is refused even to root when pid 1 is not dumpable
+        // (some sandboxes' and VMs' init). A missing directory is a mistake in the flag.
+        Err(e @ (nix::errno::Errno::EACCES | nix::errno::Errno::EPERM)) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                "--daemon-cgroup cannot be read ({e}; pid 1's root is refused on this host): gateway daemons stay in the agent's cgroup and stop with its container"
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(bad(format!("{}: {e}", dir.display()))),
+    };
     if fs.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC || !procs.is_file() {
         // A host fact, not a mistake in the flag: one DaemonSet serves cgroup v1 and v2 hosts.
         tracing::warn!(
