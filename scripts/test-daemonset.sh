@@ -518,6 +518,9 @@ stop_containerd() {
 
 # ------------------------------------------------------------------------------------------
 scenario_daemonset() {
+  # etcd down, and fresh (a node's agent starts before etcd is reachable).
+  stop_etcd
+  rm -rf "$work/etcd"
   new_node 1
   new_node 2
   local before1 before2
