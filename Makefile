@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build image deps demo test lint test-manifests test-image test-unit test-integration test-clients test-kernel test-k8s bench clean
+.PHONY: all build image deps demo test lint test-manifests test-image test-unit test-integration test-clients test-daemonset test-kernel test-k8s bench clean
 
 all: build
 
@@ -24,9 +24,9 @@ demo:
 	scripts/demo.sh
 
 # Everything CI runs: lint, unit tests, integration tests on this host (userspace backend),
-# real CNI clients (libcni, podman, containerd CRI) on this host, and the same integration tests
-# inside a QEMU guest with kernel WireGuard.
-test: deps lint test-manifests test-image test-unit test-integration test-clients test-kernel
+# real CNI clients (libcni, podman, containerd CRI) on this host, the image run as the DaemonSet
+# says on simulated nodes, and the same integration tests inside a QEMU guest with kernel WireGuard.
+test: deps lint test-manifests test-image test-unit test-integration test-clients test-daemonset test-kernel
 
 # The daemon (wgd/) is a package of its own (own lock file, a static build for an explicit
 # target): linted and unit-tested from inside its folder.
@@ -75,6 +75,13 @@ test-integration: deps
 # installs what they need. See scripts/clients/README.md.
 test-clients: deps
 	scripts/clients/run.sh
+
+# The image under podman as deploy/kubernetes/wg-cni.yaml's DaemonSet runs it (read from the
+# manifest) on two simulated nodes with etcd: readiness, pods talking, agent restarts losing no
+# ping, uninstall.yaml leaving no trace; and a rolling upgrade from the last build before
+# issues 19-24 (built once by scripts/build-old.sh, cached in target/old/). See the script.
+test-daemonset: deps test-manifests image
+	scripts/test-daemonset.sh
 
 test-kernel: deps
 	scripts/test-kernel.sh

@@ -208,6 +208,15 @@ fn remove_dir(path: &Path) -> Result<bool> {
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        // Its contents are gone, the directory cannot go: a volume mounted right there (a
+        // container mounting the host's /run/wg-cni itself).
+        Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => Err(Error::config(
+            "--run-dir",
+            format!(
+                "{} is a mount point and cannot be removed: mount its parent (the host's /run) and name the directory inside it",
+                path.display()
+            ),
+        )),
         Err(e) => Err(Error::Io {
             context: format!("removing {}", path.display()),
             source: e,

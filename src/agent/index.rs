@@ -124,9 +124,24 @@ impl Index {
             }
             let known = self.nodes.entry(node.clone()).or_default();
             if self.contexts.get(&node) != Some(&context) {
+                // A mesh node turning on-demand (its agent upgraded or reconfigured): each of
+                // its pods' peers that the same record still gives as a direct peer stays on
+                // the links, for the promoter to adopt and trim when idle. Removed, the pods'
+                // traffic would stop until the promoter saw it relayed (about a second).
+                let handover =
+                    context.relayed && self.contexts.get(&node).is_some_and(|c| !c.relayed);
                 // How this node is peered changed: every file of it counts as changed.
                 for (file, old) in std::mem::take(known) {
                     pods.gone(&old);
+                    let direct =
+                        |body: &Vec<u8>| remote_pod(&file, body, &node, &context).map(|p| p.peer);
+                    let stays_direct = handover
+                        && matches!(&old.peer, Some((_, PeerKind::Pod)))
+                        && files.get(&file).and_then(direct).as_ref()
+                            == old.peer.as_ref().map(|(p, _)| p);
+                    if stays_direct {
+                        continue;
+                    }
                     if files.contains_key(&file) {
                         keep(&mut before, &old.peer);
                     } else {
@@ -389,6 +404,45 @@ mod tests {
         );
         assert_eq!(index.peers(), 1);
         assert_eq!(index.snapshot().len(), 1);
+    }
+
+    #[test]
+    fn a_mesh_node_turning_on_demand_leaves_its_pods_peers_for_the_promoter() {
+        let directory = SharedDirectory::default();
+        let mut index = Index::new(None, Peering::OnDemand, directory.clone());
+        let a = record("n2", "a", "10.0.2.2/32", "192.0.2.2");
+        let key = KeyPair::generate().public().to_base64();
+        let b = record_with_key("n2", "b", "10.0.2.3/32", "192.0.2.2", &key);
+        let on_demand = (
+            NODE_FILE.to_string(),
+            serde_json::to_vec(&serde_json::json!({ "peering": "on-demand" })).unwrap(),
+        );
+        let mesh = index.update(trusted(&[("n2", &a), ("n2", &b)]));
+        assert_eq!(
+            mesh.peers.new_pods().len(),
+            2,
+            "a mesh node's pods are peers"
+        );
+
+        // The node turns on-demand; b moves in the same update.
+        let b_moved = record_with_key("n2", "b", "10.0.2.3/32", "192.0.2.9", &key);
+        let turned = index.update(trusted(&[("n2", &a), ("n2", &b_moved), ("n2", &on_demand)]));
+        assert_eq!(
+            turned.peers.remove.len(),
+            1,
+            "only the moved pod's peer goes: a's stays as a direct peer"
+        );
+        assert!(turned.peers.upsert.is_empty(), "{:?}", turned.peers);
+        assert!(
+            directory.read().unwrap().pods().all(|p| p.relayed),
+            "the promoter's to adopt"
+        );
+
+        let gone = index.update(trusted(&[("n2", &b_moved), ("n2", &on_demand)]));
+        assert!(
+            gone.peers.remove.is_empty(),
+            "a's peer is the promoter's now: it removes it when a goes"
+        );
     }
 
     #[test]
