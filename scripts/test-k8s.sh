@@ -240,15 +240,10 @@ etcdctl_root() {
     --key "$pki/root.key" --dial-timeout 2s --command-timeout 5s "$@"
 }
 start_etcd
-# README "Per-node credentials", for network wg-cni (the template's name) and this node; the
-# password is never used (the client certificate's common name is the user).
-etcdctl_root role add "$node" >/dev/null
-for k in nodes links subnets; do
-  etcdctl_root role grant-permission "$node" readwrite "/wg-cni/v1/wg-cni/$k/$node/" --prefix=true >/dev/null
-done
-etcdctl_root role grant-permission "$node" read /wg-cni/v1/ --prefix=true >/dev/null
-etcdctl_root user add "$node:$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')" >/dev/null
-etcdctl_root user grant-role "$node" "$node" >/dev/null
+# README "Per-node credentials", for network wg-cni (the template's name) and this node: the
+# node's role and user (no password: its client certificate's common name is the user).
+"$release/wg-cni-agent" --etcd-endpoints "$etcd_url" --etcd-ca "$pki/ca.crt" \
+  --etcd-cert "$pki/root.crt" --etcd-key "$pki/root.key" grant-node "$node" --network wg-cni
 etcdctl_root user add "root:$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')" >/dev/null
 etcdctl_root user grant-role root root >/dev/null
 etcdctl_root auth enable >/dev/null
@@ -455,9 +450,14 @@ kubectl -n $ns rollout status daemonset wg-cni-uninstall --timeout=120s
 upod=$(kubectl -n $ns get pods -l app.kubernetes.io/component=uninstall -o jsonpath='{.items[0].metadata.name}')
 podlog $ns "$upod" uninstall | tee "$work/uninstall.log"
 ! grep -q 'pod attachment(s) remain' "$work/uninstall.log" || fail "uninstall found pod records left on the node"
-kubectl delete -f deploy/kubernetes/uninstall.yaml -f "$work/wg-cni.yaml" --wait=true --timeout=60s
-"$release/wg-cni-agent" forget-node "$node" --etcd-endpoints "$etcd_url" --etcd-ca "$pki/ca.crt" \
-  --etcd-cert "$pki/root.crt" --etcd-key "$pki/root.key"
+kubectl delete --ignore-not-found -f deploy/kubernetes/uninstall.yaml -f "$work/wg-cni.yaml" --wait=true --timeout=60s
+# README: forget-node once the stopped agent's liveness lease lapsed (--lease-ttl, 15 s): it
+# refuses a node whose node key still exists.
+forget() {
+  "$release/wg-cni-agent" forget-node "$node" --etcd-endpoints "$etcd_url" --etcd-ca "$pki/ca.crt" \
+    --etcd-cert "$pki/root.crt" --etcd-key "$pki/root.key"
+}
+wait_until 40 "forget-node (the agent's lease lapsed)" forget
 pass "uninstall DaemonSet rolled out on every node and was deleted with wg-cni.yaml; forget-node done"
 
 step "the host has none of wg-cni's objects left"
