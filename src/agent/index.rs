@@ -56,10 +56,20 @@ struct Indexed {
 
 /// What the peers of a node's files depend on besides the files themselves: how this node
 /// and that one peer, and what the membership layer accepted of it (its `node.json`).
-#[derive(Clone, PartialEq)]
+#[derive(Clone)]
 struct Context {
     relayed: bool,
     node: RemoteNode,
+    /// The node's `node.json` is mirrored: without it the node's peering is not known yet
+    /// (taken as mesh until it comes), which is no mesh node turning on-demand.
+    described: bool,
+}
+
+/// Whether the node's files would give other peers: `described` only tells why.
+impl PartialEq for Context {
+    fn eq(&self, other: &Context) -> bool {
+        self.relayed == other.relayed && self.node == other.node
+    }
 }
 
 pub struct Index {
@@ -128,8 +138,11 @@ impl Index {
                 // its pods' peers that the same record still gives as a direct peer stays on
                 // the links, for the promoter to adopt and trim when idle. Removed, the pods'
                 // traffic would stop until the promoter saw it relayed (about a second).
-                let handover =
-                    context.relayed && self.contexts.get(&node).is_some_and(|c| !c.relayed);
+                let handover = context.relayed
+                    && self
+                        .contexts
+                        .get(&node)
+                        .is_some_and(|c| c.described && !c.relayed);
                 // How this node is peered changed: every file of it counts as changed.
                 for (file, old) in std::mem::take(known) {
                     pods.gone(&old);
@@ -253,13 +266,14 @@ impl PodChanges {
 impl Index {
     /// A node's context from its trusted files (its `node.json`; none: a mesh node).
     fn context(&self, files: &BTreeMap<String, Vec<u8>>) -> Context {
-        let node: RemoteNode = files
+        let described: Option<RemoteNode> = files
             .get(NODE_FILE)
-            .and_then(|body| serde_json::from_slice(body).ok())
-            .unwrap_or_default();
+            .and_then(|body| serde_json::from_slice(body).ok());
+        let node = described.clone().unwrap_or_default();
         Context {
             relayed: self.peering == Peering::OnDemand && node.peering == Peering::OnDemand,
             node,
+            described: described.is_some(),
         }
     }
 }
@@ -417,7 +431,11 @@ mod tests {
             NODE_FILE.to_string(),
             serde_json::to_vec(&serde_json::json!({ "peering": "on-demand" })).unwrap(),
         );
-        let mesh = index.update(trusted(&[("n2", &a), ("n2", &b)]));
+        let mesh_file = (
+            NODE_FILE.to_string(),
+            serde_json::to_vec(&serde_json::json!({ "peering": "mesh" })).unwrap(),
+        );
+        let mesh = index.update(trusted(&[("n2", &a), ("n2", &b), ("n2", &mesh_file)]));
         assert_eq!(
             mesh.peers.new_pods().len(),
             2,
@@ -442,6 +460,28 @@ mod tests {
         assert!(
             gone.peers.remove.is_empty(),
             "a's peer is the promoter's now: it removes it when a goes"
+        );
+    }
+
+    #[test]
+    fn pods_seen_before_their_nodes_file_are_no_mesh_node_turning_on_demand() {
+        let mut index = Index::new(None, Peering::OnDemand, SharedDirectory::default());
+        let a = record("n2", "a", "10.0.2.2/32", "192.0.2.2");
+        let on_demand = (
+            NODE_FILE.to_string(),
+            serde_json::to_vec(&serde_json::json!({ "peering": "on-demand" })).unwrap(),
+        );
+        let early = index.update(trusted(&[("n2", &a)]));
+        assert_eq!(
+            early.peers.new_pods().len(),
+            1,
+            "peering unknown: taken as mesh"
+        );
+        let described = index.update(trusted(&[("n2", &a), ("n2", &on_demand)]));
+        assert_eq!(
+            described.peers.remove.len(),
+            1,
+            "the node was never described as mesh: its pod's peer goes"
         );
     }
 

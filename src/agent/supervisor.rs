@@ -195,14 +195,20 @@ impl Supervisor {
         let names: Vec<String> = self.served.keys().cloned().collect();
         for name in names {
             self.served[&name].handle.abort();
-            let network = self.served[&name].network.clone();
-            let (handle, stop) = self.start(&network);
-            let served = self.served.get_mut(&name).expect("listed");
-            served.handle = handle;
-            served.stop = Some(stop);
-            served.restart_at = None;
+            self.restart(&name);
             tracing::info!(network = %name, "network loop restarted with the new etcd connection");
         }
+    }
+
+    /// Start the served network's loop anew (the old one ended or was aborted).
+    fn restart(&mut self, name: &str) -> &mut Served {
+        let network = self.served[name].network.clone();
+        let (handle, stop) = self.start(&network);
+        let served = self.served.get_mut(name).expect("listed");
+        served.handle = handle;
+        served.stop = Some(stop);
+        served.restart_at = None;
+        served
     }
 
     /// A loop only ends by panicking: note it, and start it again after its backoff.
@@ -222,12 +228,7 @@ impl Supervisor {
             }
         }
         for name in due {
-            let network = self.served[&name].network.clone();
-            let (handle, stop) = self.start(&network);
-            let served = self.served.get_mut(&name).expect("listed");
-            served.handle = handle;
-            served.stop = Some(stop);
-            served.restart_at = None;
+            let served = self.restart(&name);
             served.backoff = (served.backoff * 2).min(MAX_BACKOFF);
             tracing::info!(network = %name, "network loop restarted");
         }
