@@ -470,17 +470,7 @@ impl Phase<'_, '_> {
             .as_ref()
             .and_then(crate::cni::first_ip)
             .ok_or("pod: no IP")?;
-        let path = self.c.nodes[node]
-            .own_dir()
-            .join(format!("{cid}:eth0.json"));
-        let record: Value = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .ok_or_else(|| format!("{}: no record", path.display()))?;
-        let key = record["publicKey"]
-            .as_str()
-            .and_then(unb64)
-            .ok_or("record without a public key")?;
+        let (record, key) = self.record_of(node, &cid)?;
         Ok(Pod {
             node,
             cid,
@@ -513,12 +503,11 @@ impl Phase<'_, '_> {
             .exists()
     }
 
-    /// A pod on each node, each mirrored on the other node.
-    /// `pod` with its key as its record says now (after a rotation).
-    fn reread(&self, pod: &Pod) -> Res<Pod> {
-        let path = self.c.nodes[pod.node]
+    /// The pod's record on its node, and the public key it names.
+    fn record_of(&self, node: usize, cid: &str) -> Res<(Value, Vec<u8>)> {
+        let path = self.c.nodes[node]
             .own_dir()
-            .join(format!("{}:eth0.json", pod.cid));
+            .join(format!("{cid}:eth0.json"));
         let record: Value = std::fs::read_to_string(&path)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
@@ -527,6 +516,12 @@ impl Phase<'_, '_> {
             .as_str()
             .and_then(unb64)
             .ok_or("record without a public key")?;
+        Ok((record, key))
+    }
+
+    /// `pod` with its key as its record says now (after a rotation).
+    fn reread(&self, pod: &Pod) -> Res<Pod> {
+        let (_, key) = self.record_of(pod.node, &pod.cid)?;
         Ok(Pod {
             node: pod.node,
             cid: pod.cid.clone(),
@@ -539,6 +534,7 @@ impl Phase<'_, '_> {
         })
     }
 
+    /// A pod on each node, each mirrored on the other node.
     fn pair(&mut self) -> Res<(Pod, Pod)> {
         let a = self.add_pod(0)?;
         let b = self.add_pod(1)?;
