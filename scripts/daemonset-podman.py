@@ -109,12 +109,16 @@ def expand(text, env):
 
 
 def host_path(args, path):
-    if path in args.shared_host_path:
+    # /var/run is /run on every current distribution: one directory of the node (and of the
+    # machine: a shared path is matched in either spelling).
+    path = without_var_run(path)
+    if path in map(without_var_run, args.shared_host_path):
         return path
-    # /var/run is /run on every current distribution: one directory of the node.
-    if path.startswith("/var/run/"):
-        path = path[len("/var"):]
     return os.path.join(args.node_root, path.lstrip("/"))
+
+
+def without_var_run(path):
+    return path[len("/var"):] if path.startswith("/var/run/") else path
 
 
 def make_host_path(args, volume):

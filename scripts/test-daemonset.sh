@@ -709,8 +709,10 @@ scenario_upgrade() {
       "${node_root[3]}"/var/lib/cni/wg-cni/wg-cni/node3/*:eth0.json)
     echo "--- the old pod's link $link (peer, endpoint, allowed IPs, keepalive):" >&2
     node_exec 3 wg show "$link" dump | tail -n +2 | cut -f1,3,4,8 >&2
-    echo "--- node3's agent, warnings:" >&2
-    podman logs "${agent_cid[3]}" 2>&1 | grep -iv ' info ' | tail -20 >&2
+    echo "--- node3's agent:" >&2
+    podman logs "${agent_cid[3]}" 2>&1 | tail -40 >&2
+    echo "--- the old pod's record:" >&2
+    jq -c 'select(.pod == "test/old")' "${node_root[3]}"/var/lib/cni/wg-cni/wg-cni/node3/*:eth0.json >&2
     fail "the new plugin's CHECK of the pod the old one added, for 10 s: $(cat "$work/check.out")"
   fi
   steady 3
