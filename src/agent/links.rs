@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Mutex;
 
 use wireguard_control::Key;
@@ -38,8 +37,6 @@ pub struct LinkSync {
     boot_id: String,
     host: Netns,
     /// Where the network's settings are read from at every reconcile (the runtime's conflists).
-    cni_conf_dir: PathBuf,
-    store: PathBuf,
     /// The endpoint each peer was last given: a record whose endpoint differs from it was
     /// re-addressed (its node moved) and is reset on every link; any other difference is
     /// WireGuard roaming and is left alone (`reconcile::diff`). Per network.
@@ -79,8 +76,6 @@ impl LinkSync {
             node: settings.node.clone(),
             boot_id: host::boot_id()?,
             host: Netns::host()?,
-            cni_conf_dir: settings.cni_conf_dir.clone(),
-            store: settings.store.clone(),
             last_endpoints: Mutex::new(HashMap::new()),
         })
     }
@@ -174,12 +169,14 @@ impl LinkSync {
         crate::failpoint::pause_once("resync-pause", std::time::Duration::from_secs(3));
         for record in records {
             if !self.is_live_here(&record) {
+                tracing::debug!(container = %record.container_id, state = ?record.state, "resync: not a live link of this boot");
                 continue;
             }
             // Before the flock (a plugin command never waits behind a follow-up's read).
             let _followups = handshakes::exclude_followups();
             let _lock = store.lock()?;
             let Some((current, pod)) = self.still_live(&store, &record)? else {
+                tracing::debug!(container = %record.container_id, "resync: the link went meanwhile, or its namespace is not visible here");
                 continue;
             };
             view.records.truncate(remote);
@@ -362,39 +359,18 @@ impl LinkSync {
             given.remove(key);
         }
     }
-
-    fn conf_of(&self, network: &str) -> Option<NetConf> {
-        let networks = super::config::read_networks(&self.cni_conf_dir, &self.store);
-        let conf = networks
-            .ok()
-            .and_then(|nets| nets.into_iter().find(|n| n.name == network))
-            .map(|n| n.conf);
-        if conf.is_none() {
-            tracing::warn!(
-                network,
-                "no conflist for this network any more: links left as they are"
-            );
-        }
-        conf
-    }
 }
 
 impl LinkReconciler for LinkSync {
-    fn resync(&self, network: &str, directory: &SharedDirectory) {
-        let Some(conf) = self.conf_of(network) else {
-            return;
-        };
-        if let Err(e) = self.resync(&conf, directory) {
-            tracing::warn!(network, error = %e, "resync failed");
+    fn resync(&self, conf: &NetConf, directory: &SharedDirectory) {
+        if let Err(e) = LinkSync::resync(self, conf, directory) {
+            tracing::warn!(network = %conf.name, error = %e, "resync failed");
         }
     }
 
-    fn apply(&self, network: &str, changes: &PeerChanges) {
-        let Some(conf) = self.conf_of(network) else {
-            return;
-        };
-        if let Err(e) = self.apply_changes(&conf, changes) {
-            tracing::warn!(network, error = %e, "writing peer changes failed; the next resync repairs it");
+    fn apply(&self, conf: &NetConf, changes: &PeerChanges) {
+        if let Err(e) = self.apply_changes(conf, changes) {
+            tracing::warn!(network = %conf.name, error = %e, "writing peer changes failed; the next resync repairs it");
         }
     }
 }

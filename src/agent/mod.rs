@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use crate::cni::config::NetConf;
 use crate::reconcile;
 
 pub use config::Settings;
@@ -55,10 +56,10 @@ pub trait LinkReconciler: Send + Sync {
     /// Bring every link to its whole desired peer set, from the store (this node's records
     /// and the mirrored ones): after the first complete sync and every resync interval.
     /// On-demand, the promoter's direct peers for `directory`'s pods (and this node's) stay.
-    fn resync(&self, network: &str, directory: &directory::SharedDirectory);
+    fn resync(&self, conf: &NetConf, directory: &directory::SharedDirectory);
     /// Write these one-peer changes (a remote pod or gateway came, went or moved) to the links
     /// they concern, without reading the devices.
-    fn apply(&self, network: &str, changes: &reconcile::PeerChanges);
+    fn apply(&self, conf: &NetConf, changes: &reconcile::PeerChanges);
 }
 
 /// Run the agent until SIGTERM or SIGINT (on a multi-thread tokio runtime of its own).

@@ -23,11 +23,14 @@ use super::metrics::{KeyWatch, Scope};
 use super::mirror::{Mirror, NodeInfo};
 use super::reconciler::{Files, Job, Reconciler, Work};
 use super::{etcd, publish, subnet};
+use crate::cni::config::NetConf;
 
 /// Everything one network needs; one task, one loop: no locks between its parts.
 pub(super) struct NetworkLoop {
     settings: Arc<Settings>,
     net: Network,
+    /// `net.conf`, shared with the reconciler thread's jobs.
+    conf: Arc<NetConf>,
     keys: Keys,
     client: Client,
     boot_id: String,
@@ -96,6 +99,7 @@ impl NetworkLoop {
             verify_wanted: Arc::default(),
             network_dir,
             settings,
+            conf: Arc::new(net.conf.clone()),
             net,
             keys,
             client,
@@ -717,6 +721,7 @@ impl NetworkLoop {
         };
         self.reconciler.send(Job {
             network: self.net.name.clone(),
+            conf: self.conf.clone(),
             network_dir: self.network_dir.clone(),
             files,
             work,

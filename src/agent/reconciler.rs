@@ -16,6 +16,7 @@ use super::directory::SharedDirectory;
 use super::health::AgentStatus;
 use super::index::{FileChange, Snapshot};
 use super::mirror_files::MirrorFiles;
+use crate::cni::config::NetConf;
 use crate::reconcile::PeerChanges;
 
 /// What a job does to the mirror directories.
@@ -36,6 +37,9 @@ pub enum Work {
 
 pub struct Job {
     pub network: String,
+    /// The network's config as its loop serves it: a template's rendering before the
+    /// conflist is written (the conf dir may still hold an older one then).
+    pub conf: Arc<NetConf>,
     pub network_dir: PathBuf,
     pub files: Files,
     pub work: Work,
@@ -129,8 +133,8 @@ impl Thread {
         }
         match &job.work {
             Work::Changes(changes) if changes.is_empty() => {}
-            Work::Changes(changes) => self.links.apply(&job.network, changes),
-            Work::Resync => self.links.resync(&job.network, &job.directory),
+            Work::Changes(changes) => self.links.apply(&job.conf, changes),
+            Work::Resync => self.links.resync(&job.conf, &job.directory),
         }
     }
 }
@@ -171,9 +175,20 @@ mod tests {
     use crate::reconcile::{PeerKind, Upsert};
     use crate::wireguard::Peer;
 
+    fn conf(network: &str) -> NetConf {
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": network,
+            "type": "wg-cni",
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.66.0.0/24"}]]},
+        });
+        NetConf::parse(conf.to_string().as_bytes()).unwrap()
+    }
+
     fn job(network: &str, work: Work) -> Job {
         Job {
             network: network.into(),
+            conf: Arc::new(conf(network)),
             network_dir: PathBuf::from("/nonexistent"),
             files: match work {
                 Work::Resync => Files::Verify(Snapshot::new()),

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{AgentStatus, LinkReconciler, Settings};
+use crate::cni::config::NetConf;
 
 const URL: &str = "http://127.0.0.1:23790";
 
@@ -59,12 +60,15 @@ struct Recording {
 }
 
 impl LinkReconciler for Recording {
-    fn resync(&self, network: &str, _: &super::directory::SharedDirectory) {
-        self.record(network, None);
+    fn resync(&self, conf: &NetConf, _: &super::directory::SharedDirectory) {
+        self.record(&conf.name, None);
     }
 
-    fn apply(&self, network: &str, changes: &crate::reconcile::PeerChanges) {
-        self.record(network, Some((changes.upsert.len(), changes.remove.len())));
+    fn apply(&self, conf: &NetConf, changes: &crate::reconcile::PeerChanges) {
+        self.record(
+            &conf.name,
+            Some((changes.upsert.len(), changes.remove.len())),
+        );
     }
 }
 
