@@ -395,10 +395,18 @@ fn a_pod_that_missed_a_new_peer_gets_it_from_the_next_add() {
         !pods[1].ping(&address_of(&r0, false)),
         "pod 0 answers a peer it was never given"
     );
-    assert_ne!(
-        net.check(&pods[0], &r0).code,
-        0,
-        "CHECK missed the lacking peer"
+    let check = net.check(&pods[0], &r0);
+    assert_ne!(check.code, 0, "CHECK missed the lacking peer");
+    // The message says whose key is missing, so a person knows which pod to look at.
+    let newcomer = net.record_of(&pods[1]).unwrap();
+    assert!(
+        check.error_msg().contains(&format!(
+            "{} (pod test, container {}:eth0 on ",
+            newcomer["publicKey"].as_str().unwrap(),
+            newcomer["containerId"].as_str().unwrap()
+        )),
+        "CHECK does not name the missing peer's pod: {}",
+        check.error_msg()
     );
 
     let r2 = net.add(&pods[2]).ok().json();

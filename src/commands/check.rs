@@ -1,7 +1,7 @@
 //! CHECK: the live link must still be what ADD made: addresses, routes, MTU, key, port,
 //! gateway, peers (against the store, read under the lock), daemon alive; then IPAM CHECK.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use wireguard_control::Key;
 
@@ -164,11 +164,57 @@ fn check_peers(
         .iter()
         .map(|p| &p.public_key)
         .partition(|key| on_device(key));
+    let owners = owners(ctx, view);
+    let name = |key: &Key| {
+        let owner = owners
+            .get(&key.to_base64())
+            .map_or("of no current record", String::as_str);
+        // What the link holds for it: why it was refused.
+        let held = device.peers.iter().find(|p| &p.config.public_key == key);
+        let held = held.map_or(String::new(), |p| {
+            let allowed: Vec<String> = (p.config.allowed_ips.iter())
+                .map(|ip| format!("{}/{}", ip.address, ip.cidr))
+                .collect();
+            let keepalive = p.config.persistent_keepalive_interval.unwrap_or(0);
+            format!("; on the link: allowed IPs {allowed:?}, keepalive {keepalive}")
+        });
+        format!("{} ({owner}{held})", key.to_base64())
+    };
     Err(Error::Check(peer_difference(
         &missing,
         &update.remove_peers,
         &changed,
+        &name,
     )))
+}
+
+/// Who each key of the network belongs to, for a CHECK error a person can act on.
+fn owners(ctx: &Context, view: &NetworkView) -> HashMap<String, String> {
+    let mut owners = HashMap::new();
+    let records = ctx
+        .store()
+        .and_then(|s| s.all_records())
+        .unwrap_or_default();
+    for r in records.iter().chain(&view.records) {
+        let pod = r
+            .pod
+            .as_ref()
+            .map_or(String::new(), |p| format!("pod {p}, "));
+        let owner = format!(
+            "{pod}container {}:{} on {}",
+            r.container_id, r.ifname, r.node
+        );
+        for key in r.keys() {
+            owners.insert(key.to_string(), owner.clone());
+        }
+    }
+    for gw in view.gateway.iter().chain(&view.remote_gateways) {
+        owners.insert(gw.public_key.clone(), format!("the gateway of {}", gw.node));
+    }
+    for peer in &view.static_peers {
+        owners.insert(peer.public_key.to_base64(), "a static peer".to_string());
+    }
+    owners
 }
 
 fn check_link(
@@ -244,10 +290,13 @@ fn check_link(
     })
 }
 
-fn peer_difference(missing: &[&Key], unexpected: &[Key], changed: &[&Key]) -> String {
-    let names = |keys: &mut dyn Iterator<Item = &Key>| -> Vec<String> {
-        keys.map(Key::to_base64).collect()
-    };
+fn peer_difference(
+    missing: &[&Key],
+    unexpected: &[Key],
+    changed: &[&Key],
+    name: &dyn Fn(&Key) -> String,
+) -> String {
+    let names = |keys: &mut dyn Iterator<Item = &Key>| -> Vec<String> { keys.map(name).collect() };
     let mut parts = Vec::new();
     if !missing.is_empty() {
         parts.push(format!(
