@@ -3274,6 +3274,25 @@ fn the_agent_rotates_keys_as_they_come_due() {
         .map(|p| record_of(&cluster, p)["keyCreatedAt"].as_u64().unwrap())
         .collect();
     assert_ne!(since[0], since[1], "two pods of a node rotated at once");
+    // /metrics counts the rotations each agent saw: its own pods' (local) and the other
+    // node's (remote). At least these; more may have come due since.
+    let net = cluster.network.clone();
+    for (node, local, remote) in [(0, 2.0, 1.0), (1, 1.0, 2.0)] {
+        let mut seen = (None, None);
+        let counted = wait_for(event_path_limit(), || {
+            let samples = scrape(&cluster, node);
+            let count = |scope| {
+                let labels = [("network", net.as_str()), ("scope", scope)];
+                metric(&samples, "wgcni_key_rotations_observed_total", &labels)
+            };
+            seen = (count("local"), count("remote"));
+            seen.0.is_some_and(|n| n >= local) && seen.1.is_some_and(|n| n >= remote)
+        });
+        assert!(
+            counted,
+            "node {node} counted (local, remote) rotations {seen:?}, want at least ({local}, {remote})"
+        );
+    }
     converge_all_pairs(&refs);
     let gone = wait_for(event_path_limit(), || {
         let on_links = keys_on_links(&cluster);
