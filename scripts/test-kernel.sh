@@ -2,7 +2,7 @@
 # Runs the integration suites inside a QEMU guest booted from Debian's kernel, which has the
 # wireguard module this host lacks. Backend "kernel" runs every suite (plugin, gateway,
 # hardening, bad input, security, the kill -9 part of abuse at a tenth of its rounds (TCG is
-# slow), eight cross-node tests of multinode with etcd inside the guest, and flows: NFLOG and
+# slow), nine cross-node tests of multinode with etcd inside the guest, and flows: NFLOG and
 # ctnetlink on Debian's kernel); backend "auto" (which must pick the kernel there) runs four
 # tests of plugin and gateway.
 # The same test executables as on the host; only WG_CNI_TEST_BACKEND differs. Tests of the
@@ -96,6 +96,7 @@ for name in "${names[@]}"; do
       the_agents_memory_holds_no_pod_private_key_after_10_resyncs_and_scrapes \
       on_demand_pods_talk_through_the_gateway_relay \
       on_demand_pairs_go_direct_when_traffic_flows_and_back_when_idle \
+      a_rotation_in_mesh_mode_keeps_traffic_flowing \
       a_rotation_of_a_direct_on_demand_pair_keeps_traffic_flowing \
       a_rotation_killed_anywhere_leaves_the_pod_reachable_or_cleanly_deletable ;;
     # Not in the default list (WG_CNI_VM_SUITES=flood): the handshake floods scaled down,

@@ -21,6 +21,7 @@ pub mod keys;
 pub mod links;
 mod liveness;
 pub mod membership;
+pub mod memory;
 pub mod metrics;
 pub mod mirror;
 mod mirror_files;

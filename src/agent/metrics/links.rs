@@ -194,6 +194,9 @@ impl LinkReader {
         took.push(Vec::new(), Value::Float(started.elapsed().as_secs_f64()));
         let mut all = series.into_series();
         all.push(took);
+        drop(reads);
+        // The devices' reads are freed now: off the async workers, hand them back.
+        let _ = tokio::task::spawn_blocking(crate::agent::memory::release_freed).await;
         all
     }
 }
