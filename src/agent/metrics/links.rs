@@ -16,6 +16,8 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::StreamExt;
 use prometheus_client::metrics::MetricType;
 
+use wireguard_control::Key;
+
 use super::totals::{Bytes, Totals};
 use super::{Labels, Series, Value};
 use crate::store::{GatewayRecord, Record, State, Store};
@@ -56,12 +58,12 @@ const KINDS: [(PeerKind, &str); 5] = [
 /// The keys of a network that are not pods.
 #[derive(Debug, Default)]
 struct NotPods {
-    gateways: HashSet<String>,
-    statics: HashSet<String>,
+    gateways: HashSet<Key>,
+    statics: HashSet<Key>,
 }
 
 impl NotPods {
-    fn kind(&self, peer: &wireguard_control::PeerInfo, key: &str) -> PeerKind {
+    fn kind(&self, peer: &wireguard_control::PeerInfo, key: &Key) -> PeerKind {
         let ips = &peer.config.allowed_ips;
         if self.statics.contains(key) {
             PeerKind::Static
@@ -119,7 +121,7 @@ impl Listed {
 
 /// What a read found of one peer.
 struct PeerRead {
-    key: String,
+    key: Key,
     kind: PeerKind,
     bytes: Bytes,
     /// Unix seconds.
@@ -134,7 +136,7 @@ pub struct LinkReader {
     cni_conf_dir: PathBuf,
     per_peer: bool,
     /// One scrape at a time: the totals are its state, and scrapes never pile reads up.
-    totals: tokio::sync::Mutex<Totals<LinkId>>,
+    totals: tokio::sync::Mutex<Totals<LinkId, Key>>,
 }
 
 impl LinkReader {
@@ -164,7 +166,12 @@ impl LinkReader {
                 Vec::new()
             }
         };
-        let reads: Vec<(Listed, Option<Vec<PeerRead>>)> = futures::stream::iter(listed)
+        let ids: HashSet<LinkId> = listed.iter().map(|l| l.id.clone()).collect();
+        totals.retain(&ids);
+        let mut series = Built::new(self.per_peer);
+        // Each read goes into the series as it completes: a scrape holds a few links' peers
+        // at a time, not every link's.
+        let mut reads = futures::stream::iter(listed)
             .map(|link| async move {
                 let until = (tokio::time::Instant::now() + READ_TIMEOUT).min(deadline);
                 let read = read_link(&link);
@@ -177,14 +184,9 @@ impl LinkReader {
                 };
                 (link, peers)
             })
-            .buffer_unordered(PARALLEL_READS)
-            .collect()
-            .await;
-        let ids: HashSet<LinkId> = reads.iter().map(|(l, _)| l.id.clone()).collect();
-        totals.retain(&ids);
-        let mut series = Built::new(self.per_peer);
-        for (link, peers) in &reads {
-            series.add(link, peers.as_deref(), &mut totals);
+            .buffer_unordered(PARALLEL_READS);
+        while let Some((link, peers)) = reads.next().await {
+            series.add(&link, peers.as_deref(), &mut totals);
         }
         let mut took = Series::new(
             "wgcni_scrape_link_reads_seconds",
@@ -194,7 +196,6 @@ impl LinkReader {
         took.push(Vec::new(), Value::Float(started.elapsed().as_secs_f64()));
         let mut all = series.into_series();
         all.push(took);
-        drop(reads);
         // The devices' reads are freed now: off the async workers, hand them back.
         let _ = tokio::task::spawn_blocking(crate::agent::memory::release_freed).await;
         all
@@ -224,18 +225,20 @@ fn list(
                 .conf
                 .static_peers
                 .iter()
-                .map(|p| p.public_key.clone())
+                .filter_map(|p| Key::from_base64(&p.public_key).ok())
                 .collect(),
             gateways: store
                 .remote_gateways()
                 .unwrap_or_default()
                 .into_iter()
-                .map(|gw| gw.public_key)
+                .filter_map(|gw| Key::from_base64(&gw.public_key).ok())
                 .collect(),
         };
-        not_pods
-            .gateways
-            .extend(gateway.iter().map(|gw| gw.public_key.clone()));
+        not_pods.gateways.extend(
+            gateway
+                .iter()
+                .filter_map(|gw| Key::from_base64(&gw.public_key).ok()),
+        );
         let not_pods = std::sync::Arc::new(not_pods);
         // This node's directory only, read as is (no legacy name is migrated by a scrape).
         let records = store
@@ -317,7 +320,7 @@ fn peers_of(device: &DeviceState, record_key: &str, not_pods: &NotPods) -> Optio
             .peers
             .iter()
             .map(|p| {
-                let key = p.config.public_key.to_base64();
+                let key = p.config.public_key.clone();
                 PeerRead {
                     kind: not_pods.kind(p, &key),
                     key,
@@ -402,7 +405,7 @@ impl Built {
         }
     }
 
-    fn add(&mut self, link: &Listed, peers: Option<&[PeerRead]>, totals: &mut Totals<LinkId>) {
+    fn add(&mut self, link: &Listed, peers: Option<&[PeerRead]>, totals: &mut Totals<LinkId, Key>) {
         let identity = link.identity();
         let mut info = identity.clone();
         let role = match link.target {
@@ -434,7 +437,7 @@ impl Built {
         if let Some([sent, received, handshake]) = self.per_peer.as_mut() {
             for peer in peers {
                 let mut labels = identity.clone();
-                labels.push(("public_key", peer.key.clone()));
+                labels.push(("public_key", peer.key.to_base64()));
                 sent.push(labels.clone(), Value::Int(peer.bytes.tx));
                 received.push(labels.clone(), Value::Int(peer.bytes.rx));
                 handshake.push(labels, Value::Int(peer.handshake.unwrap_or(0)));
@@ -462,7 +465,7 @@ mod tests {
     use crate::keys::KeyPair;
     use wireguard_control::{AllowedIp, PeerInfo, PeerStats};
 
-    fn peer(key: &wireguard_control::Key, ips: &[&str], rx: u64) -> PeerInfo {
+    fn peer(key: &Key, ips: &[&str], rx: u64) -> PeerInfo {
         let mut peer = PeerInfo::from_public_key(key.clone());
         peer.config.allowed_ips = ips
             .iter()
@@ -484,10 +487,10 @@ mod tests {
             .collect();
         let not_pods = NotPods {
             gateways: [&keys[0], &keys[1], &keys[2]]
-                .iter()
-                .map(|k| k.to_base64())
+                .into_iter()
+                .cloned()
                 .collect(),
-            statics: [keys[3].to_base64()].into(),
+            statics: [keys[3].clone()].into(),
         };
         let device = DeviceState {
             public_key: Some(own.clone()),

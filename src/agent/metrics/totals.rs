@@ -14,21 +14,31 @@ pub struct Bytes {
     pub tx: u64,
 }
 
-#[derive(Debug, Default)]
-struct Link {
+#[derive(Debug)]
+struct Link<P> {
     /// What peers had when they went (or when their counters started again).
     gone: Bytes,
     /// Each peer's counters as last read, by public key.
-    peers: HashMap<String, Bytes>,
+    peers: HashMap<P, Bytes>,
 }
 
-/// Per link (any key that names one link of this node).
+impl<P> Default for Link<P> {
+    fn default() -> Self {
+        Link {
+            gone: Bytes::default(),
+            peers: HashMap::new(),
+        }
+    }
+}
+
+/// Per link (K: any key that names one link of this node), per peer (P: its public key; the
+/// agent keeps every peer of every link here, so a compact key matters).
 #[derive(Debug)]
-pub struct Totals<K> {
-    links: HashMap<K, Link>,
+pub struct Totals<K, P> {
+    links: HashMap<K, Link<P>>,
 }
 
-impl<K> Default for Totals<K> {
+impl<K, P> Default for Totals<K, P> {
     fn default() -> Self {
         Totals {
             links: HashMap::new(),
@@ -36,9 +46,9 @@ impl<K> Default for Totals<K> {
     }
 }
 
-impl<K: std::hash::Hash + Eq + Clone> Totals<K> {
+impl<K: std::hash::Hash + Eq + Clone, P: std::hash::Hash + Eq> Totals<K, P> {
     /// The link's bytes so far, after a read of its peers' counters.
-    pub fn update(&mut self, link: &K, peers: HashMap<String, Bytes>) -> Bytes {
+    pub fn update(&mut self, link: &K, peers: HashMap<P, Bytes>) -> Bytes {
         let state = self.links.entry(link.clone()).or_default();
         for (key, before) in &state.peers {
             let now = peers.get(key).copied().unwrap_or_default();
