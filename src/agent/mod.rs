@@ -223,7 +223,11 @@ async fn run_async(
         }
         if tokio::time::Instant::now() >= next_credentials_look {
             next_credentials_look = tokio::time::Instant::now() + credentials::POLL;
-            let now = credentials::Fingerprint::of(&settings);
+            // File reads: off the async workers (a slow or hung mount must not stall them).
+            let of = settings.clone();
+            let now = tokio::task::spawn_blocking(move || credentials::Fingerprint::of(&of))
+                .await
+                .unwrap_or(credentials);
             if now != credentials {
                 match reconnect(&settings).await {
                     Ok(client) => {
