@@ -24,6 +24,22 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Run a one-shot command's `work` with a client connected as these flags say, on a
+    /// runtime of its own.
+    pub(super) fn run<T, Work>(&self, work: impl FnOnce(etcd_client::Client) -> Work) -> Result<T>
+    where
+        Work: std::future::Future<Output = Result<T>>,
+    {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let settings = self.settings();
+            let client = etcd::connect(&settings, etcd::options(&settings)?).await?;
+            work(client).await
+        })
+    }
+
     pub(super) fn settings(&self) -> Settings {
         Settings {
             etcd_endpoints: self.endpoints.clone(),
@@ -55,12 +71,7 @@ pub fn forget_node(
     network: Option<&str>,
     force: bool,
 ) -> Result<Vec<(String, i64)>> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let settings = connection.settings();
-        let mut client = etcd::connect(&settings, etcd::options(&settings)?).await?;
+    connection.run(|mut client| async move {
         let networks = match network {
             Some(network) => vec![network.to_string()],
             None => networks_of(&mut client, node).await?,

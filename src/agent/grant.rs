@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use etcd_client::{Permission, UserAddOptions};
 
-use super::etcd::{self, bounded};
+use super::etcd::bounded;
 use super::forget::Connection;
 use super::keys::{Keys, ROOT};
 
@@ -35,12 +35,7 @@ pub fn grant_node(
     networks: &[String],
     login: Login,
 ) -> Result<Granted> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let settings = connection.settings();
-        let mut client = etcd::connect(&settings, etcd::options(&settings)?).await?;
+    connection.run(|mut client| async move {
         let role_created = match bounded(client.role_get(node)).await {
             Ok(_) => false,
             Err(e) if is_not_found(&e) => {
