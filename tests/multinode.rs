@@ -1900,9 +1900,10 @@ fn http_in_node(cluster: &Cluster, node: usize, port: u16, path: &str) -> String
 
 /// The agent reads every local link's device at every resync and at every `/metrics` scrape,
 /// and a device read carries the link's private key (the kernel always sends it; the UAPI
-/// answers it): after more than 10 resyncs and 10 scrapes the agent's writable memory holds no
-/// pod's private key in any form. The same scan of this test process, which holds the keys,
-/// finds them (the scan works).
+/// answers it), and the agent's `keyRotation` makes and sets keys itself: after more than 10
+/// resyncs, 10 scrapes and a rotation of each pod the agent's writable memory holds no pod's
+/// private key in any form, old or new. The same scan of this test process, which holds the
+/// keys, finds them (the scan works).
 #[test]
 fn the_agents_memory_holds_no_pod_private_key_after_10_resyncs_and_scrapes() {
     let mut cluster = Cluster::new(1);
@@ -1910,17 +1911,32 @@ fn the_agents_memory_holds_no_pod_private_key_after_10_resyncs_and_scrapes() {
         .iter()
         .map(|s| s.to_string())
         .collect();
+    cluster
+        .extra
+        .insert("keyRotation".into(), Value::from("10s"));
     cluster.write_conflists();
     cluster.start_agents();
     let pods = [add(&cluster, 0), add(&cluster, 0)];
     converge_all_pairs(&pods);
-    let keys: Vec<Vec<u8>> = pods
+    let first: Vec<String> = pods.iter().map(|p| public_key_of(&cluster, p)).collect();
+    let mut keys: Vec<Vec<u8>> = pods
         .iter()
         .flat_map(|p| private_key_forms(&cluster, p))
         .collect();
     // One resync a second: past 10 of them, and 10 scrapes reading both pods' links and the
-    // gateway's.
+    // gateway's; each pod's key comes due after 10 s.
     std::thread::sleep(Duration::from_secs(13));
+    let limit = event_path_limit() * 2;
+    let rotated = wait_for(limit, || {
+        pods.iter()
+            .zip(&first)
+            .all(|(p, key)| public_key_of(&cluster, p) != *key)
+    });
+    assert!(
+        rotated,
+        "the agent rotated not every pod's key {limit:?} after it came due"
+    );
+    keys.extend(pods.iter().flat_map(|p| private_key_forms(&cluster, p)));
     for _ in 0..10 {
         let answer = http_in_node(&cluster, 0, 9766, "/metrics");
         let read = answer

@@ -1,11 +1,15 @@
-//! The kernel backend's device read, over generic netlink, without holding a private key.
+//! The kernel backend's device read and private-key write, over generic netlink, without
+//! copies of a private key.
 //! The kernel answers WG_CMD_GET_DEVICE with the device's private key, and there is no way to
 //! ask it not to. wireguard-control's `Device::get` parses that answer into several copies
 //! (the receive buffer, the parsed attributes, a cloned message, `Device::private_key`) and
 //! drops them all unwiped: with the node agent reading every pod's link at each resync, the
 //! process's freed memory would hold every pod's private key. Here the key's bytes are
 //! overwritten with zeros in the receive buffer itself, before anything parses it, so no copy
-//! of the key is ever made; the buffer is wiped after use all the same.
+//! of the key is ever made; the buffer is wiped after use all the same. Setting a key goes the
+//! other way: the request is built with a zero key and the key's bytes are written into the
+//! serialized request only (wireguard-control's `DeviceUpdate` keeps the key in its
+//! attributes and drops it unwiped).
 
 use std::io;
 use std::sync::OnceLock;
@@ -21,7 +25,7 @@ use netlink_packet_wireguard::nlas::WgDeviceAttrs;
 use netlink_packet_wireguard::{Wireguard, WireguardCmd};
 use netlink_sys::constants::NETLINK_GENERIC;
 use netlink_sys::{Socket, SocketAddr};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Room for one datagram of a dump (the kernel fills at most a page or 8 KiB per message).
 const RECEIVE_BUFFER: usize = 64 * 1024;
@@ -43,10 +47,43 @@ pub fn device_attributes(ifname: &str) -> io::Result<Vec<WgDeviceAttrs>> {
     });
     request.set_resolved_family_id(family_id()?);
     let mut attributes = Vec::new();
-    exchange(request, NLM_F_REQUEST | NLM_F_DUMP | NLM_F_ACK, |message| {
-        attributes.extend(message.payload.nlas);
-    })?;
+    exchange(
+        request,
+        NLM_F_REQUEST | NLM_F_DUMP | NLM_F_ACK,
+        |_| {},
+        |message| {
+            attributes.extend(message.payload.nlas);
+        },
+    )?;
     Ok(attributes)
+}
+
+/// Give the WireGuard link `ifname` of the calling thread's network namespace this private
+/// key. Its only copy here is in the request buffer, which is wiped on every path.
+pub fn set_private_key(ifname: &str, secret: &[u8; 32]) -> io::Result<()> {
+    let mut request = private_key_request(ifname);
+    request.set_resolved_family_id(family_id()?);
+    let fill = |serialized: &mut [u8]| {
+        fill_private_key(serialized, secret);
+    };
+    exchange(request, NLM_F_REQUEST | NLM_F_ACK, fill, |_| {})
+}
+
+/// SET_DEVICE for `ifname` with a private key of zeros (`fill_private_key` writes the real one).
+fn private_key_request(ifname: &str) -> GenlMessage<Wireguard> {
+    GenlMessage::from_payload(Wireguard {
+        cmd: WireguardCmd::SetDevice,
+        nlas: vec![
+            WgDeviceAttrs::IfName(ifname.to_string()),
+            WgDeviceAttrs::PrivateKey([0; 32]),
+        ],
+    })
+}
+
+/// Write `secret` into the private key attribute of a serialized request; answers how many
+/// it filled (one).
+fn fill_private_key(serialized: &mut [u8], secret: &[u8; 32]) -> usize {
+    for_each_private_key(serialized, |value| value.copy_from_slice(secret))
 }
 
 /// The wireguard family's id (one for the whole kernel, so asked once per process).
@@ -60,21 +97,28 @@ fn family_id() -> io::Result<u16> {
         nlas: vec![GenlCtrlAttrs::FamilyName("wireguard".into())],
     });
     let mut id = None;
-    exchange(request, NLM_F_REQUEST | NLM_F_ACK, |message| {
-        id = id.or(message.payload.nlas.iter().find_map(|nla| match nla {
-            GenlCtrlAttrs::FamilyId(id) => Some(*id),
-            _ => None,
-        }));
-    })?;
+    exchange(
+        request,
+        NLM_F_REQUEST | NLM_F_ACK,
+        |_| {},
+        |message| {
+            id = id.or(message.payload.nlas.iter().find_map(|nla| match nla {
+                GenlCtrlAttrs::FamilyId(id) => Some(*id),
+                _ => None,
+            }));
+        },
+    )?;
     let id = id.ok_or_else(|| io::Error::other("the kernel has no wireguard netlink family"))?;
     Ok(*ID.get_or_init(|| id))
 }
 
-/// Send `request` and hand every answer to `each` until the kernel says it is done. Each
-/// datagram is scrubbed before it is parsed, and the buffer is wiped at the end.
+/// Send `request` (its serialized bytes first handed to `fill`) and hand every answer to
+/// `each` until the kernel says it is done. Each datagram is scrubbed before it is parsed, and
+/// the buffer, which held the request too, is wiped on every path.
 fn exchange<F>(
     request: GenlMessage<F>,
     flags: u16,
+    fill: impl FnOnce(&mut [u8]),
     mut each: impl FnMut(GenlMessage<F>),
 ) -> io::Result<()>
 where
@@ -85,14 +129,17 @@ where
     let mut message = NetlinkMessage::from(request);
     message.header.flags = flags;
     message.finalize();
-    let mut buffer = vec![0u8; RECEIVE_BUFFER.max(message.buffer_len())];
-    message.serialize(&mut buffer[..message.buffer_len()]);
+    let length = message.buffer_len();
+    let mut buffer = Zeroizing::new(vec![0u8; RECEIVE_BUFFER.max(length)]);
+    message.serialize(&mut buffer[..length]);
+    fill(&mut buffer[..length]);
     let socket = Socket::new(NETLINK_GENERIC)?;
+    // An error answer would otherwise echo the whole request (a key being set) back, and the
+    // parsed error would keep that copy.
+    socket.set_cap_ack(true)?;
     socket.connect(&SocketAddr::new(0, 0))?;
-    socket.send(&buffer[..message.buffer_len()], 0)?;
-    let result = receive(&socket, &mut buffer, &mut each);
-    buffer.zeroize();
-    result
+    socket.send(&buffer[..length], 0)?;
+    receive(&socket, &mut buffer, &mut each)
 }
 
 fn receive<F>(
@@ -131,7 +178,13 @@ where
 /// `datagram` (generic netlink messages, as received); answers how many it wiped. Malformed
 /// lengths end the walk (the parser then refuses the datagram).
 pub fn scrub_private_keys(datagram: &mut [u8]) -> usize {
-    let mut wiped = 0;
+    for_each_private_key(datagram, |value| value.zeroize())
+}
+
+/// Hand `each` the value of every top-level `WGDEVICE_A_PRIVATE_KEY` attribute of the
+/// wireguard messages in `datagram`; answers how many there were.
+fn for_each_private_key(datagram: &mut [u8], mut each: impl FnMut(&mut [u8])) -> usize {
+    let mut found = 0;
     let mut offset = 0;
     while offset + NLMSG_HEADER <= datagram.len() {
         let length = u32::from_ne_bytes(datagram[offset..offset + 4].try_into().unwrap()) as usize;
@@ -148,14 +201,14 @@ pub fn scrub_private_keys(datagram: &mut [u8]) -> usize {
                 break;
             }
             if nla_type & NLA_TYPE_MASK == WGDEVICE_A_PRIVATE_KEY {
-                message[at + 4..at + nla_length].zeroize();
-                wiped += 1;
+                each(&mut message[at + 4..at + nla_length]);
+                found += 1;
             }
             at += nla_length.next_multiple_of(4);
         }
         offset += length.next_multiple_of(4);
     }
-    wiped
+    found
 }
 
 #[cfg(test)]
@@ -215,6 +268,31 @@ mod tests {
             genl.payload
                 .nlas
                 .contains(&WgDeviceAttrs::ListenPort(53000))
+        );
+    }
+
+    #[test]
+    fn the_key_to_set_is_written_into_the_serialized_request_only() {
+        let secret = [0x5a; 32];
+        let mut request = private_key_request("eth0");
+        request.set_resolved_family_id(0x20);
+        let mut message = NetlinkMessage::from(request);
+        message.finalize();
+        let mut bytes = vec![0; message.buffer_len()];
+        message.serialize(&mut bytes);
+        assert!(!bytes.windows(32).any(|w| w == secret));
+        assert_eq!(fill_private_key(&mut bytes, &secret), 1);
+        let parsed = NetlinkMessage::<GenlMessage<Wireguard>>::deserialize(&bytes).unwrap();
+        let NetlinkPayload::InnerMessage(genl) = parsed.payload else {
+            panic!("not a wireguard message");
+        };
+        assert_eq!(genl.payload.cmd, WireguardCmd::SetDevice);
+        assert_eq!(
+            genl.payload.nlas,
+            [
+                WgDeviceAttrs::IfName("eth0".into()),
+                WgDeviceAttrs::PrivateKey(secret)
+            ]
         );
     }
 

@@ -2,9 +2,10 @@
 //! host namespace, so the kernel opens its UDP socket in the host namespace: no move. It is
 //! created under its temporary name and renamed inside the pod: the kernel looks a new link's
 //! name up in the *caller's* namespace first, so creating `eth0` from a host that has an
-//! `eth0` (most nodes) fails with "File exists". Keys and peers are set with wireguard-control from a
-//! thread inside the pod namespace, and only once the link exists there (its `apply` would
-//! otherwise create a fresh, empty link in whatever namespace the calling thread is in).
+//! `eth0` (most nodes) fails with "File exists". Port and peers are set with wireguard-control,
+//! the private key over our own generic netlink request (`genl`), from a thread inside the pod
+//! namespace, and only once the link exists there (wireguard-control's `apply` would otherwise
+//! create a fresh, empty link in whatever namespace the calling thread is in).
 
 use netlink_packet_wireguard::nlas::WgDeviceAttrs;
 use wireguard_control::{Backend as WgBackend, Device, DeviceUpdate, InterfaceName, Key};
@@ -46,20 +47,32 @@ fn in_pod<T: Send>(
     })
 }
 
+/// Apply `update` to the link `name` of the calling thread's namespace: port and peers through
+/// wireguard-control, then the private key, if any, through `genl` (which keeps no copy of
+/// it). Peers first: a rotation's dropped direct peers are gone before the key changes, so
+/// their traffic takes the gateway, which still knows the old key, and never the new key
+/// toward a pod that does not know it yet.
+fn configure_here(name: &InterfaceName, update: &Update) -> Result<()> {
+    let failed = |e| Error::wireguard(format!("configuring WireGuard link {name}"), e);
+    device_update(update)
+        .apply(name, WgBackend::Kernel)
+        .map_err(failed)?;
+    if let Some(keypair) = update.keypair {
+        super::genl::set_private_key(&name.to_string(), keypair.secret_bytes()).map_err(failed)?;
+    }
+    Ok(())
+}
+
 impl Backend for Kernel {
     fn create(&self, spec: &LinkSpec, host: &Netns, pod: &Netns) -> Result<Created> {
         let _ = host; // created from this thread, which is in the host namespace
         Netlink::open()?.create_wireguard_in(spec.temp_name, pod.raw_fd(), spec.mtu)?;
         crate::failpoint::crash("after-link-created");
         // One visit to the pod: the final name, then key, port and peers.
-        let update = device_update(&spec.initial_update());
+        let update = spec.initial_update();
         let configured = pod.run(|| {
             rename_here(&Netlink::open()?, spec.temp_name, spec.ifname)?;
-            update
-                .apply(&interface_name(spec.ifname)?, WgBackend::Kernel)
-                .map_err(|e| {
-                    Error::wireguard(format!("configuring WireGuard link {}", spec.ifname), e)
-                })
+            configure_here(&interface_name(spec.ifname)?, &update)
         });
         if let Err(e) = configured {
             let _ = pod.run(|| {
@@ -79,12 +92,7 @@ impl Backend for Kernel {
     }
 
     fn apply(&self, link: &LinkRef, update: &Update) -> Result<()> {
-        let builder = device_update(update);
-        in_pod(link, move |name| {
-            builder.apply(name, WgBackend::Kernel).map_err(|e| {
-                Error::wireguard(format!("configuring WireGuard link {}", link.ifname), e)
-            })
-        })
+        in_pod(link, |name| configure_here(name, update))
     }
 
     fn read(&self, link: &LinkRef) -> Result<DeviceState> {

@@ -195,12 +195,10 @@ fn interface_name(name: &str) -> Result<wireguard_control::InterfaceName> {
         .map_err(|e| crate::cni::Error::netlink(format!("interface name {name}"), format!("{e:?}")))
 }
 
-/// wireguard-control's builder form of an update (the kernel backend applies it).
+/// wireguard-control's builder form of an update, without its private key (the kernel backend
+/// applies it, and sets the key itself: the builder would keep an unwiped copy).
 fn device_update(update: &Update) -> wireguard_control::DeviceUpdate {
     let mut builder = wireguard_control::DeviceUpdate::new();
-    if let Some(keypair) = update.keypair {
-        builder = builder.set_private_key(Key(*keypair.secret_bytes()));
-    }
     if let Some(port) = update.listen_port {
         builder = builder.set_listen_port(port);
     }
