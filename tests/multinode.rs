@@ -1043,7 +1043,7 @@ fn add_marker(p: &PodOn) -> PodRef<'_> {
 }
 
 /// Count WireGuard UDP frames and list everything else between node addresses that is
-/// neither ARP, IPv6 neighbour discovery, nor TCP to etcd.
+/// neither ARP, IPv6 neighbour discovery, link-local IGMP, nor TCP to etcd.
 fn classify_bridge_frames(pcap: &[u8]) -> (usize, Vec<String>) {
     let (mut wireguard, mut other) = (0, Vec::new());
     let mut at = 24;
@@ -1070,6 +1070,8 @@ fn classify_bridge_frames(pcap: &[u8]) -> (usize, Vec<String>) {
                 }
             }
             6 if ports(0) == 23790 || ports(2) == 23790 => {} // agent <-> etcd
+            // The kernel's own membership reports when a link comes up (224.0.0.0/24).
+            2 if ip[16..19] == [224, 0, 0] => {}
             proto => other.push(format!(
                 "IP protocol {proto} {:?} -> {:?}",
                 &ip[12..16],
