@@ -7,7 +7,7 @@ mod common;
 mod etcd_filler;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use cluster::{Cluster, UNDERLAY_NOWHERE, ping_once, wait_for};
@@ -239,13 +239,25 @@ fn pods_on_three_nodes_talk_and_follow_adds_and_dels() {
     // pods, NodePorts), and a pod on node 1 reaches node 3's own address.
     let remote = &pods[2];
     assert!(remote.node == 1);
-    assert!(
-        wait_for(CONVERGE, || cluster.nodes[0]
+    let host_reaches = wait_for(CONVERGE, || {
+        cluster.nodes[0]
             .exec(&["ping", "-c", "1", "-W", "1", &remote.ip])
             .status
-            .success()),
-        "node 1's host cannot reach a pod on node 2"
-    );
+            .success()
+    });
+    if !host_reaches {
+        // Seen once in a full run (never alone): what node 1's host routes, and where.
+        let text = |out: Output| String::from_utf8_lossy(&out.stdout).into_owned();
+        let route = text(cluster.nodes[0].exec(&["ip", "route", "get", &remote.ip]));
+        let rules = text(cluster.nodes[0].exec(&["ip", "rule"]));
+        // Not `dump`: it prints private keys.
+        let peers = text(cluster.nodes[0].exec(&["wg", "show", "all", "allowed-ips"]))
+            + &text(cluster.nodes[0].exec(&["wg", "show", "all", "latest-handshakes"]));
+        panic!(
+            "node 1's host cannot reach a pod on node 2 ({}): route {route}rules:\n{rules}node 1's WireGuard links:\n{peers}",
+            remote.ip
+        );
+    }
     assert!(
         wait_for(CONVERGE, || ping_once(&pods[0].pod, &cluster.nodes[2].addr)),
         "a pod on node 1 cannot reach node 3's address"
