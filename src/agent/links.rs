@@ -36,7 +36,6 @@ pub struct LinkSync {
     node: String,
     boot_id: String,
     host: Netns,
-    /// Where the network's settings are read from at every reconcile (the runtime's conflists).
     /// The endpoint each peer was last given: a record whose endpoint differs from it was
     /// re-addressed (its node moved) and is reset on every link; any other difference is
     /// WireGuard roaming and is left alone (`reconcile::diff`). Per network.

@@ -720,7 +720,6 @@ impl NetworkLoop {
             (Files::Changes(delta.files), Work::Changes(delta.peers))
         };
         self.reconciler.send(Job {
-            network: self.net.name.clone(),
             conf: self.conf.clone(),
             network_dir: self.network_dir.clone(),
             files,

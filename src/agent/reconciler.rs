@@ -36,7 +36,6 @@ pub enum Work {
 }
 
 pub struct Job {
-    pub network: String,
     /// The network's config as its loop serves it: a template's rendering before the
     /// conflist is written (the conf dir may still hold an older one then).
     pub conf: Arc<NetConf>,
@@ -47,6 +46,12 @@ pub struct Job {
     pub verify_wanted: Arc<AtomicBool>,
     /// The network's remote pods (a resync keeps the promoter's direct peers for them).
     pub directory: SharedDirectory,
+}
+
+impl Job {
+    fn network(&self) -> &str {
+        &self.conf.name
+    }
 }
 
 /// The sending end: cheap to clone, never blocks.
@@ -95,7 +100,7 @@ impl Thread {
             let mut batch = vec![first];
             batch.extend(queue.try_iter());
             for job in coalesce(batch) {
-                let network = job.network.clone();
+                let network = job.network().to_string();
                 let resync = matches!(job.work, Work::Resync);
                 let started = Instant::now();
                 let ran =
@@ -118,7 +123,7 @@ impl Thread {
     fn run_job(&mut self, job: Job) {
         let files = self
             .files
-            .entry(job.network.clone())
+            .entry(job.network().to_string())
             .or_insert_with(|| MirrorFiles::new(&self.node, job.network_dir.clone()));
         match &job.files {
             Files::Changes(changes) => {
@@ -145,15 +150,15 @@ fn coalesce(batch: Vec<Job>) -> Vec<Job> {
     let mut last_resync: HashMap<String, usize> = HashMap::new();
     for (i, job) in batch.iter().enumerate() {
         if matches!(job.work, Work::Resync) {
-            last_resync.insert(job.network.clone(), i);
+            last_resync.insert(job.network().to_string(), i);
         }
     }
     let mut out: Vec<Job> = Vec::new();
     for (i, job) in batch.into_iter().enumerate() {
-        if last_resync.get(&job.network).is_some_and(|last| i < *last) {
+        if last_resync.get(job.network()).is_some_and(|last| i < *last) {
             continue;
         }
-        if let Some(previous) = out.last_mut().filter(|p| p.network == job.network) {
+        if let Some(previous) = out.last_mut().filter(|p| p.network() == job.network()) {
             if let (Files::Changes(files), Work::Changes(peers)) =
                 (&mut previous.files, &mut previous.work)
                 && let (Files::Changes(more), Work::Changes(later)) = (&job.files, &job.work)
@@ -187,7 +192,6 @@ mod tests {
 
     fn job(network: &str, work: Work) -> Job {
         Job {
-            network: network.into(),
             conf: Arc::new(conf(network)),
             network_dir: PathBuf::from("/nonexistent"),
             files: match work {
@@ -235,7 +239,7 @@ mod tests {
                     Work::Changes(c) => c.upsert.len(),
                     Work::Resync => 0,
                 };
-                (j.network.as_str(), peers)
+                (j.network(), peers)
             })
             .collect();
         assert_eq!(shape, vec![("b", 1), ("a", 0), ("a", 2)]);
